@@ -1,0 +1,48 @@
+# protein_performer: two commands, `make demo` and `make test`. Both build .venv when missing.
+#
+# TORCH_SPEC picks the PyTorch build that is installed first. The default is the CPU wheel that
+# the project is tested with; CUDA users override it, e.g.
+#   make demo TORCH_SPEC='torch==2.5.1' TORCH_INDEX='--index-url https://download.pytorch.org/whl/cu124'
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+DEMO_DIR    ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: all venv demo test test-fast bench clean help
+
+all: help
+
+help:
+	@echo "make demo   - set up .venv and run ingest -> train -> export -> contacts on data/"
+	@echo "make test   - set up .venv and run the whole test suite (slow tests included)"
+	@echo "make bench  - run the benchmarks (see benchmarks/RESULTS.md)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_INDEX) '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m protein_performer.demo output_dir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

@@ -1,0 +1,393 @@
+"""Sharded HDF5 token store: one writer (:func:`write_shard`) and one reader (:class:`ShardedDataset`).
+
+Layout (the architecture contract)::
+
+    <root>/manifest.json            written by ingestion, read by :func:`read_manifest`
+    <root>/<split>/shard-NNNNN.h5
+        tokens   uint8  [total residues]   chunked + compressed, no separators
+        offsets  int64  [n + 1]            sequence i is tokens[offsets[i]:offsets[i+1]]
+        ids      str    [n]                variable-length UTF-8
+        attrs    vocab (json string), split, format_version (= FORMAT_VERSION)
+
+A shard is written to ``<path>.tmp-<pid>`` and renamed into place with :func:`os.replace`, so a
+reader never sees a partial shard.
+
+The reader keeps every shard's ``offsets`` in memory (8 bytes per sequence) and opens the HDF5 files
+lazily, once per process: it remembers the pid that opened them and reopens after a fork, and
+:meth:`ShardedDataset.__getstate__` drops the handles so a pickled copy (a DataLoader worker under
+``spawn``) opens its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test", "ood")
+MANIFEST_NAME = "manifest.json"
+DEFAULT_CHUNK_SIZE = 1 << 16  # 64 KiB of uint8 tokens per HDF5 chunk: ~200 sequences; one random read decompresses one chunk
+
+
+class ShardFormatError(RuntimeError):
+    """A manifest or shard is missing, corrupt or of another format version."""
+
+
+# ---------------------------------------------------------------------------------------- writing
+def _validate(path: Path, tokens: np.ndarray, offsets: np.ndarray, ids: Sequence[str], split: str) -> None:
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be a flat 1-D array, got shape {tokens.shape}")
+    if offsets.ndim != 1 or offsets.size < 1:
+        raise ValueError(f"{path}: offsets must be a 1-D array of n + 1 >= 1 entries, got shape {offsets.shape}")
+    if offsets[0] != 0:
+        raise ValueError(f"{path}: offsets[0] must be 0, got {int(offsets[0])}")
+    d = np.diff(offsets)
+    if d.size and d.min() < 0:
+        bad = int(np.argmax(d < 0))
+        raise ValueError(
+            f"{path}: offsets must be non-decreasing; record {bad} ({ids[bad] if bad < len(ids) else '?'}) "
+            f"has offsets {int(offsets[bad])} -> {int(offsets[bad + 1])}"
+        )
+    if int(offsets[-1]) != tokens.size:
+        raise ValueError(f"{path}: offsets[-1] = {int(offsets[-1])} but there are {tokens.size} tokens")
+    n = offsets.size - 1
+    if len(ids) != n:
+        raise ValueError(f"{path}: {len(ids)} ids for {n} sequences (offsets has {offsets.size} entries)")
+    if split not in SPLITS:
+        raise ValueError(f"{path}: split must be one of {SPLITS}, got {split!r}")
+
+
+def write_shard(
+    path: str | os.PathLike,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    ids: Sequence[str],
+    split: str,
+    vocab: dict[str, int],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compression: str | None = "gzip",
+    compression_opts: int | None = 4,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write one shard atomically (``<path>.tmp-<pid>`` then :func:`os.replace`). Returns the path.
+
+    ``tokens`` is the flat uint8 array of all residues (no separators), ``offsets`` the int64
+    ``[n + 1]`` boundaries (``offsets[0] == 0``, non-decreasing, ``offsets[-1] == len(tokens)``),
+    ``ids`` the n record ids. ``compression`` is ``"gzip"`` (level ``compression_opts``), ``"lzf"``
+    or ``None``. Extra ``attrs`` are stored as HDF5 attributes (JSON-encoded when not scalar).
+    """
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens)
+    if tokens.dtype != np.uint8:
+        raise ValueError(f"{path}: tokens must be uint8, got {tokens.dtype}")
+    offsets = np.asarray(offsets, dtype=np.int64)
+    ids = list(ids)
+    _validate(path, tokens, offsets, ids, split)
+    if compression == "lzf":
+        compression_opts = None
+    elif compression is None:
+        compression_opts = None
+    elif compression != "gzip":
+        raise ValueError(f"{path}: compression must be 'gzip', 'lzf' or None, got {compression!r}")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            chunks = (max(1, min(int(chunk_size), tokens.size)),) if tokens.size else None
+            f.create_dataset(
+                "tokens",
+                data=tokens,
+                dtype=np.uint8,
+                chunks=chunks,
+                compression=compression if tokens.size else None,
+                compression_opts=compression_opts if tokens.size else None,
+            )
+            f.create_dataset("offsets", data=offsets, dtype=np.int64)
+            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            f.attrs["vocab"] = json.dumps(vocab)
+            f.attrs["split"] = split
+            f.attrs["format_version"] = FORMAT_VERSION
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v if isinstance(v, (str, int, float, np.integer, np.floating)) else json.dumps(v)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    log.debug("wrote %s: %d sequences, %d residues", path, offsets.size - 1, tokens.size)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def read_manifest(output_dir: str | os.PathLike) -> dict:
+    """Load ``<output_dir>/manifest.json`` and check its format version."""
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no manifest at {path}: run `python -m protein_performer.ingest input=... output_dir={output_dir}` first"
+        )
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}; re-run ingestion"
+        )
+    if "splits" not in manifest:
+        raise ShardFormatError(f"{path}: no 'splits' entry")
+    return manifest
+
+
+def split_shards(root: str | os.PathLike, split: str, manifest: dict | None = None) -> list[dict]:
+    """The manifest's shard entries of ``split`` (``[]`` when the split is absent or empty)."""
+    manifest = read_manifest(root) if manifest is None else manifest
+    entry = manifest["splits"].get(split)
+    if not entry:
+        return []
+    return list(entry.get("shards", []))
+
+
+# ---------------------------------------------------------------------------------------- reading
+class ShardedDataset:
+    """Random access to the sequences of one split, by global index across its shards.
+
+    ``dataset[i]`` is the uint8 token array of sequence ``i`` (residues only, no special tokens);
+    ``get_id(i)`` its record id. Shard boundaries are found with :func:`numpy.searchsorted` over the
+    cumulative sequence counts. HDF5 files are opened on first use in each process (at most
+    ``max_open_files`` at once, least recently used closed first), and reopened after a fork.
+    ``rdcc_nbytes`` is h5py's per-file cache of decompressed chunks.
+
+    A torch ``Dataset`` by duck typing (``__len__`` + ``__getitem__``), so the module does not
+    import torch.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        manifest: dict | None = None,
+        max_open_files: int = 64,
+        rdcc_nbytes: int = 1 << 20,
+    ):
+        self.root = Path(root)
+        self.split = split
+        manifest = read_manifest(self.root) if manifest is None else manifest
+        if split not in manifest["splits"]:
+            raise KeyError(
+                f"{self.root / MANIFEST_NAME}: no split {split!r}; present: {sorted(manifest['splits'])}"
+            )
+        self.vocab: dict[str, int] = manifest.get("vocab", {})
+        self.max_open_files = int(max_open_files)
+        self.rdcc_nbytes = int(rdcc_nbytes)
+        self.paths: list[Path] = []
+        self.offsets: list[np.ndarray] = []  # per shard, int64 [n_k + 1]
+        for entry in split_shards(self.root, split, manifest):
+            path = self.root / entry["path"]
+            offsets = self._read_header(path, entry)
+            self.paths.append(path)
+            self.offsets.append(offsets)
+        counts = np.array([o.size - 1 for o in self.offsets], dtype=np.int64)
+        residues = np.array([int(o[-1]) for o in self.offsets], dtype=np.int64)
+        self.cum_sequences = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.cum_residues = np.concatenate([[0], np.cumsum(residues)]).astype(np.int64)
+        expected = manifest["splits"][split].get("n_sequences") if manifest["splits"][split] else 0
+        if expected is not None and int(expected) != len(self):
+            raise ShardFormatError(
+                f"{self.root / MANIFEST_NAME}: split {split!r} lists {expected} sequences, its shards hold {len(self)}"
+            )
+        self._handles: dict[int, tuple[h5py.File, h5py.Dataset]] = {}  # insertion order = LRU order
+        self._pid = os.getpid()
+        log.debug("%s/%s: %d sequences in %d shards", self.root, split, len(self), len(self.paths))
+
+    def _read_header(self, path: Path, entry: dict) -> np.ndarray:
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in {self.root / MANIFEST_NAME} is missing")
+        try:
+            with h5py.File(path, "r") as f:
+                version = f.attrs.get("format_version")
+                if version is None or int(version) != FORMAT_VERSION:
+                    raise ShardFormatError(
+                        f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}"
+                    )
+                shard_split = f.attrs.get("split")
+                if shard_split is not None and shard_split != self.split:
+                    raise ShardFormatError(f"{path}: shard of split {shard_split!r} listed under {self.split!r}")
+                offsets = f["offsets"][:].astype(np.int64, copy=False)
+                n_tokens = f["tokens"].shape[0]
+        except OSError as e:
+            raise ShardFormatError(f"{path}: cannot read shard ({e})") from e
+        except KeyError as e:
+            raise ShardFormatError(f"{path}: missing dataset {e}") from e
+        if int(offsets[-1]) != n_tokens:
+            raise ShardFormatError(f"{path}: offsets end at {int(offsets[-1])}, tokens has {n_tokens}")
+        n = entry.get("n_sequences")
+        if n is not None and int(n) != offsets.size - 1:
+            raise ShardFormatError(f"{path}: manifest says {n} sequences, shard holds {offsets.size - 1}")
+        return offsets
+
+    # -------------------------------------------------------------- handles (lazy, per process)
+    def _open(self, shard: int) -> tuple[h5py.File, h5py.Dataset]:
+        """(file, tokens dataset) of a shard, opened in this process on first use."""
+        if self._pid != os.getpid():  # forked: never use the parent's handles
+            self._handles = {}
+            self._pid = os.getpid()
+        entry = self._handles.pop(shard, None)
+        if entry is None:
+            if len(self._handles) >= self.max_open_files:
+                oldest = next(iter(self._handles))
+                self._handles.pop(oldest)[0].close()
+            try:
+                f = h5py.File(self.paths[shard], "r", rdcc_nbytes=self.rdcc_nbytes)
+            except OSError as e:
+                raise ShardFormatError(f"{self.paths[shard]}: cannot open shard ({e})") from e
+            entry = (f, f["tokens"])
+        self._handles[shard] = entry  # re-insert: most recently used last
+        return entry
+
+    def _file(self, shard: int) -> h5py.File:
+        return self._open(shard)[0]
+
+    def close(self) -> None:
+        """Close this process's open shard files (they reopen on next access)."""
+        if self._pid == os.getpid():
+            for f, _ in self._handles.values():
+                f.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    # -------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return int(self.cum_sequences[-1])
+
+    @property
+    def n_residues(self) -> int:
+        return int(self.cum_residues[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sequence index -> (shard, local index)."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for split {self.split!r} of {n} sequences")
+        shard = int(np.searchsorted(self.cum_sequences, index, side="right")) - 1
+        return shard, int(index - self.cum_sequences[shard])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard, local = self.locate(int(index))
+        o = self.offsets[shard]
+        return self._open(shard)[1][o[local] : o[local + 1]]
+
+    def get_id(self, index: int) -> str:
+        shard, local = self.locate(int(index))
+        return self._file(shard)["ids"].asstr()[local]
+
+    def read_tokens(self, shard: int, start: int, stop: int) -> np.ndarray:
+        """Raw residue tokens ``[start, stop)`` of one shard (no separators)."""
+        return self._open(shard)[1][start:stop]
+
+    def lengths(self) -> np.ndarray:
+        """Residue count of every sequence, int64 [len(self)] (from the in-memory offsets)."""
+        if not self.offsets:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.diff(o) for o in self.offsets])
+
+    def residue_counts(self, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
+        """Token-id histogram over every residue of the split, read ``chunk`` tokens at a time."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for shard, o in enumerate(self.offsets):
+            for start in range(0, int(o[-1]), chunk):
+                toks = self.read_tokens(shard, start, min(start + chunk, int(o[-1])))
+                counts += np.bincount(toks, minlength=vocab_size)[:vocab_size]
+        return counts
+
+
+class PackedDataset:
+    """TrEMBL-concat blocks: the split's sequences joined as ``s_0 eos s_1 eos ...`` and cut into
+    non-overlapping blocks of ``block_size`` tokens. A block may span sequences and shards.
+
+    Block ``b`` is stream positions ``[b * block_size, (b + 1) * block_size)``. The stream has
+    ``n_residues + n_sequences`` tokens; the last block is shorter when it does not divide evenly
+    (the collator pads it). Per shard, ``stream_offsets = offsets + arange(n + 1)`` gives where each
+    sequence starts in the shard's part of the stream.
+    """
+
+    def __init__(self, source: ShardedDataset, block_size: int, eos_id: int = 2):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.source = source
+        self.block_size = int(block_size)
+        self.eos_id = int(eos_id)
+        self.stream_offsets = [o + np.arange(o.size, dtype=np.int64) for o in source.offsets]
+        lengths = np.array([int(s[-1]) for s in self.stream_offsets], dtype=np.int64)
+        self.cum_stream = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.stream_length = int(self.cum_stream[-1])
+
+    def __len__(self) -> int:
+        return -(-self.stream_length // self.block_size)
+
+    def _shard_stream(self, shard: int, a: int, b: int) -> np.ndarray:
+        """Stream tokens ``[a, b)`` local to one shard (residues with an eos after each sequence)."""
+        so = self.stream_offsets[shard]
+        o = self.source.offsets[shard]
+        i0 = int(np.searchsorted(so, a, side="right")) - 1
+        i1 = int(np.searchsorted(so, b, side="left"))  # first sequence starting at or after b
+        i1 = min(i1, so.size - 1)
+        toks = self.source.read_tokens(shard, int(o[i0]), int(o[i1]))
+        # eos after each of the sequences i0 .. i1-1, i.e. before the residue offsets o[i0+1 .. i1]
+        seg = np.insert(toks, o[i0 + 1 : i1 + 1] - o[i0], np.uint8(self.eos_id))
+        base = int(so[i0])
+        return seg[a - base : b - base]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} out of range for {len(self)} blocks")
+        start = index * self.block_size
+        stop = min(start + self.block_size, self.stream_length)
+        parts = []
+        shard = int(np.searchsorted(self.cum_stream, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            shard_end = int(self.cum_stream[shard + 1])
+            if shard_end > pos:
+                end = min(stop, shard_end)
+                base = int(self.cum_stream[shard])
+                parts.append(self._shard_stream(shard, pos - base, end - base))
+                pos = end
+            shard += 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+
+    def lengths(self) -> np.ndarray:
+        n = len(self)
+        out = np.full(n, self.block_size, dtype=np.int64)
+        if n:
+            out[-1] = self.stream_length - (n - 1) * self.block_size
+        return out
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,313 @@
+"""maps.h5: the attention maps (and embeddings) of a model for a set of sequences.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    /                               file attrs
+        format_version   int        1
+        model_config     str        JSON of the model's config
+        checkpoint_sha256 str       hash of the checkpoint the maps came from ("" if none)
+        causal           bool       True for a unidirectional (causal) model
+    /<group>                        one per sequence; name = sanitize_name(id) (unique)
+        attrs id         str        the record id, unchanged
+        attrs sequence   str        the residues (one letter), length L
+        attrs source     str        "<structure file name>:<chain>" or the FASTA file ("" if none)
+        tokens           uint8 (L,)                       tokenizer ids, special tokens dropped
+        attentions       float16 (layers, heads, L, L)    row i = attention of residue i; special
+                                                          tokens dropped (rows need not sum to 1)
+        apc              float16 (layers, heads, L, L)    optional: apc(symmetrize(attentions))
+        embeddings/mean       float32 (dim,)              optional: mean over residues, last layer
+        embeddings/per_token  float32 (L, dim)            optional: last layer, per residue
+
+Groups keep the order they were written in. Datasets are gzip-compressed, one chunk per (layer,
+all heads). :class:`MapsFile` reads one group at a time (lazily); :func:`read_maps` iterates over
+the records of a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from protein_performer.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def sanitize_name(record_id: str) -> str:
+    """An HDF5 group name for a record id: characters other than ``A-Za-z0-9_.-`` become ``_``."""
+    name = _NAME_RE.sub("_", record_id) or "_"
+    return "_" + name if name.startswith(".") else name
+
+
+@dataclass
+class MapsRecord:
+    """One sequence of a maps file. Arrays that were not stored (or not asked for) are None."""
+
+    id: str
+    sequence: str
+    tokens: np.ndarray
+    source: str = ""
+    attentions: np.ndarray | None = None   # (layers, heads, L, L) float16
+    apc: np.ndarray | None = None          # (layers, heads, L, L) float16
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    group: str = ""
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+
+def apc_maps(attentions: np.ndarray) -> np.ndarray:
+    """``apc(symmetrize(A))`` for every map of a (..., L, L) stack, computed in float32."""
+    from protein_performer.analysis.contacts import apc, symmetrize
+
+    return apc(symmetrize(np.asarray(attentions, dtype=np.float32)))
+
+
+class MapsWriter:
+    """Write a maps file record by record (a context manager)::
+
+        with MapsWriter(path, model_config=cfg, checkpoint_sha256=h, causal=False) as w:
+            w.add("P12345", "MKT...", attentions, source="1abc.pdb:A", apc=True)
+    """
+
+    def __init__(self, path: str | Path, model_config: dict | str | None = None,
+                 checkpoint_sha256: str = "", causal: bool = False, compression: str | None = "gzip",
+                 compression_opts: int | None = 1):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._h5 = h5py.File(self.path, "w", track_order=True)  # groups keep write order
+        cfg = model_config if isinstance(model_config, str) else json.dumps(model_config or {}, default=str)
+        self._h5.attrs["format_version"] = FORMAT_VERSION
+        self._h5.attrs["model_config"] = cfg
+        self._h5.attrs["checkpoint_sha256"] = checkpoint_sha256 or ""
+        self._h5.attrs["causal"] = bool(causal)
+        self._comp = dict(compression=compression, compression_opts=compression_opts) if compression else {}
+        self._tokenizer = Tokenizer(unknown="X")
+        self.n_records = 0
+
+    def _maps(self, grp: h5py.Group, name: str, arr: np.ndarray) -> None:
+        arr = np.asarray(arr)
+        chunks = (1,) + arr.shape[1:] if arr.size else None
+        comp = self._comp if arr.size else {}
+        grp.create_dataset(name, data=arr.astype(np.float16), chunks=chunks, **comp)
+
+    def add(self, record_id: str, sequence: str, attentions: np.ndarray | None = None, *,
+            tokens: np.ndarray | None = None, source: str = "", apc: np.ndarray | bool | None = None,
+            mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> str:
+        """Add one record; returns its group name. ``attentions``: (layers, heads, L, L).
+        ``apc=True`` computes the APC maps from ``attentions`` (before the float16 cast); an array
+        is stored as given."""
+        L = len(sequence)
+        for what, arr in (("attentions", attentions), ("apc", apc)):
+            if isinstance(arr, np.ndarray) and (arr.ndim != 4 or arr.shape[2:] != (L, L)):
+                raise ValueError(f"{record_id}: {what} shape {arr.shape}, expected (layers, heads, {L}, {L}) "
+                                 "with the special tokens dropped")
+        if apc is True and attentions is None:
+            raise ValueError(f"{record_id}: apc=True needs the attentions")
+        grp = self._new_group(record_id, sequence, tokens, source, mean, per_token)
+        if attentions is not None:
+            self._maps(grp, "attentions", attentions)
+        if apc is True:
+            apc = apc_maps(attentions)
+        if isinstance(apc, np.ndarray):
+            self._maps(grp, "apc", apc)
+        return grp.name.lstrip("/")
+
+    def add_layers(self, record_id: str, sequence: str, layers: Iterable[np.ndarray], n_layers: int,
+                   n_heads: int, *, tokens: np.ndarray | None = None, source: str = "", apc: bool = True,
+                   mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> str:
+        """Add one record layer by layer (memory: one layer's maps): ``layers`` yields
+        ``n_layers`` arrays (heads, L, L); with ``apc`` the APC maps are computed per layer."""
+        L = len(sequence)
+        grp = self._new_group(record_id, sequence, tokens, source, mean, per_token)
+        kw = dict(shape=(n_layers, n_heads, L, L), dtype=np.float16, chunks=(1, n_heads, L, L), **self._comp)
+        att = grp.create_dataset("attentions", **kw)
+        out_apc = grp.create_dataset("apc", **kw) if apc else None
+        n = 0
+        for n, layer in enumerate(layers, start=1):
+            layer = np.asarray(layer)
+            if n > n_layers or layer.shape != (n_heads, L, L):
+                del self._h5[grp.name]
+                self.n_records -= 1
+                raise ValueError(f"{record_id}: layer {n - 1} shape {layer.shape}, expected {n_layers} "
+                                 f"layers of ({n_heads}, {L}, {L})")
+            att[n - 1] = layer.astype(np.float16)
+            if out_apc is not None:
+                out_apc[n - 1] = apc_maps(layer).astype(np.float16)
+        if n != n_layers:
+            del self._h5[grp.name]
+            self.n_records -= 1
+            raise ValueError(f"{record_id}: got {n} layers, expected {n_layers}")
+        return grp.name.lstrip("/")
+
+    def _new_group(self, record_id: str, sequence: str, tokens: np.ndarray | None, source: str,
+                   mean: np.ndarray | None, per_token: np.ndarray | None) -> h5py.Group:
+        L = len(sequence)
+        if tokens is None:
+            tokens = self._tokenizer.encode(sequence)
+        tokens = np.asarray(tokens, dtype=np.uint8)
+        if tokens.shape != (L,):
+            raise ValueError(f"{record_id}: tokens shape {tokens.shape} != ({L},) of the sequence")
+        if per_token is not None:
+            per_token = np.asarray(per_token, dtype=np.float32)
+            if per_token.ndim != 2 or per_token.shape[0] != L:
+                raise ValueError(f"{record_id}: per_token shape {per_token.shape}, expected ({L}, dim)")
+        name = sanitize_name(record_id)
+        if name in self._h5:
+            base, n = name, 2
+            while f"{base}__{n}" in self._h5:
+                n += 1
+            name = f"{base}__{n}"
+        grp = self._h5.create_group(name)
+        grp.attrs["id"] = record_id
+        grp.attrs["sequence"] = sequence
+        grp.attrs["source"] = source or ""
+        grp.create_dataset("tokens", data=tokens)
+        if mean is not None or per_token is not None:
+            emb = grp.create_group("embeddings")
+            if mean is not None:
+                emb.create_dataset("mean", data=np.asarray(mean, dtype=np.float32))
+            if per_token is not None:
+                emb.create_dataset("per_token", data=per_token, **self._comp)
+        self.n_records += 1
+        return grp
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.close()
+
+    def __enter__(self) -> "MapsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_maps(path: str | Path, records: Iterable[MapsRecord | dict], model_config: dict | None = None,
+               checkpoint_sha256: str = "", causal: bool = False, apc: bool = False) -> int:
+    """Write records (:class:`MapsRecord` or dicts with its field names) to ``path``; returns the
+    count. ``apc=True`` computes the APC maps of records that carry none."""
+    with MapsWriter(path, model_config, checkpoint_sha256, causal) as w:
+        for r in records:
+            d = r if isinstance(r, dict) else r.__dict__
+            emb = d.get("embeddings") or {}
+            rec_apc = d.get("apc")
+            w.add(d["id"], d["sequence"], d.get("attentions"), tokens=d.get("tokens"),
+                  source=d.get("source", ""), apc=rec_apc if rec_apc is not None else (apc or None),
+                  mean=emb.get("mean", d.get("mean")), per_token=emb.get("per_token", d.get("per_token")))
+        return w.n_records
+
+
+class MapsFile:
+    """Read a maps file lazily: ``len``, ``ids``, ``[id]`` and iteration load one group at a time.
+
+    ``attrs``: ``model_config`` (dict), ``checkpoint_sha256``, ``causal``, ``format_version``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"maps file not found: {self.path}")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(f"{self.path}: not an HDF5 maps file ({e})") from e
+        version = self._h5.attrs.get("format_version")
+        if version is None or int(version) != FORMAT_VERSION:
+            self._h5.close()
+            raise ValueError(f"{self.path}: format_version {version!r}, this reader knows {FORMAT_VERSION}")
+        self.attrs = {
+            "format_version": int(version),
+            "model_config": json.loads(_str(self._h5.attrs.get("model_config", "{}")) or "{}"),
+            "checkpoint_sha256": _str(self._h5.attrs.get("checkpoint_sha256", "")),
+            "causal": bool(self._h5.attrs.get("causal", False)),
+        }
+        self.groups = list(self._h5.keys())
+        self._by_id = {_str(self._h5[g].attrs["id"]): g for g in self.groups}
+        self._id_by_source = {}
+        for g in self.groups:
+            src = _str(self._h5[g].attrs.get("source", ""))
+            if src:
+                self._id_by_source.setdefault(src, _str(self._h5[g].attrs["id"]))
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def find(self, source: str = "", record_id: str = "") -> str | None:
+        """The id of the record with this ``source`` attribute, else with this id, else None."""
+        if source and source in self._id_by_source:
+            return self._id_by_source[source]
+        return record_id if record_id in self._by_id else None
+
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self._by_id
+
+    def read(self, record_id: str, load: Sequence[str] = ("attentions", "apc", "embeddings"),
+             layers: Sequence[int] | None = None) -> MapsRecord:
+        """One record; ``load`` picks what to read besides the ids, ``layers`` a subset of layers."""
+        if record_id not in self._by_id:
+            raise KeyError(f"{self.path}: no record {record_id!r}")
+        return self._read_group(self._by_id[record_id], load, layers)
+
+    __getitem__ = read
+
+    def _read_group(self, name: str, load: Sequence[str], layers: Sequence[int] | None) -> MapsRecord:
+        g = self._h5[name]
+        seq = _str(g.attrs["sequence"])
+        rec = MapsRecord(id=_str(g.attrs["id"]), sequence=seq, tokens=g["tokens"][()],
+                         source=_str(g.attrs.get("source", "")), group=name)
+        L = len(seq)
+        sel = slice(None) if layers is None else sorted(int(i) for i in layers)
+        for what in ("attentions", "apc"):
+            if what in load and what in g:
+                ds = g[what]
+                if ds.ndim != 4 or ds.shape[2:] != (L, L):
+                    raise ValueError(f"{self.path} group {name}: {what} shape {ds.shape} does not fit "
+                                     f"the sequence length {L}")
+                setattr(rec, what, ds[sel])
+        if "embeddings" in load and "embeddings" in g:
+            rec.embeddings = {k: v[()] for k, v in g["embeddings"].items()}
+        return rec
+
+    def __iter__(self) -> Iterator[MapsRecord]:
+        return self.iter()
+
+    def iter(self, load: Sequence[str] = ("attentions", "apc", "embeddings"),
+             layers: Sequence[int] | None = None) -> Iterator[MapsRecord]:
+        for name in self.groups:
+            yield self._read_group(name, load, layers)
+
+    def close(self) -> None:
+        if self._h5.id.valid:
+            self._h5.close()
+
+    def __enter__(self) -> "MapsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_maps(path: str | Path, load: Sequence[str] = ("attentions", "apc", "embeddings"),
+              layers: Sequence[int] | None = None) -> Iterator[MapsRecord]:
+    """Iterate over the records of a maps file, one group in memory at a time."""
+    with MapsFile(path) as f:
+        yield from f.iter(load=load, layers=layers)
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

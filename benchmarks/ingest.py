@@ -1,0 +1,177 @@
+"""Ingestion throughput against Biopython's SimpleFastaParser, and 1 vs 2 workers (issue 2, section 6).
+
+    python benchmarks/ingest.py [--input ../shared/data/swissprot2014_100k.fasta.gz] [--repeats 3]
+
+In one run, each measurement in its own fresh Python process (so peak RSS is that of the
+measurement alone; workers' RSS is read from RUSAGE_CHILDREN), best wall time of ``--repeats``:
+
+1. parse only: iterate the .gz with ``Bio.SeqIO.FastaIO.SimpleFastaParser`` (text mode), counting
+   records and residues: the baseline;
+2. full ingest of the .gz with 1 worker (parse, validate, tokenize, dedup, split, HDF5 shards,
+   manifest);
+3. on a decompressed copy (temporary directory): full ingest with 1 worker and with 2 workers.
+
+Floors: ingest (1 worker, .gz) >= 0.5x the parse-only throughput; 2 workers >= 1.6x 1 worker on the
+plain file. Prints a markdown table, writes benchmarks/results/ingest.json and ingest.md, exits 1
+when a floor is missed. On a bigger machine, pin it to 2 cores: ``taskset -c 0,1 python ...``.
+The parallel speedup only means something on otherwise idle cores (the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_INPUT = REPO.parent / "shared" / "data" / "swissprot2014_100k.fasta.gz"
+
+
+def _child(kind: str, path: str, out: str | None, workers: int) -> None:
+    """Runs inside the measuring subprocess: prints one JSON line."""
+    if kind == "sfp":
+        from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = res = 0
+        with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as fh:
+            for _, seq in SimpleFastaParser(fh):
+                n += 1
+                res += len(seq)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    else:
+        from protein_performer.data.ingest import ingest
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        m = ingest(input=path, output_dir=out, workers=workers, progress=False, overwrite=True)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n = m["n_records"]
+        res = sum(s["n_residues"] for s in m["splits"].values())  # residues written (unique sequences)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({
+        "wall_s": wall, "cpu_s": cpu + ch.ru_utime + ch.ru_stime, "records": n, "residues": res,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_children_mb": ch.ru_maxrss / 1024,
+    }))  # fmt: skip
+
+
+def _measure(kind: str, path: Path, out: Path | None, workers: int, repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        cmd = [sys.executable, __file__, "--child", kind, str(path), str(out), str(workers)]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    best = min(runs, key=lambda x: x["wall_s"])
+    best["wall_s_all"] = [round(x["wall_s"], 3) for x in runs]
+    best["peak_rss_mb"] = max(max(x["peak_rss_mb"], x["peak_rss_children_mb"]) for x in runs)
+    return best
+
+
+def _cores() -> int:
+    """CPUs this process may run on (respects taskset / cgroup affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        kind, path, out, workers = a.child
+        _child(kind, path, out, int(workers))
+        return 0
+    if not a.input.is_file():
+        print(f"input not found: {a.input} (the shared data folder is needed)", file=sys.stderr)
+        return 2
+    load_before = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="pp-ingest-bench-"))
+    try:
+        plain = tmp / a.input.name.removesuffix(".gz")
+        with gzip.open(a.input, "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        rows = {
+            "parse-only SimpleFastaParser (.gz)": _measure("sfp", a.input, None, 1, a.repeats),
+            "ingest, 1 worker (.gz)": _measure("ingest", a.input, tmp / "o1gz", 1, a.repeats),
+            "ingest, 1 worker (plain)": _measure("ingest", plain, tmp / "o1", 1, a.repeats),
+            "ingest, 2 workers (plain)": _measure("ingest", plain, tmp / "o2", 2, a.repeats),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
+    sfp, g1, p1, p2 = rows.values()
+    # throughput on input records and residues read (both sides read all 100k records)
+    in_res = sfp["residues"]
+    for r in rows.values():
+        r["seq_per_s"] = r["records"] / r["wall_s"]
+        r["res_per_s"] = in_res / r["wall_s"]
+    ratio_gz = g1["res_per_s"] / sfp["res_per_s"]
+    speedup = p1["wall_s"] / p2["wall_s"]
+    floors = {
+        "ingest_1w_gz_vs_parse_only": {"value": ratio_gz, "floor": 0.5, "pass": ratio_gz >= 0.5},
+        "plain_2w_vs_1w": {"value": speedup, "floor": 1.6, "pass": speedup >= 1.6},
+    }
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = f"python benchmarks/ingest.py --input {a.input} --repeats {a.repeats}"
+    lines = [
+        "| run | wall s (best of %d) | CPU s | sequences/s | residues/s | peak RSS MB |" % a.repeats,
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['seq_per_s']:,.0f} | "
+            f"{r['res_per_s'] / 1e6:.1f} M | {r['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"- ingest (1 worker, .gz) / parse-only throughput: **{ratio_gz:.2f}x** (floor 0.5x): "
+        + ("PASS" if floors["ingest_1w_gz_vs_parse_only"]["pass"] else "FAIL"),
+        f"- 2 workers / 1 worker on the plain file: **{speedup:.2f}x** (floor 1.6x): "
+        + ("PASS" if floors["plain_2w_vs_1w"]["pass"] else "FAIL"),
+    ]
+    table = "\n".join(lines)
+    print(table)
+    note = (
+        f"Machine: {_machine()}, {_cores()} cores; {date}; load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+        + (" (the machine was shared with other jobs: wall times are noisy, best of "
+           f"{a.repeats} reported)" if max(load_before[0], load_after[0]) > 1.0 else "")
+    )  # fmt: skip
+    a.results.mkdir(parents=True, exist_ok=True)
+    (a.results / "ingest.json").write_text(json.dumps({
+        "input": str(a.input), "date": date, "machine": _machine(), "cores": _cores(),
+        "load_avg_before": load_before, "load_avg_after": load_after, "repeats": a.repeats,
+        "command": cmd, "runs": rows, "floors": floors,
+    }, indent=1))  # fmt: skip
+    (a.results / "ingest.md").write_text(
+        f"## Ingestion (`benchmarks/ingest.py`)\n\n`{cmd}` on `{a.input.name}` "
+        f"({sfp['records']:,} records, {in_res / 1e6:.1f} M residues).\n\n{table}\n\n{note}\n"
+    )
+    print("\n" + note)
+    return 0 if all(f["pass"] for f in floors.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

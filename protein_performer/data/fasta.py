@@ -1,0 +1,429 @@
+"""Streaming FASTA reader: byte-level, buffered, plain or gzip (BGZF too), bounded memory.
+
+The reader never looks at single characters in Python. It reads blocks of ``block_size`` bytes,
+cuts them at the last record boundary (``b"\\n>"``), and splits the complete part into records with
+``bytes.split``; a record's sequence is its body with newlines, ``\\r``, spaces and tabs removed by
+one ``bytes.translate`` call. Records are handed out in :class:`Batch` es (one per block), which
+is what ingestion consumes; :func:`read_fasta` gives one :class:`FastaRecord` at a time.
+
+Each record carries its header (without ``>``), its raw sequence bytes (case and a trailing ``*``
+kept: the tokenizer deals with both), the 1-based line number of its header and the byte offset
+of its ``>`` in the (decompressed) stream.
+
+``start`` / ``end`` restrict reading to the records whose ``>`` lies in the byte range
+``[start, end)`` of an uncompressed file; consecutive ranges partition the records of a file
+exactly, which is how ``part=i num_parts=n`` ingestion splits one big file across jobs. Line
+numbers are then counted from the first record of the range (``line0`` sets the base).
+
+A gzip input is inflated by ``zlib`` in a read-ahead thread (zlib releases the GIL), so the
+decompression of the next blocks overlaps the parsing of the current one.
+
+Bad input raises :class:`FastaFormatError`, which names the file (and the line where it applies):
+data before the first ``>`` (not FASTA), binary content (NUL or non-ASCII bytes in the first KiB),
+an empty file, a truncated or corrupt gzip stream.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import queue
+import threading
+import zlib
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+GZIP_MAGIC = b"\x1f\x8b"
+_WHITESPACE = b"\n\r \t\v\f"
+DEFAULT_BLOCK_SIZE = 4 << 20
+
+
+class FastaFormatError(ValueError):
+    """The input is not a readable FASTA file. ``path`` and ``line`` (1-based, or None) say where."""
+
+    def __init__(self, path: str | os.PathLike, message: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (self.__class__, (self.path, self.message, self.line))
+
+
+@dataclass
+class FastaRecord:
+    header: bytes  # header line without '>' and line terminator
+    sequence: bytes  # residues, whitespace removed, case and trailing '*' kept
+    line: int  # 1-based line number of the header
+    offset: int  # byte offset of '>' in the decompressed stream
+
+    @property
+    def has_sequence_lines(self) -> bool:
+        """False for a header followed by no sequence line (or only blank ones)."""
+        return bool(self.sequence)
+
+
+@dataclass
+class Batch:
+    """The records of one block, as parallel lists (cheap to build, cheap to consume)."""
+
+    headers: list[bytes] = field(default_factory=list)
+    sequences: list[bytes] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    end_offset: int = 0  # offset of the first record not in this batch (where to resume)
+    end_line: int = 1  # line number of that record's header
+    bytes_read: int = 0  # bytes of input consumed since the previous batch
+    block: bytes = b""  # the text the records were cut from
+    block_offset: int = 0  # its stream offset
+
+    def raw_sequence(self, i: int) -> bytes:
+        """Record ``i``'s sequence bytes as in the file (whitespace removed, no translation)."""
+        a = self.offsets[i] - self.block_offset
+        b = (self.offsets[i + 1] if i + 1 < len(self.offsets) else self.end_offset) - self.block_offset
+        return self.block[a:b].partition(b"\n")[2].translate(None, _WHITESPACE)
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    """True when the file starts with the gzip magic bytes (gzip and BGZF alike)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
+def open_binary(path: str | os.PathLike) -> BinaryIO:
+    """Open a plain or gzip/BGZF file for binary reading (compression detected by magic bytes)."""
+    if is_gzip(path):
+        return gzip.open(path, "rb")
+    return open(path, "rb", buffering=0)
+
+
+class _ThreadedGzipReader:
+    """Multi-member gzip/BGZF decompression with zlib in a read-ahead thread.
+
+    ``zlib`` releases the GIL while it inflates, so the next blocks are decompressed while the
+    caller parses the current one (the same bytes as :func:`gzip.open`, about 1.3x less CPU).
+    ``read(n)`` returns at least ``n`` bytes unless the stream ends; ``seek`` only goes forward.
+    A truncated or corrupt stream raises ``EOFError`` / ``zlib.error`` in the reading thread.
+    """
+
+    _RAW = 2 << 20  # compressed bytes per step: pieces of ~4-8 MiB, about one per block
+
+    def __init__(self, path: Path, depth: int = 4):
+        self._fh = open(path, "rb")
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pending = b""
+        self._done = False
+        self._pos = 0
+        self._t = threading.Thread(target=self._produce, name=f"gunzip {path.name}", daemon=True)
+        self._t.start()
+
+    def _produce(self) -> None:
+        try:
+            d = zlib.decompressobj(31)
+            data = b""
+            while not self._stop.is_set():
+                if not data:
+                    data = self._fh.read(self._RAW)
+                    if not data:
+                        if d.eof:
+                            break
+                        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                out = d.decompress(data)
+                data = b""
+                if d.eof:  # member finished; the rest (if any) is the next member
+                    data = d.unused_data
+                    if data.strip(b"\x00") == b"" and not self._fh.peek(1)[:1]:
+                        data = b""  # trailing zero padding
+                    if data or self._fh.peek(1)[:1]:
+                        d = zlib.decompressobj(31)
+                if out:
+                    self._put(out)
+            self._put(None)
+        except BaseException as e:  # handed to the reader
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self) -> bytes:
+        if self._done:
+            return b""
+        item = self._q.get()
+        if item is None:
+            self._done = True
+            return b""
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def read(self, n: int) -> bytes:
+        """At least ``n`` bytes, up to ``2 n`` (a larger piece is returned whole: no copy); b"" at the end."""
+        pieces = [self._pending] if self._pending else []
+        have = len(self._pending)
+        self._pending = b""
+        while have < n:
+            b = self._get()
+            if not b:
+                break
+            pieces.append(b)
+            have += len(b)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(data) > 2 * n:  # much more than asked (small blocks): keep the rest for later
+            data, self._pending = data[:n], data[n:]
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int) -> None:
+        if offset < self._pos:
+            raise ValueError("_ThreadedGzipReader only seeks forward")
+        while self._pos < offset:
+            b = self._pending or self._get()
+            self._pending = b""
+            if not b:
+                break
+            take = min(len(b), offset - self._pos)
+            self._pending = b[take:]
+            self._pos += take
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+        self._fh.close()
+
+
+def _gzip_error(path, e: BaseException) -> FastaFormatError:
+    return FastaFormatError(
+        path,
+        f"truncated or corrupt gzip stream ({type(e).__name__}: {e}). The file is incomplete: "
+        "download or compress it again (check it with `gzip -t`); nothing was ingested from it.",
+    )
+
+
+def _check_head(path, head: bytes) -> None:
+    """Reject binary and non-FASTA content from the first bytes of a file (start of stream only)."""
+    probe = head[:1024]
+    if b"\x00" in probe or any(b >= 0x80 for b in probe):
+        raise FastaFormatError(
+            path,
+            "binary content (NUL or non-ASCII bytes in the first KiB): not a FASTA file. "
+            "Give a plain or gzip-compressed FASTA file.",
+            line=1,
+        )
+    stripped = head.lstrip(_WHITESPACE)
+    if stripped and not stripped.startswith(b">"):
+        line = head[: len(head) - len(stripped)].count(b"\n") + 1
+        first = stripped.split(b"\n", 1)[0][:60].decode("ascii", "replace")
+        raise FastaFormatError(
+            path,
+            f"not FASTA: data before the first '>' header ({first!r}). A FASTA file starts with "
+            "a '>' header line; check that this is the right file.",
+            line=line,
+        )
+
+
+def iter_batches(
+    path: str | os.PathLike,
+    start: int = 0,
+    end: int | None = None,
+    line0: int = 1,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    table: bytes | None = None,
+) -> Iterator[Batch]:
+    """Yield the records of ``path`` whose ``>`` lies in ``[start, end)``, one :class:`Batch` per block.
+
+    ``start`` must be 0 for a gzip file unless it is a record start returned earlier as
+    ``Batch.end_offset`` (resuming): gzip streams can only be skipped, not split. ``line0`` is the
+    line number given to the first record (1 when reading from the start of the file).
+
+    ``table`` (256 bytes, as for :meth:`bytes.translate`) maps each sequence byte while the
+    whitespace is removed, in the same C pass (ingestion maps residues to token ids this way).
+    Each batch keeps its ``block`` so that :meth:`Batch.raw_sequence` can give a record's
+    original bytes back (to report an invalid character).
+    """
+    path = Path(path)
+    fh = _ThreadedGzipReader(path) if is_gzip(path) else open(path, "rb", buffering=0)
+    try:
+        yield from _iter_batches(fh, path, start, end, line0, block_size, table)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _gzip_error(path, e) from None
+    finally:
+        fh.close()
+
+
+def _read(fh: BinaryIO, n: int) -> bytes:
+    # A raw (unbuffered) file may return short reads; gzip returns up to n.
+    return fh.read(n)
+
+
+def _iter_batches(fh, path, start, end, line0, block_size, table=None) -> Iterator[Batch]:
+    pos = 0  # stream offset of buf[0]
+    if start > 0:
+        # Find the first record start at or after `start`: a '>' preceded by '\n'.
+        fh.seek(start - 1)
+        pos = start - 1
+        buf = b""
+        while True:
+            more = _read(fh, block_size)
+            buf += more
+            i = buf.find(b"\n>")
+            if i >= 0:
+                buf = buf[i + 1 :]
+                pos += i + 1
+                break
+            if not more:  # no record starts in the rest of the file
+                return
+            keep = buf[-1:]
+            pos += len(buf) - 1
+            buf = keep
+    else:
+        buf = _read(fh, block_size)
+        if not buf.strip(_WHITESPACE):
+            rest = buf
+            while rest and not rest.strip(_WHITESPACE):
+                rest = _read(fh, block_size)
+            if not rest:
+                raise FastaFormatError(
+                    path, "empty file: no FASTA record. Check the path (the download may have failed)."
+                )
+            buf = buf + rest
+        _check_head(path, buf)
+        lead = len(buf) - len(buf.lstrip(_WHITESPACE))
+        line0 += buf[:lead].count(b"\n")
+        buf = buf[lead:]
+        pos = lead
+    line = line0
+    eof = False
+    consumed_since = 0
+    while True:
+        if end is not None and pos >= end:
+            return
+        if not eof:
+            more = _read(fh, block_size)
+            if more:
+                buf += more
+                consumed_since += len(more)
+            else:
+                eof = True
+        if eof:
+            cut = len(buf)
+        else:
+            last = buf.rfind(b"\n>")
+            if last < 0:  # no complete record yet (one record longer than a block): read more
+                continue
+            cut = last + 1
+        if cut == 0:
+            return
+        block, buf = buf[:cut], buf[cut:]
+        batch, line, pos, stop = _split_block(block, pos, line, end, table)
+        batch.bytes_read = consumed_since
+        consumed_since = 0
+        if len(batch) or stop or eof:
+            batch.end_offset, batch.end_line = pos, line
+            yield batch
+        if stop or eof:
+            return
+
+
+def _split_block(block: bytes, pos: int, line: int, end: int | None, table: bytes | None = None):
+    """Split a block of complete records (starting with '>') into a Batch.
+
+    Returns the batch, the line and offset of the first record after it, and whether ``end``
+    was reached. All per-record work is list comprehensions over C-level bytes methods.
+    """
+    parts = block.split(b"\n>")
+    parts[0] = parts[0][1:]  # drop the leading '>'
+    # each record takes '>' + its text + the separator's '\n' (the last one keeps its own '\n')
+    sizes = [len(p) + 2 for p in parts]
+    nls = [p.count(b"\n") + 1 for p in parts]
+    sizes[-1] -= 1
+    nls[-1] -= 1
+    offsets = list(accumulate(sizes, initial=pos))
+    lines = list(accumulate(nls, initial=line))
+    stop = False
+    if end is not None and offsets[-2] >= end:  # the range ends inside this block
+        k = bisect_left(offsets, end, 0, len(parts))
+        parts = parts[:k]
+        stop = True
+    else:
+        k = len(parts)
+    batch = Batch()
+    hb = [p.partition(b"\n") for p in parts]
+    headers = [h for h, _, _ in hb]
+    if b"\r" in block:
+        headers = [h.rstrip(b"\r") for h in headers]
+    batch.headers = headers
+    batch.sequences = [body.translate(table, _WHITESPACE) for _, _, body in hb]
+    batch.block, batch.block_offset = block, pos
+    batch.lines = lines[:k]
+    batch.offsets = offsets[:k]
+    return batch, lines[k], offsets[k], stop
+
+
+def read_fasta(path: str | os.PathLike, **kwargs) -> Iterator[FastaRecord]:
+    """Yield the records of a plain or gzipped FASTA file one by one (see :func:`iter_batches`)."""
+    for b in iter_batches(path, **kwargs):
+        for h, s, ln, off in zip(b.headers, b.sequences, b.lines, b.offsets):
+            yield FastaRecord(h, s, ln, off)
+
+
+def count_newlines(path: str | os.PathLike, end: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Number of ``\\n`` in the first ``end`` bytes of the (decompressed) file."""
+    total = 0
+    with open_binary(path) as fh:
+        left = end
+        while left > 0:
+            b = fh.read(min(block_size, left))
+            if not b:
+                break
+            total += b.count(b"\n")
+            left -= len(b)
+    return total
+
+
+def find_record_start(path: str | os.PathLike, offset: int, block_size: int = 1 << 16) -> int:
+    """Offset of the first record start (``>`` at a line start) at or after ``offset``, or the file size."""
+    size = os.path.getsize(path)
+    if offset <= 0:
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(offset - 1)
+        pos = offset - 1
+        carry = b""
+        while True:
+            b = fh.read(block_size)
+            if not b:
+                return size
+            buf = carry + b
+            i = buf.find(b"\n>")
+            if i >= 0:
+                return pos - len(carry) + i + 1
+            carry = buf[-1:]
+            pos += len(b)
+
+
+__all__ = [
+    "Batch",
+    "FastaFormatError",
+    "FastaRecord",
+    "count_newlines",
+    "find_record_start",
+    "is_gzip",
+    "iter_batches",
+    "open_binary",
+    "read_fasta",
+]

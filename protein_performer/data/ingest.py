@@ -1,0 +1,1042 @@
+"""FASTA(.gz) -> sharded HDF5: validation, deduplication, splits, parallel parts, merge, resume.
+
+Pipeline (one code path for 1 worker, ``workers=N`` and SLURM ``part=i num_parts=n``)::
+
+    units      the input cut into work units: whole files, or byte ranges of one uncompressed file
+    stage 1    per unit (in parallel): parse, validate, tokenize, hash; append the valid records to
+               raw files in <output_dir>/_work/unit-NNNN/ (tokens.bin, records.bin, ids.bin: one id per line) and the
+               rejects to rejects.tsv; checkpoint after every block (resume continues from there)
+    resolve    (merge) the first valid record of an id fixes its sequence: a later record with that
+               id and another sequence is rejected (duplicate_id_conflict); among the rest, the first
+               record of each sequence (global order = file order) is kept, later ones are
+               duplicates. A sequence is ``ood`` when any of its records is in a held-out family,
+               else train/valid/test by a salted hash of the sequence.
+    stage 3    per unit (in parallel): write the kept records' shards (atomic: temporary name, then
+               rename; existing shards are complete and skipped on resume); then manifest.json
+               (atomic, last) and rejects.tsv, and the raw work files are removed.
+
+Dedup and splits depend only on the records and their global order, never on how the input was
+cut, so ``workers=N`` and part/merge give the same sequences, ids and splits as one worker (shard
+boundaries and file names differ: ``shard-NNNNN.h5`` for one unit, ``part-NNNN-shard-NNNNN.h5``
+otherwise; the manifest lists them in global order).
+
+Hashes: the dedup key is BLAKE2b-128 of the token bytes (so case and a trailing ``*`` do not
+matter); the split is splitmix64(first 64 bits of that hash XOR a salt derived from ``seed``),
+mapped to [0, 1) and compared with the cumulative fractions. Both are plain arithmetic on bytes:
+the same on every machine and every run.
+
+Memory: stage 1 holds one block (4 MiB by default) and the set of OOD accessions; the resolve step
+sorts 48 bytes per record in buckets of at most ``merge_memory_mb`` (the hash arrays are read from
+disk, in windows of 4 M records, once per bucket) and keeps 1 byte per record (its final split);
+stage 3 reads the records in windows and holds one shard. So peak memory stays bounded: about
+``merge_memory_mb`` + 1 byte per record (250 MB for all of TrEMBL) + one shard.
+Disk: the raw work files take about the size of the tokens plus 60 bytes per record until the
+merge finishes.
+
+SLURM: ``python -m protein_performer.ingest -m hydra/launcher=submitit_slurm part='range(0,16)'
+num_parts=16 input=/data/uniprot_trembl.fasta output_dir=/data/trembl_shards`` runs the 16 stage-1
+parts as an array job; then ``python -m protein_performer.ingest merge=true
+output_dir=/data/trembl_shards workers=16`` resolves and writes the shards and the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import mmap
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from protein_performer.data.fasta import FastaFormatError, count_newlines, is_gzip, iter_batches, open_binary
+from protein_performer.data.shards import SPLITS, write_shard
+from protein_performer.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WORK_DIR = "_work"
+CONFIG_NAME = "ingest_config.json"
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.tsv"
+SLURM_LOG_DIR = "_slurm"  # hydra.sweep.dir in conf/ingest.yaml (multirun / submitit logs)
+HASH_SPLITS = ("train", "valid", "test")
+OOD_CODE = 3  # index of "ood" in SPLITS
+REJECT_REASONS = (
+    "header_only", "missing_id", "empty_sequence", "invalid_character", "too_short", "too_long",
+    "duplicate_id_conflict",
+)  # fmt: skip
+
+# One raw record of stage 1 (records.bin): sequence length, BLAKE2b-128 of the tokens, BLAKE2b-128
+# of the id, id length in bytes, header line (relative to the unit's first record), the hash split
+# (0 train, 1 valid, 2 test) and whether the record is in a held-out family.
+REC = np.dtype(
+    [("length", "<i8"), ("seq", "<u8", (2,)), ("idh", "<u8", (2,)), ("id_len", "<i4"),
+     ("line", "<i8"), ("hsplit", "u1"), ("ood", "u1")]
+)  # fmt: skip
+
+PAPER_OOD_FAMILIES = [
+    "PF18369", "PF04680", "PF17988", "PF12325", "PF03272", "PF03938", "PF17724", "PF10696",
+    "PF11968", "PF04153", "PF06173", "PF12378", "PF04420", "PF10841", "PF06917", "PF03492",
+    "PF06905", "PF15340", "PF17055", "PF05318",
+]  # fmt: skip
+
+# Keys of the config that change the output; an output dir written with other values is refused.
+FINGERPRINT_KEYS = (
+    "input", "annotations", "ood_families", "seed", "fractions", "min_length", "max_length",
+    "shard_size", "compression", "compression_level", "chunk_size", "strict", "units",
+)  # fmt: skip
+
+_PF_RE = re.compile(rb"PF\d{5}")
+_WINDOW = 1 << 22  # records read at a time in merge (resolve and shard writing)
+_SPTR = (b"sp|", b"tr|")
+_M64 = (1 << 64) - 1
+
+
+class IngestError(RuntimeError):
+    """An ingestion that cannot go on; the message says where and what to do."""
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised by the ``fail_after_records`` / ``fail_after_shards`` test hooks."""
+
+
+# ============================================================================ configuration
+def default_config() -> dict:
+    """The defaults of conf/ingest.yaml (without the ``hydra`` node), as a plain dict."""
+    path = Path(__file__).resolve().parents[1] / "conf" / "ingest.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    cfg.pop("hydra", None)
+    cfg.pop("defaults", None)
+    return cfg
+
+
+def resolve_config(cfg: Any = None, **overrides) -> dict:
+    """Defaults < ``cfg`` (dict or DictConfig) < ``overrides``; paths made absolute; checked."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out = default_config()
+    for src in (cfg or {}, overrides):
+        for k, v in dict(src).items():
+            if k in ("hydra", "defaults"):
+                continue
+            if k not in out:
+                raise IngestError(f"unknown ingest option {k!r}; known options: {', '.join(sorted(out))}")
+            out[k] = v
+    if not out.get("output_dir"):
+        raise IngestError("output_dir is required: python -m protein_performer.ingest input=... output_dir=...")
+    out["output_dir"] = str(Path(out["output_dir"]).expanduser().absolute())
+    if out["merge"]:
+        return out
+    inputs = out["input"]
+    if inputs in (None, "", "???"):
+        raise IngestError("input is required: a FASTA(.gz) path or a list of paths (input='[a.fa,b.fa]')")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    out["input"] = [str(Path(p).expanduser().absolute()) for p in inputs]
+    for p in out["input"]:
+        if not Path(p).is_file():
+            raise IngestError(f"input file not found: {p}")
+    ann = out["annotations"]
+    if ann:
+        ann = [ann] if isinstance(ann, (str, os.PathLike)) else list(ann)
+        out["annotations"] = [str(Path(p).expanduser().absolute()) for p in ann]
+        for p in out["annotations"]:
+            if not Path(p).is_file():
+                raise IngestError(f"annotation file not found: {p}")
+    else:
+        out["annotations"] = []
+    out["ood_families"] = [_norm_family(f) for f in (out["ood_families"] or [])]
+    fr = {k: float(out["fractions"][k]) for k in HASH_SPLITS}
+    if set(out["fractions"]) != set(HASH_SPLITS) or min(fr.values()) < 0 or abs(sum(fr.values()) - 1) > 1e-9:
+        raise IngestError(f"fractions must give train, valid, test >= 0 summing to 1, got {dict(out['fractions'])}")
+    out["fractions"] = fr
+    if int(out["shard_size"]) < 1:
+        raise IngestError(f"shard_size must be >= 1 sequences, got {out['shard_size']}")
+    if out["min_length"] is not None and out["max_length"] is not None and out["min_length"] > out["max_length"]:
+        raise IngestError(f"min_length {out['min_length']} > max_length {out['max_length']}")
+    out["units"] = plan_units(out["input"], int(out["workers"]), out["num_parts"])
+    return out
+
+
+def _norm_family(f: Any) -> str:
+    f = str(f).strip()
+    return f.split(".")[0] if re.fullmatch(r"PF\d{5}(\.\d+)?", f) else f
+
+
+def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[dict]:
+    """Cut the input into work units: {"file": index, "start": byte, "end": byte or None}."""
+    whole = [{"file": i, "start": 0, "end": None} for i in range(len(inputs))]
+    if num_parts is not None:
+        num_parts = int(num_parts)
+        if num_parts < 1:
+            raise IngestError(f"num_parts must be >= 1, got {num_parts}")
+        if len(inputs) == num_parts:
+            return whole
+        if len(inputs) == 1:
+            return _byte_ranges(inputs[0], num_parts)
+        raise IngestError(
+            f"num_parts={num_parts} with {len(inputs)} input files: give one input file per part "
+            f"({num_parts} files), or a single uncompressed FASTA file to cut into byte ranges"
+        )
+    if workers > 1 and len(inputs) == 1:
+        if is_gzip(inputs[0]):
+            log.warning(
+                "%s is gzip-compressed: it cannot be cut into byte ranges, so it is read by one worker. "
+                "For parallel ingestion decompress it, or give several input files (one per worker).",
+                inputs[0],
+            )
+            return whole
+        return _byte_ranges(inputs[0], workers)
+    return whole
+
+
+def _byte_ranges(path: str, n: int) -> list[dict]:
+    if is_gzip(path):
+        raise IngestError(
+            f"{path} is gzip-compressed: byte ranges (part/num_parts, workers) need an uncompressed "
+            "file (gzip streams cannot be entered in the middle). Decompress it (`gunzip -k`), or "
+            "split the input into several files and pass them as a list, one per part: "
+            "input='[part0.fasta.gz,part1.fasta.gz,...]' num_parts=<number of files>."
+        )
+    size = os.path.getsize(path)
+    return [{"file": 0, "start": size * i // n, "end": size * (i + 1) // n} for i in range(n)]
+
+
+def _fingerprint(cfg: dict) -> dict:
+    return {k: cfg[k] for k in FINGERPRINT_KEYS}
+
+
+# ============================================================================ annotations / OOD
+def load_ood_accessions(paths: Iterable[str], families: Iterable[str]) -> set[bytes]:
+    """Accessions (bytes, without version) annotated with one of ``families``, from TSV files.
+
+    Layouts, detected by the header line: Pfam's ``Pfam-A.regions.uniprot.tsv`` (a ``pfamA_acc``
+    column; the accession is the first column), the ``accession hmm hmm_acc ...`` hits table
+    (family by name or accession), or a plain ``accession<TAB>family`` table (header optional).
+    The file is streamed; only the accessions of the wanted families are kept.
+    """
+    fams = {f.encode() for f in families}
+    out: set[bytes] = set()
+    if not fams:
+        return out
+    for path in paths:
+        with open_binary(path) as fh:
+            first = fh.readline()
+            cols = [c.strip().lower() for c in first.rstrip(b"\r\n").split(b"\t")]
+            if b"pfama_acc" in cols:
+                acc_col, fam_cols = 0, [cols.index(b"pfama_acc")]
+            elif b"hmm" in cols or b"hmm_acc" in cols:
+                acc_col = cols.index(b"accession") if b"accession" in cols else 0
+                fam_cols = [cols.index(c) for c in (b"hmm", b"hmm_acc") if c in cols]
+            elif cols and cols[0] in (b"accession", b"acc", b"uniprot_acc", b"pfamseq_acc", b"id") and len(cols) >= 2:
+                acc_col, fam_cols = 0, [1]
+            else:  # no header: plain two columns, or the regions layout (7 columns, PF in the 5th)
+                acc_col, fam_cols = 0, ([4] if len(cols) == 7 else [1])
+                fh.seek(0)
+            n_lines = 0
+            for line in fh:
+                n_lines += 1
+                f = line.rstrip(b"\r\n").split(b"\t")
+                if len(f) <= max(fam_cols):
+                    if line.strip():
+                        raise IngestError(
+                            f"{path}:{n_lines + 1}: annotation line has {len(f)} tab-separated columns, "
+                            f"expected at least {max(fam_cols) + 1}; fix the file or remove it from annotations"
+                        )
+                    continue
+                for c in fam_cols:
+                    fam = f[c].strip()
+                    if fam[:2] == b"PF":
+                        fam = fam.split(b".")[0]
+                    if fam in fams:
+                        out.add(f[acc_col].strip().split(b".")[0])
+                        break
+    log.info("annotations: %d accessions in the %d held-out families", len(out), len(fams))
+    return out
+
+
+# ============================================================================ hashing
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64 arrays (wrapping arithmetic, identical on every machine)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def split_codes(seq_hash_hi: np.ndarray, seed: int, fractions: dict) -> np.ndarray:
+    """0 train / 1 valid / 2 test from the first 64 bits of the sequence hash and the seed."""
+    salt = _mix64(np.array([(int(seed) + 0x9E3779B97F4A7C15) & _M64], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        h = _mix64(seq_hash_hi.astype(np.uint64) ^ salt)
+    u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    t, v = fractions["train"], fractions["train"] + fractions["valid"]
+    return np.where(u < t, 0, np.where(u < v, 1, 2)).astype(np.uint8)
+
+
+def parse_header(h: bytes) -> tuple[bytes, bytes]:
+    """(id, accession) from a header without '>': ``sp|ACC|NAME``/``tr|ACC|NAME`` -> ACC,
+    ``UniRef50_ACC`` -> id ``UniRef50_ACC``, accession ``ACC``; otherwise the first word."""
+    w = h.split(None, 1)
+    w = w[0] if w else b""
+    if w[:3] in (b"sp|", b"tr|"):
+        f = w.split(b"|")
+        return f[1], f[1]
+    if w[:6] == b"UniRef":
+        return w, w.partition(b"_")[2]
+    return w, w
+
+
+# ============================================================================ stage 1
+class _UnitFiles:
+    names = ("tokens.bin", "records.bin", "ids.bin", "rejects.tsv")
+
+    def __init__(self, d: Path, sizes: dict | None):
+        d.mkdir(parents=True, exist_ok=True)
+        self.fh = {}
+        for n in self.names:
+            p = d / n
+            if sizes is None:
+                p.write_bytes(b"")
+            else:
+                with open(p, "ab") as f:
+                    f.truncate(sizes[n])
+            self.fh[n] = open(p, "ab")
+
+    def sizes(self) -> dict:
+        for f in self.fh.values():
+            f.flush()
+        return {n: f.tell() for n, f in self.fh.items()}
+
+    def close(self):
+        for f in self.fh.values():
+            f.close()
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _unit_dir(out: Path, u: int) -> Path:
+    return out / WORK_DIR / f"unit-{u:04d}"
+
+
+def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict:
+    """Stage 1 for work unit ``u``: parse, validate, tokenize and hash; write raw files + rejects."""
+    out = Path(cfg["output_dir"])
+    unit = cfg["units"][u]
+    path = cfg["input"][unit["file"]]
+    d = _unit_dir(out, u)
+    done = d / "done.json"
+    if resume and done.is_file():
+        log.info("unit %d (%s) already complete: skipped", u, path)
+        return json.loads(done.read_text())
+    ckpt_path = d / "checkpoint.json"
+    ckpt = json.loads(ckpt_path.read_text()) if (resume and ckpt_path.is_file()) else None
+    if ckpt is None and d.exists():
+        shutil.rmtree(d)
+    files = _UnitFiles(d, ckpt["sizes"] if ckpt else None)
+    state = ckpt or {
+        "offset": unit["start"], "line": 1, "first_offset": None, "n_records": 0, "n_valid": 0,
+        "n_residues": 0, "rejected": {}, "sizes": files.sizes(),
+    }  # fmt: skip
+    if ckpt:
+        log.info("unit %d: resuming at byte %d (%d records done)", u, state["offset"], state["n_records"])
+    table = token_table()
+    ood_acc = load_ood_accessions(cfg["annotations"], cfg["ood_families"])
+    ood_tokens = {f.encode() for f in cfg["ood_families"] if f.startswith("PF")}
+    ctx = dict(
+        ood_acc=ood_acc, ood_tokens=ood_tokens, min_len=cfg["min_length"], max_len=cfg["max_length"],
+        seed=cfg["seed"], fractions=cfg["fractions"], strict=cfg["strict"], path=path, unit=unit, state=state,
+    )  # fmt: skip
+    fail_after = cfg.get("fail_after_records")
+    bar = tqdm(
+        desc=f"ingest {Path(path).name}" + (f" [{u}]" if len(cfg["units"]) > 1 else ""),
+        unit=" seq", unit_scale=True, disable=not cfg["progress"], position=position, leave=position == 0,
+        initial=state["n_records"], mininterval=1.0,
+    )  # fmt: skip
+    t0, res0 = time.perf_counter(), state["n_residues"]
+    try:
+        for batch in iter_batches(
+            path, start=state["offset"], end=unit["end"], line0=state["line"], block_size=cfg["block_size"],
+            table=table,
+        ):
+            if state["first_offset"] is None and len(batch):
+                state["first_offset"] = batch.offsets[0]
+            tokens, recs, ids_blob, rejects = _process_batch(batch, ctx)
+            files.fh["tokens.bin"].write(tokens.data)
+            files.fh["records.bin"].write(recs.data)
+            files.fh["ids.bin"].write(ids_blob)
+            if rejects:
+                files.fh["rejects.tsv"].write("".join("\t".join(map(str, r)) + "\n" for r in rejects).encode())
+            state["n_records"] += len(batch)
+            state["n_valid"] += len(recs)
+            state["n_residues"] += int(tokens.size)
+            for r in rejects:
+                state["rejected"][r[3]] = state["rejected"].get(r[3], 0) + 1
+            if fail_after is not None and state["n_records"] >= fail_after:
+                raise SimulatedInterruption(f"fail_after_records={fail_after} reached (test hook)")
+            state["offset"], state["line"] = batch.end_offset, batch.end_line
+            state["sizes"] = files.sizes()
+            _atomic_json(ckpt_path, state)
+            bar.update(len(batch))
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{(state['n_residues'] - res0) / dt / 1e6:.1f}M res/s", refresh=False)
+    finally:
+        files.close()
+        bar.close()
+    line_base = 0
+    if unit["start"] > 0 and state["first_offset"] is not None:
+        line_base = count_newlines(path, state["first_offset"]) if state["rejected"] else None
+    summary = {
+        "unit": u, "file": unit["file"], "path": path, "n_records": state["n_records"],
+        "n_valid": state["n_valid"], "n_residues": state["n_residues"], "rejected": state["rejected"],
+        "line_base": line_base,
+    }  # fmt: skip
+    _atomic_json(done, summary)
+    log.info("unit %d: %d records, %d valid, rejected %s", u, state["n_records"], state["n_valid"], state["rejected"])
+    return summary
+
+
+def _reject_error(ctx, line, rid, reason, detail) -> IngestError:
+    unit, path = ctx["unit"], ctx["path"]
+    if unit["start"] > 0:  # lines are counted from the unit's first record: make them absolute
+        line = count_newlines(path, ctx["state"]["first_offset"]) + line
+    return IngestError(
+        f"{path}:{line}: record {rid!r} rejected: {reason} ({detail}). Fix the record, or run with "
+        "strict=false to skip such records (they are counted in the manifest and listed in rejects.tsv)."
+    )
+
+
+def token_table() -> bytes:
+    """bytes.translate table: residue letters (either case) -> token ids, '*' -> STAR, else BAD."""
+    t = Tokenizer()._encode_table.copy()  # invalid -> 255
+    t[ord("*")] = STAR
+    return t.tobytes()
+
+
+STAR, BAD = 254, 255
+_STAR_B, _BAD_B = bytes([STAR]), bytes([BAD])
+
+
+def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
+    """Validate and hash one batch whose sequences are already token bytes (see token_table).
+
+    Returns tokens, REC records, the ids blob (one id per line) and the reject rows. The common
+    case (no defect in the batch) is a few list comprehensions over C-level bytes methods; the
+    per-record checks run only for a batch that holds a defect.
+    """
+    fname = Path(ctx["path"]).name
+    rejects: list[tuple] = []
+    headers, seqs, c_lines = batch.headers, batch.sequences, batch.lines
+    words = [h[:i] if (i := h.find(b" ")) >= 0 else h for h in headers]  # first word, fast path
+    if not all(words) or any(b"\t" in w for w in words):
+        words = [(h.split(None, 1) or (b"",))[0] for h in headers]
+    c_ids = [w.split(b"|")[1] if w[:3] in _SPTR else w for w in words]
+    joined = b"".join(seqs)
+    if _STAR_B in joined:  # strip one trailing stop symbol
+        seqs = [q[:-1] if q[-1:] == _STAR_B else q for q in seqs]
+        joined = b"".join(seqs)
+    if _BAD_B in joined or _STAR_B in joined or not all(seqs) or not all(c_ids):
+        keep_idx = []
+        for i, (q, rid) in enumerate(zip(seqs, c_ids)):
+            if not batch.sequences[i]:
+                reason, detail = "header_only", "a header line with no sequence line after it"
+            elif not rid:
+                reason, detail = "missing_id", "empty header line"
+            elif not q:
+                reason, detail = "empty_sequence", "the sequence lines hold no residue"
+            elif _BAD_B in q or _STAR_B in q:
+                pos = min(j for j in (q.find(_BAD_B), q.find(_STAR_B)) if j >= 0)
+                c = batch.raw_sequence(i)[pos]
+                what = f"character {chr(c)!r}" if c < 128 else f"non-ASCII byte 0x{c:02x}"
+                reason, detail = "invalid_character", f"{what} at residue {pos + 1}"
+            else:
+                keep_idx.append(i)
+                continue
+            rejects.append((fname, c_lines[i], rid.decode("utf-8", "replace"), reason, detail))
+        seqs = [seqs[i] for i in keep_idx]
+        c_ids = [c_ids[i] for i in keep_idx]
+        c_lines = [c_lines[i] for i in keep_idx]
+        headers = [headers[i] for i in keep_idx]
+        words = [words[i] for i in keep_idx]
+    mn, mx = ctx["min_len"], ctx["max_len"]
+    if mn is not None or mx is not None:
+        keep_idx = []
+        for i, q in enumerate(seqs):
+            n_q = len(q)
+            if mn is not None and n_q < mn:
+                reason, detail = "too_short", f"length {n_q} < min_length {mn}"
+            elif mx is not None and n_q > mx:
+                reason, detail = "too_long", f"length {n_q} > max_length {mx}"
+            else:
+                keep_idx.append(i)
+                continue
+            rejects.append((fname, c_lines[i], c_ids[i].decode("utf-8", "replace"), reason, detail))
+        if len(keep_idx) < len(seqs):
+            seqs = [seqs[i] for i in keep_idx]
+            c_ids = [c_ids[i] for i in keep_idx]
+            c_lines = [c_lines[i] for i in keep_idx]
+            headers = [headers[i] for i in keep_idx]
+            words = [words[i] for i in keep_idx]
+    if rejects:
+        rejects.sort(key=lambda r: r[1])
+        if ctx["strict"]:  # the first bad record of the batch, by line
+            _, line, rid_s, reason, detail = rejects[0]
+            raise _reject_error(ctx, line, rid_s, reason, detail)
+    n = len(seqs)
+    recs = np.zeros(n, dtype=REC)
+    if not n:
+        return np.zeros(0, np.uint8), recs, b"", rejects
+    ood_acc, ood_tokens = ctx["ood_acc"], ctx["ood_tokens"]
+    if ood_acc or ood_tokens:
+        c_ood = []
+        for h, w, rid in zip(headers, words, c_ids):
+            acc = w.partition(b"_")[2] if w[:6] == b"UniRef" else rid
+            ood = bool(ood_acc) and (acc in ood_acc or (b"." in acc and acc.split(b".")[0] in ood_acc))
+            if not ood and ood_tokens and b"PF" in h:
+                ood = any(m in ood_tokens for m in _PF_RE.findall(h))
+            c_ood.append(ood)
+        recs["ood"] = c_ood
+    b2 = hashlib.blake2b
+    recs["length"] = [len(q) for q in seqs]
+    recs["seq"] = np.frombuffer(b"".join([b2(q, digest_size=16).digest() for q in seqs]), "<u8").reshape(n, 2)
+    recs["idh"] = np.frombuffer(b"".join([b2(i, digest_size=16).digest() for i in c_ids]), "<u8").reshape(n, 2)
+    recs["id_len"] = [len(i) for i in c_ids]
+    recs["line"] = c_lines
+    recs["hsplit"] = split_codes(recs["seq"][:, 0], ctx["seed"], ctx["fractions"])
+    tokens = np.frombuffer(b"".join(seqs), dtype=np.uint8)
+    return tokens, recs, b"\n".join(c_ids) + b"\n", rejects
+
+
+# ============================================================================ resolve (merge)
+def _load_records(d: Path, in_memory_below: int = 64 << 20) -> np.ndarray:
+    p = d / "records.bin"
+    size = p.stat().st_size
+    if size == 0:
+        return np.zeros(0, dtype=REC)
+    if size < in_memory_below:  # small: read (faster field access); large: map
+        return np.fromfile(p, dtype=REC)
+    return np.memmap(p, dtype=REC, mode="r")
+
+
+def _first_occurrence(key: np.ndarray, gidx: np.ndarray):
+    """Group equal 128-bit keys; the member with the smallest ``gidx`` is the group's first.
+
+    Returns ``order`` (entries sorted by key), ``is_first`` and ``first_pos`` (for each sorted
+    entry, the sorted position of its group's first) and the group ``starts``. A plain sort on
+    the first 64 bits is enough unless two different keys share them; then a full lexsort.
+    """
+    n = len(key)
+    order = np.argsort(np.ascontiguousarray(key[:, 0]))
+    k = key[order]
+    new = np.ones(n, dtype=bool)
+    if n > 1:
+        same_hi = k[1:, 0] == k[:-1, 0]
+        if (same_hi & (k[1:, 1] != k[:-1, 1])).any():
+            order = np.lexsort((gidx, key[:, 1], key[:, 0]))
+            k = key[order]
+            same_hi = k[1:, 0] == k[:-1, 0]
+        new[1:] = ~(same_hi & (k[1:, 1] == k[:-1, 1]))
+    g = gidx[order]
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, n))
+    gmin = np.minimum.reduceat(g, starts) if n else g
+    is_first = g == np.repeat(gmin, sizes)
+    first_pos = np.repeat(np.flatnonzero(is_first), sizes)
+    return order, is_first, first_pos, starts
+
+
+def _resolve(out: Path, n_units: int, memory_mb: float) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Per unit: final split code per record (-1 dropped duplicate, -2 id conflict) and, for the
+    conflicts, the global index of the record that fixed the id's sequence."""
+    recs = [_load_records(_unit_dir(out, u)) for u in range(n_units)]
+    sizes = np.array([len(r) for r in recs], dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(base[-1])
+    n_buckets = max(1, math.ceil(total * 48 / (memory_mb * 2**20)))
+    final = [np.where(r["ood"] == 1, OOD_CODE, r["hsplit"]).astype(np.int8) for r in recs]
+    conflict_with: list[dict[int, int]] = [dict() for _ in range(n_units)]
+
+    def gather(field: str, b: int, skip_conflicts: bool = False):
+        """The entries of bucket b, all units, in input order (read in windows: bounded memory)."""
+        keys, gids, seqs, oods = [], [], [], []
+        for u, r in enumerate(recs):
+            for w0 in range(0, len(r), _WINDOW):
+                sub = r[w0 : w0 + _WINDOW]
+                k = np.asarray(sub[field])
+                sel = np.ones(len(sub), dtype=bool) if n_buckets == 1 else (k[:, 0] % np.uint64(n_buckets) == b)
+                if skip_conflicts:
+                    sel &= final[u][w0 : w0 + _WINDOW] != -2
+                i = np.flatnonzero(sel)
+                keys.append(k[i])
+                gids.append(i + (w0 + base[u]))
+                if field == "idh":
+                    seqs.append(np.asarray(sub["seq"])[i])
+                else:
+                    oods.append(np.asarray(sub["ood"])[i])
+        if not keys:
+            return None
+        return (np.concatenate(keys), np.concatenate(gids),
+                np.concatenate(seqs) if seqs else None, np.concatenate(oods) if oods else None)  # fmt: skip
+
+    def unit_of(g: np.ndarray):
+        u = np.searchsorted(base, g, side="right") - 1
+        return u, g - base[u]
+
+    # 1. id conflicts: the first valid record of an id fixes its sequence
+    for b in range(n_buckets):
+        got = gather("idh", b)
+        if got is None:
+            continue
+        key, gidx, seq, _ = got
+        order, _, first_pos, _ = _first_occurrence(key, gidx)
+        s = seq[order]
+        bad = (s != s[first_pos]).any(axis=1)
+        for g, g0 in zip(gidx[order][bad].tolist(), gidx[order][first_pos[bad]].tolist()):
+            uu, ii = unit_of(np.array([g]))
+            final[int(uu[0])][int(ii[0])] = -2
+            conflict_with[int(uu[0])][int(ii[0])] = g0
+    # 2. duplicates: the first record of a sequence is kept; ood if any of its records is ood
+    for b in range(n_buckets):
+        got = gather("seq", b, skip_conflicts=True)
+        if got is None:
+            continue
+        key, gidx, _, ood = got
+        order, is_first, _, starts = _first_occurrence(key, gidx)
+        any_ood = np.maximum.reduceat(ood[order], starts) if len(starts) else np.zeros(0, np.uint8)
+        g_sorted = gidx[order]
+        dup_u, dup_i = unit_of(g_sorted[~is_first])
+        for uu in np.unique(dup_u):
+            final[uu][dup_i[dup_u == uu]] = -1
+        kept_u, kept_i = unit_of(g_sorted[is_first])  # one per group, in group order
+        for uu in np.unique(kept_u):
+            m = (kept_u == uu) & (any_ood == 1)
+            final[uu][kept_i[m]] = OOD_CODE
+    conflicts = [sorted(c.items()) for c in conflict_with]
+    return final, conflicts
+
+
+# ============================================================================ stage 3
+def _shard_name(split: str, u: int, k: int, n_units: int) -> str:
+    return f"{split}/shard-{k:05d}.h5" if n_units == 1 else f"{split}/part-{u:04d}-shard-{k:05d}.h5"
+
+
+def _add_hist(h: np.ndarray, more: np.ndarray) -> np.ndarray:
+    if more.size > h.size:
+        h, more = more.astype(np.int64), h
+    h = h.astype(np.int64, copy=True)
+    h[: more.size] += more
+    return h
+
+
+def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> dict:
+    """Stage 3 for unit ``u``: the kept records of each split, in input order, into shards of
+    ``shard_size`` sequences. The unit's records are read in windows of ``_WINDOW`` records (a
+    split's pending shard carries over), so memory stays bounded whatever the unit's size."""
+    out = Path(cfg["output_dir"])
+    d = _unit_dir(out, u)
+    recs = _load_records(d)
+    tok_path, ids_path = d / "tokens.bin", d / "ids.bin"
+    # a plain ndarray view of the mapping: slicing it is cheap (a memmap slice is a Python object)
+    tok = np.memmap(tok_path, dtype=np.uint8, mode="r").view(np.ndarray) if tok_path.stat().st_size else np.zeros(0, np.uint8)
+    ids_mm = None
+    if ids_path.stat().st_size < (64 << 20):
+        ids_src: Any = ids_path.read_bytes()
+    else:
+        with open(ids_path, "rb") as fh:
+            ids_mm = ids_src = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    vocab = Tokenizer().vocab()
+    size = int(cfg["shard_size"])
+    fail_after = cfg.get("fail_after_shards")
+    n_units = len(cfg["units"])
+    pending: list[list[np.ndarray]] = [[] for _ in SPLITS]  # rows: token start, end, id start, end
+    n_pending = [0] * len(SPLITS)
+    hist = [np.zeros(0, np.int64) for _ in SPLITS]
+    shards: dict[str, list] = {s: [] for s in SPLITS}
+    written = 0
+
+    def write(code: int, rows: np.ndarray) -> None:
+        nonlocal written
+        split = SPLITS[code]
+        rel = _shard_name(split, u, len(shards[split]), n_units)
+        ts, te, i_s, i_e = rows.T
+        lens = te - ts
+        shards[split].append({"path": rel, "n_sequences": int(rows.shape[0]), "n_residues": int(lens.sum())})
+        path = out / rel
+        if path.is_file():  # written atomically by an earlier (interrupted) run with this config
+            return
+        # records adjacent in the unit are adjacent in tokens.bin and ids.bin: one slice per run
+        brk = np.flatnonzero(ts[1:] != te[:-1]) + 1
+        run_s = np.concatenate([[0], brk])
+        run_e = np.concatenate([brk, [rows.shape[0]]]) - 1
+        tokens = np.concatenate([tok[a:b] for a, b in zip(ts[run_s].tolist(), te[run_e].tolist())])
+        ids: list[str] = []
+        for a, b in zip(i_s[run_s].tolist(), i_e[run_e].tolist()):  # one id per line
+            ids += ids_src[a : b - 1].decode("utf-8", "replace").split("\n")
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        write_shard(
+            path, tokens, offsets, ids, split, vocab, chunk_size=cfg["chunk_size"],
+            compression=cfg["compression"], compression_opts=cfg["compression_level"],
+        )  # fmt: skip
+        written += 1
+        if fail_after is not None and written >= fail_after:
+            raise SimulatedInterruption(f"fail_after_shards={fail_after} reached (test hook)")
+
+    def flush(code: int, last: bool) -> None:
+        rows = np.concatenate(pending[code]) if len(pending[code]) > 1 else pending[code][0]
+        while rows.shape[0] >= size or (last and rows.shape[0]):
+            write(code, rows[:size])
+            rows = rows[size:]
+        pending[code] = [rows] if rows.shape[0] else []
+        n_pending[code] = rows.shape[0]
+
+    tok_base = id_base = 0
+    for w0 in range(0, len(recs), _WINDOW):
+        rec = recs[w0 : w0 + _WINDOW]
+        fin = final[w0 : w0 + _WINDOW]
+        lens = np.asarray(rec["length"], dtype=np.int64)
+        te = tok_base + np.cumsum(lens)
+        id_lens = np.asarray(rec["id_len"], dtype=np.int64) + 1
+        ie = id_base + np.cumsum(id_lens)
+        rows_all = np.stack([te - lens, te, ie - id_lens, ie], axis=1)
+        for code in range(len(SPLITS)):
+            sel = np.flatnonzero(fin == code)
+            if not sel.size:
+                continue
+            hist[code] = _add_hist(hist[code], np.bincount(lens[sel]))
+            pending[code].append(rows_all[sel])
+            n_pending[code] += sel.size
+            if n_pending[code] >= size:
+                flush(code, last=False)
+        tok_base, id_base = int(te[-1]), int(ie[-1])
+    for code in range(len(SPLITS)):
+        if n_pending[code]:
+            flush(code, last=True)
+    if ids_mm is not None:
+        ids_mm.close()
+    return {"shards": shards, "hist": {s: h.tolist() for s, h in zip(SPLITS, hist)}}
+
+
+def _unit_job(args):
+    kind, cfg, u, extra = args
+    if kind == "stage1":
+        return run_unit(cfg, u, resume=extra, position=u)
+    return write_unit_shards(cfg, u, extra)
+
+
+class _Workers:
+    """``workers`` processes for a list of unit jobs: the calling process runs the first job itself
+    and a pool of ``workers - 1`` forked processes the others (when there are as many jobs as
+    workers: the common case, and one fork fewer); otherwise a pool of ``workers``."""
+
+    def __init__(self, workers: int, n_jobs: int):
+        self.main_too = workers > 1 and n_jobs == workers
+        size = workers - 1 if self.main_too else workers
+        self.pool = None
+        if workers > 1 and n_jobs > 1 and size >= 1:
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            self.pool = mp.get_context(method).Pool(min(size, n_jobs))
+
+    def map(self, jobs: list) -> list:
+        if self.pool is None:
+            return [_unit_job(j) for j in jobs]
+        if not self.main_too:
+            return self.pool.map(_unit_job, jobs, chunksize=1)
+        rest = self.pool.map_async(_unit_job, jobs[1:], chunksize=1)
+        first = _unit_job(jobs[0])
+        return [first, *rest.get()]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+# ============================================================================ output dir
+# names an ingest may find in its output dir: its own outputs and the multirun/SLURM log folder
+_OURS = {MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME, WORK_DIR, SLURM_LOG_DIR, *SPLITS}
+
+
+def _clean_output(out: Path) -> None:
+    """Remove what an ingest writes (never anything else)."""
+    for name in (MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    for split in SPLITS:
+        d = out / split
+        if d.is_dir():
+            for p in d.glob("*.h5*"):
+                p.unlink()
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _prepare_output(cfg: dict, parts_mode: bool) -> None:
+    out = Path(cfg["output_dir"])
+    fp = _fingerprint(cfg)
+    cfg_path = out / CONFIG_NAME
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old != fp:
+            diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+            if not cfg["overwrite"] or parts_mode:
+                raise IngestError(
+                    f"{out} holds an ingest made with a different config (differs in: {', '.join(diff)}). "
+                    "Choose another output_dir, or pass overwrite=true to replace it"
+                    + (" (run without part= to do so)." if parts_mode else ".")
+                )
+            log.warning("overwrite=true: removing the previous ingest in %s", out)
+            _clean_output(out)
+        elif not cfg["resume"] and not parts_mode:
+            _clean_output(out)
+    elif out.is_dir() and any(p.name not in _OURS for p in out.iterdir()):
+        if not cfg["overwrite"]:
+            raise IngestError(
+                f"{out} is not empty and holds no {CONFIG_NAME}: refusing to write into it. "
+                "Choose an empty or new output_dir, or pass overwrite=true (only files an ingest writes are removed)."
+            )
+        _clean_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg_path.is_file():
+        _atomic_json(cfg_path, fp)
+
+
+# ============================================================================ public API
+def ingest(cfg: Any = None, **overrides) -> dict:
+    """Run an ingest (or one part, or the merge) and return the manifest (a part returns its summary).
+
+    ``cfg``: a dict or DictConfig with the keys of conf/ingest.yaml; ``overrides`` win over it.
+    """
+    c = resolve_config(cfg, **overrides)
+    if c["merge"]:
+        return merge(c["output_dir"], workers=int(c["workers"]), progress=c["progress"])
+    parts_mode = c["part"] is not None
+    _prepare_output(c, parts_mode)
+    out = Path(c["output_dir"])
+    if c["resume"] and not parts_mode and (out / MANIFEST_NAME).is_file() and not (out / WORK_DIR).exists():
+        log.info("resume=true: %s is already complete", out)
+        return json.loads((out / MANIFEST_NAME).read_text())
+    if parts_mode:
+        if c["num_parts"] is None:
+            raise IngestError("part=i needs num_parts=n (the total number of parts)")
+        part = int(c["part"])
+        if not 0 <= part < len(c["units"]):
+            raise IngestError(f"part={part} out of range for num_parts={c['num_parts']}")
+        return run_unit(c, part, resume=c["resume"])
+    jobs = [("stage1", c, u, c["resume"]) for u in range(len(c["units"]))]
+    pool = _Workers(int(c["workers"]), len(jobs))  # the same processes for stage 1 and stage 3
+    # sha256 of the inputs for the manifest, in a thread (hashlib releases the GIL); started after
+    # the pool has forked its workers
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    sources = hasher.submit(lambda: [_source(p) for p in c["input"]])
+    try:
+        t0 = time.perf_counter()
+        pool.map(jobs)
+        log.info("stage 1 (%d units, %d workers): %.2fs", len(jobs), int(c["workers"]), time.perf_counter() - t0)
+        return merge(
+            c["output_dir"], workers=int(c["workers"]), progress=c["progress"], _cfg=c, _pool=pool, _sources=sources
+        )
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+        pool.close()
+
+
+def merge(
+    output_dir: str | os.PathLike,
+    workers: int = 1,
+    progress: bool = True,
+    _cfg: dict | None = None,
+    _pool=None,
+    _sources: Future | None = None,
+) -> dict:
+    """Resolve dedup and id conflicts over all units, write the shards and the manifest."""
+    out = Path(output_dir).absolute()
+    cfg_path = out / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise IngestError(f"{out}: no {CONFIG_NAME}; nothing to merge (run the parts first: part=i num_parts=n)")
+    fp = json.loads(cfg_path.read_text())
+    cfg = dict(_cfg) if _cfg else {**default_config(), **fp, "output_dir": str(out), "progress": progress}
+    n_units = len(fp["units"])
+    missing = [u for u in range(n_units) if not (_unit_dir(out, u) / "done.json").is_file()]
+    if missing and (out / MANIFEST_NAME).is_file() and not (out / WORK_DIR).exists():
+        return json.loads((out / MANIFEST_NAME).read_text())
+    if missing:
+        raise IngestError(
+            f"{out}: parts {missing} of {n_units} have not finished; run them (part=i num_parts={n_units}, "
+            "resume=true continues an interrupted part), then merge again"
+        )
+    summaries = [json.loads((_unit_dir(out, u) / "done.json").read_text()) for u in range(n_units)]
+    t0 = time.perf_counter()
+    final, conflicts = _resolve(out, n_units, float(cfg.get("merge_memory_mb") or 256))
+    log.info("resolved dedup over %d records in %.2fs", sum(len(f) for f in final), time.perf_counter() - t0)
+
+    # rejects: stage-1 rejects (lines made absolute) + id conflicts, in input order
+    rejects = []
+    bases: dict[int, int] = {}
+
+    def base_of(u: int) -> int:
+        """Lines of unit u are counted from its first record: the number of lines before it."""
+        if u not in bases:
+            lb = summaries[u]["line_base"]
+            if lb is None:  # only counted when needed (it reads the file up to the unit's start)
+                first = json.loads((_unit_dir(out, u) / "checkpoint.json").read_text())["first_offset"]
+                lb = count_newlines(fp["input"][fp["units"][u]["file"]], first) if first else 0
+            bases[u] = lb
+        return bases[u]
+
+    for u, s in enumerate(summaries):
+        unit = fp["units"][u]
+        with open(_unit_dir(out, u) / "rejects.tsv", encoding="utf-8") as fh:
+            for row in fh:
+                f = row.rstrip("\n").split("\t", 4)
+                rejects.append((unit["file"], int(f[1]) + base_of(u), f[0], f[2], f[3], f[4]))
+    if any(conflicts):
+        recs = [_load_records(_unit_dir(out, u)) for u in range(n_units)]
+        sizes = np.array([len(r) for r in recs])
+        base = np.concatenate([[0], np.cumsum(sizes)])
+        id_cache: dict[int, tuple[bytes, np.ndarray]] = {}
+
+        def id_of(u, i):
+            if u not in id_cache:
+                blob = (_unit_dir(out, u) / "ids.bin").read_bytes()
+                id_cache[u] = (blob, np.concatenate([[0], np.cumsum(np.asarray(recs[u]["id_len"], np.int64) + 1)]))
+            blob, io_ = id_cache[u]
+            return blob[io_[i] : io_[i + 1] - 1].decode("utf-8", "replace")
+
+        for u, lst in enumerate(conflicts):
+            unit = fp["units"][u]
+            fname = Path(fp["input"][unit["file"]]).name
+            for i, g0 in lst:
+                u0 = int(np.searchsorted(base, g0, side="right") - 1)
+                i0 = g0 - int(base[u0])
+                l0 = int(recs[u0]["line"][i0]) + base_of(u0)
+                f0 = Path(fp["input"][fp["units"][u0]["file"]]).name
+                line = int(recs[u]["line"][i]) + base_of(u)
+                rid = id_of(u, i)
+                detail = f"id first seen with a different sequence at {f0}:{l0}"
+                if fp["strict"]:
+                    raise IngestError(
+                        f"{fp['input'][unit['file']]}:{line}: record {rid!r} rejected: duplicate_id_conflict "
+                        f"({detail}). Fix the ids, or run with strict=false to skip and list such records."
+                    )
+                rejects.append((unit["file"], line, fname, rid, "duplicate_id_conflict", detail))
+    rejects.sort(key=lambda r: (r[0], r[1]))
+
+    jobs = [("stage3", cfg, u, final[u]) for u in range(n_units)]
+    t1 = time.perf_counter()
+    if _pool is None:
+        pool = _Workers(workers, n_units)
+        try:
+            results = pool.map(jobs)
+        finally:
+            pool.close()
+    else:
+        results = _pool.map(jobs)
+
+    log.info("stage 3 (shards): %.2fs", time.perf_counter() - t1)
+    # manifest
+    tok = Tokenizer()
+    splits = {}
+    for split in SPLITS:
+        shards = [s for r in results for s in r["shards"][split]]
+        hists = [np.asarray(r["hist"][split], dtype=np.int64) for r in results if r["hist"][split]]
+        hist = np.zeros(max((h.size for h in hists), default=0), dtype=np.int64)
+        for h in hists:
+            hist[: h.size] += h
+        splits[split] = {
+            "n_sequences": int(hist.sum()),
+            "n_residues": int((hist * np.arange(hist.size)).sum()),
+            "length": _length_stats(hist),
+            "shards": shards,
+        }
+    rejected = Counter()
+    for s in summaries:
+        rejected.update(s["rejected"])
+    rejected["duplicate_id_conflict"] += sum(len(c) for c in conflicts)
+    rejected = {k: int(v) for k, v in rejected.items() if v}
+    n_records = sum(s["n_records"] for s in summaries)
+    n_unique = sum(int((f >= 0).sum()) for f in final)
+    n_dup = sum(int((f == -1).sum()) for f in final)
+    with open(out / f"{REJECTS_NAME}.tmp", "w", encoding="utf-8") as fh:
+        fh.write("file\tline\tid\treason\tdetail\n")
+        for _, line, fname, rid, reason, detail in rejects:
+            fh.write(f"{fname}\t{line}\t{rid}\t{reason}\t{detail}\n")
+    os.replace(out / f"{REJECTS_NAME}.tmp", out / REJECTS_NAME)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "vocab": tok.vocab(),
+        "config": {k: cfg.get(k) for k in sorted(set(fp) | {"workers", "block_size", "merge_memory_mb"})},
+        "sources": _sources.result() if _sources is not None else [_source(p) for p in fp["input"]],
+        "splits": splits,
+        "n_records": n_records,
+        "n_unique": n_unique,
+        "n_duplicates": n_dup,
+        "rejected": rejected,
+        "rejects_file": REJECTS_NAME,
+        "length_filter": {"min": fp["min_length"], "max": fp["max_length"]},
+        "ood_families": fp["ood_families"],
+        "annotations": [_source(p) for p in fp["annotations"]],
+        "split_hash": "splitmix64(blake2b-128(tokens)[:8] ^ salt(seed)) -> [0,1) vs cumulative fractions",
+        "dedup": "blake2b-128 of the token bytes; first record in input order kept",
+        "fractions": fp["fractions"],
+        "seed": fp["seed"],
+    }
+    if n_records != n_unique + n_dup + sum(rejected.values()):
+        raise IngestError(f"internal error: counts do not add up in {out}: please report")
+    _atomic_json(out / MANIFEST_NAME, manifest)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    log.info(
+        "ingest done: %d records, %d unique, %d duplicates, rejected %s; %s",
+        n_records, n_unique, n_dup, rejected, {s: v["n_sequences"] for s, v in splits.items()},
+    )  # fmt: skip
+    return manifest
+
+
+def _length_stats(hist: np.ndarray) -> dict:
+    n = int(hist.sum())
+    if n == 0:
+        return {"min": None, "max": None, "mean": None, "median": None}
+    nz = np.flatnonzero(hist)
+    c = np.cumsum(hist)
+    lo = int(np.searchsorted(c, (n - 1) // 2, side="right"))
+    hi = int(np.searchsorted(c, n // 2, side="right"))
+    return {
+        "min": int(nz[0]),
+        "max": int(nz[-1]),
+        "mean": float((hist * np.arange(hist.size)).sum() / n),
+        "median": (lo + hi) / 2,
+    }
+
+
+def _source(path: str) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for b in iter(lambda: fh.read(8 << 20), b""):
+            h.update(b)
+    return {"path": path, "sha256": h.hexdigest(), "bytes": os.path.getsize(path)}
+
+
+__all__ = [
+    "FastaFormatError", "IngestError", "PAPER_OOD_FAMILIES", "SimulatedInterruption", "ingest", "load_ood_accessions", "merge",
+    "parse_header", "plan_units", "resolve_config", "split_codes",
+]  # fmt: skip

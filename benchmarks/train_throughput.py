@@ -1,0 +1,204 @@
+"""Training throughput: Performer (FAVOR+ softmax, FAVOR+ ReLU) vs the exact Transformer, one run.
+
+A training step is what ``ProteinLM.training_step`` does on a BID batch: forward, masked-LM
+cross-entropy, backward, gradient clipping at 0.5 and an AdamW step. Model: 4 layers, d 256,
+4 heads of 64, d_ff 512, m 256 random features (the same shape for all three attentions).
+Batches hold ``tokens_per_step`` tokens of full-length real protein crops (no padding; the
+key-padding mask is passed, all False, as the DataModule does). The three models are timed in
+turns (round robin) so that a change in machine load hits all of them alike; the table reports
+the median step time and tokens/s, and each Performer's speed-up over the exact model.
+
+    python benchmarks/train_throughput.py [--lengths 1024 4096] [--steps 3] [--threads N] [--out benchmarks/results]
+
+Floor (issue 4): at L = 4096, Performer-ReLU >= 1.5x the exact model's tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protein_performer.data.collate import mask_tokens
+from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.model.performer import PerformerLM
+
+REPO = Path(__file__).resolve().parents[1]
+ATTENTIONS = {"exact": "Transformer (exact softmax)", "favor_softmax": "Performer-softmax", "favor_relu": "Performer-ReLU"}
+MODEL = dict(depth=4, dim=256, heads=4, dim_head=64, ff_dim=512, nb_features=256, dropout=0.1, causal=False)
+FLOOR = {"length": 4096, "attention": "favor_relu", "min_speedup": 1.5}
+
+
+def protein_stream(path: Path, n_tokens: int) -> np.ndarray:
+    """The first ``n_tokens`` residues of a FASTA(.gz), sequences concatenated (real composition)."""
+    tok = Tokenizer(unknown="X")
+    out, total, seq = [], 0, []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
+        for line in fh:
+            if line.startswith(">"):
+                if seq:
+                    ids = tok.encode("".join(seq))
+                    out.append(ids)
+                    total += ids.size
+                    seq = []
+                    if total >= n_tokens:
+                        break
+            else:
+                seq.append(line.strip())
+    return np.concatenate(out)[:n_tokens]
+
+
+def make_batch(stream: np.ndarray, batch: int, length: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    rows, targets = [], []
+    for b in range(batch):
+        start = int(rng.integers(0, stream.size - length))
+        t, y = mask_tokens(stream[start : start + length], rng, 0.15)
+        rows.append(t)
+        targets.append(y)
+    return {
+        "tokens": torch.as_tensor(np.stack(rows)),
+        "targets": torch.as_tensor(np.stack(targets)),
+        "key_padding_mask": torch.zeros(batch, length, dtype=torch.bool),
+    }
+
+
+def train_step(model, optimizer, batch) -> float:
+    logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])["logits"]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1), ignore_index=-100)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    optimizer.step()
+    return float(loss)
+
+
+def machine() -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    except (OSError, subprocess.CalledProcessError):
+        name = platform.processor() or "?"
+    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--tokens-per-step", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per model and length (after 1 warm-up)")
+    ap.add_argument("--fasta", type=Path, default=REPO / "data" / "uniprot_sample.fasta.gz")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: PyTorch's, one per core); on a machine shared with "
+                         "other jobs 1 avoids threads stalling on each other at every operation")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()
+    stream = protein_stream(args.fasta, max(args.lengths) * 8)
+    rows = []
+    for length in args.lengths:
+        batch_size = max(1, args.tokens_per_step // length)
+        batch = make_batch(stream, batch_size, length, args.seed)
+        models, opts, times = {}, {}, {a: [] for a in ATTENTIONS}
+        for attention in ATTENTIONS:
+            torch.manual_seed(args.seed)
+            models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).train()
+            opts[attention] = torch.optim.AdamW(models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9,
+                                                weight_decay=0.1)
+            train_step(models[attention], opts[attention], batch)  # warm-up
+        for _ in range(args.steps):
+            for attention in ATTENTIONS:  # round robin
+                t0 = time.perf_counter()
+                train_step(models[attention], opts[attention], batch)
+                times[attention].append(time.perf_counter() - t0)
+        tokens = batch_size * length
+        exact_tps = tokens / statistics.median(times["exact"])
+        for attention, ts in times.items():
+            med = statistics.median(ts)
+            rows.append({"length": length, "batch": batch_size, "attention": attention, "model": ATTENTIONS[attention],
+                         "step_s_median": med, "step_s_all": ts, "tokens_per_s": tokens / med,
+                         "speedup_vs_exact": tokens / med / exact_tps})
+            print(f"L={length:5d} b={batch_size} {ATTENTIONS[attention]:28s} step {med:7.3f} s  "
+                  f"{tokens / med:9.0f} tok/s  x{tokens / med / exact_tps:.2f}", flush=True)
+        # the attention kernels alone, forward + backward on this batch's shape: the share of a step
+        # that the choice of attention can change
+        g = torch.Generator().manual_seed(args.seed)
+        qkv = [torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g).requires_grad_()
+               for _ in range(3)]
+        kernel_times = {a: [] for a in ATTENTIONS}
+        kernels = {a: models[a].blocks[0].attn.kernel for a in ATTENTIONS}
+        for rep in range(args.steps + 1):
+            for attention, kernel in kernels.items():
+                t0 = time.perf_counter()
+                kernel(*qkv, key_padding_mask=batch["key_padding_mask"]).sum().backward()
+                if rep:
+                    kernel_times[attention].append(time.perf_counter() - t0)
+        for r in rows[-len(ATTENTIONS):]:
+            r["attention_kernel_s_per_layer"] = statistics.median(kernel_times[r["attention"]])
+            r["attention_share_of_step"] = MODEL["depth"] * r["attention_kernel_s_per_layer"] / r["step_s_median"]
+        del models, opts
+
+    load_after = os.getloadavg()
+    floor_row = next(r for r in rows if r["length"] == FLOOR["length"] and r["attention"] == FLOOR["attention"]) \
+        if FLOOR["length"] in args.lengths else None
+    passed = None if floor_row is None else floor_row["speedup_vs_exact"] >= FLOOR["min_speedup"]
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute()
+                                    and REPO in Path(sys.argv[0]).parents else sys.argv[0], *sys.argv[1:]])
+    result = {
+        "benchmark": "train_throughput", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
+        "model": MODEL, "objective": "bid", "tokens_per_step": args.tokens_per_step, "timed_steps": args.steps,
+        "data": str(args.fasta.relative_to(REPO)) if REPO in args.fasta.parents else str(args.fasta),
+        "rows": rows, "floor": FLOOR, "floor_passed": passed,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_throughput.json").write_text(json.dumps(result, indent=2))
+    m = result["machine"]
+    loaded = max(load_before[0], load_after[0]) > 0.5 * (m["cores"] or 1)
+    lines = [
+        "# Training throughput: Performer vs exact Transformer (BID, 4 layers, d 256, 4 heads, d_ff 512, m 256)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); {result['date']}  ",
+        f"Load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}"
+        + ("  (**loaded machine**: other jobs ran at the same time; the ratios, measured round robin, "
+           "are more reliable than the absolute numbers)" if loaded else ""),
+        "",
+        f"A step = forward + loss + backward + clip + AdamW on {args.tokens_per_step} tokens of real protein crops; "
+        f"median of {args.steps} steps after one warm-up.",
+        "",
+        "| L | batch | model | step (s) | tokens/s | vs exact | attention kernel fwd+bwd per layer (s) | attention share of step |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['length']} | {r['batch']} | {r['model']} | {r['step_s_median']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['speedup_vs_exact']:.2f}x | {r['attention_kernel_s_per_layer']:.3f} | "
+                     f"{100 * r['attention_share_of_step']:.0f}% |")
+    if floor_row is not None:
+        lines += ["", f"Floor: at L = {FLOOR['length']} Performer-ReLU >= {FLOOR['min_speedup']}x the exact model's "
+                  f"tokens/s: {floor_row['speedup_vs_exact']:.2f}x, **{'passed' if passed else 'FAILED'}**."]
+    (args.out / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if passed in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""PerformerLM: a pre-LN Transformer language model whose attention is FAVOR+ or exact softmax.
+
+    tokens (b, l) -> token embedding (+ learned positions) -> depth x Block -> LayerNorm -> LM head
+
+    Block(x) = x + Dropout(Attn(LN(x)))           Attn: FAVOR+ softmax / FAVOR+ ReLU / exact softmax
+             x + Dropout(FF(LN(x)))               FF: Linear(dim, ff_dim) -> GELU -> Dropout -> Linear
+
+Every attention kind has the same parameters (``to_q``, ``to_k``, ``to_v``, ``to_out`` per layer);
+the kernels (``attn.kernel``) hold buffers only (FAVOR+'s random projection), so the weights of an
+exact-attention model load into a FAVOR+ model of the same shape: the paper's backward-compatibility
+experiment (see :meth:`PerformerLM.load_backbone`).
+
+``forward(tokens, key_padding_mask=None, return_attention=False)`` returns
+``dict(logits=(b, l, vocab), attentions=[per layer (b, h, l, l)])``; the maps come from each
+kernel's ``attention_matrix`` on the same queries and keys as the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from protein_performer.model.attention import SoftmaxAttention
+from protein_performer.model.favor import FavorAttention
+
+log = logging.getLogger(__name__)
+
+ATTENTION_KINDS = ("favor_softmax", "favor_relu", "exact")
+POSITION_KINDS = ("learned", "rotary")
+
+
+@dataclass
+class PerformerConfig:
+    """The constructor arguments of :class:`PerformerLM` (defaults: the paper's 36-layer model)."""
+
+    vocab_size: int = 29
+    max_len: int = 1024
+    dim: int = 512
+    depth: int = 36
+    heads: int = 8
+    dim_head: int = 64
+    ff_dim: int = 1024
+    dropout: float = 0.1
+    attention: str = "favor_softmax"
+    causal: bool = False
+    nb_features: int = 256
+    positions: str = "learned"
+    tie_embeddings: bool = True
+    checkpointing: bool = False
+    favor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def make_kernel(
+    attention: str, dim_head: int, causal: bool, nb_features: int, favor_kwargs: dict | None, layer: int = 0
+) -> nn.Module:
+    """The attention kernel of one layer: ``FavorAttention`` or ``SoftmaxAttention``.
+
+    FAVOR+ layers draw their first features from ``favor_kwargs["seed"] + layer`` (different in
+    every layer); training then redraws them (``training.callbacks.FeatureRedraw``).
+    """
+    if attention == "exact":
+        return SoftmaxAttention(causal=causal)
+    if attention in ("favor_softmax", "favor_relu"):
+        kw = dict(favor_kwargs or {})
+        kw["seed"] = int(kw.get("seed", 0)) + layer
+        kw.setdefault("kernel", "softmax" if attention == "favor_softmax" else "relu")
+        return FavorAttention(dim_head, nb_features=nb_features, causal=causal, **kw)
+    raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+
+
+# ------------------------------------------------------------------------------------- rotary
+def rotary_tables(length: int, dim_head: int, device, dtype, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles ``theta_{p,i} = p * base^(-2i/d)``, each (l, d/2)."""
+    inv_freq = base ** (-torch.arange(0, dim_head, 2, device=device, dtype=torch.float32) / dim_head)
+    angles = torch.einsum("l,f->lf", torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair ``(x_{2i}, x_{2i+1})`` of ``x: (b, h, l, d)`` by the angle of its position."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+# ------------------------------------------------------------------------------------- blocks
+class MultiHeadAttention(nn.Module):
+    """Projections around one attention kernel; the kernel works on (b, h, l, d)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, kernel: nn.Module, rotary: bool):
+        super().__init__()
+        self.heads, self.dim_head, self.rotary = heads, dim_head, rotary
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.Linear(inner, dim)
+        self.kernel = kernel
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, _ = x.shape  # (b, l, h*d) -> (b, h, l, d)
+        return x.view(b, l, self.heads, self.dim_head).transpose(1, 2)
+
+    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: (b, h, l, d), rotated when the positions are rotary."""
+        q, k = self._split(self.to_q(x)), self._split(self.to_k(x))
+        if self.rotary:
+            cos, sin = rotary_tables(x.shape[1], self.dim_head, x.device, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k = self.queries_keys(x)
+        v = self._split(self.to_v(x))
+        out = self.kernel(q, k, v, key_padding_mask=key_padding_mask)  # (b, h, l, d)
+        b, h, l, d = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, l, h * d))
+
+    @torch.no_grad()
+    def attention_matrix(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k = self.queries_keys(x)
+        return self.kernel.attention_matrix(q, k, key_padding_mask=key_padding_mask)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ff_dim)
+        self.fc2 = nn.Linear(ff_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: ``x + drop(attn(ln1(x)))``, then ``x + drop(ff(ln2(x)))``."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_dim: int, dropout: float, kernel: nn.Module, rotary: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, dim_head, kernel, rotary)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, ff_dim, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), key_padding_mask))
+        return x + self.dropout(self.ff(self.ln2(x)))
+
+
+# ------------------------------------------------------------------------------------- model
+class PerformerLM(nn.Module):
+    """Protein language model; UNI when ``causal=True``, BID (masked LM) otherwise.
+
+    Args mirror :class:`PerformerConfig`. ``favor_kwargs`` go to every ``FavorAttention``
+    (e.g. ``orthogonal``, ``eps``); ``checkpointing`` recomputes each block in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant) to trade compute for activation memory.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 29,
+        max_len: int = 1024,
+        dim: int = 512,
+        depth: int = 36,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_dim: int = 1024,
+        dropout: float = 0.1,
+        attention: str = "favor_softmax",
+        causal: bool = False,
+        nb_features: int = 256,
+        positions: str = "learned",
+        tie_embeddings: bool = True,
+        checkpointing: bool = False,
+        favor_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if positions not in POSITION_KINDS:
+            raise ValueError(f"positions must be one of {POSITION_KINDS}, got {positions!r}")
+        if positions == "rotary" and dim_head % 2:
+            raise ValueError(f"rotary positions need an even dim_head, got {dim_head}")
+        self.config = PerformerConfig(
+            vocab_size=vocab_size, max_len=max_len, dim=dim, depth=depth, heads=heads, dim_head=dim_head,
+            ff_dim=ff_dim, dropout=dropout, attention=attention, causal=bool(causal), nb_features=nb_features,
+            positions=positions, tie_embeddings=tie_embeddings, checkpointing=checkpointing,
+            favor_kwargs=dict(favor_kwargs or {}),
+        )
+        self.checkpointing = checkpointing
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Embedding(max_len, dim) if positions == "learned" else None
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, dim_head, ff_dim, dropout,
+                  make_kernel(attention, dim_head, causal, nb_features, favor_kwargs, i), positions == "rotary")
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size)
+        self.apply(self._init_weights)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_emb.weight
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------- forward
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, l = tokens.shape
+        if self.pos_emb is not None and l > self.config.max_len:
+            raise ValueError(f"sequence length {l} > max_len {self.config.max_len} of the learned positions")
+        x = self.token_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(l, device=tokens.device))
+        return self.emb_dropout(x)
+
+    def forward(
+        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, return_attention: bool = False
+    ) -> dict[str, Any]:
+        """tokens: (b, l) long; key_padding_mask: (b, l) bool, True = padding.
+
+        Returns ``dict(logits=(b, l, vocab))`` plus ``attentions`` (a list of (b, h, l, l), one per
+        layer) when ``return_attention``.
+        """
+        x = self.embed(tokens)
+        attentions = []
+        for block in self.blocks:
+            if return_attention:
+                attentions.append(block.attn.attention_matrix(block.ln1(x), key_padding_mask))
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+            else:
+                x = block(x, key_padding_mask)
+        out: dict[str, Any] = {"logits": self.lm_head(self.norm(x))}
+        if return_attention:
+            out["attentions"] = attentions
+        return out
+
+    # ---------------------------------------------------------------- random features
+    def attention_kernels(self) -> Iterator[tuple[int, nn.Module]]:
+        for i, block in enumerate(self.blocks):
+            yield i, block.attn.kernel
+
+    def redraw_features(self, seed_fn: Callable[[int], int]) -> None:
+        """Redraw every layer's random features: layer ``i`` from ``seed_fn(i)`` (no-op for exact)."""
+        for i, kernel in self.attention_kernels():
+            kernel.redraw(int(seed_fn(i)))
+
+    def feature_buffer_names(self) -> set[str]:
+        """State-dict keys that belong to the attention kernels (random features, not weights)."""
+        return {f"blocks.{i}.attn.kernel.{n}" for i, k in self.attention_kernels() for n, _ in k.named_buffers()}
+
+    # ---------------------------------------------------------------- weights
+    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Load the weights of a model of the same shape but maybe another attention kind.
+
+        Every parameter must match; only the kernels' random-feature buffers may be missing
+        (exact -> FAVOR+: this model keeps its own features) or unexpected (FAVOR+ -> exact).
+        Returns the missing and unexpected feature-buffer keys.
+        """
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        result = self.load_state_dict(state_dict, strict=False)
+        kernel_keys = lambda k: ".attn.kernel." in k  # noqa: E731
+        bad_missing = [k for k in result.missing_keys if not kernel_keys(k)]
+        bad_unexpected = [k for k in result.unexpected_keys if not kernel_keys(k)]
+        if bad_missing or bad_unexpected:
+            raise RuntimeError(
+                f"weights do not fit this PerformerLM: missing {bad_missing[:5]} unexpected {bad_unexpected[:5]} "
+                f"(only attention-kernel buffers may differ)"
+            )
+        log.info("loaded backbone weights; %d kernel buffers kept, %d ignored",
+                 len(result.missing_keys), len(result.unexpected_keys))
+        return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            n -= self.token_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def summary(self) -> dict[str, Any]:
+        """Parameter counts and the configuration, for the logger."""
+        return {
+            "params_total": self.num_parameters(),
+            "params_non_embedding": self.num_parameters(exclude_embeddings=True),
+            "params_per_block": sum(p.numel() for p in self.blocks[0].parameters()) if len(self.blocks) else 0,
+            **{f"config/{k}": v for k, v in asdict(self.config).items() if k != "favor_kwargs"},
+        }

@@ -1,0 +1,184 @@
+"""``train(cfg) -> metrics``: build everything from the Hydra config, fit, evaluate, write metrics.json.
+
+Config contract (``conf/train.yaml``): ``data``, ``model``, ``module``, ``trainer`` are ``_target_``
+nodes; ``callbacks`` a dict of ``_target_`` nodes (null entries skipped); ``logger`` one
+``_target_`` node or null; ``run_dir`` the output folder; ``ckpt_path`` null, a path, or ``last``
+(``<run_dir>/checkpoints/last.ckpt``; a fresh start when there is none).
+
+Exact resume: the weights, optimizer, scheduler and step come from Lightning's checkpoint; the
+random features are buffers of the model's state dict; dropout is seeded per step
+(``module.ProteinLM``); the training loader is wrapped by ``resume.ResumableLoader``, so a run
+resumed in the middle of an epoch continues with the next batch of the same order.
+
+Composing the config without ``@hydra.main`` (Hydra's compose API, notebooks, ``make demo``):
+pass ``run_dir=<folder>``, since ``${hydra:runtime.output_dir}`` exists only under ``hydra.main``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from protein_performer.training.resume import make_resumable
+from protein_performer.training.utils import is_causal, register_resolvers
+
+log = logging.getLogger(__name__)
+
+register_resolvers()
+
+
+def _to_float(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return float(v) if v.numel() == 1 else v.tolist()
+    return v
+
+
+def _wandb_run_id(run_dir: Path) -> str | None:
+    """A W&B run id kept in the run folder, so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_run_id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    return None
+
+
+def new_run_id() -> str:
+    """8 random lowercase letters and digits (the form of W&B run ids)."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    node = cfg.get("logger")
+    if not node:
+        return False
+    node = OmegaConf.to_container(node, resolve=True)
+    if "WandbLogger" in str(node.get("_target_", "")):
+        (run_dir / node.get("save_dir", str(run_dir))).mkdir(parents=True, exist_ok=True)
+        run_id = node.get("id") or _wandb_run_id(run_dir) or new_run_id()
+        node["id"] = run_id
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            (run_dir / "wandb_run_id.txt").write_text(run_id)
+    return instantiate(node)
+
+
+def log_run_info(logger, cfg: DictConfig, model: torch.nn.Module) -> None:
+    """The resolved config and the model summary (parameter counts) into the logger."""
+    if not logger:
+        return
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    summary = model.summary() if hasattr(model, "summary") else {"params_total": sum(p.numel() for p in model.parameters())}
+    hparams["model_summary"] = summary
+    logger.log_hyperparams(hparams)
+    experiment = getattr(logger, "experiment", None)
+    summary_obj = getattr(experiment, "summary", None)
+    if summary_obj is not None and hasattr(summary_obj, "update"):
+        try:
+            summary_obj.update({f"model/{k}": v for k, v in summary.items()})
+        except Exception as e:  # a disabled / dummy W&B run has no writable summary
+            log.warning("could not write the model summary to W&B: %s", e)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last`` -> ``<run_dir>/checkpoints/last.ckpt`` when it exists (else a fresh start)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        path = run_dir / "checkpoints" / "last.ckpt"
+        if path.exists():
+            return str(path)
+        log.warning("ckpt_path=last but %s does not exist: starting from scratch", path)
+        return None
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return str(ckpt_path)
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """The data objective and the model's attention direction must agree (UNI <=> causal)."""
+    objective = cfg.get("objective")
+    data_obj = cfg.data.get("objective", objective)
+    causal = cfg.model.get("causal")
+    if objective is not None and data_obj != objective:
+        raise ValueError(f"data.objective={data_obj!r} but objective={objective!r}; set only objective=")
+    if causal is not None and bool(causal) != is_causal(data_obj):
+        raise ValueError(f"model.causal={causal} does not fit objective {data_obj!r} (uni needs causal=true)")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and evaluate one run; returns the final metrics (also written to ``<run_dir>/metrics.json``).
+
+    ``num_threads`` (optional) sets PyTorch's intra-op threads for the run and restores them after:
+    on a CPU shared with other jobs, 2 threads that wait on each other at every operation can be
+    several times slower than 1.
+    """
+    threads = cfg.get("num_threads")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
+    check_objective(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+    # _convert_="all": plain lists and dicts, never OmegaConf containers, go into checkpoints
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    module = instantiate(cfg.module, model=model, _convert_="all")
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
+    logger = build_logger(cfg, run_dir)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all")
+    make_resumable(datamodule, trainer)  # ckpt_path resumes mid-epoch at the next batch
+    log_run_info(logger, cfg, model)
+    log.info("model: %s parameters", f"{model.num_parameters():,}" if hasattr(model, "num_parameters") else "?")
+
+    metrics: dict[str, float] = {}
+    if cfg.get("fit", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+        metrics.update({k: _to_float(v) for k, v in trainer.callback_metrics.items()})
+        metrics["global_step"] = trainer.global_step
+    if cfg.get("validate", True):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if cfg.get("test", True):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics.update({k: _to_float(v) for k, v in module.eval_results.items()})
+    for cb in callbacks:
+        for k, v in getattr(cb, "last", {}).items():
+            metrics.setdefault(k, v)
+    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))} | {
+        k: None for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)
+    }
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if logger and hasattr(logger, "log_metrics"):
+            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                               step=trainer.global_step)
+        log.info("metrics written to %s", run_dir / "metrics.json")
+    if logger and hasattr(logger, "finalize"):
+        logger.finalize("success")
+    if logger and "Wandb" in type(logger).__name__:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    return metrics

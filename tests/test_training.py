@@ -1,0 +1,269 @@
+"""Training: losses and exact metric aggregation, unigram baseline, schedules, fast_dev_run,
+exact resume from last.ckpt, W&B offline run directory, feature redraw during training."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from protein_performer.data.ingest import ingest
+from protein_performer.training.callbacks import feature_seed
+from protein_performer.training.module import ProteinLM, lr_lambda, unigram_baseline
+from protein_performer.training.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# a demo-size model made tinier, and short runs: every test below trains on 2 CPU cores in seconds
+TINY = [
+    "model.depth=2", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
+    "model.nb_features=16", "data.batch_size=8", "data.max_length=64", "data.num_workers=0",
+    "data.pin_memory=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1", "num_threads=1",  # tiny ops: one thread, no waiting on a busy core
+]
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory, repo_root) -> Path:
+    """The embedded Swiss-Prot sample ingested for real: train / valid / test + OOD (RRM_1, globins4)."""
+    out = tmp_path_factory.mktemp("shards")
+    ingest(
+        input=str(repo_root / "data" / "swissprot_sample.fasta.gz"),
+        output_dir=str(out),
+        annotations=str(repo_root / "data" / "swissprot_sample.pfam_hits.tsv"),
+        ood_families=["RRM_1", "globins4"],
+        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
+        workers=1,
+        progress=False,
+    )
+    return out
+
+
+def make_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_cfg(shard_root: Path, run_dir: Path, *extra: str):
+    return make_cfg(["experiment=demo", f"data.root={shard_root}", f"run_dir={run_dir}", *TINY, *extra])
+
+
+# ---------------------------------------------------------------------------------- pure functions
+def test_unigram_baseline_numbers():
+    freq = torch.zeros(29, dtype=torch.float64)
+    freq[4], freq[5], freq[6] = 0.5, 0.3, 0.2  # A C D
+    hist = torch.zeros(29, dtype=torch.float64)
+    hist[4], hist[5], hist[7] = 6, 3, 1  # a target E never seen in training
+    out = unigram_baseline(freq, hist, "bid")
+    assert out["unigram_acc"] == pytest.approx(0.6)  # always predict A
+    p = torch.full((29,), 1e-6, dtype=torch.float64)
+    p[4], p[5], p[6] = 0.5, 0.3, 0.2
+    p[:4] = 0
+    p = p / p.sum()
+    ce = -(6 * math.log(p[4]) + 3 * math.log(p[5]) + 1 * math.log(p[7])) / 10
+    assert out["unigram_ppl"] == pytest.approx(math.exp(ce), rel=1e-9)
+    # UNI: eos is a target too
+    freq[2] = 0.1
+    hist[2] = 2
+    assert unigram_baseline(freq, hist, "uni")["unigram_acc"] == pytest.approx(6 / 12)
+    with pytest.raises(ValueError, match="outside"):
+        unigram_baseline(freq, hist, "bid")  # eos cannot be a BID target
+
+
+def test_lr_schedules():
+    assert [lr_lambda(s, 4, "constant", None, 0.0) for s in (0, 3, 4, 100)] == [0.25, 1.0, 1.0, 1.0]
+    assert lr_lambda(4, 4, "linear", 14, 0.0) == 1.0
+    assert lr_lambda(9, 4, "linear", 14, 0.0) == pytest.approx(0.5)
+    assert lr_lambda(14, 4, "linear", 14, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 4, "cosine", 14, 0.0) == pytest.approx(0.5)
+    assert lr_lambda(50, 4, "cosine", 14, 0.2) == pytest.approx(0.2)
+
+
+def test_objective_must_match_causality():
+    from protein_performer.model.performer import PerformerLM
+
+    model = PerformerLM(depth=1, dim=16, heads=2, dim_head=8, ff_dim=16, nb_features=8, causal=False)
+    with pytest.raises(ValueError, match="causal"):
+        ProteinLM(model, objective="uni")
+    with pytest.raises(ValueError, match="objective"):
+        make_cfg(["objective=mlm"]).model.causal  # noqa: B018  (the resolver rejects it)
+
+
+# ---------------------------------------------------------------------------------- training runs
+def _wandb_records(path: Path):
+    """Records of a W&B transaction log (``run-<id>.wandb``): LevelDB-log framing of protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        if pos + 7 + length > len(data):
+            return  # a record still being written
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fast_dev_run(shard_root, tmp_path, precision):
+    cfg = run_cfg(shard_root, tmp_path, "debug=fast_dev_run", f"trainer.precision={precision}")
+    metrics = train(cfg)
+    assert metrics["global_step"] == 1
+    for split in ("valid", "ood", "test"):
+        assert 0.0 <= metrics[f"{split}/acc"] <= 1.0 and metrics[f"{split}/ppl"] > 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["valid/acc"] == metrics["valid/acc"]
+
+
+def test_eval_metrics_are_token_weighted_and_match_a_direct_computation(shard_root, tmp_path):
+    """valid/acc and valid/ppl equal sum(correct)/sum(n) and exp(sum(NLL)/sum(n)) over every
+    valid batch, computed here directly; the unigram baseline equals its definition."""
+    cfg = run_cfg(shard_root, tmp_path, "trainer.max_steps=3", "fit=true", "test=false", "~logger",
+                  "data.eval_batch_size=5")
+    metrics = train(cfg)
+    module = ProteinLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    module.eval()  # rebuilt from the checkpoint alone: the model config travels in its hyper-parameters
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.setup("validate")
+    nll = correct = n = 0.0
+    hist = torch.zeros(29, dtype=torch.float64)
+    batch_sizes = set()
+    with torch.no_grad():
+        for batch in dm.val_dataloader()[0]:
+            logits = module.model(batch["tokens"], batch["key_padding_mask"])["logits"]
+            keep = batch["targets"] != -100
+            batch_sizes.add(int(keep.sum()))
+            nll += float(F.cross_entropy(logits[keep], batch["targets"][keep], reduction="sum"))
+            correct += float((logits[keep].argmax(-1) == batch["targets"][keep]).sum())
+            n += float(keep.sum())
+            hist += torch.bincount(batch["targets"][keep], minlength=29).double()
+    assert len(batch_sizes) > 1  # batches of different target counts: a mean of means would differ
+    assert metrics["valid/targets"] == n
+    assert metrics["valid/acc"] == pytest.approx(correct / n, rel=1e-9)
+    assert metrics["valid/ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    freq = torch.as_tensor(dm.residue_frequencies("train"))
+    assert metrics["valid/unigram_acc"] == pytest.approx(float(hist[int(freq.argmax())] / n))
+    assert 0.05 < metrics["valid/unigram_acc"] < 0.15  # leucine, about 10% of residues
+    assert 15.0 < metrics["valid/unigram_ppl"] < 20.0  # the paper's test unigram: 17.80
+
+
+def test_time_limited_training_stops_evaluates_and_checkpoints(shard_root, tmp_path):
+    cfg = run_cfg(shard_root, tmp_path, "trainer.max_time=00:00:00:03", "trainer.max_steps=1000000",
+                  "trainer.limit_val_batches=1", "trainer.val_check_interval=1000000", "test=false", "~logger")
+    metrics = train(cfg)
+    assert 0 < metrics["global_step"] < 1000000
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == metrics["global_step"]
+    assert "valid/acc" in metrics  # validate after fit
+
+
+def _final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_resume_from_last_is_exact(shard_root, tmp_path, where):
+    """8 steps in one go == 4 steps, then ckpt_path=last for 4 more: same data order (also from the
+    middle of an epoch), dropout, random features (redrawn every 3 steps) and optimizer state, so
+    the same weights and loss."""
+    audit = "+callbacks.audit._target_=protein_performer.training.callbacks.DataAudit"
+    common = ["trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+              "model.dropout=0.1", "callbacks.redraw.redraw_interval=3", "callbacks.checkpoint.every_n_train_steps=4",
+              "validate=false", "test=false", "logger=csv", audit]
+    if where == "epoch_end":
+        common.append("trainer.limit_train_batches=4")  # an epoch of 4 batches: resume at an epoch boundary
+    full = train(run_cfg(shard_root, tmp_path / "full", "trainer.max_steps=8", *common,
+                         f"+callbacks.audit.output_dir={tmp_path / 'full_audit'}"))
+    train(run_cfg(shard_root, tmp_path / "half", "trainer.max_steps=4", *common,
+                  f"+callbacks.audit.output_dir={tmp_path / 'half_audit'}"))
+    assert (tmp_path / "half" / "checkpoints" / "last.ckpt").exists()
+    resumed = train(run_cfg(shard_root, tmp_path / "half", "trainer.max_steps=8", "ckpt_path=last", *common,
+                            f"+callbacks.audit.output_dir={tmp_path / 'resumed_audit'}"))
+    # the data: the resumed run trains on exactly the batches the uninterrupted run saw at steps 4..7
+    steps = lambda d: [(s["step"], s["epoch"], s["index"]) for s in  # noqa: E731
+                       json.loads((tmp_path / d / "rank0.json").read_text())["steps"]]
+    assert steps("half_audit") + steps("resumed_audit") == steps("full_audit")
+    assert [s[1] for s in steps("full_audit")] == ([0] * 4 + [1] * 4 if where == "epoch_end" else [0] * 8)
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "half")
+    assert a["global_step"] == b["global_step"] == 8
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for k in a["state_dict"]:
+        if k.endswith("kernel.projection"):  # last redraw at step 6, identical by construction
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k])
+    assert resumed["train/loss"] == pytest.approx(full["train/loss"], rel=1e-5)
+    assert resumed["valid/acc"] == pytest.approx(full["valid/acc"], rel=1e-6)
+    assert (tmp_path / "half" / "checkpoints" / "step0000004.ckpt").exists()  # it did stop at 4
+
+
+def test_wandb_offline_run_dir_and_redraw(shard_root, tmp_path, monkeypatch):
+    """The default logger writes an offline W&B run inside the run folder with the run's metrics,
+    the resolved config and the model summary; random features follow FeatureRedraw's seeds."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be the default, not the env
+    cfg = run_cfg(shard_root, tmp_path, "trainer.max_steps=5", "trainer.val_check_interval=5",
+                  "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.redraw.redraw_interval=2",
+                  "callbacks.throughput.window=2",
+                  "seed=11")
+    assert cfg.logger.offline is True
+    metrics = train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    logs = list(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 60  # the W&B service may still be flushing the log after finish()
+    while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(logs[0])):
+        assert time.monotonic() < deadline, f"{logs[0]} has no exit record"
+        time.sleep(0.5)
+    history, summary, config = set(), {}, set()
+    name = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  ("a/b" is stored nested)
+    for rec in _wandb_records(logs[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history |= {name(i) for i in rec.history.item}
+        elif kind == "summary":
+            summary.update({name(i): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "config":
+            config |= {name(i) for i in rec.config.update}
+    for key in ("train/loss", "train/grad_norm", "train/tokens_per_s", "train/sequences_per_s", "train/lr",
+                "valid/acc", "valid/ppl", "valid/unigram_acc", "ood/acc", "test/acc", "test/unigram_ppl"):
+        assert key in history, key
+    assert summary["test/acc"] == pytest.approx(metrics["test/acc"])
+    # throughput: non-padding tokens <= padded tokens = sequences x padded length (<= 64 here)
+    assert 0 < metrics["train/tokens_per_s"] <= metrics["train/padded_tokens_per_s"]
+    assert metrics["train/padded_tokens_per_s"] <= 64 * metrics["train/sequences_per_s"] * (1 + 1e-9)
+    assert summary["model/params_total"] == sum(
+        p.numel() for n, p in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].items()
+        if not n.endswith("projection") and n != "model.lm_head.weight"  # tied to the embedding
+    )
+    assert {"model", "data", "trainer", "model_summary", "objective"} <= config
+    assert (tmp_path / "wandb_run_id.txt").read_text() in runs[0].name
+    # features: last redraw at step 4 with seed 11
+    from protein_performer.model.performer import PerformerLM
+
+    state = _final_state(tmp_path)["state_dict"]
+    ref = PerformerLM(**_final_state(tmp_path)["hyper_parameters"]["model"])
+    ref.redraw_features(lambda i: feature_seed(11, 4, i))
+    for name, buf in ref.state_dict().items():
+        if name.endswith("projection"):
+            assert torch.equal(state["model." + name], buf), name

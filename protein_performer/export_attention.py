@@ -13,6 +13,10 @@ from protein_performer.analysis.export import run_export
 
 @hydra.main(config_path="conf", config_name="export_attention", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    if cfg.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
     include = cfg.include
     include = list(include) if OmegaConf.is_list(include) else [str(include)]
     model_config = cfg.model_config

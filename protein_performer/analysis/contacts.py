@@ -266,9 +266,18 @@ def best_head(proteins: Sequence[Protein], key: str) -> int:
 
 
 def fit_logistic(proteins: Sequence[Protein], key: str, C: float = 0.15, solver: str = "liblinear",
-                 seed: int = 0):
-    """L1 logistic regression on the resolved pairs of ``proteins`` (features of map set ``key``)."""
+                 seed: int = 0, standardize: bool = True):
+    """L1 logistic regression on the resolved pairs of ``proteins`` (features of map set ``key``).
+
+    ``standardize`` (default) scales every feature (map) to zero mean and unit variance on the
+    training pairs first. Without it, APC-corrected maps of a small model are ~1e-3 in size and
+    the L1 penalty at C = 0.15 drives every weight to zero, i.e. a constant predictor (ESM fitted
+    on raw maps of a 33-layer model, whose many heads carry enough mass to escape that).
+    Returns an estimator with ``predict_proba``; its coefficients are ``coefficients(model)``.
+    """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     xs, ys = [], []
     for p in proteins:
@@ -280,8 +289,15 @@ def fit_logistic(proteins: Sequence[Protein], key: str, C: float = 0.15, solver:
     if len(np.unique(y)) < 2:
         raise ValueError(f"training pairs of map set {key!r} hold a single class; need more proteins")
     model = LogisticRegression(C=C, solver=solver, max_iter=1000, random_state=seed, **_l1_kwargs())
+    if standardize:
+        model = make_pipeline(StandardScaler(), model)
     model.fit(x, y)
     return model
+
+
+def coefficients(model) -> np.ndarray:
+    """The logistic weights of a model from :func:`fit_logistic` (plain or standardized)."""
+    return model[-1].coef_ if hasattr(model, "steps") else model.coef_
 
 
 def folds_for(n: int, n_folds: int = 5, train_size: int | None = None,
@@ -302,7 +318,7 @@ def folds_for(n: int, n_folds: int = 5, train_size: int | None = None,
 
 
 def evaluate(proteins: Sequence[Protein], n_folds: int = 5, train_size: int | None = None,
-             C: float = 0.15, solver: str = "liblinear", seed: int = 0) -> dict:
+             C: float = 0.15, solver: str = "liblinear", seed: int = 0, standardize: bool = True) -> dict:
     """Cross-validated precision of every method on every protein; returns the report dict
     (``methods[m]["per_protein"][name][range][k]``, ``methods[m]["mean"][range][k]``) and, in
     ``predictions[m][name]``, the (L, L) predicted matrices."""
@@ -323,11 +339,11 @@ def evaluate(proteins: Sequence[Protein], n_folds: int = 5, train_size: int | No
         train = [proteins[t] for t in tr]
         info = {"fold": f, "train": [proteins[t].name for t in tr], "test": [proteins[t].name for t in te]}
         for k in keys:
-            model = fit_logistic(train, k, C, solver, seed)
+            model = fit_logistic(train, k, C, solver, seed, standardize)
             h = best_head(train, k)
             n_layers, n_heads = proteins[0].n_heads[k]
             info[f"{k}_best_head"] = {"layer": h // n_heads, "head": h % n_heads, "index": h}
-            info[f"{k}_nonzero_weights"] = int(np.count_nonzero(model.coef_))
+            info[f"{k}_nonzero_weights"] = int(np.count_nonzero(coefficients(model)))
             for t in te:
                 p = proteins[t]
                 for m, scores in ((k, model.predict_proba(p.features[k])[:, 1]),
@@ -373,14 +389,15 @@ def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Pat
                  baseline_maps: str | Path | None = None, chains: Sequence[str] | None = None,
                  min_residues: int = 30, threshold: float = 8.0, min_identity: float = 0.9,
                  max_mismatches: int = 3, n_folds: int = 5, train_size: int | None = None,
-                 C: float = 0.15, solver: str = "liblinear", seed: int = 0, n_plots: int = 4) -> dict:
+                 C: float = 0.15, solver: str = "liblinear", seed: int = 0, n_plots: int = 4,
+                 standardize: bool = True) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
     Returns the report (without the prediction matrices)."""
     all_chains, failures = load_structures(structures, min_residues=min_residues)
     proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity,
                                    max_mismatches)
     failures = failures + more
-    report = evaluate(proteins, n_folds, train_size, C, solver, seed)
+    report = evaluate(proteins, n_folds, train_size, C, solver, seed, standardize)
     preds = report.pop("predictions")
     report = {"maps": str(maps), "baseline_maps": str(baseline_maps) if baseline_maps else None,
               "structures": str(structures), "n_proteins": len(proteins),

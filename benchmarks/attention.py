@@ -1,0 +1,329 @@
+"""Attention benchmark: forward+backward time and peak memory, FAVOR+ vs exact SDPA (issue 3).
+
+Methods, all measured in the same run: exact softmax attention through
+``F.scaled_dot_product_attention`` (``SoftmaxAttention``), our FAVOR+ softmax and FAVOR+ ReLU
+(``FavorAttention``), and performer-pytorch's ``FastAttention`` when it is installed (the
+``bench`` extra). Batch 1, 8 heads, d 64, m 256, causal and bidirectional.
+
+One measurement = forward, then backward of a fixed random output gradient, w.r.t. q, k and v.
+Each (method, mode, length) runs in its own subprocess, so that peak memory is its own:
+- CPU: peak resident memory (``VmHWM``) minus the resident memory just before the first
+  forward+backward (inputs already allocated). glibc's malloc is told to mmap every allocation of
+  64 KiB or more (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set at once and
+  the high-water mark is that of live tensors (plus a few MiB of runtime state).
+- CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+Time: measured in the main process, all methods of one (mode, length) round-robin so that they
+share the machine's load: one warm-up each, then ``--reps`` rounds; the table reports the minimum
+(the least-disturbed run on a shared machine; the JSON also has the median). A run whose warm-up
+takes more than 10 s is timed once. CUDA runs are synchronized. A method whose time, projected
+from the previous length (x4 for quadratic, x2 for linear methods), exceeds ``--time-cap``
+seconds is skipped.
+
+    python benchmarks/attention.py                                  # CPU, fp32, 2 threads
+    python benchmarks/attention.py --device cuda --dtype bf16 --lengths 1024 4096 16384 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
+QUADRATIC = {"exact_sdpa"}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(method: str, causal: bool, dim_head: int, nb_features: int, chunk_size: int):
+    """The attention module and a call (q, k, v) -> out for one method."""
+    if method == "exact_sdpa":
+        from protein_performer.model.attention import SoftmaxAttention
+
+        module = SoftmaxAttention(causal=causal)
+    elif method in ("favor_softmax", "favor_relu"):
+        from protein_performer.model.favor import FavorAttention
+
+        kernel = "softmax" if method == "favor_softmax" else "relu"
+        module = FavorAttention(dim_head, nb_features, kernel=kernel, causal=causal, chunk_size=chunk_size, seed=0)
+    elif method == "performer_pytorch":
+        from performer_pytorch import FastAttention
+
+        module = FastAttention(dim_heads=dim_head, nb_features=nb_features, causal=causal)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return module
+
+
+def rss_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (resident high-water mark) of this process, from /proc.
+    VmHWM belongs to the process image, so unlike ru_maxrss it is not inherited across exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+class Case:
+    """One (method, mode, length): the module, fixed random q, k, v and output gradient."""
+
+    def __init__(self, cfg: dict):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(cfg["device"])
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
+        self.module = build(cfg["method"], cfg["causal"], cfg["dim_head"], cfg["nb_features"], cfg["chunk_size"]).to(self.device)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shape = (cfg["batch"], cfg["heads"], cfg["length"], cfg["dim_head"])
+        self.q, self.k, self.v, self.grad = (torch.randn(shape, generator=gen).to(self.device, dtype) for _ in range(4))
+        for t in (self.q, self.k, self.v):
+            t.requires_grad_(True)
+        self.cuda = self.device.type == "cuda"
+
+    def run(self) -> float:
+        """One forward + backward, in seconds."""
+        for t in (self.q, self.k, self.v):
+            t.grad = None
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.module(self.q, self.k, self.v).backward(self.grad)
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def worker(cfg: dict) -> dict:
+    """In a fresh process: peak memory of the first forward+backward, and its time."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    case = Case(cfg)
+    if case.cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        first = case.run()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = rss_bytes("VmRSS")
+        first = case.run()
+        peak = rss_bytes("VmHWM") - base
+    return {"first_time_s": first, "peak_mem_mb": peak / 2**20}
+
+
+def interleaved_times(cfgs: list[dict], reps: int) -> list[dict]:
+    """Times of the given cases measured round-robin in this process (so that all methods of one
+    length see the same load): one warm-up each, then ``reps`` rounds; the minimum is reported
+    (the least-disturbed run on a shared machine), the median too. Cases whose warm-up takes over
+    10 s are timed once."""
+    import torch
+
+    torch.set_num_threads(cfgs[0]["threads"])
+    cases = [Case(cfg) for cfg in cfgs]
+    times = [[case.run()] for case in cases]  # warm-up
+    for _ in range(reps):
+        for case, ts in zip(cases, times):
+            if ts[0] < 10.0:
+                ts.append(case.run())
+    out = []
+    for ts in times:
+        runs = ts[1:] if len(ts) > 1 else ts
+        out.append({"time_s": min(runs), "median_time_s": statistics.median(runs), "runs": len(runs)})
+    del cases
+    return out
+
+
+def measure(cfg: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(cfg["threads"]))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def performer_pytorch_available() -> bool:
+    try:
+        import performer_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return name
+
+
+def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
+    """The floors of issue 3 (CPU, fp32); each is PASS, FAIL or n/a (a number is missing)."""
+    def t(method, mode, length, key="time_s"):
+        for r in rows:
+            if r["method"] == method and r["mode"] == mode and r["length"] == length and key in r:
+                return r[key]
+        return None
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    def scale(mode):
+        return next((x["ratio"] for x in scaling if x["mode"] == mode and x["lengths"] == [8192, 16384]), None)
+
+    floors = [
+        ("L=8192 causal: favor_softmax / exact_sdpa time", ratio(t("favor_softmax", "causal", 8192), t("exact_sdpa", "causal", 8192)), 0.4),
+        ("L=8192 bidirectional: favor_softmax / exact_sdpa time", ratio(t("favor_softmax", "bidirectional", 8192), t("exact_sdpa", "bidirectional", 8192)), 0.2),
+        ("L=4096 causal: favor_softmax / performer_pytorch time", ratio(t("favor_softmax", "causal", 4096), t("performer_pytorch", "causal", 4096)), 0.1),
+        ("causal favor_softmax: time(16384) / time(8192), timed round-robin", scale("causal"), 2.3),
+        ("bidirectional favor_softmax: time(16384) / time(8192), timed round-robin", scale("bidirectional"), 2.3),
+        ("L=16384 favor_softmax: causal / bidirectional peak memory", ratio(t("favor_softmax", "causal", 16384, "peak_mem_mb"), t("favor_softmax", "bidirectional", 16384, "peak_mem_mb")), 2.0),
+    ]
+    return [
+        {"floor": name, "value": value, "limit": limit, "verdict": "n/a" if value is None else ("PASS" if value <= limit else "FAIL")}
+        for name, value, limit in floors
+    ]
+
+
+def markdown(rows: list[dict], floors: list[dict], args) -> str:
+    lengths = sorted({r["length"] for r in rows})
+    lines = []
+    for mode in ("causal", "bidirectional"):
+        lines += [f"**{mode}**: forward+backward time in seconds (peak memory MiB); ratio = time / exact_sdpa time", ""]
+        lines.append("| method | " + " | ".join(f"L={n}" for n in lengths) + " |")
+        lines.append("|---" * (len(lengths) + 1) + "|")
+        for method in args.methods:
+            cells = []
+            for n in lengths:
+                r = next((r for r in rows if r["method"] == method and r["mode"] == mode and r["length"] == n), None)
+                if r is None or "time_s" not in r:
+                    cells.append(r.get("skipped", r.get("error", "-")) if r else "-")
+                    continue
+                base = next((x for x in rows if x["method"] == "exact_sdpa" and x["mode"] == mode and x["length"] == n and "time_s" in x), None)
+                rel = f", {r['time_s'] / base['time_s']:.2f}x" if base and method != "exact_sdpa" else ""
+                cells.append(f"{r['time_s']:.3f} s ({r['peak_mem_mb']:.0f} MiB{rel})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if args.device == "cpu" and args.dtype == "fp32":
+        lines += ["| floor (issue 3) | value | limit | verdict |", "|---|---|---|---|"]
+        for f in floors:
+            value = "-" if f["value"] is None else f"{f['value']:.3f}"
+            lines.append(f"| {f['floor']} | {value} | <= {f['limit']} | {f['verdict']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--modes", nargs="+", default=["causal", "bidirectional"], choices=["causal", "bidirectional"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim-head", type=int, default=64)
+    parser.add_argument("--nb-features", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=128, help="causal chunk C of FAVOR+")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--time-cap", type=float, default=45.0, help="skip a run projected to take longer (s)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    if "performer_pytorch" in args.methods and not performer_pytorch_available():
+        print("performer-pytorch is not installed (pip install -e '.[bench]'): skipping it")
+        args.methods = [m for m in args.methods if m != "performer_pytorch"]
+
+    cfg_base = {
+        "method": "favor_softmax", "device": args.device, "dtype": args.dtype, "threads": args.threads,
+        "batch": args.batch, "heads": args.heads, "dim_head": args.dim_head, "nb_features": args.nb_features,
+        "chunk_size": args.chunk_size,
+    }
+    rows: list[dict] = []
+    for mode in args.modes:
+        last = {method: None for method in args.methods}  # (time, length) of the previous length
+        for length in sorted(args.lengths):
+            measured = []
+            for method in args.methods:
+                row = {"method": method, "mode": mode, "length": length}
+                rows.append(row)
+                if last[method] is not None:
+                    previous, previous_length = last[method]
+                    projected = previous * (length / previous_length) ** (2 if method in QUADRATIC else 1)
+                    if projected > args.time_cap:
+                        row["skipped"] = f"skipped (> {args.time_cap:.0f} s)"
+                        last[method] = (float("inf"), length)
+                        continue
+                cfg = {
+                    "method": method, "causal": mode == "causal", "length": length, "device": args.device,
+                    "dtype": args.dtype, "threads": args.threads, "batch": args.batch, "heads": args.heads,
+                    "dim_head": args.dim_head, "nb_features": args.nb_features, "chunk_size": args.chunk_size,
+                }
+                row.update(measure(cfg))
+                if "error" in row:
+                    last[method] = (float("inf"), length)
+                else:
+                    measured.append((row, cfg))
+            if measured:
+                for (row, _), timing in zip(measured, interleaved_times([cfg for _, cfg in measured], args.reps)):
+                    row.update(timing)
+                    last[row["method"]] = (row["time_s"], length)
+            for row in rows[-len(args.methods):]:
+                status = row.get("skipped") or row.get("error") or f"{row['time_s']:8.3f} s  {row['peak_mem_mb']:8.1f} MiB"
+                print(f"{mode:13s} {row['method']:17s} L={length:6d}  {status}", flush=True)
+
+    # Linear scaling: the two largest lengths timed round-robin in one process, so that the ratio
+    # is not a comparison of two different moments of a shared machine's load.
+    scaling = []
+    if "favor_softmax" in args.methods and len(args.lengths) >= 2:
+        small, large = sorted(args.lengths)[-2:]
+        for mode in args.modes:
+            cfgs = [dict(cfg_base, causal=mode == "causal", length=n) for n in (small, large)]
+            t_small, t_large = interleaved_times(cfgs, args.reps)
+            scaling.append({"mode": mode, "lengths": [small, large], "times_s": [t_small["time_s"], t_large["time_s"]],
+                            "ratio": t_large["time_s"] / t_small["time_s"]})
+            print(f"scaling {mode:13s} favor_softmax  time({large}) / time({small}) = {scaling[-1]['ratio']:.2f}", flush=True)
+
+    floors = check_floors(rows, scaling)
+    table = markdown(rows, floors, args)
+    print()
+    print(table)
+    if args.device == "cpu" and args.dtype == "fp32":
+        print()
+        for f in floors:
+            print(f"{f['verdict']:4s}  {f['floor']}")
+
+    import torch
+
+    meta = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine() if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "scaling": scaling, "floors": floors}, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.installed
 DEMO_DIR    ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-fast bench clean help
+.PHONY: all venv demo test test-fast bench studies clean help
 
 all: help
 
@@ -20,6 +20,7 @@ help:
 	@echo "make demo   - set up .venv and run ingest -> train -> export -> contacts on data/"
 	@echo "make test   - set up .venv and run the whole test suite (slow tests included)"
 	@echo "make bench  - run the benchmarks (see benchmarks/RESULTS.md)"
+	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
 
 venv: $(STAMP)
 
@@ -43,6 +44,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/learning_check.py
+
+studies: $(STAMP)
+	for s in causal_generation approximation speed compatibility redraw; do \
+		$(PY) -m protein_performer.experiments.$$s || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

@@ -1,0 +1,16 @@
+"""Studies that reproduce the Performer paper's claims at workstation scale (issue 6).
+
+Each study is one command that writes JSON + PNG under ``benchmarks/results/studies/`` and its
+markdown section into ``benchmarks/results/studies.md``:
+
+    python -m protein_performer.experiments.approximation   # 1. MSE vs number of features m
+    python -m protein_performer.experiments.speed           # 2. time / memory vs length L
+    python -m protein_performer.experiments.compatibility   # 3. exact -> FAVOR+ weight swap, fine-tune
+    python -m protein_performer.experiments.redraw          # 4. fixed vs redrawn random features
+    python -m protein_performer.experiments.causal_generation  # 5. recurrent causal generation
+
+Defaults finish in under 15 minutes on 2 CPU cores (2 to 5 minutes each on a quiet machine);
+``--device cuda`` and the size arguments scale them up. The library piece behind study 5 is
+``protein_performer.generation`` (token-by-token sampling with the recurrent FAVOR+ state). Shared pieces (data, a small training loop, evaluation, reporting) live in
+``common.py``.
+"""

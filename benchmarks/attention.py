@@ -240,12 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--time-cap", type=float, default=45.0, help="skip a run projected to take longer (s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time with glibc's default malloc instead of protein_performer.runtime.keep_freed_memory "
+                             "(which the train and export entry points apply; every method is timed the same way)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+
+    if not args.system_malloc:  # timing process only; memory workers keep their own malloc settings
+        from protein_performer.runtime import keep_freed_memory
+
+        keep_freed_memory()
 
     if "performer_pytorch" in args.methods and not performer_pytorch_available():
         print("performer-pytorch is not installed (pip install -e '.[bench]'): skipping it")

@@ -9,10 +9,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_performer.analysis.export import run_export
+from protein_performer.runtime import keep_freed_memory
 
 
 @hydra.main(config_path="conf", config_name="export_attention", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    keep_freed_memory()  # large CPU tensors reused instead of re-faulted (protein_performer.runtime)
     if cfg.get("num_threads"):
         import torch
 

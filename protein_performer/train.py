@@ -11,11 +11,13 @@ import hydra
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
+from protein_performer.runtime import keep_freed_memory
 from protein_performer.training.train import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    keep_freed_memory()  # large CPU tensors reused instead of re-faulted (protein_performer.runtime)
     metrics = train(cfg)
     if rank_zero_only.rank == 0:
         summary = {k: v for k, v in metrics.items() if k.split("/")[-1] in ("acc", "ppl", "unigram_acc", "unigram_ppl")}

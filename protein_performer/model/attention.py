@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _check_mask(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+def check_key_padding_mask(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+    """The shared mask contract of every attention core: bool (batch, length), True at padding."""
     if key_padding_mask is None:
         return None
     if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2]):
@@ -57,7 +58,7 @@ class SoftmaxAttention(nn.Module):
         return allowed
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = _check_mask(key_padding_mask, k)
+        mask = check_key_padding_mask(key_padding_mask, k)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         allowed = self._allowed(mask, q.shape[2], k.shape[2], q.device)
@@ -72,7 +73,7 @@ class SoftmaxAttention(nn.Module):
     ) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d)), masked, (b, h, l, l) in float32 (float64 for float64 input);
         computed in blocks of ``block_rows`` query rows (default: one block holds <= l x l numbers)."""
-        mask = _check_mask(key_padding_mask, k)
+        mask = check_key_padding_mask(key_padding_mask, k)
         b, h, length, d = q.shape
         if block_rows is None:
             block_rows = max(1, length // (b * h))

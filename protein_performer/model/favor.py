@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from protein_performer.model.attention import check_key_padding_mask
+
 log = logging.getLogger(__name__)
 
 KERNELS = ("softmax", "softmax_hyp", "softmax_trig", "relu")
@@ -458,22 +460,12 @@ class FavorAttention(nn.Module):
                 return trig_kernel(x, w, is_query, key_padding_mask, stabilizer)
             return relu_kernel(x, w, is_query, key_padding_mask, eps)
 
-    def _check_mask(self, key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
-        if key_padding_mask is None:
-            return None
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"key_padding_mask must be bool (batch, length) = {(k.shape[0], k.shape[2])}, True at "
-                f"padding; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
-        return key_padding_mask.to(k.device)
-
     # ---------------------------------------------------------------------------- attention
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q, k, v: (b, h, l, d) -> (b, h, l, d) in v's dtype; fp32 inside."""
         for name, x in (("q", q), ("k", k)):
             self._check(x, name)
-        mask = self._check_mask(key_padding_mask, k)
+        mask = check_key_padding_mask(key_padding_mask, k)
         out_dtype = v.dtype
         with _fp32(q.device.type):
             q_prime = self.features(q, True)
@@ -495,7 +487,7 @@ class FavorAttention(nn.Module):
         """
         for name, x in (("q", q), ("k", k)):
             self._check(x, name)
-        mask = self._check_mask(key_padding_mask, k)
+        mask = check_key_padding_mask(key_padding_mask, k)
         b, h, length, _ = q.shape
         if block_rows is None:
             block_rows = max(1, length // (b * h))

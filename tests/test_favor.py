@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import (
@@ -17,6 +18,7 @@ from protein_performer.model.favor import (
     FavorAttention,
     causal_linear_attention,
     causal_product,
+    causal_stabilizer,
     draw_projection,
     linear_attention,
     softmax_kernel,
@@ -34,12 +36,18 @@ def qkv(b=2, h=3, length=37, d=16, scale=1.0, seed=0, dtype=torch.float64):
 
 
 def naive_favor(fa: FavorAttention, q, k, v, key_padding_mask=None):
-    """Reference: the explicit matrix D^-1 tril?(Q' K'^T) times V, differentiable by autograd."""
+    """Reference: the explicit matrix D^-1 (Q' K'^T) times V, differentiable by autograd. Causal:
+    row i uses the key features of the prefix 0..i alone (its own stabilizer), zero beyond i."""
     q_prime = fa.features(q, True)
-    k_prime = fa.features(k, False, key_padding_mask)
-    scores = q_prime @ k_prime.transpose(-1, -2)
-    if fa.causal:
-        scores = scores.tril()
+    if not fa.causal:
+        scores = q_prime @ fa.features(k, False, key_padding_mask).transpose(-1, -2)
+    else:
+        length, rows = k.shape[2], []
+        for i in range(length):
+            mask_i = None if key_padding_mask is None else key_padding_mask[:, : i + 1]
+            k_prefix = fa.features(k[:, :, : i + 1], False, mask_i)
+            rows.append(F.pad(q_prime[:, :, i : i + 1] @ k_prefix.transpose(-1, -2), (0, length - i - 1)))
+        scores = torch.cat(rows, dim=2)
     return (scores / scores.sum(-1, keepdim=True)) @ v
 
 
@@ -270,15 +278,21 @@ def test_causal_module_gradients_equal_naive_reference(kernel):
         torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-9)
 
 
-def test_causal_equals_bidirectional_on_prefix():
-    """Position i of causal attention = bidirectional attention over tokens 0..i (eps = 0: the
-    key stabilizer, a max over the sequence, then cancels exactly)."""
+@pytest.mark.parametrize("eps", [0.0, None, 1e-2])
+def test_causal_equals_bidirectional_on_prefix(eps):
+    """Position i of causal attention = bidirectional attention over tokens 0..i, with the eps
+    floor too (None = each kernel's default): the key stabilizer of position i is the running
+    max over keys 0..i, exactly the stabilizer the bidirectional model computes on the prefix.
+    Key 25 is made large so that the stabilizer jumps in the middle of a chunk."""
     q, k, v = qkv(1, 2, 40, 16, seed=10)
-    for kernel in ("softmax", "relu", "softmax_hyp"):
-        causal = FavorAttention(16, 32, kernel=kernel, causal=True, chunk_size=7, eps=0.0, seed=3).double()
-        bidir = FavorAttention(16, 32, kernel=kernel, causal=False, eps=0.0, seed=3).double()
+    k[:, :, 25] *= 3
+    for kernel in KERNELS:
+        if kernel == "softmax_trig" and eps:
+            continue  # no eps floor in trigonometric features
+        causal = FavorAttention(16, 32, kernel=kernel, causal=True, chunk_size=7, eps=eps, seed=3).double()
+        bidir = FavorAttention(16, 32, kernel=kernel, causal=False, eps=eps, seed=3).double()
         out = causal(q, k, v)
-        for i in (0, 1, 6, 7, 20, 39):
+        for i in (0, 1, 6, 7, 20, 24, 25, 26, 39):
             prefix = bidir(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])[:, :, -1]
             torch.testing.assert_close(out[:, :, i], prefix, atol=1e-10, rtol=1e-10)
     # the pure functions, with the default eps, on the same features
@@ -288,6 +302,72 @@ def test_causal_equals_bidirectional_on_prefix():
     for i in (0, 4, 5, 39):
         ref = linear_attention(qp[:, :, : i + 1], kp[:, :, : i + 1], v[:, :, : i + 1])[:, :, -1]
         torch.testing.assert_close(out[:, :, i], ref, atol=1e-12, rtol=1e-12)
+
+
+def naive_scaled_product(a, b, c, key_scale=None, query_scale=None, floor=0.0):
+    """sum_{j <= i} ((a_i . b_j) exp(s_j - c_i) + floor sum(a_i)) c_j as one explicit matrix (autograd reference)."""
+    scores = a @ b.transpose(-1, -2)
+    if key_scale is not None:
+        scores = scores * torch.exp(key_scale[..., None, :] - query_scale[..., :, None])
+    return (scores + floor * a.sum(-1, keepdim=True)).tril() @ c
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 32])
+def test_scaled_causal_product_matches_naive_reference(chunk, scaled, floor):
+    """With per-key scales (the causal stabilizer) and an eps floor, the chunked product and its
+    three gradients equal the explicit reference; the scales jump by 30 and 60 inside and across
+    chunks. gradcheck on a small case too."""
+    g = gen(21)
+    a = torch.rand(2, 2, 23, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, 2, 23, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 2, 23, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    s = 3 * torch.randn(2, 2, 23, generator=g, dtype=torch.float64)
+    s[:, :, 5] += 30
+    s[:, 1, 13] += 60
+    cq = causal_stabilizer(s)
+    scales = (s, cq) if scaled else (None, None)
+    out = causal_product(a, b, c, chunk, *scales, floor=floor)
+    ref = naive_scaled_product(a, b, c, *scales, floor=floor)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for x, y in zip(torch.autograd.grad(out, (a, b, c), grad), torch.autograd.grad(ref, (a, b, c), grad)):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+    small_scales = (s[:1, :1, :9], causal_stabilizer(s[:1, :1, :9])) if scaled else (None, None)
+    small = [t[:1, :1, :9].detach().requires_grad_(True) for t in (a, b, c)]
+    assert torch.autograd.gradcheck(lambda *t: causal_product(*t, 3, *small_scales, floor=floor), small)
+
+
+def test_causal_later_keys_do_not_change_earlier_outputs():
+    """Strict causality with the default eps: key 30 set to the longest feature direction (the key
+    with the largest possible logit |w|^2/2, which raises the stabilizer) leaves every output
+    before it unchanged and gets no gradient from them (with one stabilizer over the whole
+    sequence, as in the released code, it would shift them through the eps floor)."""
+    q, k, v = qkv(1, 2, 48, 16, seed=22)
+    fa = FavorAttention(16, 32, causal=True, chunk_size=8, seed=1).double()
+    base = fa(q, k, v)
+    k2 = k.clone()
+    k2[:, :, 30] = fa.projection[fa.projection.norm(dim=1).argmax()] * 16**0.25
+    k2.requires_grad_(True)
+    out = fa(q, k2, v)
+    torch.testing.assert_close(out[:, :, :30], base[:, :, :30], atol=1e-13, rtol=0)
+    assert (out[:, :, 30:] - base[:, :, 30:]).abs().max() > 1e-3
+    (grad,) = torch.autograd.grad(out[:, :, :30].sum(), k2)
+    assert grad[:, :, 30:].abs().max() == 0
+
+
+def test_causal_no_overflow_when_the_stabilizer_jumps():
+    """float32, keys whose logits grow by far more than float32's exp range (88) within a chunk and
+    across chunks: outputs stay finite and equal the float64 reference (prefix by prefix)."""
+    q, k, v = qkv(1, 2, 64, 16, seed=23)
+    k[:, :, 10] *= 12  # inside chunk 0 (C = 16)
+    k[:, :, 40] *= 20  # a later chunk
+    fa = FavorAttention(16, 32, causal=True, chunk_size=16, seed=2)
+    out = fa(q.float(), k.float(), v.float())
+    assert torch.isfinite(out).all()
+    ref = naive_favor(fa.double(), q, k, v)
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
 
 
 # ------------------------------------------------------------------------------ padding

@@ -174,9 +174,9 @@ def test_generation_helpers(seqs):
     n0 = len(seqs[0])
     assert stream[0, n0 + 1] == 2 and stream[0, n0 + 2] == 1  # eos then the next bos
     model = common.build_model("favor_softmax", True, 0, nb_features=16, **TINY)
-    other = causal_generation.without_eps(model)
-    assert next(other.parameters()).dtype == torch.float64
-    assert all(k.eps == 0.0 for _, k in other.attention_kernels()) and all(k.eps > 0 for _, k in model.attention_kernels())
+    other = causal_generation.in_dtype(model)
+    assert next(other.parameters()).dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
+    assert [k.eps for _, k in other.attention_kernels()] == [k.eps for _, k in model.attention_kernels()]
     comp = causal_generation.composition([[4, 4, 5], [2, 6]])  # A, A, C and eos (not a residue), D
     assert comp.sum() == pytest.approx(1.0) and comp[0] == pytest.approx(0.5)
 

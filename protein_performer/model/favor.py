@@ -27,9 +27,14 @@ Numerics (see PAPER.md, "FAVOR+ in one page"):
   backward pass (``_CausalProduct``) rebuilds the states from the saved q', k', v: forward for
   dQ', in reverse (suffix sums, from the last chunk) for dK' and dV.
 
-One known caveat inherited from the paper's released code: with causal attention the key
-stabilizer is the max over the whole sequence, so the relative weight of the small ``eps`` floor
-depends (very weakly, and with no gradient since it is detached) on later keys.
+Causal stabilizer: the key stabilizer of position i is the running max c_i = max_{j<=i} s_j of the
+per-key maxima s_j (``causal_stabilizer``), never a max over later keys. So out_i is exactly the
+bidirectional output over tokens 0..i, eps floor included, and equals what recurrent decoding
+(``step``) gives. The released JAX code uses one max over the whole sequence for causal attention
+too, which lets later keys shift earlier outputs through the eps floor (8e-3 in logits at
+L = 4096, see benchmarks/results/studies). In the chunked kernel the factor exp(s_j - c_i) is
+split into three factors that are each <= 1 (per key, per chunk pair, per query), so nothing can
+overflow: see ``_ChunkScales``.
 """
 
 from __future__ import annotations
@@ -177,10 +182,48 @@ def softmax_kernel(
     else:
         logits = softmax_logits(x, projection, hyperbolic)
         c = key_stabilizer(logits, key_padding_mask) if stabilizer is None else stabilizer
-    ratio = logits.shape[-1] ** -0.5
-    logits = logits - (c - math.log(ratio))
-    phi = _ExpPlus.apply(logits, ratio * eps)  # = ratio * (exp(logits - c) + eps)
+    phi = _positive_features(logits, c, eps)
     return phi if is_query else _mask_keys(phi, key_padding_mask)
+
+
+def _positive_features(logits: torch.Tensor, c: torch.Tensor, eps: float) -> torch.Tensor:
+    """ratio * (exp(logits - c) + eps), ratio = m^-1/2, saving one (b, h, l, m) tensor for backward."""
+    ratio = logits.shape[-1] ** -0.5
+    return _ExpPlus.apply(logits - (c - math.log(ratio)), ratio * eps)
+
+
+def per_key_features(
+    x: torch.Tensor, projection: torch.Tensor, kernel: str, key_padding_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key features at each key's own scale, for causal attention: (phi_hat (b, h, l, m), s (b, h, l)).
+
+    The features of key j as seen by query i are phi_hat_j exp(s_j - c_i) (+ the eps floor), with
+    c_i = ``causal_stabilizer(s)``; s_j is a detached constant (the max of key j's softmax logits,
+    or |k_j|^2/2 for trigonometric features), so phi_hat_j carries the whole gradient. Padded keys
+    get zero features. x is already scaled by d^-1/4.
+    """
+    if kernel == "softmax_trig":
+        s = (0.5 * (x * x).sum(dim=-1, keepdim=True)).detach()
+        phi = trig_kernel(x, projection, False, key_padding_mask, stabilizer=s)
+    elif kernel in ("softmax", "softmax_hyp"):
+        logits = softmax_logits(x, projection, kernel == "softmax_hyp")
+        s = logits.detach().amax(dim=-1, keepdim=True)
+        phi = _mask_keys(_positive_features(logits, s, 0.0), key_padding_mask)
+    else:
+        raise ValueError(f"per-key scales are for the softmax kernels, not {kernel!r}")
+    return phi, s[..., 0]
+
+
+def causal_stabilizer(key_scale: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The running max c_i = max_{j <= i, j real} s_j over keys, (b, h, l), detached.
+
+    Positions before the first real key get 0 (every key they see has zero features anyway).
+    """
+    s = key_scale.detach()
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, :], float("-inf"))
+    c = torch.cummax(s, dim=-1).values
+    return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
 
 
 def trig_kernel(
@@ -262,88 +305,206 @@ def _unchunk(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return x.reshape(*shape[:-2], -1, x.shape[-1])[..., : shape[-2], :]
 
 
-def _exclusive_prefix(states: torch.Tensor, n: int, reverse: bool = False) -> torch.Tensor:
+def _exclusive_prefix(states: torch.Tensor, n: int, reverse: bool = False, decay: torch.Tensor | None = None) -> torch.Tensor:
     """(B n, m, e) chunk states -> for chunk t the sum over chunks s < t (s > t when ``reverse``).
 
-    A matmul with a strictly triangular (n, n) matrix of ones over the chunk axis.
+    A matmul over the chunk axis with a strictly triangular (n, n) matrix of ones, or with the
+    per-sequence weights ``decay`` (B, n, n), decay[t, s] for s < t (its transpose when reversed).
     """
-    tri = torch.ones(n, n, dtype=states.dtype, device=states.device)
-    tri = tri.triu_(1) if reverse else tri.tril_(-1)  # tri[t, s] = 1 where chunk t sees chunk s
     flat = states.reshape(-1, n, states.shape[-2] * states.shape[-1])  # (B, n, m e)
-    return torch.matmul(tri, flat).reshape(states.shape)
+    if decay is None:
+        tri = torch.ones(n, n, dtype=states.dtype, device=states.device)
+        tri = tri.triu_(1) if reverse else tri.tril_(-1)  # tri[t, s] = 1 where chunk t sees chunk s
+        return torch.matmul(tri, flat).reshape(states.shape)
+    return torch.bmm(decay.transpose(1, 2) if reverse else decay, flat).reshape(states.shape)
+
+
+def _scale(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(min(x, 0)) in place of x: every factor of the causal stabilizer is <= 1 where it matters;
+    the clamp only touches entries that are masked out or multiply zero features, keeping them finite."""
+    return log_ratio.clamp_(max=0.0).exp_()
+
+
+class _ChunkScales:
+    """The causal stabilizer exp(s_j - c_i) (key j, query i, c_i = max_{j' <= i} s_j') in chunks.
+
+    For j in an earlier chunk s < t than i (chunk t), with M_t the running max at the end of chunk
+    t, it factors into three numbers that are all <= 1:
+        exp(s_j - c_i) = gamma_j * decay[t, s] * beta_i,
+        gamma_j = exp(s_j - M_s),  decay[t, s] = exp(M_s - M_{t-1}),  beta_i = exp(M_{t-1} - c_i);
+    inside a chunk the (C, C) block exp(s_j - c_i) (j <= i) is used as it is. So no factor can
+    overflow however fast the stabilizer grows, unlike rescaling by exp(c_i) or exp(-c_i) alone.
+    """
+
+    def __init__(self, key_scale: torch.Tensor, query_scale: torch.Tensor, chunk: int):
+        length = key_scale.shape[-1]
+        pad = -length % chunk
+        if pad:  # padded rows have zero features; any finite scale will do: the last running max
+            fill = query_scale[..., -1:].expand(*query_scale.shape[:-1], pad)
+            key_scale, query_scale = torch.cat([key_scale, fill], -1), torch.cat([query_scale, fill], -1)
+        s = key_scale.reshape(-1, chunk)  # (B n, C)
+        c = query_scale.reshape(-1, chunk)
+        n = (length + pad) // chunk
+        self.intra = _scale(s[:, None, :] - c[:, :, None])  # (B n, C, C): [i, j], used on tril blocks only
+        last = c[:, -1].reshape(-1, n)  # M_t: (B, n)
+        prev = torch.cat([last[:, :1], last[:, :-1]], dim=1)  # M_{t-1} (chunk 0 carries nothing)
+        self.beta = _scale(prev.reshape(-1, 1) - c).unsqueeze(-1)  # (B n, C, 1)
+        self.gamma = _scale(s - last.reshape(-1, 1)).unsqueeze(-1)  # (B n, C, 1)
+        self.decay = _scale(last[:, None, :] - prev[:, :, None]).tril_(-1)  # (B, n, n): [t, s]
+
+
+def _chunk_prefix(x: torch.Tensor, n: int, reverse: bool = False) -> torch.Tensor:
+    """(B n, e) per-chunk sums -> for chunk t the sum over chunks s < t (s > t when ``reverse``), (B n, 1, e)."""
+    x = x.reshape(-1, n, x.shape[-1])
+    if reverse:
+        x = x.flip(1)
+    out = x.cumsum(1) - x
+    if reverse:
+        out = out.flip(1)
+    return out.reshape(-1, 1, x.shape[-1])
 
 
 class _CausalProduct(torch.autograd.Function):
-    """O_i = sum_{j <= i} (a_i . b_j) c_j in chunks of C rows, with a backward that rebuilds states.
+    """O_i = sum_{j <= i} (a_i . b_j w_ij + f A_i) c_j in chunks of C rows, with a backward that
+    rebuilds states.
 
-    a, b: (..., l, m) (that is q', k'); c: (..., l, e) (that is [V 1]). Per chunk t:
-        intra  P_t = tril(a_t b_t^T) (C x C),          O_t  = P_t c_t
-        inter  S_t = sum_{s < t} b_s^T c_s (m x e),    O_t += a_t S_t
-    Saved: a, b, c and the C x C blocks P (L x C numbers); the states S are rebuilt in backward.
-    With G = dL/dO, H_t = tril(G_t c_t^T) and R_t = sum_{s > t} a_s^T G_s (suffix states, built
-    from the last chunk backwards):
-        da_t = H_t b_t   + G_t S_t^T
-        db_t = H_t^T a_t + c_t R_t^T
-        dc_t = P_t^T G_t + b_t R_t
+    a, b: (..., l, m) (that is q', k'); c: (..., l, e) (that is [V 1]); A_i = sum_m a_i, f the eps
+    floor of every key feature (0: none); w_ij = 1, or the causal stabilizer exp(s_j - c_i) when
+    the per-key scales s and their running max c are given (``_ChunkScales``: w = intra inside a
+    chunk, gamma_j decay[t, s] beta_i across chunks). Per chunk t:
+        intra  P_t = tril(a_t b_t^T * W_t + f A_t 1^T) (C x C),  O_t  = P_t c_t
+        inter  S_t = sum_{s < t} decay[t, s] b_s^T (gamma c)_s,   O_t += beta (a_t S_t) + f A_t E_t
+    with E_t = sum_{s < t} 1^T c_s (the floor's state: a prefix sum of c, e numbers per chunk).
+    Saved: a, b, c, the scales and the C x C blocks P (L x C numbers); the states S are rebuilt in
+    backward. With G = dL/dO, H_t = tril(G_t c_t^T), R_t = sum_{s > t} decay[s, t] a_s^T (beta G)_s
+    (suffix states, from the last chunk backwards) and F_t = sum_{s > t} A_s^T G_s:
+        da_t = (H_t W_t) b_t   + (beta G_t) S_t^T       + f (rowsum H_t + G_t E_t^T) 1^T
+        db_t = (H_t W_t)^T a_t + (gamma c_t) R_t^T
+        dc_t = P_t^T G_t       + gamma (b_t R_t)        + f F_t
     Chunked tensors are (B n, C, f) with B = batch x heads, so every product is one batched
-    matmul. Extra memory: L C + 2 (L / C) m e; never L m e. No Python loop over tokens or chunks.
+    matmul. Extra memory: 2 L C + 2 (L / C) m e; never L m e. No Python loop over tokens or chunks.
+    The scales are constants (no gradient): the stabilizer is detached.
     """
 
     @staticmethod
-    def forward(ctx, a, b, c, chunk):
+    def forward(ctx, a, b, c, chunk, key_scale=None, query_scale=None, floor=0.0):
         n = math.ceil(a.shape[-2] / chunk)
         a_, b_, c_ = (_chunks(x, chunk) for x in (a, b, c))  # (B n, C, m), (B n, C, m), (B n, C, e)
-        scores = torch.bmm(a_, b_.transpose(1, 2)).tril_()  # P: (B n, C, C)
+        w = None if key_scale is None else _ChunkScales(key_scale, query_scale, chunk)
+        scores = torch.bmm(a_, b_.transpose(1, 2))  # P: (B n, C, C)
+        if w is not None:
+            scores.mul_(w.intra)
+        a_sum = a_.sum(dim=-1, keepdim=True) if floor else None  # A: (B n, C, 1)
+        if floor:
+            scores.add_(a_sum, alpha=floor)
+        scores.tril_()
         out = torch.bmm(scores, c_)  # (B n, C, e)
-        carried = _exclusive_prefix(torch.bmm(b_.transpose(1, 2), c_), n)  # S: (B n, m, e)
-        out.baddbmm_(a_, carried)
-        ctx.save_for_backward(a_, b_, c_, scores)
-        ctx.n = n
+        c_in = c_ if w is None else c_ * w.gamma
+        carried = _exclusive_prefix(torch.bmm(b_.transpose(1, 2), c_in), n, decay=None if w is None else w.decay)
+        if w is None:
+            out.baddbmm_(a_, carried)
+        else:
+            out.addcmul_(torch.bmm(a_, carried), w.beta)
+        del carried, c_in
+        if floor:
+            out.addcmul_(a_sum, _chunk_prefix(c_.sum(dim=1), n), value=floor)
+        ctx.save_for_backward(a_, b_, c_, scores, *(() if w is None else (key_scale, query_scale)))
+        ctx.n, ctx.chunk, ctx.floor = n, chunk, floor
         ctx.shapes = tuple(x.shape for x in (a, b, c))
         return _unchunk(out, c.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        a_, b_, c_, scores = ctx.saved_tensors
-        n, (shape_a, shape_b, shape_c) = ctx.n, ctx.shapes
-        g_ = _chunks(grad_out, a_.shape[1])  # G: (B n, C, e)
+        a_, b_, c_, scores, *scales = ctx.saved_tensors
+        n, floor, (shape_a, shape_b, shape_c) = ctx.n, ctx.floor, ctx.shapes
+        w = _ChunkScales(*scales, ctx.chunk) if scales else None
+        decay = None if w is None else w.decay
+        g_ = _chunks(grad_out, ctx.chunk)  # G: (B n, C, e)
+        g_in = g_ if w is None else g_ * w.beta  # beta G
         da = db = dc = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             h = torch.bmm(g_, c_.transpose(1, 2)).tril_()  # H: (B n, C, C)
+            if ctx.needs_input_grad[0] and floor:
+                e_state = _chunk_prefix(c_.sum(dim=1), n)  # E: (B n, 1, e)
+                da_floor = (h.sum(dim=-1, keepdim=True) + (g_ * e_state).sum(dim=-1, keepdim=True)).mul_(floor)
+                del e_state
+            if w is not None:
+                h.mul_(w.intra)
             if ctx.needs_input_grad[0]:
                 da = torch.bmm(h, b_)
-                carried = _exclusive_prefix(torch.bmm(b_.transpose(1, 2), c_), n)  # S, rebuilt
-                da.baddbmm_(g_, carried.transpose(1, 2))
-                del carried
+                c_in = c_ if w is None else c_ * w.gamma
+                carried = _exclusive_prefix(torch.bmm(b_.transpose(1, 2), c_in), n, decay=decay)  # S, rebuilt
+                da.baddbmm_(g_in, carried.transpose(1, 2))
+                del carried, c_in
+                if floor:
+                    da.add_(da_floor)
                 da = _unchunk(da, shape_a)
             if ctx.needs_input_grad[1]:
                 db = torch.bmm(h.transpose(1, 2), a_)
             del h
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            suffix = _exclusive_prefix(torch.bmm(a_.transpose(1, 2), g_), n, reverse=True)  # R
+            suffix = _exclusive_prefix(torch.bmm(a_.transpose(1, 2), g_in), n, reverse=True, decay=decay)  # R
             if ctx.needs_input_grad[1]:
-                db.baddbmm_(c_, suffix.transpose(1, 2))
+                db.baddbmm_(c_ if w is None else c_ * w.gamma, suffix.transpose(1, 2))
                 db = _unchunk(db, shape_b)
             if ctx.needs_input_grad[2]:
                 dc = torch.bmm(scores.transpose(1, 2), g_)
-                dc.baddbmm_(b_, suffix)
+                if w is None:
+                    dc.baddbmm_(b_, suffix)
+                else:
+                    dc.addcmul_(torch.bmm(b_, suffix), w.gamma)
+                if floor:  # F_t = sum over later chunks of A^T G
+                    a_sum = a_.sum(dim=-1, keepdim=True)
+                    dc.add_(_chunk_prefix((a_sum * g_).sum(dim=1), n, reverse=True), alpha=floor)
                 dc = _unchunk(dc, shape_c)
-        return da, db, dc, None
+        return da, db, dc, None, None, None, None
 
 
-def causal_product(q_prime: torch.Tensor, k_prime: torch.Tensor, v: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Unnormalized causal FAVOR product O_i = q'_i^T S_i, S_i = sum_{j<=i} k'_j v_j^T (paper Sec. 2.6)."""
-    return _CausalProduct.apply(q_prime, k_prime, v, chunk)
+def causal_product(
+    q_prime: torch.Tensor,
+    k_prime: torch.Tensor,
+    v: torch.Tensor,
+    chunk: int = 128,
+    key_scale: torch.Tensor | None = None,
+    query_scale: torch.Tensor | None = None,
+    floor: float = 0.0,
+) -> torch.Tensor:
+    """Unnormalized causal FAVOR product O_i = q'_i^T S_i, S_i = sum_{j<=i} k'_j v_j^T (paper Sec. 2.6).
+
+    With scales, the key features seen by query i are k'_j exp(key_scale_j - query_scale_i); with
+    a floor f, every key feature gets + f on top (the eps floor, never scaled)."""
+    if (key_scale is None) != (query_scale is None):
+        raise ValueError("give both key_scale and query_scale, or neither")
+    return _CausalProduct.apply(q_prime, k_prime, v, chunk, key_scale, query_scale, float(floor))
 
 
-def causal_linear_attention(q_prime: torch.Tensor, k_prime: torch.Tensor, v: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+def causal_linear_attention(
+    q_prime: torch.Tensor,
+    k_prime: torch.Tensor,
+    v: torch.Tensor,
+    chunk: int = 128,
+    key_scale: torch.Tensor | None = None,
+    floor: float = 0.0,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Unidirectional FAVOR attention out_i = q'_i^T S_i / q'_i^T z_i (paper Sec. 2.6, prefix sums).
 
     S_i = sum_{j<=i} k'_j v_j^T (m x d), z_i = sum_{j<=i} k'_j. q_prime, k_prime: (b, h, l, m);
     v: (b, h, l, d) -> (b, h, l, d). Chunked; nothing of size L x m x d is allocated.
+
+    With ``key_scale`` s (b, h, l) (from ``per_key_features``) the key features seen by query i
+    are k'_j exp(s_j - c_i) + floor, c_i = ``causal_stabilizer(s)``: the stabilizer of position i
+    depends on keys 0..i only. The floor (eps m^-1/2 for FAVOR+) is never scaled; padded keys
+    (``key_padding_mask`` (b, l)) get no floor either (their features are zero already).
     """
-    return _normalize(causal_product(q_prime, k_prime, _with_ones(v), chunk))
+    v_ext = _with_ones(v)
+    if key_padding_mask is not None and floor:
+        v_ext = v_ext.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    if key_scale is None:
+        return _normalize(causal_product(q_prime, k_prime, v_ext, chunk, floor=floor))
+    query_scale = causal_stabilizer(key_scale, key_padding_mask)
+    return _normalize(causal_product(q_prime, k_prime, v_ext, chunk, key_scale.detach(), query_scale, floor))
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,12 +630,33 @@ class FavorAttention(nn.Module):
         out_dtype = v.dtype
         with _fp32(q.device.type):
             q_prime = self.features(q, True)
-            k_prime = self.features(k, False, mask)
-            if self.causal:
-                out = causal_linear_attention(q_prime, k_prime, v.to(q_prime.dtype), self.chunk_size)
+            if self.causal and self.kernel != "relu":
+                k_prime, key_scale = self.causal_key_features(k, mask)
+                out = causal_linear_attention(
+                    q_prime, k_prime, v.to(q_prime.dtype), self.chunk_size, key_scale, self._floor(), mask
+                )
+            elif self.causal:  # relu features have no stabilizer: eps is part of them
+                out = causal_linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self.chunk_size)
             else:
-                out = linear_attention(q_prime, k_prime, v.to(q_prime.dtype))
+                out = linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype))
         return out.to(out_dtype)
+
+    def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax-kernel key features at each key's own scale and the scales s (``per_key_features``),
+        float32 also under autocast: the key features seen by query i are phi_hat_j exp(s_j - c_i) + floor."""
+        dtype = _compute_dtype(k)
+        with _fp32(k.device.type):
+            x = k.to(dtype) * self.dim_head**-0.25
+            return per_key_features(x, self.projection.to(dtype), self.kernel, key_padding_mask)
+
+    def _floor(self) -> float:
+        """The eps floor of every key feature: ratio * eps for positive softmax features (ratio =
+        m^-1/2), eps for relu (inside its features), none for trigonometric features."""
+        if self.kernel == "softmax_trig":
+            return 0.0
+        if self.kernel in ("softmax", "softmax_hyp"):
+            return self.eps * self.nb_features**-0.5
+        return self.eps
 
     def attention_matrix(
         self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None, block_rows: int | None = None
@@ -493,11 +675,21 @@ class FavorAttention(nn.Module):
             block_rows = max(1, length // (b * h))
         with _fp32(q.device.type), torch.no_grad():
             q_prime = self.features(q, True)
-            k_prime = self.features(k, False, mask)
+            scaled = self.causal and self.kernel != "relu"  # per-query stabilizer, as in forward
+            if scaled:
+                k_prime, key_scale = self.causal_key_features(k, mask)
+                query_scale = causal_stabilizer(key_scale, mask)
+                floor = self._floor() * (1.0 if mask is None else (~mask)[:, None, None, :].to(q_prime.dtype))
+            else:
+                k_prime = self.features(k, False, mask)
             out = q_prime.new_empty(b, h, length, k.shape[2])
             for start in range(0, length, block_rows):
                 stop = min(start + block_rows, length)
-                block = torch.einsum("bhlm,bhkm->bhlk", q_prime[:, :, start:stop], k_prime)
+                q_block = q_prime[:, :, start:stop]
+                block = torch.einsum("bhlm,bhkm->bhlk", q_block, k_prime)
+                if scaled:  # k'_j exp(s_j - c_i) + floor
+                    block.mul_(_scale(key_scale[:, :, None, :] - query_scale[:, :, start:stop, None]))
+                    block.add_(q_block.sum(dim=-1, keepdim=True) * floor)
                 if self.causal:
                     block = torch.tril(block, diagonal=start)
                 den = block.sum(dim=-1, keepdim=True)
@@ -552,9 +744,7 @@ class FavorAttention(nn.Module):
             z = state["z"] * rescale[..., 0] + k_prime[:, :, 0]
             v_sum = state["v_sum"] + v_t[:, :, 0]
             count = state["count"] + 1
-            floor = 0.0 if self.kernel == "softmax_trig" else self.eps
-            if self.kernel in ("softmax", "softmax_hyp"):
-                floor *= self.nb_features**-0.5
+            floor = self._floor()
             S_all = S + floor * v_sum.unsqueeze(2)  # every feature carries floor * sum(v)
             z_all = z + floor * count
             q_prime = self.features(q_t, True)[:, :, 0]  # (b, h, m)

@@ -85,6 +85,49 @@ def test_layer_by_layer_writing_equals_whole(tmp_path):
         assert np.array_equal(ra.attentions, rb.attentions) and np.array_equal(ra.apc, rb.apc)
 
 
+def test_layers_handed_over_one_at_a_time_and_no_half_written_record(tmp_path):
+    """``begin_layers``: the callback-driven form of ``add_layers`` (what export uses), with the
+    datasets picked, embeddings known only after the maps, group attributes; any error drops the
+    record; ``set_attr`` adds a file attribute but leaves the layout's own alone."""
+    seq = SEQS["1LCD_A"]
+    L = len(seq)
+    maps = _maps(L, layers=2, heads=3, seed=5)
+    emb = np.random.default_rng(1).random((L, 4)).astype(np.float32)
+    path = tmp_path / "m.h5"
+    with MapsWriter(path) as w:
+        with w.begin_layers("x", seq, 2, 3, attentions=False, attrs={"crop_start": 7}) as rec:
+            for layer in maps:
+                rec.write_layer(layer)
+            rec.add_embeddings(mean=emb.mean(0), per_token=emb)
+        assert rec.name == "x" and rec.layers_written == 2
+        with pytest.raises(RuntimeError, match="model failed"):
+            with w.begin_layers("y", seq, 2, 3) as rec:
+                rec.write_layer(maps[0])
+                raise RuntimeError("model failed")
+        with pytest.raises(ValueError, match=r"layer 0 shape \(3, 5, 5\)"):
+            with w.begin_layers("z", seq, 2, 3) as rec:
+                rec.write_layer(maps[0, :, :5, :5])
+        with pytest.raises(ValueError, match=r"per_token shape"):
+            with w.begin_layers("e", seq, 2, 3, attentions=False, apc=False) as rec:
+                rec.add_embeddings(per_token=emb[:5])
+        with pytest.raises(ValueError, match="got 1 layers, expected 2"):
+            with w.begin_layers("c", seq, 2, 3) as rec:
+                rec.write_layer(maps[0])
+        assert w.n_records == 1
+        w.set_attr("export", '{"note": 1}')
+        with pytest.raises(ValueError, match="format_version"):
+            w.set_attr("format_version", 2)
+    with MapsFile(path) as mf:
+        assert mf.ids == ["x"] and mf.attrs["format_version"] == FORMAT_VERSION
+        r = mf["x"]
+        assert r.attentions is None and r.apc.shape == (2, 3, L, L)
+        np.testing.assert_array_equal(r.apc, apc(symmetrize(maps.astype(np.float32))).astype(np.float16))
+        np.testing.assert_array_equal(r.embeddings["per_token"], emb)
+        np.testing.assert_array_equal(r.embeddings["mean"], emb.mean(0))
+    with h5py.File(path) as h5:
+        assert h5["x"].attrs["crop_start"] == 7 and h5.attrs["export"] == '{"note": 1}'
+
+
 def test_names_are_sanitized_and_unique(tmp_path):
     assert sanitize_name("sp|P1/2 x") == "sp_P1_2_x" and sanitize_name(".hidden") == "_.hidden"
     path = tmp_path / "maps.h5"

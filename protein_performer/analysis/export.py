@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from protein_performer.analysis.maps_io import MapsWriter, apc_maps
+from protein_performer.analysis.maps_io import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.model.performer import PerformerConfig, PerformerLM
 
@@ -346,14 +346,6 @@ def _parse_include(include: Iterable[str]) -> tuple[str, ...]:
     return inc
 
 
-def _group(writer: MapsWriter, name: str):
-    """The h5py group ``writer.add`` just created (layer-by-layer writes go straight into it)."""
-    h5 = getattr(writer, "_h5", None)
-    if h5 is None or name not in h5:
-        raise RuntimeError("maps_io.MapsWriter changed: export needs its open file (_h5) to write layer by layer")
-    return h5[name]
-
-
 def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[SequenceRecord | tuple], output: str | Path,
                      include: Sequence[str] = ("attentions", "apc"), crop: str = "error",
                      max_sequences: int | None = None, checkpoint_sha256: str = "",
@@ -397,7 +389,6 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
     bar = tqdm(total=total, desc="export", unit="seq", disable=not progress) if tqdm else None
     try:
         with MapsWriter(partial, model_config=asdict(cfg), checkpoint_sha256=sha, causal=causal) as writer:
-            comp = dict(getattr(writer, "_comp", {}))
             for rec in sequences:
                 if max_sequences is not None and counts["records"] >= max_sequences:
                     break
@@ -416,24 +407,21 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
                 start, stop = window
                 residues = residues[start:stop]
                 seq = tok.decode(residues)
-                name = writer.add(rec.id, seq, None, tokens=residues.astype(np.uint8), source=rec.source)
-                try:
-                    _write_record(lm, _group(writer, name), residues, inc, depth, heads, comp)
-                    if stop - start != full_length:
-                        grp = _group(writer, name)
-                        grp.attrs["crop_start"] = start
-                        grp.attrs["full_length"] = full_length
-                        counts["cropped"] += 1
-                except BaseException:
-                    del writer._h5[name]  # no half-written record stays behind
-                    raise
+                cropped = stop - start != full_length
+                # the record is dropped on any error: no half-written record stays behind
+                with writer.begin_layers(rec.id, seq, depth, heads, tokens=residues.astype(np.uint8),
+                                         source=rec.source, attentions="attentions" in inc, apc="apc" in inc,
+                                         attrs={"crop_start": start, "full_length": full_length} if cropped else None,
+                                         ) as record:
+                    _write_record(lm, record, residues, inc)
+                counts["cropped"] += int(cropped)
                 counts["records"] += 1
                 counts["residues"] += len(residues)
                 if bar is not None:
                     bar.update(1)
             failures = input_report.failures if input_report is not None else []
-            writer._h5.attrs["export"] = json.dumps({**meta, **counts, "skipped": skipped,
-                                                     "input_failures": failures}, default=str)
+            writer.set_attr("export", json.dumps({**meta, **counts, "skipped": skipped, "input_failures": failures},
+                                                 default=str))
         partial.replace(output)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -450,29 +438,20 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
     return summary
 
 
-def _write_record(lm: PerformerLM, grp, residues: np.ndarray, inc: tuple[str, ...], depth: int, heads: int,
-                  comp: dict) -> None:
-    L = len(residues)
-    shape, chunks = (depth, heads, L, L), (1, heads, L, L)
-    ds = {what: grp.create_dataset(what, shape=shape, dtype=np.float16, chunks=chunks, **comp)
-          for what in ("attentions", "apc") if what in inc}
+def _write_record(lm: PerformerLM, record: LayerRecord, residues: np.ndarray, inc: tuple[str, ...]) -> None:
+    """Run one sequence through ``lm``, handing each layer's maps to ``record`` as the layer's hook
+    produces them (one layer in memory), then the final-layer embeddings."""
 
     def on_layer(layer: int, maps: torch.Tensor) -> None:
-        a = maps.float().cpu().numpy()  # (h, L, L)
-        if "attentions" in ds:
-            ds["attentions"][layer] = a.astype(np.float16)
-        if "apc" in ds:
-            ds["apc"][layer] = apc_maps(a).astype(np.float16)
+        record.write_layer(maps.float().cpu().numpy())  # (h, L, L); run_sequence calls layers 0, 1, ... in order
 
+    want_maps = "attentions" in inc or "apc" in inc
     want_repr = "mean" in inc or "per_token" in inc
-    rep = run_sequence(lm, residues, on_layer if ds else None, want_repr)
+    rep = run_sequence(lm, residues, on_layer if want_maps else None, want_repr)
     if want_repr:
         rep = rep.float().cpu().numpy()  # (L, dim)
-        emb = grp.create_group("embeddings")
-        if "mean" in inc:
-            emb.create_dataset("mean", data=rep.mean(0))
-        if "per_token" in inc:
-            emb.create_dataset("per_token", data=rep, **comp)
+        record.add_embeddings(mean=rep.mean(0) if "mean" in inc else None,
+                              per_token=rep if "per_token" in inc else None)
 
 
 def run_export(checkpoint: str, input: str, output: str, include: Sequence[str] = ("attentions", "apc"),

@@ -40,6 +40,7 @@ from protein_performer.data.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+LAYOUT_ATTRS = ("format_version", "model_config", "checkpoint_sha256", "causal")
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -78,6 +79,9 @@ class MapsWriter:
 
         with MapsWriter(path, model_config=cfg, checkpoint_sha256=h, causal=False) as w:
             w.add("P12345", "MKT...", attentions, source="1abc.pdb:A", apc=True)
+
+    Layer by layer (one layer's maps in memory): ``add_layers`` takes an iterable of layers;
+    ``begin_layers`` returns a :class:`LayerRecord` to hand each layer to as it is computed.
     """
 
     def __init__(self, path: str | Path, model_config: dict | str | None = None,
@@ -127,28 +131,63 @@ class MapsWriter:
                    n_heads: int, *, tokens: np.ndarray | None = None, source: str = "", apc: bool = True,
                    mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> str:
         """Add one record layer by layer (memory: one layer's maps): ``layers`` yields
-        ``n_layers`` arrays (heads, L, L); with ``apc`` the APC maps are computed per layer."""
-        L = len(sequence)
+        ``n_layers`` arrays (heads, L, L); with ``apc`` the APC maps are computed per layer.
+        On any error (also one raised by ``layers``) the record is dropped."""
+        with self.begin_layers(record_id, sequence, n_layers, n_heads, tokens=tokens, source=source, apc=apc,
+                               mean=mean, per_token=per_token) as record:
+            for layer in layers:
+                record.write_layer(layer)
+        return record.name
+
+    def begin_layers(self, record_id: str, sequence: str, n_layers: int, n_heads: int, *,
+                     tokens: np.ndarray | None = None, source: str = "", attentions: bool = True, apc: bool = True,
+                     mean: np.ndarray | None = None, per_token: np.ndarray | None = None,
+                     attrs: dict[str, Any] | None = None) -> "LayerRecord":
+        """Start a record whose maps are handed over one layer at a time, in order, with
+        :meth:`LayerRecord.write_layer` (for a producer that calls back per layer; an iterable of
+        layers goes to :meth:`add_layers`). ``attentions`` / ``apc`` pick the datasets stored (neither:
+        a record of tokens and embeddings only); ``attrs`` are extra attributes of the record's group.
+        Use the record as a context manager: leaving it checks that all ``n_layers`` were written,
+        and on any error the record is dropped (no half-written record stays behind)."""
         grp = self._new_group(record_id, sequence, tokens, source, mean, per_token)
-        kw = dict(shape=(n_layers, n_heads, L, L), dtype=np.float16, chunks=(1, n_heads, L, L), **self._comp)
-        att = grp.create_dataset("attentions", **kw)
-        out_apc = grp.create_dataset("apc", **kw) if apc else None
-        n = 0
-        for n, layer in enumerate(layers, start=1):
-            layer = np.asarray(layer)
-            if n > n_layers or layer.shape != (n_heads, L, L):
-                del self._h5[grp.name]
-                self.n_records -= 1
-                raise ValueError(f"{record_id}: layer {n - 1} shape {layer.shape}, expected {n_layers} "
-                                 f"layers of ({n_heads}, {L}, {L})")
-            att[n - 1] = layer.astype(np.float16)
-            if out_apc is not None:
-                out_apc[n - 1] = apc_maps(layer).astype(np.float16)
-        if n != n_layers:
-            del self._h5[grp.name]
-            self.n_records -= 1
-            raise ValueError(f"{record_id}: got {n} layers, expected {n_layers}")
-        return grp.name.lstrip("/")
+        try:
+            for key, value in (attrs or {}).items():
+                grp.attrs[key] = value
+            L = len(sequence)
+            kw = dict(shape=(n_layers, n_heads, L, L), dtype=np.float16, chunks=(1, n_heads, L, L), **self._comp)
+            datasets = {what: grp.create_dataset(what, **kw) for what, on in (("attentions", attentions), ("apc", apc))
+                        if on}
+        except BaseException:
+            self.discard(grp.name)
+            raise
+        return LayerRecord(self, grp, record_id, L, n_layers, n_heads, datasets)
+
+    def discard(self, name: str) -> None:
+        """Drop the record ``name`` (a group name :meth:`add` / :meth:`begin_layers` returned)."""
+        del self._h5[name]
+        self.n_records -= 1
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Set an extra file attribute (e.g. a writer's own provenance); the layout's own
+        attributes (``format_version``, ``model_config``, ...) are the constructor's."""
+        if key in LAYOUT_ATTRS:
+            raise ValueError(f"{key!r} is an attribute of the maps layout, set by MapsWriter itself")
+        self._h5.attrs[key] = value
+
+    def _per_token(self, record_id: str, L: int, per_token: np.ndarray | None) -> np.ndarray | None:
+        if per_token is not None:
+            per_token = np.asarray(per_token, dtype=np.float32)
+            if per_token.ndim != 2 or per_token.shape[0] != L:
+                raise ValueError(f"{record_id}: per_token shape {per_token.shape}, expected ({L}, dim)")
+        return per_token
+
+    def _write_embeddings(self, grp: h5py.Group, mean: np.ndarray | None, per_token: np.ndarray | None) -> None:
+        if mean is not None or per_token is not None:
+            emb = grp.require_group("embeddings")
+            if mean is not None:
+                emb.create_dataset("mean", data=np.asarray(mean, dtype=np.float32))
+            if per_token is not None:
+                emb.create_dataset("per_token", data=per_token, **self._comp)
 
     def _new_group(self, record_id: str, sequence: str, tokens: np.ndarray | None, source: str,
                    mean: np.ndarray | None, per_token: np.ndarray | None) -> h5py.Group:
@@ -158,10 +197,7 @@ class MapsWriter:
         tokens = np.asarray(tokens, dtype=np.uint8)
         if tokens.shape != (L,):
             raise ValueError(f"{record_id}: tokens shape {tokens.shape} != ({L},) of the sequence")
-        if per_token is not None:
-            per_token = np.asarray(per_token, dtype=np.float32)
-            if per_token.ndim != 2 or per_token.shape[0] != L:
-                raise ValueError(f"{record_id}: per_token shape {per_token.shape}, expected ({L}, dim)")
+        per_token = self._per_token(record_id, L, per_token)
         name = sanitize_name(record_id)
         if name in self._h5:
             base, n = name, 2
@@ -173,12 +209,7 @@ class MapsWriter:
         grp.attrs["sequence"] = sequence
         grp.attrs["source"] = source or ""
         grp.create_dataset("tokens", data=tokens)
-        if mean is not None or per_token is not None:
-            emb = grp.create_group("embeddings")
-            if mean is not None:
-                emb.create_dataset("mean", data=np.asarray(mean, dtype=np.float32))
-            if per_token is not None:
-                emb.create_dataset("per_token", data=per_token, **self._comp)
+        self._write_embeddings(grp, mean, per_token)
         self.n_records += 1
         return grp
 
@@ -191,6 +222,49 @@ class MapsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LayerRecord:
+    """A record of a :class:`MapsWriter` being written one layer at a time (from
+    :meth:`MapsWriter.begin_layers`); a context manager that drops the record on any error."""
+
+    def __init__(self, writer: MapsWriter, grp: h5py.Group, record_id: str, length: int, n_layers: int,
+                 n_heads: int, datasets: dict[str, h5py.Dataset]):
+        self.name = grp.name.lstrip("/")  # the group name, as MapsWriter.add returns it
+        self.record_id = record_id
+        self.length, self.n_layers, self.n_heads = length, n_layers, n_heads
+        self.layers_written = 0
+        self._writer, self._grp, self._datasets = writer, grp, datasets
+
+    def write_layer(self, maps: np.ndarray) -> None:
+        """Store the next layer's maps (heads, L, L), special tokens dropped: as float16, and their
+        APC maps (computed from ``maps`` before the cast) where the record keeps them."""
+        maps = np.asarray(maps)
+        n, L = self.layers_written, self.length
+        if n >= self.n_layers or maps.shape != (self.n_heads, L, L):
+            raise ValueError(f"{self.record_id}: layer {n} shape {maps.shape}, expected {self.n_layers} "
+                             f"layers of ({self.n_heads}, {L}, {L})")
+        if "attentions" in self._datasets:
+            self._datasets["attentions"][n] = maps.astype(np.float16)
+        if "apc" in self._datasets:
+            self._datasets["apc"][n] = apc_maps(maps).astype(np.float16)
+        self.layers_written = n + 1
+
+    def add_embeddings(self, mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> None:
+        """The record's embeddings, where they are known only after its maps (same checks and
+        storage as :meth:`MapsWriter.add`'s ``mean`` / ``per_token``)."""
+        per_token = self._writer._per_token(self.record_id, self.length, per_token)
+        self._writer._write_embeddings(self._grp, mean, per_token)
+
+    def __enter__(self) -> "LayerRecord":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._datasets and self.layers_written != self.n_layers:
+            self._writer.discard(self.name)
+            raise ValueError(f"{self.record_id}: got {self.layers_written} layers, expected {self.n_layers}")
+        if exc_type is not None:
+            self._writer.discard(self.name)  # no half-written record stays behind
 
 
 def write_maps(path: str | Path, records: Iterable[MapsRecord | dict], model_config: dict | None = None,

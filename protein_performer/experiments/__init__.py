@@ -11,6 +11,6 @@ markdown section into ``benchmarks/results/studies.md``:
 
 Defaults finish in under 15 minutes on 2 CPU cores (2 to 5 minutes each on a quiet machine);
 ``--device cuda`` and the size arguments scale them up. The library piece behind study 5 is
-``protein_performer.generation`` (token-by-token sampling with the recurrent FAVOR+ state). Shared pieces (data, a small training loop, evaluation, reporting) live in
-``common.py``.
+``protein_performer.generation`` (token-by-token sampling with the recurrent FAVOR+ state). Shared pieces (data, a small training loop, evaluation, reporting, the common
+command-line options) live in ``common.py``.
 """

@@ -47,7 +47,7 @@ METRICS = ("mse_attn", "mse_out", "mse_small", "relerr_small")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.study_parser(__doc__)
     p.add_argument("--length", type=int, default=4096, help="L of the synthetic set")
     p.add_argument("--dim", type=int, default=16, help="d, the head dimension of the synthetic set")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512], help="m values")
@@ -59,12 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real-steps", type=int, default=300, help="training steps of the exact model")
     p.add_argument("--fasta", type=Path, default=common.SAMPLE)
     p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    common.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=common.STUDIES_MD)
-    p.add_argument("--no-progress", action="store_true")
+    common.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -161,8 +158,7 @@ def real_data(args) -> tuple[list, dict]:
     tok = Tokenizer()
     model, meta, shape, cfg = common.exact_reference(args.real_steps, args.seed, args.fasta, args.device, args.cache_dir,
                                                      not args.no_progress)
-    seqs, _ = common.load_sequences(args.fasta)
-    _, valid = common.split_sequences(seqs, 0.1, args.seed)
+    _, valid, _ = common.load_split(args.fasta, args.seed)
     order = sorted(range(len(valid)), key=lambda i: -len(valid[i]))[: args.real_proteins]
     length = min(args.real_length, shape["max_len"], min(len(valid[i]) for i in order) + 2)
     rows = []
@@ -177,11 +173,7 @@ def real_data(args) -> tuple[list, dict]:
 
 
 def plot(results: dict, features: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     sets = list(results)
     fig, axes = plt.subplots(len(sets), 3, figsize=(13, 3.6 * len(sets)), squeeze=False)
     styles = {"positive/orthogonal": ("C0", "-"), "positive/iid": ("C0", "--"), "trig/orthogonal": ("C3", "-"), "trig/iid": ("C3", "--")}
@@ -202,9 +194,7 @@ def plot(results: dict, features: list[int], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             if c == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def claims(errors_by_cfg: dict, features: list[int]) -> dict:
@@ -224,9 +214,7 @@ def claims(errors_by_cfg: dict, features: list[int]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    info = common.machine_info(args.device)
-    t0 = time.perf_counter()
+    info, t0 = common.start_study(args)
     results = {}
     for sigma in args.sigmas:
         data = synthetic_data(args.length, args.dim, sigma, args.seed, args.device)
@@ -239,13 +227,9 @@ def run(args: argparse.Namespace) -> dict:
             errs = sweep(lambda s, q=q, k=k, v=v: (q, k, v), q.shape[-1], args.features, args.samples, args.seed,
                          f"real_layer{i}", not args.no_progress)
             results[f"real layer {i}"] = {"setup": desc, "errors": errs, "claims": claims(errs, args.features)}
-    result = {"study": NAME, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": info, "results": results, "wall_s": time.perf_counter() - t0,
-              "command": getattr(args, "command", f"python -m protein_performer.experiments.{NAME}")}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot(results, args.features, args.out_dir / f"{NAME}.png")
-    common.write_json(NAME, result, args.out_dir)
-    common.update_markdown(NAME, markdown(result), args.markdown)
+    result = {**common.study_record(NAME, args, info), "results": results, "wall_s": time.perf_counter() - t0,
+              "command": common.study_command(NAME, args)}
+    common.write_study(NAME, result, args, lambda path: plot(results, args.features, path), markdown)
     return result
 
 
@@ -299,9 +283,7 @@ def verdict_text(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    args.command = common.command_line(f"protein_performer.experiments.{NAME}", argv)
-    common.setup_logging()
+    args = common.study_args(NAME, parse_args, argv)
     result = run(args)
     for set_name, res in result["results"].items():
         print(set_name, {k: v["fraction"] for k, v in res["claims"].items()})

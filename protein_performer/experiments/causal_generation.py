@@ -42,10 +42,9 @@ NAME = "causal_generation"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.study_parser(__doc__)
     p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    common.add_device_args(p, threads_help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="training steps of the UNI model")
     p.add_argument("--max-length", type=int, default=256, help="training crop length")
@@ -61,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--sample-tokens", type=int, default=120)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=common.STUDIES_MD)
-    p.add_argument("--no-progress", action="store_true")
+    common.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -156,11 +153,7 @@ def composition(token_lists: list[list[int]]) -> np.ndarray:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     x = [r["prefix_length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, style in (("favor_recurrent_s", "FAVOR+ recurrent state (O(1))", "o-"),
@@ -173,17 +166,12 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Causal generation: time per token")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    info = common.machine_info(args.device)
-    t_start = time.perf_counter()
-    seqs, counts = common.load_sequences(args.fasta)
-    train_seqs, valid_seqs = common.split_sequences(seqs, 0.1, args.seed)
+    info, t_start = common.start_study(args)
+    train_seqs, valid_seqs, counts = common.load_split(args.fasta, args.seed)
     max_len = max(args.length, args.max_length)
     shape = dict(vocab_size=Tokenizer().vocab_size, max_len=max_len, dim=args.dim, depth=args.depth, heads=args.heads,
                  dim_head=args.dim_head, ff_dim=2 * args.dim, dropout=0.0, nb_features=args.nb_features)
@@ -216,19 +204,15 @@ def run(args: argparse.Namespace) -> dict:
         samples.append(ids)
     comp_samples, comp_data = composition(samples), composition([s.tolist() for s in train_seqs])
     result = {
-        "study": NAME, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": info, "data": counts, "model": shape,
+        **common.study_record(NAME, args, info), "data": counts, "model": shape,
         "valid_before_training": before, "valid_after_training": after,
         "equality": eq, "timing": rows,
         "samples": [tok.decode(s) for s in samples],
         "composition_pearson_r": float(np.corrcoef(comp_samples, comp_data)[0, 1]),
-        "command": getattr(args, "command", f"python -m protein_performer.experiments.{NAME}"),
+        "command": common.study_command(NAME, args),
         "wall_s": time.perf_counter() - t_start,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.out_dir / f"{NAME}.png")
-    common.write_json(NAME, result, args.out_dir)
-    common.update_markdown(NAME, markdown(result), args.markdown)
+    common.write_study(NAME, result, args, lambda path: plot(rows, path), markdown)
     return result
 
 
@@ -293,9 +277,7 @@ Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    common.setup_logging()
-    args.command = common.command_line(f"protein_performer.experiments.{NAME}", argv)
+    args = common.study_args(NAME, parse_args, argv)
     result = run(args)
     last = result["timing"][-1]
     print(f"equality: {result['equality']}")

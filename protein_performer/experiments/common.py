@@ -1,4 +1,5 @@
-"""Pieces shared by the studies: real sequences, a small seeded training loop, evaluation, reports.
+"""Pieces shared by the studies: real sequences, a small seeded training loop, evaluation, reports,
+and the frame of every study's command (its common options, the start and the end of ``run``).
 
 Data: the embedded Swiss-Prot sample (``data/swissprot_sample.fasta.gz``, 1,000 real sequences) is
 the default; ``load_sequences`` reads any FASTA(.gz) through the project's streaming reader and
@@ -13,6 +14,7 @@ steps (feature redraw, weight swap, evaluation curves) more than checkpointing o
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import logging
@@ -80,6 +82,14 @@ def split_sequences(seqs: list[np.ndarray], valid_fraction: float, seed: int) ->
     order = np.random.default_rng(seed).permutation(len(seqs))
     n_valid = max(1, math.ceil(valid_fraction * len(seqs)))
     return [seqs[i] for i in order[n_valid:]], [seqs[i] for i in order[:n_valid]]
+
+
+def load_split(path: str | os.PathLike, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """The studies' data: the sequences of a FASTA(.gz) split 90/10 into train and valid by ``seed``
+    (the split ``pretrained`` trains on), and ``load_sequences``' counts."""
+    seqs, counts = load_sequences(path)
+    train_seqs, valid_seqs = split_sequences(seqs, 0.1, seed)
+    return train_seqs, valid_seqs, counts
 
 
 def train_batch(collator: Collator, seqs: list[np.ndarray], batch_size: int, step: int, seed: int) -> dict:
@@ -296,6 +306,88 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return " ".join(["python -m", module, *args])
 
 
+# ------------------------------------------------------------------------------------------ a study's command and run
+# Every study is ``python -m protein_performer.experiments.<NAME>``: ``parse_args`` (``study_parser``,
+# ``add_device_args``, ``add_output_args``), ``run(args)`` (``start_study`` ... ``write_study``), ``main``.
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """A study's argument parser: the first paragraph of its module docstring ``doc`` as the
+    description, defaults shown in ``--help``."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_device_args(p: argparse.ArgumentParser, threads_help: str | None = None) -> None:
+    """``--device`` (default cpu) and ``--threads`` (torch CPU threads, default 2)."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help=threads_help)
+
+
+def add_output_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """``--out-dir`` (JSON + PNG), ``--markdown`` (the studies' markdown) and, unless ``progress``
+    is False (a study that lists it later itself), ``--no-progress``."""
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--markdown", type=Path, default=STUDIES_MD)
+    if progress:
+        p.add_argument("--no-progress", action="store_true")
+
+
+def study_args(name: str, parse_args: Callable[[list[str] | None], argparse.Namespace],
+               argv: list[str] | None) -> argparse.Namespace:
+    """``main``'s start: the parsed ``argv``, with ``command`` (the command line, for the report);
+    logging set up."""
+    args = parse_args(argv)
+    args.command = command_line(f"protein_performer.experiments.{name}", argv)
+    setup_logging()
+    return args
+
+
+def start_study(args: argparse.Namespace) -> tuple[dict, float]:
+    """``run``'s start: torch's CPU threads set to ``args.threads``; returns the machine
+    (``machine_info``) and the start time (``time.perf_counter``)."""
+    torch.set_num_threads(args.threads)
+    return machine_info(args.device), time.perf_counter()
+
+
+def study_record(name: str, args: argparse.Namespace, info: dict) -> dict:
+    """The first keys of a study's JSON: its name, its arguments (paths as strings), the machine."""
+    return {"study": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": info}
+
+
+def study_command(name: str, args: argparse.Namespace) -> str:
+    """The command that ran the study (``study_args`` sets it; else the module's bare command)."""
+    return getattr(args, "command", f"python -m protein_performer.experiments.{name}")
+
+
+def write_study(name: str, result: dict, args: argparse.Namespace, plot: Callable[[Path], None],
+                markdown: Callable[[dict], str]) -> None:
+    """``run``'s end: ``plot(path)`` writes ``<out_dir>/<name>.png``, then ``<name>.json``, then the
+    markdown section ``markdown(result)`` in ``args.markdown``."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    plot(args.out_dir / f"{name}.png")
+    write_json(name, result, args.out_dir)
+    update_markdown(name, markdown(result), args.markdown)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------ a cached trained model
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "protein_performer" / "studies"
 
@@ -330,8 +422,7 @@ def pretrained(
         model.load_state_dict(blob["state_dict"])
         log.info("loaded the trained %s model from %s", attention, path)
         return model.to(device).eval(), {**blob["meta"], "cached": True}
-    seqs, _ = load_sequences(fasta)
-    train_seqs, valid_seqs = split_sequences(seqs, 0.1, cfg.seed)
+    train_seqs, valid_seqs, _ = load_split(fasta, cfg.seed)
     t0 = time.perf_counter()
     history = train(model, train_seqs, cfg, device, progress=progress, desc=f"train {attention} {objective}")
     meta = {"valid": evaluate(model, eval_batches(valid_seqs, objective, cfg.max_length, 32), device),

@@ -34,10 +34,9 @@ TARGETS = ("favor_softmax", "favor_relu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.study_parser(__doc__)
     p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    common.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-steps", type=int, default=300, help="training steps of the exact Transformer")
     p.add_argument("--finetune-steps", type=int, default=100)
@@ -49,9 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mask draws of the validation split pooled in every evaluation (more targets, less noise)")
     p.add_argument("--tag", default="", help="suffix of the output files and of the markdown section")
     p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=common.STUDIES_MD)
-    p.add_argument("--no-progress", action="store_true")
+    common.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -65,13 +62,10 @@ def swap(exact: torch.nn.Module, attention: str, shape: dict, nb_features: int, 
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    info = common.machine_info(args.device)
-    t0 = time.perf_counter()
+    info, t0 = common.start_study(args)
     exact, meta, shape, pre_cfg = common.exact_reference(args.pretrain_steps, args.seed, args.fasta, args.device,
                                                          args.cache_dir, not args.no_progress)
-    seqs, counts = common.load_sequences(args.fasta)
-    train_seqs, valid_seqs = common.split_sequences(seqs, 0.1, args.seed)  # the split the exact model was trained on
+    train_seqs, valid_seqs, counts = common.load_split(args.fasta, args.seed)  # the split the exact model was trained on
     valid = [b for mask_seed in range(args.eval_masks)
              for b in common.eval_batches(valid_seqs, "bid", pre_cfg.max_length, 32, seed=mask_seed)]
     exact_metrics = common.evaluate(exact, valid, args.device)
@@ -101,24 +95,16 @@ def run(args: argparse.Namespace) -> dict:
         curves[attention] = [{"step": h["step"], "acc": h["acc"], "loss": h["loss"]} for h in hist if "acc" in h]
         log.info("%s fine-tune: %s", attention, curves[attention][-1])
 
-    result = {"study": NAME, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": info, "data": counts, "model": shape, "pretrain": {"config": vars(pre_cfg), **meta},
+    result = {**common.study_record(NAME, args, info), "data": counts, "model": shape, "pretrain": {"config": vars(pre_cfg), **meta},
               "exact": exact_metrics, "after_swap": swapped, "finetune": curves, "wall_s": time.perf_counter() - t0,
-              "command": getattr(args, "command", f"python -m protein_performer.experiments.{NAME}")}
+              "command": common.study_command(NAME, args)}
     name = NAME + args.tag
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out_dir / f"{name}.png")
-    common.write_json(name, result, args.out_dir)
-    common.update_markdown(name, markdown(result, name), args.markdown)
+    common.write_study(name, result, args, lambda path: plot(result, path), lambda r: markdown(r, name))
     return result
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for attention, style in zip((*TARGETS, "exact"), ("o-", "s-", "k--")):
         c = r["finetune"][attention]
@@ -130,9 +116,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title("Exact Transformer weights loaded into Performers")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def markdown(r: dict, name: str = NAME) -> str:
@@ -179,9 +163,7 @@ Figure: `studies/{name}.png`; data: `studies/{name}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    args.command = common.command_line(f"protein_performer.experiments.{NAME}", argv)
-    common.setup_logging()
+    args = common.study_args(NAME, parse_args, argv)
     r = run(args)
     print(f"exact acc {r['exact']['acc']:.4f}")
     for attention in TARGETS:

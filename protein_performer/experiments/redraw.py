@@ -34,10 +34,9 @@ NAME = "redraw"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.study_parser(__doc__)
     p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    common.add_device_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--redraw-every", type=int, default=10)
@@ -51,9 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim-head", type=int, default=16)
     p.add_argument("--nb-features", type=int, default=16)
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=common.STUDIES_MD)
-    p.add_argument("--no-progress", action="store_true")
+    common.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -79,15 +76,12 @@ def fresh_draw_eval(model, batches, seed: int, draws: int, device: str) -> list[
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    info = common.machine_info(args.device)
-    t0 = time.perf_counter()
-    seqs, counts = common.load_sequences(args.fasta)
+    info, t0 = common.start_study(args)
+    train_seqs, valid_seqs, counts = common.load_split(args.fasta, 0)  # one split for every seed
     shape = dict(vocab_size=Tokenizer().vocab_size, max_len=args.max_length, dim=args.dim, depth=args.depth, heads=args.heads,
                  dim_head=args.dim_head, ff_dim=2 * args.dim, dropout=0.0, nb_features=args.nb_features)
     runs = []
     for seed in args.seeds:
-        train_seqs, valid_seqs = common.split_sequences(seqs, 0.1, 0)  # one split for every seed
         valid = common.eval_batches(valid_seqs, "bid", args.max_length, 32, seed=0)
         for arm, every in (("fixed", 0), ("redrawn", args.redraw_every)):
             model = common.build_model("favor_softmax", False, seed, favor_kwargs={"seed": stable_seed(seed, "init-features")}, **shape)
@@ -107,14 +101,10 @@ def run(args: argparse.Namespace) -> dict:
             log.info("seed %d %s: valid %s, fresh draws loss %.4f +- %.4f", seed, arm, final, row["fresh_loss_mean"], row["fresh_loss_std"])
             runs.append(row)
     summary = summarize(runs)
-    result = {"study": NAME, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": info, "data": counts, "model": shape, "runs": runs, "summary": summary,
+    result = {**common.study_record(NAME, args, info), "data": counts, "model": shape, "runs": runs, "summary": summary,
               "wall_s": time.perf_counter() - t0,
-              "command": getattr(args, "command", f"python -m protein_performer.experiments.{NAME}")}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.out_dir / f"{NAME}.png")
-    common.write_json(NAME, result, args.out_dir)
-    common.update_markdown(NAME, markdown(result), args.markdown)
+              "command": common.study_command(NAME, args)}
+    common.write_study(NAME, result, args, lambda path: plot(runs, path), markdown)
     return result
 
 
@@ -138,11 +128,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         color = "C0" if r["arm"] == "redrawn" else "C3"
@@ -164,9 +150,7 @@ def plot(runs: list[dict], path: Path) -> None:
     axes[1].set_ylabel("final validation loss")
     axes[1].legend(fontsize=8)
     axes[1].grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def markdown(r: dict) -> str:
@@ -206,9 +190,7 @@ Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    args.command = common.command_line(f"protein_performer.experiments.{NAME}", argv)
-    common.setup_logging()
+    args = common.study_args(NAME, parse_args, argv)
     result = run(args)
     s = result["summary"]
     for arm in ("fixed", "redrawn"):

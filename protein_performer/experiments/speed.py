@@ -250,11 +250,7 @@ def largest(rows: list[dict]) -> dict[str, int]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for core, style in zip(CORES, ("s-", "s:", "o-", "^-", "k--")):
         pts = [r for r in rows if r["core"] == core and "failed" not in r and "time_s" in r.get("forward_backward", {})]
@@ -270,15 +266,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p = common.study_parser(__doc__)
+    common.add_device_args(p)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--cores", nargs="+", choices=CORES, default=list(CORES))
     p.add_argument("--min-length", type=int, default=512)
@@ -293,8 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ff-dim", type=int, default=1024)
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    p.add_argument("--markdown", type=Path, default=common.STUDIES_MD)
+    common.add_output_args(p, progress=False)  # --no-progress comes last
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
                    help="measure in this process (default: on CUDA; CPU uses a child process per point for its peak RSS)")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. _cuda)")
@@ -305,20 +297,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     if args.in_process is None:
         args.in_process = args.device.startswith("cuda")
-    torch.set_num_threads(args.threads)
-    info = common.machine_info(args.device)
-    t0 = time.perf_counter()
+    info, t0 = common.start_study(args)
     rows, meta = sweep(args, not args.no_progress)
     name = NAME + args.tag
-    result = {"study": NAME, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "machine": info, "rows": rows, **meta, "largest_length": largest(rows), "wall_s": time.perf_counter() - t0,
-              "command": getattr(args, "command", f"python -m protein_performer.experiments.{NAME}")}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = {**common.study_record(NAME, args, info), "rows": rows, **meta, "largest_length": largest(rows),
+              "wall_s": time.perf_counter() - t0,
+              "command": common.study_command(NAME, args)}
     title = (f"{args.depth} layers, d {args.dim}, {args.heads} heads, batch 1, {args.dtype}, "
              f"{'causal' if args.causal else 'bidirectional'}, {args.device}")
-    plot(rows, args.out_dir / f"{name}.png", title)
-    common.write_json(name, result, args.out_dir)
-    common.update_markdown(name, markdown(result, name), args.markdown)
+    common.write_study(name, result, args, lambda path: plot(rows, path, title), lambda r: markdown(r, name))
     return result
 
 
@@ -397,9 +384,7 @@ Figure: `studies/{name}.png`; data: `studies/{name}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    args.command = common.command_line(f"protein_performer.experiments.{NAME}", argv)
-    common.setup_logging()
+    args = common.study_args(NAME, parse_args, argv)
     result = run(args)
     print("largest L per core:", result["largest_length"])
     for core, why in result["stops"].items():

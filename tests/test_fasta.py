@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import random
+from bisect import bisect_left
+from itertools import accumulate
 
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -135,3 +137,67 @@ def test_truncated_and_corrupt_gzip(tmp_path, sample_fasta):
     with pytest.raises(FastaFormatError, match="gzip") as e:
         list(read_fasta(corrupt))
     assert str(corrupt) in str(e.value)
+
+
+def _reference_split(block: bytes, pos: int, line: int, end, table):
+    """The straightforward record split (bytes.split on '\\n>', partition, count per record), the
+    reference for the faster re.split-based _split_block."""
+    parts = block.split(b"\n>")
+    parts[0] = parts[0][1:]
+    sizes = [len(p) + 2 for p in parts]
+    nls = [p.count(b"\n") + 1 for p in parts]
+    sizes[-1] -= 1
+    nls[-1] -= 1
+    offsets = list(accumulate(sizes, initial=pos))
+    lines = list(accumulate(nls, initial=line))
+    k = len(parts)
+    stop = end is not None and offsets[-2] >= end
+    if stop:
+        k = bisect_left(offsets, end, 0, len(parts))
+    hb = [p.partition(b"\n") for p in parts[:k]]
+    headers = [h.rstrip(b"\r") if b"\r" in block else h for h, _, _ in hb]
+    seqs = [body.translate(table, b"\n\r \t\v\f") for _, _, body in hb]
+    return headers, seqs, lines[:k], offsets[:k], lines[k], offsets[k], stop
+
+
+def test_split_block_matches_reference_on_odd_blocks():
+    """Headers, sequences, lines, offsets and the byte-range cut on blocks with every oddity:
+    header-only records, empty headers, CR, blanks/tabs inside sequences, '>' inside a header,
+    no final newline; with and without a translation table."""
+    from protein_performer.data.fasta import _split_block
+    from protein_performer.data.ingest import token_table
+
+    rng = random.Random(0)
+    pieces = [b"ACD", b"\n", b"\r\n", b" ", b"\t", b"EF*", b"x", b"\n\n", b"MKV" * 30]
+    for _ in range(3000):
+        recs = []
+        for _ in range(rng.randint(1, 6)):
+            header = rng.choice([b"", b"sp|P1|X a b", b"id\r", b"a\tb", b"q > r", b"UniRef50_Q1 n=2"])
+            body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+            sep = rng.choice([b"\n", b"\r\n"]) if body or rng.random() < 0.7 else b""
+            recs.append(b">" + header + sep + body)
+        block = b"\n".join(recs) + rng.choice([b"", b"\n"])
+        end = rng.choice([None, rng.randint(0, len(block) + 3)])
+        for table in (None, token_table()):
+            batch, line, offset, stop = _split_block(block, 5, 3, end, table)
+            got = (batch.headers, batch.sequences, batch.lines, batch.offsets, line, offset, stop)
+            assert got == _reference_split(block, 5, 3, end, table), (block, end)
+
+
+@pytest.mark.parametrize("n", [100, 4096, 1 << 20, 16 << 20])
+def test_threaded_gzip_reader_returns_the_stream_in_order(sample_fasta, n):
+    """read(n): at least n bytes (but the last), at most 2 n, the exact decompressed stream; seek
+    skips forward; pieces larger than 2 n are handed out in parts."""
+    from protein_performer.data.fasta import _ThreadedGzipReader
+
+    want = gzip.decompress(sample_fasta.read_bytes())
+    reader = _ThreadedGzipReader(sample_fasta)
+    try:
+        reader.seek(12345)
+        got = [want[:12345]]
+        while chunk := reader.read(n):
+            assert isinstance(chunk, bytes) and (n <= len(chunk) <= 2 * n or sum(map(len, got)) + len(chunk) == len(want))
+            got.append(chunk)
+        assert b"".join(got) == want
+    finally:
+        reader.close()

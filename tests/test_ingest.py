@@ -7,6 +7,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -203,6 +204,8 @@ def test_first_occurrence_matches_brute_force():
     for _ in range(30):
         n = int(rng.integers(1, 300))
         key = rng.integers(0, 4, size=(n, 2)).astype(np.uint64)
+        if _ % 3 == 2:  # equal first halves only for equal keys: the path without the lexsort
+            key[:, 1] = key[:, 0] * np.uint64(7)
         gidx = np.arange(n) * 3 + 5
         if _ % 2:  # entries need not come in gidx order
             gidx = rng.permutation(gidx)
@@ -298,6 +301,16 @@ def test_ood_from_header_family_token(shared_data, tmp_path):
     assert {i for i, _ in got["ood"]} == want and m["splits"]["ood"]["n_sequences"] == len(want) > 0
 
 
+def test_family_tokens_are_found_in_the_right_headers():
+    from protein_performer.data.ingest import _records_with_family_token
+
+    headers = [b"sp|P1|A x", b"tr|Q2|B PF00013 PF12345.7", b"", b"PF00013", b"x PF0001", b"UniRef50_Q3 PF99999"]
+    assert _records_with_family_token(headers, {b"PF00013"}) == [1, 3]
+    assert _records_with_family_token(headers, {b"PF12345", b"PF99999"}) == [1, 5]
+    assert _records_with_family_token(headers, {b"PF00001"}) == []  # 'PF0001' is no 5-digit token
+    assert _records_with_family_token([b"no family"], {b"PF00013"}) == []
+
+
 # ----------------------------------------------------------------------------- length filter
 def test_length_filter(sample_fasta, tmp_path):
     out = tmp_path / "o"
@@ -312,6 +325,58 @@ def test_length_filter(sample_fasta, tmp_path):
     rows = (out / "rejects.tsv").read_text().splitlines()[1:]
     assert len(rows) == sum(m["rejected"].values())
     assert all(r.split("\t")[3] in ("too_short", "too_long") for r in rows)
+
+
+# ----------------------------------------------------------------------------- id keys, compression
+def test_id_keys_are_equal_exactly_for_equal_ids():
+    """The idh field: short ids packed as themselves, long ones hashed; never equal for two ids."""
+    from protein_performer.data.ingest import _id_keys
+
+    ids = [b"", b"A", b"A\x00", b"P12345", b"P12345.2", b"A" * 15, b"A" * 16, b"A" * 17, b"B" * 15 + b"\x0f",
+           b"UniRef100_A0A023GPI8", b"UniRef100_A0A023GPI9", "\u00e9t\u00e9".encode(), b"A" * 14 + b"\x0f"]  # fmt: skip
+    ids = ids + ids[::-1]  # every id twice
+    keys = _id_keys(ids, np.array([len(i) for i in ids]))
+    assert keys.dtype == np.uint64 and keys.shape == (len(ids), 2)
+    rows = {}
+    for i, k in zip(ids, map(tuple, keys.tolist())):
+        assert rows.setdefault(k, i) == i  # a key never stands for two different ids
+    assert len(rows) == len(set(ids))
+    # an id's key does not depend on the rest of its batch (batches of only short or only long ids)
+    for i, k in zip(ids, keys.tolist()):
+        assert _id_keys([i], np.array([len(i)])).tolist() == [k]
+    long_ids = [i for i in ids if len(i) > 15]
+    assert _id_keys(long_ids, np.array([len(i) for i in long_ids])).tolist() == [k for i, k in zip(ids, keys.tolist()) if len(i) > 15]
+
+
+@pytest.fixture(scope="module")
+def real_records(sample_fasta):
+    return sfp(sample_fasta)[:10]
+
+
+def test_duplicate_id_conflict_with_long_ids(real_records, tmp_path):
+    """Ids longer than 15 bytes take the hashed path of the id keys; conflicts are still found and
+    ids sharing a 15-byte prefix are still different ids."""
+    (_, a), (_, b), (_, c) = real_records[:3]
+    long1, long2 = "UniRef100_A0A023GPI8", "UniRef100_A0A023GPI9"
+    text = f">{long1}\n{a}\n>{long2}\n{b}\n>{long1[:15]}\n{c}\n>{long1} again\n{c}\n>{long2}\n{b}\n"
+    p = tmp_path / "long_ids.fa"
+    p.write_text(text)
+    m = ingest(input=str(p), output_dir=str(tmp_path / "o"), progress=False)
+    assert m["rejected"] == {"duplicate_id_conflict": 1} and m["n_duplicates"] == 1 and m["n_unique"] == 3
+    row = (tmp_path / "o" / "rejects.tsv").read_text().splitlines()[1].split("\t")
+    assert row[1:4] == ["7", long1, "duplicate_id_conflict"]
+
+
+def test_gzip_strategies_give_the_same_content(sample_fasta, single, tmp_path):
+    """gzip_strategy=default (HDF5's deflate filter) vs huffman_only (chunks deflated by the writer,
+    the default): the same shards' content; both read by h5py as gzip (checked in read_back)."""
+    _, m1, got1 = single
+    out = tmp_path / "default"
+    m = ingest(input=str(sample_fasta), output_dir=str(out), progress=False, shard_size=1000, gzip_strategy="default")
+    assert read_back(out) == got1 and m["config"]["gzip_strategy"] == "default"
+    assert m1["config"]["gzip_strategy"] == "huffman_only"
+    with pytest.raises(IngestError, match="gzip_strategy must be one of"):
+        ingest(input=str(sample_fasta), output_dir=str(tmp_path / "x"), gzip_strategy="rle")
 
 
 # ----------------------------------------------------------------------------- parallel / parts
@@ -512,3 +577,32 @@ def test_slurm_launcher_config_composes(repo_root):
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "cpu" and cfg.hydra.launcher.tasks_per_node == 1
     assert cfg.part == 3 and cfg.num_parts == 16
+
+
+def _sleep_then_time(seconds):
+    time.sleep(seconds)
+    return time.time()
+
+
+def _unit_job_stub(args):
+    return args[0], len(args[1]), time.time()
+
+
+def test_workers_do_not_block_on_a_busy_worker(monkeypatch):
+    """_Workers: a deferred job runs on the worker right after its last job; a large message to a
+    busy worker (a big unit's final codes) does not hold up the caller's own job; results come
+    back in job order."""
+    import protein_performer.data.ingest as ing
+
+    monkeypatch.setattr(ing, "_unit_job", _unit_job_stub)
+    pool = ing._Workers(2, 2)
+    try:
+        slept = pool.defer(_sleep_then_time, 0.5)
+        assert [r[:2] for r in pool.map([("a", b""), ("b", b"")])] == [("a", 0), ("b", 0)]
+        big = np.zeros(8 << 20, np.uint8)  # far more than a pipe buffer
+        main, other = pool.map([("main", big), ("worker", big)])
+        assert main[:2] == ("main", big.size) and other[:2] == ("worker", big.size)
+        assert main[2] < slept() <= other[2]  # the caller ran its job while the worker still slept
+        pool.stop()
+    finally:
+        pool.close()

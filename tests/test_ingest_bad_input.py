@@ -180,3 +180,50 @@ def test_input_and_option_errors_are_clear(real, tmp_path):
     ann.write_text("accession\tfamily\nP12345\n")
     with pytest.raises(IngestError, match=rf"{ann}:2: annotation line has 1 tab-separated columns"):
         ingest(input=str(p), output_dir=str(tmp_path / "o2"), annotations=str(ann), progress=False)
+
+
+def test_errors_in_worker_processes_reach_the_caller(real, tmp_path, monkeypatch):
+    """workers=2: a strict error in the forked worker's byte range is raised in the caller with
+    its file and absolute line; a worker that dies is reported as such; no process is left."""
+    import multiprocessing as mp
+    import os
+
+    import protein_performer.data.ingest as ing
+
+    text = "".join(f">{h}\n{s}\n" for h, s in real)
+    p = tmp_path / "late_bad.fa"
+    p.write_text(text + ">sp|ZZZ9|BAD\nAC1DE\n")  # in the second half: the worker's unit
+    line = text.count("\n") + 1
+    with pytest.raises(IngestError, match=rf"{p}:{line}: record 'ZZZ9' rejected: invalid_character"):
+        ingest(input=str(p), output_dir=str(tmp_path / "o"), progress=False, strict=True, workers=2)
+    _no_output(tmp_path / "o")
+    assert mp.active_children() == []
+
+    parent = os.getpid()
+    write = ing.write_unit_shards
+
+    def die_in_worker(*args):
+        if os.getpid() != parent:
+            os._exit(3)
+        return write(*args)
+
+    monkeypatch.setattr(ing, "write_unit_shards", die_in_worker)
+    with pytest.raises(IngestError, match="worker process died.*resume=true"):
+        ingest(input=str(p), output_dir=str(tmp_path / "o2"), progress=False, workers=2)
+    assert mp.active_children() == []
+
+
+@pytest.mark.parametrize("bad_id", [False, True])
+def test_non_ascii_ids_are_stored_as_utf8(real, tmp_path, bad_id):
+    """Ids go to HDF5 as they are when the unit's ids are valid UTF-8, else decoded with
+    replacement characters: either way the shard holds valid UTF-8 that reads back."""
+    import h5py
+
+    head = "".join(f">{h}\n{s}\n" for h, s in real[2:12]).encode()  # ASCII first: the binary check reads 1 KiB
+    weird = b"\xff\xfeid" if bad_id else "\u00e9t\u00e9-\u03b1".encode()
+    p = tmp_path / "ids.fa"
+    p.write_bytes(head + b">" + weird + b" desc\n" + real[0][1].encode() + b"\n>plain_id\n" + real[1][1].encode() + b"\n")
+    m = ingest(input=str(p), output_dir=str(tmp_path / "o"), progress=False, fractions={"train": 1.0, "valid": 0.0, "test": 0.0})
+    with h5py.File(tmp_path / "o" / m["splits"]["train"]["shards"][0]["path"], "r") as f:
+        ids = list(f["ids"].asstr()[:])
+    assert ids[-2:] == [weird.decode("utf-8", "replace"), "plain_id"] and len(ids) == 12

@@ -10,10 +10,25 @@ Pipeline (one code path for 1 worker, ``workers=N`` and SLURM ``part=i num_parts
                id and another sequence is rejected (duplicate_id_conflict); among the rest, the first
                record of each sequence (global order = file order) is kept, later ones are
                duplicates. A sequence is ``ood`` when any of its records is in a held-out family,
-               else train/valid/test by a salted hash of the sequence.
+               else train/valid/test by a salted hash of the sequence. The inputs' sha256 (for the
+               manifest) is computed by a worker process right after its stage-1 unit (a thread
+               after stage 1 with one worker): it fills the time that worker would wait for the
+               main process's unit and this serial step, instead of taking CPU from stage 1.
     stage 3    per unit (in parallel): write the kept records' shards (atomic: temporary name, then
                rename; existing shards are complete and skipped on resume); then manifest.json
-               (atomic, last) and rejects.tsv, and the raw work files are removed.
+               (atomic, last) and rejects.tsv, and the raw work files are removed. With the default
+               ``gzip_strategy=huffman_only`` the token chunks are deflated here with zlib's
+               Huffman-only strategy and stored as they are (``write_direct_chunk``): standard
+               gzip-filtered HDF5, ~1.7x faster than HDF5's level-1 filter and smaller (see shards.py).
+
+Where the time goes (1 worker, 100k Swiss-Prot records, 36 M residues, ~0.8 s; benchmarks/ingest.py):
+stage 1 ~45% (regex record split + translate, one BLAKE2b per sequence, raw files), Huffman
+deflate of the tokens ~35%, the rest of stage 3 (ids, HDF5) ~10%, resolve ~3%. The per-record
+Python work is list comprehensions over C-level ``bytes`` methods; per-batch work (id keys, OOD
+family tokens, line numbers) is NumPy or one regex scan. With ``workers=2`` the serial part
+(start-up, resolve, manifest) is ~5% of the 1-worker time: the workers are plain forked processes
+with a pipe each (``_Workers``), because the start-up and teardown of ``multiprocessing.Pool``
+alone cost as much as the resolve step.
 
 Dedup and splits depend only on the records and their global order, never on how the input was
 cut, so ``workers=N`` and part/merge give the same sequences, ids and splits as one worker (shard
@@ -23,9 +38,10 @@ otherwise; the manifest lists them in global order).
 Hashes: the dedup key is BLAKE2b-128 of the token bytes (so case and a trailing ``*`` do not
 matter); the split is splitmix64(first 64 bits of that hash XOR a salt derived from ``seed``),
 mapped to [0, 1) and compared with the cumulative fractions. Both are plain arithmetic on bytes:
-the same on every machine and every run.
+the same on every machine and every run. Ids are grouped by a 128-bit key that is the id itself
+when it has at most 15 bytes, its BLAKE2b-128 otherwise (``_id_keys``).
 
-Memory: stage 1 holds one block (4 MiB by default) and the set of OOD accessions; the resolve step
+Memory: stage 1 holds one block (1 MiB by default) and the set of OOD accessions; the resolve step
 sorts 48 bytes per record in buckets of at most ``merge_memory_mb`` (the hash arrays are read from
 disk, in windows of 4 M records, once per bucket) and keeps 1 byte per record (its final split);
 stage 3 reads the records in windows and holds one shard. So peak memory stays bounded: about
@@ -41,28 +57,35 @@ output_dir=/data/trembl_shards workers=16`` resolves and writes the shards and t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import mmap
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import queue
 import re
 import shutil
 import sys
+import threading
 import time
+from bisect import bisect_right
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from protein_performer.data.fasta import FastaFormatError, count_newlines, is_gzip, iter_batches, open_binary
-from protein_performer.data.shards import SPLITS, write_shard
+from protein_performer.data.shards import GZIP_STRATEGIES, SPLITS, write_shard
 from protein_performer.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,8 +103,8 @@ REJECT_REASONS = (
     "duplicate_id_conflict",
 )  # fmt: skip
 
-# One raw record of stage 1 (records.bin): sequence length, BLAKE2b-128 of the tokens, BLAKE2b-128
-# of the id, id length in bytes, header line (relative to the unit's first record), the hash split
+# One raw record of stage 1 (records.bin): sequence length, BLAKE2b-128 of the tokens, a 128-bit key
+# of the id (see _id_keys), id length in bytes, header line (relative to the unit's first record), the hash split
 # (0 train, 1 valid, 2 test) and whether the record is in a held-out family.
 REC = np.dtype(
     [("length", "<i8"), ("seq", "<u8", (2,)), ("idh", "<u8", (2,)), ("id_len", "<i4"),
@@ -97,7 +120,7 @@ PAPER_OOD_FAMILIES = [
 # Keys of the config that change the output; an output dir written with other values is refused.
 FINGERPRINT_KEYS = (
     "input", "annotations", "ood_families", "seed", "fractions", "min_length", "max_length",
-    "shard_size", "compression", "compression_level", "chunk_size", "strict", "units",
+    "shard_size", "compression", "compression_level", "gzip_strategy", "chunk_size", "strict", "units",
 )  # fmt: skip
 
 _PF_RE = re.compile(rb"PF\d{5}")
@@ -116,9 +139,14 @@ class SimulatedInterruption(RuntimeError):
 
 # ============================================================================ configuration
 def default_config() -> dict:
-    """The defaults of conf/ingest.yaml (without the ``hydra`` node), as a plain dict."""
+    """The defaults of conf/ingest.yaml (without the ``hydra`` node), as a plain dict.
+
+    Read with PyYAML's C loader (OmegaConf's pure-Python loader took ~10 ms, a serial cost of
+    every ingest). The file's values are plain YAML; its only interpolations are in the ``hydra``
+    node, which is dropped.
+    """
     path = Path(__file__).resolve().parents[1] / "conf" / "ingest.yaml"
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     cfg.pop("hydra", None)
     cfg.pop("defaults", None)
     return cfg
@@ -164,6 +192,8 @@ def resolve_config(cfg: Any = None, **overrides) -> dict:
     if set(out["fractions"]) != set(HASH_SPLITS) or min(fr.values()) < 0 or abs(sum(fr.values()) - 1) > 1e-9:
         raise IngestError(f"fractions must give train, valid, test >= 0 summing to 1, got {dict(out['fractions'])}")
     out["fractions"] = fr
+    if out["gzip_strategy"] not in GZIP_STRATEGIES:
+        raise IngestError(f"gzip_strategy must be one of {', '.join(GZIP_STRATEGIES)}, got {out['gzip_strategy']!r}")
     if int(out["shard_size"]) < 1:
         raise IngestError(f"shard_size must be >= 1 sequences, got {out['shard_size']}")
     if out["min_length"] is not None and out["max_length"] is not None and out["min_length"] > out["max_length"]:
@@ -435,6 +465,52 @@ def token_table() -> bytes:
 
 STAR, BAD = 254, 255
 _STAR_B, _BAD_B = bytes([STAR]), bytes([BAD])
+# BLAKE2b-128 with the digest size bound once: the keyword parsing is a good part of a per-record call
+_blake2b_128 = functools.partial(hashlib.blake2b, digest_size=16)
+
+
+def _id_keys(ids: list[bytes], lengths: np.ndarray) -> np.ndarray:
+    """128-bit keys of record ids, uint64 ``(n, 2)``: equal keys mean equal ids (the ``idh`` field).
+
+    Ids are grouped (duplicate_id_conflict) by these keys only. A BLAKE2b call per id costs about
+    as much as the rest of the id handling, yet accessions are short: an id of at most 15 bytes is
+    its own key (zero-padded, its length in byte 15), packed by NumPy for the whole batch. A longer
+    id gets its BLAKE2b-128 digest with byte 15 set to 0xFF (never a length), so the two kinds
+    cannot meet. A bijective splitmix64 mix then spreads the keys: the resolve step sorts on, and
+    buckets by, their first 64 bits.
+    """
+    n = len(ids)
+    lengths = np.asarray(lengths)
+    long = np.flatnonzero(lengths > 15)
+    if long.size == n:  # all long (UniRef ids, say): digests only
+        raw = np.frombuffer(b"".join([_blake2b_128(i).digest() for i in ids]), np.uint8).reshape(n, 16).copy()
+        raw[:, 15] = 0xFF
+    else:
+        raw = np.array(ids, dtype="S16").view(np.uint8).reshape(n, 16)  # longer ids truncated: replaced below
+        raw[:, 15] = np.minimum(lengths, 255)
+        if long.size:
+            digests = b"".join([_blake2b_128(ids[i]).digest() for i in long.tolist()])
+            raw[long] = np.frombuffer(digests, np.uint8).reshape(-1, 16)
+            raw[long, 15] = 0xFF
+    words = raw.view("<u8")
+    hi = _mix64(words[:, 1])
+    return np.stack([_mix64(words[:, 0] ^ hi), hi], axis=1)
+
+
+def _records_with_family_token(headers: list[bytes], families: set[bytes]) -> list[int]:
+    """Indices of the headers that name one of ``families`` (``PF01234`` tokens).
+
+    One regex scan over the batch's joined headers instead of a Python test per record: most
+    batches have no such token at all, and a hit is mapped back to its header by bisection.
+    """
+    joined = b"\n".join(headers)
+    if b"PF" not in joined:
+        return []
+    hits = [m.start() for m in _PF_RE.finditer(joined) if m.group() in families]
+    if not hits:
+        return []
+    starts = list(accumulate((len(h) + 1 for h in headers), initial=0))
+    return [bisect_right(starts, pos) - 1 for pos in hits]
 
 
 def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
@@ -447,8 +523,8 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
     fname = Path(ctx["path"]).name
     rejects: list[tuple] = []
     headers, seqs, c_lines = batch.headers, batch.sequences, batch.lines
-    words = [h[:i] if (i := h.find(b" ")) >= 0 else h for h in headers]  # first word, fast path
-    if not all(words) or any(b"\t" in w for w in words):
+    words = [h.partition(b" ")[0] for h in headers]  # first word, fast path
+    if not all(words) or (b"\t" in batch.block and any(b"\t" in w for w in words)):
         words = [(h.split(None, 1) or (b"",))[0] for h in headers]
     c_ids = [w.split(b"|")[1] if w[:3] in _SPTR else w for w in words]
     joined = b"".join(seqs)
@@ -478,6 +554,7 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
         c_lines = [c_lines[i] for i in keep_idx]
         headers = [headers[i] for i in keep_idx]
         words = [words[i] for i in keep_idx]
+        joined = None
     mn, mx = ctx["min_len"], ctx["max_len"]
     if mn is not None or mx is not None:
         keep_idx = []
@@ -497,6 +574,7 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
             c_lines = [c_lines[i] for i in keep_idx]
             headers = [headers[i] for i in keep_idx]
             words = [words[i] for i in keep_idx]
+            joined = None
     if rejects:
         rejects.sort(key=lambda r: r[1])
         if ctx["strict"]:  # the first bad record of the batch, by line
@@ -507,23 +585,21 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
     if not n:
         return np.zeros(0, np.uint8), recs, b"", rejects
     ood_acc, ood_tokens = ctx["ood_acc"], ctx["ood_tokens"]
-    if ood_acc or ood_tokens:
-        c_ood = []
-        for h, w, rid in zip(headers, words, c_ids):
-            acc = w.partition(b"_")[2] if w[:6] == b"UniRef" else rid
-            ood = bool(ood_acc) and (acc in ood_acc or (b"." in acc and acc.split(b".")[0] in ood_acc))
-            if not ood and ood_tokens and b"PF" in h:
-                ood = any(m in ood_tokens for m in _PF_RE.findall(h))
-            c_ood.append(ood)
-        recs["ood"] = c_ood
-    b2 = hashlib.blake2b
-    recs["length"] = [len(q) for q in seqs]
-    recs["seq"] = np.frombuffer(b"".join([b2(q, digest_size=16).digest() for q in seqs]), "<u8").reshape(n, 2)
-    recs["idh"] = np.frombuffer(b"".join([b2(i, digest_size=16).digest() for i in c_ids]), "<u8").reshape(n, 2)
-    recs["id_len"] = [len(i) for i in c_ids]
+    if ood_acc:
+        recs["ood"] = [
+            acc in ood_acc or (b"." in acc and acc.split(b".")[0] in ood_acc)
+            for acc in (w.partition(b"_")[2] if w[:6] == b"UniRef" else rid for w, rid in zip(words, c_ids))
+        ]
+    if ood_tokens:
+        recs["ood"][_records_with_family_token(headers, ood_tokens)] = 1
+    b2 = _blake2b_128
+    recs["length"] = list(map(len, seqs))
+    recs["seq"] = np.frombuffer(b"".join([b2(q).digest() for q in seqs]), "<u8").reshape(n, 2)
+    recs["id_len"] = list(map(len, c_ids))
+    recs["idh"] = _id_keys(c_ids, recs["id_len"])
     recs["line"] = c_lines
     recs["hsplit"] = split_codes(recs["seq"][:, 0], ctx["seed"], ctx["fractions"])
-    tokens = np.frombuffer(b"".join(seqs), dtype=np.uint8)
+    tokens = np.frombuffer(b"".join(seqs) if joined is None else joined, dtype=np.uint8)  # (joined: no reject)
     return tokens, recs, b"\n".join(c_ids) + b"\n", rejects
 
 
@@ -546,16 +622,19 @@ def _first_occurrence(key: np.ndarray, gidx: np.ndarray):
     the first 64 bits is enough unless two different keys share them; then a full lexsort.
     """
     n = len(key)
-    order = np.argsort(np.ascontiguousarray(key[:, 0]))
-    k = key[order]
-    new = np.ones(n, dtype=bool)
+    hi = np.ascontiguousarray(key[:, 0])
+    order = np.argsort(hi)
+    new = np.ones(n, dtype=bool)  # True where a group of equal keys starts
     if n > 1:
-        same_hi = k[1:, 0] == k[:-1, 0]
-        if (same_hi & (k[1:, 1] != k[:-1, 1])).any():
-            order = np.lexsort((gidx, key[:, 1], key[:, 0]))
-            k = key[order]
-            same_hi = k[1:, 0] == k[:-1, 0]
-        new[1:] = ~(same_hi & (k[1:, 1] == k[:-1, 1]))
+        hi = hi[order]
+        same = hi[1:] == hi[:-1]
+        if same.any():  # (the second halves are compared only where the first ones are equal)
+            lo = key[:, 1][order]
+            if (same & (lo[1:] != lo[:-1])).any():
+                order = np.lexsort((gidx, key[:, 1], key[:, 0]))
+                k = key[order]
+                same = (k[1:, 0] == k[:-1, 0]) & (k[1:, 1] == k[:-1, 1])
+        new[1:] = ~same
     g = gidx[order]
     starts = np.flatnonzero(new)
     sizes = np.diff(np.append(starts, n))
@@ -576,27 +655,30 @@ def _resolve(out: Path, n_units: int, memory_mb: float) -> tuple[list[np.ndarray
     final = [np.where(r["ood"] == 1, OOD_CODE, r["hsplit"]).astype(np.int8) for r in recs]
     conflict_with: list[dict[int, int]] = [dict() for _ in range(n_units)]
 
-    def gather(field: str, b: int, skip_conflicts: bool = False):
-        """The entries of bucket b, all units, in input order (read in windows: bounded memory)."""
-        keys, gids, seqs, oods = [], [], [], []
+    def gather(field: str, b: int, skip_conflicts: bool = False, extra: str | None = None):
+        """The ``field`` keys of bucket b, all units, in input order, with their global indices and
+        the ``extra`` field ("seq" or "ood") if asked (read in windows: bounded memory)."""
+        keys, gids, extras = [], [], []
         for u, r in enumerate(recs):
             for w0 in range(0, len(r), _WINDOW):
                 sub = r[w0 : w0 + _WINDOW]
                 k = np.asarray(sub[field])
-                sel = np.ones(len(sub), dtype=bool) if n_buckets == 1 else (k[:, 0] % np.uint64(n_buckets) == b)
+                sel = None if n_buckets == 1 else (k[:, 0] % np.uint64(n_buckets) == b)
                 if skip_conflicts:
-                    sel &= final[u][w0 : w0 + _WINDOW] != -2
-                i = np.flatnonzero(sel)
-                keys.append(k[i])
-                gids.append(i + (w0 + base[u]))
-                if field == "idh":
-                    seqs.append(np.asarray(sub["seq"])[i])
+                    ok = final[u][w0 : w0 + _WINDOW] != -2
+                    sel = ok if sel is None else sel & ok
+                if sel is None or sel.all():  # the whole window (one bucket): slices, no index copies
+                    i = slice(None)
+                    gids.append(np.arange(w0 + base[u], w0 + base[u] + len(sub)))
                 else:
-                    oods.append(np.asarray(sub["ood"])[i])
+                    i = np.flatnonzero(sel)
+                    gids.append(i + (w0 + base[u]))
+                keys.append(k[i])
+                if extra:
+                    extras.append(np.asarray(sub[extra])[i])
         if not keys:
             return None
-        return (np.concatenate(keys), np.concatenate(gids),
-                np.concatenate(seqs) if seqs else None, np.concatenate(oods) if oods else None)  # fmt: skip
+        return np.concatenate(keys), np.concatenate(gids), np.concatenate(extras) if extra else None
 
     def unit_of(g: np.ndarray):
         u = np.searchsorted(base, g, side="right") - 1
@@ -607,28 +689,33 @@ def _resolve(out: Path, n_units: int, memory_mb: float) -> tuple[list[np.ndarray
         got = gather("idh", b)
         if got is None:
             continue
-        key, gidx, seq, _ = got
+        hi = np.sort(got[0][:, 0])
+        if not (hi[1:] == hi[:-1]).any():  # every id once (the usual case): nothing to group
+            continue
+        key, gidx, seq = gather("idh", b, extra="seq")
         order, _, first_pos, _ = _first_occurrence(key, gidx)
         s = seq[order]
-        bad = (s != s[first_pos]).any(axis=1)
+        bad = (s[:, 0] != s[first_pos, 0]) | (s[:, 1] != s[first_pos, 1])
         for g, g0 in zip(gidx[order][bad].tolist(), gidx[order][first_pos[bad]].tolist()):
             uu, ii = unit_of(np.array([g]))
             final[int(uu[0])][int(ii[0])] = -2
             conflict_with[int(uu[0])][int(ii[0])] = g0
     # 2. duplicates: the first record of a sequence is kept; ood if any of its records is ood
     for b in range(n_buckets):
-        got = gather("seq", b, skip_conflicts=True)
+        got = gather("seq", b, skip_conflicts=True, extra="ood")
         if got is None:
             continue
-        key, gidx, _, ood = got
+        key, gidx, ood = got
         order, is_first, _, starts = _first_occurrence(key, gidx)
-        any_ood = np.maximum.reduceat(ood[order], starts) if len(starts) else np.zeros(0, np.uint8)
         g_sorted = gidx[order]
         dup_u, dup_i = unit_of(g_sorted[~is_first])
-        for uu in np.unique(dup_u):
+        for uu in np.flatnonzero(np.bincount(dup_u, minlength=n_units)):  # the units present
             final[uu][dup_i[dup_u == uu]] = -1
+        if not ood.any():  # no held-out record in this bucket: the kept keep their split
+            continue
+        any_ood = np.maximum.reduceat(ood[order], starts)
         kept_u, kept_i = unit_of(g_sorted[is_first])  # one per group, in group order
-        for uu in np.unique(kept_u):
+        for uu in np.flatnonzero(np.bincount(kept_u, minlength=n_units)):
             m = (kept_u == uu) & (any_ood == 1)
             final[uu][kept_i[m]] = OOD_CODE
     conflicts = [sorted(c.items()) for c in conflict_with]
@@ -648,6 +735,14 @@ def _add_hist(h: np.ndarray, more: np.ndarray) -> np.ndarray:
     return h
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> dict:
     """Stage 3 for unit ``u``: the kept records of each split, in input order, into shards of
     ``shard_size`` sequences. The unit's records are read in windows of ``_WINDOW`` records (a
@@ -661,9 +756,13 @@ def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> dict:
     ids_mm = None
     if ids_path.stat().st_size < (64 << 20):
         ids_src: Any = ids_path.read_bytes()
+        # valid UTF-8 (the usual case, checked once): the ids go to HDF5 as bytes, saving a decode
+        # here and an encode in h5py per id; otherwise each is decoded with replacement characters
+        ids_utf8 = _is_utf8(ids_src)
     else:
         with open(ids_path, "rb") as fh:
             ids_mm = ids_src = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        ids_utf8 = False
     vocab = Tokenizer().vocab()
     size = int(cfg["shard_size"])
     fail_after = cfg.get("fail_after_shards")
@@ -689,13 +788,15 @@ def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> dict:
         run_s = np.concatenate([[0], brk])
         run_e = np.concatenate([brk, [rows.shape[0]]]) - 1
         tokens = np.concatenate([tok[a:b] for a, b in zip(ts[run_s].tolist(), te[run_e].tolist())])
-        ids: list[str] = []
+        ids: list[bytes] | list[str] = []
         for a, b in zip(i_s[run_s].tolist(), i_e[run_e].tolist()):  # one id per line
-            ids += ids_src[a : b - 1].decode("utf-8", "replace").split("\n")
+            lines = ids_src[a : b - 1]
+            ids += lines.split(b"\n") if ids_utf8 else lines.decode("utf-8", "replace").split("\n")
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         write_shard(
             path, tokens, offsets, ids, split, vocab, chunk_size=cfg["chunk_size"],
             compression=cfg["compression"], compression_opts=cfg["compression_level"],
+            gzip_strategy=cfg["gzip_strategy"],
         )  # fmt: skip
         written += 1
         if fail_after is not None and written >= fail_after:
@@ -743,31 +844,193 @@ def _unit_job(args):
     return write_unit_shards(cfg, u, extra)
 
 
+def _sources_job(args) -> list[dict]:
+    """sha256 (and size) of the input files, for the manifest."""
+    return [_source(p) for p in args]
+
+
+def _serve(conn) -> None:
+    """Loop of a worker process: run ``(index, fn, args)`` messages until ``None``; answer
+    ``(index, True, result)`` or ``(index, False, exception)``."""
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent went away
+            return
+        if msg is None:
+            return
+        i, fn, args = msg
+        try:
+            reply = (i, True, fn(args))
+        except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+            reply = (i, False, e)
+        try:
+            conn.send(reply)
+        except Exception as e:  # an unpicklable result or exception
+            what = f"{type(reply[2]).__name__}: {reply[2]}"[:500]
+            conn.send((i, False, IngestError(f"an ingest worker could not send back {what} ({e!r})")))
+
+
+def _send_in_order(conn, outbox: queue.SimpleQueue) -> None:
+    """Send ``outbox``'s messages to one worker, in order, until ``None`` (sent too). In a thread:
+    a large message (a big unit's final codes) blocks until the worker reads it, which a busy
+    worker does only when its current job is done; the caller must not wait for that."""
+    while True:
+        msg = outbox.get()
+        try:
+            conn.send(msg)
+        except OSError:  # the worker is gone; the caller learns it from the connection
+            return
+        if msg is None:
+            return
+
+
 class _Workers:
-    """``workers`` processes for a list of unit jobs: the calling process runs the first job itself
-    and a pool of ``workers - 1`` forked processes the others (when there are as many jobs as
-    workers: the common case, and one fork fewer); otherwise a pool of ``workers``."""
+    """``workers`` processes for lists of unit jobs, forked once and used for stage 1, hashing the
+    inputs and stage 3. The calling process runs the first job itself and ``workers - 1`` forked
+    processes the others (when there are as many jobs as workers: the common case, and one fork
+    fewer); otherwise ``workers`` processes take the jobs as they become free.
+
+    A plain process per worker with a pipe (and a thread that feeds it), not
+    ``multiprocessing.Pool``: the pool's start (queues, locks, three handler threads) and teardown
+    took ~20 ms, all of it serial time that showed directly in the 2-worker speedup.
+    """
 
     def __init__(self, workers: int, n_jobs: int):
         self.main_too = workers > 1 and n_jobs == workers
         size = workers - 1 if self.main_too else workers
-        self.pool = None
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []  # the parent's end of each worker's pipe
+        self._outbox: dict[Any, queue.SimpleQueue] = {}  # connection -> messages to send
+        self._senders: list[threading.Thread] = []
+        self._pending: dict[int, Any] = {}  # sent job id -> its connection (no answer yet)
+        self._done: dict[int, tuple[bool, Any]] = {}
+        self._next_id = 0
+        self._deferred: list[tuple[Callable, Any, dict]] = []
+        self._stopped: set[Any] = set()
         if workers > 1 and n_jobs > 1 and size >= 1:
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self.pool = mp.get_context(method).Pool(min(size, n_jobs))
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            for k in range(min(size, n_jobs)):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_serve, args=(child,), name=f"ingest-worker-{k + 1}", daemon=True)
+                proc.start()
+                child.close()
+                outbox: queue.SimpleQueue = queue.SimpleQueue()
+                sender = threading.Thread(target=_send_in_order, args=(parent, outbox), daemon=True)
+                sender.start()
+                self.procs.append(proc)
+                self.conns.append(parent)
+                self._outbox[parent] = outbox
+                self._senders.append(sender)
+
+    def _send(self, conn, fn, args) -> int:
+        i = self._next_id
+        self._next_id += 1
+        self._pending[i] = conn
+        self._outbox[conn].put((i, fn, args))
+        return i
+
+    def _collect(self, conns) -> None:
+        """Receive one reply from each ready connection among ``conns``."""
+        for conn in mp_connection.wait(conns):
+            try:
+                i, ok, value = conn.recv()
+            except EOFError:
+                raise IngestError(
+                    "an ingest worker process died (killed, or out of memory?); run again with "
+                    "resume=true to continue from the last checkpoint"
+                ) from None
+            del self._pending[i]
+            self._done[i] = (ok, value)
+
+    def _result(self, i: int):
+        while i not in self._done:
+            self._collect([self._pending[i]])
+        ok, value = self._done.pop(i)
+        if not ok:
+            raise value
+        return value
+
+    def defer(self, fn, args) -> Callable[[], Any]:
+        """Queue ``fn(args)`` to run right after the last job of the next :meth:`map`, on the worker
+        process that gets that job: it fills the time that worker would wait for the others (with
+        no worker process: in a thread, once that map is done). Returns a function that waits for
+        the result."""
+        box: dict[str, Callable[[], Any]] = {}
+        self._deferred.append((fn, args, box))
+
+        def result():
+            if "result" not in box:
+                raise RuntimeError("a deferred job runs after the next map(); none has run yet")
+            return box["result"]()
+
+        return result
+
+    def _start_deferred(self, conn) -> None:
+        for fn, args, box in self._deferred:
+            if conn is None:
+                thread = ThreadPoolExecutor(1, thread_name_prefix=getattr(fn, "__name__", "job"))
+                box["result"] = thread.submit(fn, args).result
+                thread.shutdown(wait=False)
+            else:
+                box["result"] = functools.partial(self._result, self._send(conn, fn, args))
+        self._deferred = []
 
     def map(self, jobs: list) -> list:
-        if self.pool is None:
-            return [_unit_job(j) for j in jobs]
-        if not self.main_too:
-            return self.pool.map(_unit_job, jobs, chunksize=1)
-        rest = self.pool.map_async(_unit_job, jobs[1:], chunksize=1)
-        first = _unit_job(jobs[0])
-        return [first, *rest.get()]
+        if not self.procs:
+            results = [_unit_job(j) for j in jobs]
+            self._start_deferred(None)
+            return results
+        results: list[Any] = [None] * len(jobs)
+        todo = list(range(1 if self.main_too else 0, len(jobs)))
+        mine: dict[int, tuple[int, Any]] = {}  # sent id -> (job index, connection)
+        load = {c: 0 for c in self.conns}  # this map's jobs on each worker: one at a time (balance)
+
+        def hand_out() -> None:
+            for conn in self.conns:
+                if todo and not load[conn]:
+                    k = todo.pop(0)
+                    mine[self._send(conn, _unit_job, jobs[k])] = (k, conn)
+                    load[conn] += 1
+                    if not todo:  # the last job: the deferred ones queue behind it
+                        self._start_deferred(conn)
+
+        hand_out()
+        self._start_deferred(self.conns[0])  # (when this map had no job for the workers)
+        if self.main_too:
+            results[0] = _unit_job(jobs[0])
+        while mine:
+            self._collect(list(set(self._pending.values())))
+            for i in [i for i in mine if i in self._done]:
+                k, conn = mine.pop(i)
+                load[conn] -= 1
+                results[k] = self._result(i)
+            hand_out()
+        return results
+
+    def stop(self) -> None:
+        """Ask the idle workers to exit, without waiting: they exit while the caller finishes
+        (the manifest), and :meth:`close` then finds them gone."""
+        busy = set(self._pending.values())
+        for conn in self.conns:
+            if conn not in busy and conn not in self._stopped:
+                self._outbox[conn].put(None)
+                self._stopped.add(conn)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
+        """Stop the workers (terminate the busy ones: after an error) and wait for them."""
+        busy = set(self._pending.values())
+        for proc, conn in zip(self.procs, self.conns):
+            if conn in busy:
+                proc.terminate()
+                self._pending = {i: c for i, c in self._pending.items() if c is not conn}
+        self.stop()
+        for thread in self._senders:
+            thread.join()
+        for proc, conn in zip(self.procs, self.conns):
+            proc.join()
+            conn.close()
+        self.procs, self.conns, self._senders = [], [], []
 
 
 # ============================================================================ output dir
@@ -845,10 +1108,11 @@ def ingest(cfg: Any = None, **overrides) -> dict:
         return run_unit(c, part, resume=c["resume"])
     jobs = [("stage1", c, u, c["resume"]) for u in range(len(c["units"]))]
     pool = _Workers(int(c["workers"]), len(jobs))  # the same processes for stage 1 and stage 3
-    # sha256 of the inputs for the manifest, in a thread (hashlib releases the GIL); started after
-    # the pool has forked its workers
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-    sources = hasher.submit(lambda: [_source(p) for p in c["input"]])
+    # sha256 of the inputs for the manifest: queued behind the last stage-1 unit of a worker
+    # process (the main process has its own unit), or in a thread after stage 1 with one worker.
+    # Either way it runs while a core would otherwise wait for the other units or the serial
+    # resolve step, instead of taking CPU from stage 1.
+    sources = pool.defer(_sources_job, c["input"])
     try:
         t0 = time.perf_counter()
         pool.map(jobs)
@@ -857,7 +1121,6 @@ def ingest(cfg: Any = None, **overrides) -> dict:
             c["output_dir"], workers=int(c["workers"]), progress=c["progress"], _cfg=c, _pool=pool, _sources=sources
         )
     finally:
-        hasher.shutdown(wait=True, cancel_futures=True)
         pool.close()
 
 
@@ -867,7 +1130,7 @@ def merge(
     progress: bool = True,
     _cfg: dict | None = None,
     _pool=None,
-    _sources: Future | None = None,
+    _sources: Callable[[], list[dict]] | None = None,
 ) -> dict:
     """Resolve dedup and id conflicts over all units, write the shards and the manifest."""
     out = Path(output_dir).absolute()
@@ -952,6 +1215,7 @@ def merge(
             pool.close()
     else:
         results = _pool.map(jobs)
+        _pool.stop()
 
     log.info("stage 3 (shards): %.2fs", time.perf_counter() - t1)
     # manifest
@@ -986,7 +1250,7 @@ def merge(
         "format_version": FORMAT_VERSION,
         "vocab": tok.vocab(),
         "config": {k: cfg.get(k) for k in sorted(set(fp) | {"workers", "block_size", "merge_memory_mb"})},
-        "sources": _sources.result() if _sources is not None else [_source(p) for p in fp["input"]],
+        "sources": _sources() if _sources is not None else _sources_job(fp["input"]),
         "splits": splits,
         "n_records": n_records,
         "n_unique": n_unique,
@@ -1029,11 +1293,13 @@ def _length_stats(hist: np.ndarray) -> dict:
 
 
 def _source(path: str) -> dict:
+    """Path, sha256 and size of an input file (hashed from a memory map: no copy of the data)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(8 << 20), b""):
-            h.update(b)
-    return {"path": path, "sha256": h.hexdigest(), "bytes": os.path.getsize(path)}
+    size = os.path.getsize(path)
+    if size:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            h.update(data)
+    return {"path": path, "sha256": h.hexdigest(), "bytes": size}
 
 
 __all__ = [

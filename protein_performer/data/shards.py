@@ -12,6 +12,13 @@ Layout (the architecture contract)::
 A shard is written to ``<path>.tmp-<pid>`` and renamed into place with :func:`os.replace`, so a
 reader never sees a partial shard.
 
+Compression of the tokens: ``gzip`` is HDF5's standard deflate filter (readable by every HDF5 tool,
+no plugin). With ``gzip_strategy="huffman_only"`` the writer deflates each chunk itself with zlib's
+Huffman-only strategy and stores it with ``write_direct_chunk``: protein sequences have almost no
+LZ77 repeats, so skipping the match search is ~1.7x faster than level 1 and gives smaller chunks
+(52% vs 60% of the raw size on Swiss-Prot). The chunks are ordinary zlib streams, so the file is a
+plain gzip-filtered dataset to every reader.
+
 The reader keeps every shard's ``offsets`` in memory (8 bytes per sequence) and opens the HDF5 files
 lazily, once per process: it remembers the pid that opened them and reopens after a fork, and
 :meth:`ShardedDataset.__getstate__` drops the handles so a pickled copy (a DataLoader worker under
@@ -23,8 +30,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -35,6 +43,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test", "ood")
 MANIFEST_NAME = "manifest.json"
 DEFAULT_CHUNK_SIZE = 1 << 16  # 64 KiB of uint8 tokens per HDF5 chunk: ~200 sequences; one random read decompresses one chunk
+GZIP_STRATEGIES = ("default", "huffman_only")
 
 
 class ShardFormatError(RuntimeError):
@@ -42,6 +51,25 @@ class ShardFormatError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- writing
+def deflate_chunks_huffman(tokens: np.ndarray, chunk_size: int, level: int = 1) -> Iterator[bytes]:
+    """``tokens`` cut into chunks of ``chunk_size`` bytes, each a zlib stream (Huffman-only deflate).
+
+    The last chunk is padded with zeros to the full chunk size, as HDF5 itself stores an edge
+    chunk (the padding is outside the dataset's extent and never read). Each chunk gets its own
+    compressor: HDF5 inflates chunks independently. ``memLevel=9`` makes blocks of 32 Ki symbols
+    (two Huffman tables per 64 KiB chunk instead of four): a little faster, same size.
+    """
+    view = memoryview(np.ascontiguousarray(tokens, dtype=np.uint8)).cast("B")
+    n = len(view)
+    for start in range(0, n, chunk_size):
+        c = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+        part = c.compress(view[start : start + chunk_size])
+        pad = start + chunk_size - n
+        if pad > 0:
+            part += c.compress(bytes(pad))
+        yield part + c.flush()
+
+
 def _validate(path: Path, tokens: np.ndarray, offsets: np.ndarray, ids: Sequence[str], split: str) -> None:
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a flat 1-D array, got shape {tokens.shape}")
@@ -69,20 +97,24 @@ def write_shard(
     path: str | os.PathLike,
     tokens: np.ndarray,
     offsets: np.ndarray,
-    ids: Sequence[str],
+    ids: Sequence[str] | Sequence[bytes],
     split: str,
     vocab: dict[str, int],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     compression: str | None = "gzip",
     compression_opts: int | None = 4,
     attrs: dict[str, Any] | None = None,
+    gzip_strategy: str = "default",
 ) -> Path:
     """Write one shard atomically (``<path>.tmp-<pid>`` then :func:`os.replace`). Returns the path.
 
     ``tokens`` is the flat uint8 array of all residues (no separators), ``offsets`` the int64
     ``[n + 1]`` boundaries (``offsets[0] == 0``, non-decreasing, ``offsets[-1] == len(tokens)``),
-    ``ids`` the n record ids. ``compression`` is ``"gzip"`` (level ``compression_opts``), ``"lzf"``
-    or ``None``. Extra ``attrs`` are stored as HDF5 attributes (JSON-encoded when not scalar).
+    ``ids`` the n record ids (``str``, or ``bytes`` that are valid UTF-8: stored as they are).
+    ``compression`` is ``"gzip"`` (level ``compression_opts``), ``"lzf"`` or ``None``.
+    ``gzip_strategy="huffman_only"`` (gzip only) deflates the chunks here with zlib's Huffman-only
+    strategy (see the module docstring; the level then does not matter) instead of HDF5's filter.
+    Extra ``attrs`` are stored as HDF5 attributes (JSON-encoded when not scalar).
     """
     path = Path(path)
     tokens = np.ascontiguousarray(tokens)
@@ -97,20 +129,28 @@ def write_shard(
         compression_opts = None
     elif compression != "gzip":
         raise ValueError(f"{path}: compression must be 'gzip', 'lzf' or None, got {compression!r}")
+    if gzip_strategy not in GZIP_STRATEGIES:
+        raise ValueError(f"{path}: gzip_strategy must be one of {GZIP_STRATEGIES}, got {gzip_strategy!r}")
+    direct = compression == "gzip" and gzip_strategy == "huffman_only" and tokens.size > 0
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
             chunks = (max(1, min(int(chunk_size), tokens.size)),) if tokens.size else None
-            f.create_dataset(
+            dset = f.create_dataset(
                 "tokens",
-                data=tokens,
+                shape=tokens.shape,
+                data=None if direct else tokens,
                 dtype=np.uint8,
                 chunks=chunks,
                 compression=compression if tokens.size else None,
                 compression_opts=compression_opts if tokens.size else None,
             )
+            if direct:  # chunks deflated here; filter_mask=0: "the deflate filter was applied"
+                level = 1 if compression_opts is None else int(compression_opts)
+                for k, data in enumerate(deflate_chunks_huffman(tokens, chunks[0], level)):
+                    dset.id.write_direct_chunk((k * chunks[0],), data, filter_mask=0)
             f.create_dataset("offsets", data=offsets, dtype=np.int64)
             f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
             f.attrs["vocab"] = json.dumps(vocab)

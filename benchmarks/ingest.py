@@ -3,7 +3,9 @@
     python benchmarks/ingest.py [--input ../shared/data/swissprot2014_100k.fasta.gz] [--repeats 3]
 
 In one run, each measurement in its own fresh Python process (so peak RSS is that of the
-measurement alone; workers' RSS is read from RUSAGE_CHILDREN), best wall time of ``--repeats``:
+measurement alone; workers' RSS is read from RUSAGE_CHILDREN), best wall time of ``--repeats``
+rounds; the four cases run round-robin (one of each per round), so that on a shared machine the
+compared rows see the same load:
 
 1. parse only: iterate the .gz with ``Bio.SeqIO.FastaIO.SimpleFastaParser`` (text mode), counting
    records and residues: the baseline;
@@ -65,18 +67,29 @@ def _child(kind: str, path: str, out: str | None, workers: int) -> None:
     }))  # fmt: skip
 
 
-def _measure(kind: str, path: Path, out: Path | None, workers: int, repeats: int) -> dict:
-    runs = []
+def _run_once(kind: str, path: Path, out: Path | None, workers: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, str(path), str(out), str(workers)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _measure_round_robin(cases: dict[str, tuple], repeats: int) -> dict[str, dict]:
+    """Each case once per round, ``repeats`` rounds, so that the compared cases see the same phases
+    of a shared machine's load (measuring one case's repeats, then the next, compared different
+    minutes). Per case: the run with the best wall time, every wall time, the peak RSS of all runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
     for _ in range(repeats):
-        cmd = [sys.executable, __file__, "--child", kind, str(path), str(out), str(workers)]
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    best = min(runs, key=lambda x: x["wall_s"])
-    best["wall_s_all"] = [round(x["wall_s"], 3) for x in runs]
-    best["peak_rss_mb"] = max(max(x["peak_rss_mb"], x["peak_rss_children_mb"]) for x in runs)
-    return best
+        for name, args in cases.items():
+            runs[name].append(_run_once(*args))
+    rows = {}
+    for name, rs in runs.items():
+        best = dict(min(rs, key=lambda x: x["wall_s"]))
+        best["wall_s_all"] = [round(x["wall_s"], 3) for x in rs]
+        best["peak_rss_mb"] = max(max(x["peak_rss_mb"], x["peak_rss_children_mb"]) for x in rs)
+        rows[name] = best
+    return rows
 
 
 def _cores() -> int:
@@ -112,12 +125,12 @@ def main() -> int:
         plain = tmp / a.input.name.removesuffix(".gz")
         with gzip.open(a.input, "rb") as src, open(plain, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
-        rows = {
-            "parse-only SimpleFastaParser (.gz)": _measure("sfp", a.input, None, 1, a.repeats),
-            "ingest, 1 worker (.gz)": _measure("ingest", a.input, tmp / "o1gz", 1, a.repeats),
-            "ingest, 1 worker (plain)": _measure("ingest", plain, tmp / "o1", 1, a.repeats),
-            "ingest, 2 workers (plain)": _measure("ingest", plain, tmp / "o2", 2, a.repeats),
-        }
+        rows = _measure_round_robin({
+            "parse-only SimpleFastaParser (.gz)": ("sfp", a.input, None, 1),
+            "ingest, 1 worker (.gz)": ("ingest", a.input, tmp / "o1gz", 1),
+            "ingest, 1 worker (plain)": ("ingest", plain, tmp / "o1", 1),
+            "ingest, 2 workers (plain)": ("ingest", plain, tmp / "o2", 2),
+        }, a.repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()

@@ -513,6 +513,11 @@ def _records_with_family_token(headers: list[bytes], families: set[bytes]) -> li
     return [bisect_right(starts, pos) - 1 for pos in hits]
 
 
+def _take(keep: list[int], *columns: list) -> tuple[list, ...]:
+    """The records ``keep`` of each parallel per-record list (the valid ones, in order)."""
+    return tuple([col[i] for i in keep] for col in columns)
+
+
 def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
     """Validate and hash one batch whose sequences are already token bytes (see token_table).
 
@@ -549,11 +554,7 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
                 keep_idx.append(i)
                 continue
             rejects.append((fname, c_lines[i], rid.decode("utf-8", "replace"), reason, detail))
-        seqs = [seqs[i] for i in keep_idx]
-        c_ids = [c_ids[i] for i in keep_idx]
-        c_lines = [c_lines[i] for i in keep_idx]
-        headers = [headers[i] for i in keep_idx]
-        words = [words[i] for i in keep_idx]
+        seqs, c_ids, c_lines, headers, words = _take(keep_idx, seqs, c_ids, c_lines, headers, words)
         joined = None
     mn, mx = ctx["min_len"], ctx["max_len"]
     if mn is not None or mx is not None:
@@ -569,11 +570,7 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
                 continue
             rejects.append((fname, c_lines[i], c_ids[i].decode("utf-8", "replace"), reason, detail))
         if len(keep_idx) < len(seqs):
-            seqs = [seqs[i] for i in keep_idx]
-            c_ids = [c_ids[i] for i in keep_idx]
-            c_lines = [c_lines[i] for i in keep_idx]
-            headers = [headers[i] for i in keep_idx]
-            words = [words[i] for i in keep_idx]
+            seqs, c_ids, c_lines, headers, words = _take(keep_idx, seqs, c_ids, c_lines, headers, words)
             joined = None
     if rejects:
         rejects.sort(key=lambda r: r[1])

@@ -185,16 +185,15 @@ def generate(
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, length >= 1) token ids, got {tuple(prompt.shape)}")
     logits_all, state = prefill(model, prompt)
-    logits = logits_all[:, -1]
-    tokens, drawn = [prompt], []
-    for i in range(n_tokens):
-        drawn.append(logits)
-        nxt = sample_next(logits, temperature, generator, allowed)
-        tokens.append(nxt[:, None])
-        if i + 1 < n_tokens:
-            logits, state = step(model, nxt, state)
-    out = torch.cat(tokens, dim=1)
-    return (out, torch.stack(drawn, dim=1)) if return_logits else out
+
+    def next_logits(i: int, last: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
+        nonlocal state
+        if i == 0:
+            return logits_all[:, -1]
+        logits, state = step(model, last, state)
+        return logits
+
+    return _sample_tokens(prompt, n_tokens, temperature, generator, allowed, return_logits, next_logits)
 
 
 @torch.no_grad()
@@ -210,9 +209,21 @@ def generate_recompute(
     """The reference for :func:`generate`: every new token recomputes ``model(prefix)`` in full
     (the chunked causal FAVOR+ or exact attention over the whole prefix). Same arguments, same
     sampling; with the same generator state both return the same tokens."""
-    tokens, drawn = prompt, []
-    for _ in range(n_tokens):
-        logits = model(tokens)["logits"][:, -1]
+    def next_logits(i: int, last: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
+        return model(torch.cat(tokens, dim=1))["logits"][:, -1]
+
+    return _sample_tokens(prompt, n_tokens, temperature, generator, allowed, return_logits, next_logits)
+
+
+def _sample_tokens(prompt, n_tokens, temperature, generator, allowed, return_logits, next_logits):
+    """The sampling loop shared by :func:`generate` and :func:`generate_recompute`: token i is drawn
+    from ``next_logits(i, previous token (b,) or None, tokens so far)``, so both draw from the
+    generator in the same order. Returns tokens (b, p + n_tokens) [, logits (b, n_tokens, vocab)]."""
+    tokens, drawn, last = [prompt], [], None
+    for i in range(n_tokens):
+        logits = next_logits(i, last, tokens)
         drawn.append(logits)
-        tokens = torch.cat([tokens, sample_next(logits, temperature, generator, allowed)[:, None]], dim=1)
-    return (tokens, torch.stack(drawn, dim=1)) if return_logits else tokens
+        last = sample_next(logits, temperature, generator, allowed)
+        tokens.append(last[:, None])
+    out = torch.cat(tokens, dim=1)
+    return (out, torch.stack(drawn, dim=1)) if return_logits else out

@@ -32,3 +32,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--reverse-order", action="store_true", default=False,
+        help="run the collected tests in reverse order (checks that no test depends on another's leftovers)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()

@@ -27,6 +27,8 @@ import numpy as np
 from Bio.Align import PairwiseAligner, substitution_matrices
 from Bio.PDB import MMCIFParser, PDBParser
 
+from protein_performer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 THREE_TO_ONE = {
@@ -43,7 +45,7 @@ MAX_BONDED_CA_DISTANCE = 4.2
 GAP_PLACEHOLDER = "X"
 
 
-class StructureError(ValueError):
+class StructureError(UserError, ValueError):
     """A structure file or chain that cannot be used; the message names the file and chain."""
 
 

@@ -39,12 +39,14 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from protein_performer.errors import UserError
+
 GZIP_MAGIC = b"\x1f\x8b"
 _WHITESPACE = b"\n\r \t\v\f"
 DEFAULT_BLOCK_SIZE = 1 << 20  # 1 MiB: a block's several passes stay in L2 (4 MiB was ~20% slower)
 
 
-class FastaFormatError(ValueError):
+class FastaFormatError(UserError, ValueError):
     """The input is not a readable FASTA file. ``path`` and ``line`` (1-based, or None) say where."""
 
     def __init__(self, path: str | os.PathLike, message: str, line: int | None = None):

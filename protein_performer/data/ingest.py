@@ -87,6 +87,7 @@ from tqdm import tqdm
 from protein_performer.data.fasta import FastaFormatError, count_newlines, is_gzip, iter_batches, open_binary
 from protein_performer.data.shards import GZIP_STRATEGIES, SPLITS, write_shard
 from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ _SPTR = (b"sp|", b"tr|")
 _M64 = (1 << 64) - 1
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """An ingestion that cannot go on; the message says where and what to do."""
 
 

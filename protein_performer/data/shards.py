@@ -37,6 +37,8 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
+from protein_performer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -46,7 +48,7 @@ DEFAULT_CHUNK_SIZE = 1 << 16  # 64 KiB of uint8 tokens per HDF5 chunk: ~200 sequ
 GZIP_STRATEGIES = ("default", "huffman_only")
 
 
-class ShardFormatError(RuntimeError):
+class ShardFormatError(UserError, RuntimeError):
     """A manifest or shard is missing, corrupt or of another format version."""
 
 

@@ -113,7 +113,12 @@ def test_multimember_gzip(tmp_path, sample_records):
         (b"MKVLAAGIVGLLLA\n>sp|P1|X\nMKV\n", "not FASTA", 1),
         (b"\n\nACGT\n", "not FASTA", 3),
         (b"\x89HDF\r\n\x1a\n\x00\x00\x00", "binary", 1),
-        (">id\nMKV\n".encode() + "é".encode() * 10, "binary", 1),
+        (b"\xef\xbb\xbf\n \n", "empty file", None),  # a UTF-8 byte-order mark and blanks
+        (b">id\nMKV\n\nMK\x00\x00\x00V\n", "binary content .a NUL byte.", 4),
+        (b">id\nMKV\n" + bytes(range(1, 32)) * 40, "binary content .*control bytes", 3),
+        (b"BZh91AY&SY\x12\x34", "bzip2-compressed", 1),
+        (">id\nMKV\n".encode("utf-16"), "UTF-16", 1),
+        ("\ufeffMKV\n>id\n".encode(), "not FASTA", 1),
     ],
 )
 def test_unreadable_plain_input(tmp_path, content, match, line):

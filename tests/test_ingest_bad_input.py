@@ -215,15 +215,15 @@ def test_errors_in_worker_processes_reach_the_caller(real, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("bad_id", [False, True])
 def test_non_ascii_ids_are_stored_as_utf8(real, tmp_path, bad_id):
-    """Ids go to HDF5 as they are when the unit's ids are valid UTF-8, else decoded with
-    replacement characters: either way the shard holds valid UTF-8 that reads back."""
+    """Ids go to HDF5 as they are when the unit's ids are valid UTF-8, else decoded as
+    Windows-1252 / Latin-1 (fasta.decode_header): either way the shard holds valid UTF-8 that reads back."""
     import h5py
 
-    head = "".join(f">{h}\n{s}\n" for h, s in real[2:12]).encode()  # ASCII first: the binary check reads 1 KiB
+    head = "".join(f">{h}\n{s}\n" for h, s in real[2:12]).encode()
     weird = b"\xff\xfeid" if bad_id else "\u00e9t\u00e9-\u03b1".encode()
     p = tmp_path / "ids.fa"
     p.write_bytes(head + b">" + weird + b" desc\n" + real[0][1].encode() + b"\n>plain_id\n" + real[1][1].encode() + b"\n")
     m = ingest(input=str(p), output_dir=str(tmp_path / "o"), progress=False, fractions={"train": 1.0, "valid": 0.0, "test": 0.0})
     with h5py.File(tmp_path / "o" / m["splits"]["train"]["shards"][0]["path"], "r") as f:
         ids = list(f["ids"].asstr()[:])
-    assert ids[-2:] == [weird.decode("utf-8", "replace"), "plain_id"] and len(ids) == 12
+    assert ids[-2:] == ["\u00e9t\u00e9-\u03b1" if not bad_id else "\u00ff\u00feid", "plain_id"] and len(ids) == 12

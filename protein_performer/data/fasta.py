@@ -20,13 +20,24 @@ numbers are then counted from the first record of the range (``line0`` sets the 
 A gzip input is inflated by ``zlib`` in a read-ahead thread (zlib releases the GIL), so the
 decompression of the next blocks overlaps the parsing of the current one.
 
+Text encodings. A header is any bytes up to the end of its line: the reader never decodes it.
+:func:`decode_header` turns it into text for the ids and messages: UTF-8 when the bytes are valid
+UTF-8 (the usual case, and every ASCII header), otherwise Windows-1252 as web browsers read it
+(the WHATWG encoding standard: Latin-1's letters plus curly quotes, dashes and the euro sign in
+0x80-0x9f; the five bytes Windows-1252 leaves undefined are read as Latin-1). That decoding never
+fails and loses nothing: every byte maps to its own character. A UTF-8 byte-order mark at the start
+of the file is skipped. Non-ASCII bytes in a *sequence* line are not residues: the record is
+rejected by ingestion (``invalid_character``), the rest of the file is read.
+
 Bad input raises :class:`FastaFormatError`, which names the file (and the line where it applies):
-data before the first ``>`` (not FASTA), binary content (NUL or non-ASCII bytes in the first KiB),
-an empty file, a truncated or corrupt gzip stream.
+data before the first ``>`` (not FASTA); binary content: a NUL byte anywhere (checked per block,
+one ``memchr``), a large share of control bytes in the first block, a file compressed with another
+tool than gzip, UTF-16/32 text; an empty file; a truncated or corrupt gzip stream.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import queue
@@ -60,12 +71,62 @@ class FastaFormatError(UserError, ValueError):
         return (self.__class__, (self.path, self.message, self.line))
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+# bytes that no text file holds, except NUL (always binary, checked on its own): C0 controls other
+# than tab, newline, vertical tab, form feed and carriage return, and DEL
+_CONTROL = bytes([*range(1, 9), *range(14, 32), 127])
+_CONTROL_RE = re.compile(b"[" + re.escape(_CONTROL) + b"]")
+BINARY_CONTROL_SHARE = 0.05  # more control bytes than this in the first block: binary (text has ~0)
+_MAGIC = (  # other compressed or binary formats, named in the message
+    (b"BZh", "bzip2-compressed: decompress it (`bunzip2 -k`) or recompress it with gzip"),
+    (b"\xfd7zXZ\x00", "xz-compressed: decompress it (`unxz -k`) or recompress it with gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it (`unzstd`) or recompress it with gzip"),
+    (b"PK\x03\x04", "a zip archive: unzip it and give the FASTA file inside"),
+    (b"\x89HDF", "an HDF5 file (shards?): give the FASTA file"),
+    (b"\xff\xfe", "UTF-16/32 text: save it as UTF-8 or ASCII (`iconv -f UTF-16 -t UTF-8`)"),
+    (b"\xfe\xff", "UTF-16/32 text: save it as UTF-8 or ASCII (`iconv -f UTF-16 -t UTF-8`)"),
+)
+_FALLBACK_ERRORS = "protein_performer.latin1"
+
+
+def _latin1_for_undefined(e: UnicodeDecodeError) -> tuple[str, int]:
+    # the five bytes Windows-1252 leaves undefined (0x81 0x8d 0x8f 0x90 0x9d) read as Latin-1, as
+    # the WHATWG "windows-1252" decoder does: every byte then has a character
+    return "".join(map(chr, e.object[e.start : e.end])), e.end
+
+
+codecs.register_error(_FALLBACK_ERRORS, _latin1_for_undefined)
+
+
+def decode_header(raw: bytes) -> str:
+    """Text of a header (or an id from it): UTF-8 when valid, else Windows-1252 (Latin-1 for its
+    five undefined bytes). Never fails; distinct bytes give distinct text."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", _FALLBACK_ERRORS)
+
+
+def decode_ids(blob: bytes, sep: bytes = b"\n") -> list[str]:
+    """``blob.split(sep)`` decoded with :func:`decode_header`: one decode of the whole blob when it
+    is valid UTF-8 (the usual case), one per id only otherwise."""
+    try:
+        return blob.decode("utf-8").split(sep.decode())
+    except UnicodeDecodeError:
+        return [decode_header(b) for b in blob.split(sep)]
+
+
 @dataclass
 class FastaRecord:
     header: bytes  # header line without '>' and line terminator
     sequence: bytes  # residues, whitespace removed, case and trailing '*' kept
     line: int  # 1-based line number of the header
     offset: int  # byte offset of '>' in the decompressed stream
+
+    @property
+    def header_text(self) -> str:
+        """The header as text (see :func:`decode_header`)."""
+        return decode_header(self.header)
 
     @property
     def has_sequence_lines(self) -> bool:
@@ -227,20 +288,47 @@ def _gzip_error(path, e: BaseException) -> FastaFormatError:
     )
 
 
-def _check_head(path, head: bytes) -> None:
-    """Reject binary and non-FASTA content from the first bytes of a file (start of stream only)."""
-    probe = head[:1024]
-    if b"\x00" in probe or any(b >= 0x80 for b in probe):
-        raise FastaFormatError(
-            path,
-            "binary content (NUL or non-ASCII bytes in the first KiB): not a FASTA file. "
-            "Give a plain or gzip-compressed FASTA file.",
-            line=1,
-        )
+def _binary_error(path, block: bytes, pos: int, line0: int, what: str) -> FastaFormatError:
+    line = line0 + block.count(b"\n", 0, pos)
+    return FastaFormatError(
+        path,
+        f"binary content ({what}): not a FASTA text file, or a damaged one. Give a plain or "
+        "gzip-compressed FASTA file (if this one was cut short or zero-filled by a failed copy, "
+        "copy or download it again).",
+        line=line,
+    )
+
+
+def _check_nul(path, buf: bytes, new: int, line0: int) -> None:
+    """A NUL byte anywhere makes the file binary. ``buf`` starts at line ``line0``; only its last
+    ``new`` bytes (just read) are searched: one ``memchr`` per read, cheap."""
+    i = buf.find(b"\x00", len(buf) - new)
+    if i >= 0:
+        raise _binary_error(path, buf, i, line0, "a NUL byte")
+
+
+def _check_head(path, head: bytes, line0: int = 1) -> None:
+    """Reject binary and non-FASTA content from the first block of a file (start of stream only).
+
+    Binary: a known magic number (other compression tools, HDF5, UTF-16), a NUL byte, or more
+    than :data:`BINARY_CONTROL_SHARE` control bytes; all judged on the whole first block,
+    headers and sequence lines alike. Bytes >= 0x80 are text (headers in UTF-8, Latin-1, ...).
+    """
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise FastaFormatError(path, f"binary content, not a FASTA text file: {what}.", line=1)
+    i = head.find(b"\x00")
+    if i >= 0:
+        raise _binary_error(path, head, i, line0, "a NUL byte")
+    n_control = len(head) - len(head.translate(None, _CONTROL))
+    if n_control > BINARY_CONTROL_SHARE * len(head):
+        m = _CONTROL_RE.search(head)
+        share = f"{n_control} control bytes in the first {len(head)} bytes"
+        raise _binary_error(path, head, m.start() if m else 0, line0, share)
     stripped = head.lstrip(_WHITESPACE)
     if stripped and not stripped.startswith(b">"):
-        line = head[: len(head) - len(stripped)].count(b"\n") + 1
-        first = stripped.split(b"\n", 1)[0][:60].decode("ascii", "replace")
+        line = line0 + head[: len(head) - len(stripped)].count(b"\n")
+        first = decode_header(stripped.split(b"\n", 1)[0][:60])
         raise FastaFormatError(
             path,
             f"not FASTA: data before the first '>' header ({first!r}). A FASTA file starts with "
@@ -303,19 +391,19 @@ def _iter_batches(fh, path, start, end, line0, block_size, table=None) -> Iterat
             keep = buf[-1:]
             pos += len(buf) - 1
             buf = keep
+        _check_nul(path, buf, len(buf), line0)
     else:
         buf = _read(fh, block_size)
-        if not buf.strip(_WHITESPACE):
-            rest = buf
-            while rest and not rest.strip(_WHITESPACE):
-                rest = _read(fh, block_size)
-            if not rest:
+        bom = len(_UTF8_BOM) if buf.startswith(_UTF8_BOM) else 0
+        while not buf[bom:].strip(_WHITESPACE):  # blank so far: read on (blank lines are kept for the line count)
+            more = _read(fh, block_size)
+            if not more:
                 raise FastaFormatError(
                     path, "empty file: no FASTA record. Check the path (the download may have failed)."
                 )
-            buf = buf + rest
-        _check_head(path, buf)
-        lead = len(buf) - len(buf.lstrip(_WHITESPACE))
+            buf += more
+        _check_head(path, buf[bom:], line0)
+        lead = bom + len(buf[bom:]) - len(buf[bom:].lstrip(_WHITESPACE))
         line0 += buf[:lead].count(b"\n")
         buf = buf[lead:]
         pos = lead
@@ -330,6 +418,7 @@ def _iter_batches(fh, path, start, end, line0, block_size, table=None) -> Iterat
             if more:
                 buf += more
                 consumed_since += len(more)
+                _check_nul(path, buf, len(more), line)
             else:
                 eof = True
         if eof:
@@ -444,10 +533,13 @@ def find_record_start(path: str | os.PathLike, offset: int, block_size: int = 1 
 
 
 __all__ = [
+    "BINARY_CONTROL_SHARE",
     "Batch",
     "FastaFormatError",
     "FastaRecord",
     "count_newlines",
+    "decode_header",
+    "decode_ids",
     "find_record_start",
     "is_gzip",
     "iter_batches",

@@ -84,7 +84,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from protein_performer.data.fasta import FastaFormatError, count_newlines, is_gzip, iter_batches, open_binary
+from protein_performer.data.fasta import (
+    FastaFormatError, count_newlines, decode_header, decode_ids, find_record_start, is_gzip, iter_batches, open_binary,
+)  # fmt: skip
 from protein_performer.data.shards import GZIP_STRATEGIES, SPLITS, write_shard
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import UserError
@@ -431,6 +433,12 @@ def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict
             bar.update(len(batch))
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{(state['n_residues'] - res0) / dt / 1e6:.1f}M res/s", refresh=False)
+    except FastaFormatError as e:
+        if e.line is None or unit["start"] == 0:
+            raise
+        # a byte range counts its lines from its first record: make the line absolute
+        first = find_record_start(path, unit["start"])
+        raise FastaFormatError(e.path, e.message, line=e.line + count_newlines(path, first)) from None
     finally:
         files.close()
         bar.close()
@@ -514,6 +522,14 @@ def _records_with_family_token(headers: list[bytes], families: set[bytes]) -> li
     return [bisect_right(starts, pos) - 1 for pos in hits]
 
 
+def _tsv(text: str) -> str:
+    """A field of rejects.tsv: no tab or line break inside (an id never has one; be safe)."""
+    return text.translate(_TSV_SAFE) if ("\t" in text or "\r" in text or "\n" in text) else text
+
+
+_TSV_SAFE = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
+
+
 def _take(keep: list[int], *columns: list) -> tuple[list, ...]:
     """The records ``keep`` of each parallel per-record list (the valid ones, in order)."""
     return tuple([col[i] for i in keep] for col in columns)
@@ -554,7 +570,7 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
             else:
                 keep_idx.append(i)
                 continue
-            rejects.append((fname, c_lines[i], rid.decode("utf-8", "replace"), reason, detail))
+            rejects.append((fname, c_lines[i], _tsv(decode_header(rid)), reason, detail))
         seqs, c_ids, c_lines, headers, words = _take(keep_idx, seqs, c_ids, c_lines, headers, words)
         joined = None
     mn, mx = ctx["min_len"], ctx["max_len"]
@@ -569,7 +585,7 @@ def _process_batch(batch, ctx) -> tuple[np.ndarray, np.ndarray, bytes, list]:
             else:
                 keep_idx.append(i)
                 continue
-            rejects.append((fname, c_lines[i], c_ids[i].decode("utf-8", "replace"), reason, detail))
+            rejects.append((fname, c_lines[i], _tsv(decode_header(c_ids[i])), reason, detail))
         if len(keep_idx) < len(seqs):
             seqs, c_ids, c_lines, headers, words = _take(keep_idx, seqs, c_ids, c_lines, headers, words)
             joined = None
@@ -755,7 +771,8 @@ def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> dict:
     if ids_path.stat().st_size < (64 << 20):
         ids_src: Any = ids_path.read_bytes()
         # valid UTF-8 (the usual case, checked once): the ids go to HDF5 as bytes, saving a decode
-        # here and an encode in h5py per id; otherwise each is decoded with replacement characters
+        # here and an encode in h5py per id; otherwise each is decoded by fasta.decode_header
+        # (UTF-8 when valid, else Windows-1252/Latin-1) and stored as UTF-8
         ids_utf8 = _is_utf8(ids_src)
     else:
         with open(ids_path, "rb") as fh:
@@ -789,7 +806,7 @@ def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> dict:
         ids: list[bytes] | list[str] = []
         for a, b in zip(i_s[run_s].tolist(), i_e[run_e].tolist()):  # one id per line
             lines = ids_src[a : b - 1]
-            ids += lines.split(b"\n") if ids_utf8 else lines.decode("utf-8", "replace").split("\n")
+            ids += lines.split(b"\n") if ids_utf8 else decode_ids(lines)
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         write_shard(
             path, tokens, offsets, ids, split, vocab, chunk_size=cfg["chunk_size"],
@@ -1182,7 +1199,7 @@ def merge(
                 blob = (_unit_dir(out, u) / "ids.bin").read_bytes()
                 id_cache[u] = (blob, np.concatenate([[0], np.cumsum(np.asarray(recs[u]["id_len"], np.int64) + 1)]))
             blob, io_ = id_cache[u]
-            return blob[io_[i] : io_[i + 1] - 1].decode("utf-8", "replace")
+            return _tsv(decode_header(blob[io_[i] : io_[i + 1] - 1]))
 
         for u, lst in enumerate(conflicts):
             unit = fp["units"][u]

@@ -21,6 +21,19 @@ Layout (``FORMAT_VERSION`` 1)::
 Groups keep the order they were written in. Datasets are gzip-compressed, one chunk per (layer,
 all heads). :class:`MapsFile` reads one group at a time (lazily); :func:`read_maps` iterates over
 the records of a file.
+
+Two root attributes were added to layout version 1 (readers of older files ignore nothing):
+
+* ``vocab`` (JSON list of the tokenizer's tokens, id order): which ids ``tokens`` hold. A file
+  with another vocabulary is refused (:class:`MapsFormatError`); a file without the attribute
+  (written before it existed, or by another program) has each record's ``tokens`` checked
+  against its ``sequence`` instead.
+* ``incomplete`` (str), the completion marker: :class:`MapsWriter` writes it first, before any
+  record, and deletes it only when the file is closed after a successful write. A file that
+  still carries it was never finished (the writer was killed or failed) and every reader refuses
+  it with :class:`~protein_performer.errors.IncompleteOutputError`. Files written before the
+  marker existed never carry it, so they stay readable as complete: they were only ever seen
+  under their final name after a complete write (export renames a finished ``.partial``).
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -36,11 +50,34 @@ import h5py
 import numpy as np
 
 from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.errors import IncompleteOutputError, UserError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-LAYOUT_ATTRS = ("format_version", "model_config", "checkpoint_sha256", "causal")
+INCOMPLETE_ATTR = "incomplete"
+INCOMPLETE_VALUE = "writing started and not finished"
+VOCAB_ATTR = "vocab"
+LAYOUT_ATTRS = ("format_version", "model_config", "checkpoint_sha256", "causal", INCOMPLETE_ATTR, VOCAB_ATTR)
+PARTIAL_SUFFIX = ".partial"  # export writes <output>.partial and renames it when complete
+
+
+class MapsFormatError(UserError, ValueError):
+    """A maps file that is not one (not HDF5, another layout version or vocabulary, corrupted)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def incomplete_message(path: str | Path) -> str:
+    return (f"{path}: incomplete: the export was interrupted (the file was never finished); "
+            "rerun the export with resume=true (or overwrite=true to start it again)")
+
+
+def vocab_json() -> str:
+    """The ``vocab`` attribute: the tokenizer's tokens in id order, as JSON."""
+    return json.dumps(Tokenizer().tokens)
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -91,10 +128,12 @@ class MapsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._h5 = h5py.File(self.path, "w", track_order=True)  # groups keep write order
         cfg = model_config if isinstance(model_config, str) else json.dumps(model_config or {}, default=str)
+        self._h5.attrs[INCOMPLETE_ATTR] = INCOMPLETE_VALUE  # first: removed by close() after a complete write
         self._h5.attrs["format_version"] = FORMAT_VERSION
         self._h5.attrs["model_config"] = cfg
         self._h5.attrs["checkpoint_sha256"] = checkpoint_sha256 or ""
         self._h5.attrs["causal"] = bool(causal)
+        self._h5.attrs[VOCAB_ATTR] = vocab_json()
         self._comp = dict(compression=compression, compression_opts=compression_opts) if compression else {}
         self._tokenizer = Tokenizer(unknown="X")
         self.n_records = 0
@@ -213,15 +252,53 @@ class MapsWriter:
         self.n_records += 1
         return grp
 
+    def copy_record(self, src: h5py.Group) -> "LayerRecord":
+        """Write a copy of the record ``src`` (a group of another maps file) with the same calls, in
+        the same order, as export wrote it (:meth:`begin_layers` with the group's extra attributes
+        in name order, each layer's stored maps, then the embeddings), so that a file rebuilt from
+        copies is byte-identical to the original. Returns the finished record."""
+        extra = {k: src.attrs[k] for k in sorted(src.attrs) if k not in _RECORD_ATTRS}
+        stored = [w for w in ("attentions", "apc") if w in src]
+        n_layers, n_heads = src[stored[0]].shape[:2] if stored else (0, 0)
+        with self.begin_layers(_str(src.attrs["id"]), _str(src.attrs["sequence"]), n_layers, n_heads,
+                               tokens=src["tokens"][()], source=_str(src.attrs.get("source", "")),
+                               attentions="attentions" in src, apc="apc" in src, attrs=extra) as record:
+            for n in range(n_layers):
+                record.write_stored_layer(*(src[w][n] if w in src else None for w in ("attentions", "apc")))
+            if "embeddings" in src:
+                emb = src["embeddings"]
+                record.add_embeddings(mean=emb["mean"][()] if "mean" in emb else None,
+                                      per_token=emb["per_token"][()] if "per_token" in emb else None)
+        return record
+
+    def flush(self) -> None:
+        """Write what HDF5 holds in memory to the file (export calls it after every record)."""
+        self._h5.flush()
+
     def close(self) -> None:
+        """Finish the file: remove the ``incomplete`` marker, then close."""
         if self._h5.id.valid:
+            if INCOMPLETE_ATTR in self._h5.attrs:
+                del self._h5.attrs[INCOMPLETE_ATTR]
             self._h5.close()
+
+    def abort(self) -> None:
+        """Close without finishing: the file keeps its ``incomplete`` marker (readers refuse it).
+        Errors on the way out (a full disk) are logged, not raised over the original one."""
+        if self._h5.id.valid:
+            try:
+                self._h5.close()
+            except Exception as e:  # the error that made us abort is the one to report
+                log.debug("%s: closing an aborted maps file failed: %s", self.path, e)
 
     def __enter__(self) -> "MapsWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class LayerRecord:
@@ -235,6 +312,12 @@ class LayerRecord:
         self.length, self.n_layers, self.n_heads = length, n_layers, n_heads
         self.layers_written = 0
         self._writer, self._grp, self._datasets = writer, grp, datasets
+        self._crc = {"record": _record_head_crc(grp), "attentions": 0, "apc": 0, "mean": 0, "per_token": 0}
+
+    @property
+    def checksum(self) -> str:
+        """CRC-32s of what the record stored (see :func:`record_checksum`), as written."""
+        return _checksum_str(self._crc)
 
     def write_layer(self, maps: np.ndarray) -> None:
         """Store the next layer's maps (heads, L, L), special tokens dropped: as float16, and their
@@ -244,10 +327,22 @@ class LayerRecord:
         if n >= self.n_layers or maps.shape != (self.n_heads, L, L):
             raise ValueError(f"{self.record_id}: layer {n} shape {maps.shape}, expected {self.n_layers} "
                              f"layers of ({self.n_heads}, {L}, {L})")
-        if "attentions" in self._datasets:
-            self._datasets["attentions"][n] = maps.astype(np.float16)
-        if "apc" in self._datasets:
-            self._datasets["apc"][n] = apc_maps(maps).astype(np.float16)
+        self.write_stored_layer(maps.astype(np.float16) if "attentions" in self._datasets else None,
+                                apc_maps(maps).astype(np.float16) if "apc" in self._datasets else None)
+
+    def write_stored_layer(self, attentions: np.ndarray | None, apc: np.ndarray | None) -> None:
+        """Store the next layer as given (float16 arrays (heads, L, L), e.g. copied from another
+        file); a dataset the record keeps needs its array."""
+        n, L = self.layers_written, self.length
+        for what, arr in (("attentions", attentions), ("apc", apc)):
+            if what not in self._datasets:
+                continue
+            arr = np.ascontiguousarray(arr, dtype=np.float16)
+            if n >= self.n_layers or arr.shape != (self.n_heads, L, L):
+                raise ValueError(f"{self.record_id}: layer {n} {what} shape {arr.shape}, expected {self.n_layers} "
+                                 f"layers of ({self.n_heads}, {L}, {L})")
+            self._datasets[what][n] = arr
+            self._crc[what] = zlib.crc32(arr.tobytes(), self._crc[what])
         self.layers_written = n + 1
 
     def add_embeddings(self, mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> None:
@@ -255,6 +350,9 @@ class LayerRecord:
         storage as :meth:`MapsWriter.add`'s ``mean`` / ``per_token``)."""
         per_token = self._writer._per_token(self.record_id, self.length, per_token)
         self._writer._write_embeddings(self._grp, mean, per_token)
+        for what, arr in (("mean", mean), ("per_token", per_token)):
+            if arr is not None:
+                self._crc[what] = zlib.crc32(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
 
     def __enter__(self) -> "LayerRecord":
         return self
@@ -265,6 +363,44 @@ class LayerRecord:
             raise ValueError(f"{self.record_id}: got {self.layers_written} layers, expected {self.n_layers}")
         if exc_type is not None:
             self._writer.discard(self.name)  # no half-written record stays behind
+
+
+_RECORD_ATTRS = ("id", "sequence", "source")
+
+
+def _record_head_crc(grp: h5py.Group) -> int:
+    """CRC-32 of a record's attributes (the extra ones in name order) and tokens."""
+    head = json.dumps([[k, _plain_attr(grp.attrs[k])] for k in _RECORD_ATTRS if k in grp.attrs]
+                      + [[k, _plain_attr(grp.attrs[k])] for k in sorted(grp.attrs) if k not in _RECORD_ATTRS])
+    return zlib.crc32(np.ascontiguousarray(grp["tokens"][()], dtype=np.uint8).tobytes(), zlib.crc32(head.encode()))
+
+
+def _plain_attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v
+
+
+def _checksum_str(crc: dict[str, int]) -> str:
+    return "crc32:" + ":".join(f"{crc[k]:08x}" for k in ("record", "attentions", "apc", "mean", "per_token"))
+
+
+def record_checksum(grp: h5py.Group) -> str:
+    """CRC-32s of everything a record stores: attributes + tokens, the attention maps (layer by
+    layer), the APC maps, the mean and per-token embeddings. Equal to the :attr:`LayerRecord.checksum`
+    its writer computed, so export's resume can tell an intact record from a damaged one."""
+    crc = {"record": _record_head_crc(grp), "attentions": 0, "apc": 0, "mean": 0, "per_token": 0}
+    for what in ("attentions", "apc"):
+        if what in grp:
+            ds = grp[what]
+            for n in range(ds.shape[0]):
+                crc[what] = zlib.crc32(np.ascontiguousarray(ds[n], dtype=np.float16).tobytes(), crc[what])
+    if "embeddings" in grp:
+        for what in ("mean", "per_token"):
+            if what in grp["embeddings"]:
+                arr = np.ascontiguousarray(grp["embeddings"][what][()], dtype=np.float32)
+                crc[what] = zlib.crc32(arr.tobytes())
+    return _checksum_str(crc)
 
 
 def write_maps(path: str | Path, records: Iterable[MapsRecord | dict], model_config: dict | None = None,
@@ -290,29 +426,53 @@ class MapsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise MapsFormatError(f"{self.path}: is a directory, but a maps.h5 file is expected here")
         if not self.path.is_file():
-            raise FileNotFoundError(f"maps file not found: {self.path}")
+            raise MissingFileError(f"maps file not found: {self.path}")
+        if self.path.name.endswith(PARTIAL_SUFFIX):
+            raise IncompleteOutputError(incomplete_message(self.path))
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
-            raise ValueError(f"{self.path}: not an HDF5 maps file ({e})") from e
-        version = self._h5.attrs.get("format_version")
-        if version is None or int(version) != FORMAT_VERSION:
+            raise MapsFormatError(f"{self.path}: not an HDF5 maps file, or a truncated / corrupted one "
+                                  f"({_first_line(e)}); export it again") from e
+        try:
+            self._check_header()
+            self.groups = list(self._h5.keys())
+            self._by_id = {_str(self._h5[g].attrs["id"]): g for g in self.groups}
+            self._id_by_source = {}
+            for g in self.groups:
+                src = _str(self._h5[g].attrs.get("source", ""))
+                if src:
+                    self._id_by_source.setdefault(src, _str(self._h5[g].attrs["id"]))
+        except UserError:
             self._h5.close()
-            raise ValueError(f"{self.path}: format_version {version!r}, this reader knows {FORMAT_VERSION}")
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError) as e:  # h5py's errors on damaged metadata
+            self._h5.close()
+            raise MapsFormatError(f"{self.path}: corrupted maps file ({_first_line(e)}); export it again") from e
+
+    def _check_header(self) -> None:
+        attrs = self._h5.attrs
+        if INCOMPLETE_ATTR in attrs:
+            raise IncompleteOutputError(incomplete_message(self.path))
+        version = attrs.get("format_version")
+        if version is None or int(version) != FORMAT_VERSION:
+            raise MapsFormatError(f"{self.path}: format_version {version!r}, this reader knows {FORMAT_VERSION}; "
+                                  "export the maps again with this version")
+        vocab = attrs.get(VOCAB_ATTR)
+        self._vocab_checked = vocab is not None
+        if vocab is not None and json.loads(_str(vocab)) != Tokenizer().tokens:
+            raise MapsFormatError(f"{self.path}: written with another tokenizer vocabulary ({_str(vocab)[:80]}...), "
+                                  f"not this one ({len(Tokenizer().tokens)} tokens); export the maps again with "
+                                  "this version of protein_performer")
         self.attrs = {
             "format_version": int(version),
-            "model_config": json.loads(_str(self._h5.attrs.get("model_config", "{}")) or "{}"),
-            "checkpoint_sha256": _str(self._h5.attrs.get("checkpoint_sha256", "")),
-            "causal": bool(self._h5.attrs.get("causal", False)),
+            "model_config": json.loads(_str(attrs.get("model_config", "{}")) or "{}"),
+            "checkpoint_sha256": _str(attrs.get("checkpoint_sha256", "")),
+            "causal": bool(attrs.get("causal", False)),
         }
-        self.groups = list(self._h5.keys())
-        self._by_id = {_str(self._h5[g].attrs["id"]): g for g in self.groups}
-        self._id_by_source = {}
-        for g in self.groups:
-            src = _str(self._h5[g].attrs.get("source", ""))
-            if src:
-                self._id_by_source.setdefault(src, _str(self._h5[g].attrs["id"]))
 
     @property
     def ids(self) -> list[str]:
@@ -340,6 +500,22 @@ class MapsFile:
     __getitem__ = read
 
     def _read_group(self, name: str, load: Sequence[str], layers: Sequence[int] | None) -> MapsRecord:
+        try:
+            rec = self._read_group_unchecked(name, load, layers)
+        except UserError:
+            raise
+        except (OSError, KeyError, RuntimeError) as e:  # h5py: a damaged chunk, heap or header
+            raise MapsFormatError(f"{self.path} group {name}: unreadable, the file is corrupted "
+                                  f"({_first_line(e)}); export it again") from e
+        if not self._vocab_checked:  # no vocab attribute: the tokens must be this tokenizer's ids
+            expected = _TOKENIZER.encode(rec.sequence)
+            if rec.tokens.shape != expected.shape or not np.array_equal(rec.tokens, expected):
+                raise MapsFormatError(f"{self.path} record {rec.id}: its tokens are not this tokenizer's ids for "
+                                      "its sequence (a file from another tokenizer / vocabulary); export the maps "
+                                      "again with this version of protein_performer")
+        return rec
+
+    def _read_group_unchecked(self, name: str, load: Sequence[str], layers: Sequence[int] | None) -> MapsRecord:
         g = self._h5[name]
         seq = _str(g.attrs["sequence"])
         rec = MapsRecord(id=_str(g.attrs["id"]), sequence=seq, tokens=g["tokens"][()],
@@ -350,7 +526,7 @@ class MapsFile:
             if what in load and what in g:
                 ds = g[what]
                 if ds.ndim != 4 or ds.shape[2:] != (L, L):
-                    raise ValueError(f"{self.path} group {name}: {what} shape {ds.shape} does not fit "
+                    raise MapsFormatError(f"{self.path} group {name}: {what} shape {ds.shape} does not fit "
                                      f"the sequence length {L}")
                 setattr(rec, what, ds[sel])
         if "embeddings" in load and "embeddings" in g:
@@ -385,3 +561,11 @@ def read_maps(path: str | Path, load: Sequence[str] = ("attentions", "apc", "emb
 
 def _str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_TOKENIZER = Tokenizer(unknown="X")

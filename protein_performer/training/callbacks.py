@@ -1,4 +1,5 @@
-"""Training callbacks: random-feature redraw, throughput, end-of-training checkpoint, data audit.
+"""Training callbacks: random-feature redraw, throughput, end-of-training checkpoint, data audit,
+per-step loss log.
 
 ``FeatureRedraw`` is the only one that changes training: at every global step ``s`` with
 ``s % redraw_interval == 0`` (step 0 included), before the forward pass, layer ``i`` redraws its
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from protein_performer.training.checkpoint_io import atomic_link, remove_stale_temporaries
 from protein_performer.training.utils import stable_seed, tensor_digest
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,27 @@ class Throughput(Callback):
 
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also writes a checkpoint (and ``last.ckpt``) when training ends,
-    also when it ends between two ``every_n_train_steps`` saves (``max_steps``, ``max_time``)."""
+    also when it ends between two ``every_n_train_steps`` saves (``max_steps``, ``max_time``).
+
+    Crash safety: the files themselves are written atomically by the trainer's
+    :class:`~protein_performer.training.checkpoint_io.AtomicCheckpointIO` (``train()`` installs
+    it); ``save_last="link"`` replaces ``last.ckpt`` by an atomic rename of a new link (Lightning
+    deletes the old one first, so a kill in between left no ``last.ckpt``); temporary files left
+    by a killed run are removed when the next one starts.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            remove_stale_temporaries(self.dirpath)
+
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                raise IsADirectoryError(21, "a folder is in the way of the last checkpoint link", linkpath)
+            atomic_link(filepath, linkpath)
+        trainer.strategy.barrier()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
@@ -137,3 +160,35 @@ class DataAudit(Callback):
         path = self.output_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(out))
         log.info("data audit written to %s", path)
+
+
+class LossLog(Callback):
+    """Appends ``<global step> <training loss>`` (the loss of the batch trained at that step, as
+    ``repr(float)``, exact) to ``path`` after every training batch, flushed at once, so the
+    lines survive a killed process. A resumed run appends to the same file: the steps it replays
+    after its checkpoint appear twice, and must carry the same loss."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self._fh = None
+        self._step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._fh is None:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._fh.write(f"{self._step} {float(loss)!r}\n")
+        self._fh.flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -10,6 +10,12 @@ random features are buffers of the model's state dict; dropout is seeded per ste
 (``module.ProteinLM``); the training loader is wrapped by ``resume.ResumableLoader``, so a run
 resumed in the middle of an epoch continues with the next batch of the same order.
 
+Crash safety: checkpoints are written to a temporary file and renamed (``checkpoint_io``), so a
+job killed at any instant leaves every ``*.ckpt`` complete; ``ckpt_path`` is checked before
+anything is written (a truncated file, or a checkpoint of another model shape, is a one-line
+:class:`~protein_performer.errors.UserError`). Settings that are valid but pathological on the
+hardware are corrected or warned about first (``config_checks``).
+
 Composing the config without ``@hydra.main`` (Hydra's compose API, notebooks, ``make demo``):
 pass ``run_dir=<folder>``, since ``${hydra:runtime.output_dir}`` exists only under ``hydra.main``.
 """
@@ -28,6 +34,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from protein_performer.errors import UserError
+from protein_performer.training.checkpoint_io import AtomicCheckpointIO, check_checkpoint
+from protein_performer.training.config_checks import check_training_config
 from protein_performer.training.resume import make_resumable
 from protein_performer.training.utils import is_causal, register_resolvers
 
@@ -91,6 +100,10 @@ def log_run_info(logger, cfg: DictConfig, model: torch.nn.Module) -> None:
             log.warning("could not write the model summary to W&B: %s", e)
 
 
+class ConfigError(UserError, ValueError):
+    """Settings that contradict each other (also a ValueError, as these errors always were)."""
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """``last`` -> ``<run_dir>/checkpoints/last.ckpt`` when it exists (else a fresh start)."""
     if ckpt_path in (None, "", "null"):
@@ -99,10 +112,16 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         path = run_dir / "checkpoints" / "last.ckpt"
         if path.exists():
             return str(path)
-        log.warning("ckpt_path=last but %s does not exist: starting from scratch", path)
+        log.warning("ckpt_path=last but %s does not exist: starting from scratch (to resume a run, give its folder: "
+                    "hydra.run.dir=<the run's folder>, or run_dir=<folder> without hydra.main)", path)
         return None
-    if not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint; give the path of a .ckpt file, or ckpt_path=last "
+                        f"to resume the run in run_dir")
+    if path.is_dir() and not (path / "meta.pt").exists() and not any(path.glob("*.distcp")):
+        raise UserError(f"ckpt_path={ckpt_path}: is a folder, but a checkpoint file is expected (e.g. "
+                        f"{path / 'last.ckpt'} if it holds the run's checkpoints)")
     return str(ckpt_path)
 
 
@@ -112,9 +131,28 @@ def check_objective(cfg: DictConfig) -> None:
     data_obj = cfg.data.get("objective", objective)
     causal = cfg.model.get("causal")
     if objective is not None and data_obj != objective:
-        raise ValueError(f"data.objective={data_obj!r} but objective={objective!r}; set only objective=")
-    if causal is not None and bool(causal) != is_causal(data_obj):
-        raise ValueError(f"model.causal={causal} does not fit objective {data_obj!r} (uni needs causal=true)")
+        raise ConfigError(f"data.objective={data_obj!r} but objective={objective!r}; set only objective=")
+    try:
+        causal_needed = is_causal(data_obj)
+    except ValueError as e:
+        raise ConfigError(f"{e}: set objective=uni or objective=bid") from e
+    if causal is not None and bool(causal) != causal_needed:
+        raise ConfigError(f"model.causal={causal} does not fit objective {data_obj!r} (uni needs causal=true)")
+
+
+def _plugins(trainer_cfg: DictConfig) -> list:
+    """The trainer's plugins from the config, plus :class:`AtomicCheckpointIO` unless the config
+    brings its own checkpoint IO (as a plugin or in the strategy)."""
+    from lightning_fabric.plugins import CheckpointIO
+
+    plugins = trainer_cfg.get("plugins") or []
+    plugins = [instantiate(p, _convert_="all") if isinstance(p, DictConfig) else p
+               for p in (plugins if isinstance(plugins, (list, tuple)) or OmegaConf.is_list(plugins) else [plugins])]
+    strategy = trainer_cfg.get("strategy")
+    own_io = isinstance(strategy, DictConfig) and strategy.get("checkpoint_io") is not None
+    if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -136,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig) -> dict[str, float]:
     check_objective(cfg)
+    cfg = check_training_config(cfg)  # a copy: a sensible precision for the hardware, warnings
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -145,16 +184,20 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     module = instantiate(cfg.module, model=model, _convert_="all")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if ckpt_path is not None and cfg.get("fit", True):
+        check_checkpoint(ckpt_path, module)  # complete, and of this model's shape: else one line, before any write
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
     logger = build_logger(cfg, run_dir)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all")
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                      plugins=_plugins(cfg.trainer), _convert_="all")
     make_resumable(datamodule, trainer)  # ckpt_path resumes mid-epoch at the next batch
     log_run_info(logger, cfg, model)
     log.info("model: %s parameters", f"{model.num_parameters():,}" if hasattr(model, "num_parameters") else "?")
 
     metrics: dict[str, float] = {}
     if cfg.get("fit", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), run_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update({k: _to_float(v) for k, v in trainer.callback_metrics.items()})
         metrics["global_step"] = trainer.global_step
     if cfg.get("validate", True):

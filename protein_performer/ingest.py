@@ -12,18 +12,19 @@ then one merge that resolves duplicates over all parts and writes shards + manif
     python -m protein_performer.ingest merge=true output_dir=/data/trembl workers=16
 
 Options: conf/ingest.yaml. Paths are relative to the current directory (Hydra does not chdir).
+Bad input (a file that is not FASTA, an output_dir that is a file or read-only, a full disk, ...):
+``error: <file>: <what to do>`` on stderr, exit code 1, and no earlier output is touched.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from protein_performer.data.fasta import FastaFormatError
-from protein_performer.data.ingest import IngestError, ingest
+from protein_performer.data.ingest import ingest
+from protein_performer.errors import cli_errors
 
 log = logging.getLogger("protein_performer.ingest")
 
@@ -49,12 +50,9 @@ def summary(manifest: dict) -> str:
 
 
 @hydra.main(config_path="conf", config_name="ingest", version_base="1.3")
+@cli_errors  # IngestError, FastaFormatError, full disk, no permission: one line on stderr, exit 1
 def _run(cfg: DictConfig) -> None:
-    try:
-        result = ingest(cfg)
-    except (IngestError, FastaFormatError) as e:
-        log.error("%s", e)
-        sys.exit(1)
+    result = ingest(cfg)
     print(summary(result))
 
 

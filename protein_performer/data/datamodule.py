@@ -39,10 +39,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .collate import Collator, effective_lengths
-from .shards import PackedDataset, ShardedDataset, read_manifest
+from protein_performer.errors import UserError
+
+from .shards import PackedDataset, ShardedDataset, check_vocab, read_manifest
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class DataSetupError(UserError, ValueError):
+    """The shard directory cannot feed this run (an empty split, too few items for one batch)."""
 
 
 # ---------------------------------------------------------------------------------------- sampler
@@ -224,6 +230,9 @@ class ProteinDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.eval_splits = tuple(eval_splits)
+        unknown = [s for s in self.eval_splits if s not in ("valid", "test", "ood")]
+        if unknown:
+            raise DataSetupError(f"data.eval_splits: unknown split(s) {unknown}; choose among valid, test, ood")
         self.megabatch_size = int(megabatch_size)
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
@@ -248,11 +257,29 @@ class ProteinDataModule(pl.LightningDataModule):
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
+        """Open the splits that ``stage`` needs. An empty or missing eval split is skipped with a
+        log line; when ``stage`` is ``"validate"`` or ``"test"`` (``trainer.validate`` /
+        ``trainer.test``) and none of its splits is there, a warning says what to do (the run goes
+        on: a small store may have no test split). A split asked for by name
+        (:class:`ShardedDataset`, :meth:`residue_frequencies`) that is missing raises
+        :class:`MissingSplitError`."""
+        self._setup(stage)
+        if stage in ("validate", "test"):
+            names = self.val_split_names if stage == "validate" else self.test_split_names
+            if not names:
+                wanted = [s for s in (("valid", "ood") if stage == "validate" else ("test", "ood")) if s in self.eval_splits]
+                present = [s for s in self.manifest["splits"] if self._available(s)]
+                log.warning(
+                    "%s/manifest.json: nothing to %s on: no %s split with sequences (present: %s); ingest with "
+                    "fractions giving it a share, or set data.eval_splits to a present split",
+                    self.root, stage, " or ".join(map(repr, wanted)) or "eval", ", ".join(present) or "none",
+                )
+
+    def _setup(self, stage: str | None = None) -> None:
         if self.manifest is None:
-            self.manifest = read_manifest(self.root)
-            vocab = self.manifest.get("vocab")
-            if vocab is not None and vocab != self.tokenizer.vocab():
-                raise ValueError(f"{self.root}/manifest.json: vocabulary differs from the tokenizer's")
+            manifest = read_manifest(self.root)
+            check_vocab(self.root, manifest, self.tokenizer.vocab())
+            self.manifest = manifest
         wanted = []
         if stage in (None, "fit"):
             wanted.append("train")
@@ -264,7 +291,10 @@ class ProteinDataModule(pl.LightningDataModule):
             if self._available(split):
                 self._dataset(split)
             elif split == "train":
-                raise ValueError(f"{self.root}/manifest.json: the train split is empty or missing")
+                raise DataSetupError(
+                    f"{self.root}/manifest.json: the train split is empty or missing; ingest with a non-zero "
+                    "fractions.train (and check rejects.tsv: were the records rejected?)"
+                )
             elif split not in self._skipped:
                 self._skipped.add(split)
                 log.info("%s: split %r is empty or missing; no loader for it", self.root, split)
@@ -341,11 +371,11 @@ class ProteinDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        self.setup("fit")  # idempotent: datasets are built once
+        self._setup("fit")  # idempotent: datasets are built once
         loader = self.loader("train", train=True)
         if len(loader.sampler) == 0:
             _, world = self._rank_world()
-            raise ValueError(
+            raise DataSetupError(
                 f"{self.root}: the train split ({len(self.datasets['train'])} items over {world} ranks) "
                 f"does not fill one batch of {self.batch_size}; lower data.batch_size"
             )
@@ -353,12 +383,12 @@ class ProteinDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per name in :attr:`val_split_names` (valid, then ood), in that order."""
-        self.setup("validate")
+        self._setup("validate")  # (during fit: no validation split is not an error)
         return [self.loader(s, train=False) for s in self.val_split_names]
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per name in :attr:`test_split_names` (test, then ood), in that order."""
-        self.setup("test")
+        self._setup("test")
         return [self.loader(s, train=False) for s in self.test_split_names]
 
     # -------------------------------------------------------------- statistics
@@ -369,7 +399,9 @@ class ProteinDataModule(pl.LightningDataModule):
         key = (split, include_eos)
         if key not in self._frequencies:
             if self.manifest is None:
-                self.manifest = read_manifest(self.root)
+                manifest = read_manifest(self.root)
+                check_vocab(self.root, manifest, self.tokenizer.vocab())
+                self.manifest = manifest
             seqs = ShardedDataset(self.root, split, manifest=self.manifest)
             counts = seqs.residue_counts(self.tokenizer.vocab_size).astype(np.float64)
             seqs.close()
@@ -377,6 +409,6 @@ class ProteinDataModule(pl.LightningDataModule):
                 counts[self.tokenizer.eos_id] += len(seqs)
             total = counts.sum()
             if total == 0:
-                raise ValueError(f"{self.root}: split {split!r} has no residues")
+                raise DataSetupError(f"{self.root}: split {split!r} has no residues; ingest data with sequences in it")
             self._frequencies[key] = counts / total
         return self._frequencies[key]

@@ -57,6 +57,7 @@ output_dir=/data/trembl_shards workers=16`` resolves and writes the shards and t
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -179,6 +180,10 @@ def resolve_config(cfg: Any = None, **overrides) -> dict:
         inputs = [inputs]
     out["input"] = [str(Path(p).expanduser().absolute()) for p in inputs]
     for p in out["input"]:
+        if Path(p).is_dir():
+            raise IngestError(
+                f"input {p} is a directory; give a FASTA file, or a list of files: input='[a.fasta.gz,b.fasta.gz]'"
+            )
         if not Path(p).is_file():
             raise IngestError(f"input file not found: {p}")
     ann = out["annotations"]
@@ -187,7 +192,7 @@ def resolve_config(cfg: Any = None, **overrides) -> dict:
         out["annotations"] = [str(Path(p).expanduser().absolute()) for p in ann]
         for p in out["annotations"]:
             if not Path(p).is_file():
-                raise IngestError(f"annotation file not found: {p}")
+                raise IngestError(f"annotation file not found (or a directory): {p}")
     else:
         out["annotations"] = []
     out["ood_families"] = [_norm_family(f) for f in (out["ood_families"] or [])]
@@ -1071,6 +1076,13 @@ def _clean_output(out: Path) -> None:
 
 def _prepare_output(cfg: dict, parts_mode: bool) -> None:
     out = Path(cfg["output_dir"])
+    for above in (out, *out.parents):  # a file where the directory (or one above it) should be
+        if above.exists() and not above.is_dir():
+            raise IngestError(
+                f"output_dir {out}: {above} is a file, not a directory; choose a directory (new or empty) for the shards"
+            )
+        if above.exists():
+            break
     fp = _fingerprint(cfg)
     cfg_path = out / CONFIG_NAME
     if cfg_path.is_file():
@@ -1106,14 +1118,49 @@ def ingest(cfg: Any = None, **overrides) -> dict:
     ``cfg``: a dict or DictConfig with the keys of conf/ingest.yaml; ``overrides`` win over it.
     """
     c = resolve_config(cfg, **overrides)
+    try:
+        return _ingest(c)
+    except OSError as e:
+        if not _is_disk_full(e):
+            raise
+        raise IngestError(
+            f"{c['output_dir']}: no space left on the device (or the file size limit was reached) while ingesting "
+            f"({' '.join(str(e).split())[:200]}). Nothing is marked complete: free space (the work files need about "
+            "the size of the FASTA, the shards about half of it), then rerun the same command with resume=true"
+        ) from e
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _is_disk_full(e: OSError) -> bool:
+    """A full disk or a file-size limit, from Python (errno) or from HDF5 (only in the message)."""
+    if e.errno in _DISK_FULL_ERRNOS:
+        return True
+    text = str(e)
+    return any(f"errno = {n}," in text for n in _DISK_FULL_ERRNOS) or any(
+        os.strerror(n) in text for n in _DISK_FULL_ERRNOS
+    )
+
+
+def _ingest(c: dict) -> dict:
     if c["merge"]:
         return merge(c["output_dir"], workers=int(c["workers"]), progress=c["progress"])
     parts_mode = c["part"] is not None
     _prepare_output(c, parts_mode)
     out = Path(c["output_dir"])
-    if c["resume"] and not parts_mode and (out / MANIFEST_NAME).is_file() and not (out / WORK_DIR).exists():
+    if c["resume"] and not parts_mode and (out / MANIFEST_NAME).is_file():
+        # the manifest is written last, after every shard: the ingest is complete (a kill may have
+        # come while the work files were removed: finish that)
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise IngestError(
+                f"{out / MANIFEST_NAME}: written by another format version ({manifest.get('format_version')!r}, "
+                f"this is {FORMAT_VERSION}); rerun without resume=true to ingest again (overwrite=true if asked)"
+            )
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         log.info("resume=true: %s is already complete", out)
-        return json.loads((out / MANIFEST_NAME).read_text())
+        return manifest
     if parts_mode:
         if c["num_parts"] is None:
             raise IngestError("part=i needs num_parts=n (the total number of parts)")

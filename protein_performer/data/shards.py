@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from protein_performer.errors import UserError
+from protein_performer.errors import IncompleteOutputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,37 @@ GZIP_STRATEGIES = ("default", "huffman_only")
 
 class ShardFormatError(UserError, RuntimeError):
     """A manifest or shard is missing, corrupt or of another format version."""
+
+
+class MissingShardsError(ShardFormatError, FileNotFoundError):
+    """No manifest (or a listed shard is gone): not an ingest output directory."""
+
+    def __str__(self) -> str:  # FileNotFoundError's own str would add "[Errno ...]" noise
+        return str(self.args[0]) if self.args else ""
+
+
+class IncompleteShardsError(IncompleteOutputError, MissingShardsError):
+    """An ingest output directory whose ingest was interrupted (no manifest yet)."""
+
+
+class MissingSplitError(ShardFormatError, KeyError):
+    """A split that the manifest does not have (or has empty)."""
+
+    def __str__(self) -> str:  # KeyError's str would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class VocabularyError(ShardFormatError, ValueError):
+    """Shards written with another token vocabulary than this tokenizer's."""
+
+
+def _damaged(path: Path, e: BaseException) -> ShardFormatError:
+    """The one message for a shard HDF5 cannot read (h5py raises OSError or KeyError deep inside)."""
+    detail = " ".join(str(e).split()) or type(e).__name__
+    return ShardFormatError(
+        f"{path}: cannot read this shard ({detail}): the file is truncated or corrupted (an interrupted "
+        "copy, a full disk, a bad disk?). Copy the shard directory again, or re-ingest into a new output_dir."
+    )
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -173,25 +204,54 @@ def write_shard(
 
 # ---------------------------------------------------------------------------------------- manifest
 def read_manifest(output_dir: str | os.PathLike) -> dict:
-    """Load ``<output_dir>/manifest.json`` and check its format version."""
-    path = Path(output_dir) / MANIFEST_NAME
+    """Load ``<output_dir>/manifest.json`` and check its format version.
+
+    Ingestion writes the manifest last (atomically), after every shard: a directory without one
+    is not complete. When it holds what an interrupted ingest leaves (``_work/`` or
+    ``ingest_config.json``), :class:`IncompleteShardsError` says so and how to resume.
+    """
+    root = Path(output_dir)
+    path = root / MANIFEST_NAME
+    if root.is_file():
+        raise MissingShardsError(
+            f"{root} is a file; expected the output_dir of an ingest (a directory with manifest.json)"
+        )
     if not path.is_file():
-        raise FileNotFoundError(
+        if (root / "_work").is_dir() or (root / "ingest_config.json").is_file():
+            raise IncompleteShardsError(
+                f"{root}: incomplete: the ingest into this directory was interrupted (no {MANIFEST_NAME} yet); "
+                f"rerun the same ingest command with resume=true to finish it"
+            )
+        raise MissingShardsError(
             f"no manifest at {path}: run `python -m protein_performer.ingest input=... output_dir={output_dir}` first"
         )
     try:
         with open(path, encoding="utf-8") as fh:
             manifest = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{path}: not valid JSON ({e}); re-ingest (or copy the directory again)") from None
+    if not isinstance(manifest, dict):
+        raise ShardFormatError(f"{path}: not an ingest manifest (a JSON object is expected); re-ingest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ShardFormatError(
-            f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}; re-run ingestion"
+            f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}; re-run ingestion "
+            "into a new output_dir with this version of protein_performer"
         )
-    if "splits" not in manifest:
-        raise ShardFormatError(f"{path}: no 'splits' entry")
+    if not isinstance(manifest.get("splits"), dict):
+        raise ShardFormatError(f"{path}: no 'splits' entry; re-ingest")
     return manifest
+
+
+def check_vocab(root: str | os.PathLike, manifest: dict, vocab: dict[str, int]) -> None:
+    """Raise :class:`VocabularyError` when the manifest's vocabulary is not ``vocab`` (the tokenizer's)."""
+    got = manifest.get("vocab")
+    if got is not None and got != vocab:
+        diff = sorted(k for k in set(got) | set(vocab) if got.get(k) != vocab.get(k))[:5]
+        raise VocabularyError(
+            f"{Path(root) / MANIFEST_NAME}: the shards were written with another token vocabulary "
+            f"(differs in {', '.join(map(repr, diff))}); re-ingest the FASTA with this version of protein_performer"
+        )
 
 
 def split_shards(root: str | os.PathLike, split: str, manifest: dict | None = None) -> list[dict]:
@@ -229,8 +289,10 @@ class ShardedDataset:
         self.split = split
         manifest = read_manifest(self.root) if manifest is None else manifest
         if split not in manifest["splits"]:
-            raise KeyError(
-                f"{self.root / MANIFEST_NAME}: no split {split!r}; present: {sorted(manifest['splits'])}"
+            present = [k for k, v in manifest["splits"].items() if v and v.get("n_sequences")]
+            raise MissingSplitError(
+                f"{self.root / MANIFEST_NAME}: no split {split!r} (present: {', '.join(present) or 'none'}); "
+                "ingest with a non-zero fraction for it, or ask for one of the present splits"
             )
         self.vocab: dict[str, int] = manifest.get("vocab", {})
         self.max_open_files = int(max_open_files)
@@ -257,28 +319,42 @@ class ShardedDataset:
 
     def _read_header(self, path: Path, entry: dict) -> np.ndarray:
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in {self.root / MANIFEST_NAME} is missing")
+            raise MissingShardsError(
+                f"shard {path} listed in {self.root / MANIFEST_NAME} is missing; copy the directory again or re-ingest"
+            )
+        redo = "re-ingest into a new output_dir"
         try:
             with h5py.File(path, "r") as f:
                 version = f.attrs.get("format_version")
                 if version is None or int(version) != FORMAT_VERSION:
                     raise ShardFormatError(
-                        f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}"
+                        f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}; {redo}"
                     )
                 shard_split = f.attrs.get("split")
                 if shard_split is not None and shard_split != self.split:
-                    raise ShardFormatError(f"{path}: shard of split {shard_split!r} listed under {self.split!r}")
+                    raise ShardFormatError(f"{path}: shard of split {shard_split!r} listed under {self.split!r}; {redo}")
+                vocab = f.attrs.get("vocab")
+                if vocab is not None and self.vocab and json.loads(vocab) != self.vocab:
+                    raise VocabularyError(
+                        f"{path}: written with another token vocabulary than {self.root / MANIFEST_NAME}; {redo}"
+                    )
+                for name in ("tokens", "offsets", "ids"):
+                    if name not in f:
+                        raise ShardFormatError(f"{path}: no {name!r} dataset: not a shard of this format; {redo}")
                 offsets = f["offsets"][:].astype(np.int64, copy=False)
                 n_tokens = f["tokens"].shape[0]
-        except OSError as e:
-            raise ShardFormatError(f"{path}: cannot read shard ({e})") from e
-        except KeyError as e:
-            raise ShardFormatError(f"{path}: missing dataset {e}") from e
+        except (OSError, KeyError) as e:  # h5py: OSError for a truncated file, KeyError for a damaged header
+            raise _damaged(path, e) from e
+        if offsets.size < 1 or offsets[0] != 0 or (offsets.size > 1 and np.diff(offsets).min() < 0):
+            raise ShardFormatError(f"{path}: offsets are not a valid index (corrupted?); {redo}")
         if int(offsets[-1]) != n_tokens:
-            raise ShardFormatError(f"{path}: offsets end at {int(offsets[-1])}, tokens has {n_tokens}")
+            raise ShardFormatError(f"{path}: offsets end at {int(offsets[-1])}, tokens has {n_tokens}; {redo}")
         n = entry.get("n_sequences")
         if n is not None and int(n) != offsets.size - 1:
-            raise ShardFormatError(f"{path}: manifest says {n} sequences, shard holds {offsets.size - 1}")
+            raise ShardFormatError(f"{path}: manifest says {n} sequences, shard holds {offsets.size - 1}; {redo}")
+        r = entry.get("n_residues")
+        if r is not None and int(r) != n_tokens:
+            raise ShardFormatError(f"{path}: manifest says {r} residues, shard holds {n_tokens}; {redo}")
         return offsets
 
     # -------------------------------------------------------------- handles (lazy, per process)
@@ -294,9 +370,9 @@ class ShardedDataset:
                 self._handles.pop(oldest)[0].close()
             try:
                 f = h5py.File(self.paths[shard], "r", rdcc_nbytes=self.rdcc_nbytes)
-            except OSError as e:
-                raise ShardFormatError(f"{self.paths[shard]}: cannot open shard ({e})") from e
-            entry = (f, f["tokens"])
+                entry = (f, f["tokens"])
+            except (OSError, KeyError) as e:
+                raise _damaged(self.paths[shard], e) from e
         self._handles[shard] = entry  # re-insert: most recently used last
         return entry
 
@@ -340,15 +416,22 @@ class ShardedDataset:
     def __getitem__(self, index: int) -> np.ndarray:
         shard, local = self.locate(int(index))
         o = self.offsets[shard]
-        return self._open(shard)[1][o[local] : o[local + 1]]
+        return self.read_tokens(shard, o[local], o[local + 1])
 
     def get_id(self, index: int) -> str:
         shard, local = self.locate(int(index))
-        return self._file(shard)["ids"].asstr()[local]
+        try:
+            return self._file(shard)["ids"].asstr()[local]
+        except (OSError, KeyError) as e:
+            raise _damaged(self.paths[shard], e) from e
 
     def read_tokens(self, shard: int, start: int, stop: int) -> np.ndarray:
         """Raw residue tokens ``[start, stop)`` of one shard (no separators)."""
-        return self._open(shard)[1][start:stop]
+        tokens = self._open(shard)[1]
+        try:
+            return tokens[start:stop]
+        except OSError as e:  # a chunk that does not inflate: damaged file
+            raise _damaged(self.paths[shard], e) from e
 
     def lengths(self) -> np.ndarray:
         """Residue count of every sequence, int64 [len(self)] (from the in-memory offsets)."""

@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_performer.analysis.aa_similarity import run_aa_similarity
+from protein_performer.errors import cli_errors
 
 
 def _ints(v):
@@ -17,6 +18,7 @@ def _ints(v):
 
 
 @hydra.main(config_path="conf", config_name="aa_similarity", version_base="1.3")
+@cli_errors
 def main(cfg: DictConfig) -> dict:
     result = run_aa_similarity(cfg.maps, cfg.output_dir, layers=_ints(cfg.layers), heads=_ints(cfg.heads),
                                max_sequences=cfg.max_sequences, exclude_self=cfg.exclude_self)

@@ -9,9 +9,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_performer.analysis.contacts import format_table, run_contacts
+from protein_performer.errors import cli_errors
 
 
 @hydra.main(config_path="conf", config_name="contacts", version_base="1.3")
+@cli_errors
 def main(cfg: DictConfig) -> dict:
     chains = cfg.chains
     if chains is not None and not OmegaConf.is_list(chains):

@@ -1,0 +1,269 @@
+"""``FavorAttention``: the FAVOR+ module (features, attention, explicit matrix, recurrent step)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from protein_performer.model.attention import check_key_padding_mask
+from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
+from protein_performer.model.favor.features import (
+    KERNELS,
+    NORMS,
+    causal_stabilizer,
+    draw_projection,
+    per_key_features,
+    relu_kernel,
+    softmax_kernel,
+    softmax_logits,
+    trig_kernel,
+)
+
+log = logging.getLogger("protein_performer.model.favor")
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _fp32(device_type: str):
+    """Disable autocast so feature maps and sums stay float32."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return nullcontext()
+
+
+class FavorAttention(nn.Module):
+    """FAVOR+ attention with the interface of ``attention.SoftmaxAttention``.
+
+    Args:
+        dim_head: d, the size of q, k, v per head.
+        nb_features: m, the length of the feature vector phi(x) (hyperbolic and trigonometric
+            kernels use m/2 directions, two features each; m must then be even).
+        kernel: "softmax" (FAVOR+), "softmax_hyp" (hyperbolic positive features),
+            "softmax_trig" (trigonometric, comparison only) or "relu" (Performer-ReLU).
+        orthogonal: orthogonal random feature blocks (else iid Gaussian).
+        causal: unidirectional attention (prefix sums).
+        norm: "chi" (unbiased) or "sqrt_d" (regularized) row norms of W.
+        eps: the feature floor; default 1e-6 for softmax kernels, 1e-3 for relu (unused by trig).
+        chunk_size: C of the causal chunked prefix sums.
+        seed: the seed of the initial draw; ``redraw(seed)`` draws again.
+
+    The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
+    parameters, so an exact model's weights load into a FAVOR+ model with the same names.
+    """
+
+    def __init__(
+        self,
+        dim_head: int,
+        nb_features: int = 256,
+        kernel: str = "softmax",
+        orthogonal: bool = True,
+        causal: bool = False,
+        *,
+        norm: str = "chi",
+        eps: float | None = None,
+        chunk_size: int = 128,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        paired = kernel in ("softmax_hyp", "softmax_trig")
+        if paired and nb_features % 2:
+            raise ValueError(f"kernel {kernel!r} needs an even nb_features, got {nb_features}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.dim_head = dim_head
+        self.nb_features = nb_features
+        self.nb_directions = nb_features // 2 if paired else nb_features
+        self.kernel = kernel
+        self.orthogonal = orthogonal
+        self.causal = causal
+        self.norm = norm
+        self.eps = (1e-3 if kernel == "relu" else 1e-6) if eps is None else float(eps)
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.register_buffer("projection", self._draw(seed))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim_head={self.dim_head}, nb_features={self.nb_features}, kernel={self.kernel!r}, "
+            f"orthogonal={self.orthogonal}, causal={self.causal}, norm={self.norm!r}, eps={self.eps}"
+        )
+
+    def _draw(self, seed: int) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        return draw_projection(self.nb_directions, self.dim_head, generator, self.orthogonal, self.norm)
+
+    @torch.no_grad()
+    def redraw(self, seed: int) -> None:
+        """Draw new random features from ``seed``: the same seed gives the same W everywhere."""
+        self.projection.copy_(self._draw(seed).to(self.projection.device, self.projection.dtype))
+        self.seed = int(seed)
+        log.debug("FAVOR+ features redrawn with seed %d", seed)
+
+    # ---------------------------------------------------------------------------- features
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if x.dim() != 4 or x.shape[-1] != self.dim_head:
+            raise ValueError(f"{name} must be (batch, heads, length, {self.dim_head}), got {tuple(x.shape)}")
+
+    def features(
+        self,
+        x: torch.Tensor,
+        is_query: bool,
+        key_padding_mask: torch.Tensor | None = None,
+        stabilizer: torch.Tensor | None = None,
+        eps: float | None = None,
+    ) -> torch.Tensor:
+        """phi(x d^-1/4), (b, h, l, m), float32 (float64 for float64 input) also under autocast;
+        padded keys have all-zero features."""
+        dtype = _compute_dtype(x)
+        eps = self.eps if eps is None else eps
+        with _fp32(x.device.type):
+            x = x.to(dtype) * self.dim_head**-0.25
+            w = self.projection.to(dtype)
+            if self.kernel in ("softmax", "softmax_hyp"):
+                return softmax_kernel(x, w, is_query, key_padding_mask, eps, self.kernel == "softmax_hyp", stabilizer)
+            if self.kernel == "softmax_trig":
+                return trig_kernel(x, w, is_query, key_padding_mask, stabilizer)
+            return relu_kernel(x, w, is_query, key_padding_mask, eps)
+
+    # ---------------------------------------------------------------------------- attention
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v: (b, h, l, d) -> (b, h, l, d) in v's dtype; fp32 inside."""
+        for name, x in (("q", q), ("k", k)):
+            self._check(x, name)
+        mask = check_key_padding_mask(key_padding_mask, k)
+        out_dtype = v.dtype
+        with _fp32(q.device.type):
+            q_prime = self.features(q, True)
+            if self.causal and self.kernel != "relu":
+                k_prime, key_scale = self.causal_key_features(k, mask)
+                out = causal_linear_attention(
+                    q_prime, k_prime, v.to(q_prime.dtype), self.chunk_size, key_scale, self._floor(), mask
+                )
+            elif self.causal:  # relu features have no stabilizer: eps is part of them
+                out = causal_linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self.chunk_size)
+            else:
+                out = linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype))
+        return out.to(out_dtype)
+
+    def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax-kernel key features at each key's own scale and the scales s (``per_key_features``),
+        float32 also under autocast: the key features seen by query i are phi_hat_j exp(s_j - c_i) + floor."""
+        dtype = _compute_dtype(k)
+        with _fp32(k.device.type):
+            x = k.to(dtype) * self.dim_head**-0.25
+            return per_key_features(x, self.projection.to(dtype), self.kernel, key_padding_mask)
+
+    def _floor(self) -> float:
+        """The eps floor of every key feature: ratio * eps for positive softmax features (ratio =
+        m^-1/2), eps for relu (inside its features), none for trigonometric features."""
+        if self.kernel == "softmax_trig":
+            return 0.0
+        if self.kernel in ("softmax", "softmax_hyp"):
+            return self.eps * self.nb_features**-0.5
+        return self.eps
+
+    def attention_matrix(
+        self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None, block_rows: int | None = None
+    ) -> torch.Tensor:
+        """The explicit approximate attention D^-1 Q' K'^T, (b, h, l, l) float32, rows sum to 1.
+
+        Causally masked when causal; padded keys get weight 0. Built in blocks of ``block_rows``
+        query rows (default: so that one block holds at most l x l numbers over all heads), so no
+        temporary larger than one head's map exists. ``attention_matrix(q, k) @ v == forward(q, k, v)``.
+        """
+        for name, x in (("q", q), ("k", k)):
+            self._check(x, name)
+        mask = check_key_padding_mask(key_padding_mask, k)
+        b, h, length, _ = q.shape
+        if block_rows is None:
+            block_rows = max(1, length // (b * h))
+        with _fp32(q.device.type), torch.no_grad():
+            q_prime = self.features(q, True)
+            scaled = self.causal and self.kernel != "relu"  # per-query stabilizer, as in forward
+            if scaled:
+                k_prime, key_scale = self.causal_key_features(k, mask)
+                query_scale = causal_stabilizer(key_scale, mask)
+                floor = self._floor() * (1.0 if mask is None else (~mask)[:, None, None, :].to(q_prime.dtype))
+            else:
+                k_prime = self.features(k, False, mask)
+            out = q_prime.new_empty(b, h, length, k.shape[2])
+            for start in range(0, length, block_rows):
+                stop = min(start + block_rows, length)
+                q_block = q_prime[:, :, start:stop]
+                block = torch.einsum("bhlm,bhkm->bhlk", q_block, k_prime)
+                if scaled:  # k'_j exp(s_j - c_i) + floor
+                    block.mul_(_scale(key_scale[:, :, None, :] - query_scale[:, :, start:stop, None]))
+                    block.add_(q_block.sum(dim=-1, keepdim=True) * floor)
+                if self.causal:
+                    block = torch.tril(block, diagonal=start)
+                den = block.sum(dim=-1, keepdim=True)
+                out[:, :, start:stop] = block / torch.where(den == 0, torch.ones_like(den), den)
+        return out
+
+    # ---------------------------------------------------------------------------- recurrent
+    def init_state(
+        self, batch: int, heads: int, dim_v: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict:
+        """An empty causal state: S (b, h, m, e) and z (b, h, m) at scale exp(-c), the running key
+        stabilizer c (b, h, 1, 1), and for the eps floor the sum of v (b, h, e) and the key count."""
+        device = self.projection.device if device is None else device
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        return {
+            "S": zeros(batch, heads, self.nb_features, dim_v),
+            "z": zeros(batch, heads, self.nb_features),
+            "c": torch.full((batch, heads, 1, 1), float("-inf"), device=device, dtype=dtype),
+            "v_sum": zeros(batch, heads, dim_v),
+            "count": zeros(batch, heads, 1),
+        }
+
+    def _running_stabilizer(self, k_scaled: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.kernel in ("softmax", "softmax_hyp"):
+            logits = softmax_logits(k_scaled, self.projection.to(k_scaled.dtype), self.kernel == "softmax_hyp")
+        elif self.kernel == "softmax_trig":
+            logits = 0.5 * (k_scaled * k_scaled).sum(dim=-1, keepdim=True)
+        else:
+            return torch.zeros_like(c)
+        return torch.maximum(c, logits.amax(dim=(-2, -1), keepdim=True))
+
+    @torch.no_grad()
+    def step(self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One causal step: q_t, k_t, v_t (b, h, 1, d) -> (out_t (b, h, 1, d), new state).
+
+        out_t equals the last row of ``forward`` run (causally) on all tokens given so far: the key
+        stabilizer is the running max, S and z are rescaled by exp(c_old - c_new) when it grows, and
+        the eps floor of the key features (ratio * eps per feature) is added from sum(v) and the
+        count, so it does not depend on the stabilizer's history.
+        """
+        if not self.causal:
+            raise RuntimeError("step() is for causal attention; build FavorAttention(causal=True)")
+        out_dtype = v_t.dtype
+        with _fp32(q_t.device.type):
+            dtype = state["S"].dtype
+            v_t = v_t.to(dtype)
+            k_scaled = k_t.to(dtype) * self.dim_head**-0.25
+            c_new = self._running_stabilizer(k_scaled, state["c"])
+            rescale = torch.exp(state["c"] - c_new)  # (b, h, 1, 1); exp(-inf) = 0 on the first step
+            k_prime = self.features(k_t, False, stabilizer=c_new, eps=0.0)  # (b, h, 1, m)
+            S = state["S"] * rescale + torch.einsum("bhlm,bhle->bhme", k_prime, v_t)
+            z = state["z"] * rescale[..., 0] + k_prime[:, :, 0]
+            v_sum = state["v_sum"] + v_t[:, :, 0]
+            count = state["count"] + 1
+            floor = self._floor()
+            S_all = S + floor * v_sum.unsqueeze(2)  # every feature carries floor * sum(v)
+            z_all = z + floor * count
+            q_prime = self.features(q_t, True)[:, :, 0]  # (b, h, m)
+            num = torch.einsum("bhm,bhme->bhe", q_prime, S_all)
+            den = torch.einsum("bhm,bhm->bh", q_prime, z_all).unsqueeze(-1)
+            out = num / torch.where(den == 0, torch.ones_like(den), den)
+        new_state = {"S": S, "z": z, "c": c_new, "v_sum": v_sum, "count": count}
+        return out.unsqueeze(2).to(out_dtype), new_state

@@ -26,7 +26,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from protein_performer.analysis import atomic
 from protein_performer.analysis.maps_io import MapsRecord
+from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +155,10 @@ def plot_aa_similarity(M: np.ndarray, path: str | Path, title: str = "attention 
     fig.suptitle(f"Pearson r = {corr['pearson']:.3f}, Spearman rho = {corr['spearman']:.3f} "
                  f"({corr['n_pairs']} pairs of distinct amino acids)", fontsize=9)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence[int] | None = None,
@@ -166,11 +169,18 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
     ``aa_similarity.png``; returns the JSON content."""
     from protein_performer.analysis.maps_io import MapsFile
 
+    from protein_performer.analysis.contacts import _prepare_output_dir
+
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with MapsFile(maps) as mf:
-        obs, exp, n = aa_attention_counts(mf.iter(load=("attentions",), layers=layers), None, heads,
-                                          max_sequences, exclude_self)
+        try:
+            obs, exp, n = aa_attention_counts(mf.iter(load=("attentions",), layers=layers), None, heads,
+                                              max_sequences, exclude_self)
+        except UserError:
+            raise
+        except (ValueError, IndexError) as e:  # no maps stored, no usable record, a layer / head out of range
+            raise UserError(f"{maps}: {e}; export the maps with include=[attentions,...] and pick layers / heads "
+                            "the model has") from e
     M = normalize(obs.sum((0, 1)), exp.sum((0, 1)))
     per_head = normalize(obs, exp)
     layer_ids = list(layers) if layers is not None else list(range(obs.shape[0]))
@@ -186,13 +196,14 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
               "exclude_self": exclude_self, "all_heads": blosum_correlation(M), "best_head": best,
               "per_head": heads_corr, "amino_acids": STANDARD_AA,
               "matrix": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in M]}
-    with open(out / "aa_similarity.json", "w") as fh:
-        json.dump(_finite(result), fh, indent=1)
-    with open(out / "aa_similarity.csv", "w") as fh:
-        fh.write("aa," + ",".join(STANDARD_AA) + "\n")
-        for a, row in zip(STANDARD_AA, M):
-            fh.write(a + "," + ",".join(f"{v:.5f}" for v in row) + "\n")
+    # every file atomic, and the JSON last (an old one removed first): a killed run leaves no
+    # aa_similarity.json, so its presence means the CSV and the plot of the same run are complete
+    _prepare_output_dir(out)
+    (out / "aa_similarity.json").unlink(missing_ok=True)
+    atomic.write_text(out / "aa_similarity.csv", "aa," + ",".join(STANDARD_AA) + "\n" + "".join(
+        a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)))
     plot_aa_similarity(M, out / "aa_similarity.png", title=f"attention, {n} sequences, all heads")
+    atomic.write_text(out / "aa_similarity.json", json.dumps(_finite(result), indent=1))
     log.info("aa similarity over %d sequences: pearson %.3f", n, result["all_heads"]["pearson"])
     return result
 

@@ -19,17 +19,20 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from protein_performer.analysis import atomic
 from protein_performer.analysis.maps_io import MapsFile, MapsRecord
 from protein_performer.analysis.structures import (
-    AlignmentMismatchError, Chain, LoadFailure, file_stem, align_to_sequence, coords_on_sequence,
-    load_structures,
+    STRUCTURE_SUFFIXES, AlignmentMismatchError, Chain, LoadFailure, MissingStructuresError, StructureError,
+    align_to_sequence, coords_on_sequence, file_stem, load_structures, structure_files,
 )
+from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -393,10 +396,15 @@ def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Pat
                  standardize: bool = True) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
     Returns the report (without the prediction matrices)."""
-    all_chains, failures = load_structures(structures, min_residues=min_residues)
+    all_chains, failures = _read_structures(structures, min_residues)
     proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity,
                                    max_mismatches)
     failures = failures + more
+    if len(proteins) < 2:
+        why = f"; first failure: {failures[0].reason}" if failures else ""
+        raise UserError(f"{maps}: only {len(proteins)} of its records match a chain of {structures} (contact "
+                        f"evaluation needs at least 2){why}; export the maps from these structures "
+                        "(export_attention input=<structure folder>)")
     report = evaluate(proteins, n_folds, train_size, C, solver, seed, standardize)
     preds = report.pop("predictions")
     report = {"maps": str(maps), "baseline_maps": str(baseline_maps) if baseline_maps else None,
@@ -405,22 +413,61 @@ def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Pat
                            "solver": solver, "n_folds": n_folds, "train_size": train_size, "seed": seed,
                            "min_identity": min_identity, "max_mismatches": max_mismatches},
               **report, "failures": [f.as_dict() for f in failures]}
-    write_report(report, output_dir)
-    plot_precision_by_range(report, Path(output_dir) / "precision_by_range.png")
+    # report.json is written last: a run killed on the way leaves none (an old one is removed first),
+    # so its presence means the CSV and plots of the same run are complete; every file is atomic
+    out = Path(output_dir)
+    _prepare_output_dir(out)
+    (out / "report.json").unlink(missing_ok=True)
+    write_report_csv(report, out)
+    plot_precision_by_range(report, out / "precision_by_range.png")
     for p in proteins[:n_plots]:
         plot_contact_map(p, {m: preds[m][p.name] for m in preds if p.name in preds[m]},
-                         Path(output_dir) / "contact_maps" / f"{p.name}.png")
+                         out / "contact_maps" / f"{p.name}.png")
+    write_report_json(report, out)
     return report
 
 
-def write_report(report: dict, output_dir: str | Path) -> None:
-    """``report.json`` and ``report.csv`` (method, protein, L, range, k, precision; MEAN rows)."""
-    out = Path(output_dir)
+def _read_structures(structures: str | Path, min_residues: int) -> tuple[list[Chain], list[LoadFailure]]:
+    """The chains of ``structures`` (a folder or one file); a clear error when none can be read."""
+    path = Path(structures)
+    if not path.exists():
+        raise MissingStructuresError(f"structures not found: {path}")
+    if path.is_dir() and not structure_files(path):
+        raise StructureError(f"{path}: no structure files ({', '.join(STRUCTURE_SUFFIXES)}) in this folder; "
+                             "give the folder of PDB / mmCIF files the maps were exported from")
+    chains, failures = load_structures(path, min_residues=min_residues)
+    if not chains:
+        why = failures[0].reason if failures else f"no protein chain with >= {min_residues} standard residues"
+        raise StructureError(f"{path}: no usable structure chain ({why}); give PDB / mmCIF files "
+                             "(structures= is a folder of them, or one file)")
+    return chains, failures
+
+
+def _prepare_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, but output_dir= must be a directory")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "report.json", "w") as fh:
-        json.dump(_jsonable(report), fh, indent=1)
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out}: not writable (permission denied); choose a writable output_dir")
+
+
+def write_report(report: dict, output_dir: str | Path) -> None:
+    """``report.csv`` then ``report.json`` (each written atomically)."""
+    write_report_csv(report, output_dir)
+    write_report_json(report, output_dir)
+
+
+def write_report_json(report: dict, output_dir: str | Path) -> None:
+    """``report.json``, written under a temporary name and renamed when complete."""
+    atomic.write_text(Path(output_dir) / "report.json", json.dumps(_jsonable(report), indent=1))
+    log.info("wrote %s", Path(output_dir) / "report.json")
+
+
+def write_report_csv(report: dict, output_dir: str | Path) -> None:
+    """``report.csv`` (method, protein, L, range, k, precision; MEAN rows), atomically."""
+    out = Path(output_dir)
     lengths = {p["name"]: p["L"] for p in report["proteins"]}
-    with open(out / "report.csv", "w", newline="") as fh:
+    with atomic.atomic_output(out / "report.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "protein", "L", "range", "k", "precision"])
         for m, res in report["methods"].items():
@@ -428,7 +475,7 @@ def write_report(report: dict, output_dir: str | Path) -> None:
                 for r, ks in table.items():
                     for k, v in ks.items():
                         w.writerow([m, name, lengths.get(name, ""), r, k, f"{v:.4f}"])
-    log.info("wrote %s and %s", out / "report.json", out / "report.csv")
+    log.info("wrote %s", out / "report.csv")
 
 
 def _jsonable(x):
@@ -480,9 +527,10 @@ def plot_precision_by_range(report: dict, path: str | Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle(f"contact precision, {report.get('n_proteins', '?')} proteins")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_contact_map(protein: Protein, preds: dict[str, np.ndarray], path: str | Path) -> None:
@@ -513,6 +561,7 @@ def plot_contact_map(protein: Protein, preds: dict[str, np.ndarray], path: str |
         ax.set_title(f"{m}\nlong P@L {precision_at_k(pred, protein.true, 24, None, 1.0):.2f}", fontsize=8)
     fig.suptitle(protein.name, fontsize=9)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

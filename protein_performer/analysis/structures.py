@@ -49,6 +49,10 @@ class StructureError(UserError, ValueError):
     """A structure file or chain that cannot be used; the message names the file and chain."""
 
 
+class MissingStructuresError(StructureError, FileNotFoundError):
+    """The structure folder (or file) does not exist."""
+
+
 class AlignmentMismatchError(ValueError):
     """The model's sequence does not match the chain's residues within the tolerance."""
 
@@ -254,7 +258,7 @@ def structure_files(directory: str | Path) -> list[Path]:
     """The structure files (by suffix, sorted) in a directory."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"structure folder not found: {directory}")
+        raise MissingStructuresError(f"structure folder not found: {directory}")
     return sorted(p for p in directory.iterdir()
                   if p.is_file() and p.name.lower().endswith(STRUCTURE_SUFFIXES))
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protein_performer.analysis import atomic
 from protein_performer.data.collate import IGNORE_INDEX, Collator
 from protein_performer.data.fasta import read_fasta
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
@@ -248,7 +249,7 @@ def machine_line(info: dict) -> str:
 def write_json(name: str, payload: dict, out_dir: Path = RESULTS_DIR) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    atomic.write_text(path, json.dumps(payload, indent=2, default=float) + "\n")  # a killed run leaves no half file
     log.info("wrote %s", path)
     return path
 
@@ -260,8 +261,7 @@ def update_markdown(name: str, section: str, path: Path = STUDIES_MD) -> Path:
     text = path.read_text() if path.exists() else "# Studies: the paper's claims at workstation scale (issue 6)\n\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic.write_text(path, text)
     log.info("updated section %r of %s", name, path)
     return path
 
@@ -362,7 +362,10 @@ def study_command(name: str, args: argparse.Namespace) -> str:
 def write_study(name: str, result: dict, args: argparse.Namespace, plot: Callable[[Path], None],
                 markdown: Callable[[dict], str]) -> None:
     """``run``'s end: ``plot(path)`` writes ``<out_dir>/<name>.png``, then ``<name>.json``, then the
-    markdown section ``markdown(result)`` in ``args.markdown``."""
+    markdown section ``markdown(result)`` in ``args.markdown``. Each file is written under a
+    temporary name and renamed when complete (:mod:`protein_performer.analysis.atomic`), and the
+    JSON comes after the plot: a killed study leaves no partial file, and a ``<name>.json`` means
+    the plot of the same run is there too."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot(args.out_dir / f"{name}.png")
     write_json(name, result, args.out_dir)
@@ -384,8 +387,10 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ a cached trained model

@@ -1074,6 +1074,15 @@ def _clean_output(out: Path) -> None:
                 pass
 
 
+def _remove_partial_files(out: Path) -> None:
+    """Remove the temporary files a killed run left (``<name>.tmp-<pid>``: a shard, the manifest or
+    rejects.tsv being written); they were never renamed, so nothing lists or reads them."""
+    for p in [*out.glob("*.tmp-*"), *out.glob(f"{REJECTS_NAME}.tmp"), *(q for s in SPLITS for q in out.glob(f"{s}/*.tmp-*"))]:
+        if p.is_file():
+            log.info("removing %s (left by an interrupted run)", p)
+            p.unlink(missing_ok=True)
+
+
 def _prepare_output(cfg: dict, parts_mode: bool) -> None:
     out = Path(cfg["output_dir"])
     for above in (out, *out.parents):  # a file where the directory (or one above it) should be
@@ -1267,6 +1276,7 @@ def merge(
                 rejects.append((unit["file"], line, fname, rid, "duplicate_id_conflict", detail))
     rejects.sort(key=lambda r: (r[0], r[1]))
 
+    _remove_partial_files(out)
     jobs = [("stage3", cfg, u, final[u]) for u in range(n_units)]
     t1 = time.perf_counter()
     if _pool is None:

@@ -1318,6 +1318,15 @@ def merge(
         for _, line, fname, rid, reason, detail in rejects:
             fh.write(f"{fname}\t{line}\t{rid}\t{reason}\t{detail}\n")
     os.replace(out / f"{REJECTS_NAME}.tmp", out / REJECTS_NAME)
+    if n_unique == 0:  # nothing to train on: no manifest (no reader takes this for a dataset)
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        (out / CONFIG_NAME).unlink(missing_ok=True)  # not an interrupted ingest either: nothing to resume
+        what = ", ".join(f"{v} {k}" for k, v in rejected.items()) or "none"
+        raise IngestError(
+            f"{', '.join(fp['input'])}: no valid record: all {n_records} records were rejected ({what}); each is "
+            f"listed with its line in {out / REJECTS_NAME}. Check that this is a protein FASTA file and the "
+            "min_length/max_length filter; no shards were written"
+        )
     manifest = {
         "format_version": FORMAT_VERSION,
         "vocab": tok.vocab(),

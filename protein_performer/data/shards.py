@@ -326,6 +326,7 @@ class ShardedDataset:
         try:
             with h5py.File(path, "r") as f:
                 version = f.attrs.get("format_version")
+                version = version.item() if isinstance(version, np.generic) else version
                 if version is None or int(version) != FORMAT_VERSION:
                     raise ShardFormatError(
                         f"{path}: format_version {version!r}, this reader understands {FORMAT_VERSION}; {redo}"

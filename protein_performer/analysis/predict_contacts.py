@@ -1,0 +1,314 @@
+"""Contact maps for any sequence: a trained model's attention maps through a saved contact head.
+
+    predictions = predict_contacts(load_model("last.ckpt"), ContactHead.load("contact_head.json"),
+                                   ["MKTAYIAKQR...", ("my_protein", "MSEQ...")])
+    for pred in predictions: pred.id, pred.sequence, pred.contacts   # (L, L) float32 probabilities
+
+The features are exactly those the ``contacts`` step fits on: every layer's maps (the layer's
+``attention_matrix``, special tokens dropped), symmetrized, APC-corrected and rounded to float16
+as ``export_attention`` stores them.
+
+Output file (:func:`run_predict_contacts`), HDF5::
+
+    /                      attrs: format_version, checkpoint, checkpoint_sha256, head (path), head_sha256,
+                                  complete (absent while the file is being written: ``<output>.partial``)
+    /<sanitized id>/       attrs: id, sequence, index (0-based position in the input), done
+        contacts           float16 (L, L), symmetric, 0 on the diagonal
+
+The file is written as ``<output>.partial`` and renamed when complete; ``resume=true`` continues a
+killed run from the records already in the partial file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from protein_performer.analysis.atomic import atomic_output, publish
+from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.export import (
+    ExportError, InputReport, LoadedModel, SequenceRecord, crop_window, load_model, read_sequences, run_sequence,
+)
+from protein_performer.analysis.maps_io import apc_maps, sanitize_name
+from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
+from protein_performer.errors import IncompleteOutputError, UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+COMPLETE_ATTR = "complete"
+
+
+@dataclass
+class ContactPrediction:
+    id: str
+    sequence: str
+    contacts: np.ndarray      # (L, L) float32 probabilities
+    start: int = 0            # residues [start, start + L) of the input sequence (crop)
+
+    def top_pairs(self, k: int | None = None, min_sep: int = 6) -> list[tuple[int, int, float]]:
+        """The ``k`` (default L) most probable pairs ``i < j`` with ``j - i >= min_sep``, as 1-based
+        positions of the input sequence with their probability, most probable first."""
+        L = len(self.contacts)
+        k = L if k is None else int(k)
+        i, j = np.triu_indices(L, k=min_sep)
+        p = self.contacts[i, j]
+        order = np.argsort(-p, kind="stable")[:k]
+        return [(int(i[o]) + 1 + self.start, int(j[o]) + 1 + self.start, float(p[o])) for o in order]
+
+
+def _records(sequences: Iterable[str | tuple | SequenceRecord]) -> Iterator[SequenceRecord]:
+    for n, s in enumerate(sequences):
+        if isinstance(s, SequenceRecord):
+            yield s
+        elif isinstance(s, str):
+            yield SequenceRecord(f"seq{n}", s)
+        else:
+            rid, seq = s
+            yield SequenceRecord(str(rid), str(seq))
+
+
+def _model_of(model: LoadedModel | torch.nn.Module):
+    return model.model if isinstance(model, LoadedModel) else model
+
+
+def contact_features(model, residues: np.ndarray) -> np.ndarray:
+    """(layers, heads, L, L) float16: the APC-corrected symmetrized maps of every layer, as
+    ``export_attention`` stores them (``include=[apc]``) and ``contacts`` reads them."""
+    layers: list[np.ndarray] = []
+
+    def on_layer(layer: int, maps: torch.Tensor) -> None:
+        layers.append(apc_maps(maps.float().cpu().numpy()).astype(np.float16))
+
+    run_sequence(_model_of(model), residues, on_layer)
+    return np.stack(layers)
+
+
+def predict_contacts(model: LoadedModel | torch.nn.Module, head: ContactHead,
+                     sequences: Iterable[str | tuple | SequenceRecord], crop: str = "error",
+                     check_checkpoint: bool = True) -> Iterator[ContactPrediction]:
+    """Contact probabilities for each sequence (a string, an ``(id, sequence)`` pair or a
+    :class:`SequenceRecord`), in input order. ``crop``: what to do with a sequence longer than the
+    model's positions allow (``error`` | ``skip`` | ``start`` | ``center``; see export's ``crop``).
+    ``check_checkpoint``: refuse a head fitted on another checkpoint (needs a :class:`LoadedModel`)."""
+    lm = _model_of(model)
+    cfg = lm.config
+    if check_checkpoint and isinstance(model, LoadedModel):
+        head.check_model(model.sha256, cfg.depth, cfg.heads, where=model.checkpoint)
+    elif (cfg.depth, cfg.heads) != (head.n_layers, head.n_heads):
+        head.check_model(head.checkpoint_sha256, cfg.depth, cfg.heads)
+    tok = Tokenizer()
+    special = 1 if cfg.causal else 2
+    max_residues = int(cfg.max_len) - special
+    for rec in _records(sequences):
+        try:
+            residues = tok.encode(rec.sequence)
+        except UnknownResidueError as e:
+            raise UserError(f"record {rec.id}: {e}; give amino-acid letters only") from e
+        if len(residues) == 0:
+            raise UserError(f"record {rec.id}: empty sequence")
+        window = crop_window(len(residues), max_residues, crop, rec.id)
+        if window is None:
+            log.warning("record %s: %d residues > %d, skipped (crop=skip)", rec.id, len(residues), max_residues)
+            continue
+        a, b = window
+        feats = contact_features(lm, residues[a:b])
+        yield ContactPrediction(rec.id, rec.sequence[a:b], head.predict(feats), a)
+
+
+# ------------------------------------------------------------------------------ files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def partial_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+class ContactsFile:
+    """Read a contacts.h5 written by :func:`run_predict_contacts` (refuses an incomplete one)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: contacts file not found")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise UserError(f"{self.path}: not a readable HDF5 contacts file ({e}); rerun predict_contacts") from e
+        if not self._h5.attrs.get(COMPLETE_ATTR, False):
+            self._h5.close()
+            raise IncompleteOutputError(f"{self.path}: incomplete: predict_contacts was interrupted; rerun with resume=true")
+
+    def ids(self) -> list[str]:
+        groups = sorted(self._h5.values(), key=lambda g: int(g.attrs["index"]))
+        return [str(g.attrs["id"]) for g in groups]
+
+    def __iter__(self) -> Iterator[ContactPrediction]:
+        for g in sorted(self._h5.values(), key=lambda g: int(g.attrs["index"])):
+            yield ContactPrediction(str(g.attrs["id"]), str(g.attrs["sequence"]),
+                                    g["contacts"][()].astype(np.float32), int(g.attrs.get("start", 0)))
+
+    def __len__(self) -> int:
+        return len(self._h5)
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> "ContactsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _group_name(h5: h5py.File, rid: str, index: int) -> str:
+    name = sanitize_name(rid)
+    return name if name not in h5 else f"{name}~{index}"
+
+
+def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, csv_path: str | None = None,
+                         png_dir: str | None = None, top: float = 1.0, crop: str = "error",
+                         min_residues: int = 30, invalid: str = "error", resume: bool = False,
+                         overwrite: bool = False, device: str = "cpu", progress: bool = True,
+                         model_config: str | None = None) -> dict:
+    """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; output= is the contacts .h5 file to write")
+    if not Path(input).exists():
+        raise UserError(f"{input}: input not found (a FASTA file or a folder of structures)")
+    contact_head = ContactHead.load(head)
+    loaded = load_model(checkpoint, model_config, 0, device)
+    cfg = loaded.model.config
+    contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
+    part = partial_path(out)
+    if part.exists() and not (resume or overwrite):
+        raise UserError(f"{part}: an interrupted predict_contacts run is there; rerun with resume=true to continue it "
+                        "or overwrite=true to start again")
+    head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
+    head_sha = _sha256(head_path)
+    done: set[int] = set()
+    mode = "w"
+    if part.exists() and resume:
+        try:
+            with h5py.File(part, "r") as h5:
+                same = (h5.attrs.get("checkpoint_sha256") == loaded.sha256 and h5.attrs.get("head_sha256") == head_sha
+                        and h5.attrs.get("input") == str(input))
+        except OSError:
+            same = False
+            log.warning("%s: unreadable (killed while its header was written); starting again", part)
+        if not same:
+            raise UserError(f"{part}: was started with another checkpoint, head or input; rerun with overwrite=true")
+        mode = "a"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    report = InputReport()
+    records = list(read_sequences(input, min_residues=min_residues, invalid=invalid, report=report))
+    with h5py.File(part, mode) as h5:
+        if mode == "w":
+            h5.attrs["format_version"] = FORMAT_VERSION
+            h5.attrs["checkpoint"] = str(checkpoint)
+            h5.attrs["checkpoint_sha256"] = loaded.sha256
+            h5.attrs["head"] = str(head_path)
+            h5.attrs["head_sha256"] = head_sha
+            h5.attrs["input"] = str(input)
+        else:
+            for name in list(h5):  # a record killed mid-write has no 'done' mark: drop it and redo it
+                if not h5[name].attrs.get("done", False):
+                    del h5[name]
+                else:
+                    done.add(int(h5[name].attrs["index"]))
+            if done:
+                log.info("resuming: %d of %d records already predicted", len(done), len(records))
+        todo = [(n, r) for n, r in enumerate(records) if n not in done]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), initial=len(done), disable=not progress, unit="seq", desc="contacts")
+        # one at a time, shortest first within the remaining work would change nothing for batch 1:
+        # records are written in input order so a resumed file holds the same groups
+        for n, rec in todo:
+            preds = list(predict_contacts(loaded, contact_head, [rec], crop=crop, check_checkpoint=False))
+            for pred in preds:
+                g = h5.create_group(_group_name(h5, rec.id, n))
+                g.attrs["id"] = rec.id
+                g.attrs["sequence"] = pred.sequence
+                g.attrs["index"] = n
+                g.attrs["start"] = pred.start
+                g.create_dataset("contacts", data=pred.contacts.astype(np.float16), compression="gzip",
+                                 compression_opts=1, shuffle=True)
+                g.attrs["done"] = True
+            if not preds:
+                report.failures.append({"source": rec.source, "reason": f"{rec.id}: too long, skipped (crop=skip)"})
+            h5.flush()
+            bar.update(1)
+        bar.close()
+        h5.attrs[COMPLETE_ATTR] = True
+    publish(part, out)
+    n_written = 0
+    with ContactsFile(out) as cf:
+        n_written = len(cf)
+        if csv_path or png_dir:
+            _write_extras(cf, csv_path, png_dir, top, contact_head.min_sep)
+    summary = {"output": str(out), "records": n_written, "input_failures": report.failures,
+               "checkpoint_sha256": loaded.sha256, "head": str(head_path)}
+    log.info("%d contact maps -> %s", n_written, out)
+    return summary
+
+
+def _write_extras(cf: ContactsFile, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> None:
+    if csv_path:
+        with atomic_output(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "i", "j", "probability"])
+            for pred in cf:
+                k = max(1, int(len(pred.contacts) * top))
+                for i, j, p in pred.top_pairs(k, min_sep):
+                    w.writerow([pred.id, i, j, f"{p:.4f}"])
+    if png_dir:
+        for pred in cf:
+            plot_prediction(pred, Path(png_dir) / f"{sanitize_name(pred.id)}.png", min_sep)
+
+
+def plot_prediction(pred: ContactPrediction, path: str | Path, min_sep: int = 6) -> None:
+    """PNG: the contact probabilities (upper triangle) and the top-L pairs (lower triangle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = len(pred.contacts)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    upper = np.triu(pred.contacts, k=1)
+    ax.imshow(np.where(upper > 0, upper, np.nan), cmap="Blues", vmin=0, vmax=1, origin="upper")
+    pairs = pred.top_pairs(L, min_sep)
+    if pairs:
+        ii = [j - 1 - pred.start for _, j, _ in pairs]
+        jj = [i - 1 - pred.start for i, _, _ in pairs]
+        ax.scatter(jj, ii, s=6, c="tab:red", label=f"top-L pairs (|i-j| >= {min_sep})")
+        ax.legend(loc="lower left", fontsize=7)
+    ax.set_title(f"{pred.id} (L = {L})", fontsize=9)
+    ax.set_xlabel("residue")
+    ax.set_ylabel("residue")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["ContactPrediction", "ContactsFile", "contact_features", "predict_contacts", "run_predict_contacts",
+           "plot_prediction", "partial_path", "ExportError"]

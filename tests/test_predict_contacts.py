@@ -1,0 +1,178 @@
+"""The saved contact head and predict_contacts: the head reproduces the fitted regression, the
+predictions for a sequence equal what the contacts step computes from the exported maps of the
+same checkpoint, the CLI writes a complete file (and a CSV and PNGs) and refuses what it must."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from protein_performer.analysis.contact_head import (
+    ContactHead, ContactHeadError, head_from_estimator, training_subset,
+)
+from protein_performer.analysis.contacts import fit_logistic, load_proteins
+from protein_performer.analysis.export import load_model, run_export
+from protein_performer.analysis.predict_contacts import ContactsFile, predict_contacts
+from protein_performer.analysis.structures import load_structures
+from protein_performer.errors import IncompleteOutputError
+from test_export import REPO, STRUCTURES, trained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """The tiny trained checkpoint, its APC maps of the embedded structures, the proteins and a
+    standardized L1 regression fitted on all of them, and the head made from it."""
+    ckpt = trained_checkpoint(tmp_path_factory)
+    out = tmp_path_factory.mktemp("predict")
+    maps = out / "maps.h5"
+    run_export(str(ckpt), str(STRUCTURES), str(maps), include=["apc"], progress=False)
+    chains, _ = load_structures(STRUCTURES)
+    proteins, _ = load_proteins(maps, chains)
+    assert len(proteins) >= 5
+    est = fit_logistic(proteins, "trained", C=0.15, seed=0, standardize=True)
+    lm = load_model(ckpt)
+    cfg = lm.model.config
+    head = head_from_estimator(est, cfg.depth, cfg.heads, checkpoint=str(ckpt), checkpoint_sha256=lm.sha256,
+                               training_proteins=[p.name for p in proteins])
+    return {"ckpt": ckpt, "maps": maps, "proteins": proteins, "est": est, "head": head, "lm": lm, "out": out}
+
+
+def test_head_equals_the_fitted_regression(fitted):
+    """head.predict on the full APC stack == sklearn's predict_proba on the pair features."""
+    from protein_performer.analysis.maps_io import MapsFile
+
+    head, est = fitted["head"], fitted["est"]
+    assert np.count_nonzero(head.weights) > 0  # standardized: the L1 fit keeps some maps
+    with MapsFile(fitted["maps"]) as mf:
+        for p in fitted["proteins"]:
+            rec = mf.read(mf.find(source=p.source), load=("apc",))
+            probs = head.predict(rec.apc)
+            expected = est.predict_proba(p.features["trained"])[:, 1]
+            # float32 features, float64 weights in both; the folded standardization reorders a few
+            # float64 operations: agreement to ~1e-12 in the logit, 1e-6 leaves room for float32 output
+            np.testing.assert_allclose(probs[p.i, p.j], expected, rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(probs, probs.T)
+            assert np.all(np.diag(probs) == 0)
+
+
+def test_head_file_round_trip_and_refusals(fitted, tmp_path):
+    head = fitted["head"]
+    path = head.save(tmp_path / "contact_head.json")
+    again = ContactHead.load(tmp_path)  # the folder holding it works too
+    for k in ("weights", "mean", "scale"):
+        np.testing.assert_array_equal(getattr(again, k), getattr(head, k))
+    assert (again.intercept, again.checkpoint_sha256, again.training_proteins) == \
+        (head.intercept, head.checkpoint_sha256, head.training_proteins)
+    assert not list(tmp_path.glob(".*partial"))  # atomic write left no temporary
+    d = json.loads(path.read_text())
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ContactHeadError, match="bad.json: not a contact head"):
+        ContactHead.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({**d, "format": "something.else"}))
+    with pytest.raises(ContactHeadError, match="other.json: not a contact head file"):
+        ContactHead.load(tmp_path / "other.json")
+    (tmp_path / "short.json").write_text(json.dumps({**d, "weights": d["weights"][:-1]}))
+    with pytest.raises(ContactHeadError, match="short.json: incomplete contact head"):
+        ContactHead.load(tmp_path / "short.json")
+    with pytest.raises(ContactHeadError, match="another checkpoint"):
+        head.check_model("0" * 64, head.n_layers, head.n_heads)
+    with pytest.raises(ContactHeadError, match="3 layers x 2 heads"):
+        head.check_model(head.checkpoint_sha256, 3, 2)
+
+
+def test_training_subset_is_seeded():
+    names = [f"p{i}" for i in range(40)]
+    a, b = training_subset(names, 20, seed=0), training_subset(names, 20, seed=0)
+    assert a == b and len(a) == 20 and a == sorted(a)
+    assert training_subset(names, 20, seed=1) != a
+    assert training_subset(names[:7], 20) == list(range(7))
+
+
+def test_predict_contacts_equals_the_contacts_step(fitted):
+    """Predicting from the sequence alone gives, at every pair the contacts step scores, the
+    probabilities its regression gives on the exported maps (same float16 APC features)."""
+    head, est = fitted["head"], fitted["est"]
+    proteins = fitted["proteins"]
+    preds = list(predict_contacts(fitted["lm"], head, [(p.name, p.sequence) for p in proteins]))
+    assert [x.id for x in preds] == [p.name for p in proteins]
+    for p, pred in zip(proteins, preds):
+        assert pred.contacts.shape == (p.L, p.L) and pred.contacts.dtype == np.float32
+        expected = est.predict_proba(p.features["trained"])[:, 1]
+        np.testing.assert_allclose(pred.contacts[p.i, p.j], expected, rtol=0, atol=1e-6)
+        top = pred.top_pairs()
+        assert len(top) == min(p.L, len(p.i)) and all(j - i >= head.min_sep for i, j, _ in top)
+        assert [t[2] for t in top] == sorted((t[2] for t in top), reverse=True)
+
+
+def test_predict_contacts_refuses_another_checkpoint(fitted):
+    other = ContactHead(**{**fitted["head"].__dict__, "checkpoint_sha256": "f" * 64})
+    with pytest.raises(ContactHeadError, match="another checkpoint"):
+        next(predict_contacts(fitted["lm"], other, ["MKTAYIAKQRQISFVKSHFSRQ"]))
+
+
+def _cli(*args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "protein_performer.predict_contacts", *args, "progress=false"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_predict_contacts_cli(fitted, tmp_path):
+    head_path = fitted["head"].save(tmp_path / "head" / "contact_head.json")
+    proteins = fitted["proteins"][:3]
+    fasta = tmp_path / "mine.fasta"
+    fasta.write_text("".join(f">{p.name} some protein\n{p.sequence}\n" for p in proteins))
+    out = tmp_path / "contacts.h5"
+    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}",
+             f"csv={tmp_path / 'top.csv'}", f"png_dir={tmp_path / 'png'}", "min_residues=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 contact maps" in r.stdout
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["complete"] and h5.attrs["checkpoint_sha256"] == fitted["lm"].sha256
+        for p in proteins:
+            g = h5[p.name]
+            assert g.attrs["id"] == p.name and g.attrs["sequence"] == p.sequence
+            assert g["contacts"].dtype == np.float16 and g["contacts"].shape == (p.L, p.L)
+    with ContactsFile(out) as cf:
+        assert cf.ids() == [p.name for p in proteins]
+        for p, pred in zip(proteins, cf):
+            expected = fitted["est"].predict_proba(p.features["trained"])[:, 1]
+            # stored as float16: probabilities in [0, 1] are rounded by at most 2^-12
+            np.testing.assert_allclose(pred.contacts[p.i, p.j], expected, rtol=0, atol=2.5e-4)
+    rows = list(csv.DictReader(open(tmp_path / "top.csv")))
+    assert len(rows) == sum(p.L for p in proteins)
+    assert {r["id"] for r in rows} == {p.name for p in proteins}
+    assert sorted(x.name for x in (tmp_path / "png").iterdir()) == sorted(f"{p.name}.png" for p in proteins)
+
+    # a reader refuses a partial file; a partial file blocks a plain rerun; resume finishes it
+    part = out.with_name(out.name + ".partial")
+    out.rename(part)
+    with h5py.File(part, "a") as h5:
+        del h5.attrs["complete"]
+        del h5[proteins[-1].name]
+    with pytest.raises(IncompleteOutputError, match="incomplete"):
+        ContactsFile(part)
+    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}", "min_residues=1")
+    assert r.returncode == 1 and "resume=true" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}", "min_residues=1",
+             "resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not part.exists()
+    with ContactsFile(out) as cf:
+        assert cf.ids() == [p.name for p in proteins]
+
+    # a head fitted on another checkpoint: one line, exit 1, nothing written
+    other = ContactHead(**{**fitted["head"].__dict__, "checkpoint_sha256": "f" * 64}).save(tmp_path / "other.json")
+    out2 = tmp_path / "other.h5"
+    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={other}", f"input={fasta}", f"output={out2}", "min_residues=1")
+    assert r.returncode == 1 and "another checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 or r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not out2.exists()

@@ -161,7 +161,6 @@ def test_cli_output_dir_in_a_read_only_directory(tmp_path, small_fasta):
         _umount(ro)
 
 
-@pytest.mark.slow
 def test_cli_disk_full_during_ingest_then_resume(tmp_path, small_fasta, sample_fasta):
     """A 2 MB tmpfs (or, where mounting is not allowed, a 1 MB file-size limit) fills during the
     ingest of the 3,000-record sample: one line saying no space / resume=true, exit 1; the complete

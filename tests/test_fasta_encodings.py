@@ -114,7 +114,6 @@ def test_odd_headers_read_and_ingested(real, tmp_path, gz):
         assert rid in ids and _deep(b"", rid)[1] in ids or _deep(b"sp|", rid)[1] in ids
 
 
-@pytest.mark.slow
 def test_odd_headers_with_two_workers_and_part_merge(real, tmp_path):
     p, ids, deep_at = _odd_file(real, tmp_path, gz=False)
     kw = dict(input=str(p), progress=False, fractions=ALL_TRAIN, shard_size=1000)

@@ -1,0 +1,256 @@
+"""Crashes leave nothing that looks complete (issue 10, item 3): export_attention, contacts and
+aa_similarity killed with a real SIGKILL at random moments (delays drawn with a fixed seed).
+
+export_attention: the kill leaves ``<output>.partial`` (+ journal) that every reader refuses, a
+plain rerun refuses to touch, and ``resume=true`` turns into a file byte-identical to an
+uninterrupted export. contacts / aa_similarity: no report JSON unless the run finished (and
+then it equals the uninterrupted run's), no truncated file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from protein_performer.analysis.maps_io import MapsFile, MapsWriter, write_maps
+from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
+from protein_performer.errors import IncompleteOutputError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "swissprot_sample.fasta.gz"
+STRUCTURES = REPO / "data" / "structures" / "biopython"
+SEED = 20261130  # the kill delays
+TINY = """vocab_size: 29
+max_len: 96
+dim: 32
+depth: 2
+heads: 2
+dim_head: 16
+ff_dim: 64
+attention: favor_relu
+nb_features: 16
+causal: false
+"""
+N_SEQUENCES = 200  # ~2 s of export on one thread, after ~2 s of imports
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PROTEIN_PERFORMER_TRACEBACK="0")
+
+
+def _export_cmd(work: Path, output: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "protein_performer.export_attention", "checkpoint=random",
+            f"model_config={work / 'tiny.yaml'}", f"input={SAMPLE}", f"output={output}", "crop=start",
+            f"max_sequences={N_SEQUENCES}", "num_threads=1", "progress=false", *extra]
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _kill_after(cmd: list[str], cwd: Path, delay: float, started: Path | None = None) -> bool:
+    """Start ``cmd``; SIGKILL it ``delay`` s after ``started`` appears (after the start if None).
+    Returns True if it was killed, False if it had finished first."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_end = time.monotonic() + 300
+    while started is not None and not started.exists() and proc.poll() is None and time.monotonic() < t_end:
+        time.sleep(0.01)
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted export, and how long its export phase took (journal appears -> exit)."""
+    work = tmp_path_factory.mktemp("crash_export")
+    (work / "tiny.yaml").write_text(TINY)
+    out = work / "ref" / "maps.h5"
+    proc = subprocess.Popen(_export_cmd(work, str(out)), cwd=work, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    journal = out.with_name("maps.h5.partial.journal")
+    while not journal.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"{N_SEQUENCES} sequences" in stdout
+    return work, out, time.monotonic() - t0
+
+
+def _assert_nothing_looks_complete(out: Path, ref: Path) -> None:
+    """After a kill: ``out`` is absent (or the finished file, identical to the reference), and a
+    partial file is refused by the reader."""
+    if out.exists():  # the kill came after the final rename
+        assert out.read_bytes() == ref.read_bytes()
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        with pytest.raises(IncompleteOutputError, match=r"incomplete: the export was interrupted.*resume=true"):
+            MapsFile(partial)
+        try:  # readable HDF5 (killed after a flush): it carries the marker every reader checks
+            with h5py.File(partial, "r") as h5:
+                assert "incomplete" in h5.attrs
+        except OSError:
+            pass  # killed before HDF5 wrote its first metadata: not even HDF5
+
+
+@pytest.mark.slow
+def test_export_killed_at_random_moments_resumes_to_a_byte_identical_file(reference):
+    work, ref, export_s = reference
+    rng = random.Random(SEED)
+    # kills at random moments of the export (the delay counted from the journal's creation)
+    cases = [(f"export{k}", rng.uniform(0.05, 0.95) * export_s, "journal") for k in range(3)]
+    for name, delay, trigger in cases:
+        out = work / name / "maps.h5"
+        journal = out.with_name("maps.h5.partial.journal")
+        killed = _kill_after(_export_cmd(work, str(out)), work, delay, journal if trigger else None)
+        _assert_nothing_looks_complete(out, ref)
+        partial = out.with_name("maps.h5.partial")
+        if killed and partial.exists() and name == "export0":
+            before = partial.read_bytes()
+            plain = _run(_export_cmd(work, str(out)), work)  # no resume: refused, partial untouched
+            assert plain.returncode == 1 and "Traceback" not in plain.stderr
+            assert plain.stderr.strip() == (f"error: {partial}: an interrupted export of {out} is there; rerun "
+                                            "with resume=true to continue it, or overwrite=true to start again")
+            assert partial.read_bytes() == before and not out.exists()
+        if name == "export1" and partial.exists():
+            # also damage the interrupted file (flip bytes in its last quarter): resume must notice
+            # (per-record CRC-32s) and recompute from the first damaged record, still identical
+            data = bytearray(partial.read_bytes())
+            at = len(data) * 3 // 4
+            data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+            partial.write_bytes(bytes(data))
+        res = _run(_export_cmd(work, str(out), "resume=true"), work)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert out.read_bytes() == ref.read_bytes(), f"{name}: resumed export differs from the uninterrupted one"
+        assert not partial.exists() and not journal.exists()
+        with MapsFile(out) as mf:
+            assert len(mf) == N_SEQUENCES
+
+
+def _write_and_kill_self(path: Path, n_records: int) -> None:
+    """A writer process that adds records, flushes, and is SIGKILLed before it finishes."""
+    code = (
+        "import os, signal, numpy as np\n"
+        "from protein_performer.analysis.maps_io import MapsWriter\n"
+        f"w = MapsWriter({str(path)!r})\n"
+        f"for n in range({n_records}):\n"
+        "    w.add(f'r{n}', 'ACDEFGHIKLMNPQRSTVWY', np.full((1, 2, 20, 20), 0.05))\n"
+        "w.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_every_reader_refuses_a_maps_file_whose_writer_was_killed(tmp_path):
+    maps = tmp_path / "maps.h5"
+    _write_and_kill_self(maps, 3)
+    with h5py.File(maps, "r") as h5:  # plain HDF5 sees 3 records: without the marker they would pass
+        assert len(h5.keys()) == 3 and "incomplete" in h5.attrs
+    with pytest.raises(IncompleteOutputError, match=rf"{maps}: incomplete: the export was interrupted"):
+        MapsFile(maps)
+    for cmd in (["protein_performer.contacts", f"maps={maps}", f"structures={STRUCTURES}", f"output_dir={tmp_path / 'c'}"],
+                ["protein_performer.aa_similarity", f"maps={maps}", f"output_dir={tmp_path / 'a'}"]):
+        res = _run([sys.executable, "-m", *cmd], tmp_path)
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert res.stderr.startswith(f"error: {maps}: incomplete: the export was interrupted")
+        assert "resume=true" in res.stderr
+
+
+def test_maps_files_written_before_the_marker_stay_readable(tmp_path):
+    """Complete files of the old writer carry neither ``incomplete`` nor ``vocab``: still read."""
+    new = tmp_path / "new.h5"
+    write_maps(new, [dict(id="a", sequence="ACDEFGHIK", attentions=np.full((1, 1, 9, 9), 1 / 9))])
+    old = tmp_path / "old.h5"
+    with h5py.File(new, "r") as src, h5py.File(old, "w", track_order=True) as dst:
+        for k in ("format_version", "model_config", "checkpoint_sha256", "causal"):
+            dst.attrs[k] = src.attrs[k]
+        src.copy("a", dst)
+    with MapsFile(old) as mf:
+        rec = mf["a"]
+        assert rec.sequence == "ACDEFGHIK" and np.allclose(rec.attentions, 1 / 9, rtol=2 ** -11)
+
+
+# ------------------------------------------------------------------------------ contacts / aa_similarity
+@pytest.fixture(scope="module")
+def control_maps(tmp_path_factory):
+    """maps.h5 for the repo's 8 structures (distance-based maps, no model): contacts has >= 2 proteins."""
+    work = tmp_path_factory.mktemp("crash_analysis")
+    chains, _ = load_structures(STRUCTURES)
+    rng = np.random.default_rng(0)
+    recs = []
+    for c in chains:
+        xyz = coords_on_sequence(c, align_to_sequence(c, c.sequence))
+        d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
+        a = np.exp(-np.nan_to_num(d, nan=50.0) / 4.0)[None, None] + rng.random((2, 2, len(d), len(d))) * 0.1
+        recs.append(dict(id=c.name, sequence=c.sequence, source=c.key, attentions=a / a.sum(-1, keepdims=True)))
+    write_maps(work / "maps.h5", recs, apc=True)
+    return work, work / "maps.h5"
+
+
+def _png_complete(path: Path) -> bool:
+    data = path.read_bytes()
+    return data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82")
+
+
+def _check_output_dir(out: Path, ref: Path, report: str) -> None:
+    """No final-named file is truncated, and the JSON report is there only if the run finished."""
+    if not out.exists():
+        return
+    visible = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix != ".log"]
+    for p in visible:
+        assert not p.name.endswith(".partial"), p
+        if p.suffix == ".png":
+            assert _png_complete(p), f"{p}: truncated PNG under its final name"
+        else:
+            assert p.read_bytes() == (ref / p.relative_to(out)).read_bytes(), f"{p}: differs from a full run"
+    if (out / report).exists():  # written last: everything of the run is there
+        assert sorted(p.relative_to(out) for p in visible) == sorted(
+            p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and p.suffix != ".log")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["contacts", "aa_similarity"])
+def test_analysis_killed_at_random_moments_leaves_no_report(command, control_maps):
+    work, maps = control_maps
+    args = {"contacts": [f"structures={STRUCTURES}", "n_folds=2", "n_plots=3"], "aa_similarity": []}[command]
+    report = {"contacts": "report.json", "aa_similarity": "aa_similarity.json"}[command]
+
+    def cmd(out):
+        return [sys.executable, "-m", f"protein_performer.{command}", f"maps={maps}", f"output_dir={out}", *args]
+
+    ref = work / f"{command}_ref"
+    t0 = time.monotonic()
+    res = _run(cmd(ref), work)
+    duration = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref_report = json.loads((ref / report).read_text())
+    rng = random.Random(SEED)
+    first_file = {"contacts": "report.csv", "aa_similarity": "aa_similarity.csv"}[command]
+    for k, delay in enumerate([rng.uniform(0.3, 1.0) * duration for _ in range(2)]):
+        out = work / f"{command}_{k}"
+        _kill_after(cmd(out), work, delay)
+        _check_output_dir(out, ref, report)
+    # a kill while the outputs are being written (right after the first one appears), over an old
+    # complete report: it is removed before the new files are written, never mixed with them
+    out = work / f"{command}_writing"
+    out.mkdir()
+    (out / report).write_text(json.dumps(ref_report))
+    _kill_after(cmd(out), work, 0.0, started=out / first_file)
+    _check_output_dir(out, ref, report)
+    assert not (out / report).exists() or json.loads((out / report).read_text()) == ref_report

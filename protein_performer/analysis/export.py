@@ -454,6 +454,31 @@ def _space_problem(e: BaseException) -> bool:
                                    f"errno = {errno.ENOSPC},", f"errno = {errno.EFBIG},"))
 
 
+def _record_bytes(n_maps: int, depth: int, heads: int, length: int, dim: int, inc: Sequence[str]) -> int:
+    """An upper bound of the bytes a record adds to the file: its maps uncompressed (deflate
+    expands incompressible data by < 0.1 %), embeddings, and 64 KiB for HDF5 metadata."""
+    maps = n_maps * depth * heads * length * length * 2
+    emb = (4 * dim if "mean" in inc else 0) + (4 * length * dim if "per_token" in inc else 0)
+    return int(1.01 * (maps + emb + length)) + (64 << 10)
+
+
+def _room_for(path: Path, needed: int) -> tuple[bool, str]:
+    """Whether ``needed`` more bytes fit on ``path``'s file system and under the file size limit
+    (``ulimit -f``). Checked before each record, so that a full disk stops the export between
+    records, with the partial file flushed and resumable, instead of failing inside HDF5 (whose
+    file then cannot even be closed)."""
+    import resource
+
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        return False, f"{free / 2**20:.1f} MiB free, the next record needs up to {needed / 2**20:.1f} MiB"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and path.stat().st_size + needed > limit:
+        return False, f"file size limit {limit / 2**20:.1f} MiB"
+    return True, ""
+
+
 def _check_output(output: Path) -> None:
     if output.is_dir():
         raise ExportError(f"{output}: is a directory; output= names the maps.h5 file to write")
@@ -580,6 +605,8 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
                     continue
                 src = _intact(old, entry)
                 if src is not None:
+                    _ensure_room(target, output, _record_bytes(
+                        sum(w in src for w in ("attentions", "apc")), depth, heads, len(src["tokens"]), int(cfg.dim), inc))
                     copy = writer.copy_record(src)
                     writer.flush()
                     journal.add({**entry, "checksum": copy.checksum})
@@ -609,6 +636,8 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
             residues = residues[start:stop]
             seq = tok.decode(residues)
             cropped = stop - start != full_length
+            _ensure_room(target, output, _record_bytes(
+                ("attentions" in inc) + ("apc" in inc), depth, heads, len(residues), int(cfg.dim), inc))
             # the record is dropped on any error: no half-written record stays behind
             with writer.begin_layers(rec.id, seq, depth, heads, tokens=residues.astype(np.uint8),
                                      source=rec.source, attentions="attentions" in inc, apc="apc" in inc,
@@ -637,13 +666,14 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
             journal.close()
         if old is not None:
             old.close()
+        if isinstance(e, _NoSpace):  # stopped between records: the partial file is flushed and resumable
+            raise
         if isinstance(e, ValueError) and not _space_problem(e):  # a bad input or setting: nothing to resume
             for p in (target, target_journal):
                 p.unlink(missing_ok=True)
             raise
         if _space_problem(e):
-            raise ExportError(f"{target}: no space left on the device (or the file size limit reached) while "
-                              f"writing {output}; free space and rerun with resume=true") from e
+            raise ExportError(_no_space_message(target, output)) from e
         if target.exists():
             log.error("export of %s interrupted after %d records (%s); rerun with resume=true to continue",
                       output, counts["records"], _first_line(e))
@@ -660,6 +690,21 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
              "to %s in %.1f s", counts["records"], counts["residues"], counts["cropped"], counts["skipped_too_long"],
              n_copied, output, seconds)
     return summary
+
+
+def _no_space_message(target: Path, output: Path, detail: str = "") -> str:
+    return (f"{target}: no space left on the device (or the file size limit reached) while writing {output}"
+            f"{f' ({detail})' if detail else ''}; free space and rerun with resume=true")
+
+
+class _NoSpace(ExportError):
+    """The next record would not fit: raised between records, the partial file stays resumable."""
+
+
+def _ensure_room(target: Path, output: Path, needed: int) -> None:
+    ok, detail = _room_for(target, needed)
+    if not ok:
+        raise _NoSpace(_no_space_message(target, output, detail))
 
 
 def _intact(old: h5py.File, entry: dict) -> h5py.Group | None:

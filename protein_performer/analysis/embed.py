@@ -1,0 +1,259 @@
+"""Per-sequence embeddings at scale: no attention maps, batches of similar length, resumable.
+
+The embedding of a sequence is the mean over its residues (special tokens excluded) of the final
+representation (after the last LayerNorm), the vector ``export_attention include=[mean]`` stores.
+Sequences are read in chunks; inside a chunk they are sorted by length and packed into batches of
+at most ``batch_tokens`` padded tokens, so little compute goes to padding; padded keys are
+masked out of attention (FAVOR+ and exact alike), so a sequence's embedding does not depend on its
+batch.
+
+Output (HDF5, rows in input order)::
+
+    /ids       str     (n,)        the FASTA header's first word (or <structure>_<chain>)
+    /lengths   int32   (n,)        residues embedded (after ``crop``)
+    /mean      float32 (n, dim)
+    attrs      format_version, checkpoint, checkpoint_sha256, model_config (json), input, crop,
+               rows_done; ``complete`` once finished
+
+The file is written as ``<output>.partial`` and renamed when complete; ``resume=true`` continues a
+killed run after its last flushed chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from protein_performer.analysis.atomic import publish
+from protein_performer.analysis.export import (
+    InputReport, LoadedModel, SequenceRecord, crop_window, load_model, read_sequences,
+)
+from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.errors import IncompleteOutputError, UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_CHUNK = 4096          # sequences read, sorted and written at a time (one flush each)
+DEFAULT_BATCH_TOKENS = 16384  # padded tokens per forward pass
+
+
+def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Indices into ``lengths`` grouped into batches: sorted by length, each batch holding at most
+    ``batch_tokens`` padded tokens (``len(batch) * max length``; a longer sequence alone)."""
+    order = np.argsort(lengths, kind="stable")
+    batches, cur, cur_max = [], [], 0
+    for idx in order:
+        n = int(lengths[idx])
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(np.array(cur))
+            cur, cur_max = [], 0
+        cur.append(int(idx))
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(np.array(cur))
+    return batches
+
+
+@torch.no_grad()
+def representations(model, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """(b, t, dim): the final representation (after the last LayerNorm) without the LM head."""
+    x = model.embed(tokens)
+    for block in model.blocks:
+        x = block(x, key_padding_mask)
+    return model.norm(x)
+
+
+def _batch_tokens(residues: list[np.ndarray], causal: bool, tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded model input ``[bos, s, (eos)]`` for each residue array, and the padding mask."""
+    extra = 1 if causal else 2
+    T = max(len(r) for r in residues) + extra
+    tokens = np.full((len(residues), T), tok.pad_id, dtype=np.int64)
+    for n, r in enumerate(residues):
+        tokens[n, 0] = tok.bos_id
+        tokens[n, 1:1 + len(r)] = r
+        if not causal:
+            tokens[n, 1 + len(r)] = tok.eos_id
+    tokens_t = torch.from_numpy(tokens)
+    return tokens_t, tokens_t == tok.pad_id
+
+
+def embed_batch(model, residues: list[np.ndarray], device: str | torch.device = "cpu") -> np.ndarray:
+    """(n, dim) float32 mean embeddings of residue-id arrays (no special tokens), one forward pass."""
+    tok = Tokenizer()
+    tokens, pad = _batch_tokens(residues, bool(model.config.causal), tok)
+    tokens, pad = tokens.to(device), pad.to(device)
+    rep = representations(model, tokens, pad if pad.any() else None).float()  # (n, T, dim)
+    lengths = torch.tensor([len(r) for r in residues], device=rep.device)
+    pos = torch.arange(rep.shape[1], device=rep.device)
+    keep = (pos[None] >= 1) & (pos[None] <= lengths[:, None])  # residues sit at 1..L
+    summed = (rep * keep[..., None]).sum(1)
+    return (summed / lengths[:, None]).cpu().numpy()
+
+
+def embed_sequences(model: LoadedModel | torch.nn.Module, sequences: Iterable[str | tuple | SequenceRecord],
+                    batch_tokens: int = DEFAULT_BATCH_TOKENS, chunk: int = DEFAULT_CHUNK, crop: str = "error",
+                    device: str | torch.device | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(id, residues embedded, mean embedding (dim,))`` per sequence, in input order (the Python API)."""
+    lm = model.model if isinstance(model, LoadedModel) else model
+    device = device if device is not None else next(lm.parameters()).device
+    for chunk_records in _chunks(_records(sequences), chunk):
+        ids, lengths, emb = _embed_chunk(lm, chunk_records, batch_tokens, crop, device)
+        for k in range(len(ids)):
+            if lengths[k] > 0:
+                yield ids[k], int(lengths[k]), emb[k]
+
+
+def _records(sequences) -> Iterator[SequenceRecord]:
+    for n, s in enumerate(sequences):
+        if isinstance(s, SequenceRecord):
+            yield s
+        elif isinstance(s, str):
+            yield SequenceRecord(f"seq{n}", s)
+        else:
+            yield SequenceRecord(str(s[0]), str(s[1]))
+
+
+def _chunks(it: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _embed_chunk(lm, records: list[SequenceRecord], batch_tokens: int, crop: str,
+                 device) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Embeddings of one chunk, rows in the chunk's order; a record skipped by ``crop=skip`` gets
+    length 0 and a NaN row."""
+    tok = Tokenizer()
+    max_res = int(lm.config.max_len) - (1 if lm.config.causal else 2)
+    residues = []
+    for rec in records:
+        r = tok.encode(rec.sequence)
+        w = crop_window(len(r), max_res, crop, rec.id)
+        residues.append(r[w[0]:w[1]] if w is not None else r[:0])
+    lengths = np.array([len(r) for r in residues], dtype=np.int32)
+    dim = int(lm.config.dim)
+    out = np.full((len(records), dim), np.nan, dtype=np.float32)
+    live = np.nonzero(lengths > 0)[0]
+    for b in length_batches(lengths[live], batch_tokens):
+        idx = live[b]
+        out[idx] = embed_batch(lm, [residues[i] for i in idx], device)
+    return [r.id for r in records], lengths, out
+
+
+def partial_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """``{"ids", "lengths", "mean"}`` of a complete embeddings file (an incomplete one is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: embeddings file not found")
+    with h5py.File(path, "r") as h5:
+        if not h5.attrs.get("complete", False):
+            raise IncompleteOutputError(f"{path}: incomplete: the embedding run was interrupted; rerun with resume=true")
+        return {"ids": np.array([x.decode() if isinstance(x, bytes) else x for x in h5["ids"][()]], dtype=object),
+                "lengths": h5["lengths"][()], "mean": h5["mean"][()]}
+
+
+def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+              chunk: int = DEFAULT_CHUNK, crop: str = "error", min_residues: int = 30, invalid: str = "error",
+              resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = True,
+              model_config: str | None = None, seed: int = 0) -> dict:
+    """What ``python -m protein_performer.embed`` does; returns a summary (sequences, seconds, seq/s)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; output= is the embeddings .h5 file to write")
+    if not Path(input).exists():
+        raise UserError(f"{input}: input not found (a FASTA file or a folder of structures)")
+    loaded = load_model(checkpoint, model_config, seed, device)
+    lm = loaded.model
+    part = partial_path(out)
+    if part.exists() and not (resume or overwrite):
+        raise UserError(f"{part}: an interrupted embedding run is there; rerun with resume=true to continue it "
+                        "or overwrite=true to start again")
+    settings = {"checkpoint_sha256": loaded.sha256, "input": str(input), "crop": crop, "chunk": int(chunk),
+                "model_config": json.dumps(asdict(lm.config), sort_keys=True)}
+    start_row = 0
+    if part.exists() and resume:
+        try:
+            with h5py.File(part, "r") as h5:
+                same = all(h5.attrs.get(k) == v for k, v in settings.items())
+                start_row = int(h5.attrs.get("rows_done", 0))
+        except OSError:
+            same, start_row = True, -1  # killed while its header was written: start again
+        if not same:
+            raise UserError(f"{part}: was started with another checkpoint, input or crop; rerun with overwrite=true")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    dim = int(lm.config.dim)
+    report = InputReport()
+    t0 = time.perf_counter()
+    n_new = 0
+    from tqdm.auto import tqdm
+
+    mode = "a" if start_row > 0 else "w"
+    start_row = max(start_row, 0)
+    with h5py.File(part, mode) as h5:
+        if mode == "w":
+            for k, v in settings.items():
+                h5.attrs[k] = v
+            h5.attrs["format_version"] = FORMAT_VERSION
+            h5.attrs["checkpoint"] = str(checkpoint)
+            h5.attrs["rows_done"] = 0
+            h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(chunk,))
+            h5.create_dataset("lengths", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
+            h5.create_dataset("mean", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(min(chunk, 1024), dim))
+        else:
+            for name in ("ids", "lengths", "mean"):  # rows past the last flushed chunk are dropped
+                h5[name].resize(start_row, axis=0)
+            log.info("resuming after %d sequences", start_row)
+        records = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
+        bar = tqdm(disable=not progress, unit="seq", desc="embed", initial=start_row)
+        row = 0
+        for chunk_records in _chunks(records, chunk):
+            if row + len(chunk_records) <= start_row:
+                row += len(chunk_records)
+                continue
+            ids, lengths, emb = _embed_chunk(lm, chunk_records, batch_tokens, crop, device)
+            keep = lengths > 0
+            for k in np.nonzero(~keep)[0]:
+                report.failures.append({"source": chunk_records[k].source,
+                                        "reason": f"{ids[k]}: too long, skipped (crop=skip)"})
+            n_keep = int(keep.sum())
+            n0 = h5["ids"].shape[0]
+            for name, data in (("ids", np.array(ids, dtype=object)[keep]), ("lengths", lengths[keep]),
+                               ("mean", emb[keep])):
+                h5[name].resize(n0 + n_keep, axis=0)
+                h5[name][n0:] = data
+            row += len(chunk_records)
+            h5.attrs["rows_done"] = row  # input records consumed (skipped ones included)
+            h5.flush()
+            n_new += n_keep
+            bar.update(len(chunk_records))
+        bar.close()
+        n_total = h5["ids"].shape[0]
+        h5.attrs["complete"] = True
+    publish(part, out)
+    seconds = time.perf_counter() - t0
+    summary = {"output": str(out), "sequences": n_total, "new": n_new, "seconds": seconds,
+               "sequences_per_s": n_new / seconds if seconds > 0 else float("nan"),
+               "input_failures": report.failures}
+    log.info("%d embeddings (%d new) -> %s in %.1f s", n_total, n_new, out, seconds)
+    return summary

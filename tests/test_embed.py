@@ -1,0 +1,154 @@
+"""Embedding-only export: batching by length does not change a sequence's embedding, the file
+equals export_attention's mean embeddings, and a killed run resumes to the same result."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from protein_performer.analysis.embed import (
+    embed_batch, embed_sequences, length_batches, read_embeddings, run_embed,
+)
+from protein_performer.analysis.export import load_model, run_export
+from protein_performer.analysis.maps_io import MapsFile
+from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.errors import IncompleteOutputError, UserError
+from test_export import REPO, tiny_model, trained_checkpoint
+
+
+def sample_fasta(path, n: int, max_len: int = 500):
+    """The first ``n`` sample records no longer than ``max_len``, written to ``path``."""
+    from protein_performer.data.fasta import read_fasta
+
+    out = []
+    for rec in read_fasta(REPO / "data" / "swissprot_sample.fasta.gz"):
+        if len(rec.sequence) <= max_len:
+            out.append(f">{rec.header.decode().split()[0]}\n{rec.sequence.decode()}\n")
+        if len(out) == n:
+            break
+    path.write_text("".join(out))
+    return path
+
+
+def test_length_batches_cover_everything_within_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 400, size=500)
+    batches = length_batches(lengths, 2048)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 2048
+    assert length_batches(np.array([5000, 3]), 1000)[-1].tolist() == [0]  # too long: alone
+
+
+@pytest.mark.parametrize("attention,causal", [("favor_softmax", False), ("favor_relu", True),
+                                              ("exact", False)])
+def test_batched_embedding_equals_alone(attention, causal):
+    model = tiny_model(attention, causal).eval()
+    tok = Tokenizer()
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 20, size=n).astype(np.uint8) for n in (7, 40, 23, 61)]
+    seqs = [tok.encode(tok.decode(s)) for s in seqs]
+    together = embed_batch(model, seqs)
+    for s, row in zip(seqs, together):
+        alone = embed_batch(model, [s])[0]
+        # padded keys are removed from attention, so only the float32 summation order differs
+        np.testing.assert_allclose(row, alone, rtol=0, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return trained_checkpoint(tmp_path_factory)
+
+
+def test_embeddings_equal_export_mean(ckpt, tmp_path):
+    fasta = sample_fasta(tmp_path / "s.fasta", 40)
+    maps = tmp_path / "maps.h5"
+    run_export(str(ckpt), str(fasta), str(maps), include=["mean"], progress=False)
+    out = tmp_path / "emb.h5"
+    s = run_embed(str(ckpt), str(fasta), str(out), batch_tokens=3000, chunk=16, progress=False)
+    assert s["sequences"] == 40 and not (tmp_path / "emb.h5.partial").exists()
+    emb = read_embeddings(out)
+    with MapsFile(maps) as mf:
+        ids = list(mf.ids)
+        assert list(emb["ids"]) == ids
+        seqs = []
+        for k, rid in enumerate(ids):
+            rec = mf.read(rid, load=("embeddings",))
+            seqs.append(rec.sequence)
+            assert emb["lengths"][k] == len(rec.sequence)
+            # export runs each sequence alone; here it shares a padded batch: float32 order only
+            np.testing.assert_allclose(emb["mean"][k], rec.embeddings["mean"], rtol=0, atol=2e-5)
+    # the Python API gives the same rows
+    api = list(embed_sequences(load_model(ckpt), list(zip(ids, seqs)), batch_tokens=3000))
+    assert [a[0] for a in api] == ids
+    np.testing.assert_allclose(np.stack([e for _, _, e in api]), emb["mean"], rtol=0, atol=2e-5)
+
+
+def test_embed_refuses_partial_and_bad_output(ckpt, tmp_path):
+    fasta = sample_fasta(tmp_path / "s.fasta", 5)
+    with pytest.raises(UserError, match="is a directory"):
+        run_embed(str(ckpt), str(fasta), str(tmp_path), progress=False)
+    part = tmp_path / "e.h5.partial"
+    with h5py.File(part, "w") as h5:
+        h5.attrs["rows_done"] = 0
+    with pytest.raises(UserError, match="resume=true"):
+        run_embed(str(ckpt), str(fasta), str(tmp_path / "e.h5"), progress=False)
+    with pytest.raises(IncompleteOutputError, match="incomplete"):
+        read_embeddings(part)
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "protein_performer.embed", *args, "progress=false", "num_threads=1"]
+
+
+@pytest.mark.slow
+def test_embed_sigkill_then_resume(ckpt, tmp_path):
+    """A real SIGKILL at seeded moments after the output has started; resume=true gives the
+    uninterrupted run's rows."""
+    fasta = sample_fasta(tmp_path / "s.fasta", 600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref.h5"
+    opts = ["chunk=16", "batch_tokens=2000"]
+    r = subprocess.run(_cli(f"checkpoint={ckpt}", f"input={fasta}", f"output={ref}", *opts),
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = read_embeddings(ref)
+    assert len(want["ids"]) == 600
+    rng = np.random.default_rng(7)
+    interrupted = 0
+    for n, delay in enumerate(rng.uniform(0.0, 1.0, size=3)):
+        out = tmp_path / f"run{n}.h5"
+        part = tmp_path / f"run{n}.h5.partial"
+        args = _cli(f"checkpoint={ckpt}", f"input={fasta}", f"output={out}", *opts)
+        p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        while not part.exists() and p.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.02)  # the model is loaded and the first chunk is being embedded
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if not out.exists():  # killed before the end: nothing that looks complete
+            interrupted += 1
+            with pytest.raises(UserError):
+                read_embeddings(out)
+            if part.exists():
+                with pytest.raises(IncompleteOutputError):
+                    read_embeddings(part)
+            r = subprocess.run(args + ["resume=true"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+        got = read_embeddings(out)
+        assert list(got["ids"]) == list(want["ids"])
+        np.testing.assert_array_equal(got["lengths"], want["lengths"])
+        # same batches, same threads: the same float32 operations
+        np.testing.assert_allclose(got["mean"], want["mean"], rtol=0, atol=1e-6)
+    assert interrupted >= 1  # at least one kill landed mid-run (the run takes seconds, delays <= 1 s)

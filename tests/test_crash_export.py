@@ -269,3 +269,20 @@ def test_analysis_killed_at_random_moments_leaves_no_report(command, control_map
     _kill_after(cmd(out), work, 0.0, started=out / first_file)
     _check_output_dir(out, ref, report)
     assert not (out / report).exists() or json.loads((out / report).read_text()) == ref_report
+
+
+def test_overwrite_discards_an_interrupted_export_and_resume_checks_the_settings(reference, tmp_path):
+    work, ref, _ = reference
+    out = tmp_path / "maps.h5"
+    partial = tmp_path / "maps.h5.partial"
+    journal = tmp_path / "maps.h5.partial.journal"
+    partial.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # what a kill before HDF5's first flush leaves
+    journal.write_text(json.dumps({"journal": 1, "settings": {"meta": {"crop": "center"}}}) + "\n")
+    with pytest.raises(ExportError, match=r"maps\.h5\.partial: the interrupted export ran with other settings "
+                                          r"\(checkpoint_sha256, input, meta, model_config differ\); rerun with the "
+                                          r"same settings and resume=true, or with overwrite=true"):
+        _export_in_process(work, out, resume=True)
+    assert partial.read_bytes().endswith(b"\0" * 100) and not out.exists()
+    summary = _export_in_process(work, out, overwrite=True)
+    assert summary["resumed_records"] == 0
+    assert out.read_bytes() == ref.read_bytes() and not partial.exists() and not journal.exists()

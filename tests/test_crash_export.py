@@ -177,7 +177,8 @@ def test_every_reader_refuses_a_maps_file_whose_writer_was_killed(tmp_path):
         assert len(h5.keys()) == 3 and "incomplete" in h5.attrs
     with pytest.raises(IncompleteOutputError, match=rf"{maps}: incomplete: the export was interrupted"):
         MapsFile(maps)
-    for cmd in (["protein_performer.contacts", f"maps={maps}", f"structures={STRUCTURES}", f"output_dir={tmp_path / 'c'}"],
+    for cmd in (["protein_performer.contacts", f"maps={maps}", f"structures={STRUCTURES}",
+                 f"output_dir={tmp_path / 'c'}"],
                 ["protein_performer.aa_similarity", f"maps={maps}", f"output_dir={tmp_path / 'a'}"]):
         res = _run([sys.executable, "-m", *cmd], tmp_path)
         assert res.returncode == 1 and "Traceback" not in res.stderr

@@ -208,7 +208,8 @@ def load_model(checkpoint: str | Path, model_config: dict | str | Path | None = 
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ExportError(f"{path}: weights do not fit the model config {cfg} ({_first_problem(e)}); give "
-                          "the model_config the checkpoint was trained with, or none (it is read from the checkpoint)") from e
+                          "the model_config the checkpoint was trained with, or none (it is read from the "
+                          "checkpoint)") from e
     hp = ckpt.get("hyper_parameters") or {}
     info = {"objective": hp.get("objective"), "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
     log.info("loaded %s (step %s): %s", path, info["global_step"],
@@ -605,8 +606,9 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
                     continue
                 src = _intact(old, entry)
                 if src is not None:
-                    _ensure_room(target, output, _record_bytes(
-                        sum(w in src for w in ("attentions", "apc")), depth, heads, len(src["tokens"]), int(cfg.dim), inc))
+                    n_maps = sum(w in src for w in ("attentions", "apc"))
+                    _ensure_room(target, output,
+                                 _record_bytes(n_maps, depth, heads, len(src["tokens"]), int(cfg.dim), inc))
                     copy = writer.copy_record(src)
                     writer.flush()
                     journal.add({**entry, "checksum": copy.checksum})

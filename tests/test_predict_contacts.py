@@ -176,3 +176,26 @@ def test_predict_contacts_cli(fitted, tmp_path):
     assert r.returncode == 1 and "another checkpoint" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 or r.stderr.strip().splitlines()[-1].startswith("error:")
     assert not out2.exists()
+
+
+def test_contacts_step_saves_the_head(fitted, tmp_path):
+    """`contacts` writes contact_head.json: the regression on `head_train_size` seeded proteins,
+    tied to the maps' checkpoint; predict_contacts with it reproduces that regression."""
+    from protein_performer.analysis.contacts import precision_table, run_contacts
+
+    report = run_contacts(fitted["maps"], STRUCTURES, tmp_path / "c", n_plots=0, head_train_size=4, seed=3)
+    head = ContactHead.load(tmp_path / "c" / "contact_head.json")
+    proteins = fitted["proteins"]
+    idx = training_subset([p.name for p in proteins], 4, seed=3)
+    assert head.training_proteins == [proteins[i].name for i in idx] == report["contact_head"]["training_proteins"]
+    assert head.checkpoint_sha256 == fitted["lm"].sha256 and head.checkpoint == str(fitted["ckpt"])
+    est = fit_logistic([proteins[i] for i in idx], "trained", C=0.15, seed=3)
+    np.testing.assert_allclose(head.weights, est[-1].coef_[0], rtol=0, atol=1e-12)
+    preds = list(predict_contacts(fitted["lm"], head, [(p.name, p.sequence) for p in proteins]))
+    for p, pred in zip(proteins, preds):
+        np.testing.assert_allclose(pred.contacts[p.i, p.j], est.predict_proba(p.features["trained"])[:, 1],
+                                   rtol=0, atol=1e-6)
+        table = precision_table(p.pred_matrix(pred.contacts[p.i, p.j].astype(np.float64)), p.true)
+        assert 0.0 <= table["long"]["P@L"] <= 1.0
+    # the report is still written last, after the head
+    assert (tmp_path / "c" / "report.json").stat().st_mtime_ns >= (tmp_path / "c" / "contact_head.json").stat().st_mtime_ns

@@ -27,6 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from protein_performer.analysis import atomic
+from protein_performer.analysis.contact_head import (
+    ESM_TRAIN_PROTEINS, ContactHead, head_from_estimator, training_subset,
+)
 from protein_performer.analysis.maps_io import MapsFile, MapsRecord
 from protein_performer.analysis.structures import (
     STRUCTURE_SUFFIXES, AlignmentMismatchError, Chain, LoadFailure, MissingStructuresError, StructureError,
@@ -393,9 +396,13 @@ def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Pat
                  min_residues: int = 30, threshold: float = 8.0, min_identity: float = 0.9,
                  max_mismatches: int = 3, n_folds: int = 5, train_size: int | None = None,
                  C: float = 0.15, solver: str = "liblinear", seed: int = 0, n_plots: int = 4,
-                 standardize: bool = True) -> dict:
+                 standardize: bool = True, save_head: bool = True,
+                 head_train_size: int | None = ESM_TRAIN_PROTEINS) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
-    Returns the report (without the prediction matrices)."""
+    With ``save_head`` it also fits the contact head once, on ``head_train_size`` proteins drawn by
+    ``seed`` (ESM's protocol: 20; all when None or fewer), and saves it as
+    ``<output_dir>/contact_head.json`` for ``predict_contacts``. Returns the report (without the
+    prediction matrices)."""
     all_chains, failures = _read_structures(structures, min_residues)
     proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity,
                                    max_mismatches)
@@ -413,6 +420,11 @@ def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Pat
                            "solver": solver, "n_folds": n_folds, "train_size": train_size, "seed": seed,
                            "min_identity": min_identity, "max_mismatches": max_mismatches},
               **report, "failures": [f.as_dict() for f in failures]}
+    head = fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size) if save_head else None
+    if head is not None:
+        report["contact_head"] = {"file": "contact_head.json", "training_proteins": head.training_proteins,
+                                  "nonzero_weights": int(np.count_nonzero(head.weights)),
+                                  "checkpoint_sha256": head.checkpoint_sha256}
     # report.json is written last: a run killed on the way leaves none (an old one is removed first),
     # so its presence means the CSV and plots of the same run are complete; every file is atomic
     out = Path(output_dir)
@@ -423,8 +435,28 @@ def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Pat
     for p in proteins[:n_plots]:
         plot_contact_map(p, {m: preds[m][p.name] for m in preds if p.name in preds[m]},
                          out / "contact_maps" / f"{p.name}.png")
+    if head is not None:
+        head.save(out / "contact_head.json")
     write_report_json(report, out)
     return report
+
+
+def fit_contact_head(proteins: Sequence[Protein], maps: str | Path, C: float = 0.15, solver: str = "liblinear",
+                     seed: int = 0, standardize: bool = True,
+                     train_size: int | None = ESM_TRAIN_PROTEINS) -> ContactHead:
+    """The contact head of the model whose ``maps`` these are: the L1 logistic regression of
+    :func:`fit_logistic` on ``train_size`` proteins drawn by ``seed``, with the checkpoint's sha256."""
+    idx = training_subset([p.name for p in proteins], train_size, seed)
+    train = [proteins[i] for i in idx]
+    model = fit_logistic(train, "trained", C, solver, seed, standardize)
+    with MapsFile(maps) as mf:
+        sha = mf.attrs["checkpoint_sha256"]
+        checkpoint = mf.attrs.get("export", {}).get("checkpoint", "")
+    n_layers, n_heads = proteins[0].n_heads["trained"]
+    return head_from_estimator(model, n_layers, n_heads, min_sep=MIN_SEP, checkpoint=str(checkpoint),
+                               checkpoint_sha256=sha, training_proteins=[p.name for p in train],
+                               settings={"C": C, "solver": solver, "seed": seed, "standardize": standardize,
+                                         "train_size": train_size, "maps": str(maps)})
 
 
 def _read_structures(structures: str | Path, min_residues: int) -> tuple[list[Chain], list[LoadFailure]]:

@@ -284,7 +284,7 @@ def read_sequences(input: str | Path, min_residues: int = 30, invalid: str = "er
 
     tok = Tokenizer()
     for rec in read_fasta(path):
-        header = rec.header.decode("ascii", errors="replace").strip()
+        header = rec.header_text.strip()
         rid = header.split()[0] if header else f"line{rec.line}"
         problem = None
         if not rec.sequence.rstrip(b"*"):

@@ -472,6 +472,7 @@ class MapsFile:
             "model_config": json.loads(_str(attrs.get("model_config", "{}")) or "{}"),
             "checkpoint_sha256": _str(attrs.get("checkpoint_sha256", "")),
             "causal": bool(attrs.get("causal", False)),
+            "export": _json_or_empty(attrs.get("export")),
         }
 
     @property
@@ -557,6 +558,15 @@ def read_maps(path: str | Path, load: Sequence[str] = ("attentions", "apc", "emb
     """Iterate over the records of a maps file, one group in memory at a time."""
     with MapsFile(path) as f:
         yield from f.iter(load=load, layers=layers)
+
+
+def _json_or_empty(v: Any) -> dict:
+    """The JSON object of an attribute such as ``export`` (what produced the file), or {}."""
+    try:
+        d = json.loads(_str(v)) if v is not None else {}
+    except (TypeError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _str(v: Any) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from protein_performer.model.attention import check_key_padding_mask
+from protein_performer.model.favor import kernels
 from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
 from protein_performer.model.favor.features import (
     KERNELS,
@@ -21,8 +22,11 @@ from protein_performer.model.favor.features import (
     softmax_logits,
     trig_kernel,
 )
+from protein_performer.model.favor.scan import favor_scan
 
 log = logging.getLogger("protein_performer.model.favor")
+
+IMPLS = ("auto", "scan", "batched", "triton")
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
@@ -50,8 +54,14 @@ class FavorAttention(nn.Module):
         causal: unidirectional attention (prefix sums).
         norm: "chi" (unbiased) or "sqrt_d" (regularized) row norms of W.
         eps: the feature floor; default 1e-6 for softmax kernels, 1e-3 for relu (unused by trig).
-        chunk_size: C of the causal chunked prefix sums.
+        chunk_size: C of the causal chunked prefix sums; None: the implementation's default
+            (64 for scan and triton, 128 for batched; measured).
         seed: the seed of the initial draw; ``redraw(seed)`` draws again.
+        impl: how ``forward`` computes: "scan" (``scan.py``: features fused into a chunk scan,
+            recomputed in backward; memory-lean, the CPU default), "batched" (``causal.py``: all
+            chunks in a few batched matmuls, L x m features kept for backward), "triton"
+            (``kernels.py``, CUDA tensors), or "auto": triton on CUDA when it is installed, else
+            batched on CUDA, scan elsewhere. The trigonometric kernel always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -67,10 +77,13 @@ class FavorAttention(nn.Module):
         *,
         norm: str = "chi",
         eps: float | None = None,
-        chunk_size: int = 128,
+        chunk_size: int | None = None,
         seed: int = 0,
+        impl: str = "auto",
     ):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if norm not in NORMS:
@@ -78,7 +91,7 @@ class FavorAttention(nn.Module):
         paired = kernel in ("softmax_hyp", "softmax_trig")
         if paired and nb_features % 2:
             raise ValueError(f"kernel {kernel!r} needs an even nb_features, got {nb_features}")
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.dim_head = dim_head
         self.nb_features = nb_features
@@ -90,6 +103,7 @@ class FavorAttention(nn.Module):
         self.eps = (1e-3 if kernel == "relu" else 1e-6) if eps is None else float(eps)
         self.chunk_size = chunk_size
         self.seed = seed
+        self.impl = impl
         self.register_buffer("projection", self._draw(seed))
 
     def extra_repr(self) -> str:
@@ -142,18 +156,47 @@ class FavorAttention(nn.Module):
             self._check(x, name)
         mask = check_key_padding_mask(key_padding_mask, k)
         out_dtype = v.dtype
+        impl = self.resolve_impl(q)
+        if impl != "batched":
+            dtype = _compute_dtype(q)
+            with _fp32(q.device.type):
+                scale = self.dim_head**-0.25
+                xq, xk, w = q.to(dtype) * scale, k.to(dtype) * scale, self.projection.to(dtype)
+                if self.kernel == "softmax_hyp":
+                    w = torch.cat([w, -w], dim=0)
+                kind = "relu" if self.kernel == "relu" else "softmax"
+                run = favor_scan if impl == "scan" else kernels.favor_triton
+                out = run(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
+            return out.to(out_dtype)
         with _fp32(q.device.type):
             q_prime = self.features(q, True)
             if self.causal and self.kernel != "relu":
                 k_prime, key_scale = self.causal_key_features(k, mask)
                 out = causal_linear_attention(
-                    q_prime, k_prime, v.to(q_prime.dtype), self.chunk_size, key_scale, self._floor(), mask
+                    q_prime, k_prime, v.to(q_prime.dtype), self._chunk(impl), key_scale, self._floor(), mask
                 )
             elif self.causal:  # relu features have no stabilizer: eps is part of them
-                out = causal_linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self.chunk_size)
+                out = causal_linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self._chunk(impl))
             else:
                 out = linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype))
         return out.to(out_dtype)
+
+    def _chunk(self, impl: str) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return 128 if impl == "batched" else 64
+
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        """The implementation ``forward`` uses for inputs like ``x`` (see ``impl``)."""
+        if self.kernel == "softmax_trig":
+            return "batched"
+        if self.impl != "auto":
+            if self.impl == "triton" and not (x.is_cuda and kernels.available()):
+                raise RuntimeError("impl='triton' needs CUDA tensors and the triton package (pip install triton)")
+            return self.impl
+        if x.is_cuda:
+            return "triton" if kernels.available() else "batched"
+        return "scan"
 
     def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-kernel key features at each key's own scale and the scales s (``per_key_features``),

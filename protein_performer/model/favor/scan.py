@@ -1,0 +1,395 @@
+"""Memory-lean FAVOR+ (the CPU path): features fused into a scan over chunks, recomputed in backward.
+
+``favor_scan(xq, xk, v, w, ...)`` computes the whole attention, feature maps included, in one
+autograd Function that walks the sequence in chunks of C positions with every (batch, head) of
+the chunk batched together. Every temporary is a (B, C, m) or (B, C, C) block (B = batch x
+heads), about a MiB, so nothing large is allocated and freed per call: glibc keeps such blocks in
+its heap, which makes the speed independent of malloc tuning, and they stay in cache. The causal
+scan goes block by block (a block = K chunks, R = K C rows, about 2 MiB of features; inside a
+block the chunks are batched as in ``causal.py``) carrying the state from block to block.
+Saved for backward: xq, xk, [v 1] (L x (d + 1) each), the output and its denominator, and for
+causal attention the state entering each block ((L / R) m e numbers, e / R of one L x m map);
+no L x m feature tensor. Backward recomputes the features block by block, in reverse.
+
+Same numbers as ``features`` + ``causal`` (to float rounding), same stabilizer semantics:
+- queries: a_i = r (exp(w^T x_i - max_m w^T x_i) + eps), r = m^-1/2 (relu: relu(w^T x) + eps);
+- causal keys: b_j = r exp(w^T x_j - |x_j|^2/2 - s_j), s_j the max over features; key j is seen
+  by query i as b_j exp(s_j - c_i) + f with c_i = max_{j' <= i} s_j' and the floor f = r eps.
+  Across chunks the state S = sum_j b_j exp(s_j - M) [v_j 1]^T is kept at the scale M of the
+  running max at the end of the previous chunk, and rescaled by exp(M - M') <= 1 when it grows:
+  no factor exceeds 1, nothing overflows (like ``causal._ChunkScales``).
+- bidirectional keys: the same online rescaling over key chunks ends at the scale of the global
+  max c (``features.key_stabilizer``), so K'^T [V 1] = sum_j b_j exp(s_j - c) [v_j 1]^T + f 1 sum_j [v_j 1]^T.
+Padded keys get zero features and no floor. Written with plain tensor ops: runs on any device,
+but on CUDA each chunk costs kernel launches (``kernels.py`` is the fused CUDA path).
+
+Backward, with G = dL/d[num | den] (from the normalisation) and per chunk the intra block
+W_ij = exp(s_j - c_i), H = tril(G [V 1]^T), beta_i = exp(M - c_i), gamma_j = exp(s_j - M_t):
+    da = (H * W) b + beta G S^T + f (rowsum H + G E^T)          (forward scan, S and E rebuilt)
+    db = (H * W)^T a + gamma [V 1] R^T,   d[V 1] = P^T G + gamma b R + f F   (reverse scan)
+with R = sum_{i later} a_i exp(M_t - c_i) G_i^T, F = sum_{i later} A_i G_i; then the feature maps'
+own chain rule: dx = (da * (a - f)) W for queries, dx = (db * b) W - x rowsum(db * b) for keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SOFTMAX, RELU = "softmax", "relu"
+
+
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    """-inf (no real key yet) -> 0, as ``causal_stabilizer`` and ``key_stabilizer`` do."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _exp_le1(x: torch.Tensor) -> torch.Tensor:
+    """exp(min(x, 0)) in place: the stabilizer's factors are <= 1 where they multiply real
+    features; the clamp only touches factors of zero features (padding), keeping them finite."""
+    return x.clamp_(max=0.0).exp_()
+
+
+class _Features:
+    """Query and key feature maps of one chunk, and their chain rule. x: (B, C, d), w: (m, d)."""
+
+    def __init__(self, kind: str, w: torch.Tensor, eps: float):
+        self.kind, self.w, self.eps = kind, w, eps
+        self.log_ratio = -0.5 * math.log(w.shape[0])
+        self.ratio = w.shape[0] ** -0.5
+        self.floor = self.ratio * eps if kind == SOFTMAX else 0.0
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.matmul(x, self.w.t())  # (B, C, m)
+        if self.kind == RELU:
+            return z.relu_().add_(self.eps)
+        z.sub_(z.amax(dim=-1, keepdim=True) - self.log_ratio)
+        return z.exp_().add_(self.floor)
+
+    def query_grad(self, x: torch.Tensor, a: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        if self.kind == RELU:
+            dz = da.mul_(a > self.eps)  # a = relu(z) + eps
+        else:
+            dz = da.mul_(a.sub_(self.floor))  # d a / d z = a - f
+        return torch.matmul(dz, self.w)
+
+    def key(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b (B, C, m), s (B, C)): softmax features at each key's own scale s (no floor), or relu
+        features (s = 0). Padded keys get zero features."""
+        z = torch.matmul(x, self.w.t())
+        if self.kind == RELU:
+            b, s = z.relu_().add_(self.eps), z.new_zeros(z.shape[:-1])
+        else:
+            z.sub_(0.5 * (x * x).sum(dim=-1, keepdim=True))
+            s = z.amax(dim=-1)
+            b = z.sub_(s.unsqueeze(-1) - self.log_ratio).exp_()
+        if mask is not None:
+            b.masked_fill_(mask.unsqueeze(-1), 0.0)
+        return b, s
+
+    def key_grad(self, x: torch.Tensor, b: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+        if self.kind == RELU:
+            return torch.matmul(db.mul_(b > self.eps), self.w)  # padded keys: b = 0
+        dz = db.mul_(b)  # d b / d z = b; z = w^T x - |x|^2/2
+        return torch.matmul(dz, self.w).sub_(x * dz.sum(dim=-1, keepdim=True))
+
+
+def _spans(length: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
+def _grad_ext(grad: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """dL/d[num | den] from dL/d(num / den); rows with den == 0 (no real key) divided by 1."""
+    zero = den == 0
+    den = torch.where(zero, torch.ones_like(den), den)
+    g_num = grad / den
+    g_den = torch.where(zero, torch.zeros_like(den), -(g_num * out).sum(dim=-1, keepdim=True))
+    return torch.cat([g_num, g_den], dim=-1)
+
+
+def _finish(out_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    num, den = out_ext[..., :-1], out_ext[..., -1:]
+    return num / torch.where(den == 0, torch.ones_like(den), den), den
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xq, xk, v, w, mask, kind, causal, chunk, eps):
+        feats = _Features(kind, w, eps)
+        v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, L, e)
+        if mask is not None:
+            v_ext.masked_fill_(mask.unsqueeze(-1), 0.0)
+        run = _causal_forward if causal else _bidirectional_forward
+        out, den, *extra = run(feats, xq, xk, v_ext, mask, chunk)
+        ctx.save_for_backward(xq, xk, v_ext, w, out, den, *((mask,) if mask is not None else ()), *extra)
+        ctx.kind, ctx.causal, ctx.chunk, ctx.eps, ctx.has_mask = kind, causal, chunk, eps, mask is not None
+        ctx.mark_non_differentiable(den)
+        return out, den
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_den):
+        xq, xk, v_ext, w, out, den, *rest = ctx.saved_tensors
+        mask = rest.pop(0) if ctx.has_mask else None
+        feats = _Features(ctx.kind, w, ctx.eps)
+        g = _grad_ext(grad_out, out, den)
+        run = _causal_backward if ctx.causal else _bidirectional_backward
+        dxq, dxk, dv = run(feats, xq, xk, v_ext, mask, g, ctx.chunk, *rest)
+        return dxq, dxk, dv, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------ causal
+BLOCK_ELEMENTS = 1 << 19  # numbers in one (B, R, m) block: 2 MiB in float32 (measured best of 2^19..2^23)
+
+
+def _block_rows(batch: int, m: int, chunk: int, length: int) -> int:
+    """R: a multiple of the chunk, so that a (B, R, m) block holds about BLOCK_ELEMENTS numbers:
+    small enough for glibc to recycle (below its mmap threshold), large enough that every op is
+    worth a parallel region."""
+    k = max(1, BLOCK_ELEMENTS // (batch * m * chunk))
+    return min(k * chunk, math.ceil(length / chunk) * chunk)
+
+
+class _Block:
+    """One block of K chunks of C rows: features, stabilizer factors, chunk-state weights.
+
+    Scales: P = [M_in, M_0, ..., M_{K-1}] (B, K + 1), M_t the running max c at the end of chunk t
+    and M_in the scale of the incoming state. The state before chunk t is kept at scale P_t.
+    ``decay`` (B, K + 1, K): [u, s] = exp(P_{s+1} - P_u) for s < u (chunk s's contribution to the
+    state before chunk u; u = K is the outgoing state); ``rdecay`` (B, K + 1, K): [u, t] =
+    exp(P_u - P_t) for t >= u (chunk t's queries in the reverse state after chunk u - 1).
+    """
+
+    def __init__(self, feats, xq, xk, v_ext, mask, run_max, M_in, chunk, need_query=True):
+        B, R, e = v_ext.shape
+        C = min(chunk, R)
+        K = R // C
+        self.B, self.K, self.C = B, K, C
+        self.softmax = feats.kind == SOFTMAX
+        self.a = feats.query(xq).view(B * K, C, -1) if need_query else None
+        b, s = feats.key(xk, mask)
+        self.b, self.s = b.view(B * K, C, -1), s
+        self.v = v_ext.reshape(B * K, C, e)
+        if not self.softmax:
+            self.run_max = run_max
+            return
+        s_real = s if mask is None else s.masked_fill(mask, float("-inf"))
+        running = torch.maximum(torch.cummax(s_real, dim=1).values, run_max)
+        self.run_max = running[:, -1:]
+        c = _safe(running)  # (B, R)
+        last = c.view(B, K, C)[:, :, -1]  # M_t: (B, K)
+        P = torch.cat([M_in, last], dim=1)  # (B, K + 1)
+        self.P = P
+        s_ = s.view(B * K, 1, C)
+        c_ = c.view(B * K, C, 1)
+        self.W = _exp_le1(s_ - c_)  # (B K, C, C): [i, j] exp(s_j - c_i)
+        self.beta = _exp_le1(P[:, :K].reshape(B * K, 1, 1) - c_)  # exp(P_t - c_i)
+        self.gamma = _exp_le1(s_.transpose(1, 2) - last.reshape(B * K, 1, 1))  # exp(s_j - M_t)
+        self.decay = _exp_le1(P[:, None, 1:] - P[:, :, None]).tril_(-1)  # [u, s] = exp(P_{s+1} - P_u), s < u
+        self.rdecay = _exp_le1(P[:, :, None] - P[:, None, :K]).triu_(0)  # [u, t] = exp(P_u - P_t), t >= u
+
+    def states(self, S_in, E_in, M_in):
+        """(S_t for t = 0..K (B, K + 1, m, e), E_t (B, K + 1, 1, e)); index K is the outgoing state."""
+        B, K = self.B, self.K
+        b = self.b if not self.softmax else self.b * self.gamma
+        U = torch.bmm(b.transpose(1, 2), self.v).view(B, K, -1)  # chunk states (B, K, m e)
+        m, e = self.b.shape[-1], self.v.shape[-1]
+        if self.softmax:
+            S = torch.bmm(self.decay, U).view(B, K + 1, m, e)
+            S.add_(S_in.unsqueeze(1) * _exp_le1(M_in - self.P).view(B, K + 1, 1, 1))
+        else:
+            tri = torch.ones(K + 1, K, dtype=U.dtype, device=U.device).tril_(-1)
+            S = torch.matmul(tri, U).view(B, K + 1, m, e).add_(S_in.unsqueeze(1))
+        sums = self.v.sum(dim=1).view(B, K, e)
+        E = torch.cat([torch.zeros_like(sums[:, :1]), sums.cumsum(dim=1)], dim=1).add_(E_in).unsqueeze(2)
+        return S, E
+
+
+def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
+    B, L, e = v_ext.shape
+    m, f, softmax = feats.w.shape[0], feats.floor, feats.kind == SOFTMAX
+    rows = _block_rows(B, m, chunk, L)
+    out = xq.new_empty(B, L, e)
+    S = xq.new_zeros(B, m, e)  # sum_j b_j exp(s_j - M) [v_j 1]^T at scale M
+    E = xq.new_zeros(B, 1, e)  # sum_j [v_j 1] (the floor's state)
+    run_max = xq.new_full((B, 1), float("-inf"))  # running max of real keys' s
+    M = xq.new_zeros(B, 1)  # c at the end of the previous block (0 before any key)
+    saved_S, saved_small = [], []
+    for lo, hi in _spans(L, rows):
+        n = hi - lo
+        pad = -n % min(chunk, n)
+        saved_S.append(S)
+        saved_small.append(torch.cat([E[:, 0], M, run_max], dim=1))
+        xq_b, xk_b, v_b, mask_b = _padded(xq, xk, v_ext, mask, lo, hi, pad)
+        blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
+        Ss, Es = blk.states(S, E, M)
+        K, C = blk.K, blk.C
+        scores = torch.bmm(blk.a, blk.b.transpose(1, 2))  # (B K, C, C)
+        S_t = Ss[:, :K].reshape(B * K, m, e)
+        if softmax:
+            a_sum = blk.a.sum(dim=-1, keepdim=True)
+            scores.mul_(blk.W).add_(a_sum, alpha=f)
+            o = torch.bmm(scores.tril_(), blk.v)
+            o.addcmul_(torch.bmm(blk.a, S_t), blk.beta)
+            o.addcmul_(a_sum, Es[:, :K].reshape(B * K, 1, e), value=f)
+            M = blk.P[:, -1:]
+        else:
+            o = torch.bmm(scores.tril_(), blk.v).baddbmm_(blk.a, S_t)
+        run_max = blk.run_max
+        S, E = Ss[:, K].contiguous(), Es[:, K]
+        out[:, lo:hi] = o.view(B, K * C, e)[:, :n]
+    num, den = _finish(out)
+    return num, den, torch.stack(saved_S), torch.stack(saved_small)
+
+
+def _padded(xq, xk, v_ext, mask, lo, hi, pad):
+    """Rows lo:hi, zero-padded at the end to whole chunks (padded keys: masked, zero v)."""
+    parts = [xq[:, lo:hi], xk[:, lo:hi], v_ext[:, lo:hi]]
+    if not pad:
+        return (*parts, None if mask is None else mask[:, lo:hi])
+    parts = [torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in parts]
+    m = mask[:, lo:hi] if mask is not None else torch.zeros(parts[0].shape[0], hi - lo, dtype=torch.bool, device=xq.device)
+    return (*parts, torch.nn.functional.pad(m, (0, pad), value=True))
+
+
+def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small):
+    """Reverse pass over blocks; the incoming state of every block was saved by the forward pass
+    ((L / R) x m x e numbers: e / R of one L x m feature map)."""
+    B, L, e = v_ext.shape
+    m, f, softmax = feats.w.shape[0], feats.floor, feats.kind == SOFTMAX
+    rows = _block_rows(B, m, chunk, L)
+    spans = _spans(L, rows)
+    dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v_ext)
+    rev = xq.new_zeros(B, m, e)  # R: sum over later queries a_i exp(M - c_i) G_i^T, at the block's last scale
+    g_sum = xq.new_zeros(B, 1, e)  # F: sum over later queries A_i G_i
+    for idx in range(len(spans) - 1, -1, -1):
+        lo, hi = spans[idx]
+        n = hi - lo
+        pad = -n % min(chunk, n)
+        S, small = saved_S[idx], saved_small[idx]
+        E, M, run_max = small[:, None, :e], small[:, e : e + 1], small[:, e + 1 :]
+        xq_b, xk_b, v_b, mask_b = _padded(xq, xk, v_ext, mask, lo, hi, pad)
+        g_b = g[:, lo:hi] if not pad else torch.nn.functional.pad(g[:, lo:hi], (0, 0, 0, pad))
+        blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
+        K, C = blk.K, blk.C
+        Ss, Es = blk.states(S, E, M)
+        S_t, E_t = Ss[:, :K].reshape(B * K, m, e), Es[:, :K].reshape(B * K, 1, e)
+        del Ss, Es
+        a, b, vc = blk.a, blk.b, blk.v
+        gc = g_b.reshape(B * K, C, e)
+        h = torch.bmm(gc, vc.transpose(1, 2)).tril_()  # H: (B K, C, C)
+        scores = torch.bmm(a, b.transpose(1, 2))
+        if softmax:
+            a_sum = a.sum(dim=-1, keepdim=True)
+            # reverse states R_t (scale M_t) for t = 0..K-1, and R before the block (scale M_in)
+            V = torch.bmm((a * blk.beta).transpose(1, 2), gc).view(B, K, -1)
+            R = torch.bmm(blk.rdecay, V).view(B, K + 1, m, e)
+            last = blk.P[:, -1:]
+            R.add_(rev.unsqueeze(1) * _exp_le1(blk.P - last).view(B, K + 1, 1, 1))
+            AG = (a_sum * gc).sum(dim=1).view(B, K, e)
+            Fs = AG.flip(1).cumsum(1).flip(1)  # sum over chunks >= t
+            F_t = torch.cat([Fs[:, 1:], torch.zeros_like(Fs[:, :1])], dim=1).add_(g_sum).view(B * K, 1, e)
+            R_t = R[:, 1:].reshape(B * K, m, e)
+            da_floor = (h.sum(dim=-1, keepdim=True) + (gc * E_t).sum(dim=-1, keepdim=True)).mul_(f)
+            h.mul_(blk.W)
+            scores.mul_(blk.W).add_(a_sum, alpha=f)
+            da = torch.bmm(h, b).add_(da_floor).addcmul_(torch.bmm(gc, S_t.transpose(1, 2)), blk.beta)
+            db = torch.bmm(h.transpose(1, 2), a).addcmul_(torch.bmm(vc, R_t.transpose(1, 2)), blk.gamma)
+            dvc = torch.bmm(scores.tril_().transpose(1, 2), gc)
+            dvc.addcmul_(torch.bmm(b, R_t), blk.gamma).add_(F_t, alpha=f)
+            rev = R[:, 0].contiguous()
+            g_sum = g_sum + Fs[:, :1]
+        else:
+            V = torch.bmm(a.transpose(1, 2), gc).view(B, K, -1)
+            tri = torch.ones(K + 1, K, dtype=V.dtype, device=V.device).triu_(0)
+            R = torch.matmul(tri, V).view(B, K + 1, m, e).add_(rev.unsqueeze(1))
+            R_t = R[:, 1:].reshape(B * K, m, e)
+            da = torch.bmm(h, b).baddbmm_(gc, S_t.transpose(1, 2))
+            db = torch.bmm(h.transpose(1, 2), a).baddbmm_(vc, R_t.transpose(1, 2))
+            dvc = torch.bmm(scores.tril_().transpose(1, 2), gc).baddbmm_(b, R_t)
+            rev = R[:, 0].contiguous()
+        del R, R_t, S_t, scores, h
+        dv[:, lo:hi] = dvc.view(B, K * C, e)[:, :n]
+        dxq[:, lo:hi] = feats.query_grad(xq_b, a.view(B, K * C, m), da.view(B, K * C, m))[:, :n]
+        dxk[:, lo:hi] = feats.key_grad(xk_b, b.view(B, K * C, m), db.view(B, K * C, m))[:, :n]
+    return dxq, dxk, _v_grad(dv, mask)
+
+
+def _v_grad(dv_ext: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    dv = dv_ext[..., :-1]
+    return dv if mask is None else dv.masked_fill(mask.unsqueeze(-1), 0.0)
+
+
+# ------------------------------------------------------------------------------ bidirectional
+def _bidirectional_forward(feats, xq, xk, v_ext, mask, chunk):
+    B, L, e = v_ext.shape
+    m, softmax = feats.w.shape[0], feats.kind == SOFTMAX
+    rows = _block_rows(B, m, chunk, L)
+    kv = xq.new_zeros(B, m, e)  # K'^T [V 1] without the floor, at scale M (online max over key chunks)
+    run_max = xq.new_full((B, 1), float("-inf"))
+    M = xq.new_zeros(B, 1)
+    for lo, hi in _spans(L, rows):
+        b, s = feats.key(xk[:, lo:hi], None if mask is None else mask[:, lo:hi])
+        vc = v_ext[:, lo:hi]
+        if softmax:
+            s_real = s if mask is None else s.masked_fill(mask[:, lo:hi], float("-inf"))
+            run_max = torch.maximum(run_max, s_real.amax(dim=1, keepdim=True))
+            M_new = _safe(run_max)
+            kv.mul_(_exp_le1((M - M_new).unsqueeze(-1)))
+            b.mul_(_exp_le1(s - M_new).unsqueeze(-1))
+            M = M_new
+        kv.baddbmm_(b.transpose(1, 2), vc)
+    kv_full = kv.add_(v_ext.sum(dim=1, keepdim=True), alpha=feats.floor) if softmax else kv
+    out = xq.new_empty(B, L, e)
+    for lo, hi in _spans(L, rows):
+        out[:, lo:hi] = torch.bmm(feats.query(xq[:, lo:hi]), kv_full)
+    num, den = _finish(out)
+    return num, den, kv_full, M
+
+
+def _bidirectional_backward(feats, xq, xk, v_ext, mask, g, chunk, kv_full, M):
+    B, L, e = v_ext.shape
+    m = feats.w.shape[0]
+    rows = _block_rows(B, m, chunk, L)
+    dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v_ext)
+    dkv = xq.new_zeros(B, m, e)  # d(K'^T [V 1]) = sum_i a_i G_i^T
+    kv_t = kv_full.transpose(1, 2)
+    for lo, hi in _spans(L, rows):
+        x_q, gc = xq[:, lo:hi], g[:, lo:hi]
+        a = feats.query(x_q)
+        dkv.baddbmm_(a.transpose(1, 2), gc)
+        dxq[:, lo:hi] = feats.query_grad(x_q, a, torch.bmm(gc, kv_t))
+    floor_row = dkv.sum(dim=1, keepdim=True).mul_(feats.floor)  # (B, 1, e): the floor's part of d[V 1]
+    for lo, hi in _spans(L, rows):
+        x_k, vc = xk[:, lo:hi], v_ext[:, lo:hi]
+        b, s = feats.key(x_k, None if mask is None else mask[:, lo:hi])
+        if feats.kind == SOFTMAX:
+            b.mul_(_exp_le1(s - M).unsqueeze(-1))  # b exp(s - c): the features without the floor
+        dv[:, lo:hi] = torch.bmm(b, dkv).add_(floor_row)
+        dxk[:, lo:hi] = feats.key_grad(x_k, b, torch.bmm(vc, dkv.transpose(1, 2)))
+    return dxq, dxk, _v_grad(dv, mask)
+
+
+# ------------------------------------------------------------------------------ entry
+def favor_scan(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    kind: str,
+    causal: bool,
+    eps: float,
+    chunk: int = 128,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FAVOR+ attention from scaled inputs: xq = q d^-1/4, xk = k d^-1/4, v, all (b, h, l, d) in the
+    compute dtype, and the feature directions w (m, d) ([W, -W] for hyperbolic features);
+    ``kind`` "softmax" (positive features, floor r eps) or "relu" (relu(w^T x) + eps).
+    Returns (b, h, l, d). The gradient flows to xq, xk and v (not to w: a buffer)."""
+    b, h, length, d = xq.shape
+    flat = lambda x: x.reshape(b * h, length, x.shape[-1])  # noqa: E731
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, :].expand(b, h, length).reshape(b * h, length)
+    out, _ = _Scan.apply(flat(xq), flat(xk), flat(v), w.detach(), mask, kind, causal, int(chunk), float(eps))
+    return out.reshape(b, h, length, v.shape[-1])

@@ -127,7 +127,6 @@ def test_last_link_is_replaced_atomically(tmp_path, shard_root):
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", ["other_shape", "data_root_is_a_file"])
 def test_train_command_prints_one_line_and_exits_1(shard_root, trained, tmp_path, case):
     run = tmp_path / "run"

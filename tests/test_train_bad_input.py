@@ -148,3 +148,15 @@ def test_train_command_prints_one_line_and_exits_1(shard_root, trained, tmp_path
     else:
         assert str(shard_root / "manifest.json") in errors[0]
     assert {k: v for k, v in _snapshot(run).items() if k.startswith("checkpoints")} == before
+
+
+def test_resume_without_a_checkpoint_says_how_to_point_at_the_run(shard_root, tmp_path, caplog):
+    """ckpt_path=last in a folder with no last.ckpt (under hydra.main, a new timestamped folder unless
+    hydra.run.dir is given) starts afresh, and says so with the setting that resumes."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="protein_performer.training.train"):
+        metrics = train(_cfg(shard_root, tmp_path / "fresh", "ckpt_path=last"))
+    assert metrics["global_step"] == 2
+    assert any("does not exist: starting from scratch" in r.getMessage() and "hydra.run.dir=" in r.getMessage()
+               for r in caplog.records)

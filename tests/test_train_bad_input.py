@@ -127,26 +127,35 @@ def test_last_link_is_replaced_atomically(tmp_path, shard_root):
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
 
 
-@pytest.mark.parametrize("case", ["other_shape", "data_root_is_a_file"])
+@pytest.mark.parametrize("case", ["other_shape", "data_root_is_a_file", "disk_full"])
 def test_train_command_prints_one_line_and_exits_1(shard_root, trained, tmp_path, case):
     run = tmp_path / "run"
     shutil.copytree(trained / "checkpoints", run / "checkpoints")
     before = _snapshot(run)
     extra = {"other_shape": ["model.dim=48", "ckpt_path=last", f"data.root={shard_root}"],
-             "data_root_is_a_file": [f"data.root={shard_root / 'manifest.json'}"]}[case]
+             "data_root_is_a_file": [f"data.root={shard_root / 'manifest.json'}"],
+             "disk_full": ["ckpt_path=last", "trainer.max_steps=4", f"data.root={shard_root}"]}[case]
     cmd = [sys.executable, "-m", "protein_performer.train", *TINY, f"hydra.run.dir={run}", *extra]
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("HYDRA_FULL_ERROR", None)
     env.pop("PROTEIN_PERFORMER_TRACEBACK", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    limit = None
+    if case == "disk_full":  # a file size limit below one checkpoint: the save at step 3 fails (EFBIG)
+        import resource
+
+        size = (run / "checkpoints" / "last.ckpt").stat().st_size
+        limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))  # noqa: E731
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
     if case == "other_shape":
         assert str(run / "checkpoints" / "last.ckpt") in errors[0] and "model.dim=32 (now 48)" in errors[0]
-    else:
+    elif case == "data_root_is_a_file":
         assert str(shard_root / "manifest.json") in errors[0]
+    else:
+        assert errors[0].startswith(f"error: {run / 'checkpoints' / 'step0000003.ckpt'}: no space left")
     assert {k: v for k, v in _snapshot(run).items() if k.startswith("checkpoints")} == before
 
 

@@ -54,24 +54,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrors:
+    """A binary file whose first failed ``write`` is kept: ``torch.save`` reports a full disk as an
+    opaque ``RuntimeError`` of its zip writer, and the ``OSError`` behind it is what to show."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder, fsync and rename."""
+    """``torch.save(obj, path)`` through a temporary file in the same folder, fsync and rename.
+
+    On failure (a full disk, a file size limit) the temporary file is removed, ``path`` is left as
+    it was, and the ``OSError`` raised names ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            out = _WriteErrors(fh)
+            try:
+                torch.save(obj, out)
+            except RuntimeError as e:
+                if out.error is None:
+                    raise
+                raise out.error from e
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        if e.filename is None:  # a failed write names no file: name the checkpoint
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:

@@ -19,7 +19,8 @@ takes more than 10 s is timed once. CUDA runs are synchronized. A method whose t
 from the previous length (x4 for quadratic, x2 for linear methods), exceeds ``--time-cap``
 seconds is skipped.
 
-    python benchmarks/attention.py                                  # CPU, fp32, 2 threads
+    python benchmarks/attention.py                                  # CPU, fp32, 2 threads, plain process
+    python benchmarks/attention.py --keep-freed-memory              # the same after malloc tuning
     python benchmarks/attention.py --device cuda --dtype bf16 --lengths 1024 4096 16384 65536
 """
 
@@ -37,6 +38,10 @@ import time
 from pathlib import Path
 
 METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
+# FAVOR+ softmax through one implementation (FavorAttention(impl=...)); "compile" is torch.compile
+# over the batched path; "fla" is fla-core's chunk_linear_attn on our feature maps (GPU only).
+VARIANTS = ("favor_softmax_scan", "favor_softmax_batched", "favor_softmax_triton", "favor_softmax_compile",
+            "favor_relu_triton", "favor_softmax_fla")
 QUADRATIC = {"exact_sdpa"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,11 +52,19 @@ def build(method: str, causal: bool, dim_head: int, nb_features: int, chunk_size
         from protein_performer.model.attention import SoftmaxAttention
 
         module = SoftmaxAttention(causal=causal)
-    elif method in ("favor_softmax", "favor_relu"):
+    elif method.startswith("favor_"):
         from protein_performer.model.favor import FavorAttention
 
-        kernel = "softmax" if method == "favor_softmax" else "relu"
-        module = FavorAttention(dim_head, nb_features, kernel=kernel, causal=causal, chunk_size=chunk_size, seed=0)
+        kernel = "relu" if method.startswith("favor_relu") else "softmax"
+        variant = method.split("_", 2)[2] if method.count("_") == 2 else "auto"
+        impl = {"compile": "batched", "fla": "batched"}.get(variant, variant)
+        module = FavorAttention(dim_head, nb_features, kernel=kernel, causal=causal, chunk_size=chunk_size, seed=0, impl=impl)
+        if variant == "compile":
+            import torch
+
+            module = torch.compile(module)
+        elif variant == "fla":
+            module = FlaFavor(module)
     elif method == "performer_pytorch":
         from performer_pytorch import FastAttention
 
@@ -59,6 +72,30 @@ def build(method: str, causal: bool, dim_head: int, nb_features: int, chunk_size
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return module
+
+
+class FlaFavor:
+    """FAVOR+ softmax features (ours) + fla-core's chunk_linear_attn(normalize=True) for the product.
+    Bidirectional: fla has no non-causal chunk kernel, so it is the causal kernel only."""
+
+    def __init__(self, favor):
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        self.favor, self.op = favor, chunk_linear_attn
+
+    def to(self, device):
+        self.favor.to(device)
+        return self
+
+    def __call__(self, q, k, v):
+        import torch
+
+        with torch.autocast(q.device.type, enabled=False):
+            qp = self.favor.features(q, True).transpose(1, 2)  # (b, l, h, m)
+            kp = self.favor.features(k, False).transpose(1, 2)
+            out = self.op(qp, kp, v.float().transpose(1, 2), scale=1.0, normalize=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2).to(v.dtype)
 
 
 def rss_bytes(field: str) -> int:
@@ -134,9 +171,13 @@ def interleaved_times(cfgs: list[dict], reps: int) -> list[dict]:
             if ts[0] < 10.0:
                 ts.append(case.run())
     out = []
+    base = next((ts for cfg, ts in zip(cfgs, times) if cfg["method"] == "exact_sdpa"), None)
     for ts in times:
         runs = ts[1:] if len(ts) > 1 else ts
-        out.append({"time_s": min(runs), "median_time_s": statistics.median(runs), "runs": len(runs)})
+        row = {"time_s": min(runs), "median_time_s": statistics.median(runs), "runs": len(runs)}
+        if base is not None and len(base) == len(ts) and len(ts) > 1:  # same rounds: paired ratios
+            row["median_ratio"] = statistics.median(a / b for a, b in zip(ts[1:], base[1:]))
+        out.append(row)
     del cases
     return out
 
@@ -170,7 +211,13 @@ def machine() -> str:
 
 
 def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
-    """The floors of issue 3 (CPU, fp32); each is PASS, FAIL or n/a (a number is missing)."""
+    """The floors of issues 3 and 11 (CPU, fp32); each is PASS, FAIL or n/a (a number is missing)."""
+    def paired(method, mode, length):
+        for r in rows:
+            if r["method"] == method and r["mode"] == mode and r["length"] == length and "median_ratio" in r:
+                return r["median_ratio"]
+        return None
+
     def t(method, mode, length, key="time_s"):
         for r in rows:
             if r["method"] == method and r["mode"] == mode and r["length"] == length and key in r:
@@ -184,8 +231,8 @@ def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
         return next((x["ratio"] for x in scaling if x["mode"] == mode and x["lengths"] == [8192, 16384]), None)
 
     floors = [
-        ("L=8192 causal: favor_softmax / exact_sdpa time", ratio(t("favor_softmax", "causal", 8192), t("exact_sdpa", "causal", 8192)), 0.4),
-        ("L=8192 bidirectional: favor_softmax / exact_sdpa time", ratio(t("favor_softmax", "bidirectional", 8192), t("exact_sdpa", "bidirectional", 8192)), 0.2),
+        ("L=8192 causal: favor_softmax / exact_sdpa time (median of paired rounds)", paired("favor_softmax", "causal", 8192), 0.3),
+        ("L=8192 bidirectional: favor_softmax / exact_sdpa time (median of paired rounds)", paired("favor_softmax", "bidirectional", 8192), 0.15),
         ("L=4096 causal: favor_softmax / performer_pytorch time", ratio(t("favor_softmax", "causal", 4096), t("performer_pytorch", "causal", 4096)), 0.1),
         ("causal favor_softmax: time(16384) / time(8192), timed round-robin", scale("causal"), 2.3),
         ("bidirectional favor_softmax: time(16384) / time(8192), timed round-robin", scale("bidirectional"), 2.3),
@@ -201,7 +248,8 @@ def markdown(rows: list[dict], floors: list[dict], args) -> str:
     lengths = sorted({r["length"] for r in rows})
     lines = []
     for mode in ("causal", "bidirectional"):
-        lines += [f"**{mode}**: forward+backward time in seconds (peak memory MiB); ratio = time / exact_sdpa time", ""]
+        lines += [f"**{mode}**: forward+backward time in seconds, the minimum of the rounds (peak memory MiB); "
+                  "ratio = median over rounds of time / exact_sdpa time in the same round", ""]
         lines.append("| method | " + " | ".join(f"L={n}" for n in lengths) + " |")
         lines.append("|---" * (len(lengths) + 1) + "|")
         for method in args.methods:
@@ -212,12 +260,13 @@ def markdown(rows: list[dict], floors: list[dict], args) -> str:
                     cells.append(r.get("skipped", r.get("error", "-")) if r else "-")
                     continue
                 base = next((x for x in rows if x["method"] == "exact_sdpa" and x["mode"] == mode and x["length"] == n and "time_s" in x), None)
-                rel = f", {r['time_s'] / base['time_s']:.2f}x" if base and method != "exact_sdpa" else ""
+                ratio = r.get("median_ratio", r["time_s"] / base["time_s"] if base else None)
+                rel = f", {ratio:.2f}x" if ratio is not None and method != "exact_sdpa" else ""
                 cells.append(f"{r['time_s']:.3f} s ({r['peak_mem_mb']:.0f} MiB{rel})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if args.device == "cpu" and args.dtype == "fp32":
-        lines += ["| floor (issue 3) | value | limit | verdict |", "|---|---|---|---|"]
+        lines += ["| floor (issues 3, 11) | value | limit | verdict |", "|---|---|---|---|"]
         for f in floors:
             value = "-" if f["value"] is None else f"{f['value']:.3f}"
             lines.append(f"| {f['floor']} | {value} | <= {f['limit']} | {f['verdict']} |")
@@ -230,19 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--modes", nargs="+", default=["causal", "bidirectional"], choices=["causal", "bidirectional"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + VARIANTS))
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=128, help="causal chunk C of FAVOR+")
+    parser.add_argument("--chunk-size", type=int, default=None, help="causal chunk C of FAVOR+ (default: the implementation's)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--time-cap", type=float, default=45.0, help="skip a run projected to take longer (s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="time with glibc's default malloc instead of protein_performer.runtime.keep_freed_memory "
-                             "(which the train and export entry points apply; every method is timed the same way)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="time after protein_performer.runtime.keep_freed_memory() (malloc tuning, as the train and "
+                             "export entry points apply it); default: a plain process, as a library user has")
+    parser.add_argument("--system-malloc", action="store_true", help="the default now (a plain process); kept for old commands")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -250,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
-    if not args.system_malloc:  # timing process only; memory workers keep their own malloc settings
+    if args.keep_freed_memory:  # timing process only; memory workers keep their own malloc settings
         from protein_performer.runtime import keep_freed_memory
 
         keep_freed_memory()

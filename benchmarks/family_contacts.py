@@ -1,0 +1,212 @@
+"""Which settings make attention maps of a family model trained for minutes on 2 CPU cores carry
+contacts (issue 12, item 3)? Each setting is one run of the recipe
+(``python -m protein_performer.experiments.family_contacts``) with Hydra overrides; its score is the
+long-range P@L of the unsupervised mean-of-heads APC map on the family's kortemme40 chain, next to
+the same model at random init, and the ContactProbe curve (precision vs training minutes).
+
+    python benchmarks/family_contacts.py --family PF00072 --minutes 4 --settings relu4,exact4 [--parallel 2]
+    python benchmarks/family_contacts.py --report          # only rebuild the JSON / .md / PNG
+
+Every run is kept in benchmarks/results/family_contacts.json (keyed by family/setting/minutes, with
+command, machine, date and load); the .md table and the PNG are rebuilt from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+JSON = RESULTS / "family_contacts.json"
+MD = RESULTS / "family_contacts.md"
+PNG = RESULTS / "family_contacts.png"
+
+# name -> Hydra overrides on top of experiment=family_contacts (4 x 128 Performer-ReLU, 4 heads, m 64,
+# learned positions, 15% masking, batch 32, lr 3e-3, redraw every 1000 steps)
+SETTINGS: dict[str, list[str]] = {
+    "relu4": [],
+    "exact4": ["model=transformer", "model.favor_kwargs={}"],
+    "softmax4": ["model=performer_softmax"],
+    "exact1": ["model=transformer", "model.favor_kwargs={}", "model.depth=1"],
+    "exact2": ["model=transformer", "model.favor_kwargs={}", "model.depth=2"],
+    "relu1": ["model.depth=1"],
+    "relu2": ["model.depth=2"],
+    "relu4_mask30": ["data.mask_prob=0.3"],
+    "exact4_mask30": ["model=transformer", "model.favor_kwargs={}", "data.mask_prob=0.3"],
+    "relu4_rotary": ["model.positions=rotary"],
+    "relu4_heads8": ["model.heads=8", "model.dim_head=16"],
+    "relu4_dim64": ["model.dim=64", "model.dim_head=16", "model.ff_dim=128"],
+    "relu4_bs64_lr1e-2": ["data.batch_size=64", "module.lr=1e-2", "module.warmup_steps=200"],
+    "relu4_m256": ["model.nb_features=256"],
+    "relu4_noredraw": ["callbacks.redraw.redraw_interval=0"],
+    "relu4_lr1e-2": ["module.lr=1e-2", "module.warmup_steps=200"],
+}
+
+
+def _model_overrides(setting: str) -> list[str]:
+    """Settings may combine named ones with '+': exact2+mask30 -> exact2's overrides + relu4_mask30's."""
+    out: list[str] = []
+    for part in setting.split("+"):
+        if part in SETTINGS:
+            out += SETTINGS[part]
+        elif f"relu4_{part}" in SETTINGS:
+            out += SETTINGS[f"relu4_{part}"]
+        else:
+            raise SystemExit(f"unknown setting {part!r}; known: {', '.join(SETTINGS)}")
+    return out
+
+
+def machine() -> dict:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def launch(family: str, setting: str, minutes: float, out_root: Path, threads: int, probe_s: float,
+           extra: list[str]) -> tuple[subprocess.Popen, dict]:
+    out = out_root / f"{family}_{setting}_{minutes:g}min"
+    mm, ss = divmod(int(round(minutes * 60)), 60)
+    args = ["-m", "protein_performer.experiments.family_contacts", f"family={family}", f"output_dir={out}",
+            f"probe_every_s={probe_s}", f"num_threads={threads}", f"trainer.max_time=00:00:{mm:02d}:{ss:02d}",
+            *_model_overrides(setting), *extra]
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "run.log", "w")
+    meta = {"family": family, "setting": setting, "minutes": minutes, "output_dir": str(out),
+            "overrides": _model_overrides(setting) + extra, "threads": threads,
+            "command": "python " + " ".join(shlex.quote(a) for a in args),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_start": loadavg()}
+    print(f"start {family} {setting} {minutes:g} min -> {out}", flush=True)
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT), meta
+
+
+def collect(meta: dict, rc: int, wall: float, parallel: int) -> dict:
+    out = Path(meta["output_dir"])
+    row = dict(meta, rc=rc, wall_s=round(wall, 1), load_end=loadavg(), runs_at_once=parallel, machine=machine())
+    sp = out / "summary.json"
+    if rc == 0 and sp.exists():
+        s = json.loads(sp.read_text())
+        row.update({k: s.get(k) for k in ("headline", "train", "probe", "extract", "seconds", "shards")})
+        row["extract"] = {k: v for k, v in (row.get("extract") or {}).items() if k != "held_out"}
+        sc = s.get("scores", {})
+        row["layers_long_P@L"] = {k: v["long"]["P@L"] for k, v in sc.get("trained", {}).items()}
+        row["random_layers_long_P@L"] = {k: v["long"]["P@L"] for k, v in sc.get("random_init", {}).items()}
+        row["trained_scores"] = sc.get("trained", {}).get("mean")
+    else:
+        row["error"] = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else "no log"
+    return row
+
+
+def load_results() -> dict:
+    return json.loads(JSON.read_text()) if JSON.exists() else {"runs": []}
+
+
+def save_results(res: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    JSON.write_text(json.dumps(res, indent=2, default=str))
+
+
+def report(res: dict) -> None:
+    runs = [r for r in res["runs"] if r.get("headline")]
+    lines = ["# Family-level contacts from attention (issue 12, item 3)", "",
+             "Score: long-range (|i-j| >= 24) P@L of the unsupervised mean-of-heads APC map of the family's "
+             "kortemme40 chain (no fitted weights); random init: the same architecture untrained. "
+             "Generated by `benchmarks/family_contacts.py` (command of each run in family_contacts.json).", "",
+             "| family | setting | min | threads | runs at once | load (1 min, start) | steps | valid acc | "
+             "long P@L | long P@L/5 | random init | best layer | density |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        h, t = r["headline"], r.get("train") or {}
+        layers = {k: v for k, v in (r.get("layers_long_P@L") or {}).items() if k.startswith("layer")}
+        best = max(layers.items(), key=lambda kv: kv[1]) if layers else ("-", float("nan"))
+        acc = t.get("valid/acc")
+        acc_s = f"{acc:.3f}" if acc is not None else "-"
+        lines.append(f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {r['threads']} | {r.get('runs_at_once')} | "
+                     f"{(r.get('load_start') or ['?'])[0]} | {t.get('global_step')} | {acc_s} | "
+                     f"{h['long_P@L']:.3f} | {h['long_P@L/5']:.3f} | {h['random_long_P@L']:.3f} | "
+                     f"{best[0]} {best[1]:.3f} | {h['long_density']:.3f} |")
+    failed = [r for r in res["runs"] if not r.get("headline")]
+    if failed:
+        lines += ["", "Failed runs: " + ", ".join(f"{r['family']}/{r['setting']} (rc {r.get('rc')})" for r in failed)]
+    if res.get("notes"):
+        lines += ["", *res["notes"]]
+    MD.write_text("\n".join(lines) + "\n")
+    _plot(runs)
+
+
+def _plot(runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = sorted({r["family"] for r in runs})
+    fig, axes = plt.subplots(1, len(fams), figsize=(5.5 * len(fams), 4.2), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for r in [r for r in runs if r["family"] == fam and r.get("probe")]:
+            xs = [p["minutes"] for p in r["probe"]]
+            ys = [p["long_P@L"] for p in r["probe"]]
+            ax.plot(xs, ys, marker=".", lw=1, label=f"{r['setting']} ({r['minutes']:g} min)")
+        ax.set_title(f"{fam}: mean-of-heads APC map")
+        ax.set_xlabel("training minutes (2-core machine, shared)")
+        ax.set_ylabel("long-range P@L")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="PF00072", help="one or more, comma-separated")
+    p.add_argument("--settings", default="relu4", help=f"comma-separated, '+' combines; known: {', '.join(SETTINGS)}")
+    p.add_argument("--minutes", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parallel", type=int, default=1, help="runs at once")
+    p.add_argument("--probe-s", type=float, default=30.0)
+    p.add_argument("--out", default="/tmp/family_contacts_runs")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override for every run")
+    p.add_argument("--report", action="store_true", help="only rebuild the .md and PNG")
+    a = p.parse_args(argv)
+    res = load_results()
+    if not a.report:
+        jobs = [(f, s) for f in a.family.split(",") for s in a.settings.split(",")]
+        running: list[tuple[subprocess.Popen, dict, float]] = []
+        while jobs or running:
+            while jobs and len(running) < a.parallel:
+                f, s = jobs.pop(0)
+                proc, meta = launch(f, s, a.minutes, Path(a.out), a.threads, a.probe_s, a.override)
+                running.append((proc, meta, time.time()))
+            time.sleep(2)
+            for item in list(running):
+                proc, meta, t0 = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    row = collect(meta, proc.returncode, time.time() - t0, a.parallel)
+                    res["runs"].append(row)
+                    save_results(res)
+                    h = row.get("headline")
+                    print(f"done {meta['family']} {meta['setting']}: " + (
+                        f"long P@L {h['long_P@L']:.3f} (random {h['random_long_P@L']:.3f}), "
+                        f"steps {row['train'].get('global_step')}, valid acc {row['train'].get('valid/acc')}"
+                        if h else f"FAILED rc {proc.returncode}"), flush=True)
+    report(res)
+
+
+if __name__ == "__main__":
+    main()

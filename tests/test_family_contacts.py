@@ -1,0 +1,103 @@
+"""The family-contacts recipe (issue 12, item 3): the scorer on planted maps, the hold-out of the
+test chain's near copies, and a tiny end-to-end run (a few hundred domains, a few steps) on the
+shared pfam40 / kortemme40 data whose summary is recomputed here from the exported maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from protein_performer.analysis.contacts import apc, precision_at_k, symmetrize
+from protein_performer.analysis.maps_io import MapsFile
+from protein_performer.analysis.structures import load_structures
+from protein_performer.experiments import family_contacts as fc
+
+
+def _planted_contacts(L: int = 60, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = (rng.random((L, L)) < 0.08).astype(float)
+    t = np.maximum(t, t.T)
+    np.fill_diagonal(t, 1.0)
+    t[5, :] = t[:, 5] = np.nan  # an unresolved residue
+    return t
+
+
+def test_score_map_on_planted_maps():
+    true = _planted_contacts()
+    L = true.shape[0]
+    perfect = np.nan_to_num(true)
+    s = fc.score_map(perfect, true)
+    i, j = np.triu_indices(L, k=24)
+    n_long = int(np.nansum(true[i, j]))
+    assert n_long >= L  # so a perfect map fills its top L with contacts
+    assert s["long"]["P@L"] == 1.0 and s["long"]["P@L/5"] == 1.0
+    assert s["long_density"] == pytest.approx(n_long / np.isfinite(true[i, j]).sum())
+    # a constant map scores exactly the density (ties count with their mean label)
+    assert fc.score_map(np.ones((L, L)), true)["long"]["P@L"] == pytest.approx(s["long_density"])
+    # the inverted map ranks every non-contact first
+    assert fc.score_map(-perfect, true)["long"]["P@L"] == 0.0
+
+
+def test_mean_apc_maps_is_the_mean_of_each_head():
+    rng = np.random.default_rng(1)
+    a = rng.random((3, 2, 10, 10))
+    m = fc.mean_apc_maps(a)
+    assert set(m) == {"mean", "layer0", "layer1", "layer2"}
+    np.testing.assert_allclose(m["mean"], (a[0, 0] + a[0, 1] + a[1, 0] + a[1, 1] + a[2, 0] + a[2, 1]) / 6)
+    np.testing.assert_allclose(m["layer2"], (a[2, 0] + a[2, 1]) / 2)
+
+
+def test_holdout_removes_the_test_chain_and_near_copies():
+    target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKR"
+    mutant = "A" + target[1:10] + "W" + target[11:30] + "W" + target[31:]  # 3 substitutions, no gap
+    n_diff = sum(a != b for a, b in zip(mutant, target))
+    assert n_diff == 3
+    other = "GSHMSLFDFFKNKGSAEDSDSKLAEAIEKAIEAAKKGDLEAAKKLLEEAIKLAKESGN"
+    assert fc.identity(target, target) == 1.0
+    assert fc.identity(mutant, target) == (len(target) - 3) / len(target)
+    kept, removed = fc.holdout_similar([("a x", target), ("b x", mutant), ("c x", other)], target, 0.9)
+    assert [h for h, _ in kept] == ["c x"]
+    assert [r["id"] for r in removed] == ["a", "b"]
+    kept, _ = fc.holdout_similar([("b x", mutant)], target, 0.99)
+    assert len(kept) == 1
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end(shared_data, tmp_path):
+    out = tmp_path / "fam"
+    s = fc.run("PF00226", out, data=shared_data / "pfam40_domains.fasta.gz",
+               structures=shared_data / "structures" / "kortemme40", max_sequences=200, probe_every_s=1000,
+               overrides=["trainer.max_steps=6", "trainer.max_time=null", "model.depth=2", "model.dim=32",
+                          "model.dim_head=8", "model.ff_dim=64", "model.nb_features=16", "data.batch_size=8",
+                          "module.warmup_steps=0", "trainer.log_every_n_steps=1"])
+    for name in ("family.fasta", "shards/manifest.json", "checkpoints/last.ckpt", "maps.h5", "maps_random.h5",
+                 "summary.json", "contacts.png", "probe.jsonl"):
+        assert (out / name).exists(), name
+    assert s["extract"]["n_family"] == 2635 and s["extract"]["n_written"] == 200
+    assert sum(s["shards"].values()) == 200
+    assert s["train"]["global_step"] == 6
+    assert json.loads((out / "summary.json").read_text())["headline"] == s["headline"]
+
+    # recompute the headline from the exported maps: mean over layers x heads of apc(A + A^T)
+    chain = load_structures(s["structure"])[0][0]
+    from protein_performer.analysis.contacts import contact_map
+    from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence
+
+    true = contact_map(coords_on_sequence(chain, align_to_sequence(chain, chain.sequence)))
+    for maps, key in ((out / "maps.h5", "trained"), (out / "maps_random.h5", "random_init")):
+        with MapsFile(maps) as mf:
+            (rec,) = list(mf.iter(load=("attentions",)))
+        assert rec.attentions.shape[:2] == (2, 4)
+        mean = apc(symmetrize(rec.attentions.astype(np.float32))).mean((0, 1))
+        for rng_name, lo, hi in (("long", 24, None), ("medium", 12, 23), ("short", 6, 11)):
+            for k, f in (("P@L", 1.0), ("P@L/5", 0.2)):
+                assert s["scores"][key]["mean"][rng_name][k] == pytest.approx(
+                    precision_at_k(mean, true, lo, hi, f), abs=1e-12), (key, rng_name, k)
+        assert set(s["scores"][key]) == {"mean", "layer0", "layer1"}
+    # the in-training probe's last row scores the same model (float32 maps vs the export's float16:
+    # a near-tie can swap, each swap moving P@L by 1/L)
+    probe = s["probe"]
+    assert probe[0]["step"] == 0 and probe[-1]["step"] == 6
+    assert abs(probe[-1]["long_P@L"] - s["headline"]["long_P@L"]) <= 2 / len(chain.sequence) + 1e-12

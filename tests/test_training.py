@@ -267,3 +267,30 @@ def test_wandb_offline_run_dir_and_redraw(shard_root, tmp_path, monkeypatch):
     for name, buf in ref.state_dict().items():
         if name.endswith("projection"):
             assert torch.equal(state["model." + name], buf), name
+
+
+def test_chain_of_resumes_through_an_epoch_end_is_exact(shard_root, tmp_path):
+    """Resumed at the last batch of an epoch, then again at the last batch of the next: the same
+    batches and losses as one uninterrupted run (Lightning 2.6 alone forgets to count the epoch after
+    the first resume as started, and the second resume then trains on other batches from step 8 on;
+    resume.EpochProgressRepair)."""
+    common = ["trainer.limit_train_batches=4", "callbacks.checkpoint.every_n_train_steps=1", "model.dropout=0.1",
+              "callbacks.redraw.redraw_interval=3", "trainer.limit_val_batches=0", "validate=false", "test=false",
+              "~logger", "+callbacks.audit._target_=protein_performer.training.callbacks.DataAudit",
+              "+callbacks.losses._target_=protein_performer.training.callbacks.LossLog"]
+    # warmup (50 steps in the demo) spans all 10 steps: the learning rate does not depend on max_steps
+    train(run_cfg(shard_root, tmp_path / "full", "trainer.max_steps=10", *common,
+                  f"+callbacks.audit.output_dir={tmp_path / 'a_full'}", f"+callbacks.losses.path={tmp_path / 'full.txt'}"))
+    for i, steps in enumerate((4, 8, 10)):  # stop at the ends of epochs 0 and 1, then finish
+        train(run_cfg(shard_root, tmp_path / "chain", f"trainer.max_steps={steps}", "ckpt_path=last", *common,
+                      f"+callbacks.audit.output_dir={tmp_path / f'a{i}'}", f"+callbacks.losses.path={tmp_path / 'chain.txt'}"))
+    steps = lambda d: [(s["step"], s["epoch"], s["index"]) for s in  # noqa: E731
+                       json.loads((tmp_path / d / "rank0.json").read_text())["steps"]]
+    assert steps("a0") + steps("a1") + steps("a2") == steps("a_full")
+    assert [s[1] for s in steps("a_full")] == [0] * 4 + [1] * 4 + [2] * 2
+    # the same operations on the same data and state, one thread: the same floats (as test_crash_train)
+    assert (tmp_path / "chain.txt").read_text() == (tmp_path / "full.txt").read_text()
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "chain")
+    assert a["loops"]["fit_loop"]["epoch_progress"] == b["loops"]["fit_loop"]["epoch_progress"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][k], v), k

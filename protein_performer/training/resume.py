@@ -6,6 +6,9 @@ Lightning (2.3+) stores the ``state_dict()`` of every training loader that has `
 (epoch, batches already trained on in it): a resumed run rebuilds the epoch's order and starts after
 those batches, skipping them at the sampler (keys only, nothing read from disk), instead of
 replaying the epoch from its first batch.
+
+:class:`EpochProgressRepair` works around a Lightning (2.6) bookkeeping slip that a chain of
+resumes exposes; ``train()`` always adds it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator
 
+from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
@@ -88,3 +92,24 @@ def make_resumable(datamodule, trainer) -> None:
 
     datamodule.train_dataloader = train_dataloader
     datamodule._pp_resumable = True
+
+
+class EpochProgressRepair(Callback):
+    """Counts the running epoch as started when Lightning forgot to.
+
+    Resumed from a checkpoint written at the last batch of an epoch, Lightning's fit loop finishes
+    that epoch and begins the next one without counting it as ready/started (and without calling
+    ``on_train_epoch_start``). Every checkpoint written during that epoch then says it has not
+    begun, and a run resumed from one of those restarts the epoch's count wrongly and trains on
+    other batches than an uninterrupted run (the SIGKILL test in ``tests/test_crash_train.py``
+    found it: kill, resume at an epoch end, kill again, resume). During a training batch the
+    running epoch is always started and not yet processed, so ``started == processed`` can only be
+    that slip; counting the epoch restores what an uninterrupted run has at that point.
+    """
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        progress = trainer.fit_loop.epoch_progress
+        if progress.current.started == progress.current.processed:
+            progress.increment_ready()
+            progress.increment_started()
+            log.debug("epoch %d counted as started (Lightning resume bookkeeping)", progress.current.processed)

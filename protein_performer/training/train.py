@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from protein_performer.errors import UserError
 from protein_performer.training.checkpoint_io import AtomicCheckpointIO, check_checkpoint
 from protein_performer.training.config_checks import check_training_config
-from protein_performer.training.resume import make_resumable
+from protein_performer.training.resume import EpochProgressRepair, make_resumable
 from protein_performer.training.utils import is_causal, register_resolvers
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None and cfg.get("fit", True):
         check_checkpoint(ckpt_path, module)  # complete, and of this model's shape: else one line, before any write
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
+    callbacks.append(EpochProgressRepair())  # exact resume after a chain of resumes (resume.py)
     logger = build_logger(cfg, run_dir)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                       plugins=_plugins(cfg.trainer), _convert_="all")

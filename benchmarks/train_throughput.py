@@ -9,8 +9,14 @@ turns (round robin) so that a change in machine load hits all of them alike; the
 the median step time and tokens/s, and each Performer's speed-up over the exact model.
 
     python benchmarks/train_throughput.py [--lengths 1024 4096] [--steps 3] [--threads N] [--out benchmarks/results]
+    python benchmarks/train_throughput.py --device cuda --dtype bf16 --config paper --lengths 1024 4096 8192
 
-Floor (issue 4): at L = 4096, Performer-ReLU >= 1.5x the exact model's tokens/s.
+``--config paper``: the 36-layer models of the paper's experiments (conf/experiment/trembl_*: d 512,
+8 heads of 64, d_ff 1024, m 256). On CUDA the step runs under autocast (``--dtype``), every timed
+step is synchronized, and the peak memory of a step is reported.
+
+Floors: CPU (issue 4) at L = 4096, Performer-ReLU >= 1.5x the exact model's tokens/s; CUDA
+(issue 11, paper config) Performer-ReLU >= 1.0x at L = 4096 and >= 1.5x at L = 8192.
 """
 
 from __future__ import annotations
@@ -37,8 +43,12 @@ from protein_performer.model.performer import PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 ATTENTIONS = {"exact": "Transformer (exact softmax)", "favor_softmax": "Performer-softmax", "favor_relu": "Performer-ReLU"}
-MODEL = dict(depth=4, dim=256, heads=4, dim_head=64, ff_dim=512, nb_features=256, dropout=0.1, causal=False)
+SMALL = dict(depth=4, dim=256, heads=4, dim_head=64, ff_dim=512, nb_features=256, dropout=0.1, causal=False)
+PAPER = dict(depth=36, dim=512, heads=8, dim_head=64, ff_dim=1024, nb_features=256, dropout=0.1, causal=False)
 FLOOR = {"length": 4096, "attention": "favor_relu", "min_speedup": 1.5}
+MODEL = dict(SMALL)
+GPU_FLOORS = [{"length": 4096, "attention": "favor_relu", "min_speedup": 1.0},
+              {"length": 8192, "attention": "favor_relu", "min_speedup": 1.5}]
 
 
 def protein_stream(path: Path, n_tokens: int) -> np.ndarray:
@@ -76,8 +86,10 @@ def make_batch(stream: np.ndarray, batch: int, length: int, seed: int) -> dict:
     }
 
 
-def train_step(model, optimizer, batch) -> float:
-    logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])["logits"]
+def train_step(model, optimizer, batch, autocast=None) -> float:
+    device = batch["tokens"].device
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])["logits"]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1), ignore_index=-100)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -107,7 +119,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: PyTorch's, one per core); on a machine shared with "
                          "other jobs 1 avoids threads stalling on each other at every operation")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp32: none)")
+    ap.add_argument("--config", default="small", choices=["small", "paper"],
+                    help="small: 4 layers, d 256 (CPU default); paper: 36 layers, d 512, d_ff 1024")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)", file=sys.stderr)
+        return 2
+    MODEL.clear()
+    MODEL.update(PAPER if args.config == "paper" else SMALL)
+    device = torch.device(args.device)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -116,39 +141,48 @@ def main(argv=None) -> int:
     rows = []
     for length in args.lengths:
         batch_size = max(1, args.tokens_per_step // length)
-        batch = make_batch(stream, batch_size, length, args.seed)
+        batch = {k: v.to(device) for k, v in make_batch(stream, batch_size, length, args.seed).items()}
+        peaks = {}
         models, opts, times = {}, {}, {a: [] for a in ATTENTIONS}
         for attention in ATTENTIONS:
             torch.manual_seed(args.seed)
-            models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).train()
+            models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).to(device).train()
             opts[attention] = torch.optim.AdamW(models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9,
                                                 weight_decay=0.1)
-            train_step(models[attention], opts[attention], batch)  # warm-up
+            train_step(models[attention], opts[attention], batch, autocast)  # warm-up
         for _ in range(args.steps):
             for attention in ATTENTIONS:  # round robin
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
                 t0 = time.perf_counter()
-                train_step(models[attention], opts[attention], batch)
+                train_step(models[attention], opts[attention], batch, autocast)
+                sync()
                 times[attention].append(time.perf_counter() - t0)
+                if cuda:
+                    peaks[attention] = torch.cuda.max_memory_allocated() / 2**20
         tokens = batch_size * length
         exact_tps = tokens / statistics.median(times["exact"])
         for attention, ts in times.items():
             med = statistics.median(ts)
             rows.append({"length": length, "batch": batch_size, "attention": attention, "model": ATTENTIONS[attention],
                          "step_s_median": med, "step_s_all": ts, "tokens_per_s": tokens / med,
-                         "speedup_vs_exact": tokens / med / exact_tps})
+                         "speedup_vs_exact": tokens / med / exact_tps, "peak_mem_mb": peaks.get(attention)})
             print(f"L={length:5d} b={batch_size} {ATTENTIONS[attention]:28s} step {med:7.3f} s  "
                   f"{tokens / med:9.0f} tok/s  x{tokens / med / exact_tps:.2f}", flush=True)
         # the attention kernels alone, forward + backward on this batch's shape: the share of a step
         # that the choice of attention can change
         g = torch.Generator().manual_seed(args.seed)
-        qkv = [torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g).requires_grad_()
-               for _ in range(3)]
+        qkv = [torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g)
+               .to(device, autocast or torch.float32).requires_grad_() for _ in range(3)]
         kernel_times = {a: [] for a in ATTENTIONS}
         kernels = {a: models[a].blocks[0].attn.kernel for a in ATTENTIONS}
         for rep in range(args.steps + 1):
             for attention, kernel in kernels.items():
+                sync()
                 t0 = time.perf_counter()
-                kernel(*qkv, key_padding_mask=batch["key_padding_mask"]).sum().backward()
+                kernel(*qkv, key_padding_mask=batch["key_padding_mask"]).float().sum().backward()
+                sync()
                 if rep:
                     kernel_times[attention].append(time.perf_counter() - t0)
         for r in rows[-len(ATTENTIONS):]:
@@ -157,9 +191,13 @@ def main(argv=None) -> int:
         del models, opts
 
     load_after = os.getloadavg()
-    floor_row = next(r for r in rows if r["length"] == FLOOR["length"] and r["attention"] == FLOOR["attention"]) \
-        if FLOOR["length"] in args.lengths else None
-    passed = None if floor_row is None else floor_row["speedup_vs_exact"] >= FLOOR["min_speedup"]
+    floors = GPU_FLOORS if cuda and args.config == "paper" else [FLOOR]
+    verdicts = []
+    for fl in floors:
+        row = next((r for r in rows if r["length"] == fl["length"] and r["attention"] == fl["attention"]), None)
+        if row is not None:
+            verdicts.append(dict(fl, value=row["speedup_vs_exact"], passed=row["speedup_vs_exact"] >= fl["min_speedup"]))
+    passed = None if not verdicts else all(v["passed"] for v in verdicts)
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute()
                                     and REPO in Path(sys.argv[0]).parents else sys.argv[0], *sys.argv[1:]])
     result = {
@@ -167,14 +205,17 @@ def main(argv=None) -> int:
         "command": command, "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
         "model": MODEL, "objective": "bid", "tokens_per_step": args.tokens_per_step, "timed_steps": args.steps,
         "data": str(args.fasta.relative_to(REPO)) if REPO in args.fasta.parents else str(args.fasta),
-        "rows": rows, "floor": FLOOR, "floor_passed": passed,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "dtype": args.dtype, "config": args.config,
+        "rows": rows, "floors": verdicts, "floor_passed": passed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_throughput.json").write_text(json.dumps(result, indent=2))
+    stem = "train_throughput" if not cuda else f"train_throughput_{args.device}_{args.dtype}_{args.config}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
     loaded = max(load_before[0], load_after[0]) > 0.5 * (m["cores"] or 1)
     lines = [
-        "# Training throughput: Performer vs exact Transformer (BID, 4 layers, d 256, 4 heads, d_ff 512, m 256)",
+        f"# Training throughput: Performer vs exact Transformer (BID, {MODEL['depth']} layers, d {MODEL['dim']}, "
+        f"{MODEL['heads']} heads, d_ff {MODEL['ff_dim']}, m {MODEL['nb_features']}; {result['device']}, {args.dtype})",
         "",
         f"Command: `{command}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); {result['date']}  ",
@@ -185,17 +226,18 @@ def main(argv=None) -> int:
         f"A step = forward + loss + backward + clip + AdamW on {args.tokens_per_step} tokens of real protein crops; "
         f"median of {args.steps} steps after one warm-up.",
         "",
-        "| L | batch | model | step (s) | tokens/s | vs exact | attention kernel fwd+bwd per layer (s) | attention share of step |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| L | batch | model | step (s) | tokens/s | vs exact | attention kernel fwd+bwd per layer (s) | attention share of step | peak MiB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['length']} | {r['batch']} | {r['model']} | {r['step_s_median']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['speedup_vs_exact']:.2f}x | {r['attention_kernel_s_per_layer']:.3f} | "
-                     f"{100 * r['attention_share_of_step']:.0f}% |")
-    if floor_row is not None:
-        lines += ["", f"Floor: at L = {FLOOR['length']} Performer-ReLU >= {FLOOR['min_speedup']}x the exact model's "
-                  f"tokens/s: {floor_row['speedup_vs_exact']:.2f}x, **{'passed' if passed else 'FAILED'}**."]
-    (args.out / "train_throughput.md").write_text("\n".join(lines) + "\n")
+                     f"{100 * r['attention_share_of_step']:.0f}% | "
+                     f"{'-' if r['peak_mem_mb'] is None else format(r['peak_mem_mb'], '.0f')} |")
+    for v in verdicts:
+        lines += ["", f"Floor: at L = {v['length']} Performer-ReLU >= {v['min_speedup']}x the exact model's "
+                  f"tokens/s: {v['value']:.2f}x, **{'passed' if v['passed'] else 'FAILED'}**."]
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if passed in (None, True) else 1
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from protein_performer.model.attention import check_key_padding_mask
-from protein_performer.model.favor import kernels
 from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
 from protein_performer.model.favor.features import (
     KERNELS,
@@ -26,7 +25,7 @@ from protein_performer.model.favor.scan import favor_scan
 
 log = logging.getLogger("protein_performer.model.favor")
 
-IMPLS = ("auto", "scan", "batched", "triton")
+IMPLS = ("auto", "scan", "batched")
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
@@ -55,13 +54,14 @@ class FavorAttention(nn.Module):
         norm: "chi" (unbiased) or "sqrt_d" (regularized) row norms of W.
         eps: the feature floor; default 1e-6 for softmax kernels, 1e-3 for relu (unused by trig).
         chunk_size: C of the causal chunked prefix sums; None: the implementation's default
-            (64 for scan and triton, 128 for batched; measured).
+            (64 for scan, 128 for batched; measured).
         seed: the seed of the initial draw; ``redraw(seed)`` draws again.
         impl: how ``forward`` computes: "scan" (``scan.py``: features fused into a chunk scan,
-            recomputed in backward; memory-lean, the CPU default), "batched" (``causal.py``: all
-            chunks in a few batched matmuls, L x m features kept for backward), "triton"
-            (``kernels.py``, CUDA tensors), or "auto": triton on CUDA when it is installed, else
-            batched on CUDA, scan elsewhere. The trigonometric kernel always uses "batched".
+            recomputed in backward; half the peak memory, 0.27x exact SDPA's CPU time at L = 8192
+            single-threaded, but many small ops: slow with 2 threads on an oversubscribed machine),
+            "batched" (``causal.py``: all chunks in a few batched matmuls, L x m features kept for
+            backward), or "auto" (= batched for now; see issue 11's report). The trigonometric
+            kernel always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -165,8 +165,7 @@ class FavorAttention(nn.Module):
                 if self.kernel == "softmax_hyp":
                     w = torch.cat([w, -w], dim=0)
                 kind = "relu" if self.kernel == "relu" else "softmax"
-                run = favor_scan if impl == "scan" else kernels.favor_triton
-                out = run(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
+                out = favor_scan(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
             return out.to(out_dtype)
         with _fp32(q.device.type):
             q_prime = self.features(q, True)
@@ -191,12 +190,8 @@ class FavorAttention(nn.Module):
         if self.kernel == "softmax_trig":
             return "batched"
         if self.impl != "auto":
-            if self.impl == "triton" and not (x.is_cuda and kernels.available()):
-                raise RuntimeError("impl='triton' needs CUDA tensors and the triton package (pip install triton)")
             return self.impl
-        if x.is_cuda:
-            return "triton" if kernels.available() else "batched"
-        return "scan"
+        return "batched"
 
     def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-kernel key features at each key's own scale and the scales s (``per_key_features``),

@@ -21,7 +21,7 @@ Same numbers as ``features`` + ``causal`` (to float rounding), same stabilizer s
 - bidirectional keys: the same online rescaling over key chunks ends at the scale of the global
   max c (``features.key_stabilizer``), so K'^T [V 1] = sum_j b_j exp(s_j - c) [v_j 1]^T + f 1 sum_j [v_j 1]^T.
 Padded keys get zero features and no floor. Written with plain tensor ops: runs on any device,
-but on CUDA each chunk costs kernel launches (``kernels.py`` is the fused CUDA path).
+but on CUDA every block costs a few dozen kernel launches (``causal.py`` is the CUDA default).
 
 Backward, with G = dL/d[num | den] (from the normalisation) and per chunk the intra block
 W_ij = exp(s_j - c_i), H = tril(G [V 1]^T), beta_i = exp(M - c_i), gamma_j = exp(s_j - M_t):

@@ -280,10 +280,12 @@ def test_chain_of_resumes_through_an_epoch_end_is_exact(shard_root, tmp_path):
               "+callbacks.losses._target_=protein_performer.training.callbacks.LossLog"]
     # warmup (50 steps in the demo) spans all 10 steps: the learning rate does not depend on max_steps
     train(run_cfg(shard_root, tmp_path / "full", "trainer.max_steps=10", *common,
-                  f"+callbacks.audit.output_dir={tmp_path / 'a_full'}", f"+callbacks.losses.path={tmp_path / 'full.txt'}"))
+                  f"+callbacks.audit.output_dir={tmp_path / 'a_full'}",
+                  f"+callbacks.losses.path={tmp_path / 'full.txt'}"))
     for i, steps in enumerate((4, 8, 10)):  # stop at the ends of epochs 0 and 1, then finish
         train(run_cfg(shard_root, tmp_path / "chain", f"trainer.max_steps={steps}", "ckpt_path=last", *common,
-                      f"+callbacks.audit.output_dir={tmp_path / f'a{i}'}", f"+callbacks.losses.path={tmp_path / 'chain.txt'}"))
+                      f"+callbacks.audit.output_dir={tmp_path / f'a{i}'}",
+                      f"+callbacks.losses.path={tmp_path / 'chain.txt'}"))
     steps = lambda d: [(s["step"], s["epoch"], s["index"]) for s in  # noqa: E731
                        json.loads((tmp_path / d / "rank0.json").read_text())["steps"]]
     assert steps("a0") + steps("a1") + steps("a2") == steps("a_full")

@@ -218,7 +218,9 @@ def check_checkpoint(path: str | os.PathLike, module: torch.nn.Module, max_liste
     problems += [f"{name} not in this model" for name in saved if name not in expected]
     if not problems:
         return
-    listed = "; ".join(problems[:max_listed]) + (f"; and {len(problems) - max_listed} more" if len(problems) > max_listed else "")
+    listed = "; ".join(problems[:max_listed])
+    if len(problems) > max_listed:
+        listed += f"; and {len(problems) - max_listed} more"
     settings = ""
     old = (ckpt.get("hyper_parameters") or {}).get("model")
     new = getattr(getattr(module, "hparams", {}), "get", lambda k: None)("model")

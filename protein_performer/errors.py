@@ -7,7 +7,7 @@ which prints ``error: <message>`` on stderr and exits with :data:`EXIT_USER_ERRO
 traceback; any other exception is a bug and keeps its traceback.
 
 Domain errors (``FastaFormatError``, ``IngestError``, ``ShardFormatError``, ``StructureError``,
-``MapsFormatError``, ...) subclass :class:`UserError`, so library callers can catch them one by
+``MapsFormatError`` in analysis.maps_io, ...) subclass :class:`UserError`, so library callers can catch them one by
 one or all at once.
 """
 
@@ -59,7 +59,8 @@ def os_error_message(e: OSError) -> str | None:
 
     where = e.filename if getattr(e, "filename", None) else "output"
     if e.errno == errno.ENOSPC or e.errno == errno.EFBIG or e.errno == errno.EDQUOT:
-        return f"{where}: no space left on the device (or file size limit reached): free space and rerun (resume=true where the command has it)"
+        return (f"{where}: no space left on the device (or file size limit reached): free space and rerun "
+                "(ingest, export_attention, embed, predict_contacts: resume=true; train: ckpt_path=last)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}: permission denied (read-only directory or file?): choose a writable path"
     if e.errno == errno.EISDIR:

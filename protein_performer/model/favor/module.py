@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import nullcontext
 
@@ -25,7 +26,19 @@ from protein_performer.model.favor.scan import favor_scan
 
 log = logging.getLogger("protein_performer.model.favor")
 
-IMPLS = ("auto", "scan", "batched")
+IMPLS = ("auto", "scan", "batched", "triton")
+TRITON_KERNELS = ("softmax", "softmax_hyp")  # the kernels triton_kernels.py implements
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the Triton kernels import (the triton package is installed); imported on first use only."""
+    try:
+        import protein_performer.model.favor.triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
@@ -60,8 +73,11 @@ class FavorAttention(nn.Module):
             recomputed in backward; half the peak memory, 0.27x exact SDPA's CPU time at L = 8192
             single-threaded, but many small ops: slow with 2 threads on an oversubscribed machine),
             "batched" (``causal.py``: all chunks in a few batched matmuls, L x m features kept for
-            backward), or "auto" (= batched for now; see issue 11's report). The trigonometric
-            kernel always uses "batched".
+            backward), "triton" (``triton_kernels.py``: fused Triton kernels, softmax and
+            softmax_hyp kernels only, float32 inside; CUDA tensors, or CPU tensors under
+            TRITON_INTERPRET=1), or "auto" (= triton for CUDA tensors of a softmax kernel when
+            triton imports, else batched; see issue 11's report). The trigonometric kernel
+            always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -84,6 +100,10 @@ class FavorAttention(nn.Module):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "triton" and kernel not in TRITON_KERNELS:
+            raise ValueError(f"impl='triton' supports the kernels {TRITON_KERNELS}, got {kernel!r}; use impl='auto'")
+        if impl == "triton" and not triton_available():
+            raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='auto'")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if norm not in NORMS:
@@ -165,7 +185,11 @@ class FavorAttention(nn.Module):
                 if self.kernel == "softmax_hyp":
                     w = torch.cat([w, -w], dim=0)
                 kind = "relu" if self.kernel == "relu" else "softmax"
-                out = favor_scan(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
+                if impl == "triton":
+                    from protein_performer.model.favor.triton_kernels import favor_triton as run
+                else:
+                    run = favor_scan
+                out = run(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
             return out.to(out_dtype)
         with _fp32(q.device.type):
             q_prime = self.features(q, True)
@@ -191,6 +215,8 @@ class FavorAttention(nn.Module):
             return "batched"
         if self.impl != "auto":
             return self.impl
+        if x.is_cuda and self.kernel in TRITON_KERNELS and x.dtype != torch.float64 and triton_available():
+            return "triton"
         return "batched"
 
     def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

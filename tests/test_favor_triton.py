@@ -28,6 +28,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from protein_performer.model.favor import FavorAttention, module  # noqa: E402
+from protein_performer.model.favor import triton_kernels  # noqa: E402
 from protein_performer.model.favor.triton_kernels import favor_triton  # noqa: E402
 
 U32 = 2.0**-24
@@ -86,8 +87,10 @@ def test_triton_matches_pytorch_float32(kernel, causal, masked):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_default_chunk_long_sequence(causal):
-    """L = 200 with the default chunk (64: three full chunks and a short one), m = 32, d = 16, padding."""
+def test_triton_default_chunk_long_sequence(monkeypatch, causal):
+    """L = 200 with the default chunk (64: three full chunks and a short one), m = 32, d = 16, padding;
+    bidirectional sums split over two row ranges (PARTS = 2: 128 + 72 rows)."""
+    monkeypatch.setattr(triton_kernels, "PARTS", 2)
     d, m = 16, 32
     q, k, v = qkv(b=2, h=1, length=200, d=d, seed=4)
     mask = padding(2, 200)

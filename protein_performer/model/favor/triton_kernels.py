@@ -38,6 +38,8 @@ import triton.language as tl
 DOT_PRECISION = "ieee"
 BLOCK_M = 64  # feature columns per inner step
 BLOCK_ROWS = 64  # rows per step of the row-max and state kernels
+PARTS = 64  # bidirectional K'^T [V 1]: partial sums over at most this many row ranges (parallelism)
+NUM_WARPS = 8  # of the per-chunk kernels (many (C, C) and (C, E) tiles live at once)
 
 
 def _pow2(x: int, low: int = 16) -> int:
@@ -103,17 +105,18 @@ def _states(
 @triton.jit
 def _scan(U, P, OUT, N, X, REVERSE: tl.constexpr, BX: tl.constexpr):
     """OUT[t] = the state before chunk t: forward S_{t+1} = S_t exp(P_t - P_{t+1}) + U_t (S_0 = 0);
-    reverse R_{t-1} = R_t exp(P_t - P_{t+1}) + U_t (R_{N-1} = 0). U, OUT: (B, N, X); P: (B, N + 1)."""
+    reverse R_{t-1} = R_t exp(P_t - P_{t+1}) + U_t (R_{N-1} = 0). U, OUT: (B, N, X); P: (B, N + 1).
+    OUT may be U (in place)."""
     b = tl.program_id(0)
     xo = tl.program_id(1) * BX + tl.arange(0, BX)
     xvalid = xo < X
     state = tl.zeros((BX,), tl.float32)
     for i in range(0, N):
         t = N - 1 - i if REVERSE else i
+        u = tl.load(U + (b * N + t) * X + xo, mask=xvalid, other=0.0)  # before the store: OUT may be U
         tl.store(OUT + (b * N + t) * X + xo, state, mask=xvalid)
         p_t = tl.load(P + b * (N + 1) + t)
         p_next = tl.load(P + b * (N + 1) + t + 1)
-        u = tl.load(U + (b * N + t) * X + xo, mask=xvalid, other=0.0)
         state = state * tl.exp(tl.minimum(p_t - p_next, 0.0)) + u
 
 
@@ -323,21 +326,27 @@ class _Plan:
         """The key states entering every chunk (B, n, m, E) (bidirectional: K'^T [V 1] + floor,
         stride 0 over chunks) and the floor's sums E_t (B, n, E)."""
         B, L, n, M, E = self.B, self.L, self.n, self.M, self.E
-        parts = n if self.causal else 1
-        rows = self.CH if self.causal else L
+        rows, parts = self.split()
         u = torch.empty(B, parts, M, E, device=xk.device, dtype=torch.float32)
-        scale = self.m_last if self.causal else self.scales
+        scale = self.m_last if self.causal else self.scales.expand(B, parts).contiguous()
         _states[(B, parts, triton.cdiv(M, self.BM))](
             xk, v_ext, w, pad, scale.contiguous(), u, L, M, self.D, E, rows, parts, self.ratio,
             BL=min(BLOCK_ROWS, self.CH), BM=self.BM, BD=self.BD, BE=self.BE, PREC=DOT_PRECISION,
         )
         if not self.causal:
-            kv = u[:, 0] + self.floor * v_ext.sum(dim=1)[:, None, :]
+            kv = u.sum(dim=1) + self.floor * v_ext.sum(dim=1)[:, None, :]
             return kv[:, None].expand(B, n, M, E), v_ext.new_zeros(B, 1, E).expand(B, n, E)
-        st = torch.empty_like(u)
-        _scan_call(u, self.scales, st, reverse=False)
+        _scan_call(u, self.scales, u, reverse=False)  # in place: the state entering every chunk
         sums = _chunk_sums(v_ext, self.CH, n)
-        return st, sums.cumsum(dim=1) - sums
+        return u, sums.cumsum(dim=1) - sums
+
+    def split(self) -> tuple[int, int]:
+        """(rows per program, programs) of the state kernels: one chunk each when causal; else at
+        most PARTS programs of whole chunks, whose partial sums are added (all at the scale c)."""
+        if self.causal:
+            return self.CH, self.n
+        rows = self.CH * triton.cdiv(self.n, PARTS)
+        return rows, triton.cdiv(self.L, rows)
 
 
 def _scan_call(u: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, reverse: bool) -> None:
@@ -372,7 +381,7 @@ class _FavorTriton(torch.autograd.Function):
         _forward[(B, plan.n)](
             xq, xk, v_ext, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
             st, *_s(st), e_prev, *_s(e_prev), out, a_sum, L, plan.M, D, E, plan.n, plan.ratio, plan.floor,
-            CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION,
+            CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION, num_warps=NUM_WARPS,
         )
         num, den = out[..., :D], out[..., D:]
         den_safe = torch.where(den == 0, torch.ones_like(den), den)
@@ -391,21 +400,21 @@ class _FavorTriton(torch.autograd.Function):
         g_den = torch.where(zero, torch.zeros_like(den), -(g_num * out).sum(dim=-1, keepdim=True))
         g = torch.cat([g_num, g_den], dim=-1).contiguous()  # dL/d[num | den]
         st, e_prev = plan.states(xk, v_ext, w, pad)  # rebuilt, not saved
-        parts = n if plan.causal else 1
-        rows = plan.CH if plan.causal else L
+        rows, parts = plan.split()
         vr = torch.empty(B, parts, M, E, device=xq.device, dtype=torch.float32)
+        scale = plan.m_prev if plan.causal else plan.scales.expand(B, parts)
         _rstates[(B, parts, triton.cdiv(M, plan.BM))](
-            xq, g, w, plan.qmax, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev), vr, L, M, D, E, rows, parts,
+            xq, g, w, plan.qmax, plan.c, *_s(plan.c), scale, *_s(scale), vr, L, M, D, E, rows, parts,
             plan.ratio, plan.floor, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION,
         )
         ag = a_sum[..., None] * g  # A_i G_i: the floor's part of d[v 1]
         if plan.causal:
-            rt = torch.empty_like(vr)
-            _scan_call(vr, plan.scales, rt, reverse=True)
+            rt = vr
+            _scan_call(vr, plan.scales, rt, reverse=True)  # in place
             sums = _chunk_sums(ag, plan.CH, n)
             f_t = sums.flip(1).cumsum(1).flip(1) - sums  # over later chunks
         else:
-            rt = vr[:, 0][:, None].expand(B, n, M, E)
+            rt = vr.sum(dim=1)[:, None].expand(B, n, M, E)
             f_t = ag.sum(dim=1)[:, None].expand(B, n, E)
         dxq, dxk = torch.empty_like(xq), torch.empty_like(xk)
         dve = torch.empty_like(v_ext)
@@ -414,6 +423,7 @@ class _FavorTriton(torch.autograd.Function):
             plan.m_last, *_s(plan.m_last), st, *_s(st), rt, *_s(rt), e_prev, *_s(e_prev), f_t, *_s(f_t),
             dxq, dxk, dve, L, M, D, E, n, plan.ratio, plan.floor,
             CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION,
+            num_warps=NUM_WARPS,
         )
         dv = dve[..., :D].masked_fill(pad.bool()[..., None], 0.0)
         return dxq, dxk, dv, None, None, None, None, None

@@ -101,3 +101,47 @@ def test_tiny_end_to_end(shared_data, tmp_path):
     probe = s["probe"]
     assert probe[0]["step"] == 0 and probe[-1]["step"] == 6
     assert abs(probe[-1]["long_P@L"] - s["headline"]["long_P@L"]) <= 2 / len(chain.sequence) + 1e-12
+
+
+def test_mask_spans_masks_runs_at_the_asked_rate():
+    from protein_performer.data.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    residues = tok.encode("ACDEFGHIKLMNPQRSTVWY" * 50)  # 1000 residues
+    tokens = np.concatenate([[tok.bos_id], residues, [tok.eos_id]])
+    span, p, n = 5, 0.3, 1000
+    fracs = []
+    for seed in range(20):
+        out, y = fc.mask_spans(tokens, np.random.default_rng(seed), p, span, tok.mask_id, tok.n_special,
+                               tok.residue_ids)
+        sel = y >= 0
+        assert not sel[0] and not sel[-1]  # special tokens never targets
+        np.testing.assert_array_equal(y[sel], tokens[sel])
+        assert (out[~sel] == tokens[~sel]).all()
+        # every run of targets is at least `span` long, except one clipped by the sequence end
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], sel[1:-1].astype(int), [0]])))
+        runs = edges[1::2] - edges[::2]
+        assert (runs[:-1] >= span).all() and len(runs) > 1
+        fracs.append(sel.mean())
+    # starts ~ Bernoulli(p / span); overlaps make the fraction 1 - (1 - p/span)^span = 0.266 for 0.3, 5
+    expected = 1 - (1 - p / span) ** span
+    # sd of one sequence's fraction <= sqrt(span * expected / n) (runs of `span`); mean of 20: /sqrt(20)
+    assert abs(np.mean(fracs) - expected) < 4 * np.sqrt(span * expected / n / 20)
+    a = fc.mask_spans(tokens, np.random.default_rng(3), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
+    b = fc.mask_spans(tokens, np.random.default_rng(3), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_family_datamodule_span_collator():
+    c = fc.SpanCollator(objective="bid", max_length=64, mask_prob=0.3, seed=0, span=4)
+    item = np.arange(4, 24, dtype=np.uint8).repeat(3)[:60]
+    batch = c([item, item], [0, 1], epoch=0)
+    sel = (batch["targets"][0] >= 0).numpy()
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], sel.astype(int), [0]])))
+    runs = edges[1::2] - edges[::2]
+    assert runs.max() >= 4 and sel.sum() >= 4
+    plain = fc.SpanCollator(objective="bid", max_length=64, mask_prob=0.3, seed=0, span=1)
+    from protein_performer.data.collate import Collator
+
+    ref = Collator(objective="bid", max_length=64, mask_prob=0.3, seed=0)([item], [0])
+    np.testing.assert_array_equal(plain([item], [0])["targets"], ref["targets"])

@@ -39,9 +39,11 @@ from pathlib import Path
 
 METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
 # FAVOR+ softmax through one implementation (FavorAttention(impl=...)); "compile" is torch.compile
-# over the batched path; "fla" is fla-core's chunk_linear_attn on our feature maps (GPU only).
+# over the batched path; "fla" is fla-core's chunk_linear_attn on our feature maps (GPU only);
+# "triton" is favor/triton_kernels.py (CUDA, or CPU under TRITON_INTERPRET=1). On CUDA,
+# "favor_softmax" (impl auto) is the triton path when triton imports.
 VARIANTS = ("favor_softmax_scan", "favor_softmax_batched", "favor_softmax_compile", "favor_relu_compile",
-            "favor_softmax_fla")
+            "favor_softmax_fla", "favor_softmax_triton")
 QUADRATIC = {"exact_sdpa"}
 RESULTS = Path(__file__).resolve().parent / "results"
 

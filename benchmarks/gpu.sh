@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 11, in one script (a few minutes on an H200):
 #   1. attention table, bf16, fwd+bwd, 1 x 8 x L x 64, m 256, L 1024..65536, causal and bidirectional:
-#      exact SDPA (flash), FAVOR+ softmax batched (the CUDA default) / scan / torch.compile, FAVOR+ ReLU,
-#      and fla-core's chunk_linear_attn on our features when fla is installed; time + peak memory.
+#      exact SDPA (flash), FAVOR+ softmax auto (= triton on CUDA when triton imports) / batched / scan /
+#      torch.compile / triton (favor/triton_kernels.py), FAVOR+ ReLU, and fla-core's chunk_linear_attn
+#      on our features when fla is installed; time + peak memory.
 #   2. whole model: train_throughput.py, the 36-layer paper configs, bf16, L 1024 / 4096 / 8192.
 # Writes benchmarks/results/gpu/{attention_cuda_bf16.json,.md, train_throughput_cuda_bf16_paper.json,.md}.
 #
@@ -28,6 +29,7 @@ if [ "$DRY" = 0 ]; then
   REPS=5
 else
   OUT=$(mktemp -d)/gpu
+  export TRITON_INTERPRET=1  # the triton rows run on CPU tensors in Triton's interpreter
   DEV=(--device cpu --dtype fp32)
   LENGTHS=(64 128)
   TT_LENGTHS=(32)
@@ -36,7 +38,12 @@ else
 fi
 mkdir -p "$OUT"
 
-METHODS=(exact_sdpa favor_softmax favor_softmax_scan favor_softmax_compile favor_relu favor_relu_compile)
+METHODS=(exact_sdpa favor_softmax favor_softmax_batched favor_softmax_scan favor_softmax_compile favor_relu favor_relu_compile)
+if "$PY" -c 'import triton' 2>/dev/null; then
+  METHODS+=(favor_softmax_triton)
+else
+  echo "note: triton not installed (pip install -e '.[gpu]'): its row is left out" >&2
+fi
 if "$PY" -c 'import fla.ops.linear_attn' 2>/dev/null; then
   METHODS+=(favor_softmax_fla)
 else

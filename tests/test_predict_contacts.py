@@ -45,6 +45,15 @@ def fitted(tmp_path_factory):
     return {"ckpt": ckpt, "maps": maps, "proteins": proteins, "est": est, "head": head, "lm": lm, "out": out}
 
 
+def float16_flip_bound(head: ContactHead, features: np.ndarray) -> np.ndarray:
+    """Per-pair bound on |p - p'| when the float32 maps behind ``features`` (P, F) come out a few
+    ulps different (another thread count or kernel) and some float16 roundings of the APC features
+    flip by one float16 ulp: |dlogit| <= sum_f |v_f| ulp16(x_f) and |dp| <= |dlogit| / 4."""
+    v, _ = head.affine()
+    ulp = np.spacing(np.abs(features.astype(np.float16))).astype(np.float64)
+    return (np.abs(v)[None, :] * ulp).sum(1) / 4 + 1e-6
+
+
 def test_head_equals_the_fitted_regression(fitted):
     """head.predict on the full APC stack == sklearn's predict_proba on the pair features."""
     from protein_performer.analysis.maps_io import MapsFile
@@ -106,7 +115,9 @@ def test_predict_contacts_equals_the_contacts_step(fitted):
     for p, pred in zip(proteins, preds):
         assert pred.contacts.shape == (p.L, p.L) and pred.contacts.dtype == np.float32
         expected = est.predict_proba(p.features["trained"])[:, 1]
-        np.testing.assert_allclose(pred.contacts[p.i, p.j], expected, rtol=0, atol=1e-6)
+        # the same float16 features unless the model ran with another thread count than the export
+        assert np.all(np.abs(pred.contacts[p.i, p.j] - expected) <= float16_flip_bound(head, p.features["trained"]))
+        assert np.abs(pred.contacts[p.i, p.j] - expected).mean() < 1e-6
         top = pred.top_pairs()
         assert len(top) == min(p.L, len(p.i)) and all(j - i >= head.min_sep for i, j, _ in top)
         assert [t[2] for t in top] == sorted((t[2] for t in top), reverse=True)
@@ -145,8 +156,9 @@ def test_predict_contacts_cli(fitted, tmp_path):
         assert cf.ids() == [p.name for p in proteins]
         for p, pred in zip(proteins, cf):
             expected = fitted["est"].predict_proba(p.features["trained"])[:, 1]
-            # stored as float16: probabilities in [0, 1] are rounded by at most 2^-12
-            np.testing.assert_allclose(pred.contacts[p.i, p.j], expected, rtol=0, atol=2.5e-4)
+            # stored as float16: probabilities in [0, 1] are rounded by at most 2^-12 (+ feature flips)
+            diff = np.abs(pred.contacts[p.i, p.j] - expected)
+            assert np.all(diff <= 2.5e-4 + float16_flip_bound(fitted["head"], p.features["trained"]))
     rows = list(csv.DictReader(open(tmp_path / "top.csv")))
     assert len(rows) == sum(p.L for p in proteins)
     assert {r["id"] for r in rows} == {p.name for p in proteins}
@@ -193,8 +205,8 @@ def test_contacts_step_saves_the_head(fitted, tmp_path):
     np.testing.assert_allclose(head.weights, est[-1].coef_[0], rtol=0, atol=1e-12)
     preds = list(predict_contacts(fitted["lm"], head, [(p.name, p.sequence) for p in proteins]))
     for p, pred in zip(proteins, preds):
-        np.testing.assert_allclose(pred.contacts[p.i, p.j], est.predict_proba(p.features["trained"])[:, 1],
-                                   rtol=0, atol=1e-6)
+        diff = np.abs(pred.contacts[p.i, p.j] - est.predict_proba(p.features["trained"])[:, 1])
+        assert np.all(diff <= float16_flip_bound(head, p.features["trained"]))
         table = precision_table(p.pred_matrix(pred.contacts[p.i, p.j].astype(np.float64)), p.true)
         assert 0.0 <= table["long"]["P@L"] <= 1.0
     # the report is still written last, after the head

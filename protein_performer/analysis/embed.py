@@ -36,6 +36,7 @@ from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export import (
     InputReport, LoadedModel, SequenceRecord, crop_window, load_model, read_sequences,
 )
+from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
 
@@ -105,21 +106,11 @@ def embed_sequences(model: LoadedModel | torch.nn.Module, sequences: Iterable[st
     """``(id, residues embedded, mean embedding (dim,))`` per sequence, in input order (the Python API)."""
     lm = model.model if isinstance(model, LoadedModel) else model
     device = device if device is not None else next(lm.parameters()).device
-    for chunk_records in _chunks(_records(sequences), chunk):
+    for chunk_records in _chunks(as_records(sequences), chunk):
         ids, lengths, emb = _embed_chunk(lm, chunk_records, batch_tokens, crop, device)
         for k in range(len(ids)):
             if lengths[k] > 0:
                 yield ids[k], int(lengths[k]), emb[k]
-
-
-def _records(sequences) -> Iterator[SequenceRecord]:
-    for n, s in enumerate(sequences):
-        if isinstance(s, SequenceRecord):
-            yield s
-        elif isinstance(s, str):
-            yield SequenceRecord(f"seq{n}", s)
-        else:
-            yield SequenceRecord(str(s[0]), str(s[1]))
 
 
 def _chunks(it: Iterable, n: int) -> Iterator[list]:
@@ -154,11 +145,6 @@ def _embed_chunk(lm, records: list[SequenceRecord], batch_tokens: int, crop: str
     return [r.id for r in records], lengths, out
 
 
-def partial_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".partial")
-
-
 def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     """``{"ids", "lengths", "mean"}`` of a complete embeddings file (an incomplete one is refused)."""
     path = Path(path)
@@ -176,19 +162,10 @@ def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFA
               resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = True,
               model_config: str | None = None, seed: int = 0) -> dict:
     """What ``python -m protein_performer.embed`` does; returns a summary (sequences, seconds, seq/s)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(output)
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; output= is the embeddings .h5 file to write")
-    if not Path(input).exists():
-        raise UserError(f"{input}: input not found (a FASTA file or a folder of structures)")
+    device = resolve_device(device)
+    out, part = check_run_paths(input, output, "embed", resume, overwrite)
     loaded = load_model(checkpoint, model_config, seed, device)
     lm = loaded.model
-    part = partial_path(out)
-    if part.exists() and not (resume or overwrite):
-        raise UserError(f"{part}: an interrupted embedding run is there; rerun with resume=true to continue it "
-                        "or overwrite=true to start again")
     settings = {"checkpoint_sha256": loaded.sha256, "input": str(input), "crop": crop, "chunk": int(chunk),
                 "model_config": json.dumps(asdict(lm.config), sort_keys=True)}
     start_row = 0

@@ -22,7 +22,6 @@ killed run from the records already in the partial file.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ import torch
 from protein_performer.analysis.atomic import atomic_output, publish
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.export import (
-    ExportError, InputReport, LoadedModel, SequenceRecord, crop_window, load_model, read_sequences, run_sequence,
+    ExportError, InputReport, LoadedModel, SequenceRecord, crop_window, file_sha256, load_model, read_sequences,
+    run_sequence,
 )
+from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
 from protein_performer.analysis.maps_io import apc_maps, sanitize_name
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
@@ -63,17 +64,6 @@ class ContactPrediction:
         p = self.contacts[i, j]
         order = np.argsort(-p, kind="stable")[:k]
         return [(int(i[o]) + 1 + self.start, int(j[o]) + 1 + self.start, float(p[o])) for o in order]
-
-
-def _records(sequences: Iterable[str | tuple | SequenceRecord]) -> Iterator[SequenceRecord]:
-    for n, s in enumerate(sequences):
-        if isinstance(s, SequenceRecord):
-            yield s
-        elif isinstance(s, str):
-            yield SequenceRecord(f"seq{n}", s)
-        else:
-            rid, seq = s
-            yield SequenceRecord(str(rid), str(seq))
 
 
 def _model_of(model: LoadedModel | torch.nn.Module):
@@ -108,7 +98,7 @@ def predict_contacts(model: LoadedModel | torch.nn.Module, head: ContactHead,
     tok = Tokenizer()
     special = 1 if cfg.causal else 2
     max_residues = int(cfg.max_len) - special
-    for rec in _records(sequences):
+    for rec in as_records(sequences):
         try:
             residues = tok.encode(rec.sequence)
         except UnknownResidueError as e:
@@ -125,19 +115,6 @@ def predict_contacts(model: LoadedModel | torch.nn.Module, head: ContactHead,
 
 
 # ------------------------------------------------------------------------------ files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def partial_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".partial")
-
-
 class ContactsFile:
     """Read a contacts.h5 written by :func:`run_predict_contacts` (refuses an incomplete one)."""
 
@@ -186,23 +163,14 @@ def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, cs
                          overwrite: bool = False, device: str = "cpu", progress: bool = True,
                          model_config: str | None = None) -> dict:
     """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(output)
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; output= is the contacts .h5 file to write")
-    if not Path(input).exists():
-        raise UserError(f"{input}: input not found (a FASTA file or a folder of structures)")
+    device = resolve_device(device)
+    out, part = check_run_paths(input, output, "predict_contacts", resume, overwrite)
     contact_head = ContactHead.load(head)
     loaded = load_model(checkpoint, model_config, 0, device)
     cfg = loaded.model.config
     contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
-    part = partial_path(out)
-    if part.exists() and not (resume or overwrite):
-        raise UserError(f"{part}: an interrupted predict_contacts run is there; rerun with resume=true to continue it "
-                        "or overwrite=true to start again")
     head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
-    head_sha = _sha256(head_path)
+    head_sha = file_sha256(head_path)
     done: set[int] = set()
     mode = "w"
     if part.exists() and resume:

@@ -41,9 +41,9 @@ METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
 # FAVOR+ softmax through one implementation (FavorAttention(impl=...)); "compile" is torch.compile
 # over the batched path; "fla" is fla-core's chunk_linear_attn on our feature maps (GPU only);
 # "triton" is favor/triton_kernels.py (CUDA, or CPU under TRITON_INTERPRET=1). On CUDA,
-# "favor_softmax" (impl auto) is the triton path when triton imports.
+# "favor_softmax" and "favor_relu" (impl auto) are the triton path when triton imports.
 VARIANTS = ("favor_softmax_scan", "favor_softmax_batched", "favor_softmax_compile", "favor_relu_compile",
-            "favor_softmax_fla", "favor_softmax_triton")
+            "favor_softmax_fla", "favor_softmax_triton", "favor_relu_batched", "favor_relu_triton")
 QUADRATIC = {"exact_sdpa"}
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -2,7 +2,7 @@
 # Every GPU measurement of issue 11, in one script (a few minutes on an H200):
 #   1. attention table, bf16, fwd+bwd, 1 x 8 x L x 64, m 256, L 1024..65536, causal and bidirectional:
 #      exact SDPA (flash), FAVOR+ softmax auto (= triton on CUDA when triton imports) / batched / scan /
-#      torch.compile / triton (favor/triton_kernels.py), FAVOR+ ReLU, and fla-core's chunk_linear_attn
+#      torch.compile / triton (favor/triton_kernels.py), FAVOR+ ReLU (auto, compile, triton), and fla-core's chunk_linear_attn
 #      on our features when fla is installed; time + peak memory.
 #   2. whole model: train_throughput.py, the 36-layer paper configs, bf16, L 1024 / 4096 / 8192.
 # Writes benchmarks/results/gpu/{attention_cuda_bf16.json,.md, train_throughput_cuda_bf16_paper.json,.md}.
@@ -38,9 +38,35 @@ else
 fi
 mkdir -p "$OUT"
 
-METHODS=(exact_sdpa favor_softmax favor_softmax_batched favor_softmax_scan favor_softmax_compile favor_relu favor_relu_compile)
+METHODS=(exact_sdpa favor_softmax favor_softmax_batched favor_softmax_scan favor_softmax_compile favor_relu favor_relu_batched
+         favor_relu_compile)
 if "$PY" -c 'import triton' 2>/dev/null; then
-  METHODS+=(favor_softmax_triton)
+  METHODS+=(favor_softmax_triton favor_relu_triton)
+  CHECK_L=1000; [ "$DRY" = 1 ] && CHECK_L=70
+  echo "== triton kernels (${DEV[1]}) against the PyTorch path (float64), fp32, 2 x 4 x L=$CHECK_L x 64, m 256"
+  "$PY" - "${DEV[1]}" "$CHECK_L" <<'PYEOF' || echo "error: the triton kernels disagree with the PyTorch path: their rows are not valid" >&2
+import sys, torch
+from protein_performer.model.favor import FavorAttention
+dev, n, bad = sys.argv[1], int(sys.argv[2]), 0
+g = torch.Generator().manual_seed(0)
+q, k, v, go = (torch.randn(2, 4, n, 64, generator=g, dtype=torch.float64).to(dev) for _ in range(4))
+mask = torch.zeros(2, n, dtype=torch.bool, device=dev)
+mask[1, -n // 10:] = True
+for kernel in ("softmax", "relu"):
+    for causal in (True, False):
+        res = {}
+        for impl, dtype in (("batched", torch.float64), ("triton", torch.float32)):
+            fa = FavorAttention(64, 256, kernel=kernel, causal=causal, seed=1, impl=impl).to(dev)
+            x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+            out = fa(*x, mask)
+            out.backward(go.to(dtype))
+            res[impl] = [out.double()] + [t.grad.double() for t in x]
+        errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res["triton"], res["batched"])]
+        ok = max(errs) < 1e-4
+        bad += not ok
+        print(f"{kernel:8s} causal={causal!s:5s} max rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs), "ok" if ok else "FAIL")
+sys.exit(1 if bad else 0)
+PYEOF
 else
   echo "note: triton not installed (pip install -e '.[gpu]'): its row is left out" >&2
 fi

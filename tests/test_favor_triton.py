@@ -7,7 +7,7 @@ they are decorated, at import) and stays set for this process. Skipped when trit
 
 Tolerances. float32: the reference is the batched path in float64 (exact to ~1e-16 here). Every
 output and gradient is a sum of at most L m (< 10^4) positive or signed terms of features
-exp(logit - max) whose logits are O(10): the features carry a relative error of about |logit| u
+exp(logit - max) (or relu(logit) + eps) whose logits are O(10): they carry a relative error of about |logit| u
 (u = 2^-24 the unit roundoff) and a blocked sum adds about log2(L m) u, so the error stays below
 TOL32 = 64 u of the largest entry (a 2x-3x margin); the batched float32 path is checked against the
 same bound, so the bound is not vacuous. float16: the module computes in float32 from the float16
@@ -65,7 +65,7 @@ def assert_within(got, ref, tol, what):
         assert err <= bound, f"{what}: {name} max error {err:.3g} > {bound:.3g}"
 
 
-CASES = list(itertools.product(["softmax", "softmax_hyp"], [True, False], [False, True]))
+CASES = list(itertools.product(["softmax", "softmax_hyp", "relu"], [True, False], [False, True]))
 
 
 @pytest.mark.parametrize("kernel,causal,masked", CASES)
@@ -139,7 +139,7 @@ def test_favor_triton_direct_call_and_validation():
     ref = favor_scan(q.double(), k.double(), v.double(), w.double(), "softmax", True, 1e-6, 16)
     assert (out.double() - ref).abs().max() <= TOL32 * ref.abs().max()
     with pytest.raises(ValueError, match="supports kind"):
-        favor_triton(q, k, v, w, "relu", True, 1e-3, 16)
+        favor_triton(q, k, v, w, "trig", True, 1e-3, 16)
 
 
 def test_triton_saves_no_feature_map():
@@ -168,5 +168,6 @@ def test_impl_dispatch():
     assert FavorAttention(8, 16, impl="triton").resolve_impl(x) == "triton"
     assert FavorAttention(8, 16, kernel="softmax_hyp", impl="triton").resolve_impl(x) == "triton"
     assert module.triton_available()
+    assert FavorAttention(8, 16, kernel="relu", impl="triton").resolve_impl(x) == "triton"
     with pytest.raises(ValueError, match="supports the kernels"):
-        FavorAttention(8, 16, kernel="relu", impl="triton")
+        FavorAttention(8, 16, kernel="softmax_trig", impl="triton")

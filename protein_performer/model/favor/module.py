@@ -27,7 +27,7 @@ from protein_performer.model.favor.scan import favor_scan
 log = logging.getLogger("protein_performer.model.favor")
 
 IMPLS = ("auto", "scan", "batched", "triton")
-TRITON_KERNELS = ("softmax", "softmax_hyp")  # the kernels triton_kernels.py implements
+TRITON_KERNELS = ("softmax", "softmax_hyp", "relu")  # the kernels triton_kernels.py implements
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,9 +73,9 @@ class FavorAttention(nn.Module):
             recomputed in backward; half the peak memory, 0.27x exact SDPA's CPU time at L = 8192
             single-threaded, but many small ops: slow with 2 threads on an oversubscribed machine),
             "batched" (``causal.py``: all chunks in a few batched matmuls, L x m features kept for
-            backward), "triton" (``triton_kernels.py``: fused Triton kernels, softmax and
-            softmax_hyp kernels only, float32 inside; CUDA tensors, or CPU tensors under
-            TRITON_INTERPRET=1), or "auto" (= triton for CUDA tensors of a softmax kernel when
+            backward), "triton" (``triton_kernels.py``: fused Triton kernels for the
+            softmax, softmax_hyp and relu kernels, float32 inside; CUDA tensors, or CPU tensors under
+            TRITON_INTERPRET=1), or "auto" (= triton for CUDA tensors of those kernels when
             triton imports, else batched; see issue 11's report). The trigonometric kernel
             always uses "batched".
 

@@ -1,17 +1,22 @@
-"""FAVOR+ softmax attention in Triton (the CUDA path): feature maps fused into chunked kernels.
+"""FAVOR+ attention in Triton (the CUDA path): feature maps fused into chunked kernels.
 
 ``favor_triton(xq, xk, v, w, kind, causal, eps, chunk, key_padding_mask)`` has the signature and
-the numbers of ``scan.favor_scan`` (same stabilizer semantics, to float32 rounding), for
-``kind == "softmax"`` (positive features; hyperbolic features pass w = [W, -W]). No L x m feature
-tensor ever exists in memory: every kernel recomputes the features of its rows from x and W
-(x: (B, L, d), W: (m, d)). Saved for backward: xq, xk, [v 1], the output, its denominator and
-three (B, L) vectors (query max, key max, running max); the chunk states are rebuilt in backward.
+the numbers of ``scan.favor_scan`` (same stabilizer semantics, to float32 rounding; nothing is
+changed, the eps floor included), for ``kind == "softmax"`` (positive features; hyperbolic
+features pass w = [W, -W]) and ``kind == "relu"`` (relu(w^T x) + eps, no stabilizer). No L x m
+feature tensor ever exists in memory: every kernel recomputes the features of its rows from x and
+W (x: (B, L, d), W: (m, d)). Saved for backward: xq, xk, [v 1], the output, its denominator, the
+query feature sums A and the padding mask (O(L d)), plus (B, L) vectors (query max, key max,
+running max); the chunk states are rebuilt in backward. Transient memory: one (B, n, m, d + 1)
+float32 buffer of chunk states in forward, two in backward (L m (d + 1) / C numbers each: for
+C = 64, d = 64 about one L x m float32 map), and for bidirectional attention up to PARTS partial
+m x (d + 1) sums.
 
-Kernels (B = batch x heads, n = ceil(L / C) chunks of C rows, E = next power of 2 >= d + 1):
+Kernels (B = batch x heads, n = ceil(L / C) chunks of C rows, E = d + 1, tiles padded to powers of 2):
     _rowmax     q_max_i = max_m w_m^T xq_i, s_j = max_m (w_m^T xk_j - |xk_j|^2 / 2)     grid (B, L / BL)
     _states     U_p = sum_{j in rows p} r exp(w^T xk_j - |xk_j|^2/2 - M_p) [v_j 1]^T   grid (B, P, m / BM)
     _scan       exclusive prefix (or suffix) of U over chunks with the rescaling
-                exp(P_t - P_{t+1}) <= 1 between scales                                 grid (B, m E / BX)
+                exp(P_t - P_{t+1}) <= 1 between scales, in place                       grid (B, m E / BX)
     _forward    per chunk: a = r exp(w^T xq - q_max) + f; intra tril((a b^T) * W + f A) [v 1]
                 plus beta a S_t + f A E_t                                              grid (B, n)
     _rstates    V_p = sum_{i in rows p} a_i beta_i G_i^T                              grid (B, P, m / BM)
@@ -21,12 +26,13 @@ b_j exp(s_j - c_i) + f, b_j = r exp(w^T x_j - |x_j|^2/2 - s_j), c_i = max_{j' <=
 f = r eps, r = m^-1/2; M_t = c at the end of chunk t, beta_i = exp(M_{t-1} - c_i),
 gamma_j = exp(s_j - M_t), W_ij = exp(s_j - c_i) (every factor <= 1: nothing overflows).
 Bidirectional attention is the same kernels with one scale c = max_j s_j for all rows, one
-state K'^T [V 1] (+ the floor) shared by every chunk (stride 0) and no intra-chunk block.
+state K'^T [V 1] (+ the floor) shared by every chunk (stride 0) and no intra-chunk block. ReLU
+features: all scales 0 (every factor 1), f = 0, eps inside both feature maps.
 
-The [v 1] trick costs E = 128 columns for d = 64 (the denominator rides along as column d); a
-separate denominator would halve the state matmuls at d = 64. Dots run in IEEE float32
-(``DOT_PRECISION``; "tf32" trades ~1e-3 relative error for tensor-core speed on GPU).
-Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_favor_triton.py).
+Not tuned (no GPU here): the [v 1] trick pads the (m, E) tiles to 128 columns for d = 64 (a
+separate denominator would halve the state matmuls); block sizes and warps are fixed guesses;
+dots run in IEEE float32 (``DOT_PRECISION``; "tf32" trades ~1e-3 relative error in the logits for
+tensor-core speed). Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_favor_triton.py).
 """
 
 from __future__ import annotations
@@ -73,8 +79,8 @@ def _rowmax(XQ, XK, W, QMAX, S, L, M, D, BL: tl.constexpr, BM: tl.constexpr, BD:
 
 @triton.jit
 def _states(
-    XK, VE, W, PAD, SCALE, U, L, M, D, E, ROWS, NP, ratio,
-    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+    XK, VE, W, PAD, SCALE, U, L, M, D, E, ROWS, NP, ratio, feps,
+    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
 ):
     """U[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of b_j exp(s_j - SCALE[b, p]) [v_j 1]^T."""
     b = tl.program_id(0)
@@ -92,9 +98,13 @@ def _states(
         rvalid = rows < stop
         xk = tl.load(XK + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0)
         pad = tl.load(PAD + b * L + rows, mask=rvalid, other=1)
-        z = tl.dot(xk, tl.trans(w), input_precision=PREC) - 0.5 * tl.sum(xk * xk, axis=1)[:, None] - scale
+        z = tl.dot(xk, tl.trans(w), input_precision=PREC)
         keep = (rvalid & (pad == 0))[:, None] & (mo < M)[None, :]
-        kf = tl.where(keep, tl.exp(tl.minimum(z, 0.0)) * ratio, 0.0)
+        if RELU:
+            kf = tl.where(keep, tl.maximum(z, 0.0) + feps, 0.0)
+        else:
+            z = z - 0.5 * tl.sum(xk * xk, axis=1)[:, None] - scale
+            kf = tl.where(keep, tl.exp(tl.minimum(z, 0.0)) * ratio, 0.0)
         ve = tl.load(VE + b * L * E + rows[:, None] * E + ecols[None, :], mask=rvalid[:, None] & (ecols[None, :] < E), other=0.0)
         acc += tl.dot(tl.trans(kf), ve, input_precision=PREC)
     tl.store(
@@ -121,21 +131,28 @@ def _scan(U, P, OUT, N, X, REVERSE: tl.constexpr, BX: tl.constexpr):
 
 
 @triton.jit
-def _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, PREC: tl.constexpr):
+def _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, PREC: tl.constexpr, RELU: tl.constexpr):
     """Query features a = r exp(w^T xq - q_max) + f and key features b = r exp(w^T xk - |xk|^2/2 - s)
-    (zero for invalid keys and feature columns) of one (C, BM) block."""
-    zq = tl.dot(xq, tl.trans(w), input_precision=PREC) - qmax[:, None]
-    a = tl.where(mvalid[None, :], tl.exp(tl.minimum(zq, 0.0)) * ratio + floor, 0.0)
-    zk = tl.dot(xk, tl.trans(w), input_precision=PREC) - half_sq[:, None] - s[:, None]
-    kf = tl.where(kvalid[:, None] & mvalid[None, :], tl.exp(tl.minimum(zk, 0.0)) * ratio, 0.0)
+    (relu: a = relu(w^T xq) + eps, b = relu(w^T xk) + eps), zero for invalid keys and feature
+    columns, of one (C, BM) block."""
+    zq = tl.dot(xq, tl.trans(w), input_precision=PREC)
+    zk = tl.dot(xk, tl.trans(w), input_precision=PREC)
+    keep = kvalid[:, None] & mvalid[None, :]
+    if RELU:
+        a = tl.where(mvalid[None, :], tl.maximum(zq, 0.0) + feps, 0.0)
+        kf = tl.where(keep, tl.maximum(zk, 0.0) + feps, 0.0)
+    else:
+        a = tl.where(mvalid[None, :], tl.exp(tl.minimum(zq - qmax[:, None], 0.0)) * ratio + floor, 0.0)
+        kf = tl.where(keep, tl.exp(tl.minimum(zk - half_sq[:, None] - s[:, None], 0.0)) * ratio, 0.0)
     return a, kf
 
 
 @triton.jit
 def _forward(
     XQ, XK, VE, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, ST, s_sb, s_sn, EP, s_eb, s_en,
-    OUT, ASUM, L, M, D, E, NC, ratio, floor,
+    OUT, ASUM, L, M, D, E, NC, ratio, floor, feps,
     CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -160,7 +177,7 @@ def _forward(
         mo = m0 + tl.arange(0, BM)
         mvalid = mo < M
         w = tl.load(W + mo[:, None] * D + cols[None, :], mask=mvalid[:, None] & (cols[None, :] < D), other=0.0)
-        a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, PREC)
+        a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, PREC, RELU)
         a_sum += tl.sum(a, axis=1)
         st = tl.load(ST + b * s_sb + t * s_sn + mo[:, None] * E + ecols[None, :], mask=mvalid[:, None] & (ecols[None, :] < E), other=0.0)
         acc += tl.dot(a, st, input_precision=PREC)
@@ -181,8 +198,8 @@ def _forward(
 
 @triton.jit
 def _rstates(
-    XQ, G, W, QMAX, C, s_cb, s_cl, SCALE, s_pb, s_pn, V, L, M, D, E, ROWS, NP, ratio, floor,
-    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+    XQ, G, W, QMAX, C, s_cb, s_cl, SCALE, s_pb, s_pn, V, L, M, D, E, ROWS, NP, ratio, floor, feps,
+    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
 ):
     """V[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of a_i exp(SCALE[b, p] - c_i) G_i^T."""
     b = tl.program_id(0)
@@ -202,8 +219,11 @@ def _rstates(
         xq = tl.load(XQ + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0)
         qmax = tl.load(QMAX + b * L + rows, mask=rvalid, other=0.0)
         c = tl.load(C + b * s_cb + rows * s_cl, mask=rvalid, other=0.0)
-        z = tl.dot(xq, tl.trans(w), input_precision=PREC) - qmax[:, None]
-        a = tl.exp(tl.minimum(z, 0.0)) * ratio + floor
+        z = tl.dot(xq, tl.trans(w), input_precision=PREC)
+        if RELU:
+            a = tl.maximum(z, 0.0) + feps
+        else:
+            a = tl.exp(tl.minimum(z - qmax[:, None], 0.0)) * ratio + floor
         a = tl.where(rvalid[:, None] & mvalid[None, :], a * tl.exp(tl.minimum(scale - c, 0.0))[:, None], 0.0)
         g = tl.load(G + b * L * E + rows[:, None] * E + ecols[None, :], mask=rvalid[:, None] & (ecols[None, :] < E), other=0.0)
         acc += tl.dot(tl.trans(a), g, input_precision=PREC)
@@ -214,8 +234,9 @@ def _rstates(
 def _backward(
     XQ, XK, VE, G, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, MLAST, s_lb, s_ln,
     ST, s_sb, s_sn, RT, s_rb, s_rn, EP, s_eb, s_en, FT, s_fb, s_fn,
-    DXQ, DXK, DVE, L, M, D, E, NC, ratio, floor,
+    DXQ, DXK, DVE, L, M, D, E, NC, ratio, floor, feps,
     CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -259,7 +280,7 @@ def _backward(
         mvalid = mo < M
         smask = mvalid[:, None] & (ecols[None, :] < E)
         w = tl.load(W + mo[:, None] * D + cols[None, :], mask=mvalid[:, None] & (cols[None, :] < D), other=0.0)
-        a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, PREC)
+        a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, PREC, RELU)
         st = tl.load(ST + b * s_sb + t * s_sn + mo[:, None] * E + ecols[None, :], mask=smask, other=0.0)
         rt = tl.load(RT + b * s_rb + t * s_rn + mo[:, None] * E + ecols[None, :], mask=smask, other=0.0)
         da = tl.dot(g, tl.trans(st), input_precision=PREC) * beta[:, None]
@@ -269,13 +290,18 @@ def _backward(
             db += tl.dot(tl.trans(hw), a, input_precision=PREC)
             qk += tl.dot(a, tl.trans(kf), input_precision=PREC)
             a_sum += tl.sum(a, axis=1)
-        dzq = tl.where(mvalid[None, :], da * (a - floor), 0.0)  # d a / d z = a - f
-        dzk = db * kf  # d b / d z = b (zero for invalid keys and columns)
+        if RELU:  # d a / d z = [z > 0] (a = relu(z) + eps; zero for invalid keys and columns)
+            dzq = tl.where(a > feps, da, 0.0)
+            dzk = tl.where(kf > feps, db, 0.0)
+        else:
+            dzq = tl.where(mvalid[None, :], da * (a - floor), 0.0)  # d a / d z = a - f
+            dzk = db * kf  # d b / d z = b (zero for invalid keys and columns)
         dxq += tl.dot(dzq, w, input_precision=PREC)
         dxk += tl.dot(dzk, w, input_precision=PREC)
         rowsum_k += tl.sum(dzk, axis=1)
         b_r += tl.dot(kf, rt, input_precision=PREC)
-    dxk -= xk * rowsum_k[:, None]  # z = w^T x - |x|^2 / 2
+    if not RELU:
+        dxk -= xk * rowsum_k[:, None]  # z = w^T x - |x|^2 / 2
     dve = b_r * gamma[:, None] + floor * f_t[None, :]
     if CAUSAL:
         scores = tl.where(tri, qk * scale + floor * a_sum[:, None], 0.0)
@@ -289,7 +315,7 @@ def _backward(
 class _Plan:
     """Sizes, block shapes and the per-row / per-chunk scales of one call."""
 
-    def __init__(self, xq, xk, v, w, pad, causal, eps, chunk):
+    def __init__(self, xq, xk, v, w, pad, kind, causal, eps, chunk):
         self.B, self.L, self.D = xq.shape
         self.M = w.shape[0]
         self.E = self.D + 1
@@ -298,14 +324,19 @@ class _Plan:
         self.CH = _pow2(chunk)
         self.n = triton.cdiv(self.L, self.CH)
         self.causal = causal
+        self.relu = kind == RELU
         self.ratio = self.M**-0.5
-        self.floor = self.ratio * eps
+        # softmax: floor f = r eps on every real key feature (and in the query features); relu: eps
+        # is inside both feature maps (feps), no stabilizer (all scales 0)
+        self.floor = 0.0 if self.relu else self.ratio * eps
+        self.feps = eps if self.relu else 0.0
         B, L = self.B, self.L
-        self.qmax = torch.empty(B, L, device=xq.device, dtype=torch.float32)
-        self.s = torch.empty_like(self.qmax)
-        _rowmax[(B, triton.cdiv(L, BLOCK_ROWS))](
-            xq, xk, w, self.qmax, self.s, L, self.M, self.D, BL=BLOCK_ROWS, BM=self.BM, BD=self.BD, PREC=DOT_PRECISION
-        )
+        self.qmax = torch.zeros(B, L, device=xq.device, dtype=torch.float32)
+        self.s = torch.zeros_like(self.qmax)
+        if not self.relu:
+            _rowmax[(B, triton.cdiv(L, BLOCK_ROWS))](
+                xq, xk, w, self.qmax, self.s, L, self.M, self.D, BL=BLOCK_ROWS, BM=self.BM, BD=self.BD, PREC=DOT_PRECISION
+            )
         s_real = self.s.masked_fill(pad.bool(), float("-inf"))
         if causal:
             c = torch.cummax(s_real, dim=1).values
@@ -330,8 +361,8 @@ class _Plan:
         u = torch.empty(B, parts, M, E, device=xk.device, dtype=torch.float32)
         scale = self.m_last if self.causal else self.scales.expand(B, parts).contiguous()
         _states[(B, parts, triton.cdiv(M, self.BM))](
-            xk, v_ext, w, pad, scale.contiguous(), u, L, M, self.D, E, rows, parts, self.ratio,
-            BL=min(BLOCK_ROWS, self.CH), BM=self.BM, BD=self.BD, BE=self.BE, PREC=DOT_PRECISION,
+            xk, v_ext, w, pad, scale.contiguous(), u, L, M, self.D, E, rows, parts, self.ratio, self.feps,
+            BL=min(BLOCK_ROWS, self.CH), BM=self.BM, BD=self.BD, BE=self.BE, PREC=DOT_PRECISION, RELU=self.relu,
         )
         if not self.causal:
             kv = u.sum(dim=1) + self.floor * v_ext.sum(dim=1)[:, None, :]
@@ -370,9 +401,9 @@ def _s(x: torch.Tensor) -> tuple[int, int]:
 
 class _FavorTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xq, xk, v, w, pad, causal, eps, chunk):
+    def forward(ctx, xq, xk, v, w, pad, kind, causal, eps, chunk):
         xq, xk, w = xq.contiguous(), xk.contiguous(), w.contiguous()
-        plan = _Plan(xq, xk, v, w, pad, causal, eps, chunk)
+        plan = _Plan(xq, xk, v, w, pad, kind, causal, eps, chunk)
         B, L, D, E = plan.B, plan.L, plan.D, plan.E
         v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).masked_fill_(pad.bool()[..., None], 0.0).contiguous()
         st, e_prev = plan.states(xk, v_ext, w, pad)
@@ -381,7 +412,8 @@ class _FavorTriton(torch.autograd.Function):
         _forward[(B, plan.n)](
             xq, xk, v_ext, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
             st, *_s(st), e_prev, *_s(e_prev), out, a_sum, L, plan.M, D, E, plan.n, plan.ratio, plan.floor,
-            CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION, num_warps=NUM_WARPS,
+            plan.feps, CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION, RELU=plan.relu,
+            num_warps=NUM_WARPS,
         )
         num, den = out[..., :D], out[..., D:]
         den_safe = torch.where(den == 0, torch.ones_like(den), den)
@@ -405,7 +437,8 @@ class _FavorTriton(torch.autograd.Function):
         scale = plan.m_prev if plan.causal else plan.scales.expand(B, parts)
         _rstates[(B, parts, triton.cdiv(M, plan.BM))](
             xq, g, w, plan.qmax, plan.c, *_s(plan.c), scale, *_s(scale), vr, L, M, D, E, rows, parts,
-            plan.ratio, plan.floor, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION,
+            plan.ratio, plan.floor, plan.feps, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM, BD=plan.BD, BE=plan.BE,
+            PREC=DOT_PRECISION, RELU=plan.relu,
         )
         ag = a_sum[..., None] * g  # A_i G_i: the floor's part of d[v 1]
         if plan.causal:
@@ -421,15 +454,16 @@ class _FavorTriton(torch.autograd.Function):
         _backward[(B, n)](
             xq, xk, v_ext, g, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
             plan.m_last, *_s(plan.m_last), st, *_s(st), rt, *_s(rt), e_prev, *_s(e_prev), f_t, *_s(f_t),
-            dxq, dxk, dve, L, M, D, E, n, plan.ratio, plan.floor,
-            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION,
+            dxq, dxk, dve, L, M, D, E, n, plan.ratio, plan.floor, plan.feps,
+            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION, RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
         dv = dve[..., :D].masked_fill(pad.bool()[..., None], 0.0)
-        return dxq, dxk, dv, None, None, None, None, None
+        return dxq, dxk, dv, None, None, None, None, None, None
 
 
-SUPPORTED_KINDS = ("softmax",)
+SOFTMAX, RELU = "softmax", "relu"
+SUPPORTED_KINDS = (SOFTMAX, RELU)
 
 
 def favor_triton(
@@ -443,8 +477,9 @@ def favor_triton(
     chunk: int = 64,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``scan.favor_scan`` in Triton kernels: xq = q d^-1/4, xk = k d^-1/4, v (b, h, l, d) float32,
-    w (m, d) float32 ([W, -W] for hyperbolic features), kind "softmax". Returns (b, h, l, d) float32.
+    """``scan.favor_scan`` in Triton kernels: xq = q d^-1/4, xk = k d^-1/4, v (b, h, l, d),
+    w (m, d) float32 ([W, -W] for hyperbolic features), kind "softmax" (positive features, floor r eps)
+    or "relu" (relu(w^T x) + eps). Returns (b, h, l, d) float32.
     ``chunk`` is rounded up to a power of two (>= 16)."""
     if kind not in SUPPORTED_KINDS:
         raise ValueError(f"the Triton path supports kind {SUPPORTED_KINDS}, got {kind!r}")
@@ -454,5 +489,7 @@ def favor_triton(
         pad = torch.zeros(b * h, length, dtype=torch.int8, device=xq.device)
     else:
         pad = key_padding_mask[:, None, :].expand(b, h, length).reshape(b * h, length).to(torch.int8)
-    out = _FavorTriton.apply(flat(xq), flat(xk), flat(v), w.detach().float(), pad.contiguous(), bool(causal), float(eps), int(chunk))
+    out = _FavorTriton.apply(
+        flat(xq), flat(xk), flat(v), w.detach().float(), pad.contiguous(), kind, bool(causal), float(eps), int(chunk)
+    )
     return out.reshape(b, h, length, d)

@@ -68,7 +68,7 @@ def test_holdout_removes_the_test_chain_and_near_copies():
 def test_tiny_end_to_end(shared_data, tmp_path):
     out = tmp_path / "fam"
     s = fc.run("PF00226", out, data=shared_data / "pfam40_domains.fasta.gz",
-               structures=shared_data / "structures" / "kortemme40", max_sequences=200, probe_every_s=1000,
+               structures=shared_data / "structures" / "kortemme40", max_sequences=200, probe_every_s=1000, homologs=3,
                overrides=["trainer.max_steps=6", "trainer.max_time=null", "model.depth=2", "model.dim=32",
                           "model.dim_head=8", "model.ff_dim=64", "model.nb_features=16", "data.batch_size=8",
                           "module.warmup_steps=0", "trainer.log_every_n_steps=1"])
@@ -79,6 +79,9 @@ def test_tiny_end_to_end(shared_data, tmp_path):
     assert sum(s["shards"].values()) == 200
     assert s["train"]["global_step"] == 6
     assert json.loads((out / "summary.json").read_text())["headline"] == s["headline"]
+    ha = s["homolog_averaged"]
+    assert ha["n_homologs"] == 3 and 0.0 <= ha["trained"]["long"]["P@L"] <= 1.0
+    assert ha["trained"]["long_density"] == s["headline"]["long_density"]
 
     # recompute the headline from the exported maps: mean over layers x heads of apc(A + A^T)
     chain = load_structures(s["structure"])[0][0]
@@ -145,3 +148,36 @@ def test_family_datamodule_span_collator():
 
     ref = Collator(objective="bid", max_length=64, mask_prob=0.3, seed=0)([item], [0])
     np.testing.assert_array_equal(plain([item], [0])["targets"], ref["targets"])
+
+
+def test_aligned_positions_skip_an_insertion():
+    target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+    seq = target[:10] + "WWW" + target[10:]  # 3 inserted residues
+    src, dst = fc.aligned_positions(seq, target)
+    np.testing.assert_array_equal(dst, np.arange(len(target)))
+    np.testing.assert_array_equal(src, np.r_[0:10, 13:len(seq)])
+
+
+def test_homolog_averaged_map_of_copies_is_the_chain_map():
+    import torch
+
+    from protein_performer.analysis.export import run_sequence
+    from protein_performer.analysis.maps_io import apc_maps
+    from protein_performer.data.tokenizer import Tokenizer
+    from protein_performer.model.performer import PerformerLM
+
+    torch.manual_seed(0)
+    model = PerformerLM(vocab_size=29, max_len=64, dim=16, depth=2, heads=2, dim_head=8, ff_dim=32, dropout=0.0,
+                        attention="exact").eval()
+    target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+    maps = []
+    run_sequence(model, Tokenizer().encode(target), on_layer=lambda i, m: maps.append(m.numpy()))
+    single = apc_maps(np.stack(maps)).astype(np.float64).mean((0, 1))
+    with torch.no_grad():
+        avg = fc.homolog_averaged_map(model, target, [target, target])
+    np.testing.assert_allclose(avg, single, rtol=1e-6, atol=1e-9)
+    # a homolog with an insertion only contributes on the target's positions: still defined everywhere
+    with torch.no_grad():
+        avg2 = fc.homolog_averaged_map(model, target, [target[:10] + "WWW" + target[10:]])
+    assert np.isfinite(avg2).all() and avg2.shape == single.shape
+    assert not np.allclose(avg2, single)

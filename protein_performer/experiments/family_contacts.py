@@ -286,6 +286,43 @@ def _span_classes():
 SpanCollator, FamilyDataModule = _span_classes()
 
 
+# ------------------------------------------------------------------------------ homolog-averaged map
+def aligned_positions(seq: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """Matched position pairs ``(i in seq, k in target)`` of a global BLOSUM62 alignment."""
+    from Bio.Align import PairwiseAligner, substitution_matrices
+
+    al = PairwiseAligner(mode="global", open_gap_score=-10.0, extend_gap_score=-0.5)
+    al.substitution_matrix = substitution_matrices.load("BLOSUM62")
+    aln = al.align(seq, target)[0]
+    src, dst = [], []
+    for (s1, e1), (s2, e2) in zip(*aln.aligned):
+        src.extend(range(s1, e1))
+        dst.extend(range(s2, e2))
+    return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+
+
+def homolog_averaged_map(model, target: str, homologs: Sequence[str]) -> np.ndarray:
+    """Unsupervised map of ``target`` from its family: the mean-of-heads APC map of ``target`` and
+    of every homolog, each carried onto ``target``'s positions through a pairwise alignment, then
+    averaged where defined (like an MSA's column pairs; no fitted weights). (L, L) float64."""
+    from protein_performer.analysis.export import run_sequence
+    from protein_performer.analysis.maps_io import apc_maps
+    from protein_performer.data.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    L = len(target)
+    total, count = np.zeros((L, L)), np.zeros((L, L))
+    model.eval()
+    for seq in [target, *homologs]:
+        maps: list[np.ndarray] = []
+        run_sequence(model, tok.encode(seq), on_layer=lambda i, m: maps.append(m.float().cpu().numpy()))
+        mean = apc_maps(np.stack(maps)).astype(np.float64).mean((0, 1))
+        src, dst = (np.arange(L), np.arange(L)) if seq == target else aligned_positions(seq, target)
+        total[np.ix_(dst, dst)] += mean[np.ix_(src, src)]
+        count[np.ix_(dst, dst)] += 1
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 # ------------------------------------------------------------------------------ training
 def compose(overrides: Sequence[str] = ()):
     """``train`` config with ``experiment=family_contacts`` and ``overrides``."""
@@ -379,7 +416,7 @@ except ImportError:  # pragma: no cover - lightning is a dependency
 # ------------------------------------------------------------------------------ pipeline
 def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data: str | Path = PFAM40,
         structures: str | Path = KORTEMME40, max_identity: float = 0.9, max_sequences: int | None = None,
-        stages: Sequence[str] = STAGES, probe_every_s: float | None = None) -> dict:
+        stages: Sequence[str] = STAGES, probe_every_s: float | None = None, homologs: int = 0) -> dict:
     """The whole recipe for one family; returns (and writes) ``<output_dir>/summary.json``."""
     from protein_performer.analysis.export import run_export
     from protein_performer.data.ingest import ingest
@@ -443,15 +480,44 @@ def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data
                       f"{family} ({structure.stem}): mean APC map\nlong P@L {t['long']['P@L']:.2f} "
                       f"(random init {r['long']['P@L']:.2f})")
         done()
+    if homologs and "score" in stages:
+        done = stage("homologs")
+        summary["homolog_averaged"] = score_homolog_averaged(ckpt, structure, fasta, homologs)
+        done()
     if (out / "probe.jsonl").exists():
         summary["probe"] = [json.loads(x) for x in (out / "probe.jsonl").read_text().splitlines() if x]
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
+def score_homolog_averaged(ckpt: str | Path, structure: str | Path, fasta: str | Path, n: int, seed: int = 0) -> dict:
+    """Scores of :func:`homolog_averaged_map` with ``n`` family members drawn (seeded) from
+    ``fasta``, for the checkpoint and its random-init twin."""
+    import torch
+
+    from protein_performer.analysis.export import load_model
+
+    records = read_family_fasta(fasta)
+    pick = np.random.default_rng(seed).choice(len(records), min(n, len(records)), replace=False)
+    homologs = [records[i] for i in sorted(pick)]
+    probe = _Probe(structure)
+    target, _ = chain_residues(structure)
+    out = {"n_homologs": len(homologs)}
+    with torch.no_grad():
+        for key, lm in (("trained", load_model(ckpt)), ("random_init", load_model("random", model_config=str(ckpt)))):
+            out[key] = score_map(homolog_averaged_map(lm.model, target, homologs), probe.true)
+    return out
+
+
+def read_family_fasta(fasta: str | Path) -> list[str]:
+    """Sequences of a FASTA written by :func:`extract_family` (one line each)."""
+    return [line.strip() for line in Path(fasta).read_text().splitlines() if line and not line.startswith(">")]
+
+
 def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     opts = {"family": None, "output_dir": None, "data": str(PFAM40), "structures": str(KORTEMME40),
-            "max_identity": "0.9", "max_sequences": "", "stages": ",".join(STAGES), "probe_every_s": ""}
+            "max_identity": "0.9", "max_sequences": "", "stages": ",".join(STAGES), "probe_every_s": "",
+            "homologs": "0"}
     overrides = []
     for arg in argv:
         key = arg.split("=", 1)[0]
@@ -477,12 +543,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"family_contacts: unknown stages {sorted(set(stages) - set(STAGES))}; choose from {STAGES}")
     s = run(opts["family"], opts["output_dir"], overrides, opts["data"], opts["structures"],
             float(opts["max_identity"]), int(opts["max_sequences"]) if opts["max_sequences"] else None, stages,
-            float(opts["probe_every_s"]) if opts["probe_every_s"] else None)
+            float(opts["probe_every_s"]) if opts["probe_every_s"] else None, int(opts["homologs"]))
     h = s.get("headline")
     if h:
         print(f"{s['family']}: mean-of-heads APC map, long-range P@L {h['long_P@L']:.3f} (P@L/5 "
               f"{h['long_P@L/5']:.3f}); random init {h['random_long_P@L']:.3f}; contact density "
               f"{h['long_density']:.3f}; valid acc {s.get('train', {}).get('valid/acc')}")
+    ha = s.get("homolog_averaged")
+    if ha:
+        print(f"homolog-averaged map ({ha['n_homologs']} family members aligned onto the chain): long-range P@L "
+              f"{ha['trained']['long']['P@L']:.3f}; random init {ha['random_init']['long']['P@L']:.3f}")
     print(f"summary: {Path(opts['output_dir']) / 'summary.json'}")
 
 

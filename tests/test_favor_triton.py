@@ -129,15 +129,19 @@ def test_triton_causal_later_keys_do_not_change_earlier_outputs():
     torch.testing.assert_close(full[:, :, :n], short, rtol=0, atol=TOL32 * short.abs().max().item())
 
 
-def test_favor_triton_direct_call_and_validation():
-    """The function itself (scan.favor_scan's signature) and its errors."""
-    q, k, v = (x.float() * 16**-0.25 for x in qkv(b=1, h=1, length=20, d=16))
+@pytest.mark.parametrize("causal", [True, False])
+def test_favor_triton_direct_call_and_validation(causal):
+    """The function itself (scan.favor_scan's signature), values of another width than q and k
+    (d_v = 5, d = 16), and its errors."""
+    q, k, v = (x.float() * 16**-0.25 for x in qkv(b=1, h=2, length=40, d=16))
+    v = v[..., :5]
     w = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
-    out = favor_triton(q, k, v, w, "softmax", True, 1e-6, 16)
+    got = run(lambda *x: favor_triton(*x[:3], w, "softmax", causal, 1e-6, 16), q, k, v)
     from protein_performer.model.favor.scan import favor_scan
 
-    ref = favor_scan(q.double(), k.double(), v.double(), w.double(), "softmax", True, 1e-6, 16)
-    assert (out.double() - ref).abs().max() <= TOL32 * ref.abs().max()
+    ref = run(lambda *x: favor_scan(*x[:3], w.double(), "softmax", causal, 1e-6, 16), q, k, v, dtype=torch.float64)
+    assert got[0].shape == (1, 2, 40, 5)
+    assert_within(got, ref, TOL32, "direct call")
     with pytest.raises(ValueError, match="supports kind"):
         favor_triton(q, k, v, w, "trig", True, 1e-3, 16)
 

@@ -80,17 +80,21 @@ def _rowmax(XQ, XK, W, QMAX, S, L, M, D, BL: tl.constexpr, BM: tl.constexpr, BD:
 @triton.jit
 def _states(
     XK, VE, W, PAD, SCALE, U, L, M, D, E, ROWS, NP, ratio, feps,
-    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
+    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
 ):
-    """U[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of b_j exp(s_j - SCALE[b, p]) [v_j 1]^T."""
+    """U[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of b_j exp(s_j - SCALE[b, p]) [v_j 1]^T
+    (columns :E-1 from a (BM, BV) dot, the last one, the key feature sums, as a vector)."""
     b = tl.program_id(0)
     p = tl.program_id(1)
     mo = tl.program_id(2) * BM + tl.arange(0, BM)
+    mvalid = mo < M
     cols = tl.arange(0, BD)
-    ecols = tl.arange(0, BE)
-    w = tl.load(W + mo[:, None] * D + cols[None, :], mask=(mo[:, None] < M) & (cols[None, :] < D), other=0.0)
+    vcols = tl.arange(0, BV)
+    DV = E - 1
+    w = tl.load(W + mo[:, None] * D + cols[None, :], mask=mvalid[:, None] & (cols[None, :] < D), other=0.0)
     scale = tl.load(SCALE + b * NP + p)
-    acc = tl.zeros((BM, BE), tl.float32)
+    acc = tl.zeros((BM, BV), tl.float32)
+    acc_z = tl.zeros((BM,), tl.float32)
     start = p * ROWS
     stop = tl.minimum(start + ROWS, L)
     for r0 in range(start, stop, BL):
@@ -99,17 +103,18 @@ def _states(
         xk = tl.load(XK + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0)
         pad = tl.load(PAD + b * L + rows, mask=rvalid, other=1)
         z = tl.dot(xk, tl.trans(w), input_precision=PREC)
-        keep = (rvalid & (pad == 0))[:, None] & (mo < M)[None, :]
+        keep = (rvalid & (pad == 0))[:, None] & mvalid[None, :]
         if RELU:
             kf = tl.where(keep, tl.maximum(z, 0.0) + feps, 0.0)
         else:
             z = z - 0.5 * tl.sum(xk * xk, axis=1)[:, None] - scale
             kf = tl.where(keep, tl.exp(tl.minimum(z, 0.0)) * ratio, 0.0)
-        ve = tl.load(VE + b * L * E + rows[:, None] * E + ecols[None, :], mask=rvalid[:, None] & (ecols[None, :] < E), other=0.0)
+        ve = tl.load(VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0)
         acc += tl.dot(tl.trans(kf), ve, input_precision=PREC)
-    tl.store(
-        U + ((b * NP + p) * M + mo[:, None]) * E + ecols[None, :], acc, mask=(mo[:, None] < M) & (ecols[None, :] < E)
-    )
+        acc_z += tl.sum(kf, axis=0)  # the ones column: kf is zero for padded keys
+    base = U + (b * NP + p) * M * E + mo * E
+    tl.store(base[:, None] + vcols[None, :], acc, mask=mvalid[:, None] & (vcols[None, :] < DV))
+    tl.store(base + DV, acc_z, mask=mvalid)
 
 
 @triton.jit
@@ -151,15 +156,18 @@ def _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, P
 def _forward(
     XQ, XK, VE, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, ST, s_sb, s_sn, EP, s_eb, s_en,
     OUT, ASUM, L, M, D, E, NC, ratio, floor, feps,
-    CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     RELU: tl.constexpr,
 ):
+    """out[:, :E-1] = numerators, out[:, E-1] = denominators of one chunk of rows (the denominator
+    column of [v 1], of the states and of E_t is handled as a vector, never padded into a tile)."""
     b = tl.program_id(0)
     t = tl.program_id(1)
     rows = t * CH + tl.arange(0, CH)
     rvalid = rows < L
     cols = tl.arange(0, BD)
-    ecols = tl.arange(0, BE)
+    vcols = tl.arange(0, BV)
+    DV = E - 1
     xmask = rvalid[:, None] & (cols[None, :] < D)
     xq = tl.load(XQ + b * L * D + rows[:, None] * D + cols[None, :], mask=xmask, other=0.0)
     xk = tl.load(XK + b * L * D + rows[:, None] * D + cols[None, :], mask=xmask, other=0.0)
@@ -170,7 +178,8 @@ def _forward(
     pad = tl.load(PAD + b * L + rows, mask=rvalid, other=1)
     kvalid = rvalid & (pad == 0)
     m_prev = tl.load(MPREV + b * s_mb + t * s_mn)
-    acc = tl.zeros((CH, BE), tl.float32)
+    acc = tl.zeros((CH, BV), tl.float32)
+    acc_z = tl.zeros((CH,), tl.float32)
     qk = tl.zeros((CH, CH), tl.float32)
     a_sum = tl.zeros((CH,), tl.float32)
     for m0 in range(0, M, BM):
@@ -179,27 +188,37 @@ def _forward(
         w = tl.load(W + mo[:, None] * D + cols[None, :], mask=mvalid[:, None] & (cols[None, :] < D), other=0.0)
         a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, PREC, RELU)
         a_sum += tl.sum(a, axis=1)
-        st = tl.load(ST + b * s_sb + t * s_sn + mo[:, None] * E + ecols[None, :], mask=mvalid[:, None] & (ecols[None, :] < E), other=0.0)
+        sbase = ST + b * s_sb + t * s_sn + mo * E
+        st = tl.load(sbase[:, None] + vcols[None, :], mask=mvalid[:, None] & (vcols[None, :] < DV), other=0.0)
+        st_z = tl.load(sbase + DV, mask=mvalid, other=0.0)
         acc += tl.dot(a, st, input_precision=PREC)
+        acc_z += tl.sum(a * st_z[None, :], axis=1)
         if CAUSAL:
             qk += tl.dot(a, tl.trans(kf), input_precision=PREC)
-    out = acc * tl.exp(tl.minimum(m_prev - c, 0.0))[:, None]  # beta_i
+    beta = tl.exp(tl.minimum(m_prev - c, 0.0))
+    out = acc * beta[:, None]
+    out_z = acc_z * beta
     if CAUSAL:
         tri = rows[:, None] >= rows[None, :]
         scale = tl.exp(tl.minimum(s[None, :] - c[:, None], 0.0))  # W_ij = exp(s_j - c_i)
         scores = tl.where(tri, qk * scale + floor * a_sum[:, None], 0.0)
-        ve = tl.load(VE + b * L * E + rows[:, None] * E + ecols[None, :], mask=rvalid[:, None] & (ecols[None, :] < E), other=0.0)
+        ve = tl.load(VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0)
         out += tl.dot(scores, ve, input_precision=PREC)
-        e_prev = tl.load(EP + b * s_eb + t * s_en + ecols, mask=ecols < E, other=0.0)
+        out_z += tl.sum(tl.where(kvalid[None, :], scores, 0.0), axis=1)  # the ones column of [v 1]
+        e_prev = tl.load(EP + b * s_eb + t * s_en + vcols, mask=vcols < DV, other=0.0)
+        e_prev_z = tl.load(EP + b * s_eb + t * s_en + DV)
         out += floor * a_sum[:, None] * e_prev[None, :]
-    tl.store(OUT + b * L * E + rows[:, None] * E + ecols[None, :], out, mask=rvalid[:, None] & (ecols[None, :] < E))
+        out_z += floor * a_sum * e_prev_z
+    obase = OUT + b * L * E + rows * E
+    tl.store(obase[:, None] + vcols[None, :], out, mask=rvalid[:, None] & (vcols[None, :] < DV))
+    tl.store(obase + DV, out_z, mask=rvalid)
     tl.store(ASUM + b * L + rows, a_sum, mask=rvalid)
 
 
 @triton.jit
 def _rstates(
     XQ, G, W, QMAX, C, s_cb, s_cl, SCALE, s_pb, s_pn, V, L, M, D, E, ROWS, NP, ratio, floor, feps,
-    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
+    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
 ):
     """V[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of a_i exp(SCALE[b, p] - c_i) G_i^T."""
     b = tl.program_id(0)
@@ -207,10 +226,12 @@ def _rstates(
     mo = tl.program_id(2) * BM + tl.arange(0, BM)
     mvalid = mo < M
     cols = tl.arange(0, BD)
-    ecols = tl.arange(0, BE)
+    vcols = tl.arange(0, BV)
+    DV = E - 1
     w = tl.load(W + mo[:, None] * D + cols[None, :], mask=mvalid[:, None] & (cols[None, :] < D), other=0.0)
     scale = tl.load(SCALE + b * s_pb + p * s_pn)
-    acc = tl.zeros((BM, BE), tl.float32)
+    acc = tl.zeros((BM, BV), tl.float32)
+    acc_z = tl.zeros((BM,), tl.float32)
     start = p * ROWS
     stop = tl.minimum(start + ROWS, L)
     for r0 in range(start, stop, BL):
@@ -225,66 +246,82 @@ def _rstates(
         else:
             a = tl.exp(tl.minimum(z - qmax[:, None], 0.0)) * ratio + floor
         a = tl.where(rvalid[:, None] & mvalid[None, :], a * tl.exp(tl.minimum(scale - c, 0.0))[:, None], 0.0)
-        g = tl.load(G + b * L * E + rows[:, None] * E + ecols[None, :], mask=rvalid[:, None] & (ecols[None, :] < E), other=0.0)
+        g = tl.load(G + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0)
+        g_z = tl.load(G + b * L * E + rows * E + DV, mask=rvalid, other=0.0)
         acc += tl.dot(tl.trans(a), g, input_precision=PREC)
-    tl.store(V + ((b * NP + p) * M + mo[:, None]) * E + ecols[None, :], acc, mask=mvalid[:, None] & (ecols[None, :] < E))
+        acc_z += tl.sum(a * g_z[:, None], axis=0)
+    base = V + (b * NP + p) * M * E + mo * E
+    tl.store(base[:, None] + vcols[None, :], acc, mask=mvalid[:, None] & (vcols[None, :] < DV))
+    tl.store(base + DV, acc_z, mask=mvalid)
 
 
 @triton.jit
 def _backward(
     XQ, XK, VE, G, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, MLAST, s_lb, s_ln,
     ST, s_sb, s_sn, RT, s_rb, s_rn, EP, s_eb, s_en, FT, s_fb, s_fn,
-    DXQ, DXK, DVE, L, M, D, E, NC, ratio, floor, feps,
-    CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+    DXQ, DXK, DV_, L, M, D, E, NC, ratio, floor, feps,
+    CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     RELU: tl.constexpr,
 ):
+    """d xq, d xk (through the feature maps) and d v (zero for padded keys; the gradient of the ones
+    column is never needed) of one chunk of rows. G = dL/d[num | den]: its last column and that of
+    [v 1], S_t and R_t are handled as vectors."""
     b = tl.program_id(0)
     t = tl.program_id(1)
     rows = t * CH + tl.arange(0, CH)
     rvalid = rows < L
     cols = tl.arange(0, BD)
-    ecols = tl.arange(0, BE)
+    vcols = tl.arange(0, BV)
+    DV = E - 1
     xmask = rvalid[:, None] & (cols[None, :] < D)
-    emask = rvalid[:, None] & (ecols[None, :] < E)
+    vmask = rvalid[:, None] & (vcols[None, :] < DV)
     xq = tl.load(XQ + b * L * D + rows[:, None] * D + cols[None, :], mask=xmask, other=0.0)
     xk = tl.load(XK + b * L * D + rows[:, None] * D + cols[None, :], mask=xmask, other=0.0)
-    ve = tl.load(VE + b * L * E + rows[:, None] * E + ecols[None, :], mask=emask, other=0.0)
-    g = tl.load(G + b * L * E + rows[:, None] * E + ecols[None, :], mask=emask, other=0.0)
+    ve = tl.load(VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=vmask, other=0.0)
+    g = tl.load(G + b * L * E + rows[:, None] * E + vcols[None, :], mask=vmask, other=0.0)
+    g_z = tl.load(G + b * L * E + rows * E + DV, mask=rvalid, other=0.0)
     half_sq = 0.5 * tl.sum(xk * xk, axis=1)
     qmax = tl.load(QMAX + b * L + rows, mask=rvalid, other=0.0)
     s = tl.load(S + b * L + rows, mask=rvalid, other=0.0)
     c = tl.load(C + b * s_cb + rows * s_cl, mask=rvalid, other=0.0)
     pad = tl.load(PAD + b * L + rows, mask=rvalid, other=1)
     kvalid = rvalid & (pad == 0)
+    ones = tl.where(kvalid, 1.0, 0.0)  # the last column of [v 1]
     beta = tl.exp(tl.minimum(tl.load(MPREV + b * s_mb + t * s_mn) - c, 0.0))
     gamma = tl.exp(tl.minimum(s - tl.load(MLAST + b * s_lb + t * s_ln), 0.0))
-    f_t = tl.load(FT + b * s_fb + t * s_fn + ecols, mask=ecols < E, other=0.0)
+    f_t = tl.load(FT + b * s_fb + t * s_fn + vcols, mask=vcols < DV, other=0.0)
     tri = rows[:, None] >= rows[None, :]
     hw = tl.zeros((CH, CH), tl.float32)
     da_floor = tl.zeros((CH,), tl.float32)
     scale = tl.zeros((CH, CH), tl.float32)
     if CAUSAL:
-        h = tl.where(tri, tl.dot(g, tl.trans(ve), input_precision=PREC), 0.0)  # H = tril(G [V 1]^T)
-        e_prev = tl.load(EP + b * s_eb + t * s_en + ecols, mask=ecols < E, other=0.0)
-        da_floor = floor * (tl.sum(h, axis=1) + tl.sum(g * e_prev[None, :], axis=1))
+        h = tl.dot(g, tl.trans(ve), input_precision=PREC) + g_z[:, None] * ones[None, :]
+        h = tl.where(tri, h, 0.0)  # H = tril(G [V 1]^T)
+        e_prev = tl.load(EP + b * s_eb + t * s_en + vcols, mask=vcols < DV, other=0.0)
+        e_prev_z = tl.load(EP + b * s_eb + t * s_en + DV)
+        da_floor = floor * (tl.sum(h, axis=1) + tl.sum(g * e_prev[None, :], axis=1) + g_z * e_prev_z)
         scale = tl.exp(tl.minimum(s[None, :] - c[:, None], 0.0))
         hw = h * scale
     dxq = tl.zeros((CH, BD), tl.float32)
     dxk = tl.zeros((CH, BD), tl.float32)
     rowsum_k = tl.zeros((CH,), tl.float32)
-    b_r = tl.zeros((CH, BE), tl.float32)
+    b_r = tl.zeros((CH, BV), tl.float32)
     qk = tl.zeros((CH, CH), tl.float32)
     a_sum = tl.zeros((CH,), tl.float32)
     for m0 in range(0, M, BM):
         mo = m0 + tl.arange(0, BM)
         mvalid = mo < M
-        smask = mvalid[:, None] & (ecols[None, :] < E)
+        smask = mvalid[:, None] & (vcols[None, :] < DV)
         w = tl.load(W + mo[:, None] * D + cols[None, :], mask=mvalid[:, None] & (cols[None, :] < D), other=0.0)
         a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, PREC, RELU)
-        st = tl.load(ST + b * s_sb + t * s_sn + mo[:, None] * E + ecols[None, :], mask=smask, other=0.0)
-        rt = tl.load(RT + b * s_rb + t * s_rn + mo[:, None] * E + ecols[None, :], mask=smask, other=0.0)
-        da = tl.dot(g, tl.trans(st), input_precision=PREC) * beta[:, None]
-        db = tl.dot(ve, tl.trans(rt), input_precision=PREC) * gamma[:, None]
+        sbase = ST + b * s_sb + t * s_sn + mo * E
+        rbase = RT + b * s_rb + t * s_rn + mo * E
+        st = tl.load(sbase[:, None] + vcols[None, :], mask=smask, other=0.0)
+        st_z = tl.load(sbase + DV, mask=mvalid, other=0.0)
+        rt = tl.load(rbase[:, None] + vcols[None, :], mask=smask, other=0.0)
+        rt_z = tl.load(rbase + DV, mask=mvalid, other=0.0)
+        da = (tl.dot(g, tl.trans(st), input_precision=PREC) + g_z[:, None] * st_z[None, :]) * beta[:, None]
+        db = (tl.dot(ve, tl.trans(rt), input_precision=PREC) + ones[:, None] * rt_z[None, :]) * gamma[:, None]
         if CAUSAL:
             da += tl.dot(hw, kf, input_precision=PREC) + da_floor[:, None]
             db += tl.dot(tl.trans(hw), a, input_precision=PREC)
@@ -302,13 +339,14 @@ def _backward(
         b_r += tl.dot(kf, rt, input_precision=PREC)
     if not RELU:
         dxk -= xk * rowsum_k[:, None]  # z = w^T x - |x|^2 / 2
-    dve = b_r * gamma[:, None] + floor * f_t[None, :]
+    dv = b_r * gamma[:, None] + floor * f_t[None, :]
     if CAUSAL:
         scores = tl.where(tri, qk * scale + floor * a_sum[:, None], 0.0)
-        dve += tl.dot(tl.trans(scores), g, input_precision=PREC)
+        dv += tl.dot(tl.trans(scores), g, input_precision=PREC)
+    dv = tl.where(kvalid[:, None], dv, 0.0)  # padded keys: no value gradient
     tl.store(DXQ + b * L * D + rows[:, None] * D + cols[None, :], dxq, mask=xmask)
     tl.store(DXK + b * L * D + rows[:, None] * D + cols[None, :], dxk, mask=xmask)
-    tl.store(DVE + b * L * E + rows[:, None] * E + ecols[None, :], dve, mask=emask)
+    tl.store(DV_ + b * L * DV + rows[:, None] * DV + vcols[None, :], dv, mask=vmask)
 
 
 # ------------------------------------------------------------------------------ host side
@@ -318,8 +356,9 @@ class _Plan:
     def __init__(self, xq, xk, v, w, pad, kind, causal, eps, chunk):
         self.B, self.L, self.D = xq.shape
         self.M = w.shape[0]
-        self.E = self.D + 1
-        self.BD, self.BE = _pow2(self.D), _pow2(self.E)
+        self.DV = v.shape[-1]
+        self.E = self.DV + 1  # [v 1]
+        self.BD, self.BV = _pow2(self.D), _pow2(self.DV)
         self.BM = min(BLOCK_M, _pow2(self.M))
         self.CH = _pow2(chunk)
         self.n = triton.cdiv(self.L, self.CH)
@@ -362,7 +401,7 @@ class _Plan:
         scale = self.m_last if self.causal else self.scales.expand(B, parts).contiguous()
         _states[(B, parts, triton.cdiv(M, self.BM))](
             xk, v_ext, w, pad, scale.contiguous(), u, L, M, self.D, E, rows, parts, self.ratio, self.feps,
-            BL=min(BLOCK_ROWS, self.CH), BM=self.BM, BD=self.BD, BE=self.BE, PREC=DOT_PRECISION, RELU=self.relu,
+            BL=min(BLOCK_ROWS, self.CH), BM=self.BM, BD=self.BD, BV=self.BV, PREC=DOT_PRECISION, RELU=self.relu,
         )
         if not self.causal:
             kv = u.sum(dim=1) + self.floor * v_ext.sum(dim=1)[:, None, :]
@@ -404,18 +443,18 @@ class _FavorTriton(torch.autograd.Function):
     def forward(ctx, xq, xk, v, w, pad, kind, causal, eps, chunk):
         xq, xk, w = xq.contiguous(), xk.contiguous(), w.contiguous()
         plan = _Plan(xq, xk, v, w, pad, kind, causal, eps, chunk)
-        B, L, D, E = plan.B, plan.L, plan.D, plan.E
+        B, L, DV, E = plan.B, plan.L, plan.DV, plan.E
         v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).masked_fill_(pad.bool()[..., None], 0.0).contiguous()
         st, e_prev = plan.states(xk, v_ext, w, pad)
         out = torch.empty(B, L, E, device=xq.device, dtype=torch.float32)
         a_sum = torch.empty(B, L, device=xq.device, dtype=torch.float32)
         _forward[(B, plan.n)](
             xq, xk, v_ext, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
-            st, *_s(st), e_prev, *_s(e_prev), out, a_sum, L, plan.M, D, E, plan.n, plan.ratio, plan.floor,
-            plan.feps, CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION, RELU=plan.relu,
+            st, *_s(st), e_prev, *_s(e_prev), out, a_sum, L, plan.M, plan.D, E, plan.n, plan.ratio, plan.floor,
+            plan.feps, CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
-        num, den = out[..., :D], out[..., D:]
+        num, den = out[..., :DV], out[..., DV:]
         den_safe = torch.where(den == 0, torch.ones_like(den), den)
         result = num / den_safe
         ctx.save_for_backward(xq, xk, v_ext, w, pad, result, den, a_sum)
@@ -437,7 +476,7 @@ class _FavorTriton(torch.autograd.Function):
         scale = plan.m_prev if plan.causal else plan.scales.expand(B, parts)
         _rstates[(B, parts, triton.cdiv(M, plan.BM))](
             xq, g, w, plan.qmax, plan.c, *_s(plan.c), scale, *_s(scale), vr, L, M, D, E, rows, parts,
-            plan.ratio, plan.floor, plan.feps, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM, BD=plan.BD, BE=plan.BE,
+            plan.ratio, plan.floor, plan.feps, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM, BD=plan.BD, BV=plan.BV,
             PREC=DOT_PRECISION, RELU=plan.relu,
         )
         ag = a_sum[..., None] * g  # A_i G_i: the floor's part of d[v 1]
@@ -450,15 +489,14 @@ class _FavorTriton(torch.autograd.Function):
             rt = vr.sum(dim=1)[:, None].expand(B, n, M, E)
             f_t = ag.sum(dim=1)[:, None].expand(B, n, E)
         dxq, dxk = torch.empty_like(xq), torch.empty_like(xk)
-        dve = torch.empty_like(v_ext)
+        dv = torch.empty(B, L, plan.DV, device=xq.device, dtype=torch.float32)
         _backward[(B, n)](
             xq, xk, v_ext, g, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
             plan.m_last, *_s(plan.m_last), st, *_s(st), rt, *_s(rt), e_prev, *_s(e_prev), f_t, *_s(f_t),
-            dxq, dxk, dve, L, M, D, E, n, plan.ratio, plan.floor, plan.feps,
-            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BE=plan.BE, PREC=DOT_PRECISION, RELU=plan.relu,
+            dxq, dxk, dv, L, M, D, E, n, plan.ratio, plan.floor, plan.feps,
+            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
-        dv = dve[..., :D].masked_fill(pad.bool()[..., None], 0.0)
         return dxq, dxk, dv, None, None, None, None, None, None
 
 
@@ -492,4 +530,4 @@ def favor_triton(
     out = _FavorTriton.apply(
         flat(xq), flat(xk), flat(v), w.detach().float(), pad.contiguous(), kind, bool(causal), float(eps), int(chunk)
     )
-    return out.reshape(b, h, length, d)
+    return out.reshape(b, h, length, v.shape[-1])

@@ -175,3 +175,70 @@ def test_impl_dispatch():
     assert FavorAttention(8, 16, kernel="relu", impl="triton").resolve_impl(x) == "triton"
     with pytest.raises(ValueError, match="supports the kernels"):
         FavorAttention(8, 16, kernel="softmax_trig", impl="triton")
+
+
+COMPILE = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from protein_performer.model.favor import triton_kernels as tk
+
+arch, kernels = int(sys.argv[1]), sys.argv[2].split(",")
+ints = {"L", "M", "D", "E", "ROWS", "NP", "N", "X", "NC"}
+
+
+def signature(fn, consts):
+    def kind(name):
+        if name in consts:
+            return "constexpr"
+        if name in ints or name.startswith("s_"):
+            return "i32"
+        if name in ("ratio", "floor", "feps"):
+            return "fp32"
+        return "*i8" if name == "PAD" else "*fp32"
+    return {name: kind(name) for name in fn.arg_names}
+
+
+d = dv = 64  # the paper's head size, m = 256 features, chunk 64: the block shapes the launches use
+common = dict(BD=64, BV=64, PREC=tk.DOT_PRECISION, RELU=False)
+configs = {
+    "_forward": (dict(common, BM=tk.BLOCK_M, CH=64, CAUSAL=True), tk.NUM_WARPS),
+    "_backward": (dict(common, BM=tk.BLOCK_M_BWD, CH=64, CAUSAL=True), tk.NUM_WARPS),
+}
+shared = {}
+for name in kernels:
+    consts, warps = configs[name]
+    fn = getattr(tk, name)
+    compiled = triton.compile(ASTSource(fn, signature(fn, consts), consts), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps})
+    shared[name] = compiled.metadata.shared
+print(json.dumps(shared))
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpus_within_shared_memory():
+    """Compiled (not interpreted) for an H100/H200 (sm_90) with the launch's block shapes at
+    d = 64, m = 256, C = 64, without a GPU (triton ships ptxas): the largest kernels compile and
+    need at most an A100's 163 KiB of shared memory per block (166912 bytes; sm_90 allows 227 KiB).
+    A fresh process: this module's kernels are interpreted."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not list(Path(triton.__file__).parent.glob("backends/nvidia/bin/ptxas*")):
+        pytest.skip("this triton build has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE, "90", "_forward,_backward"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"_forward", "_backward"}
+    for name, size in shared.items():
+        assert 0 < size <= 166912, f"{name} needs {size} bytes of shared memory"

@@ -43,6 +43,7 @@ import triton.language as tl
 
 DOT_PRECISION = "ieee"
 BLOCK_M = 64  # feature columns per inner step
+BLOCK_M_BWD = 32  # in _backward: its shared memory is 152 KiB at C = 64, d = 64 (224 KiB with 64: over an A100's 163)
 BLOCK_ROWS = 64  # rows per step of the row-max and state kernels
 PARTS = 64  # bidirectional K'^T [V 1]: partial sums over at most this many row ranges (parallelism)
 NUM_WARPS = 8  # of the per-chunk kernels (many (C, C) and (C, E) tiles live at once)
@@ -494,7 +495,7 @@ class _FavorTriton(torch.autograd.Function):
             xq, xk, v_ext, g, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
             plan.m_last, *_s(plan.m_last), st, *_s(st), rt, *_s(rt), e_prev, *_s(e_prev), f_t, *_s(f_t),
             dxq, dxk, dv, L, M, D, E, n, plan.ratio, plan.floor, plan.feps,
-            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
+            CAUSAL=plan.causal, CH=plan.CH, BM=min(BLOCK_M_BWD, plan.BM), BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
         return dxq, dxk, dv, None, None, None, None, None, None

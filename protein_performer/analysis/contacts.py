@@ -451,7 +451,7 @@ def fit_contact_head(proteins: Sequence[Protein], maps: str | Path, C: float = 0
     model = fit_logistic(train, "trained", C, solver, seed, standardize)
     with MapsFile(maps) as mf:
         sha = mf.attrs["checkpoint_sha256"]
-        checkpoint = mf.attrs.get("export", {}).get("checkpoint", "")
+        checkpoint = mf.export_info.get("checkpoint", "")
     n_layers, n_heads = proteins[0].n_heads["trained"]
     return head_from_estimator(model, n_layers, n_heads, min_sep=MIN_SEP, checkpoint=str(checkpoint),
                                checkpoint_sha256=sha, training_proteins=[p.name for p in train],

@@ -472,8 +472,8 @@ class MapsFile:
             "model_config": json.loads(_str(attrs.get("model_config", "{}")) or "{}"),
             "checkpoint_sha256": _str(attrs.get("checkpoint_sha256", "")),
             "causal": bool(attrs.get("causal", False)),
-            "export": _json_or_empty(attrs.get("export")),
         }
+        self.export_info: dict = _json_or_empty(attrs.get("export"))  # what export_attention recorded (checkpoint, ...)
 
     @property
     def ids(self) -> list[str]:

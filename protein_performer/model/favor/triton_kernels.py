@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 DOT_PRECISION = "ieee"
 BLOCK_M = 64  # feature columns per inner step
@@ -56,7 +57,7 @@ def _pow2(x: int, low: int = 16) -> int:
 # ------------------------------------------------------------------------------ kernels
 @triton.jit
 def _rowmax(XQ, XK, W, QMAX, S, L, M, D, BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
     cols = tl.arange(0, BD)
     rvalid = rows < L
@@ -85,7 +86,7 @@ def _states(
 ):
     """U[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of b_j exp(s_j - SCALE[b, p]) [v_j 1]^T
     (columns :E-1 from a (BM, BV) dot, the last one, the key feature sums, as a vector)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
     p = tl.program_id(1)
     mo = tl.program_id(2) * BM + tl.arange(0, BM)
     mvalid = mo < M
@@ -123,7 +124,7 @@ def _scan(U, P, OUT, N, X, REVERSE: tl.constexpr, BX: tl.constexpr):
     """OUT[t] = the state before chunk t: forward S_{t+1} = S_t exp(P_t - P_{t+1}) + U_t (S_0 = 0);
     reverse R_{t-1} = R_t exp(P_t - P_{t+1}) + U_t (R_{N-1} = 0). U, OUT: (B, N, X); P: (B, N + 1).
     OUT may be U (in place)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
     xo = tl.program_id(1) * BX + tl.arange(0, BX)
     xvalid = xo < X
     state = tl.zeros((BX,), tl.float32)
@@ -162,7 +163,7 @@ def _forward(
 ):
     """out[:, :E-1] = numerators, out[:, E-1] = denominators of one chunk of rows (the denominator
     column of [v 1], of the states and of E_t is handled as a vector, never padded into a tile)."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
     t = tl.program_id(1)
     rows = t * CH + tl.arange(0, CH)
     rvalid = rows < L
@@ -222,7 +223,7 @@ def _rstates(
     BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
 ):
     """V[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of a_i exp(SCALE[b, p] - c_i) G_i^T."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
     p = tl.program_id(1)
     mo = tl.program_id(2) * BM + tl.arange(0, BM)
     mvalid = mo < M
@@ -267,7 +268,7 @@ def _backward(
     """d xq, d xk (through the feature maps) and d v (zero for padded keys; the gradient of the ones
     column is never needed) of one chunk of rows. G = dL/d[num | den]: its last column and that of
     [v 1], S_t and R_t are handled as vectors."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
     t = tl.program_id(1)
     rows = t * CH + tl.arange(0, CH)
     rvalid = rows < L
@@ -463,6 +464,7 @@ class _FavorTriton(torch.autograd.Function):
         return result
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         xq, xk, v_ext, w, pad, out, den, a_sum = ctx.saved_tensors
         plan = ctx.plan

@@ -12,7 +12,8 @@ float32 buffer of chunk states in forward, two in backward (L m (d + 1) / C numb
 C = 64, d = 64 about one L x m float32 map), and for bidirectional attention up to PARTS partial
 m x (d + 1) sums.
 
-Kernels (B = batch x heads, n = ceil(L / C) chunks of C rows, E = d + 1, tiles padded to powers of 2):
+Kernels (B = batch x heads, n = ceil(L / C) chunks of C rows, E = d_v + 1; the last column of [v 1],
+of the states and of dL/d[num | den] is handled as a vector, so tiles are d_v wide (powers of 2)):
     _rowmax     q_max_i = max_m w_m^T xq_i, s_j = max_m (w_m^T xk_j - |xk_j|^2 / 2)     grid (B, L / BL)
     _states     U_p = sum_{j in rows p} r exp(w^T xk_j - |xk_j|^2/2 - M_p) [v_j 1]^T   grid (B, P, m / BM)
     _scan       exclusive prefix (or suffix) of U over chunks with the rescaling
@@ -20,7 +21,7 @@ Kernels (B = batch x heads, n = ceil(L / C) chunks of C rows, E = d + 1, tiles p
     _forward    per chunk: a = r exp(w^T xq - q_max) + f; intra tril((a b^T) * W + f A) [v 1]
                 plus beta a S_t + f A E_t                                              grid (B, n)
     _rstates    V_p = sum_{i in rows p} a_i beta_i G_i^T                              grid (B, P, m / BM)
-    _backward   per chunk: d xq, d xk, d[v 1] through the feature maps                  grid (B, n)
+    _backward   per chunk: d xq, d xk through the feature maps, d v                     grid (B, n)
 with the causal notation of ``causal._CausalProduct`` and ``scan.py``: key j seen by query i as
 b_j exp(s_j - c_i) + f, b_j = r exp(w^T x_j - |x_j|^2/2 - s_j), c_i = max_{j' <= i, real} s_j',
 f = r eps, r = m^-1/2; M_t = c at the end of chunk t, beta_i = exp(M_{t-1} - c_i),
@@ -29,10 +30,10 @@ Bidirectional attention is the same kernels with one scale c = max_j s_j for all
 state K'^T [V 1] (+ the floor) shared by every chunk (stride 0) and no intra-chunk block. ReLU
 features: all scales 0 (every factor 1), f = 0, eps inside both feature maps.
 
-Not tuned (no GPU here): the [v 1] trick pads the (m, E) tiles to 128 columns for d = 64 (a
-separate denominator would halve the state matmuls); block sizes and warps are fixed guesses;
-dots run in IEEE float32 (``DOT_PRECISION``; "tf32" trades ~1e-3 relative error in the logits for
-tensor-core speed). Tested on the CPU under ``TRITON_INTERPRET=1`` (tests/test_favor_triton.py).
+Not tuned (written without a GPU): block sizes and warps are fixed guesses, checked only to
+compile for sm_90 within an A100's shared memory (tests/test_favor_triton.py compiles them with
+triton's ptxas); dots run in IEEE float32 (``DOT_PRECISION``; "tf32x3" or "tf32" trade accuracy
+of the logits for tensor-core speed). Numbers tested on the CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations

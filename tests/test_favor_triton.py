@@ -172,6 +172,12 @@ def test_impl_dispatch():
     assert FavorAttention(8, 16, impl="triton").resolve_impl(x) == "triton"
     assert FavorAttention(8, 16, kernel="softmax_hyp", impl="triton").resolve_impl(x) == "triton"
     assert module.triton_available()
+    module.triton_works.cache_clear()
+    FavorAttention(8, 16, causal=True)(x, x, x)  # CPU: no probe of the kernels
+    assert module.triton_works.cache_info().currsize == 0
+    # the probe auto runs before choosing triton on a GPU (here on CPU tensors, interpreted)
+    assert module.triton_works("cpu", 8, 16, "softmax", True, 16)
+    assert module.triton_works("cpu", 8, 16, "relu", False, 16)
     assert FavorAttention(8, 16, kernel="relu", impl="triton").resolve_impl(x) == "triton"
     with pytest.raises(ValueError, match="supports the kernels"):
         FavorAttention(8, 16, kernel="softmax_trig", impl="triton")

@@ -40,6 +40,28 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def triton_works(device: str, dim: int, nb_features: int, kind: str, causal: bool, chunk: int) -> bool:
+    """Whether the Triton kernels compile and launch on ``device`` for this configuration: a tiny
+    forward + backward (the same kernels as the real call; compiled once anyway), so that
+    ``impl="auto"`` falls back to the batched path, with a warning, where they cannot run (a GPU
+    with too little shared memory, a triton without a backend for it)."""
+    from triton.errors import TritonError
+
+    from protein_performer.model.favor.triton_kernels import favor_triton
+
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.randn(1, 1, chunk + 1, dim, generator=gen).to(device).requires_grad_() for _ in range(3)]
+    w = torch.randn(nb_features, dim, generator=gen).to(device)
+    try:
+        favor_triton(*x, w, kind, causal, 1e-3, chunk).sum().backward()
+    except TritonError as exc:
+        log.warning("FAVOR+ Triton kernels cannot run on %s (%s: %s); impl='auto' uses the batched path", device,
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    return True
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -76,7 +98,8 @@ class FavorAttention(nn.Module):
             backward), "triton" (``triton_kernels.py``: fused Triton kernels for the
             softmax, softmax_hyp and relu kernels, float32 inside; CUDA tensors, or CPU tensors under
             TRITON_INTERPRET=1), or "auto" (= triton for CUDA tensors of those kernels when
-            triton imports, else batched; see issue 11's report). The trigonometric kernel
+            triton imports and its kernels run there (``triton_works``), else batched; see
+            issue 11's report). The trigonometric kernel
             always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
@@ -216,7 +239,9 @@ class FavorAttention(nn.Module):
         if self.impl != "auto":
             return self.impl
         if x.is_cuda and self.kernel in TRITON_KERNELS and x.dtype != torch.float64 and triton_available():
-            return "triton"
+            kind = "relu" if self.kernel == "relu" else "softmax"
+            if triton_works(str(x.device), self.dim_head, self.nb_features, kind, self.causal, self._chunk("triton")):
+                return "triton"
         return "batched"
 
     def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,8 @@ def launch(family: str, setting: str, minutes: float, out_root: Path, threads: i
     out = out_root / f"{family}_{setting}_{minutes:g}min"
     mm, ss = divmod(int(round(minutes * 60)), 60)
     args = ["-m", "protein_performer.experiments.family_contacts", f"family={family}", f"output_dir={out}",
-            f"probe_every_s={probe_s}", f"num_threads={threads}", f"homologs={homologs}", f"trainer.max_time=00:00:{mm:02d}:{ss:02d}",
+            f"probe_every_s={probe_s}", f"num_threads={threads}", f"homologs={homologs}",
+            f"trainer.max_time=00:00:{mm:02d}:{ss:02d}",
             *_model_overrides(setting), *extra]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "run.log", "w")
@@ -142,7 +143,8 @@ def report(res: dict) -> None:
         best = max(layers.items(), key=lambda kv: kv[1]) if layers else ("-", float("nan"))
         acc = t.get("valid/acc")
         acc_s = f"{acc:.3f}" if acc is not None else "-"
-        lines.append(f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {r.get('cpu_s', '-')} | {r['threads']} | {r.get('runs_at_once')} | "
+        lines.append(f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {r.get('cpu_s', '-')} | {r['threads']} | "
+                     f"{r.get('runs_at_once')} | "
                      f"{(r.get('load_start') or ['?'])[0]} | {t.get('global_step')} | {acc_s} | "
                      f"{h['long_P@L']:.3f} | {h['long_P@L/5']:.3f} | {h['random_long_P@L']:.3f} | "
                      f"{best[0]} {best[1]:.3f} | {h['long_density']:.3f} | {_homolog(r)} |")
@@ -169,8 +171,12 @@ def _plot(runs: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fams = sorted({r["family"] for r in runs})
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.5 * len(fams), 4.2), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
+    ncols = min(3, len(fams))
+    nrows = -(-len(fams) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(fams):]:
+        ax.axis("off")
+    for ax, fam in zip(axes.flat, fams):
         for r in [r for r in runs if r["family"] == fam and r.get("probe")]:
             xs = [p["minutes"] for p in r["probe"]]
             ys = [p["long_P@L"] for p in r["probe"]]

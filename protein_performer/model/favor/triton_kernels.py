@@ -32,18 +32,25 @@ features: all scales 0 (every factor 1), f = 0, eps inside both feature maps.
 
 Not tuned (written without a GPU): block sizes and warps are fixed guesses, checked only to
 compile for sm_90 within an A100's shared memory (tests/test_favor_triton.py compiles them with
-triton's ptxas); dots run in IEEE float32 (``DOT_PRECISION``; "tf32x3" or "tf32" trade accuracy
-of the logits for tensor-core speed). Numbers tested on the CPU under ``TRITON_INTERPRET=1``.
+triton's ptxas); dots run in IEEE float32 (``DOT_PRECISION``, environment variable
+PROTEIN_PERFORMER_TRITON_DOT: "tf32x3" or "tf32" trade accuracy of the logits for tensor-core
+speed; statically, ieee dots spill registers on sm_90, tf32x3 spill less in forward). Numbers tested on the CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-DOT_PRECISION = "ieee"
+# tl.dot input precision: "ieee" (float32, the default), or to measure on a GPU "tf32x3" (three
+# tf32 products, about float32 accuracy, on tensor cores) or "tf32" (~1e-3 relative in the logits)
+DOT_PRECISION = os.environ.get("PROTEIN_PERFORMER_TRITON_DOT", "ieee")
+if DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"PROTEIN_PERFORMER_TRITON_DOT must be ieee, tf32x3 or tf32, got {DOT_PRECISION!r}")
 BLOCK_M = 64  # feature columns per inner step
 BLOCK_M_BWD = 32  # in _backward: its shared memory is 152 KiB at C = 64, d = 64 (224 KiB with 64: over an A100's 163)
 BLOCK_ROWS = 64  # rows per step of the row-max and state kernels

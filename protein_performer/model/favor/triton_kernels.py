@@ -51,11 +51,16 @@ from torch.autograd.function import once_differentiable
 DOT_PRECISION = os.environ.get("PROTEIN_PERFORMER_TRITON_DOT", "ieee")
 if DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
     raise ValueError(f"PROTEIN_PERFORMER_TRITON_DOT must be ieee, tf32x3 or tf32, got {DOT_PRECISION!r}")
-BLOCK_M = 64  # feature columns per inner step
-BLOCK_M_BWD = 32  # in _backward: its shared memory is 152 KiB at C = 64, d = 64 (224 KiB with 64: over an A100's 163)
+# Feature columns per step, per kernel, and warps: chosen without a GPU from what ptxas reports for
+# sm_90 at d = 64, C = 64 (ieee dots): the fewest register spills with 8 warps. With 64 columns
+# _forward and _states compile to 32 registers and 8-10 KiB of stack per thread; _backward needs
+# 224 KiB of shared memory (over an A100's 163). To be tuned on the GPU.
+BLOCK_M = 32  # _rowmax, _forward (no spills)
+BLOCK_M_STATES = 16  # _states, _rstates (no spills)
+BLOCK_M_BWD = 16  # _backward (56 B of stack bidirectional, 1.3 KiB causal; 116 KiB shared)
 BLOCK_ROWS = 64  # rows per step of the row-max and state kernels
 PARTS = 64  # bidirectional K'^T [V 1]: partial sums over at most this many row ranges (parallelism)
-NUM_WARPS = 8  # of the per-chunk kernels (many (C, C) and (C, E) tiles live at once)
+NUM_WARPS = 8  # of every kernel but _scan
 
 
 def _pow2(x: int, low: int = 16) -> int:
@@ -370,6 +375,8 @@ class _Plan:
         self.E = self.DV + 1  # [v 1]
         self.BD, self.BV = _pow2(self.D), _pow2(self.DV)
         self.BM = min(BLOCK_M, _pow2(self.M))
+        self.BM_STATES = min(BLOCK_M_STATES, _pow2(self.M))
+        self.BM_BWD = min(BLOCK_M_BWD, _pow2(self.M))
         self.CH = _pow2(chunk)
         self.n = triton.cdiv(self.L, self.CH)
         self.causal = causal
@@ -384,7 +391,8 @@ class _Plan:
         self.s = torch.zeros_like(self.qmax)
         if not self.relu:
             _rowmax[(B, triton.cdiv(L, BLOCK_ROWS))](
-                xq, xk, w, self.qmax, self.s, L, self.M, self.D, BL=BLOCK_ROWS, BM=self.BM, BD=self.BD, PREC=DOT_PRECISION
+                xq, xk, w, self.qmax, self.s, L, self.M, self.D, BL=BLOCK_ROWS, BM=self.BM, BD=self.BD, PREC=DOT_PRECISION,
+                num_warps=NUM_WARPS,
             )
         s_real = self.s.masked_fill(pad.bool(), float("-inf"))
         if causal:
@@ -409,9 +417,10 @@ class _Plan:
         rows, parts = self.split()
         u = torch.empty(B, parts, M, E, device=xk.device, dtype=torch.float32)
         scale = self.m_last if self.causal else self.scales.expand(B, parts).contiguous()
-        _states[(B, parts, triton.cdiv(M, self.BM))](
+        _states[(B, parts, triton.cdiv(M, self.BM_STATES))](
             xk, v_ext, w, pad, scale.contiguous(), u, L, M, self.D, E, rows, parts, self.ratio, self.feps,
-            BL=min(BLOCK_ROWS, self.CH), BM=self.BM, BD=self.BD, BV=self.BV, PREC=DOT_PRECISION, RELU=self.relu,
+            BL=min(BLOCK_ROWS, self.CH), BM=self.BM_STATES, BD=self.BD, BV=self.BV, PREC=DOT_PRECISION, RELU=self.relu,
+            num_warps=NUM_WARPS,
         )
         if not self.causal:
             kv = u.sum(dim=1) + self.floor * v_ext.sum(dim=1)[:, None, :]
@@ -485,10 +494,10 @@ class _FavorTriton(torch.autograd.Function):
         rows, parts = plan.split()
         vr = torch.empty(B, parts, M, E, device=xq.device, dtype=torch.float32)
         scale = plan.m_prev if plan.causal else plan.scales.expand(B, parts)
-        _rstates[(B, parts, triton.cdiv(M, plan.BM))](
+        _rstates[(B, parts, triton.cdiv(M, plan.BM_STATES))](
             xq, g, w, plan.qmax, plan.c, *_s(plan.c), scale, *_s(scale), vr, L, M, D, E, rows, parts,
-            plan.ratio, plan.floor, plan.feps, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM, BD=plan.BD, BV=plan.BV,
-            PREC=DOT_PRECISION, RELU=plan.relu,
+            plan.ratio, plan.floor, plan.feps, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM_STATES, BD=plan.BD, BV=plan.BV,
+            PREC=DOT_PRECISION, RELU=plan.relu, num_warps=NUM_WARPS,
         )
         ag = a_sum[..., None] * g  # A_i G_i: the floor's part of d[v 1]
         if plan.causal:
@@ -505,7 +514,7 @@ class _FavorTriton(torch.autograd.Function):
             xq, xk, v_ext, g, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
             plan.m_last, *_s(plan.m_last), st, *_s(st), rt, *_s(rt), e_prev, *_s(e_prev), f_t, *_s(f_t),
             dxq, dxk, dv, L, M, D, E, n, plan.ratio, plan.floor, plan.feps,
-            CAUSAL=plan.causal, CH=plan.CH, BM=min(BLOCK_M_BWD, plan.BM), BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
+            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM_BWD, BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
         return dxq, dxk, dv, None, None, None, None, None, None

@@ -4,6 +4,8 @@
 #      exact SDPA (flash), FAVOR+ softmax auto (= triton on CUDA when triton imports) / batched / scan /
 #      torch.compile / triton (favor/triton_kernels.py), FAVOR+ ReLU (auto, compile, triton), and fla-core's chunk_linear_attn
 #      on our features when fla is installed; time + peak memory.
+#      Before it, when triton imports: the Triton kernels (compiled) against the float64 PyTorch path,
+#      forward and gradients, with ieee and tf32x3 dots; after it, the triton rows again with tf32x3 dots.
 #   2. whole model: train_throughput.py, the 36-layer paper configs, bf16, L 1024 / 4096 / 8192.
 # Writes benchmarks/results/gpu/{attention_cuda_bf16.json,.md, train_throughput_cuda_bf16_paper.json,.md}.
 #
@@ -42,9 +44,10 @@ METHODS=(exact_sdpa favor_softmax favor_softmax_batched favor_softmax_scan favor
          favor_relu_compile)
 if "$PY" -c 'import triton' 2>/dev/null; then
   METHODS+=(favor_softmax_triton favor_relu_triton)
-  CHECK_L=1000; [ "$DRY" = 1 ] && CHECK_L=70
-  echo "== triton kernels (${DEV[1]}) against the PyTorch path (float64), fp32, 2 x 4 x L=$CHECK_L x 64, m 256"
-  "$PY" - "${DEV[1]}" "$CHECK_L" <<'PYEOF' || echo "error: the triton kernels disagree with the PyTorch path: their rows are not valid" >&2
+  CHECK_L=1000; DOTS=(ieee tf32x3)
+  [ "$DRY" = 1 ] && CHECK_L=70 && DOTS=(ieee)
+  CHECK=$(mktemp --suffix=.py)
+  cat > "$CHECK" <<'PYEOF'
 import sys, torch
 from protein_performer.model.favor import FavorAttention
 dev, n, bad = sys.argv[1], int(sys.argv[2]), 0
@@ -67,6 +70,11 @@ for kernel in ("softmax", "relu"):
         print(f"{kernel:8s} causal={causal!s:5s} max rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs), "ok" if ok else "FAIL")
 sys.exit(1 if bad else 0)
 PYEOF
+  for dot in "${DOTS[@]}"; do  # tl.dot precision of the kernels (triton_kernels.DOT_PRECISION)
+    echo "== triton kernels (${DEV[1]}, dots $dot) against the PyTorch path (float64), fp32, 2 x 4 x L=$CHECK_L x 64, m 256"
+    PROTEIN_PERFORMER_TRITON_DOT=$dot "$PY" "$CHECK" "${DEV[1]}" "$CHECK_L" \
+      || echo "error: the triton kernels (dots $dot) disagree with the PyTorch path: their rows are not valid" >&2
+  done
 else
   echo "note: triton not installed (pip install -e '.[gpu]'): its row is left out" >&2
 fi
@@ -80,6 +88,13 @@ echo "== attention table (${DEV[*]})"
 "$PY" benchmarks/attention.py "${DEV[@]}" --lengths "${LENGTHS[@]}" --methods "${METHODS[@]}" \
   --reps "$REPS" --time-cap 30 --out "$OUT/attention_${DEV[1]}_${DEV[3]}.json" | tee "$OUT/attention_${DEV[1]}_${DEV[3]}.log"
 sed -n '/^\*\*causal/,$p' "$OUT/attention_${DEV[1]}_${DEV[3]}.log" | sed '/^wrote /d' > "$OUT/attention_${DEV[1]}_${DEV[3]}.md"
+
+if [ "$DRY" = 0 ] && [[ " ${METHODS[*]} " == *" favor_softmax_triton "* ]]; then
+  echo "== attention table, triton rows with tf32x3 dots (PROTEIN_PERFORMER_TRITON_DOT=tf32x3)"
+  PROTEIN_PERFORMER_TRITON_DOT=tf32x3 "$PY" benchmarks/attention.py "${DEV[@]}" --lengths "${LENGTHS[@]}" \
+    --methods exact_sdpa favor_softmax_triton favor_relu_triton --reps "$REPS" --time-cap 30 \
+    --out "$OUT/attention_${DEV[1]}_${DEV[3]}_triton_tf32x3.json" | tee "$OUT/attention_${DEV[1]}_${DEV[3]}_triton_tf32x3.log"
+fi
 
 echo "== whole model, 36-layer paper configs"
 "$PY" benchmarks/train_throughput.py "${DEV[@]}" --config paper --lengths "${TT_LENGTHS[@]}" \

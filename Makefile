@@ -7,6 +7,9 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
+# Triton runs the CUDA kernels' tests on the CPU (TRITON_INTERPRET=1). CUDA builds of torch bring
+# their own triton, which is kept; the CPU build has none, so this one is installed.
+TRITON_SPEC ?= triton>=3.9,<3.10
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 DEMO_DIR    ?= demo_out
@@ -29,6 +32,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) '$(TORCH_SPEC)'
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c 'import triton' 2>/dev/null || $(PY) -m pip install --quiet '$(TRITON_SPEC)'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                     rc = os.waitstatus_to_exitcode(status)
                     row = collect(meta, rc, time.time() - t0, a.parallel)
                     row["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 1)
+                    res = load_results()  # reread: other invocations (and notes) may have written since
                     res["runs"].append(row)
                     save_results(res)
                     h = row.get("headline")

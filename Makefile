@@ -14,8 +14,11 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 DEMO_DIR    ?= demo_out
 PYTEST_ARGS ?=
+FAMILY      ?= PF00072
+OUT         ?= family_contacts_out/$(FAMILY)
+SHARED_DATA ?= ../shared/data
 
-.PHONY: all venv demo test test-fast bench studies clean help
+.PHONY: all venv demo test test-fast bench studies family-contacts clean help
 
 all: help
 
@@ -24,6 +27,7 @@ help:
 	@echo "make test   - set up .venv and run the whole test suite (slow tests included)"
 	@echo "make bench  - run the benchmarks (see benchmarks/RESULTS.md)"
 	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
+	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (../shared/data), export, score contacts"
 
 venv: $(STAMP)
 
@@ -53,6 +57,12 @@ bench: $(STAMP)
 studies: $(STAMP)
 	for s in causal_generation approximation speed compatibility redraw; do \
 		$(PY) -m protein_performer.experiments.$$s || exit 1; done
+
+# one Pfam family of the shared pfam40 set: train ~12 min, export, score the mean APC map against the
+# family's kortemme40 structure; checkpoint at $(OUT)/checkpoints/last.ckpt, scores in $(OUT)/summary.json
+family-contacts: $(STAMP)
+	$(PY) -m protein_performer.experiments.family_contacts family=$(FAMILY) output_dir=$(OUT) \
+	    data=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 homologs=64
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

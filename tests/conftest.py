@@ -13,6 +13,14 @@ SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# Triton builds a kernel in interpreter mode only if TRITON_INTERPRET=1 is set when the kernel is
+# decorated (when favor/triton_kernels.py is first imported, by whichever test comes first); with no
+# GPU the kernels can only run in the interpreter, so set it for the whole session.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 the PyTorch paths: forward and the gradients of q, k, v, causal and bidirectional, with padding,
 lengths that are not a multiple of the chunk, d and m that are not powers of two.
 
-TRITON_INTERPRET=1 is set before triton is imported (the kernels are built in interpreter mode when
+TRITON_INTERPRET=1 is set before triton is imported (here, and for the whole session in conftest.py,
+before Lightning imports triton: the kernels and triton.language are built in interpreter mode when
 they are decorated, at import) and stays set for this process. Skipped when triton is absent.
 
 Tolerances. float32: the reference is the batched path in float64 (exact to ~1e-16 here). Every

@@ -9,15 +9,13 @@ from omegaconf import DictConfig
 
 from protein_performer.analysis.embed import run_embed
 from protein_performer.errors import cli_errors
+from protein_performer.runtime import set_threads
 
 
 @hydra.main(config_path="conf", config_name="embed", version_base="1.3")
 @cli_errors
 def main(cfg: DictConfig) -> dict:
-    if cfg.get("num_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.num_threads))
+    set_threads(cfg.get("num_threads"))
     summary = run_embed(
         checkpoint=str(cfg.checkpoint), input=str(cfg.input), output=str(cfg.output),
         batch_tokens=int(cfg.batch_tokens), chunk=int(cfg.chunk), crop=str(cfg.crop),

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_performer.analysis.export import run_export
-from protein_performer.runtime import keep_freed_memory
+from protein_performer.runtime import keep_freed_memory, set_threads
 from protein_performer.errors import cli_errors
 
 
@@ -20,10 +20,7 @@ from protein_performer.errors import cli_errors
 @cli_errors
 def main(cfg: DictConfig) -> dict:
     keep_freed_memory()  # large CPU tensors reused instead of re-faulted (protein_performer.runtime)
-    if cfg.get("num_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.num_threads))
+    set_threads(cfg.get("num_threads"))
     include = cfg.include
     include = list(include) if OmegaConf.is_list(include) else [str(include)]
     model_config = cfg.model_config

@@ -10,15 +10,13 @@ from omegaconf import DictConfig
 
 from protein_performer.analysis.predict_contacts import run_predict_contacts
 from protein_performer.errors import cli_errors
+from protein_performer.runtime import set_threads
 
 
 @hydra.main(config_path="conf", config_name="predict_contacts", version_base="1.3")
 @cli_errors
 def main(cfg: DictConfig) -> dict:
-    if cfg.get("num_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.num_threads))
+    set_threads(cfg.get("num_threads"))
     summary = run_predict_contacts(
         checkpoint=str(cfg.checkpoint), head=str(cfg.head), input=str(cfg.input), output=str(cfg.output),
         csv_path=cfg.csv, png_dir=cfg.png_dir, top=float(cfg.top), crop=str(cfg.crop),

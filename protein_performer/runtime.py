@@ -45,3 +45,11 @@ def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
     _done = ok
     log.debug("malloc keeps freed memory: %s", ok)
     return ok
+
+
+def set_threads(num_threads: int | None) -> None:
+    """``torch.set_num_threads(num_threads)`` when given (the entry points' ``num_threads`` option)."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(int(num_threads))

@@ -1,0 +1,134 @@
+"""The sequences of one Pfam family for the family-contacts recipe: extraction from the pfam40 FASTA
+(header ``>NAME/start-end PFxxxxx``), the family's kortemme40 structure, and the hold-out of every
+domain nearly identical to that structure's chain (global BLOSUM62 alignments, gap open -10, extend -0.5).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from protein_performer.errors import UserError
+
+GAP_OPEN = -10.0
+GAP_EXTEND = -0.5
+KMER = 3
+
+
+def family_chain(structures: str | Path, family: str) -> Path:
+    """The structure file of ``family`` in a kortemme40-style folder (``<family>_<pdb>_<chain>.pdb``)."""
+    structures = Path(structures)
+    hits = sorted(structures.glob(f"{family}_*.pdb"))
+    if not structures.is_dir():
+        raise UserError(f"structures folder not found: {structures}; give structures=<kortemme40 dir>")
+    if len(hits) != 1:
+        raise UserError(f"{structures}: expected one file {family}_<pdb>_<chain>.pdb, found {len(hits)}; "
+                        "check family=PFxxxxx")
+    return hits[0]
+
+
+def read_family(fasta: str | Path, family: str) -> list[tuple[str, str]]:
+    """``(header, sequence)`` of every record whose header's second word is ``family``."""
+    fasta = Path(fasta)
+    if not fasta.exists():
+        raise UserError(f"pfam40 FASTA not found: {fasta}; give data=<pfam40_domains.fasta.gz>")
+    out: list[tuple[str, str]] = []
+    header, parts, keep = None, [], False
+    opener = gzip.open if fasta.name.endswith(".gz") else open
+    with opener(fasta, "rt") as fh:
+        for line in fh:
+            if line.startswith(">"):
+                if keep and header is not None:
+                    out.append((header, "".join(parts)))
+                header, parts = line[1:].strip(), []
+                words = header.split()
+                keep = len(words) > 1 and words[1] == family
+            elif keep:
+                parts.append(line.strip())
+    if keep and header is not None:
+        out.append((header, "".join(parts)))
+    return out
+
+
+def read_family_fasta(fasta: str | Path) -> list[str]:
+    """Sequences of a FASTA written by :func:`extract_family` (one line each)."""
+    return [line.strip() for line in Path(fasta).read_text().splitlines() if line and not line.startswith(">")]
+
+
+def _kmers(sequence: str, k: int = KMER) -> set[str]:
+    return {sequence[i:i + k] for i in range(len(sequence) - k + 1)}
+
+
+def _global_alignment(a: str, b: str):
+    """The best global alignment of ``a`` and ``b`` (BLOSUM62, gap open -10, extend -0.5)."""
+    from Bio.Align import PairwiseAligner, substitution_matrices
+
+    aligner = PairwiseAligner(mode="global", open_gap_score=GAP_OPEN, extend_gap_score=GAP_EXTEND)
+    aligner.substitution_matrix = substitution_matrices.load("BLOSUM62")
+    return aligner.align(a, b)[0]
+
+
+def identity(a: str, b: str) -> float:
+    """Identical aligned positions / length of the shorter sequence (global alignment, BLOSUM62,
+    gap open -10, extend -0.5)."""
+    aln = _global_alignment(a, b)
+    same = sum(1 for (s1, e1), (s2, e2) in zip(*aln.aligned) for x, y in zip(a[s1:e1], b[s2:e2]) if x == y)
+    return same / max(min(len(a), len(b)), 1)
+
+
+def aligned_positions(seq: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """Matched position pairs ``(i in seq, k in target)`` of a global BLOSUM62 alignment."""
+    aln = _global_alignment(seq, target)
+    src, dst = [], []
+    for (s1, e1), (s2, e2) in zip(*aln.aligned):
+        src.extend(range(s1, e1))
+        dst.extend(range(s2, e2))
+    return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+
+
+def holdout_similar(records: Sequence[tuple[str, str]], target: str, max_identity: float = 0.9,
+                    prefilter: float = 0.3) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Split ``records`` into those kept and those at least ``max_identity`` identical to ``target``.
+
+    Why: the test chain's own sequence (and near copies) is usually among the family's domains; a
+    model that has seen it could recall that sequence rather than the family's structure. Only
+    records sharing at least ``prefilter`` of their 3-mers with ``target`` are aligned (a pair at
+    90% identity keeps about 0.9^3 = 73% of its 3-mers intact, so 0.3 misses none of them)."""
+    target_kmers = _kmers(target)
+    kept, removed = [], []
+    for header, sequence in records:
+        kmers = _kmers(sequence)
+        if kmers and len(kmers & target_kmers) / len(kmers) >= prefilter:
+            ident = identity(sequence, target)
+            if ident >= max_identity:
+                removed.append({"id": header.split()[0], "identity": round(ident, 3)})
+                continue
+        kept.append((header, sequence))
+    return kept, removed
+
+
+def extract_family(fasta: str | Path, family: str, output: str | Path, target: str | None = None,
+                   max_identity: float = 0.9, max_sequences: int | None = None, seed: int = 0) -> dict:
+    """Write the family's domains (minus the held-out ones) to ``output``; return the counts."""
+    records = read_family(fasta, family)
+    if not records:
+        raise UserError(f"{fasta}: no record of family {family} (headers '>NAME/start-end PFxxxxx')")
+    n_all = len(records)
+    removed: list[dict] = []
+    if target is not None and max_identity < 1.0:
+        records, removed = holdout_similar(records, target, max_identity)
+    if max_sequences is not None and len(records) > max_sequences:
+        idx = np.sort(np.random.default_rng(seed).choice(len(records), max_sequences, replace=False))
+        records = [records[i] for i in idx]
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        for header, sequence in records:
+            fh.write(f">{header}\n{sequence}\n")
+    tmp.replace(output)
+    return {"family": family, "n_family": n_all, "n_held_out": len(removed), "held_out": removed,
+            "n_written": len(records), "max_identity": max_identity}

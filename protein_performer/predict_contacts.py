@@ -1,33 +1,9 @@
-"""``python -m protein_performer.predict_contacts checkpoint=<ckpt> head=<contact_head.json> input=<fasta>
-output=<contacts.h5> [csv=<top.csv>] [png_dir=<dir>] [resume=true]``: contact probabilities for any
-sequence, from a model's attention maps through the contact head that ``contacts`` fitted for the
-same checkpoint (see :mod:`protein_performer.analysis.predict_contacts`)."""
+"""``python -m protein_performer.predict_contacts`` and the console script: the entry point lives in
+:mod:`protein_performer.cli.predict_contacts`; this module keeps the old import path working."""
 
-from __future__ import annotations
+from protein_performer.cli.predict_contacts import main
 
-import hydra
-from omegaconf import DictConfig
-
-from protein_performer.analysis.predict_contacts import run_predict_contacts
-from protein_performer.errors import cli_errors
-from protein_performer.runtime import set_threads
-
-
-@hydra.main(config_path="conf", config_name="predict_contacts", version_base="1.3")
-@cli_errors
-def main(cfg: DictConfig) -> dict:
-    set_threads(cfg.get("num_threads"))
-    summary = run_predict_contacts(
-        checkpoint=str(cfg.checkpoint), head=str(cfg.head), input=str(cfg.input), output=str(cfg.output),
-        csv_path=cfg.csv, png_dir=cfg.png_dir, top=float(cfg.top), crop=str(cfg.crop),
-        min_residues=int(cfg.min_residues), invalid=str(cfg.invalid), resume=bool(cfg.resume),
-        overwrite=bool(cfg.overwrite), device=str(cfg.device), progress=bool(cfg.progress),
-    )
-    print(f"{summary['records']} contact maps -> {summary['output']}")
-    for f in summary["input_failures"]:
-        print(f"  left out: {f['reason']}")
-    return summary
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,17 @@
+"""Thin Hydra entry points over the library, one module per command (the top of the layering:
+``cli`` -> ``analysis`` / ``training`` / ``experiments`` / ``data.ingest`` -> ``model``, ``data``).
+
+Each module parses its config (``protein_performer/conf/<command>.yaml``), calls one library
+function, prints a summary and turns a user error into ``error: <msg>`` and exit code 1
+(:func:`protein_performer.errors.cli_errors`). ``python -m protein_performer.<command>`` and the
+console scripts run these through the shims ``protein_performer/<command>.py``:
+
+    ingest            FASTA(.gz) -> sharded HDF5              (protein_performer.data.ingest)
+    train             train and evaluate a PerformerLM         (protein_performer.training.train)
+    export_attention  attention maps / embeddings -> maps.h5   (protein_performer.analysis.export)
+    contacts          contact precision against structures     (protein_performer.analysis.contacts)
+    aa_similarity     amino-acid attention vs BLOSUM62         (protein_performer.analysis.aa_similarity)
+    predict_contacts  contact maps for any sequence            (protein_performer.analysis.predict_contacts)
+    embed             one mean embedding per sequence          (protein_performer.analysis.embed)
+    demo              every stage above on the embedded sample (``make demo``)
+"""

@@ -1,0 +1,217 @@
+"""The end-to-end demo behind ``make demo``: every stage through its real command line.
+
+    python -m protein_performer.demo [output_dir=demo_out] [structures=data/structures/biopython]
+                                     [max_time=00:00:04:00] [steps=N] [stages=ingest,train,export,contacts,aa]
+
+1. ingest the embedded sample (``data/``) into sharded HDF5, holding out two Pfam families as OOD;
+2. train the ``demo`` experiment (a small BID Performer-ReLU) with W&B offline;
+3. export the attention maps of the trained model and of a random-init twin for the structures;
+4. unsupervised contact prediction against the structures, next to the random-init baseline;
+5. amino-acid attention against BLOSUM62;
+6. print a summary (and write it to ``<output_dir>/summary.json``).
+
+Each stage is the same ``python -m protein_performer.<stage>`` a user would type, so the demo
+also shows the commands (they are printed before they run). A bad option or a failed stage is one
+line ``error: demo: ...`` on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protein_performer.errors import UserError, cli_errors
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "data"
+STAGES = ("ingest", "train", "export", "contacts", "aa")
+
+
+def _parse(argv: list[str]) -> dict[str, str] | None:
+    """The demo's ``key=value`` options over their defaults; None for ``--help`` / ``-h``."""
+    if any(arg in ("--help", "-h") for arg in argv):
+        return None
+    opts = {
+        "output_dir": "demo_out",
+        "structures": str(DATA / "structures" / "biopython"),
+        "max_time": "00:00:04:00",
+        "steps": "",
+        "stages": ",".join(STAGES),
+    }
+    for arg in argv:
+        if "=" not in arg:
+            raise UserError(f"demo: expected key=value, got {arg!r} (keys: {', '.join(opts)})")
+        key, value = arg.split("=", 1)
+        if key not in opts:
+            raise UserError(f"demo: unknown option {key!r} (keys: {', '.join(opts)})")
+        opts[key] = value
+    return opts
+
+
+def _run(args: list[str], log: Path) -> None:
+    cmd = [sys.executable, "-m", *args]
+    print("\n$ " + " ".join(shlex.quote(a) for a in ["python", "-m", *args]), flush=True)
+    t0 = time.time()
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        fh.write(proc.stdout)
+    tail = "\n".join(proc.stdout.rstrip().splitlines()[-25:])
+    print(tail, flush=True)
+    if proc.returncode != 0:
+        raise UserError(f"demo: stage failed (exit {proc.returncode}); full output in {log}")
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where each stage of the demo writes, under ``out`` (the ``output_dir`` option)."""
+
+    out: Path
+
+    @property
+    def log(self) -> Path:
+        return self.out / "demo.log"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "train"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def maps(self) -> Path:
+        return self.out / "maps.h5"
+
+    @property
+    def maps_random(self) -> Path:
+        return self.out / "maps_random.h5"
+
+    @property
+    def maps_sequences(self) -> Path:
+        return self.out / "maps_sequences.h5"
+
+
+def stage_commands(stage: str, opts: dict[str, str], paths: DemoPaths) -> list[list[str]]:
+    """The ``python -m`` arguments of the commands one stage runs, in order."""
+    structures, ckpt = opts["structures"], paths.checkpoint
+    export = ["protein_performer.export_attention", "crop=center", "progress=false", "num_threads=1"]
+    if stage == "ingest":
+        return [[
+            "protein_performer.ingest",
+            f"input=[{DATA / 'uniprot_sample.fasta.gz'},{DATA / 'swissprot_sample.fasta.gz'}]",
+            f"output_dir={paths.shards}",
+            f"annotations={DATA / 'swissprot_sample.pfam_hits.tsv'}",
+            "ood_families=[RRM_1,globins4]",
+            "fractions={train: 0.9, valid: 0.05, test: 0.05}",
+            "overwrite=true",
+            "progress=false",
+        ]]
+    if stage == "train":
+        extra = []
+        if opts["steps"]:  # a shorter run (the tests use it); the demo experiment's own default otherwise
+            n = int(opts["steps"])
+            extra = [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}", "module.warmup_steps=0"]
+        return [["protein_performer.train", "experiment=demo", f"data.root={paths.shards}",
+                 f"hydra.run.dir={paths.run_dir}", f"trainer.max_time={opts['max_time']}", *extra]]
+    if stage == "export":
+        return [
+            [export[0], f"checkpoint={ckpt}", f"input={structures}", f"output={paths.maps}", *export[1:]],
+            [export[0], "checkpoint=random", f"model_config={ckpt}", f"input={structures}",
+             f"output={paths.maps_random}", *export[1:]],
+        ]
+    if stage == "contacts":
+        return [["protein_performer.contacts", f"maps={paths.maps}", f"baseline_maps={paths.maps_random}",
+                 f"structures={structures}", f"output_dir={paths.out / 'contacts'}"]]
+    if stage == "aa":
+        return [
+            [export[0], f"checkpoint={ckpt}", f"input={DATA / 'swissprot_sample.fasta.gz'}",
+             f"output={paths.maps_sequences}", "max_sequences=300", "include=[attentions]", *export[1:]],
+            ["protein_performer.aa_similarity", f"maps={paths.maps_sequences}",
+             f"output_dir={paths.out / 'aa_similarity'}"],
+        ]
+    raise UserError(f"demo: unknown stage {stage!r}; choose from {STAGES}")
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    opts = _parse(sys.argv[1:] if argv is None else argv)
+    if opts is None:
+        print(__doc__.strip())
+        return
+    stages = [s for s in opts["stages"].split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"demo: unknown stages {unknown}; choose from {STAGES}")
+    out = Path(opts["output_dir"])
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    out.mkdir(parents=True, exist_ok=True)
+    paths = DemoPaths(out)
+    t_start = time.time()
+    for stage in STAGES:  # always in pipeline order, whatever the order of the option
+        if stage in stages:
+            for args in stage_commands(stage, opts, paths):
+                _run(args, paths.log)
+    summary = {
+        "manifest": _load(paths.shards / "manifest.json").get("splits", {}),
+        "train": _load(paths.run_dir / "metrics.json"),
+        "contacts": {m: v["mean"] for m, v in _load(out / "contacts" / "report.json").get("methods", {}).items()},
+        "aa_similarity": _load(out / "aa_similarity" / "aa_similarity.json"),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary, out)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    print("\n================ protein_performer demo: summary ================")
+    if s["manifest"]:
+        print("shards: " + ", ".join(f"{k} {v.get('n_sequences', 0):,} seqs / {v.get('n_residues', 0):,} res"
+                                     for k, v in s["manifest"].items()))
+    train = s["train"]
+    if train:
+        print(f"\n{'split':<6} {'metric':<11} {'model':>8} {'unigram':>8}")
+        for split in ("valid", "test", "ood"):
+            for metric in ("acc", "ppl"):
+                model = train.get(f"{split}/{metric}")
+                base = train.get(f"{split}/unigram_{metric}")
+                if model is not None:
+                    print(f"{split:<6} {metric:<11} {_fmt(model):>8} {_fmt(base):>8}")
+    if s["contacts"]:
+        print("\nunsupervised contact precision, mean over proteins (cross-validated):")
+        print(f"{'method':<24} {'short P@L':>10} {'medium P@L':>11} {'long P@L':>9} {'long P@L/5':>11}")
+        for method, mean in s["contacts"].items():
+            print(f"{method:<24} {mean['short']['P@L']:>10.3f} {mean['medium']['P@L']:>11.3f} "
+                  f"{mean['long']['P@L']:>9.3f} {mean['long']['P@L/5']:>11.3f}")
+    aa = s["aa_similarity"]
+    if aa:
+        best = aa.get("best_head", {})
+        print(f"\namino-acid attention vs BLOSUM62 over {aa.get('n_sequences')} sequences: "
+              f"all heads Pearson {aa['all_heads']['pearson']:.3f}; best head (layer {best.get('layer')}, "
+              f"head {best.get('head')}) Pearson {best.get('pearson', float('nan')):.3f}")
+    print(f"\nall outputs under {out} ({s['seconds']} s); W&B offline run: {out / 'train' / 'wandb'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,14 +18,16 @@ FAMILY      ?= PF00072
 OUT         ?= family_contacts_out/$(FAMILY)
 SHARED_DATA ?= ../shared/data
 
-.PHONY: all venv demo test test-fast bench studies family-contacts clean help
+.PHONY: all venv demo test test-fast lint results bench studies family-contacts clean help
 
 all: help
 
 help:
 	@echo "make demo   - set up .venv and run ingest -> train -> export -> contacts on data/"
 	@echo "make test   - set up .venv and run the whole test suite (slow tests included)"
+	@echo "make lint   - ruff check + ruff format --check (CI runs it before the tests)"
 	@echo "make bench  - run the benchmarks (see benchmarks/RESULTS.md)"
+	@echo "make results - regenerate benchmarks/RESULTS.md from benchmarks/results/*.json"
 	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
 	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (../shared/data), export, score contacts"
 
@@ -47,6 +49,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# the results page and the studies page, from the JSON the benchmarks and studies write
+results: $(STAMP)
+	$(PY) benchmarks/report.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py

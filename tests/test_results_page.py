@@ -57,7 +57,7 @@ def test_page_is_short_and_marked_generated():
 def test_every_floor_row_has_a_source_json():
     rows = floor_rows((BENCH / "RESULTS.md").read_text())
     assert len(rows) >= 20
-    for issue, what, limit, measured, verdict, where in rows:
+    for _issue, what, limit, measured, verdict, where in rows:
         assert verdict in ("**PASS**", "**FAIL**", "**NOT MEASURED**"), what
         if verdict == "**NOT MEASURED**":
             assert measured == "-" and where.startswith("none yet: `"), what

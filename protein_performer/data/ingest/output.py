@@ -1,0 +1,87 @@
+"""The output folder of an ingest: refuse a foreign or differently configured one, clean what an
+ingest wrote (never anything else), remove the temporary files a killed run left."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from .common import CONFIG_NAME, MANIFEST_NAME, REJECTS_NAME, SLURM_LOG_DIR, SPLITS, WORK_DIR, IngestError, atomic_json
+from .config import fingerprint
+
+log = logging.getLogger(__name__)
+
+# names an ingest may find in its output dir: its own outputs and the multirun/SLURM log folder
+OUR_NAMES = {MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME, WORK_DIR, SLURM_LOG_DIR, *SPLITS}
+
+
+def clean_output(out: Path) -> None:
+    """Remove what an ingest writes (never anything else)."""
+    for name in (MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    for split in SPLITS:
+        folder = out / split
+        if folder.is_dir():
+            for path in folder.glob("*.h5*"):
+                path.unlink()
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def remove_partial_files(out: Path) -> None:
+    """Remove the temporary files a killed run left (``<name>.tmp-<pid>``: a shard, the manifest or
+    rejects.tsv being written); they were never renamed, so nothing lists or reads them."""
+    in_splits = (path for split in SPLITS for path in out.glob(f"{split}/*.tmp-*"))
+    for path in [*out.glob("*.tmp-*"), *out.glob(f"{REJECTS_NAME}.tmp"), *in_splits]:
+        if path.is_file():
+            log.info("removing %s (left by an interrupted run)", path)
+            path.unlink(missing_ok=True)
+
+
+def prepare_output(cfg: dict, parts_mode: bool) -> None:
+    """Make ``output_dir`` ready: refuse a file, a foreign folder or another config (unless
+    ``overwrite``), start afresh unless resuming, and record the config's fingerprint."""
+    out = Path(cfg["output_dir"])
+    for above in (out, *out.parents):  # a file where the directory (or one above it) should be
+        if above.exists() and not above.is_dir():
+            raise IngestError(
+                f"output_dir {out}: {above} is a file, not a directory; choose a directory (new or empty) for the shards"
+            )
+        if above.exists():
+            break
+    wanted = fingerprint(cfg)
+    config_path = out / CONFIG_NAME
+    if config_path.is_file():
+        _reuse_or_clean(out, json.loads(config_path.read_text()), wanted, cfg, parts_mode)
+    elif out.is_dir() and any(p.name not in OUR_NAMES for p in out.iterdir()):
+        if not cfg["overwrite"]:
+            raise IngestError(
+                f"{out} is not empty and holds no {CONFIG_NAME}: refusing to write into it. "
+                "Choose an empty or new output_dir, or pass overwrite=true (only files an ingest writes are removed)."
+            )
+        clean_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config_path.is_file():
+        atomic_json(config_path, wanted)
+
+
+def _reuse_or_clean(out: Path, found: dict, wanted: dict, cfg: dict, parts_mode: bool) -> None:
+    """An output dir with an ingest config: keep it (same config, resuming or a part), replace it
+    (another config and ``overwrite``), or refuse."""
+    if found != wanted:
+        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        if not cfg["overwrite"] or parts_mode:
+            raise IngestError(
+                f"{out} holds an ingest made with a different config (differs in: {', '.join(diff)}). "
+                "Choose another output_dir, or pass overwrite=true to replace it"
+                + (" (run without part= to do so)." if parts_mode else ".")
+            )
+        log.warning("overwrite=true: removing the previous ingest in %s", out)
+        clean_output(out)
+    elif not cfg["resume"] and not parts_mode:
+        clean_output(out)

@@ -461,7 +461,7 @@ def capture_qkv(model: PerformerLM, tokens: torch.Tensor) -> list[tuple[torch.Te
             h.remove()
     out = []
     for i, block in enumerate(model.blocks):
-        split = block.attn._split
+        split = block.attn.split_heads
         out.append(tuple(split(store[(i, n)]) for n in ("to_q", "to_k", "to_v")))
     return out
 

@@ -4,6 +4,9 @@ Interface of every attention core in this package (the model swaps them freely):
     forward(q, k, v, key_padding_mask=None) -> (b, h, l, d)
     attention_matrix(q, k, key_padding_mask=None) -> (b, h, l, l), rows sum to 1, causal when causal
     redraw(seed) -> None        (draws new random features; nothing to draw here)
+and, for causal token-by-token decoding (``PerformerLM.step``):
+    init_state(batch, heads, dim_v, device, dtype) -> state      (nothing fed yet)
+    step(q_t, k_t, v_t, state) -> (out_t (b, h, 1, d), state)     (equals the causal forward's last row)
 q, k, v are (batch, heads, length, dim_head); key_padding_mask is bool (batch, length), True where
 the token is padding. Neither core has parameters, so weights move between exact and FAVOR+ models.
 """
@@ -90,3 +93,28 @@ class SoftmaxAttention(nn.Module):
             probs = torch.softmax(scores, dim=-1)
             out[:, :, start:stop] = torch.nan_to_num(probs, nan=0.0)  # rows with no key: all -inf
         return out
+
+    # ---------------------------------------------------------------------------- recurrent
+    def init_state(
+        self, batch: int, heads: int, dim_v: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict:
+        """An empty key/value cache: k and v (b, h, 0, d). It takes the dtype of the keys and values
+        fed to :meth:`step` (``dtype`` only types the empty tensors)."""
+        empty = torch.zeros(batch, heads, 0, dim_v, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone()}
+
+    @torch.no_grad()
+    def step(self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One causal step with the key/value cache: ``softmax(q_t K_{<=t}^T / sqrt(d)) V_{<=t}``.
+
+        q_t, k_t, v_t: (b, h, 1, d) -> (out_t (b, h, 1, d), new cache with K, V (b, h, t + 1, d)).
+        Scores and the softmax run in float32 (float64 for float64 input); O(t) work per token.
+        """
+        if not self.causal:
+            raise RuntimeError("step() is for causal attention; build SoftmaxAttention(causal=True)")
+        keys = torch.cat([state["k"].to(k_t.dtype), k_t], dim=2)  # (b, h, t+1, d)
+        values = torch.cat([state["v"].to(v_t.dtype), v_t], dim=2)
+        dtype = torch.promote_types(q_t.dtype, torch.float32)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q_t.to(dtype), keys.to(dtype)) / math.sqrt(q_t.shape[-1])
+        out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), values.to(dtype))
+        return out.to(v_t.dtype), {"k": keys, "v": values}

@@ -13,6 +13,11 @@ experiment (see :meth:`PerformerLM.load_backbone`).
 ``forward(tokens, key_padding_mask=None, return_attention=False)`` returns
 ``dict(logits=(b, l, vocab), attentions=[per layer (b, h, l, l)])``; the maps come from each
 kernel's ``attention_matrix`` on the same queries and keys as the forward pass.
+
+A causal model also decodes token by token (``init_state``, ``step``; sampling loops in
+:mod:`protein_performer.generation`): each block runs the same modules on one position and its
+kernel carries a state (FAVOR+: S = sum_j k'_j v_j^T and z = sum_j k'_j, constant size; exact: a
+key/value cache), so ``step`` equals the last row of ``forward`` on the prefix.
 """
 
 from __future__ import annotations
@@ -75,10 +80,14 @@ def make_kernel(
 
 
 # ------------------------------------------------------------------------------------- rotary
-def rotary_tables(length: int, dim_head: int, device, dtype, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles ``theta_{p,i} = p * base^(-2i/d)``, each (l, d/2)."""
+def rotary_tables(
+    length: int, dim_head: int, device, dtype, base: float = 10000.0, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles ``theta_{p,i} = p * base^(-2i/d)`` for the positions
+    ``p = start .. start + length - 1``, each (l, d/2), computed in float32."""
     inv_freq = base ** (-torch.arange(0, dim_head, 2, device=device, dtype=torch.float32) / dim_head)
-    angles = torch.einsum("l,f->lf", torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.einsum("l,f->lf", positions, inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -103,24 +112,39 @@ class MultiHeadAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.kernel = kernel
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, _ = x.shape  # (b, l, h*d) -> (b, h, l, d)
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, l, h*d) -> (b, h, l, d): a projection's output as the kernels take it."""
+        b, l, _ = x.shape
         return x.view(b, l, self.heads, self.dim_head).transpose(1, 2)
 
-    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: (b, h, l, d), rotated when the positions are rotary."""
-        q, k = self._split(self.to_q(x)), self._split(self.to_k(x))
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """(b, h, l, d) -> (b, l, h*d), then the output projection ``to_out``."""
+        b, h, l, d = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, l, h * d))
+
+    def queries_keys(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: (b, h, l, d) of x (b, l, dim) at positions start.., rotated when the positions are rotary."""
+        q, k = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(x))
         if self.rotary:
-            cos, sin = rotary_tables(x.shape[1], self.dim_head, x.device, q.dtype)
+            cos, sin = rotary_tables(x.shape[1], self.dim_head, x.device, q.dtype, start=start)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k = self.queries_keys(x)
-        v = self._split(self.to_v(x))
-        out = self.kernel(q, k, v, key_padding_mask=key_padding_mask)  # (b, h, l, d)
-        b, h, l, d = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, l, h * d))
+        v = self.split_heads(self.to_v(x))
+        return self.merge_heads(self.kernel(q, k, v, key_padding_mask=key_padding_mask))  # kernel: (b, h, l, d)
+
+    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> dict:
+        """The kernel's empty causal state (FAVOR+: S, z, ...; exact: the key/value cache)."""
+        return self.kernel.init_state(batch, self.heads, self.dim_head, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, position: int, state: dict) -> tuple[torch.Tensor, dict]:
+        """One causal step: x (b, 1, dim) at ``position`` -> (output (b, 1, dim), new kernel state)."""
+        q, k = self.queries_keys(x, start=position)
+        out, state = self.kernel.step(q, k, self.split_heads(self.to_v(x)), state)  # out: (b, h, 1, d)
+        return self.merge_heads(out), state
 
     @torch.no_grad()
     def attention_matrix(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,6 +177,30 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), key_padding_mask))
         return x + self.dropout(self.ff(self.ln2(x)))
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, position: int, state: dict) -> tuple[torch.Tensor, dict]:
+        """``forward`` on one position x (b, 1, dim) of a causal model, the attention through its state."""
+        attended, state = self.attn.step(self.ln1(x), position, state)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.ff(self.ln2(x))), state
+
+
+@dataclass
+class RecurrentState:
+    """What a causal model carries from token to token (:meth:`PerformerLM.step`).
+
+    ``position``: index of the next token to be fed (0 for an empty state). ``layers``: one dict
+    per block; FAVOR+ layers hold ``FavorAttention.init_state``'s S (b, h, m, d), z (b, h, m) and
+    stabilizer (constant size), exact layers hold the key/value cache k, v (b, h, t, d) (grows).
+    """
+
+    position: int = 0
+    layers: list[dict] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (constant in ``position`` for FAVOR+ layers)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values() if torch.is_tensor(t))
 
 
 # ------------------------------------------------------------------------------------- model
@@ -218,13 +266,14 @@ class PerformerLM(nn.Module):
             nn.init.zeros_(m.bias)
 
     # ---------------------------------------------------------------- forward
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token (+ learned position) embeddings of tokens (b, l) at positions start.. -> (b, l, dim)."""
         b, l = tokens.shape
-        if self.pos_emb is not None and l > self.config.max_len:
-            raise ValueError(f"sequence length {l} > max_len {self.config.max_len} of the learned positions")
+        if self.pos_emb is not None and start + l > self.config.max_len:
+            raise ValueError(f"sequence length {start + l} > max_len {self.config.max_len} of the learned positions")
         x = self.token_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(l, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(start, start + l, device=tokens.device))
         return self.emb_dropout(x)
 
     def forward(
@@ -248,6 +297,43 @@ class PerformerLM(nn.Module):
         if return_attention:
             out["attentions"] = attentions
         return out
+
+    # ---------------------------------------------------------------- token by token (causal)
+    def check_can_step(self) -> None:
+        """Raise unless this is a causal model whose kernels can step (FAVOR+ or exact)."""
+        if not self.config.causal:
+            raise ValueError("recurrent generation needs a causal (UNI) model; this one has causal=False")
+        for i, kernel in self.attention_kernels():
+            if not (callable(getattr(kernel, "step", None)) and callable(getattr(kernel, "init_state", None))):
+                raise TypeError(f"layer {i}: cannot step a {type(kernel).__name__} kernel (FAVOR+ or exact only)")
+            if not kernel.causal:
+                raise ValueError(f"layer {i}: the attention kernel is not causal")
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
+        """An empty state for ``batch`` sequences (nothing fed yet); FAVOR+ states in float32 or wider."""
+        self.check_can_step()
+        param = next(self.parameters())
+        device = param.device if device is None else device
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        return RecurrentState(0, [block.attn.init_state(batch, device, dtype) for block in self.blocks])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """Feed one token per sequence, tokens (b,) long, at position ``state.position``.
+
+        Returns the logits (b, vocab) for the next position and the new state: the last row of
+        ``forward`` on everything fed so far, at O(1) cost per token for FAVOR+ layers. Dropout is
+        the caller's business (use ``eval()``).
+        """
+        position = state.position
+        if self.pos_emb is not None and position >= self.config.max_len:
+            raise ValueError(f"position {position} >= max_len {self.config.max_len} of the learned positions")
+        x = self.embed(tokens.view(-1, 1), start=position)  # (b, 1, dim)
+        layers = []
+        for block, layer_state in zip(self.blocks, state.layers):
+            x, layer_state = block.step(x, position, layer_state)
+            layers.append(layer_state)
+        return self.lm_head(self.norm(x))[:, 0], RecurrentState(position + 1, layers)
 
     # ---------------------------------------------------------------- random features
     def attention_kernels(self) -> Iterator[tuple[int, nn.Module]]:

@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/learning_check.py
+	$(PY) benchmarks/report.py
 
 studies: $(STAMP)
 	for s in causal_generation approximation speed compatibility redraw; do \

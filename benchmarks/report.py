@@ -113,8 +113,11 @@ def run_date(run: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- attention
 def attention_key(run: dict) -> tuple:
+    """A configuration: device, dtype, malloc tuning, and the Triton dot precision when not the default
+    (``PROTEIN_PERFORMER_TRITON_DOT``; gpu.sh names that run ``..._tf32x3.json``)."""
     cfg = run["meta"]["config"]
-    return cfg["device"], cfg["dtype"], bool(cfg.get("keep_freed_memory") or cfg.get("system_malloc"))
+    dot = cfg.get("triton_dot") or ("tf32x3" if run["_path"].endswith("_tf32x3.json") else "")
+    return cfg["device"], cfg["dtype"], bool(cfg.get("keep_freed_memory") or cfg.get("system_malloc")), dot
 
 
 def attention_runs() -> list[dict]:
@@ -165,20 +168,29 @@ def attention_section(runs: list[dict]) -> list[str]:
            "`FavorAttention`'s default `impl`; `favor_softmax_scan` etc. name another `impl`.", ""]
     for run in sorted(runs, key=attention_key):
         meta, cfg = run["meta"], run["meta"]["config"]
-        tuned = "with malloc tuning" if attention_key(run)[2] else "plain process (as a user runs it)"
-        out += [f"### {cfg['device'].upper()}, {cfg['dtype']}, {cfg.get('threads', '?')} threads, {tuned}", "",
+        _, _, tuned, dot = attention_key(run)
+        setting = "with malloc tuning" if tuned else "plain process (as a user runs it)"
+        setting += f", Triton dots {dot}" if dot else ""
+        threads = f"{cfg.get('threads', '?')} threads" if cfg["device"] == "cpu" else run["meta"]["machine"]
+        out += [f"### {cfg['device'].upper()}, {cfg['dtype']}, {threads}, {setting}", "",
                 f"Command: `{meta['command']}`  ",
                 f"Machine: {meta['machine']}, torch {meta['torch']}; {day(meta['date'])}. Data: {source(run)}", ""]
         for mode in cfg["modes"]:
             out += attention_table(run, mode)
-        out += [f"- {note}" for note in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
+        scaling = [f"{s['mode']} {s['ratio']:.2f}" for s in run.get("scaling", [])]
+        if scaling:
+            lengths = run["scaling"][0]["lengths"]
+            out += [f"- favor_softmax time({lengths[1]}) / time({lengths[0]}), timed round-robin: "
+                    + ", ".join(scaling)]
+        out += [f"- {note}" for note in meta.get("notes", [])]
+        out += [""] if scaling or meta.get("notes") else []
     return out
 
 
 def attention_floors(runs: list[dict]) -> list[Floor]:
     by_key = {attention_key(r): r for r in runs}
-    plain, tuned = by_key.get(("cpu", "fp32", False)), by_key.get(("cpu", "fp32", True))
-    gpu = by_key.get(("cuda", "bf16", False))
+    plain, tuned = by_key.get(("cpu", "fp32", False, "")), by_key.get(("cpu", "fp32", True, ""))
+    gpu = by_key.get(("cuda", "bf16", False, ""))
     with_pp = next((r for r in (plain, tuned) if attention_value(r, "performer_pytorch", "causal", 4096)), None)
     pp = None
     if with_pp:
@@ -267,7 +279,7 @@ def throughput_section(runs: list[dict]) -> tuple[list[str], list[Floor]]:
     floors = []
     for run in runs:
         m, model = run["machine"], run["model"]
-        lines += [f"### {run.get('device', 'cpu')}, {m['torch_threads']} threads, {model['depth']} layers, "
+        lines += [f"### {run.get('device', 'cpu')}, {m['torch_threads']} torch threads, {model['depth']} layers, "
                   f"d {model['dim']}", "", f"Command: `{run['command']}`  ",
                   f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {day(run['date'])}; load average "
                   f"{run['load_average_before'][0]:.2f} before. Data: {source(run)}", ""]
@@ -276,7 +288,7 @@ def throughput_section(runs: list[dict]) -> tuple[list[str], list[Floor]]:
         lines += table(["L", "batch", "model", "step s", "tokens/s", "vs exact"], body) + [""]
         relu = {r["length"]: r["speedup_vs_exact"] for r in run["rows"] if r["attention"] == "favor_relu"}
         if run.get("device", "cpu") == "cpu":
-            floors.append(Floor("4", f"L=4096 Performer-ReLU / exact tokens/s ({m['torch_threads']} threads)",
+            floors.append(Floor("4", f"L=4096 Performer-ReLU / exact tokens/s ({m['torch_threads']} torch threads)",
                                 1.5, False, relu.get(4096), run))
     gpu = next((r for r in runs if r.get("device", "cpu") != "cpu" and r.get("config") == "paper"), None)
     expected, command = "gpu/train_throughput_cuda_bf16_paper.json", "bash benchmarks/gpu.sh"

@@ -167,9 +167,8 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
     """Aggregate a maps file, correlate with BLOSUM62 (all heads together and each head alone),
     write ``aa_similarity.json``, ``aa_similarity.csv`` (the 20 x 20 matrix) and
     ``aa_similarity.png``; returns the JSON content."""
+    from protein_performer.analysis.contact_run import prepare_output_dir
     from protein_performer.analysis.maps_io import MapsFile
-
-    from protein_performer.analysis.contacts import _prepare_output_dir
 
     out = Path(output_dir)
     with MapsFile(maps) as mf:
@@ -198,7 +197,7 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
               "matrix": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in M]}
     # every file atomic, and the JSON last (an old one removed first): a killed run leaves no
     # aa_similarity.json, so its presence means the CSV and the plot of the same run are complete
-    _prepare_output_dir(out)
+    prepare_output_dir(out)
     (out / "aa_similarity.json").unlink(missing_ok=True)
     atomic.write_text(out / "aa_similarity.csv", "aa," + ",".join(STANDARD_AA) + "\n" + "".join(
         a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)))

@@ -2,7 +2,7 @@
 
     python -m protein_performer.experiments.family_contacts family=PF00072 output_dir=<OUT>
         [data=<pfam40_domains.fasta.gz>] [structures=<kortemme40 dir>] [max_identity=0.9]
-        [max_sequences=N] [stages=extract,ingest,train,export,score] [<hydra override> ...]
+        [max_sequences=N] [stages=extract,ingest,train,export,score,contacts] [<hydra override> ...]
 
 1. extract: the family's domains from the pfam40 FASTA (header ``>NAME/start-end PFxxxxx``) into
    ``<OUT>/family.fasta``, leaving out every domain at least ``max_identity`` identical to the
@@ -13,7 +13,12 @@
 4. export the maps of the family's chain for the trained model and a random-init twin;
 5. score the unsupervised mean-of-heads APC map (no fitted weights) and each layer's mean, by
    range (short 6-11, medium 12-23, long >= 24) and P@L, P@L/2, P@L/5; write
-   ``<OUT>/summary.json`` and ``<OUT>/contacts.png`` (predicted vs true contacts).
+   ``<OUT>/summary.json`` and ``<OUT>/contacts.png`` (predicted vs true contacts);
+6. contacts: the maps of every chain of ``structures`` (trained and random init) in
+   ``<OUT>/kortemme40/``, the ``contacts`` step on them with 20 training chains (report, and the
+   contact head for ``predict_contacts`` in ``<OUT>/kortemme40/contacts/contact_head.json``), and the
+   head fitted leave-family-out: on chains of other families only, scored on the family's chain
+   (see :mod:`protein_performer.experiments.family_head`).
 
 With ``probe_every_s`` the :class:`ContactProbe` callback also scores the chain during training
 (the same map from the in-memory model), which gives precision against training minutes.
@@ -47,7 +52,7 @@ CONF = REPO / "conf"
 SHARED = Path(os.environ.get("PP_SHARED_DATA", REPO.parent / "shared" / "data"))
 PFAM40 = SHARED / "pfam40_domains.fasta.gz"
 KORTEMME40 = SHARED / "structures" / "kortemme40"
-STAGES = ("extract", "ingest", "train", "export", "score")
+STAGES = ("extract", "ingest", "train", "export", "score", "contacts")
 
 
 # ------------------------------------------------------------------------------ training
@@ -143,6 +148,14 @@ def _score_stage(paths: RunPaths, family: str, summary: dict) -> None:
                   f"(random init {random_init['long']['P@L']:.2f})")
 
 
+def _contacts_stage(paths: RunPaths, structures: str | Path) -> dict:
+    """Maps of every chain of ``structures``, the ``contacts`` report and saved head, and the head
+    fitted leave-family-out (see :mod:`protein_performer.experiments.family_head`)."""
+    from protein_performer.experiments.family_head import contacts_stage
+
+    return contacts_stage(paths.checkpoint, structures, paths.structure, paths.out)
+
+
 def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data: str | Path = PFAM40,
         structures: str | Path = KORTEMME40, max_identity: float = 0.9, max_sequences: int | None = None,
         stages: Sequence[str] = STAGES, probe_every_s: float | None = None, homologs: int = 0) -> dict:
@@ -167,6 +180,7 @@ def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data
         ("train", lambda: _train_stage(paths, overrides, probe_every_s, summary)),
         ("export", lambda: _export_stage(paths)),
         ("score", lambda: _score_stage(paths, family, summary)),
+        ("contacts", lambda: summary.__setitem__("fitted_head", _contacts_stage(paths, structures))),
     ]
     for name, work in steps:
         if name in stages:
@@ -219,6 +233,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if ha:
         print(f"homolog-averaged map ({ha['n_homologs']} family members aligned onto the chain): long-range P@L "
               f"{ha['trained']['long']['P@L']:.3f}; random init {ha['random_init']['long']['P@L']:.3f}")
+    fitted = (s.get("fitted_head") or {}).get("leave_family_out")
+    if fitted:
+        print(f"contact head fitted leave-family-out ({fitted['train_size']} chains of other families, "
+              f"{fitted['draws']} draws): long-range P@L {fitted['trained']['mean']['long']['P@L']:.3f}; "
+              f"random init {fitted['random_init']['mean']['long']['P@L']:.3f}; head for predict_contacts: "
+              f"{Path(opts['output_dir']) / s['fitted_head']['head']}")
     print(f"summary: {Path(opts['output_dir']) / 'summary.json'}")
 
 

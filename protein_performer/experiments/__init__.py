@@ -1,7 +1,9 @@
 """Studies that reproduce the Performer paper's claims at workstation scale (issue 6).
 
-Each study is one command that writes JSON + PNG under ``benchmarks/results/studies/`` and its
-markdown section into ``benchmarks/results/studies.md``:
+Each study is one command that writes JSON + PNG into ``--out-dir`` (default ``./study_results``
+under the current directory, never the package) and its markdown section into ``--markdown``
+(default ``<out-dir>/studies.md``); ``make studies`` passes ``--out-dir benchmarks/results/studies
+--markdown benchmarks/results/studies.md``:
 
     python -m protein_performer.experiments.approximation   # 1. MSE vs number of features m
     python -m protein_performer.experiments.speed           # 2. time / memory vs length L
@@ -11,6 +13,8 @@ markdown section into ``benchmarks/results/studies.md``:
 
 Defaults finish in under 15 minutes on 2 CPU cores (2 to 5 minutes each on a quiet machine);
 ``--device cuda`` and the size arguments scale them up. The library piece behind study 5 is
-``protein_performer.generation`` (token-by-token sampling with the recurrent FAVOR+ state). Shared pieces (data, a small training loop, evaluation, reporting, the common
-command-line options) live in ``common.py``.
+``protein_performer.generation`` (token-by-token sampling with the recurrent FAVOR+ state).
+Shared pieces live in ``sequences`` (data), ``small_training`` (the loop ``fit_small_model``,
+evaluation), ``pretrained`` (cached trained models), ``reports`` (machine, JSON, markdown, figures)
+and ``study_cli`` (the common command-line options); ``common`` re-exports them all.
 """

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     common.add_output_args(p)
-    return p.parse_args(argv)
+    return common.parse_study_args(p, argv)
 
 
 def favor_module(kind: str, orthogonal: bool, dim: int, m: int, seed: int) -> FavorAttention:

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=120)
     p.add_argument("--temperature", type=float, default=1.0)
     common.add_output_args(p)
-    return p.parse_args(argv)
+    return common.parse_study_args(p, argv)
 
 
 def residue_mask(vocab_size: int) -> torch.Tensor:
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
                              seed=args.seed)
     valid = common.eval_batches(valid_seqs, "uni", args.max_length, 32)
     before = common.evaluate(model, valid)
-    common.train(model, train_seqs, cfg, args.device, progress=not args.no_progress, desc="UNI FAVOR+")
+    common.fit_small_model(model, train_seqs, cfg, args.device, progress=not args.no_progress, desc="UNI FAVOR+")
     model = model.cpu().eval() if args.device == "cpu" else model.eval()
     after = common.evaluate(model, valid, args.device)
     log.info("UNI model valid: before %s after %s", before, after)

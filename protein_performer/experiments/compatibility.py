@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the output files and of the markdown section")
     p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
     common.add_output_args(p)
-    return p.parse_args(argv)
+    return common.parse_study_args(p, argv)
 
 
 def swap(exact: torch.nn.Module, attention: str, shape: dict, nb_features: int, seed: int) -> torch.nn.Module:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     for attention in (*TARGETS, "exact"):
         model = copy.deepcopy(exact) if attention == "exact" else \
             swap(exact, attention, shape, args.nb_features, stable_seed(args.seed, "swap", attention, 0))
-        hist = common.train(model, train_seqs, ft_cfg, args.device, eval_every=args.eval_every,
+        hist = common.fit_small_model(model, train_seqs, ft_cfg, args.device, eval_every=args.eval_every,
                             eval_fn=lambda m: common.evaluate(m, valid, args.device), progress=not args.no_progress,
                             desc=f"fine-tune {attention}")
         curves[attention] = [{"step": h["step"], "acc": h["acc"], "loss": h["loss"]} for h in hist if "acc" in h]

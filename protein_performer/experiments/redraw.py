@@ -51,11 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim-head", type=int, default=16)
     p.add_argument("--nb-features", type=int, default=16)
     common.add_output_args(p)
-    return p.parse_args(argv)
+    return common.parse_study_args(p, argv)
 
 
 def redraw_schedule(seed: int, every: int):
-    """``on_step`` for ``common.train``: redraw every layer at steps every, 2 every, ... (0 = never).
+    """``on_step`` for ``common.fit_small_model``: redraw every layer at steps every, 2 every, ... (0 = never).
     Step 0 keeps the initial draw, so both arms start from identical features."""
     def on_step(step: int, model: torch.nn.Module) -> None:
         if every and step and step % every == 0:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
             model = common.build_model("favor_softmax", False, seed, favor_kwargs={"seed": stable_seed(seed, "init-features")}, **shape)
             cfg = common.TrainConfig(objective="bid", max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
                                      lr=args.lr, seed=seed)
-            history = common.train(model, train_seqs, cfg, args.device, on_step=redraw_schedule(seed, every),
+            history = common.fit_small_model(model, train_seqs, cfg, args.device, on_step=redraw_schedule(seed, every),
                                    eval_every=args.eval_every, eval_fn=lambda m: common.evaluate(m, valid, args.device),
                                    progress=not args.no_progress, desc=f"seed {seed} {arm}")
             final = common.evaluate(model, valid, args.device)

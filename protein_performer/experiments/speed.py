@@ -291,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure in this process (default: on CUDA; CPU uses a child process per point for its peak RSS)")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. _cuda)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return common.parse_study_args(p, argv)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -211,3 +211,26 @@ def test_contacts_step_saves_the_head(fitted, tmp_path):
         assert 0.0 <= table["long"]["P@L"] <= 1.0
     # the report is still written last, after the head
     assert (tmp_path / "c" / "report.json").stat().st_mtime_ns >= (tmp_path / "c" / "contact_head.json").stat().st_mtime_ns
+
+
+def test_predicted_precision_matches_the_contacts_report(fitted, tmp_path):
+    """Issue 12's check at test size (benchmarks/predict_contacts_check.py runs it on a recipe model):
+    `contacts` with one split (train_size = head_train_size, same seed) saves the head fitted on the
+    report's training proteins; predict_contacts from the sequences alone, with that head, gives the
+    report's long-range P@L on the test proteins (issue's tolerance 0.01; here equal up to float16
+    feature flips, which can only swap near-ties)."""
+    from protein_performer.analysis.contacts import precision_at_k, run_contacts
+
+    report = run_contacts(fitted["maps"], STRUCTURES, tmp_path / "c", n_plots=0, train_size=5, head_train_size=5,
+                          seed=0)
+    head = ContactHead.load(tmp_path / "c" / "contact_head.json")
+    assert sorted(head.training_proteins) == sorted(report["folds"][0]["train"])
+    test = {p.name: p for p in fitted["proteins"] if p.name in report["folds"][0]["test"]}
+    assert len(test) == len(fitted["proteins"]) - 5 >= 3
+    preds = {x.id: x for x in predict_contacts(fitted["lm"], head, [(n, p.sequence) for n, p in test.items()])}
+    per = report["methods"]["trained"]["per_protein"]
+    mine = {n: precision_at_k(preds[n].contacts, p.true, 24, None, 1.0) for n, p in test.items()}
+    for n in test:
+        assert abs(mine[n] - per[n]["long"]["P@L"]) <= 1 / test[n].L + 1e-12, n
+    reported = report["methods"]["trained"]["mean"]["long"]["P@L"]
+    assert abs(np.mean(list(mine.values())) - reported) <= 0.01

@@ -1,0 +1,116 @@
+"""Issue 12's check: ``predict_contacts`` on the kortemme40 chains' sequences, with a recipe
+checkpoint and the head ``contacts`` saved for it, gives probabilities whose long-range P@L matches
+what ``contacts`` reports for the same model within 0.01.
+
+    python benchmarks/predict_contacts_check.py --run /tmp/family_contacts_runs/PF00072_relu4_13min
+
+The run folder is one of the family-contacts recipe (``<run>/checkpoints/last.ckpt``) whose
+``contacts`` stage exported the maps of the kortemme40 chains into ``<run>/kortemme40/``
+(``benchmarks/family_contacts.py --head``). Steps, each a real command:
+
+1. ``python -m protein_performer.contacts`` on those maps with ``train_size=20`` (one split: the
+   report's precision is over the chains *not* among the 20 training chains, and the head it saves is
+   fitted on the same 20: ``head_train_size=20``, same seed);
+2. ``python -m protein_performer.predict_contacts`` with the checkpoint and that head on a FASTA of the
+   chains' sequences (``chains.tsv``; chains too long for the model are skipped, as in the export);
+3. long-range P@L of each predicted map against the structure, averaged over the report's test chains,
+   next to the report's number. Result: benchmarks/results/predict_contacts_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULT = REPO / "benchmarks" / "results" / "predict_contacts_check.json"
+SHARED = Path(os.environ.get("PP_SHARED_DATA", REPO.parent / "shared" / "data"))
+TOLERANCE = 0.01
+
+
+def _run(args: list[str]) -> str:
+    command = "python " + " ".join(shlex.quote(a) for a in args)
+    print(command, flush=True)
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL)
+    return command
+
+
+def write_fasta(structures: Path, path: Path) -> dict[str, str]:
+    """The chains' sequences (chains.tsv) as FASTA, ids = the maps' record ids (``<stem>_<chain>``)."""
+    with open(structures / "chains.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    seqs = {f"{Path(r['file']).stem}_{r['chain']}": r["atom_sequence"] for r in rows}
+    path.write_text("".join(f">{k}\n{v}\n" for k, v in seqs.items()))
+    return seqs
+
+
+def score_predictions(predicted: Path, structures: Path) -> dict[str, float]:
+    """Long-range P@L of every predicted map against its chain's structure."""
+    from protein_performer.analysis.contacts import contact_map, precision_at_k
+    from protein_performer.analysis.predict_contacts import ContactsFile
+    from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
+
+    chains = {c.name: c for c in load_structures(structures)[0]}
+    out = {}
+    with ContactsFile(predicted) as cf:
+        for pred in cf:
+            chain = chains[pred.id]
+            true = contact_map(coords_on_sequence(chain, align_to_sequence(chain, pred.sequence)))
+            out[pred.id] = precision_at_k(pred.contacts, true, 24, None, 1.0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=Path("/tmp/family_contacts_runs/PF00072_relu4_13min"))
+    p.add_argument("--structures", type=Path, default=SHARED / "structures" / "kortemme40")
+    a = p.parse_args(argv)
+    root = a.run / "kortemme40"
+    if not (root / "maps.h5").is_file():
+        raise SystemExit(f"{root / 'maps.h5'} not found: run the recipe's contacts stage first "
+                         "(benchmarks/family_contacts.py --head, or the recipe with stages=contacts)")
+    contacts_dir, predicted, fasta = root / "contacts_check", root / "predicted.h5", root / "chains.fasta"
+    ckpt = a.run / "checkpoints" / "last.ckpt"
+    commands = [_run(["-m", "protein_performer.contacts", f"maps={root / 'maps.h5'}", f"structures={a.structures}",
+                      f"output_dir={contacts_dir}", "train_size=20", "head_train_size=20", "seed=0", "n_plots=0"])]
+    write_fasta(a.structures, fasta)
+    commands.append(_run(["-m", "protein_performer.predict_contacts", f"checkpoint={ckpt}",
+                          f"head={contacts_dir / 'contact_head.json'}", f"input={fasta}", f"output={predicted}",
+                          "crop=skip", "overwrite=true", "progress=false"]))
+    report = json.loads((contacts_dir / "report.json").read_text())
+    test = report["folds"][0]["test"]
+    head = json.loads((contacts_dir / "contact_head.json").read_text())
+    assert sorted(head["training_proteins"]) == sorted(report["folds"][0]["train"]), "head and report split differ"
+    scores = score_predictions(predicted, a.structures)
+    reported = report["methods"]["trained"]["mean"]["long"]["P@L"]
+    per_report = {n: report["methods"]["trained"]["per_protein"][n]["long"]["P@L"] for n in test}
+    predicted_mean = float(np.mean([scores[n] for n in test]))
+    result = {"run": str(a.run), "checkpoint_sha256": head["checkpoint_sha256"], "commands": commands,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+              "n_predicted": len(scores), "n_test": len(test), "training_proteins": head["training_proteins"],
+              "contacts_long_P@L": reported, "predict_contacts_long_P@L": predicted_mean,
+              "difference": predicted_mean - reported, "tolerance": TOLERANCE,
+              "passed": abs(predicted_mean - reported) <= TOLERANCE,
+              "per_protein": {n: {"contacts": per_report[n], "predict_contacts": scores[n]} for n in test},
+              "predict_contacts_all_chains_long_P@L": float(np.mean(list(scores.values())))}
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"long-range P@L over the {len(test)} test chains: contacts {reported:.4f}, predict_contacts "
+          f"{predicted_mean:.4f} (difference {predicted_mean - reported:+.4f}, tolerance {TOLERANCE}): "
+          f"{'PASS' if result['passed'] else 'FAIL'} -> {RESULT}")
+
+
+if __name__ == "__main__":
+    main()

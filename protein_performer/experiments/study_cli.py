@@ -50,8 +50,8 @@ def add_output_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
     """``--out-dir`` (JSON + PNG), ``--markdown`` (the studies' markdown) and, unless ``progress``
     is False (a study that lists it later itself), ``--no-progress``."""
     p.add_argument("--out-dir", type=Path, default=default_out_dir(), help="directory for <study>.json and .png")
-    p.add_argument("--markdown", type=Path, default=None,
-                   help=f"markdown page the study updates its section of (default <out-dir>/{MARKDOWN_NAME})")
+    p.add_argument("--markdown", type=Path, default=argparse.SUPPRESS,  # parse_study_args fills it in
+                   help=f"markdown page the study updates its section of (default: <out-dir>/{MARKDOWN_NAME})")
     if progress:
         p.add_argument("--no-progress", action="store_true")
 
@@ -59,7 +59,7 @@ def add_output_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
 def parse_study_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``p.parse_args(argv)`` with ``--markdown`` defaulting to ``<out-dir>/studies.md``."""
     args = p.parse_args(argv)
-    if getattr(args, "markdown", False) is None:
+    if hasattr(args, "out_dir") and getattr(args, "markdown", None) is None:
         args.markdown = args.out_dir / MARKDOWN_NAME
     return args
 

@@ -17,7 +17,7 @@ of its ``>`` in the (decompressed) stream.
 exactly, which is how ``part=i num_parts=n`` ingestion splits one big file across jobs. Line
 numbers are then counted from the first record of the range (``line0`` sets the base).
 
-A gzip input is inflated by ``zlib`` in a read-ahead thread (zlib releases the GIL), so the
+A gzip input is inflated by ``zlib`` in a read-ahead thread (gzip_stream.py; zlib releases the GIL), so the
 decompression of the next blocks overlaps the parsing of the current one.
 
 Text encodings. A header is any bytes up to the end of its line: the reader never decodes it.
@@ -40,9 +40,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import os
-import queue
 import re
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +48,11 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from protein_performer.data.gzip_stream import GZIP_MAGIC, ThreadedGzipReader, is_gzip, open_binary
 from protein_performer.errors import UserError
 
-GZIP_MAGIC = b"\x1f\x8b"
+_ThreadedGzipReader = ThreadedGzipReader  # its name when it lived here
+
 _WHITESPACE = b"\n\r \t\v\f"
 DEFAULT_BLOCK_SIZE = 1 << 20  # 1 MiB: a block's several passes stay in L2 (4 MiB was ~20% slower)
 
@@ -158,128 +158,6 @@ class Batch:
         return len(self.headers)
 
 
-def is_gzip(path: str | os.PathLike) -> bool:
-    """True when the file starts with the gzip magic bytes (gzip and BGZF alike)."""
-    with open(path, "rb") as fh:
-        return fh.read(2) == GZIP_MAGIC
-
-
-def open_binary(path: str | os.PathLike) -> BinaryIO:
-    """Open a plain or gzip/BGZF file for binary reading (compression detected by magic bytes)."""
-    if is_gzip(path):
-        return gzip.open(path, "rb")
-    return open(path, "rb", buffering=0)
-
-
-class _ThreadedGzipReader:
-    """Multi-member gzip/BGZF decompression with zlib in a read-ahead thread.
-
-    ``zlib`` releases the GIL while it inflates, so the next blocks are decompressed while the
-    caller parses the current one (the same bytes as :func:`gzip.open`, about 1.3x less CPU).
-    ``read(n)`` returns at least ``n`` bytes unless the stream ends; ``seek`` only goes forward.
-    A truncated or corrupt stream raises ``EOFError`` / ``zlib.error`` in the reading thread.
-    """
-
-    _RAW = 2 << 20  # compressed bytes per step: pieces of ~4-8 MiB (fewer, larger inflate calls were faster)
-
-    def __init__(self, path: Path, depth: int = 4):
-        self._fh = open(path, "rb")
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._pending = memoryview(b"")  # the rest of the last piece, not yet read
-        self._done = False
-        self._pos = 0
-        self._t = threading.Thread(target=self._produce, name=f"gunzip {path.name}", daemon=True)
-        self._t.start()
-
-    def _produce(self) -> None:
-        try:
-            d = zlib.decompressobj(31)
-            data = b""
-            while not self._stop.is_set():
-                if not data:
-                    data = self._fh.read(self._RAW)
-                    if not data:
-                        if d.eof:
-                            break
-                        raise EOFError("compressed file ended before the end-of-stream marker was reached")
-                out = d.decompress(data)
-                data = b""
-                if d.eof:  # member finished; the rest (if any) is the next member
-                    data = d.unused_data
-                    if data.strip(b"\x00") == b"" and not self._fh.peek(1)[:1]:
-                        data = b""  # trailing zero padding
-                    if data or self._fh.peek(1)[:1]:
-                        d = zlib.decompressobj(31)
-                if out:
-                    self._put(out)
-            self._put(None)
-        except BaseException as e:  # handed to the reader
-            self._put(e)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _get(self) -> bytes:
-        if self._done:
-            return b""
-        item = self._q.get()
-        if item is None:
-            self._done = True
-            return b""
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        return item
-
-    def read(self, n: int) -> bytes:
-        """At least ``n`` bytes, at most ``2 n``; b"" at the end.
-
-        Whole pieces are returned without a copy when they fit; a larger piece (small blocks) is
-        handed out in parts through a memoryview, so that each byte is copied at most once.
-        """
-        parts: list[memoryview] = []
-        have = 0
-        while have < n:
-            if not self._pending:
-                b = self._get()
-                if not b:
-                    break
-                self._pending = memoryview(b)
-            p = self._pending
-            k = len(p) if have + len(p) <= 2 * n else n - have
-            parts.append(p[:k])
-            self._pending = p[k:]
-            have += k
-        self._pos += have
-        if len(parts) == 1 and len(parts[0]) == len(parts[0].obj):
-            return parts[0].obj  # a whole piece, as decompressed
-        return b"".join(parts)
-
-    def seek(self, offset: int) -> None:
-        if offset < self._pos:
-            raise ValueError("_ThreadedGzipReader only seeks forward")
-        while self._pos < offset:
-            if not self._pending:
-                b = self._get()
-                if not b:
-                    break
-                self._pending = memoryview(b)
-            take = min(len(self._pending), offset - self._pos)
-            self._pending = self._pending[take:]
-            self._pos += take
-
-    def close(self) -> None:
-        self._stop.set()
-        self._t.join()
-        self._fh.close()
-
-
 def _gzip_error(path, e: BaseException) -> FastaFormatError:
     return FastaFormatError(
         path,
@@ -357,7 +235,7 @@ def iter_batches(
     original bytes back (to report an invalid character).
     """
     path = Path(path)
-    fh = _ThreadedGzipReader(path) if is_gzip(path) else open(path, "rb", buffering=0)
+    fh = ThreadedGzipReader(path) if is_gzip(path) else open(path, "rb", buffering=0)
     try:
         yield from _iter_batches(fh, path, start, end, line0, block_size, table)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
@@ -371,42 +249,53 @@ def _read(fh: BinaryIO, n: int) -> bytes:
     return fh.read(n)
 
 
+def _seek_record_start(fh, path, start: int, block_size: int, line0: int) -> tuple[bytes, int] | None:
+    """Read from the first record start at or after ``start`` (a '>' preceded by '\\n'): the bytes
+    read from there and their stream offset; None when no record starts in the rest of the file."""
+    fh.seek(start - 1)
+    pos = start - 1
+    buf = b""
+    while True:
+        more = _read(fh, block_size)
+        buf += more
+        i = buf.find(b"\n>")
+        if i >= 0:
+            buf = buf[i + 1 :]
+            pos += i + 1
+            break
+        if not more:
+            return None
+        keep = buf[-1:]
+        pos += len(buf) - 1
+        buf = keep
+    _check_nul(path, buf, len(buf), line0)
+    return buf, pos
+
+
+def _start_of_file(fh, path, block_size: int, line0: int) -> tuple[bytes, int, int]:
+    """Read the head of the file, check it (empty, binary, not FASTA) and skip a byte-order mark and
+    leading blank lines: the bytes from the first '>', their offset and the line they start on."""
+    buf = _read(fh, block_size)
+    bom = len(_UTF8_BOM) if buf.startswith(_UTF8_BOM) else 0
+    while not buf[bom:].strip(_WHITESPACE):  # blank so far: read on (blank lines are kept for the line count)
+        more = _read(fh, block_size)
+        if not more:
+            raise FastaFormatError(path, "empty file: no FASTA record. Check the path (the download may have failed).")
+        buf += more
+    _check_head(path, buf[bom:], line0)
+    lead = bom + len(buf[bom:]) - len(buf[bom:].lstrip(_WHITESPACE))
+    line0 += buf[:lead].count(b"\n")
+    return buf[lead:], lead, line0
+
+
 def _iter_batches(fh, path, start, end, line0, block_size, table=None) -> Iterator[Batch]:
-    pos = 0  # stream offset of buf[0]
     if start > 0:
-        # Find the first record start at or after `start`: a '>' preceded by '\n'.
-        fh.seek(start - 1)
-        pos = start - 1
-        buf = b""
-        while True:
-            more = _read(fh, block_size)
-            buf += more
-            i = buf.find(b"\n>")
-            if i >= 0:
-                buf = buf[i + 1 :]
-                pos += i + 1
-                break
-            if not more:  # no record starts in the rest of the file
-                return
-            keep = buf[-1:]
-            pos += len(buf) - 1
-            buf = keep
-        _check_nul(path, buf, len(buf), line0)
+        found = _seek_record_start(fh, path, start, block_size, line0)
+        if found is None:  # no record starts in the rest of the file
+            return
+        buf, pos = found  # pos: stream offset of buf[0]
     else:
-        buf = _read(fh, block_size)
-        bom = len(_UTF8_BOM) if buf.startswith(_UTF8_BOM) else 0
-        while not buf[bom:].strip(_WHITESPACE):  # blank so far: read on (blank lines are kept for the line count)
-            more = _read(fh, block_size)
-            if not more:
-                raise FastaFormatError(
-                    path, "empty file: no FASTA record. Check the path (the download may have failed)."
-                )
-            buf += more
-        _check_head(path, buf[bom:], line0)
-        lead = bom + len(buf[bom:]) - len(buf[bom:].lstrip(_WHITESPACE))
-        line0 += buf[:lead].count(b"\n")
-        buf = buf[lead:]
-        pos = lead
+        buf, pos, line0 = _start_of_file(fh, path, block_size, line0)
     line = line0
     eof = False
     consumed_since = 0
@@ -534,6 +423,7 @@ def find_record_start(path: str | os.PathLike, offset: int, block_size: int = 1 
 
 __all__ = [
     "BINARY_CONTROL_SHARE",
+    "GZIP_MAGIC",
     "Batch",
     "FastaFormatError",
     "FastaRecord",

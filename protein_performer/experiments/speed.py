@@ -309,9 +309,8 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def markdown(r: dict, name: str) -> str:
-    a = r["args"]
-    by = {(x["core"], x["length"]): x for x in r["rows"]}
+def _time_table(r: dict, by: dict) -> tuple[list[str], list[list]]:
+    """Header and rows of the time / memory / floor-ratio table, one row per length that ran."""
     table = []
     for length in r["lengths"]:
         row = [length]
@@ -334,11 +333,13 @@ def markdown(r: dict, name: str) -> str:
             table.append(row)
     header = (["L"] + [f"fwd s {c}" for c in CORES] + [f"fwd+bwd s {c}" for c in CORES]
               + [f"peak MiB {c}" for c in CORES] + ["exact / floor", "exact_naive / floor", "favor_softmax / floor"])
+    return header, table
+
+
+def _notes(r: dict, by: dict) -> list[str]:
+    """What the table says about the paper's claims (time and memory against exact attention and the floor)."""
     big = r["largest_length"]
-    stops = "\n".join(f"- {core}: largest L = {big.get(core, 'none')}; stopped: {why}" for core, why in r["stops"].items())
-    fav, ex = big.get("favor_softmax", 0), big.get("exact", 0)
-    verdict = (f"FAVOR+ softmax reaches L = {fav}, {fav // max(ex, 1)}x the exact model's L = {ex}" if fav > ex else
-               f"FAVOR+ does NOT reach a longer L than exact attention here (FAVOR+ {fav}, exact {ex})")
+    fav = big.get("favor_softmax", 0)
     notes = []
     common_l = [l for l in r["lengths"] if all("time_s" in by.get((c, l), {}).get("forward_backward", {}) for c in ("exact", "favor_softmax"))]
     if common_l:
@@ -360,7 +361,19 @@ def markdown(r: dict, name: str) -> str:
         notes.append(f"FAVOR+ softmax fwd+bwd time / identity floor: {min(fl):.1f}x to {max(fl):.1f}x over all L "
                      + ("(a constant factor: the Performer scales like the attention-free model, as claimed)" if max(fl) < 4 else
                         "(NOT near the floor)"))
-    notes_text = "\n".join("- " + n for n in notes)
+    return notes
+
+
+def markdown(r: dict, name: str) -> str:
+    a = r["args"]
+    by = {(x["core"], x["length"]): x for x in r["rows"]}
+    header, table = _time_table(r, by)
+    big = r["largest_length"]
+    stops = "\n".join(f"- {core}: largest L = {big.get(core, 'none')}; stopped: {why}" for core, why in r["stops"].items())
+    fav, ex = big.get("favor_softmax", 0), big.get("exact", 0)
+    verdict = (f"FAVOR+ softmax reaches L = {fav}, {fav // max(ex, 1)}x the exact model's L = {ex}" if fav > ex else
+               f"FAVOR+ does NOT reach a longer L than exact attention here (FAVOR+ {fav}, exact {ex})")
+    notes_text = "\n".join("- " + n for n in _notes(r, by))
     return f"""## Study 2: speed and memory vs length ({a['device']}{', ' + a['dtype'] if a['dtype'] != 'fp32' else ''})
 
 Command: `{r['command']}`

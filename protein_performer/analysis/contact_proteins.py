@@ -138,9 +138,9 @@ def _protein(rec: MapsRecord, chain: Chain, maps: Path, threshold: float, min_id
     true = contact_map(coords_on_sequence(chain, aln), threshold)
     i, j = np.triu_indices(len(rec.sequence), k=MIN_SEP)
     prot = Protein(chain.name, chain.key, rec.sequence, true, i, j, alignment=aln.as_dict())
-    a = apc_of(rec, maps)
-    prot.features[TRAINED] = pair_features(a, i, j)
-    prot.n_heads[TRAINED] = tuple(a.shape[:2])
+    maps_apc = apc_of(rec, maps)
+    prot.features[TRAINED] = pair_features(maps_apc, i, j)
+    prot.n_heads[TRAINED] = tuple(maps_apc.shape[:2])
     return prot
 
 
@@ -169,6 +169,6 @@ def _add_baseline(proteins: list[Protein], path: Path, failures: list[LoadFailur
                 _failure(failures, LoadFailure(p.source, None, f"{path} record {record_id}: sequence differs "
                                                f"from the trained model's maps; baseline skipped for {p.name}"))
                 continue
-            a = apc_of(rec, path)
-            p.features[RANDOM_INIT] = pair_features(a, p.i, p.j)
-            p.n_heads[RANDOM_INIT] = tuple(a.shape[:2])
+            maps_apc = apc_of(rec, path)
+            p.features[RANDOM_INIT] = pair_features(maps_apc, p.i, p.j)
+            p.n_heads[RANDOM_INIT] = tuple(maps_apc.shape[:2])

@@ -121,9 +121,10 @@ def evaluate(proteins: Sequence[Protein], n_folds: int = 5, train_size: int | No
     preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     fold_info = []
     splits = folds_for(len(proteins), n_folds, train_size, seed)
-    for f, (tr, te) in enumerate(splits):
-        fold_info.append(_run_fold(proteins, f, tr, te, keys, per, preds, C, solver, seed, standardize))
-        log.info("fold %d/%d done (%d train, %d test)", f + 1, len(splits), len(tr), len(te))
+    for fold, (train_idx, test_idx) in enumerate(splits):
+        fold_info.append(_run_fold(proteins, fold, train_idx, test_idx, keys, per, preds, C, solver, seed,
+                                   standardize))
+        log.info("fold %d/%d done (%d train, %d test)", fold + 1, len(splits), len(train_idx), len(test_idx))
     report = {"methods": {}, "folds": fold_info, "predictions": preds}
     for m, kind in methods.items():
         mean = {r: {k: _nanmean([per[m][n][r][k] for n in per[m]]) for k in K_FRACS} for r in RANGES}
@@ -144,14 +145,14 @@ def _run_fold(proteins: Sequence[Protein], fold: int, train_idx: np.ndarray, tes
             "test": [proteins[t].name for t in test_idx]}
     for k in keys:
         model = fit_logistic(train, k, C, solver, seed, standardize)
-        h = best_head(train, k)
+        head = best_head(train, k)
         n_layers, n_heads = proteins[0].n_heads[k]
-        info[f"{k}_best_head"] = {"layer": h // n_heads, "head": h % n_heads, "index": h}
+        info[f"{k}_best_head"] = {"layer": head // n_heads, "head": head % n_heads, "index": head}
         info[f"{k}_nonzero_weights"] = int(np.count_nonzero(coefficients(model)))
         for t in test_idx:
             p = proteins[t]
             for m, scores in ((k, model.predict_proba(p.features[k])[:, 1]),
-                              (f"{k}_best_head", p.features[k][:, h])):
+                              (f"{k}_best_head", p.features[k][:, head])):
                 pred = p.pred_matrix(scores)
                 preds[m][p.name] = pred
                 per[m][p.name] = precision_table(pred, p.true)

@@ -157,6 +157,44 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
                 "lengths": h5["lengths"][()], "mean": h5["mean"][()]}
 
 
+def _resume_row(part: Path, settings: dict, resume: bool) -> int:
+    """The input row a resumed run continues after (0: start afresh; -1: the partial file is
+    unreadable, killed while its header was written: start again)."""
+    if not (part.exists() and resume):
+        return 0
+    try:
+        with h5py.File(part, "r") as h5:
+            same = all(h5.attrs.get(k) == v for k, v in settings.items())
+            start_row = int(h5.attrs.get("rows_done", 0))
+    except OSError:
+        same, start_row = True, -1  # killed while its header was written: start again
+    if not same:
+        raise UserError(f"{part}: was started with another checkpoint, input or crop; rerun with overwrite=true")
+    return start_row
+
+
+def _new_file(h5: h5py.File, settings: dict, checkpoint: str, chunk: int, dim: int) -> None:
+    """The header and the empty, growable datasets of a new embeddings file."""
+    for k, v in settings.items():
+        h5.attrs[k] = v
+    h5.attrs["format_version"] = FORMAT_VERSION
+    h5.attrs["checkpoint"] = str(checkpoint)
+    h5.attrs["rows_done"] = 0
+    h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(chunk,))
+    h5.create_dataset("lengths", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
+    h5.create_dataset("mean", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(min(chunk, 1024), dim))
+
+
+def _append_rows(h5: h5py.File, ids: list[str], lengths: np.ndarray, emb: np.ndarray, keep: np.ndarray) -> int:
+    """Append the kept rows of one chunk to ``ids``, ``lengths`` and ``mean``; returns their count."""
+    n_keep = int(keep.sum())
+    n0 = h5["ids"].shape[0]
+    for name, data in (("ids", np.array(ids, dtype=object)[keep]), ("lengths", lengths[keep]), ("mean", emb[keep])):
+        h5[name].resize(n0 + n_keep, axis=0)
+        h5[name][n0:] = data
+    return n_keep
+
+
 def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFAULT_BATCH_TOKENS,
               chunk: int = DEFAULT_CHUNK, crop: str = "error", min_residues: int = 30, invalid: str = "error",
               resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = True,
@@ -168,18 +206,8 @@ def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFA
     lm = loaded.model
     settings = {"checkpoint_sha256": loaded.sha256, "input": str(input), "crop": crop, "chunk": int(chunk),
                 "model_config": json.dumps(asdict(lm.config), sort_keys=True)}
-    start_row = 0
-    if part.exists() and resume:
-        try:
-            with h5py.File(part, "r") as h5:
-                same = all(h5.attrs.get(k) == v for k, v in settings.items())
-                start_row = int(h5.attrs.get("rows_done", 0))
-        except OSError:
-            same, start_row = True, -1  # killed while its header was written: start again
-        if not same:
-            raise UserError(f"{part}: was started with another checkpoint, input or crop; rerun with overwrite=true")
+    start_row = _resume_row(part, settings, resume)
     part.parent.mkdir(parents=True, exist_ok=True)
-    dim = int(lm.config.dim)
     report = InputReport()
     t0 = time.perf_counter()
     n_new = 0
@@ -189,14 +217,7 @@ def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFA
     start_row = max(start_row, 0)
     with h5py.File(part, mode) as h5:
         if mode == "w":
-            for k, v in settings.items():
-                h5.attrs[k] = v
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["checkpoint"] = str(checkpoint)
-            h5.attrs["rows_done"] = 0
-            h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(chunk,))
-            h5.create_dataset("lengths", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
-            h5.create_dataset("mean", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(min(chunk, 1024), dim))
+            _new_file(h5, settings, checkpoint, chunk, int(lm.config.dim))
         else:
             for name in ("ids", "lengths", "mean"):  # rows past the last flushed chunk are dropped
                 h5[name].resize(start_row, axis=0)
@@ -213,16 +234,10 @@ def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFA
             for k in np.nonzero(~keep)[0]:
                 report.failures.append({"source": chunk_records[k].source,
                                         "reason": f"{ids[k]}: too long, skipped (crop=skip)"})
-            n_keep = int(keep.sum())
-            n0 = h5["ids"].shape[0]
-            for name, data in (("ids", np.array(ids, dtype=object)[keep]), ("lengths", lengths[keep]),
-                               ("mean", emb[keep])):
-                h5[name].resize(n0 + n_keep, axis=0)
-                h5[name][n0:] = data
+            n_new += _append_rows(h5, ids, lengths, emb, keep)
             row += len(chunk_records)
             h5.attrs["rows_done"] = row  # input records consumed (skipped ones included)
             h5.flush()
-            n_new += n_keep
             bar.update(len(chunk_records))
         bar.close()
         n_total = h5["ids"].shape[0]

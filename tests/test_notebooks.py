@@ -1,10 +1,16 @@
-"""The notebooks run top to bottom (nbclient, the venv's kernel) on demo-size outputs made here:
+"""The notebooks are stored with their outputs (run by notebooks/execute.py on the family-contacts
+recipe's outputs): every code cell run once, in order, figures as PNGs of reasonable size, no error
+output, no absolute path of the machine that ran them.
+
+They also still run top to bottom (nbclient, the venv's kernel) on demo-size outputs made here:
 a tiny model trained for 3 steps by the training code, its maps and a random-init model's maps of the
 embedded structures, and the contacts report. Any cell error fails the test; each test then checks
 the notebook's numbers against the library computed here."""
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,6 +28,48 @@ from test_export import REPO, STRUCTURES, trained_checkpoint
 
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_SECONDS = 60  # a cell taking longer fails the test (each notebook runs in well under 20 s)
+MAX_STORED_BYTES = 600 * 1024  # a stored notebook (outputs included) stays light for the repository page
+NAMES = ("aa_similarity.ipynb", "attention_maps.ipynb", "contacts.ipynb")
+FIGURES = {"aa_similarity.ipynb": 1, "attention_maps.ipynb": 2, "contacts.ipynb": 3}  # with the recipe's outputs
+
+
+def _executor():
+    spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_notebooks_here_are_the_stored_ones():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_stored_with_its_outputs(name):
+    """Run once top to bottom on the recipe's outputs, figures visible without running anything."""
+    path = NOTEBOOKS / name
+    assert path.stat().st_size < MAX_STORED_BYTES
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "not run once, in order"
+    assert all(c.outputs for c in code[:2]), "the input cells print where their inputs come from"
+    assert "(the family-contacts recipe)" in code[0].outputs[0]["text"]  # not the demo's tiny model
+    assert _executor().leaks(nb) == []  # no error output, no absolute path
+    pngs = [o["data"]["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == FIGURES[name]
+    for png in pngs:
+        assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leaks_finds_errors_and_absolute_paths():
+    leaks = _executor().leaks
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="../demo_out/maps.h5: 9 sequences\n")]
+    assert leaks(nb) == []
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="read /tmp/x/maps.h5\n")]
+    assert leaks(nb) == ["cell 0: absolute path in output: /tmp/"]
+    nb.cells[0].outputs = [nbformat.v4.new_output("error", ename="KeyError", evalue="k", traceback=[])]
+    assert leaks(nb) == ["cell 0: error output KeyError"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,12 +114,14 @@ def run_notebook(name: str, env: dict[str, str], monkeypatch, probe: str) -> dic
     returned here (with the kernel's interpreter and the wall time)."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PP_RUN", "")  # the demo-size outputs made here, not a family-contacts recipe's
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models on shared cores
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     path = NOTEBOOKS / name
     nb = nbformat.read(path, as_version=4)
-    assert all(c.get("outputs", []) == [] and c.get("execution_count") is None
-               for c in nb.cells if c.cell_type == "code"), f"{name} is stored with outputs"
+    for cell in nb.cells:  # stored with the recipe's outputs: run afresh on the demo's
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     nb.cells.append(nbformat.v4.new_code_cell(
         "import json as _json, sys as _sys\n"
         f"_probe = {probe}\n"

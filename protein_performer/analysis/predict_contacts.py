@@ -157,12 +157,53 @@ def _group_name(h5: h5py.File, rid: str, index: int) -> str:
     return name if name not in h5 else f"{name}~{index}"
 
 
+def _check_resumable(part: Path, resume: bool, checkpoint_sha256: str, head_sha256: str, input: str) -> str:
+    """The h5py mode for ``part``: ``a`` to resume a run started with the same checkpoint, head and
+    input, ``w`` to start afresh; another run's partial file is refused."""
+    if not (part.exists() and resume):
+        return "w"
+    try:
+        with h5py.File(part, "r") as h5:
+            same = (h5.attrs.get("checkpoint_sha256") == checkpoint_sha256 and h5.attrs.get("head_sha256") == head_sha256
+                    and h5.attrs.get("input") == str(input))
+    except OSError:
+        same = False
+        log.warning("%s: unreadable (killed while its header was written); starting again", part)
+    if not same:
+        raise UserError(f"{part}: was started with another checkpoint, head or input; rerun with overwrite=true")
+    return "a"
+
+
+def _records_done(h5: h5py.File) -> set[int]:
+    """Input indices already predicted; a record killed mid-write has no 'done' mark: dropped, redone."""
+    done: set[int] = set()
+    for name in list(h5):
+        if not h5[name].attrs.get("done", False):
+            del h5[name]
+        else:
+            done.add(int(h5[name].attrs["index"]))
+    return done
+
+
+def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: ContactPrediction) -> None:
+    group = h5.create_group(_group_name(h5, rec.id, index))
+    group.attrs["id"] = rec.id
+    group.attrs["sequence"] = pred.sequence
+    group.attrs["index"] = index
+    group.attrs["start"] = pred.start
+    group.create_dataset("contacts", data=pred.contacts.astype(np.float16), compression="gzip",
+                         compression_opts=1, shuffle=True)
+    group.attrs["done"] = True
+
+
 def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, csv_path: str | None = None,
                          png_dir: str | None = None, top: float = 1.0, crop: str = "error",
                          min_residues: int = 30, invalid: str = "error", resume: bool = False,
                          overwrite: bool = False, device: str = "cpu", progress: bool = True,
                          model_config: str | None = None) -> dict:
     """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict."""
+    from tqdm.auto import tqdm
+
     device = resolve_device(device)
     out, part = check_run_paths(input, output, "predict_contacts", resume, overwrite)
     contact_head = ContactHead.load(head)
@@ -171,55 +212,26 @@ def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, cs
     contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
     head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
     head_sha = file_sha256(head_path)
-    done: set[int] = set()
-    mode = "w"
-    if part.exists() and resume:
-        try:
-            with h5py.File(part, "r") as h5:
-                same = (h5.attrs.get("checkpoint_sha256") == loaded.sha256 and h5.attrs.get("head_sha256") == head_sha
-                        and h5.attrs.get("input") == str(input))
-        except OSError:
-            same = False
-            log.warning("%s: unreadable (killed while its header was written); starting again", part)
-        if not same:
-            raise UserError(f"{part}: was started with another checkpoint, head or input; rerun with overwrite=true")
-        mode = "a"
+    mode = _check_resumable(part, resume, loaded.sha256, head_sha, input)
     part.parent.mkdir(parents=True, exist_ok=True)
     report = InputReport()
     records = list(read_sequences(input, min_residues=min_residues, invalid=invalid, report=report))
     with h5py.File(part, mode) as h5:
+        done: set[int] = set()
         if mode == "w":
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["checkpoint"] = str(checkpoint)
-            h5.attrs["checkpoint_sha256"] = loaded.sha256
-            h5.attrs["head"] = str(head_path)
-            h5.attrs["head_sha256"] = head_sha
-            h5.attrs["input"] = str(input)
+            h5.attrs.update({"format_version": FORMAT_VERSION, "checkpoint": str(checkpoint),
+                             "checkpoint_sha256": loaded.sha256, "head": str(head_path), "head_sha256": head_sha,
+                             "input": str(input)})
         else:
-            for name in list(h5):  # a record killed mid-write has no 'done' mark: drop it and redo it
-                if not h5[name].attrs.get("done", False):
-                    del h5[name]
-                else:
-                    done.add(int(h5[name].attrs["index"]))
+            done = _records_done(h5)
             if done:
                 log.info("resuming: %d of %d records already predicted", len(done), len(records))
-        todo = [(n, r) for n, r in enumerate(records) if n not in done]
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(records), initial=len(done), disable=not progress, unit="seq", desc="contacts")
-        # one at a time, shortest first within the remaining work would change nothing for batch 1:
-        # records are written in input order so a resumed file holds the same groups
-        for n, rec in todo:
+        # one at a time, in input order, so that a resumed file holds the same groups
+        for n, rec in ((n, r) for n, r in enumerate(records) if n not in done):
             preds = list(predict_contacts(loaded, contact_head, [rec], crop=crop, check_checkpoint=False))
             for pred in preds:
-                g = h5.create_group(_group_name(h5, rec.id, n))
-                g.attrs["id"] = rec.id
-                g.attrs["sequence"] = pred.sequence
-                g.attrs["index"] = n
-                g.attrs["start"] = pred.start
-                g.create_dataset("contacts", data=pred.contacts.astype(np.float16), compression="gzip",
-                                 compression_opts=1, shuffle=True)
-                g.attrs["done"] = True
+                _write_prediction(h5, rec, n, pred)
             if not preds:
                 report.failures.append({"source": rec.source, "reason": f"{rec.id}: too long, skipped (crop=skip)"})
             h5.flush()
@@ -227,15 +239,13 @@ def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, cs
         bar.close()
         h5.attrs[COMPLETE_ATTR] = True
     publish(part, out)
-    n_written = 0
     with ContactsFile(out) as cf:
         n_written = len(cf)
         if csv_path or png_dir:
             _write_extras(cf, csv_path, png_dir, top, contact_head.min_sep)
-    summary = {"output": str(out), "records": n_written, "input_failures": report.failures,
-               "checkpoint_sha256": loaded.sha256, "head": str(head_path)}
     log.info("%d contact maps -> %s", n_written, out)
-    return summary
+    return {"output": str(out), "records": n_written, "input_failures": report.failures,
+            "checkpoint_sha256": loaded.sha256, "head": str(head_path)}
 
 
 def _write_extras(cf: ContactsFile, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> None:

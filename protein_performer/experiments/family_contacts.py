@@ -36,14 +36,21 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from protein_performer.errors import UserError, cli_errors
-from protein_performer.experiments.family_data import (  # noqa: F401  (public names of this module)
+from protein_performer.experiments.family_data import (  # noqa: F401  (re-exported: see __all__)
     aligned_positions, extract_family, family_chain, holdout_similar, identity, read_family, read_family_fasta,
 )
 from protein_performer.experiments.family_scoring import (  # noqa: F401
-    ContactProbe, _Probe, chain_residues, homolog_averaged_map, mean_apc_maps, plot_contacts, score_homolog_averaged,
+    ContactProbe, chain_residues, homolog_averaged_map, mean_apc_maps, plot_contacts, score_homolog_averaged,
     score_map, score_maps,
 )
 from protein_performer.experiments.span_masking import FamilyDataModule, SpanCollator, mask_spans  # noqa: F401
+
+__all__ = [
+    "CONF", "KORTEMME40", "PFAM40", "STAGES", "ContactProbe", "FamilyDataModule", "RunPaths", "SpanCollator",
+    "aligned_positions", "chain_residues", "compose", "extract_family", "family_chain", "holdout_similar",
+    "homolog_averaged_map", "identity", "main", "mask_spans", "mean_apc_maps", "plot_contacts", "read_family",
+    "read_family_fasta", "run", "score_homolog_averaged", "score_map", "score_maps",
+]
 
 log = logging.getLogger(__name__)
 

@@ -54,3 +54,36 @@ def test_leave_family_out_refuses_a_missing_chain():
     proteins = [planted_protein(n, rng) for n in range(3)]
     with pytest.raises(Exception, match="PF09999_X.pdb:A is not among the exported chains"):
         leave_family_out(proteins, "PF09999_X.pdb:A")
+
+
+@pytest.mark.slow
+def test_contacts_stage_on_a_small_structure_folder(tmp_path_factory, tmp_path):
+    """The recipe's contacts stage on the tiny trained model and the 9 embedded chains: the report's
+    single split and the saved head share their training chains (fewer than ESM's 20 here: n - 1), the
+    head is tied to the checkpoint, and the leave-family-out entry is leave_family_out on the same maps."""
+    import json
+
+    from protein_performer.analysis.contact_head import ContactHead
+    from protein_performer.analysis.contacts import load_proteins
+    from protein_performer.analysis.export import load_model
+    from protein_performer.analysis.structures import load_structures
+    from protein_performer.experiments.family_head import HeadPaths, contacts_stage
+    from test_export import STRUCTURES, trained_checkpoint
+
+    ckpt = trained_checkpoint(tmp_path_factory)
+    structure = STRUCTURES / "1A8O.pdb"
+    res = contacts_stage(ckpt, STRUCTURES, structure, tmp_path)
+    paths = HeadPaths(tmp_path / "kortemme40")
+    head = ContactHead.load(paths.head)
+    report = json.loads((paths.contacts / "report.json").read_text())
+    assert res["head"] == "kortemme40/contacts/contact_head.json" and res["n_proteins"] == 9
+    assert len(head.training_proteins) == 8 == len(report["folds"][0]["train"])
+    assert sorted(head.training_proteins) == sorted(report["folds"][0]["train"])
+    assert head.checkpoint_sha256 == load_model(ckpt).sha256
+    assert res["contacts_report"]["trained"] == report["methods"]["trained"]["mean"]["long"]
+    chains, _ = load_structures(STRUCTURES)
+    proteins, _ = load_proteins(paths.maps, chains, baseline_maps=paths.maps_random)
+    expected = leave_family_out(proteins, "1A8O.pdb:A", train_size=8)
+    assert res["leave_family_out"]["protein"] == "1A8O_A"
+    for key in ("trained", "random_init"):
+        assert res["leave_family_out"][key]["draws_long_P@L"] == expected[key]["draws_long_P@L"]

@@ -107,12 +107,14 @@ def contacts_stage(checkpoint: str | Path, structures: str | Path, structure: Pa
 
     paths = HeadPaths(out / HEAD_DIR)
     export_all(checkpoint, structures, paths)
-    report = run_contacts(paths.maps, structures, paths.contacts, baseline_maps=paths.maps_random,
-                          train_size=ESM_TRAIN_PROTEINS, C=ESM_C, seed=0)
     chains, _ = load_structures(structures)
     proteins, _ = load_proteins(paths.maps, chains, baseline_maps=paths.maps_random)
+    # ESM's 20 training chains, fewer when the folder holds fewer (one chain at least is tested)
+    train_size = min(ESM_TRAIN_PROTEINS, len(proteins) - 1)
+    report = run_contacts(paths.maps, structures, paths.contacts, baseline_maps=paths.maps_random,
+                          train_size=train_size, head_train_size=train_size, C=ESM_C, seed=0)
     family_chain = next(c for c in chains if Path(c.path).resolve() == Path(structure).resolve())
-    held_out = leave_family_out(proteins, family_chain.key)
+    held_out = leave_family_out(proteins, family_chain.key, train_size=train_size)
     return {"head": str(paths.head.relative_to(out)), "n_proteins": report["n_proteins"],
             "contacts_report": {m: report["methods"][m]["mean"]["long"] for m in report["methods"]},
             "test_proteins": report["folds"][0]["test"], "leave_family_out": held_out}

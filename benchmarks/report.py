@@ -368,20 +368,27 @@ def family_section(data: dict | None) -> tuple[list[str], list[Floor]]:
         homolog_text = "-"
         if homolog:
             homolog_text = f"{fmt(homolog['trained']['long']['P@L'])} ({fmt(homolog['random_init']['long']['P@L'])})"
+        fitted = r.get("fitted_head", {}).get("leave_family_out")
+        fitted_text = "-"
+        if fitted:
+            fitted_text = (f"{fmt(fitted['trained']['mean']['long']['P@L'])} "
+                           f"({fmt(fitted['random_init']['mean']['long']['P@L'])})")
         body.append([r["family"], r["setting"], f"{r['minutes']:g}", r["threads"], r["runs_at_once"],
                      fmt(r.get("cpu_s"), 0) if r.get("cpu_s") else "-", r["train"]["global_step"],
-                     fmt(head["long_P@L"]), fmt(head["random_long_P@L"]), homolog_text, day(r["date"])])
+                     fmt(head["long_P@L"]), fmt(head["random_long_P@L"]), homolog_text, fitted_text, day(r["date"])])
     relu = {r["family"]: r for r in runs if r["setting"] == "relu4" and r["family"] in FIVE_FAMILIES}
     complete = len(relu) == len(FIVE_FAMILIES)
     mean = sum(r["headline"]["long_P@L"] for r in relu.values()) / len(relu) if complete else None
     random = sum(r["headline"]["random_long_P@L"] for r in relu.values()) / len(relu) if complete else None
     lines += ["Score: long-range (|i-j| >= 24) P@L of the unsupervised mean-of-heads APC map on the family's kortemme40 "
               "chain; random init = the same architecture untrained; homolog-avg = that map averaged with 64 aligned "
-              "family members. Latest run per (family, setting) of the two 4 x 128 models; every run (and the sweep of "
+              "family members; head = ESM's L1 logistic regression fitted on chains of other families. Latest run per "
+              "(family, setting) of the two 4 x 128 models; every run (and the sweep of "
               "other settings) with its command, load and CPU time in "
               f"[`family_contacts.md`](results/family_contacts.md). Data: {source(data)}", ""]
     lines += table(["family", "setting", "min", "threads", "runs at once", "CPU s", "steps", "long P@L",
-                    "random init", "homolog-avg (random)", "date"], body) + [""]
+                    "random init", "homolog-avg (random)", "head, leave-family-out (random)", "date"], body) + [""]
+    lines += more_compute(data["runs"], shown)
     homologs = [r["homolog_averaged"] for r in relu.values() if "homolog_averaged" in r]
     if complete:
         text = f"Five families, Performer-ReLU 4x128 (latest run each): mean long P@L {mean:.3f} vs {random:.3f} random init"
@@ -389,12 +396,31 @@ def family_section(data: dict | None) -> tuple[list[str], list[Floor]]:
             trained = sum(h["trained"]["long"]["P@L"] for h in homologs) / len(homologs)
             untrained = sum(h["random_init"]["long"]["P@L"] for h in homologs) / len(homologs)
             text += f"; homolog-averaged map {trained:.3f} vs {untrained:.3f}"
+        fitted = [r["fitted_head"]["leave_family_out"] for r in relu.values() if "fitted_head" in r]
+        if len(fitted) == len(FIVE_FAMILIES):
+            trained = sum(f["trained"]["mean"]["long"]["P@L"] for f in fitted) / len(fitted)
+            untrained = sum(f["random_init"]["mean"]["long"]["P@L"] for f in fitted) / len(fitted)
+            text += f"; head, leave-family-out {trained:.3f} vs {untrained:.3f}"
         lines += [f"- {text}.", ""]
     floors = [Floor("12", "five families (Performer-ReLU 4x128, latest run each): mean long P@L", 0.2, False,
                     mean, data),
               Floor("12", "same, mean long P@L / random init's", 4.0, False,
                     mean / random if mean is not None and random else None, data)]
     return lines, floors
+
+
+def more_compute(runs: list[dict], shown: list[dict]) -> list[str]:
+    """Older runs of a shown (family, setting) that had more CPU time than the latest one: worth a line."""
+    notes = []
+    for latest_run in shown:
+        older = [r for r in runs if (r["family"], r["setting"]) == (latest_run["family"], latest_run["setting"])
+                 and r.get("cpu_s", 0) > latest_run.get("cpu_s", 0) > 0]
+        for r in sorted(older, key=lambda r: r["date"]):
+            homolog = r.get("homolog_averaged", {}).get("trained", {}).get("long", {}).get("P@L")
+            notes.append(f"{r['family']} {r['setting']} {day(r['date'])}, {r['minutes']:g} min, {r.get('cpu_s'):.0f} CPU s, "
+                         f"{r['train']['global_step']} steps: long P@L {fmt(r['headline']['long_P@L'])}"
+                         + (f", homolog-avg {fmt(homolog)}" if homolog is not None else ""))
+    return [f"- An earlier run with more CPU time than the latest: {'; '.join(notes)}."] if notes else []
 
 
 # ------------------------------------------------------------------------------------------------ studies

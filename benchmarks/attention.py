@@ -3,7 +3,9 @@
 Methods, all measured in the same run: exact softmax attention through
 ``F.scaled_dot_product_attention`` (``SoftmaxAttention``), our FAVOR+ softmax and FAVOR+ ReLU
 (``FavorAttention``), and performer-pytorch's ``FastAttention`` when it is installed (the
-``bench`` extra). Batch 1, 8 heads, d 64, m 256, causal and bidirectional.
+``bench`` extra). Batch 1, 8 heads, d 64, m 256, causal and bidirectional. Variants time one
+implementation each (``VARIANTS``), among them fla-core's kernels on our features
+(``favor/fla_backend.py``; causal only: fla has no bidirectional op).
 
 One measurement = forward, then backward of a fixed random output gradient, w.r.t. q, k and v.
 Each (method, mode, length) runs in its own subprocess, so that peak memory is its own:
@@ -39,11 +41,15 @@ from pathlib import Path
 
 METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
 # FAVOR+ softmax through one implementation (FavorAttention(impl=...)); "compile" is torch.compile
-# over the batched path; "fla" is fla-core's chunk_linear_attn on our feature maps (GPU only);
-# "triton" is favor/triton_kernels.py (CUDA, or CPU under TRITON_INTERPRET=1). On CUDA,
-# "favor_softmax" and "favor_relu" (impl auto) are the triton path when triton imports.
+# over the batched path; "triton" is favor/triton_kernels.py (CUDA, or CPU under TRITON_INTERPRET=1).
+# On CUDA, "favor_softmax" and "favor_relu" (impl auto) are the triton path when triton imports.
+# "fla": our features, the causal product on fla-core's gated chunk kernels (fla_backend.favor_causal_fla:
+# our semantics exactly); "fla_normalized": fla's chunk_linear_attn(normalize=True) on key features
+# with one stabilizer per sequence (the JAX semantics, for comparison). Causal only.
 VARIANTS = ("favor_softmax_scan", "favor_softmax_batched", "favor_softmax_compile", "favor_relu_compile",
-            "favor_softmax_fla", "favor_softmax_triton", "favor_relu_batched", "favor_relu_triton")
+            "favor_softmax_fla", "favor_softmax_fla_normalized", "favor_relu_fla", "favor_softmax_triton",
+            "favor_relu_batched", "favor_relu_triton")
+FLA_VARIANTS = ("fla", "fla_normalized")
 QUADRATIC = {"exact_sdpa"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,17 +64,17 @@ def build(method: str, causal: bool, dim_head: int, nb_features: int, chunk_size
         from protein_performer.model.favor import FavorAttention
 
         kernel = "relu" if method.startswith("favor_relu") else "softmax"
-        variant = method.split("_", 2)[2] if method.count("_") == 2 else "auto"
-        impl = {"compile": "batched", "fla": "batched"}.get(variant, variant)
+        variant = method.split("_", 2)[2] if method.count("_") >= 2 else "auto"
+        impl = "batched" if variant in ("compile",) + FLA_VARIANTS else variant
         module = FavorAttention(dim_head, nb_features, kernel=kernel, causal=causal, chunk_size=chunk_size, seed=0, impl=impl)
         if variant == "compile":
             import torch
 
             module = torch.compile(module)
-        elif variant == "fla":
+        elif variant in FLA_VARIANTS:
             if not causal:
-                raise ValueError("fla's chunk_linear_attn is causal only")
-            module = FlaFavor(module)
+                raise ValueError("fla's linear-attention kernels are causal only")
+            module = FlaFavor(module, normalized=variant == "fla_normalized")
     elif method == "performer_pytorch":
         from performer_pytorch import FastAttention
 
@@ -79,14 +85,24 @@ def build(method: str, causal: bool, dim_head: int, nb_features: int, chunk_size
 
 
 class FlaFavor:
-    """FAVOR+ softmax features (ours) + fla-core's chunk_linear_attn(normalize=True) for the causal
-    product. Its keys use one stabilizer per (batch, head) (the released JAX semantics), not our
-    running max: a timing comparison, not a drop-in replacement."""
+    """FavorAttention's features (float32 also under autocast) + the causal product on fla-core's kernels.
 
-    def __init__(self, favor):
-        from fla.ops.linear_attn import chunk_linear_attn
+    ``normalized=False``: ``fla_backend.favor_causal_fla``, our semantics (per-key scales, running-max
+    stabilizer as fla's gate, the eps floor outside). ``normalized=True``: ``chunk_linear_attn(...,
+    normalize=True)`` on key features with one stabilizer per (batch, head) and eps inside them (the
+    released JAX semantics; see fla_backend's docstring): a timing comparison, not a replacement.
+    """
 
-        self.favor, self.op = favor, chunk_linear_attn
+    def __init__(self, favor, normalized: bool = False):
+        import os
+
+        from protein_performer.model.favor import fla_backend
+
+        if os.environ.get("TRITON_INTERPRET") == "1":  # CPU dry run: fla needs two interpreter workarounds
+            from fla_check import interpreter_workarounds
+
+            interpreter_workarounds()
+        self.favor, self.backend, self.normalized = favor, fla_backend, normalized
 
     def to(self, device):
         self.favor.to(device)
@@ -95,12 +111,17 @@ class FlaFavor:
     def __call__(self, q, k, v):
         import torch
 
+        fa = self.favor
         with torch.autocast(q.device.type, enabled=False):
-            qp = self.favor.features(q, True).transpose(1, 2)  # (b, l, h, m)
-            kp = self.favor.features(k, False).transpose(1, 2)
-            out = self.op(qp, kp, v.float().transpose(1, 2), scale=1.0, normalize=True)
-        out = out[0] if isinstance(out, tuple) else out
-        return out.transpose(1, 2).to(v.dtype)
+            q_prime = fa.features(q, True)
+            if self.normalized:
+                out = self.backend.favor_causal_fla_normalized(q_prime, fa.features(k, False), v)
+            elif fa.kernel == "relu":  # no stabilizer: eps is inside the features
+                out = self.backend.favor_causal_fla(q_prime, fa.features(k, False), v)
+            else:
+                k_hat, key_scale = fa.causal_key_features(k)
+                out = self.backend.favor_causal_fla(q_prime, k_hat, v, key_scale, fa._floor())
+        return out.to(v.dtype)
 
 
 def rss_bytes(field: str) -> int:
@@ -327,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.methods:
                 row = {"method": method, "mode": mode, "length": length}
                 rows.append(row)
+                if mode == "bidirectional" and method.split("_", 2)[-1] in FLA_VARIANTS:
+                    row["skipped"] = "n/a (causal only)"
+                    continue
                 if last[method] is not None:
                     previous, previous_length = last[method]
                     projected = previous * (length / previous_length) ** (2 if method in QUADRATIC else 1)
@@ -350,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                     last[row["method"]] = (row["time_s"], length)
             for row in rows[-len(args.methods):]:
                 status = row.get("skipped") or row.get("error") or f"{row['time_s']:8.3f} s  {row['peak_mem_mb']:8.1f} MiB"
-                print(f"{mode:13s} {row['method']:17s} L={length:6d}  {status}", flush=True)
+                print(f"{mode:13s} {row['method']:28s} L={length:6d}  {status}", flush=True)
 
     # Linear scaling: the two largest lengths timed round-robin in one process, so that the ratio
     # is not a comparison of two different moments of a shared machine's load.

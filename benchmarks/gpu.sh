@@ -2,10 +2,13 @@
 # Every GPU measurement of issue 11, in one script (a few minutes on an H200):
 #   1. attention table, bf16, fwd+bwd, 1 x 8 x L x 64, m 256, L 1024..65536, causal and bidirectional:
 #      exact SDPA (flash), FAVOR+ softmax auto (= triton on CUDA when triton imports) / batched / scan /
-#      torch.compile / triton (favor/triton_kernels.py), FAVOR+ ReLU (auto, compile, triton), and fla-core's chunk_linear_attn
-#      on our features when fla is installed; time + peak memory.
+#      torch.compile / triton (favor/triton_kernels.py), FAVOR+ ReLU (auto, compile, triton), and causal rows on
+#      fla-core's kernels (favor/fla_backend.py: softmax and relu with our semantics, and softmax through
+#      chunk_linear_attn(normalize=True) with the JAX semantics); time + peak memory.
 #      Before it, when triton imports: the Triton kernels (compiled) against the float64 PyTorch path,
-#      forward and gradients, with ieee and tf32x3 dots; after it, the triton rows again with tf32x3 dots.
+#      forward and gradients, with ieee and tf32x3 dots, and fla's kernels (benchmarks/fla_check.py) with
+#      tf32 and ieee dots; after it, the triton rows again with tf32x3 dots.
+#      fla-core is installed from benchmarks/wheels/ (no network there) into a temporary folder when missing.
 #   2. whole model: train_throughput.py, the 36-layer paper configs, bf16, L 1024 / 4096 / 8192.
 # Writes benchmarks/results/gpu/{attention_cuda_bf16.json,.md, train_throughput_cuda_bf16_paper.json,.md}.
 #
@@ -17,6 +20,8 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 OUT=benchmarks/results/gpu
 DRY=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # protein_performer importable without an install
+FLA_WHEEL=benchmarks/wheels/fla_core-0.6.0-py3-none-any.whl
 [ "${1:-}" = "--dry-run" ] && DRY=1
 
 if [ "$DRY" = 0 ]; then
@@ -78,10 +83,22 @@ PYEOF
 else
   echo "note: triton not installed (pip install -e '.[gpu]'): its row is left out" >&2
 fi
-if "$PY" -c 'import fla.ops.linear_attn' 2>/dev/null; then
-  METHODS+=(favor_softmax_fla)
+if ! "$PY" -c 'import fla.ops.simple_gla' 2>/dev/null && "$PY" -c 'import triton' 2>/dev/null && [ -f "$FLA_WHEEL" ]; then
+  FLA_DIR=$(mktemp -d)
+  "$PY" -m pip install -q --no-deps --no-index --target "$FLA_DIR" "$FLA_WHEEL" \
+    && export PYTHONPATH="$PYTHONPATH:$FLA_DIR" && echo "installed $FLA_WHEEL into $FLA_DIR (for this run)"
+fi
+if "$PY" -c 'import fla.ops.simple_gla, fla.ops.linear_attn' 2>/dev/null; then
+  METHODS+=(favor_softmax_fla favor_softmax_fla_normalized favor_relu_fla)
+  FLA_L=1000; FLA_DOTS=(tf32 ieee)
+  [ "$DRY" = 1 ] && FLA_L=70 && FLA_DOTS=(ieee)
+  for dot in "${FLA_DOTS[@]}"; do
+    echo "== fla-core $("$PY" -c 'import importlib.metadata as m; print(m.version("fla-core"))') kernels (${DEV[1]}, $dot dots) against the PyTorch path (float64), fp32, 2 x 4 x L=$FLA_L x 64, m 256"
+    TRITON_F32_DEFAULT=$dot "$PY" benchmarks/fla_check.py "${DEV[1]}" "$FLA_L" \
+      || echo "error: fla's kernels ($dot dots) disagree with the PyTorch path: their rows are not valid" >&2
+  done
 else
-  echo "note: fla-core not installed (pip install 'fla-core>=0.6,<0.7'): its row is left out" >&2
+  echo "note: fla-core not importable (needs triton and einops; pip install 'fla-core>=0.6,<0.7'): its rows are left out" >&2
 fi
 
 echo "== attention table (${DEV[*]})"

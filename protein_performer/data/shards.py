@@ -19,8 +19,14 @@ import h5py
 import numpy as np
 
 from protein_performer.data.shard_writer import (
-    DEFAULT_CHUNK_SIZE, FORMAT_VERSION, GZIP_STRATEGIES, MANIFEST_NAME, SPLITS, deflate_chunks_huffman, write_shard,
-)  # fmt: skip
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    GZIP_STRATEGIES,
+    MANIFEST_NAME,
+    SPLITS,
+    deflate_chunks_huffman,
+    write_shard,
+)
 from protein_performer.errors import IncompleteOutputError, UserError
 
 log = logging.getLogger(__name__)

@@ -56,29 +56,43 @@ import types
 
 from protein_performer.data.fasta import FastaFormatError
 
-from . import resolve as _resolve_module
-from . import workers as _workers_module
-from . import write as _write_module
-from .annotations import load_ood_accessions, records_with_family_token as _records_with_family_token
+from . import annotations, common, hashing, resolve, workers, write
+from .annotations import load_ood_accessions
 from .common import (
-    CONFIG_NAME, DUPLICATE_CODE, FORMAT_VERSION, HASH_SPLITS, ID_CONFLICT_CODE, MANIFEST_NAME, OOD_CODE, REC,
-    REJECT_REASONS, REJECTS_NAME, SLURM_LOG_DIR, TEST_CODE, TRAIN_CODE, VALID_CODE, WINDOW as _WINDOW, WORK_DIR,
-    IngestError, SimulatedInterruption,
-)  # fmt: skip
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    HASH_SPLITS,
+    MANIFEST_NAME,
+    OOD_CODE,
+    REC,
+    REJECT_REASONS,
+    REJECTS_NAME,
+    SLURM_LOG_DIR,
+    WORK_DIR,
+    IngestError,
+    SimulatedInterruption,
+)
 from .config import FINGERPRINT_KEYS, PAPER_OOD_FAMILIES, default_config, plan_units, resolve_config
-from .hashing import id_keys as _id_keys, mix64 as _mix64, split_codes
+from .hashing import split_codes
 from .pipeline import ingest, merge
 from .read import BAD, STAR, parse_header, run_unit, token_table
-from .resolve import first_occurrence as _first_occurrence
-from .workers import Workers as _Workers, _unit_job
 from .write import write_unit_shards
+
+# private names of the single-module version that tests use
+_WINDOW = common.WINDOW
+_first_occurrence = resolve.first_occurrence
+_id_keys = hashing.id_keys
+_mix64 = hashing.mix64
+_records_with_family_token = annotations.records_with_family_token
+_unit_job = workers._unit_job
+_Workers = workers.Workers
 
 # Names that tests replace on this package (``monkeypatch.setattr(ingest_package, name, value)``),
 # from the time it was one module: the new value is also set where the pipeline looks it up.
 _PATCH_TARGETS = {
-    "_WINDOW": [(_resolve_module, "WINDOW"), (_write_module, "WINDOW")],
-    "_unit_job": [(_workers_module, "_unit_job")],
-    "write_unit_shards": [(_workers_module, "write_unit_shards")],
+    "_WINDOW": [(resolve, "WINDOW"), (write, "WINDOW")],
+    "_unit_job": [(workers, "_unit_job")],
+    "write_unit_shards": [(workers, "write_unit_shards")],
 }
 
 
@@ -91,7 +105,11 @@ class _IngestPackage(types.ModuleType):
 
 sys.modules[__name__].__class__ = _IngestPackage
 
+# the public names of the single-module version (its __all__ held the first line's)
 __all__ = [
     "FastaFormatError", "IngestError", "PAPER_OOD_FAMILIES", "SimulatedInterruption", "ingest", "load_ood_accessions", "merge",
     "parse_header", "plan_units", "resolve_config", "split_codes",
+    "BAD", "CONFIG_NAME", "FINGERPRINT_KEYS", "FORMAT_VERSION", "HASH_SPLITS", "MANIFEST_NAME", "OOD_CODE", "REC",
+    "REJECTS_NAME", "REJECT_REASONS", "SLURM_LOG_DIR", "STAR", "WORK_DIR", "default_config", "run_unit", "token_table",
+    "write_unit_shards",
 ]  # fmt: skip

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import re
 from bisect import bisect_right
+from collections.abc import Iterable
 from itertools import accumulate
-from typing import Iterable
 
 from protein_performer.data.fasta import open_binary
 

@@ -9,10 +9,20 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .common import CONFIG_NAME, FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, WORK_DIR, IngestError, atomic_json, unit_dir
+from .common import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    WORK_DIR,
+    IngestError,
+    atomic_json,
+    unit_dir,
+)
 from .config import default_config, resolve_config
 from .manifest import build_manifest, count_records, input_sources, split_summaries
 from .output import prepare_output, remove_partial_files

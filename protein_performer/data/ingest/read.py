@@ -22,8 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from protein_performer.data.fasta import (
-    Batch, FastaFormatError, count_newlines, decode_header, find_record_start, iter_batches,
-)  # fmt: skip
+    Batch,
+    FastaFormatError,
+    count_newlines,
+    decode_header,
+    find_record_start,
+    iter_batches,
+)
 from protein_performer.data.tokenizer import Tokenizer
 
 from .annotations import load_ood_accessions, records_with_family_token

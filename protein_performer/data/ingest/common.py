@@ -29,7 +29,7 @@ REJECTS_NAME = "rejects.tsv"
 SLURM_LOG_DIR = "_slurm"  # hydra.sweep.dir in conf/ingest.yaml (multirun / submitit logs)
 HASH_SPLITS = ("train", "valid", "test")
 
-TRAIN_CODE, VALID_CODE, TEST_CODE = 0, 1, 2  # indices of HASH_SPLITS (and of SPLITS)
+TRAIN_CODE, VALID_CODE, TEST_CODE = 0, 1, 2  # indices of HASH_SPLITS (and of SPLITS); kept codes are >= 0
 OOD_CODE = 3  # index of "ood" in SPLITS
 DUPLICATE_CODE = -1  # a dropped duplicate of a kept sequence
 ID_CONFLICT_CODE = -2  # a record whose id was first seen with another sequence

@@ -16,7 +16,7 @@ import numpy as np
 
 from protein_performer.data.tokenizer import Tokenizer
 
-from .common import DUPLICATE_CODE, FORMAT_VERSION, REJECTS_NAME, SPLITS
+from .common import DUPLICATE_CODE, FORMAT_VERSION, REJECTS_NAME, SPLITS, TRAIN_CODE
 from .rejects import ID_CONFLICT
 from .write import UnitShards
 
@@ -42,7 +42,7 @@ def count_records(summaries: list[dict], final: list[np.ndarray], conflicts: lis
     rejected[ID_CONFLICT] += sum(len(c) for c in conflicts)
     return Counts(
         n_records=sum(s["n_records"] for s in summaries),
-        n_unique=sum(int((f >= 0).sum()) for f in final),
+        n_unique=sum(int((f >= TRAIN_CODE).sum()) for f in final),  # kept: a split code (dropped ones are < 0)
         n_duplicates=sum(int((f == DUPLICATE_CODE).sum()) for f in final),
         rejected={k: int(v) for k, v in rejected.items() if v},
     )

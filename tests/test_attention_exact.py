@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from protein_performer.model.attention import SoftmaxAttention
-from protein_performer.model.favor import FavorAttention
+from protein_performer.model.favor import FavorAttention, reference
 
 
 def qkv(b=2, h=3, length=29, d=16, seed=0, dtype=torch.float64):
@@ -16,14 +15,7 @@ def qkv(b=2, h=3, length=29, d=16, seed=0, dtype=torch.float64):
     return tuple(torch.randn(b, h, length, d, generator=g, dtype=dtype) for _ in range(3))
 
 
-def naive(q, k, v, causal, mask=None):
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    length = q.shape[2]
-    if causal:
-        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, -1) @ v
+naive = reference.exact_attention
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from protein_performer.model.attention import SoftmaxAttention
+from protein_performer.model.favor import reference
 from protein_performer.model.favor import (
     KERNELS,
     FavorAttention,
@@ -21,7 +21,6 @@ from protein_performer.model.favor import (
     causal_stabilizer,
     draw_projection,
     linear_attention,
-    softmax_kernel,
     softmax_logits,
 )
 
@@ -35,20 +34,7 @@ def qkv(b=2, h=3, length=37, d=16, scale=1.0, seed=0, dtype=torch.float64):
     return tuple(scale * torch.randn(b, h, length, d, generator=g, dtype=dtype) for _ in range(3))
 
 
-def naive_favor(fa: FavorAttention, q, k, v, key_padding_mask=None):
-    """Reference: the explicit matrix D^-1 (Q' K'^T) times V, differentiable by autograd. Causal:
-    row i uses the key features of the prefix 0..i alone (its own stabilizer), zero beyond i."""
-    q_prime = fa.features(q, True)
-    if not fa.causal:
-        scores = q_prime @ fa.features(k, False, key_padding_mask).transpose(-1, -2)
-    else:
-        length, rows = k.shape[2], []
-        for i in range(length):
-            mask_i = None if key_padding_mask is None else key_padding_mask[:, : i + 1]
-            k_prefix = fa.features(k[:, :, : i + 1], False, mask_i)
-            rows.append(F.pad(q_prime[:, :, i : i + 1] @ k_prefix.transpose(-1, -2), (0, length - i - 1)))
-        scores = torch.cat(rows, dim=2)
-    return (scores / scores.sum(-1, keepdim=True)) @ v
+naive_favor = reference.favor_attention
 
 
 # ------------------------------------------------------------------------------ random features
@@ -304,12 +290,7 @@ def test_causal_equals_bidirectional_on_prefix(eps):
         torch.testing.assert_close(out[:, :, i], ref, atol=1e-12, rtol=1e-12)
 
 
-def naive_scaled_product(a, b, c, key_scale=None, query_scale=None, floor=0.0):
-    """sum_{j <= i} ((a_i . b_j) exp(s_j - c_i) + floor sum(a_i)) c_j as one explicit matrix (autograd reference)."""
-    scores = a @ b.transpose(-1, -2)
-    if key_scale is not None:
-        scores = scores * torch.exp(key_scale[..., None, :] - query_scale[..., :, None])
-    return (scores + floor * a.sum(-1, keepdim=True)).tril() @ c
+naive_scaled_product = reference.causal_product
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.3])

@@ -30,7 +30,7 @@ pytest.importorskip("triton")
 
 from protein_performer.model.favor import FavorAttention, module  # noqa: E402
 from protein_performer.model.favor import triton_kernels  # noqa: E402
-from protein_performer.model.favor.triton_kernels import favor_triton  # noqa: E402
+from protein_performer.model.favor.triton_ops import favor_triton  # noqa: E402
 
 U32 = 2.0**-24
 TOL32 = 64 * U32

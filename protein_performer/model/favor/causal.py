@@ -111,100 +111,100 @@ def _chunk_prefix(x: torch.Tensor, n: int, reverse: bool = False) -> torch.Tenso
 
 
 class _CausalProduct(torch.autograd.Function):
-    """O_i = sum_{j <= i} (a_i . b_j w_ij + f A_i) c_j in chunks of C rows, with a backward that
+    """O_i = sum_{j <= i} (q'_i . k'_j w_ij + f A_i) u_j in chunks of C rows, with a backward that
     rebuilds states.
 
-    a, b: (..., l, m) (that is q', k'); c: (..., l, e) (that is [V 1]); A_i = sum_m a_i, f the eps
-    floor of every key feature (0: none); w_ij = 1, or the causal stabilizer exp(s_j - c_i) when
-    the per-key scales s and their running max c are given (``_ChunkScales``: w = intra inside a
-    chunk, gamma_j decay[t, s] beta_i across chunks). Per chunk t:
-        intra  P_t = tril(a_t b_t^T * W_t + f A_t 1^T) (C x C),  O_t  = P_t c_t
-        inter  S_t = sum_{s < t} decay[t, s] b_s^T (gamma c)_s,   O_t += beta (a_t S_t) + f A_t E_t
-    with E_t = sum_{s < t} 1^T c_s (the floor's state: a prefix sum of c, e numbers per chunk).
-    Saved: a, b, c, the scales and the C x C blocks P (L x C numbers); the states S are rebuilt in
-    backward. With G = dL/dO, H_t = tril(G_t c_t^T), R_t = sum_{s > t} decay[s, t] a_s^T (beta G)_s
+    qf, kf: (..., l, m) query and key features q', k'; vx: (..., l, e) the values with a column of
+    ones u = [v 1]; A_i = sum_m q'_i, f the eps floor of every key feature (0: none); w_ij = 1, or
+    the causal stabilizer exp(s_j - c_i) when the per-key scales s and their running max c are given
+    (``_ChunkScales``: w = intra inside a chunk, gamma_j decay[t, s] beta_i across chunks). Per chunk t:
+        intra  P_t = tril(q'_t k'_t^T * W_t + f A_t 1^T) (C x C),  O_t  = P_t u_t
+        inter  S_t = sum_{s < t} decay[t, s] k'_s^T (gamma u)_s,   O_t += beta (q'_t S_t) + f A_t E_t
+    with E_t = sum_{s < t} 1^T u_s (the floor's state: a prefix sum of u, e numbers per chunk).
+    Saved: q', k', u, the scales and the C x C blocks P (L x C numbers); the states S are rebuilt in
+    backward. With G = dL/dO, H_t = tril(G_t u_t^T), R_t = sum_{s > t} decay[s, t] q'_s^T (beta G)_s
     (suffix states, from the last chunk backwards) and F_t = sum_{s > t} A_s^T G_s:
-        da_t = (H_t W_t) b_t   + (beta G_t) S_t^T       + f (rowsum H_t + G_t E_t^T) 1^T
-        db_t = (H_t W_t)^T a_t + (gamma c_t) R_t^T
-        dc_t = P_t^T G_t       + gamma (b_t R_t)        + f F_t
+        dq'_t = (H_t W_t) k'_t   + (beta G_t) S_t^T       + f (rowsum H_t + G_t E_t^T) 1^T
+        dk'_t = (H_t W_t)^T q'_t + (gamma u_t) R_t^T
+        du_t  = P_t^T G_t        + gamma (k'_t R_t)       + f F_t
     Chunked tensors are (B n, C, f) with B = batch x heads, so every product is one batched
     matmul. Extra memory: 2 L C + 2 (L / C) m e; never L m e. No Python loop over tokens or chunks.
     The scales are constants (no gradient): the stabilizer is detached.
     """
 
     @staticmethod
-    def forward(ctx, a, b, c, chunk, key_scale=None, query_scale=None, floor=0.0):
-        n = math.ceil(a.shape[-2] / chunk)
-        a_, b_, c_ = (_chunks(x, chunk) for x in (a, b, c))  # (B n, C, m), (B n, C, m), (B n, C, e)
+    def forward(ctx, qf, kf, vx, chunk, key_scale=None, query_scale=None, floor=0.0):
+        n = math.ceil(qf.shape[-2] / chunk)
+        qf_, kf_, vx_ = (_chunks(x, chunk) for x in (qf, kf, vx))  # (B n, C, m), (B n, C, m), (B n, C, e)
         w = None if key_scale is None else _ChunkScales(key_scale, query_scale, chunk)
-        scores = torch.bmm(a_, b_.transpose(1, 2))  # P: (B n, C, C)
+        scores = torch.bmm(qf_, kf_.transpose(1, 2))  # P: (B n, C, C)
         if w is not None:
             scores.mul_(w.intra)
-        a_sum = a_.sum(dim=-1, keepdim=True) if floor else None  # A: (B n, C, 1)
+        qf_sum = qf_.sum(dim=-1, keepdim=True) if floor else None  # A: (B n, C, 1)
         if floor:
-            scores.add_(a_sum, alpha=floor)
+            scores.add_(qf_sum, alpha=floor)
         scores.tril_()
-        out = torch.bmm(scores, c_)  # (B n, C, e)
-        c_in = c_ if w is None else c_ * w.gamma
-        carried = _exclusive_prefix(torch.bmm(b_.transpose(1, 2), c_in), n, decay=None if w is None else w.decay)
+        out = torch.bmm(scores, vx_)  # (B n, C, e)
+        vx_in = vx_ if w is None else vx_ * w.gamma
+        carried = _exclusive_prefix(torch.bmm(kf_.transpose(1, 2), vx_in), n, decay=None if w is None else w.decay)
         if w is None:
-            out.baddbmm_(a_, carried)
+            out.baddbmm_(qf_, carried)
         else:
-            out.addcmul_(torch.bmm(a_, carried), w.beta)
-        del carried, c_in
+            out.addcmul_(torch.bmm(qf_, carried), w.beta)
+        del carried, vx_in
         if floor:
-            out.addcmul_(a_sum, _chunk_prefix(c_.sum(dim=1), n), value=floor)
-        ctx.save_for_backward(a_, b_, c_, scores, *(() if w is None else (key_scale, query_scale)))
+            out.addcmul_(qf_sum, _chunk_prefix(vx_.sum(dim=1), n), value=floor)
+        ctx.save_for_backward(qf_, kf_, vx_, scores, *(() if w is None else (key_scale, query_scale)))
         ctx.n, ctx.chunk, ctx.floor = n, chunk, floor
-        ctx.shapes = tuple(x.shape for x in (a, b, c))
-        return _unchunk(out, c.shape)
+        ctx.shapes = tuple(x.shape for x in (qf, kf, vx))
+        return _unchunk(out, vx.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        a_, b_, c_, scores, *scales = ctx.saved_tensors
-        n, floor, (shape_a, shape_b, shape_c) = ctx.n, ctx.floor, ctx.shapes
+        qf_, kf_, vx_, scores, *scales = ctx.saved_tensors
+        n, floor, (shape_qf, shape_kf, shape_vx) = ctx.n, ctx.floor, ctx.shapes
         w = _ChunkScales(*scales, ctx.chunk) if scales else None
         decay = None if w is None else w.decay
         g_ = _chunks(grad_out, ctx.chunk)  # G: (B n, C, e)
         g_in = g_ if w is None else g_ * w.beta  # beta G
-        da = db = dc = None
+        d_qf = d_kf = d_vx = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            h = torch.bmm(g_, c_.transpose(1, 2)).tril_()  # H: (B n, C, C)
+            h = torch.bmm(g_, vx_.transpose(1, 2)).tril_()  # H: (B n, C, C)
             if ctx.needs_input_grad[0] and floor:
-                e_state = _chunk_prefix(c_.sum(dim=1), n)  # E: (B n, 1, e)
-                da_floor = (h.sum(dim=-1, keepdim=True) + (g_ * e_state).sum(dim=-1, keepdim=True)).mul_(floor)
+                e_state = _chunk_prefix(vx_.sum(dim=1), n)  # E: (B n, 1, e)
+                d_qf_floor = (h.sum(dim=-1, keepdim=True) + (g_ * e_state).sum(dim=-1, keepdim=True)).mul_(floor)
                 del e_state
             if w is not None:
                 h.mul_(w.intra)
             if ctx.needs_input_grad[0]:
-                da = torch.bmm(h, b_)
-                c_in = c_ if w is None else c_ * w.gamma
-                carried = _exclusive_prefix(torch.bmm(b_.transpose(1, 2), c_in), n, decay=decay)  # S, rebuilt
-                da.baddbmm_(g_in, carried.transpose(1, 2))
-                del carried, c_in
+                d_qf = torch.bmm(h, kf_)
+                vx_in = vx_ if w is None else vx_ * w.gamma
+                carried = _exclusive_prefix(torch.bmm(kf_.transpose(1, 2), vx_in), n, decay=decay)  # S, rebuilt
+                d_qf.baddbmm_(g_in, carried.transpose(1, 2))
+                del carried, vx_in
                 if floor:
-                    da.add_(da_floor)
-                da = _unchunk(da, shape_a)
+                    d_qf.add_(d_qf_floor)
+                d_qf = _unchunk(d_qf, shape_qf)
             if ctx.needs_input_grad[1]:
-                db = torch.bmm(h.transpose(1, 2), a_)
+                d_kf = torch.bmm(h.transpose(1, 2), qf_)
             del h
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            suffix = _exclusive_prefix(torch.bmm(a_.transpose(1, 2), g_in), n, reverse=True, decay=decay)  # R
+            suffix = _exclusive_prefix(torch.bmm(qf_.transpose(1, 2), g_in), n, reverse=True, decay=decay)  # R
             if ctx.needs_input_grad[1]:
-                db.baddbmm_(c_ if w is None else c_ * w.gamma, suffix.transpose(1, 2))
-                db = _unchunk(db, shape_b)
+                d_kf.baddbmm_(vx_ if w is None else vx_ * w.gamma, suffix.transpose(1, 2))
+                d_kf = _unchunk(d_kf, shape_kf)
             if ctx.needs_input_grad[2]:
-                dc = torch.bmm(scores.transpose(1, 2), g_)
+                d_vx = torch.bmm(scores.transpose(1, 2), g_)
                 if w is None:
-                    dc.baddbmm_(b_, suffix)
+                    d_vx.baddbmm_(kf_, suffix)
                 else:
-                    dc.addcmul_(torch.bmm(b_, suffix), w.gamma)
+                    d_vx.addcmul_(torch.bmm(kf_, suffix), w.gamma)
                 if floor:  # F_t = sum over later chunks of A^T G
-                    a_sum = a_.sum(dim=-1, keepdim=True)
-                    dc.add_(_chunk_prefix((a_sum * g_).sum(dim=1), n, reverse=True), alpha=floor)
-                dc = _unchunk(dc, shape_c)
-        return da, db, dc, None, None, None, None
+                    qf_sum = qf_.sum(dim=-1, keepdim=True)
+                    d_vx.add_(_chunk_prefix((qf_sum * g_).sum(dim=1), n, reverse=True), alpha=floor)
+                d_vx = _unchunk(d_vx, shape_vx)
+        return d_qf, d_kf, d_vx, None, None, None, None
 
 
 def causal_product(

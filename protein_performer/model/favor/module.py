@@ -19,9 +19,9 @@ from protein_performer.model.favor.features import (
     per_key_features,
     relu_kernel,
     softmax_kernel,
-    softmax_logits,
     trig_kernel,
 )
+from protein_performer.model.favor import recurrent
 from protein_performer.model.favor.scan import favor_scan
 
 log = logging.getLogger("protein_performer.model.favor")
@@ -48,7 +48,7 @@ def triton_works(device: str, dim: int, nb_features: int, kind: str, causal: boo
     with too little shared memory, a triton without a backend for it)."""
     from triton.errors import TritonError
 
-    from protein_performer.model.favor.triton_kernels import favor_triton
+    from protein_performer.model.favor.triton_ops import favor_triton
 
     gen = torch.Generator().manual_seed(0)
     x = [torch.randn(1, 1, chunk + 1, dim, generator=gen).to(device).requires_grad_() for _ in range(3)]
@@ -209,7 +209,7 @@ class FavorAttention(nn.Module):
                     w = torch.cat([w, -w], dim=0)
                 kind = "relu" if self.kernel == "relu" else "softmax"
                 if impl == "triton":
-                    from protein_performer.model.favor.triton_kernels import favor_triton as run
+                    from protein_performer.model.favor.triton_ops import favor_triton as run
                 else:
                     run = favor_scan
                 out = run(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
@@ -219,7 +219,7 @@ class FavorAttention(nn.Module):
             if self.causal and self.kernel != "relu":
                 k_prime, key_scale = self.causal_key_features(k, mask)
                 out = causal_linear_attention(
-                    q_prime, k_prime, v.to(q_prime.dtype), self._chunk(impl), key_scale, self._floor(), mask
+                    q_prime, k_prime, v.to(q_prime.dtype), self._chunk(impl), key_scale, self.feature_floor(), mask
                 )
             elif self.causal:  # relu features have no stabilizer: eps is part of them
                 out = causal_linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self._chunk(impl))
@@ -252,7 +252,7 @@ class FavorAttention(nn.Module):
             x = k.to(dtype) * self.dim_head**-0.25
             return per_key_features(x, self.projection.to(dtype), self.kernel, key_padding_mask)
 
-    def _floor(self) -> float:
+    def feature_floor(self) -> float:
         """The eps floor of every key feature: ratio * eps for positive softmax features (ratio =
         m^-1/2), eps for relu (inside its features), none for trigonometric features."""
         if self.kernel == "softmax_trig":
@@ -260,6 +260,8 @@ class FavorAttention(nn.Module):
         if self.kernel in ("softmax", "softmax_hyp"):
             return self.eps * self.nb_features**-0.5
         return self.eps
+
+    _floor = feature_floor  # the name before the recurrent split
 
     def attention_matrix(
         self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None, block_rows: int | None = None
@@ -282,7 +284,7 @@ class FavorAttention(nn.Module):
             if scaled:
                 k_prime, key_scale = self.causal_key_features(k, mask)
                 query_scale = causal_stabilizer(key_scale, mask)
-                floor = self._floor() * (1.0 if mask is None else (~mask)[:, None, None, :].to(q_prime.dtype))
+                floor = self.feature_floor() * (1.0 if mask is None else (~mask)[:, None, None, :].to(q_prime.dtype))
             else:
                 k_prime = self.features(k, False, mask)
             out = q_prime.new_empty(b, h, length, k.shape[2])
@@ -303,56 +305,15 @@ class FavorAttention(nn.Module):
     def init_state(
         self, batch: int, heads: int, dim_v: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> dict:
-        """An empty causal state: S (b, h, m, e) and z (b, h, m) at scale exp(-c), the running key
-        stabilizer c (b, h, 1, 1), and for the eps floor the sum of v (b, h, e) and the key count."""
-        device = self.projection.device if device is None else device
-        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
-        return {
-            "S": zeros(batch, heads, self.nb_features, dim_v),
-            "z": zeros(batch, heads, self.nb_features),
-            "c": torch.full((batch, heads, 1, 1), float("-inf"), device=device, dtype=dtype),
-            "v_sum": zeros(batch, heads, dim_v),
-            "count": zeros(batch, heads, 1),
-        }
-
-    def _running_stabilizer(self, k_scaled: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.kernel in ("softmax", "softmax_hyp"):
-            logits = softmax_logits(k_scaled, self.projection.to(k_scaled.dtype), self.kernel == "softmax_hyp")
-        elif self.kernel == "softmax_trig":
-            logits = 0.5 * (k_scaled * k_scaled).sum(dim=-1, keepdim=True)
-        else:
-            return torch.zeros_like(c)
-        return torch.maximum(c, logits.amax(dim=(-2, -1), keepdim=True))
+        """An empty causal state for ``step`` (``recurrent.init_state``)."""
+        return recurrent.init_state(self, batch, heads, dim_v, device, dtype)
 
     @torch.no_grad()
     def step(self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """One causal step: q_t, k_t, v_t (b, h, 1, d) -> (out_t (b, h, 1, d), new state).
-
-        out_t equals the last row of ``forward`` run (causally) on all tokens given so far: the key
-        stabilizer is the running max, S and z are rescaled by exp(c_old - c_new) when it grows, and
-        the eps floor of the key features (ratio * eps per feature) is added from sum(v) and the
-        count, so it does not depend on the stabilizer's history.
-        """
+        """One causal step: q_t, k_t, v_t (b, h, 1, d) -> (out_t (b, h, 1, d), new state); out_t equals
+        the last row of ``forward`` run causally on all tokens given so far (``recurrent.step``)."""
         if not self.causal:
             raise RuntimeError("step() is for causal attention; build FavorAttention(causal=True)")
-        out_dtype = v_t.dtype
         with _fp32(q_t.device.type):
-            dtype = state["S"].dtype
-            v_t = v_t.to(dtype)
-            k_scaled = k_t.to(dtype) * self.dim_head**-0.25
-            c_new = self._running_stabilizer(k_scaled, state["c"])
-            rescale = torch.exp(state["c"] - c_new)  # (b, h, 1, 1); exp(-inf) = 0 on the first step
-            k_prime = self.features(k_t, False, stabilizer=c_new, eps=0.0)  # (b, h, 1, m)
-            S = state["S"] * rescale + torch.einsum("bhlm,bhle->bhme", k_prime, v_t)
-            z = state["z"] * rescale[..., 0] + k_prime[:, :, 0]
-            v_sum = state["v_sum"] + v_t[:, :, 0]
-            count = state["count"] + 1
-            floor = self._floor()
-            S_all = S + floor * v_sum.unsqueeze(2)  # every feature carries floor * sum(v)
-            z_all = z + floor * count
-            q_prime = self.features(q_t, True)[:, :, 0]  # (b, h, m)
-            num = torch.einsum("bhm,bhme->bhe", q_prime, S_all)
-            den = torch.einsum("bhm,bhm->bh", q_prime, z_all).unsqueeze(-1)
-            out = num / torch.where(den == 0, torch.ones_like(den), den)
-        new_state = {"S": S, "z": z, "c": c_new, "v_sum": v_sum, "count": count}
-        return out.unsqueeze(2).to(out_dtype), new_state
+            out, new_state = recurrent.step(self, q_t, k_t, v_t, state)
+        return out.to(v_t.dtype), new_state

@@ -19,10 +19,13 @@ k_i = k^_i exp(s_i - c_i) (a factor <= 1), v = [V 1] and the gate g_i = c_{i-1} 
 then S_i = sum_{j<=i} exp(c_j - c_i) exp(s_j - c_j) k^_j [v_j 1]^T, which is exactly the term
 exp(s_j - c_i) above, the running-max rescaling of recurrent decoding (``FavorAttention.step``).
 Every factor is <= 1 (fla evaluates exp of differences of the within-chunk cumulative gate, also
-<= 1 for j <= i), so nothing overflows however fast the stabilizer grows; the inputs of position i
-depend on tokens 0..i only, so no later token can change an earlier output, not even in rounding.
-The floor f A_i cumsum([v 1])_i is added outside fla (L x (d + 1) numbers), and we divide
-ourselves (a zero denominator, a query with no real key, gives 0), with ``normalize=False``.
+<= 1 for j <= i; the j > i entries are discarded with ``tl.where``), so nothing overflows however
+fast the stabilizer grows; the inputs of position i depend on tokens 0..i only, so no later token
+can change an earlier output, not even in rounding (the test checks it bitwise). The floor
+f A_i cumsum([v 1])_i is added outside fla (L x (d + 1) numbers), and we divide ourselves (a zero
+denominator, a query with no real key, gives 0), with ``normalize=False``. Price: fla tiles V in
+blocks of 32-64 columns, so d + 1 = 65 costs one more V block than d = 64 in the V-tiled kernels
+(the benchmark's ``favor_softmax_fla_normalized`` row, V = d and no gate, measures the difference).
 
 How this differs from ``chunk_linear_attn(q, k, v, scale=1.0, normalize=True)`` (kept as
 ``favor_causal_fla_normalized``, for comparison):
@@ -115,7 +118,7 @@ def favor_causal_fla(
     """Causal FAVOR+ out_i = q'_i S_i / q'_i z_i on fla's gated chunked kernels (see the module docstring).
 
     The contract of ``causal.causal_linear_attention`` (without ``chunk``: fla's is 64):
-    q_prime, k_prime: (b, h, l, m), float32 (or float64: fla then runs in float64 on CPU only);
+    q_prime, k_prime: (b, h, l, m), float32 (TF32 dots on GPU by default, see above);
     v: (b, h, l, d); key_scale: (b, h, l) per-key scales s from ``per_key_features`` (k_prime is
     then phi_hat at each key's own scale), or None for features used as they are; floor: the eps
     floor f of every key feature (``FavorAttention._floor()``), never scaled; key_padding_mask

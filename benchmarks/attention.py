@@ -120,7 +120,7 @@ class FlaFavor:
                 out = self.backend.favor_causal_fla(q_prime, fa.features(k, False), v)
             else:
                 k_hat, key_scale = fa.causal_key_features(k)
-                out = self.backend.favor_causal_fla(q_prime, k_hat, v, key_scale, fa._floor())
+                out = self.backend.favor_causal_fla(q_prime, k_hat, v, key_scale, fa.feature_floor())
         return out.to(v.dtype)
 
 

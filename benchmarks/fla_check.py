@@ -55,7 +55,7 @@ def run(fa, q, k, v, mask, go, fla: bool):
     if fa.kernel == "relu":
         k_prime, key_scale, floor = fa.features(x[1], False, mask), None, 0.0
     else:
-        (k_prime, key_scale), floor = fa.causal_key_features(x[1], mask), fa._floor()
+        (k_prime, key_scale), floor = fa.causal_key_features(x[1], mask), fa.feature_floor()
     if fla:
         out = favor_causal_fla(q_prime, k_prime, x[2], key_scale, floor, mask)
     else:

@@ -97,9 +97,9 @@ def favor(fa, q, k, v, mask, backend, dtype):
     q_prime = fa.features(q, True)
     k_hat, key_scale = fa.causal_key_features(k, mask)
     if backend == "fla":
-        out = favor_causal_fla(q_prime, k_hat, v, key_scale, fa._floor(), mask)
+        out = favor_causal_fla(q_prime, k_hat, v, key_scale, fa.feature_floor(), mask)
     else:
-        out = causal_linear_attention(q_prime, k_hat, v.to(q_prime.dtype), 32, key_scale, fa._floor(), mask)
+        out = causal_linear_attention(q_prime, k_hat, v.to(q_prime.dtype), 32, key_scale, fa.feature_floor(), mask)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     out.backward(grad.to(out.dtype))
     return [x.detach().double() for x in (out, q.grad, k.grad, v.grad, fa.projection.grad)]
@@ -149,7 +149,7 @@ def test_fla_keeps_the_running_stabilizer_causal(eps, least_leak):
         with torch.no_grad():
             q_prime = fa.features(q.float(), True)
             k_hat, key_scale = fa.causal_key_features(keys.float())
-            outs["exact", name] = favor_causal_fla(q_prime, k_hat, v.float(), key_scale, fa._floor())
+            outs["exact", name] = favor_causal_fla(q_prime, k_hat, v.float(), key_scale, fa.feature_floor())
             outs["global", name] = favor_causal_fla_normalized(q_prime, fa.features(keys.float(), False), v.float())
     running_max = causal_stabilizer(key_scale)  # of the spiked keys
     assert (running_max[..., -1] - running_max[..., spike - 1]).min() > 8  # the spike raises it for every later query
@@ -198,9 +198,9 @@ def test_fla_float16_features():
     for dtype, backend in ((torch.float64, "batched"), (torch.float16, "fla")):
         x = [t.detach().to(dtype).requires_grad_() for t in (q_prime, k_hat, v)]
         if backend == "fla":
-            out = favor_causal_fla(*x, key_scale.float(), fa64._floor())
+            out = favor_causal_fla(*x, key_scale.float(), fa64.feature_floor())
         else:
-            out = causal_linear_attention(*x, 32, key_scale, fa64._floor())
+            out = causal_linear_attention(*x, 32, key_scale, fa64.feature_floor())
         assert out.dtype == dtype
         out.backward(torch.ones_like(out))
         results.append([out.detach().double()] + [t.grad.double() for t in x])

@@ -123,7 +123,7 @@ def favor_causal_fla(
     q_prime, k_prime: (b, h, l, m), float32 (TF32 dots on GPU by default, see above);
     v: (b, h, l, d); key_scale: (b, h, l) per-key scales s from ``per_key_features`` (k_prime is
     then phi_hat at each key's own scale), or None for features used as they are; floor: the eps
-    floor f of every key feature (``FavorAttention._floor()``), never scaled; key_padding_mask
+    floor f of every key feature (``FavorAttention.feature_floor()``), never scaled; key_padding_mask
     (b, l), True = padded: those keys must already have zero features. Returns (b, h, l, d) in
     q_prime's dtype (float16 / bfloat16 features run fla's dots in that precision, the floor and the
     division in float32). Gradients flow to q_prime, k_prime and v (fla's hand-written backward).

@@ -217,3 +217,20 @@ def test_gate_stabilizer_is_the_running_max_and_never_grows_the_state():
     assert c.tolist() == [[[1.0, 1.0, 1.0, 4.0, 4.0]]]
     assert torch.equal(c[..., 2:], causal_stabilizer(s, mask)[..., 2:])
     assert gate_stabilizer(s, torch.ones_like(mask)).tolist() == [[[0.0] * 5]]
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_favor_attention_impl_fla(kernel):
+    """``FavorAttention(impl="fla")`` runs the fla path with the module's own features and floor:
+    forward and input gradients equal the batched path's within the float32 bound."""
+    q, k, v = qkv(80, 16)
+    mask = padding(q.shape[0], 80)
+    outs = []
+    for impl in ("fla", "batched"):
+        fa = FavorAttention(16, 32, kernel=kernel, causal=True, seed=2, impl=impl)
+        x = [t.clone().float().requires_grad_() for t in (q, k, v)]
+        out = fa(*x, key_padding_mask=mask)
+        out.backward(torch.ones_like(out))
+        outs.append([out.detach(), *(t.grad for t in x)])
+    errs = max_rel_err(outs[0], outs[1])
+    assert max(errs) < TOL32, errs

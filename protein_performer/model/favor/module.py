@@ -26,7 +26,11 @@ from protein_performer.model.favor.scan import favor_scan
 
 log = logging.getLogger("protein_performer.model.favor")
 
-IMPLS = ("auto", "scan", "batched", "triton")
+IMPLS = ("auto", "scan", "batched", "triton", "fla")
+# CPU: below this length the batched path is faster (fewer, larger ops), from it on the scan
+# (measured, 2 threads, fwd+bwd, 8 heads, d 64, m 256: batch 16 x L 128 batched 5.9x SDPA vs scan 7.7x;
+# 8 x 512 causal 2.6x vs 2.2x, bidirectional 1.9x vs 1.1x; 1 x 8192 causal 0.39x vs 0.29x)
+CPU_SCAN_MIN_LENGTH = 512
 TRITON_KERNELS = ("softmax", "softmax_hyp", "relu")  # the kernels triton_kernels.py implements
 
 
@@ -38,6 +42,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _fla_available() -> bool:
+    from protein_performer.model.favor.fla_backend import fla_available
+
+    return fla_available()
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,15 +102,17 @@ class FavorAttention(nn.Module):
             (64 for scan, 128 for batched; measured).
         seed: the seed of the initial draw; ``redraw(seed)`` draws again.
         impl: how ``forward`` computes: "scan" (``scan.py``: features fused into a chunk scan,
-            recomputed in backward; half the peak memory, 0.27x exact SDPA's CPU time at L = 8192
-            single-threaded, but many small ops: slow with 2 threads on an oversubscribed machine),
+            recomputed in backward; half the peak memory, 0.29x exact SDPA's time at L = 8192 causal,
+            0.08x bidirectional, 2 threads, plain process; it relies on cache-sized blocks, so on
+            cores shared with other heavy jobs it can fall behind batched),
             "batched" (``causal.py``: all chunks in a few batched matmuls, L x m features kept for
             backward), "triton" (``triton_kernels.py``: fused Triton kernels for the
             softmax, softmax_hyp and relu kernels, float32 inside; CUDA tensors, or CPU tensors under
-            TRITON_INTERPRET=1), or "auto" (= triton for CUDA tensors of those kernels when
-            triton imports and its kernels run there (``triton_works``), else batched; see
-            issue 11's report). The trigonometric kernel
-            always uses "batched".
+            TRITON_INTERPRET=1), "fla" (causal only: ``fla_backend.py``, flash-linear-attention's
+            chunked kernels on our features, same semantics; needs fla-core), or "auto": triton
+            for CUDA tensors of those kernels when triton imports and its kernels run there
+            (``triton_works``); on the CPU scan from ``CPU_SCAN_MIN_LENGTH`` positions on, batched
+            below; batched otherwise. The trigonometric kernel always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -127,6 +139,10 @@ class FavorAttention(nn.Module):
             raise ValueError(f"impl='triton' supports the kernels {TRITON_KERNELS}, got {kernel!r}; use impl='auto'")
         if impl == "triton" and not triton_available():
             raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='auto'")
+        if impl == "fla" and not causal:
+            raise ValueError("impl='fla' is causal only (fla has no bidirectional kernel); use impl='auto'")
+        if impl == "fla" and not _fla_available():
+            raise ValueError("impl='fla' needs flash-linear-attention: pip install 'fla-core>=0.6,<0.7'; use impl='auto'")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if norm not in NORMS:
@@ -200,6 +216,8 @@ class FavorAttention(nn.Module):
         mask = check_key_padding_mask(key_padding_mask, k)
         out_dtype = v.dtype
         impl = self.resolve_impl(q)
+        if impl == "fla":
+            return self._forward_fla(q, k, v, mask).to(out_dtype)
         if impl != "batched":
             dtype = _compute_dtype(q)
             with _fp32(q.device.type):
@@ -227,6 +245,17 @@ class FavorAttention(nn.Module):
                 out = linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype))
         return out.to(out_dtype)
 
+    def _forward_fla(self, q, k, v, mask):
+        from protein_performer.model.favor.fla_backend import favor_causal_fla
+
+        with _fp32(q.device.type):
+            q_prime = self.features(q, True)
+            v = v.to(q_prime.dtype)
+            if self.kernel == "relu":  # no stabilizer: eps is part of the features
+                return favor_causal_fla(q_prime, self.features(k, False, mask), v, key_padding_mask=mask)
+            k_hat, key_scale = self.causal_key_features(k, mask)
+            return favor_causal_fla(q_prime, k_hat, v, key_scale, self.feature_floor(), mask)
+
     def _chunk(self, impl: str) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
@@ -242,6 +271,8 @@ class FavorAttention(nn.Module):
             kind = "relu" if self.kernel == "relu" else "softmax"
             if triton_works(str(x.device), self.dim_head, self.nb_features, kind, self.causal, self._chunk("triton")):
                 return "triton"
+        if x.device.type == "cpu" and x.shape[-2] >= CPU_SCAN_MIN_LENGTH:
+            return "scan"
         return "batched"
 
     def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

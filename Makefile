@@ -65,9 +65,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/learning_check.py
 	$(PY) benchmarks/report.py
 
+# the studies publish their JSON + PNG into benchmarks/results/studies/ (their own markdown goes to
+# study_results/); the results pages are then regenerated from the JSON
 studies: $(STAMP)
 	for s in causal_generation approximation speed compatibility redraw; do \
-		$(PY) -m protein_performer.experiments.$$s || exit 1; done
+		$(PY) -m protein_performer.experiments.$$s --out-dir benchmarks/results/studies \
+		    --markdown study_results/studies.md || exit 1; done
+	$(PY) benchmarks/report.py
 
 # one Pfam family of the shared pfam40 set: train ~12 min, export, score the mean APC map against the
 # family's kortemme40 structure; checkpoint at $(OUT)/checkpoints/last.ckpt, scores in $(OUT)/summary.json

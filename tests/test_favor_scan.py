@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from protein_performer.model.favor import FavorAttention, scan
-from protein_performer.model.favor.module import CPU_SCAN_MIN_LENGTH
+from protein_performer.model.favor.module import CPU_SCAN_MIN_LENGTH, CPU_SCAN_MIN_ROWS
 
 
 def qkv(b=2, h=3, length=37, d=16, seed=0, dtype=torch.float64):
@@ -110,15 +110,17 @@ def test_impl_choice():
 
 
 def test_auto_uses_the_scan_on_long_cpu_inputs():
-    """On the CPU ``auto`` is batched below CPU_SCAN_MIN_LENGTH (fewer, larger ops win on short
-    inputs) and the scan from it on (measured in module.py); both give the same numbers."""
-    n = CPU_SCAN_MIN_LENGTH
+    """On the CPU ``auto`` is batched below CPU_SCAN_MIN_LENGTH positions or CPU_SCAN_MIN_ROWS rows
+    (fewer, larger ops win on short inputs) and the scan from there on (measured in module.py);
+    both give the same numbers."""
+    n, heads = CPU_SCAN_MIN_LENGTH, CPU_SCAN_MIN_ROWS // CPU_SCAN_MIN_LENGTH
     for causal in (False, True):
         fa = FavorAttention(8, 16, causal=causal, seed=3)
-        assert fa.resolve_impl(torch.zeros(1, 1, n - 1, 8)) == "batched"
-        assert fa.resolve_impl(torch.zeros(1, 1, n, 8)) == "scan"
-        assert FavorAttention(8, 16, kernel="softmax_trig").resolve_impl(torch.zeros(1, 1, n, 8)) == "batched"
-        q, k, v = (torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3))
+        assert fa.resolve_impl(torch.zeros(1, heads, n - 1, 8)) == "batched"
+        assert fa.resolve_impl(torch.zeros(1, heads - 1, n, 8)) == "batched"
+        assert fa.resolve_impl(torch.zeros(1, heads, n, 8)) == "scan"
+        assert FavorAttention(8, 16, kernel="softmax_trig").resolve_impl(torch.zeros(1, heads, n, 8)) == "batched"
+        q, k, v = (torch.randn(1, heads, n, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3))
         batched = FavorAttention(8, 16, causal=causal, seed=3, impl="batched").double()
         # float64 on both paths: the two summation orders agree to ~1e-15 relative
         torch.testing.assert_close(fa.double()(q, k, v), batched(q, k, v), rtol=1e-12, atol=1e-12)

@@ -27,10 +27,12 @@ from protein_performer.model.favor.scan import favor_scan
 log = logging.getLogger("protein_performer.model.favor")
 
 IMPLS = ("auto", "scan", "batched", "triton", "fla")
-# CPU: below this length the batched path is faster (fewer, larger ops), from it on the scan
-# (measured, 2 threads, fwd+bwd, 8 heads, d 64, m 256: batch 16 x L 128 batched 5.9x SDPA vs scan 7.7x;
-# 8 x 512 causal 2.6x vs 2.2x, bidirectional 1.9x vs 1.1x; 1 x 8192 causal 0.39x vs 0.29x)
+# CPU: the scan wins on long inputs, the batched path (fewer, larger ops) on short or few rows.
+# Measured side by side with SDPA (2 threads, fwd+bwd, 8 heads, d 64, m 256, time / SDPA's):
+# batch 16 x L 128 causal batched 5.9x, scan 7.7x; 1 x 1024 causal 1.58x vs 1.86x; 2 x 1024 1.70x vs
+# 1.63x; 8 x 512 causal 2.6x vs 2.2x, bidirectional 1.9x vs 1.1x; 1 x 8192 causal 0.39x vs 0.29x.
 CPU_SCAN_MIN_LENGTH = 512
+CPU_SCAN_MIN_ROWS = 16384  # batch x heads x length
 TRITON_KERNELS = ("softmax", "softmax_hyp", "relu")  # the kernels triton_kernels.py implements
 
 
@@ -111,8 +113,8 @@ class FavorAttention(nn.Module):
             TRITON_INTERPRET=1), "fla" (causal only: ``fla_backend.py``, flash-linear-attention's
             chunked kernels on our features, same semantics; needs fla-core), or "auto": triton
             for CUDA tensors of those kernels when triton imports and its kernels run there
-            (``triton_works``); on the CPU scan from ``CPU_SCAN_MIN_LENGTH`` positions on, batched
-            below; batched otherwise. The trigonometric kernel always uses "batched".
+            (``triton_works``); on the CPU scan from ``CPU_SCAN_MIN_LENGTH`` positions and
+            ``CPU_SCAN_MIN_ROWS`` rows (batch x heads x length) on, batched below; batched otherwise. The trigonometric kernel always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -271,7 +273,8 @@ class FavorAttention(nn.Module):
             kind = "relu" if self.kernel == "relu" else "softmax"
             if triton_works(str(x.device), self.dim_head, self.nb_features, kind, self.causal, self._chunk("triton")):
                 return "triton"
-        if x.device.type == "cpu" and x.shape[-2] >= CPU_SCAN_MIN_LENGTH:
+        rows = x.shape[0] * x.shape[1] * x.shape[2]
+        if x.device.type == "cpu" and x.shape[2] >= CPU_SCAN_MIN_LENGTH and rows >= CPU_SCAN_MIN_ROWS:
             return "scan"
         return "batched"
 

@@ -47,6 +47,11 @@ def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
     return ok
 
 
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory`` tuned malloc in this process (FAVOR+'s CPU path choice reads it)."""
+    return _done
+
+
 def set_threads(num_threads: int | None) -> None:
     """``torch.set_num_threads(num_threads)`` when given (the entry points' ``num_threads`` option)."""
     if num_threads:

@@ -109,10 +109,13 @@ def test_impl_choice():
         FavorAttention(8, 16, impl="fla")
 
 
-def test_auto_uses_the_scan_on_long_cpu_inputs():
+def test_auto_uses_the_scan_on_long_cpu_inputs(monkeypatch):
     """On the CPU ``auto`` is batched below CPU_SCAN_MIN_LENGTH positions or CPU_SCAN_MIN_ROWS rows
     (fewer, larger ops win on short inputs) and the scan from there on (measured in module.py);
     both give the same numbers."""
+    from protein_performer import runtime
+
+    monkeypatch.setattr(runtime, "_done", False)  # another test of this process may have tuned malloc
     n, heads = CPU_SCAN_MIN_LENGTH, CPU_SCAN_MIN_ROWS // CPU_SCAN_MIN_LENGTH
     for causal in (False, True):
         fa = FavorAttention(8, 16, causal=causal, seed=3)
@@ -124,3 +127,16 @@ def test_auto_uses_the_scan_on_long_cpu_inputs():
         batched = FavorAttention(8, 16, causal=causal, seed=3, impl="batched").double()
         # float64 on both paths: the two summation orders agree to ~1e-15 relative
         torch.testing.assert_close(fa.double()(q, k, v), batched(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_keeps_causal_batched_after_malloc_tuning(monkeypatch):
+    """With ``keep_freed_memory()`` applied the batched path has no page-fault churn and is the
+    faster causal CPU path (module.py); bidirectional attention stays on the scan."""
+    from protein_performer import runtime
+
+    x = torch.zeros(1, CPU_SCAN_MIN_ROWS // CPU_SCAN_MIN_LENGTH, CPU_SCAN_MIN_LENGTH, 8)
+    monkeypatch.setattr(runtime, "_done", True)
+    assert FavorAttention(8, 16, causal=True).resolve_impl(x) == "batched"
+    assert FavorAttention(8, 16, causal=False).resolve_impl(x) == "scan"
+    monkeypatch.setattr(runtime, "_done", False)
+    assert FavorAttention(8, 16, causal=True).resolve_impl(x) == "scan"

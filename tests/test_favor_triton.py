@@ -29,7 +29,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from protein_performer.model.favor import FavorAttention, module  # noqa: E402
-from protein_performer.model.favor import triton_kernels  # noqa: E402
+from protein_performer.model.favor import triton_ops  # noqa: E402
 from protein_performer.model.favor.triton_ops import favor_triton  # noqa: E402
 
 U32 = 2.0**-24
@@ -91,7 +91,7 @@ def test_triton_matches_pytorch_float32(kernel, causal, masked):
 def test_triton_default_chunk_long_sequence(monkeypatch, causal):
     """L = 200 with the default chunk (64: three full chunks and a short one), m = 32, d = 16, padding;
     bidirectional sums split over two row ranges (PARTS = 2: 128 + 72 rows)."""
-    monkeypatch.setattr(triton_kernels, "PARTS", 2)
+    monkeypatch.setattr(triton_ops, "PARTS", 2)
     d, m = 16, 32
     q, k, v = qkv(b=2, h=1, length=200, d=d, seed=4)
     mask = padding(2, 200)
@@ -190,6 +190,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from protein_performer.model.favor import triton_kernels as tk
+from protein_performer.model.favor import triton_ops as ops
 
 arch, kernels = int(sys.argv[1]), sys.argv[2].split(",")
 ints = {"L", "M", "D", "E", "ROWS", "NP", "N", "X", "NC"}
@@ -208,10 +209,10 @@ def signature(fn, consts):
 
 
 d = dv = 64  # the paper's head size, m = 256 features, chunk 64: the block shapes the launches use
-common = dict(BD=64, BV=64, PREC=tk.DOT_PRECISION, RELU=False)
+common = dict(BD=64, BV=64, PREC=ops.DOT_PRECISION, RELU=False)
 configs = {
-    "_forward": (dict(common, BM=tk.BLOCK_M, CH=64, CAUSAL=True), tk.NUM_WARPS),
-    "_backward": (dict(common, BM=tk.BLOCK_M_BWD, CH=64, CAUSAL=True), tk.NUM_WARPS),
+    "_forward": (dict(common, BM=ops.BLOCK_M, CH=64, CAUSAL=True), ops.NUM_WARPS),
+    "_backward": (dict(common, BM=ops.BLOCK_M_BWD, CH=64, CAUSAL=True), ops.NUM_WARPS),
 }
 shared = {}
 for name in kernels:

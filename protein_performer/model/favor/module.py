@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from protein_performer.model.attention import check_key_padding_mask
+from protein_performer.runtime import freed_memory_kept
 from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
 from protein_performer.model.favor.features import (
     KERNELS,
@@ -33,6 +34,9 @@ IMPLS = ("auto", "scan", "batched", "triton", "fla")
 # 1.63x; 8 x 512 causal 2.6x vs 2.2x, bidirectional 1.9x vs 1.1x; 1 x 8192 causal 0.39x vs 0.29x.
 CPU_SCAN_MIN_LENGTH = 512
 CPU_SCAN_MIN_ROWS = 16384  # batch x heads x length
+# After ``runtime.keep_freed_memory()`` the batched path's large temporaries cost no page faults, and
+# causal batched beats the scan (1 x 8 x 8192: 0.28x SDPA vs 0.30x); bidirectional the scan still wins
+# (0.078x vs 0.092x). So with the tuning, causal CPU attention stays batched.
 TRITON_KERNELS = ("softmax", "softmax_hyp", "relu")  # the kernels triton_kernels.py implements
 
 
@@ -114,7 +118,8 @@ class FavorAttention(nn.Module):
             chunked kernels on our features, same semantics; needs fla-core), or "auto": triton
             for CUDA tensors of those kernels when triton imports and its kernels run there
             (``triton_works``); on the CPU scan from ``CPU_SCAN_MIN_LENGTH`` positions and
-            ``CPU_SCAN_MIN_ROWS`` rows (batch x heads x length) on, batched below; batched otherwise. The trigonometric kernel always uses "batched".
+            ``CPU_SCAN_MIN_ROWS`` rows (batch x heads x length) on (causal: unless
+            ``runtime.keep_freed_memory()`` was called), batched below; batched otherwise. The trigonometric kernel always uses "batched".
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -274,7 +279,8 @@ class FavorAttention(nn.Module):
             if triton_works(str(x.device), self.dim_head, self.nb_features, kind, self.causal, self._chunk("triton")):
                 return "triton"
         rows = x.shape[0] * x.shape[1] * x.shape[2]
-        if x.device.type == "cpu" and x.shape[2] >= CPU_SCAN_MIN_LENGTH and rows >= CPU_SCAN_MIN_ROWS:
+        long_enough = x.shape[2] >= CPU_SCAN_MIN_LENGTH and rows >= CPU_SCAN_MIN_ROWS
+        if x.device.type == "cpu" and long_enough and not (self.causal and freed_memory_kept()):
             return "scan"
         return "batched"
 

@@ -30,40 +30,17 @@ Bidirectional attention is the same kernels with one scale c = max_j s_j for all
 state K'^T [V 1] (+ the floor) shared by every chunk (stride 0) and no intra-chunk block. ReLU
 features: all scales 0 (every factor 1), f = 0, eps inside both feature maps.
 
-Not tuned (written without a GPU): block sizes and warps are fixed guesses, checked only to
+Not tuned (written without a GPU): block sizes and warps (``triton_ops``) are fixed guesses, checked only to
 compile for sm_90 within an A100's shared memory (tests/test_favor_triton.py compiles them with
-triton's ptxas); dots run in IEEE float32 (``DOT_PRECISION``, environment variable
+triton's ptxas); dots run in IEEE float32 (``triton_ops.DOT_PRECISION``, environment variable
 PROTEIN_PERFORMER_TRITON_DOT: "tf32x3" or "tf32" trade accuracy of the logits for tensor-core
 speed; statically, ieee dots spill registers on sm_90, tf32x3 spill less in forward). Numbers tested on the CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-# tl.dot input precision: "ieee" (float32, the default), or to measure on a GPU "tf32x3" (three
-# tf32 products, about float32 accuracy, on tensor cores) or "tf32" (~1e-3 relative in the logits)
-DOT_PRECISION = os.environ.get("PROTEIN_PERFORMER_TRITON_DOT", "ieee")
-if DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
-    raise ValueError(f"PROTEIN_PERFORMER_TRITON_DOT must be ieee, tf32x3 or tf32, got {DOT_PRECISION!r}")
-# Feature columns per step, per kernel, and warps: chosen without a GPU from what ptxas reports for
-# sm_90 at d = 64, C = 64 (ieee dots): the fewest register spills with 8 warps. With 64 columns
-# _forward and _states compile to 32 registers and 8-10 KiB of stack per thread; _backward needs
-# 224 KiB of shared memory (over an A100's 163). To be tuned on the GPU.
-BLOCK_M = 32  # _rowmax, _forward (no spills)
-BLOCK_M_STATES = 16  # _states, _rstates (no spills)
-BLOCK_M_BWD = 16  # _backward (56 B of stack bidirectional, 1.3 KiB causal; 116 KiB shared)
-BLOCK_ROWS = 64  # rows per step of the row-max and state kernels
-PARTS = 64  # bidirectional K'^T [V 1]: partial sums over at most this many row ranges (parallelism)
-NUM_WARPS = 8  # of every kernel but _scan
-
-
-def _pow2(x: int, low: int = 16) -> int:
-    return max(low, triton.next_power_of_2(int(x)))
-
 
 # ------------------------------------------------------------------------------ kernels
 @triton.jit
@@ -269,6 +246,37 @@ def _rstates(
 
 
 @triton.jit
+def _intra_grad(g, g_z, ve, ones, s, c, tri, EP_T, vcols, DV, floor, PREC: tl.constexpr):
+    """Causal backward inside a chunk: H W (H = tril(G [V 1]^T), W_ij = exp(s_j - c_i)), the floor's
+    part of d a, f (rowsum H + G E_t^T), and W itself."""
+    h = tl.dot(g, tl.trans(ve), input_precision=PREC) + g_z[:, None] * ones[None, :]
+    h = tl.where(tri, h, 0.0)
+    e_prev = tl.load(EP_T + vcols, mask=vcols < DV, other=0.0)
+    e_prev_z = tl.load(EP_T + DV)
+    da_floor = floor * (tl.sum(h, axis=1) + tl.sum(g * e_prev[None, :], axis=1) + g_z * e_prev_z)
+    scale = tl.exp(tl.minimum(s[None, :] - c[:, None], 0.0))
+    return h * scale, da_floor, scale
+
+
+@triton.jit
+def _load_state(base, vcols, DV, smask, mvalid):
+    """Rows of a chunk state [S | z] at ``base`` (feature offsets): the d_v columns and the last one."""
+    return tl.load(base[:, None] + vcols[None, :], mask=smask, other=0.0), tl.load(base + DV, mask=mvalid, other=0.0)
+
+
+@triton.jit
+def _feature_grads(a, kf, da, db, mvalid, floor, feps, RELU: tl.constexpr):
+    """dL/dz of the query and key feature maps from dL/da, dL/db."""
+    if RELU:  # d a / d z = [z > 0] (a = relu(z) + eps; zero for invalid keys and columns)
+        dzq = tl.where(a > feps, da, 0.0)
+        dzk = tl.where(kf > feps, db, 0.0)
+    else:
+        dzq = tl.where(mvalid[None, :], da * (a - floor), 0.0)  # d a / d z = a - f
+        dzk = db * kf  # d b / d z = b (zero for invalid keys and columns)
+    return dzq, dzk
+
+
+@triton.jit
 def _backward(
     XQ, XK, VE, G, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, MLAST, s_lb, s_ln,
     ST, s_sb, s_sn, RT, s_rb, s_rn, EP, s_eb, s_en, FT, s_fb, s_fn,
@@ -308,13 +316,7 @@ def _backward(
     da_floor = tl.zeros((CH,), tl.float32)
     scale = tl.zeros((CH, CH), tl.float32)
     if CAUSAL:
-        h = tl.dot(g, tl.trans(ve), input_precision=PREC) + g_z[:, None] * ones[None, :]
-        h = tl.where(tri, h, 0.0)  # H = tril(G [V 1]^T)
-        e_prev = tl.load(EP + b * s_eb + t * s_en + vcols, mask=vcols < DV, other=0.0)
-        e_prev_z = tl.load(EP + b * s_eb + t * s_en + DV)
-        da_floor = floor * (tl.sum(h, axis=1) + tl.sum(g * e_prev[None, :], axis=1) + g_z * e_prev_z)
-        scale = tl.exp(tl.minimum(s[None, :] - c[:, None], 0.0))
-        hw = h * scale
+        hw, da_floor, scale = _intra_grad(g, g_z, ve, ones, s, c, tri, EP + b * s_eb + t * s_en, vcols, DV, floor, PREC)
     dxq = tl.zeros((CH, BD), tl.float32)
     dxk = tl.zeros((CH, BD), tl.float32)
     rowsum_k = tl.zeros((CH,), tl.float32)
@@ -329,10 +331,8 @@ def _backward(
         a, kf = _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, PREC, RELU)
         sbase = ST + b * s_sb + t * s_sn + mo * E
         rbase = RT + b * s_rb + t * s_rn + mo * E
-        st = tl.load(sbase[:, None] + vcols[None, :], mask=smask, other=0.0)
-        st_z = tl.load(sbase + DV, mask=mvalid, other=0.0)
-        rt = tl.load(rbase[:, None] + vcols[None, :], mask=smask, other=0.0)
-        rt_z = tl.load(rbase + DV, mask=mvalid, other=0.0)
+        st, st_z = _load_state(sbase, vcols, DV, smask, mvalid)
+        rt, rt_z = _load_state(rbase, vcols, DV, smask, mvalid)
         da = (tl.dot(g, tl.trans(st), input_precision=PREC) + g_z[:, None] * st_z[None, :]) * beta[:, None]
         db = (tl.dot(ve, tl.trans(rt), input_precision=PREC) + ones[:, None] * rt_z[None, :]) * gamma[:, None]
         if CAUSAL:
@@ -340,12 +340,7 @@ def _backward(
             db += tl.dot(tl.trans(hw), a, input_precision=PREC)
             qk += tl.dot(a, tl.trans(kf), input_precision=PREC)
             a_sum += tl.sum(a, axis=1)
-        if RELU:  # d a / d z = [z > 0] (a = relu(z) + eps; zero for invalid keys and columns)
-            dzq = tl.where(a > feps, da, 0.0)
-            dzk = tl.where(kf > feps, db, 0.0)
-        else:
-            dzq = tl.where(mvalid[None, :], da * (a - floor), 0.0)  # d a / d z = a - f
-            dzk = db * kf  # d b / d z = b (zero for invalid keys and columns)
+        dzq, dzk = _feature_grads(a, kf, da, db, mvalid, floor, feps, RELU)
         dxq += tl.dot(dzq, w, input_precision=PREC)
         dxk += tl.dot(dzk, w, input_precision=PREC)
         rowsum_k += tl.sum(dzk, axis=1)
@@ -360,12 +355,3 @@ def _backward(
     tl.store(DXQ + b * L * D + rows[:, None] * D + cols[None, :], dxq, mask=xmask)
     tl.store(DXK + b * L * D + rows[:, None] * D + cols[None, :], dxk, mask=xmask)
     tl.store(DV_ + b * L * DV + rows[:, None] * DV + vcols[None, :], dv, mask=vmask)
-
-
-def __getattr__(name: str):
-    """``favor_triton`` and the host-side names moved to ``triton_ops``; old imports keep working."""
-    if name in ("favor_triton", "SUPPORTED_KINDS", "SOFTMAX", "RELU"):
-        from protein_performer.model.favor import triton_ops
-
-        return getattr(triton_ops, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,26 +6,35 @@ each kernel computes and what is saved for backward).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from protein_performer.model.favor.triton_kernels import (
-    BLOCK_M,
-    BLOCK_M_BWD,
-    BLOCK_M_STATES,
-    BLOCK_ROWS,
-    DOT_PRECISION,
-    NUM_WARPS,
-    PARTS,
-    _backward,
-    _forward,
-    _pow2,
-    _rowmax,
-    _rstates,
-    _scan,
-    _states,
-)
+from protein_performer.model.favor.triton_kernels import _backward, _forward, _rowmax, _rstates, _scan, _states
+
+# tl.dot input precision: "ieee" (float32, the default), or to measure on a GPU "tf32x3" (three
+# tf32 products, about float32 accuracy, on tensor cores) or "tf32" (~1e-3 relative in the logits)
+DOT_PRECISION = os.environ.get("PROTEIN_PERFORMER_TRITON_DOT", "ieee")
+if DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"PROTEIN_PERFORMER_TRITON_DOT must be ieee, tf32x3 or tf32, got {DOT_PRECISION!r}")
+# Feature columns per step, per kernel, and warps: chosen without a GPU from what ptxas reports for
+# sm_90 at d = 64, C = 64 (ieee dots): the fewest register spills with 8 warps. With 64 columns
+# _forward and _states compile to 32 registers and 8-10 KiB of stack per thread; _backward needs
+# 224 KiB of shared memory (over an A100's 163). To be tuned on the GPU.
+BLOCK_M = 32  # _rowmax, _forward (no spills)
+BLOCK_M_STATES = 16  # _states, _rstates (no spills)
+BLOCK_M_BWD = 16  # _backward (56 B of stack bidirectional, 1.3 KiB causal; 116 KiB shared)
+BLOCK_ROWS = 64  # rows per step of the row-max and state kernels
+PARTS = 64  # bidirectional K'^T [V 1]: partial sums over at most this many row ranges (parallelism)
+NUM_WARPS = 8  # of every kernel but _scan
+
+
+def _pow2(x: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(int(x)))
+
+
 
 class _Plan:
     """Sizes, block shapes and the per-row / per-chunk scales of one call."""

@@ -103,7 +103,12 @@ class Floor:
         return "PASS" if (self.value <= self.limit if self.at_most else self.value >= self.limit) else "FAIL"
 
     def row(self) -> list[str]:
-        where = f"{source(self.run)}, {day(run_date(self.run))}" if self.run else f"none yet: `{self.command}`"
+        if self.run is None:
+            where = f"none yet: `{self.command}`"
+        elif self.value is None:
+            where = f"not in {source(self.run)} ({day(run_date(self.run))})"
+        else:
+            where = f"{source(self.run)}, {day(run_date(self.run))}"
         bound = ("<= " if self.at_most else ">= ") + f"{self.limit:g}"
         return [self.issue, self.what, bound, fmt(self.value), f"**{self.verdict}**", where]
 
@@ -122,8 +127,8 @@ def attention_key(run: dict) -> tuple:
 
 
 def attention_runs() -> list[dict]:
-    runs = runs_of("attention*.json") + runs_of("gpu/attention*.json")
-    return latest(runs, attention_key, run_date)
+    """Every attention JSON (the floors may need an older run with a method the newest lacks)."""
+    return runs_of("attention*.json") + runs_of("gpu/attention*.json")
 
 
 def attention_value(run: dict | None, method: str, mode: str, length: int, field: str = "ratio") -> float | None:
@@ -188,11 +193,13 @@ def attention_section(runs: list[dict]) -> list[str]:
     return out
 
 
-def attention_floors(runs: list[dict]) -> list[Floor]:
-    by_key = {attention_key(r): r for r in runs}
+def attention_floors(every_run: list[dict]) -> list[Floor]:
+    by_key = {attention_key(r): r for r in latest(every_run, attention_key, run_date)}
     plain, tuned = by_key.get(("cpu", "fp32", False, "")), by_key.get(("cpu", "fp32", True, ""))
     gpu = by_key.get(("cuda", "bf16", False, ""))
-    with_pp = next((r for r in (plain, tuned) if attention_value(r, "performer_pytorch", "causal", 4096)), None)
+    measured = [r for r in every_run if r["meta"]["config"]["device"] == "cpu"
+                and attention_value(r, "performer_pytorch", "causal", 4096)]
+    with_pp = max(measured, key=lambda r: when(run_date(r)), default=None)  # the newest run that has it
     pp = None
     if with_pp:
         pp = attention_value(with_pp, "favor_softmax", "causal", 4096, "time_s") / attention_value(
@@ -212,8 +219,9 @@ def attention_floors(runs: list[dict]) -> list[Floor]:
         Floor("3", "CPU L=4096 causal FAVOR+ softmax / performer-pytorch time", 0.1, True, pp, with_pp,
               "attention.json", "python benchmarks/attention.py (with the `bench` extra installed)"),
     ]
-    for impl in ("favor_softmax", "favor_softmax_scan"):
-        label = "default impl" if impl == "favor_softmax" else "`impl=\"scan\"`"
+    variants = sorted({r["method"] for r in (plain or {}).get("rows", []) if r["method"].startswith("favor_softmax_")})
+    for impl in ("favor_softmax", *variants):
+        label = "default impl (auto)" if impl == "favor_softmax" else f"`impl=\"{impl.removeprefix('favor_softmax_')}\"`"
         floors += [
             Floor("11", f"CPU plain L=8192 causal / SDPA, {label}", 0.30, True,
                   attention_value(plain, impl, "causal", 8192), plain),
@@ -511,8 +519,9 @@ def optional(name: str) -> dict | None:
 
 
 def results_page() -> str:
-    attention = attention_runs()
-    sections, floors = [], attention_floors(attention)
+    every_attention_run = attention_runs()
+    attention = latest(every_attention_run, attention_key, run_date)
+    sections, floors = [], attention_floors(every_attention_run)
     builders = [(ingest_section, "ingest.json"), (learning_section, "learning_check.json"),
                 (embed_section, "embed.json")]
     throughput = latest(runs_of("train_throughput*.json") + runs_of("gpu/train_throughput*.json"), throughput_key,

@@ -40,9 +40,9 @@ DEMO = {"attention": "favor_relu", "causal": False, "depth": 2, "dim": 128, "hea
 
 
 def first_records(path: Path, n: int, out: Path) -> int:
-    """The first ``n`` valid records of ``path`` written as plain FASTA to ``out``; their residues."""
+    """The first ``n`` valid records of ``path`` written as plain FASTA to ``out``; how many."""
     tok = Tokenizer()
-    lines, residues = [], 0
+    lines = []
     for rec in read_fasta(path):
         seq = rec.sequence.rstrip(b"*")
         try:

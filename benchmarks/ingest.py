@@ -149,7 +149,7 @@ def main() -> int:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = f"python benchmarks/ingest.py --input {a.input} --repeats {a.repeats}"
     lines = [
-        "| run | wall s (best of %d) | CPU s | sequences/s | residues/s | peak RSS MB |" % a.repeats,
+        f"| run | wall s (best of {a.repeats}) | CPU s | sequences/s | residues/s | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():

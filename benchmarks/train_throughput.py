@@ -74,7 +74,7 @@ def protein_stream(path: Path, n_tokens: int) -> np.ndarray:
 def make_batch(stream: np.ndarray, batch: int, length: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     rows, targets = [], []
-    for b in range(batch):
+    for _ in range(batch):
         start = int(rng.integers(0, stream.size - length))
         t, y = mask_tokens(stream[start : start + length], rng, 0.15)
         rows.append(t)

@@ -58,10 +58,10 @@ def test_counts_match_a_plain_loop():
     L = len(sub)
     counts = np.bincount(_idx(sub), minlength=20)
     o_ref, e_ref = np.zeros((20, 20)), np.zeros((20, 20))
-    for ii, i in enumerate(keep):
+    for i in keep:
         ai = STANDARD_AA.index(seq[i])
         r_i = sum(a[1, 0, i, j] for j in keep if j != i)
-        for jj, j in enumerate(keep):
+        for j in keep:
             if j != i:
                 o_ref[ai, STANDARD_AA.index(seq[j])] += a[1, 0, i, j]
         for b in range(20):

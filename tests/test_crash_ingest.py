@@ -38,7 +38,7 @@ def _files(out: Path) -> dict[str, bytes]:
 def _decoded(out: Path) -> dict:
     m = read_manifest(out)
     got = {}
-    for split, entry in m["splits"].items():
+    for entry in m["splits"].values():
         for sh in entry["shards"]:
             with h5py.File(out / sh["path"], "r") as f:
                 got[sh["path"]] = (f["tokens"][:].tobytes(), f["offsets"][:].tolist(), list(f["ids"].asstr()[:]))

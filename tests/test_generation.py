@@ -25,8 +25,8 @@ def make(attention: str, positions: str = "learned", eps: float | None = None, s
     return model
 
 
-def tokens(b: int, l: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(4, 29, (b, l), generator=torch.Generator().manual_seed(seed))
+def tokens(b: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(4, 29, (b, length), generator=torch.Generator().manual_seed(seed))
 
 
 # One step equals the causal forward of the whole sequence up to float64 rounding (~1e-16 relative

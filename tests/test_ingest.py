@@ -270,7 +270,7 @@ def test_ood_from_annotation_tsv(repo_root, tmp_path, layout):
     seen = {}
     for h, s in ref:  # a sequence is ood when any of its records is
         seen.setdefault(enc(s), []).append(h.split()[0])
-    for t, accs in seen.items():
+    for accs in seen.values():
         if any(a in ood_accs for a in accs):
             kept_ood.add(accs[0])
     assert ood_ids == kept_ood and len(ood_ids) > 100
@@ -438,7 +438,7 @@ def test_parts_and_merge_equal_single_run(dup_heavy, tmp_path):
         r = ingest(input=str(p), output_dir=str(out), progress=False, shard_size=700, part=i, num_parts=3)
         assert r["unit"] == i
     assert not (out / "manifest.json").exists()
-    m = ingest(merge=True, output_dir=str(out), progress=False)
+    ingest(merge=True, output_dir=str(out), progress=False)
     _same_as_single(out, got1, m1)
     assert (out / "rejects.tsv").read_text() == rejects1
     # the rejects (id conflicts) carry the same absolute line numbers as in the single run

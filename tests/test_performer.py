@@ -23,10 +23,10 @@ SMALL = dict(dim=32, depth=2, heads=4, dim_head=8, ff_dim=64, nb_features=32, dr
 ATTN = ["favor_softmax", "favor_relu", "exact"]
 
 
-def tokens_and_mask(b=2, l=24, pad_from=17, seed=0):
+def tokens_and_mask(b=2, length=24, pad_from=17, seed=0):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(4, 29, (b, l), generator=g)
-    mask = torch.zeros(b, l, dtype=torch.bool)
+    tokens = torch.randint(4, 29, (b, length), generator=g)
+    mask = torch.zeros(b, length, dtype=torch.bool)
     if b > 1:
         mask[1, pad_from:] = True
     tokens[mask] = 0
@@ -58,7 +58,7 @@ def test_forward_shapes_and_attention_maps(attention, causal):
 def test_causal_model_ignores_the_future(attention):
     torch.manual_seed(0)
     model = PerformerLM(attention=attention, causal=True, **SMALL).eval()
-    tokens, _ = tokens_and_mask(b=1, l=20)
+    tokens, _ = tokens_and_mask(b=1, length=20)
     changed = tokens.clone()
     changed[0, 12:] = (changed[0, 12:] - 4 + 5) % 25 + 4
     a, b = model(tokens)["logits"], model(changed)["logits"]
@@ -71,7 +71,7 @@ def test_padding_does_not_change_real_positions(attention):
     """An item padded to a longer batch gives the same logits on its real tokens."""
     torch.manual_seed(0)
     model = PerformerLM(attention=attention, causal=False, **SMALL).eval()
-    tokens, _ = tokens_and_mask(b=1, l=15)
+    tokens, _ = tokens_and_mask(b=1, length=15)
     padded = torch.cat([tokens, torch.zeros(1, 9, dtype=torch.long)], dim=1)
     mask = torch.zeros(1, 24, dtype=torch.bool)
     mask[0, 15:] = True

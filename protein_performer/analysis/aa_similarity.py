@@ -185,10 +185,10 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
     layer_ids = list(layers) if layers is not None else list(range(obs.shape[0]))
     head_ids = list(heads) if heads is not None else list(range(obs.shape[1]))
     heads_corr = []
-    for li, l in enumerate(layer_ids):
+    for li, layer in enumerate(layer_ids):
         for hi, h in enumerate(head_ids):
             c = blosum_correlation(per_head[li, hi])
-            heads_corr.append({"layer": l, "head": h, "pearson": c["pearson"], "spearman": c["spearman"]})
+            heads_corr.append({"layer": layer, "head": h, "pearson": c["pearson"], "spearman": c["spearman"]})
     finite = [c for c in heads_corr if np.isfinite(c["pearson"])]
     best = max(finite, key=lambda c: c["pearson"]) if finite else None
     result = {"maps": str(maps), "n_sequences": n, "layers": layer_ids, "heads": head_ids,

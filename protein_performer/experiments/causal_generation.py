@@ -132,10 +132,10 @@ def timing(model, exact, stream, points, reps, device, progress=True) -> list[di
     for p in points:
         nxt = stream[:, p - 1]
         row = {"prefix_length": p}
-        row["favor_recurrent_s"] = common.best_time(lambda: step(model, nxt, states[("favor", p)]), reps, device)
-        row["favor_recompute_s"] = common.best_time(lambda: model(stream[:, :p]), max(1, reps // 2), device)
-        row["exact_kv_cache_s"] = common.best_time(lambda: step(exact, nxt, states[("exact", p)]), reps, device)
-        row["exact_recompute_s"] = common.best_time(lambda: exact(stream[:, :p]), max(1, reps // 2), device)
+        row["favor_recurrent_s"] = common.best_time(lambda nxt=nxt, p=p: step(model, nxt, states[("favor", p)]), reps, device)
+        row["favor_recompute_s"] = common.best_time(lambda p=p: model(stream[:, :p]), max(1, reps // 2), device)
+        row["exact_kv_cache_s"] = common.best_time(lambda nxt=nxt, p=p: step(exact, nxt, states[("exact", p)]), reps, device)
+        row["exact_recompute_s"] = common.best_time(lambda p=p: exact(stream[:, :p]), max(1, reps // 2), device)
         row["favor_state_bytes"] = states[("favor", p)].nbytes()
         row["exact_cache_bytes"] = states[("exact", p)].nbytes()
         row["speedup_recurrent_vs_recompute"] = row["favor_recompute_s"] / row["favor_recurrent_s"]

@@ -69,7 +69,7 @@ def fresh_draw_eval(model, batches, seed: int, draws: int, device: str) -> list[
     saved = {k: v.clone() for k, v in model.state_dict().items() if ".attn.kernel." in k}
     out = []
     for d in range(draws):
-        model.redraw_features(lambda layer: stable_seed(seed, "eval-draw", d, layer))
+        model.redraw_features(lambda layer, d=d: stable_seed(seed, "eval-draw", d, layer))
         out.append(common.evaluate(model, batches, device))
     model.load_state_dict(saved, strict=False)
     return out
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
             cfg = common.TrainConfig(objective="bid", max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
                                      lr=args.lr, seed=seed)
             history = common.fit_small_model(model, train_seqs, cfg, args.device, on_step=redraw_schedule(seed, every),
-                                   eval_every=args.eval_every, eval_fn=lambda m: common.evaluate(m, valid, args.device),
+                                   eval_every=args.eval_every, eval_fn=lambda m, valid=valid: common.evaluate(m, valid, args.device),
                                    progress=not args.no_progress, desc=f"seed {seed} {arm}")
             final = common.evaluate(model, valid, args.device)
             fresh = fresh_draw_eval(model, valid, seed, args.eval_draws, args.device)

@@ -341,11 +341,11 @@ def _notes(r: dict, by: dict) -> list[str]:
     big = r["largest_length"]
     fav = big.get("favor_softmax", 0)
     notes = []
-    common_l = [l for l in r["lengths"] if all("time_s" in by.get((c, l), {}).get("forward_backward", {}) for c in ("exact", "favor_softmax"))]
+    common_l = [n for n in r["lengths"] if all("time_s" in by.get((c, n), {}).get("forward_backward", {}) for c in ("exact", "favor_softmax"))]
     if common_l:
-        l = common_l[-1]
-        e, f = by[("exact", l)]["forward_backward"], by[("favor_softmax", l)]["forward_backward"]
-        notes.append(f"At L = {l}, the longest both ran, FAVOR+ softmax took {f['time_s'] / e['time_s']:.2f}x the time of exact SDPA "
+        n = common_l[-1]
+        e, f = by[("exact", n)]["forward_backward"], by[("favor_softmax", n)]["forward_backward"]
+        notes.append(f"At L = {n}, the longest both ran, FAVOR+ softmax took {f['time_s'] / e['time_s']:.2f}x the time of exact SDPA "
                      f"attention and {f['peak_bytes'] / max(e['peak_bytes'], 1):.2f}x its peak memory.")
         if f["peak_bytes"] > e["peak_bytes"]:
             notes.append("The memory claim does NOT hold against PyTorch's memory-efficient exact attention (SDPA keeps no "
@@ -354,9 +354,9 @@ def _notes(r: dict, by: dict) -> list[str]:
     naive = big.get("exact_naive", 0)
     if naive:
         notes.append(f"Materialised softmax (`exact_naive`) reaches L = {naive}; FAVOR+ softmax {fav} ({fav // naive}x).")
-    fl = [by[("favor_softmax", l)]["forward_backward"]["time_s"] / by[("identity", l)]["forward_backward"]["time_s"]
-          for l in r["lengths"] if "time_s" in by.get(("favor_softmax", l), {}).get("forward_backward", {})
-          and "time_s" in by.get(("identity", l), {}).get("forward_backward", {})]
+    fl = [by[("favor_softmax", n)]["forward_backward"]["time_s"] / by[("identity", n)]["forward_backward"]["time_s"]
+          for n in r["lengths"] if "time_s" in by.get(("favor_softmax", n), {}).get("forward_backward", {})
+          and "time_s" in by.get(("identity", n), {}).get("forward_backward", {})]
     if fl:
         notes.append(f"FAVOR+ softmax fwd+bwd time / identity floor: {min(fl):.1f}x to {max(fl):.1f}x over all L "
                      + ("(a constant factor: the Performer scales like the attention-free model, as claimed)" if max(fl) < 4 else

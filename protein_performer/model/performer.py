@@ -114,13 +114,13 @@ class MultiHeadAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(b, l, h*d) -> (b, h, l, d): a projection's output as the kernels take it."""
-        b, l, _ = x.shape
-        return x.view(b, l, self.heads, self.dim_head).transpose(1, 2)
+        b, length, _ = x.shape
+        return x.view(b, length, self.heads, self.dim_head).transpose(1, 2)
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
         """(b, h, l, d) -> (b, l, h*d), then the output projection ``to_out``."""
-        b, h, l, d = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, l, h * d))
+        b, h, length, d = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, length, h * d))
 
     def queries_keys(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: (b, h, l, d) of x (b, l, dim) at positions start.., rotated when the positions are rotary."""
@@ -268,12 +268,12 @@ class PerformerLM(nn.Module):
     # ---------------------------------------------------------------- forward
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token (+ learned position) embeddings of tokens (b, l) at positions start.. -> (b, l, dim)."""
-        b, l = tokens.shape
-        if self.pos_emb is not None and start + l > self.config.max_len:
-            raise ValueError(f"sequence length {start + l} > max_len {self.config.max_len} of the learned positions")
+        length = tokens.shape[1]
+        if self.pos_emb is not None and start + length > self.config.max_len:
+            raise ValueError(f"sequence length {start + length} > max_len {self.config.max_len} of the learned positions")
         x = self.token_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + l, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(start, start + length, device=tokens.device))
         return self.emb_dropout(x)
 
     def forward(

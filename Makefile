@@ -10,6 +10,9 @@ TORCH_INDEX ?=
 # Triton runs the CUDA kernels' tests on the CPU (TRITON_INTERPRET=1). CUDA builds of torch bring
 # their own triton, which is kept; the CPU build has none, so this one is installed.
 TRITON_SPEC ?= triton>=3.9,<3.10
+# flash-linear-attention (FavorAttention(impl="fla"), causal): pure Python on top of triton; its tests
+# run under the interpreter. --no-deps: it must not replace the torch/triton chosen above.
+FLA_SPEC    ?= fla-core>=0.6,<0.7
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 DEMO_DIR    ?= demo_out
@@ -18,7 +21,7 @@ FAMILY      ?= PF00072
 OUT         ?= family_contacts_out/$(FAMILY)
 SHARED_DATA ?= ../shared/data
 
-.PHONY: all venv demo test test-fast lint results bench studies family-contacts clean help
+.PHONY: all venv demo test test-fast lint results bench studies notebooks family-contacts clean help
 
 all: help
 
@@ -29,6 +32,7 @@ help:
 	@echo "make bench  - run the benchmarks (see benchmarks/RESULTS.md)"
 	@echo "make results - regenerate benchmarks/RESULTS.md from benchmarks/results/*.json"
 	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
+	@echo "make notebooks - rerun the notebooks on the recipe's (else the demo's) outputs and store them with outputs"
 	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (../shared/data), export, score contacts"
 
 venv: $(STAMP)
@@ -39,6 +43,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_INDEX) '$(TORCH_SPEC)'
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -c 'import triton' 2>/dev/null || $(PY) -m pip install --quiet '$(TRITON_SPEC)'
+	$(PY) -c 'import fla' 2>/dev/null || $(PY) -m pip install --quiet --no-deps '$(FLA_SPEC)' einops
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -75,6 +80,9 @@ studies: $(STAMP)
 
 # one Pfam family of the shared pfam40 set: train ~12 min, export, score the mean APC map against the
 # family's kortemme40 structure; checkpoint at $(OUT)/checkpoints/last.ckpt, scores in $(OUT)/summary.json
+notebooks: $(STAMP)
+	$(PY) notebooks/execute.py
+
 family-contacts: $(STAMP)
 	$(PY) -m protein_performer.experiments.family_contacts family=$(FAMILY) output_dir=$(OUT) \
 	    data=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 homologs=64

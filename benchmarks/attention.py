@@ -46,9 +46,18 @@ METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
 # "fla": our features, the causal product on fla-core's gated chunk kernels (fla_backend.favor_causal_fla:
 # our semantics exactly); "fla_normalized": fla's chunk_linear_attn(normalize=True) on key features
 # with one stabilizer per sequence (the JAX semantics, for comparison). Causal only.
-VARIANTS = ("favor_softmax_scan", "favor_softmax_batched", "favor_softmax_compile", "favor_relu_compile",
-            "favor_softmax_fla", "favor_softmax_fla_normalized", "favor_relu_fla", "favor_softmax_triton",
-            "favor_relu_batched", "favor_relu_triton")
+VARIANTS = (
+    "favor_softmax_scan",
+    "favor_softmax_batched",
+    "favor_softmax_compile",
+    "favor_relu_compile",
+    "favor_softmax_fla",
+    "favor_softmax_fla_normalized",
+    "favor_relu_fla",
+    "favor_softmax_triton",
+    "favor_relu_batched",
+    "favor_relu_triton",
+)
 FLA_VARIANTS = ("fla", "fla_normalized")
 QUADRATIC = {"exact_sdpa"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,7 +75,9 @@ def build(method: str, causal: bool, dim_head: int, nb_features: int, chunk_size
         kernel = "relu" if method.startswith("favor_relu") else "softmax"
         variant = method.split("_", 2)[2] if method.count("_") >= 2 else "auto"
         impl = "batched" if variant in ("compile",) + FLA_VARIANTS else variant
-        module = FavorAttention(dim_head, nb_features, kernel=kernel, causal=causal, chunk_size=chunk_size, seed=0, impl=impl)
+        module = FavorAttention(
+            dim_head, nb_features, kernel=kernel, causal=causal, chunk_size=chunk_size, seed=0, impl=impl
+        )
         if variant == "compile":
             import torch
 
@@ -143,7 +154,9 @@ class Case:
         self.torch = torch
         self.device = torch.device(cfg["device"])
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
-        self.module = build(cfg["method"], cfg["causal"], cfg["dim_head"], cfg["nb_features"], cfg["chunk_size"]).to(self.device)
+        self.module = build(cfg["method"], cfg["causal"], cfg["dim_head"], cfg["nb_features"], cfg["chunk_size"]).to(
+            self.device
+        )
         gen = torch.Generator(device="cpu").manual_seed(0)
         shape = (cfg["batch"], cfg["heads"], cfg["length"], cfg["dim_head"])
         self.q, self.k, self.v, self.grad = (torch.randn(shape, generator=gen).to(self.device, dtype) for _ in range(4))
@@ -238,6 +251,7 @@ def machine() -> str:
 
 def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
     """The floors of issues 3 and 11 (CPU, fp32); each is PASS, FAIL or n/a (a number is missing)."""
+
     def paired(method, mode, length):
         for r in rows:
             if r["method"] == method and r["mode"] == mode and r["length"] == length and "median_ratio" in r:
@@ -257,15 +271,39 @@ def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
         return next((x["ratio"] for x in scaling if x["mode"] == mode and x["lengths"] == [8192, 16384]), None)
 
     floors = [
-        ("L=8192 causal: favor_softmax / exact_sdpa time (median of paired rounds)", paired("favor_softmax", "causal", 8192), 0.3),
-        ("L=8192 bidirectional: favor_softmax / exact_sdpa time (median of paired rounds)", paired("favor_softmax", "bidirectional", 8192), 0.15),
-        ("L=4096 causal: favor_softmax / performer_pytorch time", ratio(t("favor_softmax", "causal", 4096), t("performer_pytorch", "causal", 4096)), 0.1),
+        (
+            "L=8192 causal: favor_softmax / exact_sdpa time (median of paired rounds)",
+            paired("favor_softmax", "causal", 8192),
+            0.3,
+        ),
+        (
+            "L=8192 bidirectional: favor_softmax / exact_sdpa time (median of paired rounds)",
+            paired("favor_softmax", "bidirectional", 8192),
+            0.15,
+        ),
+        (
+            "L=4096 causal: favor_softmax / performer_pytorch time",
+            ratio(t("favor_softmax", "causal", 4096), t("performer_pytorch", "causal", 4096)),
+            0.1,
+        ),
         ("causal favor_softmax: time(16384) / time(8192), timed round-robin", scale("causal"), 2.3),
         ("bidirectional favor_softmax: time(16384) / time(8192), timed round-robin", scale("bidirectional"), 2.3),
-        ("L=16384 favor_softmax: causal / bidirectional peak memory", ratio(t("favor_softmax", "causal", 16384, "peak_mem_mb"), t("favor_softmax", "bidirectional", 16384, "peak_mem_mb")), 2.0),
+        (
+            "L=16384 favor_softmax: causal / bidirectional peak memory",
+            ratio(
+                t("favor_softmax", "causal", 16384, "peak_mem_mb"),
+                t("favor_softmax", "bidirectional", 16384, "peak_mem_mb"),
+            ),
+            2.0,
+        ),
     ]
     return [
-        {"floor": name, "value": value, "limit": limit, "verdict": "n/a" if value is None else ("PASS" if value <= limit else "FAIL")}
+        {
+            "floor": name,
+            "value": value,
+            "limit": limit,
+            "verdict": "n/a" if value is None else ("PASS" if value <= limit else "FAIL"),
+        }
         for name, value, limit in floors
     ]
 
@@ -274,8 +312,11 @@ def markdown(rows: list[dict], floors: list[dict], args) -> str:
     lengths = sorted({r["length"] for r in rows})
     lines = []
     for mode in ("causal", "bidirectional"):
-        lines += [f"**{mode}**: forward+backward time in seconds, the minimum of the rounds (peak memory MiB); "
-                  "ratio = median over rounds of time / exact_sdpa time in the same round", ""]
+        lines += [
+            f"**{mode}**: forward+backward time in seconds, the minimum of the rounds (peak memory MiB); "
+            "ratio = median over rounds of time / exact_sdpa time in the same round",
+            "",
+        ]
         lines.append("| method | " + " | ".join(f"L={n}" for n in lengths) + " |")
         lines.append("|---" * (len(lengths) + 1) + "|")
         for method in args.methods:
@@ -285,7 +326,14 @@ def markdown(rows: list[dict], floors: list[dict], args) -> str:
                 if r is None or "time_s" not in r:
                     cells.append(r.get("skipped", r.get("error", "-")) if r else "-")
                     continue
-                base = next((x for x in rows if x["method"] == "exact_sdpa" and x["mode"] == mode and x["length"] == n and "time_s" in x), None)
+                base = next(
+                    (
+                        x
+                        for x in rows
+                        if x["method"] == "exact_sdpa" and x["mode"] == mode and x["length"] == n and "time_s" in x
+                    ),
+                    None,
+                )
                 ratio = r.get("median_ratio", r["time_s"] / base["time_s"] if base else None)
                 rel = f", {ratio:.2f}x" if ratio is not None and method != "exact_sdpa" else ""
                 cells.append(f"{r['time_s']:.3f} s ({r['peak_mem_mb']:.0f} MiB{rel})")
@@ -311,14 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim-head", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=None, help="causal chunk C of FAVOR+ (default: the implementation's)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="causal chunk C of FAVOR+ (default: the implementation's)"
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--time-cap", type=float, default=45.0, help="skip a run projected to take longer (s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="time after protein_performer.runtime.keep_freed_memory() (malloc tuning, as the train and "
-                             "export entry points apply it); default: a plain process, as a library user has")
-    parser.add_argument("--system-malloc", action="store_true", help="the default now (a plain process); kept for old commands")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="time after protein_performer.runtime.keep_freed_memory() (malloc tuning, as the train and "
+        "export entry points apply it); default: a plain process, as a library user has",
+    )
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="the default now (a plain process); kept for old commands"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -336,8 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = [m for m in args.methods if m != "performer_pytorch"]
 
     cfg_base = {
-        "method": "favor_softmax", "device": args.device, "dtype": args.dtype, "threads": args.threads,
-        "batch": args.batch, "heads": args.heads, "dim_head": args.dim_head, "nb_features": args.nb_features,
+        "method": "favor_softmax",
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "batch": args.batch,
+        "heads": args.heads,
+        "dim_head": args.dim_head,
+        "nb_features": args.nb_features,
         "chunk_size": args.chunk_size,
     }
     rows: list[dict] = []
@@ -359,9 +420,17 @@ def main(argv: list[str] | None = None) -> int:
                         last[method] = (float("inf"), length)
                         continue
                 cfg = {
-                    "method": method, "causal": mode == "causal", "length": length, "device": args.device,
-                    "dtype": args.dtype, "threads": args.threads, "batch": args.batch, "heads": args.heads,
-                    "dim_head": args.dim_head, "nb_features": args.nb_features, "chunk_size": args.chunk_size,
+                    "method": method,
+                    "causal": mode == "causal",
+                    "length": length,
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "threads": args.threads,
+                    "batch": args.batch,
+                    "heads": args.heads,
+                    "dim_head": args.dim_head,
+                    "nb_features": args.nb_features,
+                    "chunk_size": args.chunk_size,
                 }
                 row.update(measure(cfg))
                 if "error" in row:
@@ -372,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                 for (row, _), timing in zip(measured, interleaved_times([cfg for _, cfg in measured], args.reps)):
                     row.update(timing)
                     last[row["method"]] = (row["time_s"], length)
-            for row in rows[-len(args.methods):]:
-                status = row.get("skipped") or row.get("error") or f"{row['time_s']:8.3f} s  {row['peak_mem_mb']:8.1f} MiB"
+            for row in rows[-len(args.methods) :]:
+                status = (
+                    row.get("skipped") or row.get("error") or f"{row['time_s']:8.3f} s  {row['peak_mem_mb']:8.1f} MiB"
+                )
                 print(f"{mode:13s} {row['method']:28s} L={length:6d}  {status}", flush=True)
 
     # Linear scaling: the two largest lengths timed round-robin in one process, so that the ratio
@@ -384,9 +455,18 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             cfgs = [dict(cfg_base, causal=mode == "causal", length=n) for n in (small, large)]
             t_small, t_large = interleaved_times(cfgs, args.reps)
-            scaling.append({"mode": mode, "lengths": [small, large], "times_s": [t_small["time_s"], t_large["time_s"]],
-                            "ratio": t_large["time_s"] / t_small["time_s"]})
-            print(f"scaling {mode:13s} favor_softmax  time({large}) / time({small}) = {scaling[-1]['ratio']:.2f}", flush=True)
+            scaling.append(
+                {
+                    "mode": mode,
+                    "lengths": [small, large],
+                    "times_s": [t_small["time_s"], t_large["time_s"]],
+                    "ratio": t_large["time_s"] / t_small["time_s"],
+                }
+            )
+            print(
+                f"scaling {mode:13s} favor_softmax  time({large}) / time({small}) = {scaling[-1]['ratio']:.2f}",
+                flush=True,
+            )
 
     floors = check_floors(rows, scaling)
     table = markdown(rows, floors, args)
@@ -407,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "scaling": scaling, "floors": floors}, indent=2, default=str) + "\n")
+    args.out.write_text(
+        json.dumps({"meta": meta, "rows": rows, "scaling": scaling, "floors": floors}, indent=2, default=str) + "\n"
+    )
     print(f"\nwrote {args.out}")
     return 0
 

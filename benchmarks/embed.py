@@ -35,8 +35,19 @@ from protein_performer.analysis.export import crop_window, load_model  # noqa: E
 from protein_performer.data.fasta import read_fasta  # noqa: E402
 from protein_performer.data.tokenizer import Tokenizer  # noqa: E402
 
-DEMO = {"attention": "favor_relu", "causal": False, "depth": 2, "dim": 128, "heads": 4, "dim_head": 32,
-        "ff_dim": 256, "nb_features": 64, "dropout": 0.0, "max_len": 1024, "vocab_size": 29}
+DEMO = {
+    "attention": "favor_relu",
+    "causal": False,
+    "depth": 2,
+    "dim": 128,
+    "heads": 4,
+    "dim_head": 32,
+    "ff_dim": 256,
+    "nb_features": 64,
+    "dropout": 0.0,
+    "max_len": 1024,
+    "vocab_size": 29,
+}
 
 
 def first_records(path: Path, n: int, out: Path) -> int:
@@ -67,7 +78,7 @@ def forward_batches(fasta: Path, batch_tokens: int, chunk: int) -> tuple[list, i
         residues.append(r[a:b])
     batches, n_res = [], 0
     for c0 in range(0, len(residues), chunk):
-        part = residues[c0:c0 + chunk]
+        part = residues[c0 : c0 + chunk]
         lengths = np.array([len(r) for r in part])
         for idx in length_batches(lengths, batch_tokens):
             batches.append(_batch_tokens([part[i] for i in idx], False, tok))
@@ -97,8 +108,13 @@ def main() -> None:
         batches, n_res = forward_batches(fasta, args.batch_tokens, args.chunk)
         model = lm.model
         ckpt = tmp / "model.ckpt"
-        torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                    "hyper_parameters": {"model": DEMO}}, ckpt)
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": DEMO},
+            },
+            ckpt,
+        )
         rows = {"forward": [], "embed": []}
         for rep in range(args.repeats):
             t0 = time.perf_counter()
@@ -107,18 +123,31 @@ def main() -> None:
                     model(tokens, pad if pad.any() else None)
             rows["forward"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            s = run_embed(str(ckpt), str(fasta), str(tmp / f"emb{rep}.h5"), batch_tokens=args.batch_tokens,
-                          chunk=args.chunk, crop="start", progress=False)
+            s = run_embed(
+                str(ckpt),
+                str(fasta),
+                str(tmp / f"emb{rep}.h5"),
+                batch_tokens=args.batch_tokens,
+                chunk=args.chunk,
+                crop="start",
+                progress=False,
+            )
             rows["embed"].append(time.perf_counter() - t0)
             assert s["sequences"] == n
             print(f"round {rep + 1}: forward {rows['forward'][-1]:.2f} s, embed {rows['embed'][-1]:.2f} s", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     result = {
-        "benchmark": "embed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "embed",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "command": "python benchmarks/embed.py " + " ".join(sys.argv[1:]),
-        "input": str(src), "sequences": n, "residues": n_res, "batch_tokens": args.batch_tokens, "model": DEMO,
-        "seconds": rows, "median_seconds": med,
+        "input": str(src),
+        "sequences": n,
+        "residues": n_res,
+        "batch_tokens": args.batch_tokens,
+        "model": DEMO,
+        "seconds": rows,
+        "median_seconds": med,
         "residues_per_s": {k: n_res / v for k, v in med.items()},
         "sequences_per_s": {k: n / v for k, v in med.items()},
         "embed_over_forward_throughput": med["forward"] / med["embed"],
@@ -126,9 +155,11 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{n} sequences, {n_res} residues: forward {result['residues_per_s']['forward']:.0f} res/s, "
-          f"embed {result['residues_per_s']['embed']:.0f} res/s ({result['sequences_per_s']['embed']:.1f} seq/s) "
-          f"-> embed / forward = {result['embed_over_forward_throughput']:.2f} (floor 0.80)")
+    print(
+        f"{n} sequences, {n_res} residues: forward {result['residues_per_s']['forward']:.0f} res/s, "
+        f"embed {result['residues_per_s']['embed']:.0f} res/s ({result['sequences_per_s']['embed']:.1f} seq/s) "
+        f"-> embed / forward = {result['embed_over_forward_throughput']:.2f} (floor 0.80)"
+    )
 
 
 if __name__ == "__main__":

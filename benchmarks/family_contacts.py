@@ -79,8 +79,12 @@ def _model_overrides(setting: str) -> list[str]:
 
 
 def machine() -> dict:
-    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine()}
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
 
 
 def loadavg() -> list[float]:
@@ -90,20 +94,43 @@ def loadavg() -> list[float]:
         return []
 
 
-def launch(family: str, setting: str, minutes: float, out_root: Path, threads: int, probe_s: float,
-           extra: list[str], homologs: int = 0) -> tuple[subprocess.Popen, dict]:
+def launch(
+    family: str,
+    setting: str,
+    minutes: float,
+    out_root: Path,
+    threads: int,
+    probe_s: float,
+    extra: list[str],
+    homologs: int = 0,
+) -> tuple[subprocess.Popen, dict]:
     out = out_root / f"{family}_{setting}_{minutes:g}min"
     mm, ss = divmod(int(round(minutes * 60)), 60)
-    args = ["-m", "protein_performer.experiments.family_contacts", f"family={family}", f"output_dir={out}",
-            f"probe_every_s={probe_s}", f"num_threads={threads}", f"homologs={homologs}",
-            f"trainer.max_time=00:00:{mm:02d}:{ss:02d}",
-            *_model_overrides(setting), *extra]
+    args = [
+        "-m",
+        "protein_performer.experiments.family_contacts",
+        f"family={family}",
+        f"output_dir={out}",
+        f"probe_every_s={probe_s}",
+        f"num_threads={threads}",
+        f"homologs={homologs}",
+        f"trainer.max_time=00:00:{mm:02d}:{ss:02d}",
+        *_model_overrides(setting),
+        *extra,
+    ]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "run.log", "w")
-    meta = {"family": family, "setting": setting, "minutes": minutes, "output_dir": str(out),
-            "overrides": _model_overrides(setting) + extra, "threads": threads,
-            "command": "python " + " ".join(shlex.quote(a) for a in args),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_start": loadavg()}
+    meta = {
+        "family": family,
+        "setting": setting,
+        "minutes": minutes,
+        "output_dir": str(out),
+        "overrides": _model_overrides(setting) + extra,
+        "threads": threads,
+        "command": "python " + " ".join(shlex.quote(a) for a in args),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_start": loadavg(),
+    }
     print(f"start {family} {setting} {minutes:g} min -> {out}", flush=True)
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT), meta
 
@@ -114,8 +141,21 @@ def collect(meta: dict, rc: int, wall: float, parallel: int) -> dict:
     sp = out / "summary.json"
     if rc == 0 and sp.exists():
         s = json.loads(sp.read_text())
-        row.update({k: s.get(k) for k in ("headline", "train", "probe", "extract", "seconds", "shards",
-                                          "homolog_averaged", "fitted_head")})
+        row.update(
+            {
+                k: s.get(k)
+                for k in (
+                    "headline",
+                    "train",
+                    "probe",
+                    "extract",
+                    "seconds",
+                    "shards",
+                    "homolog_averaged",
+                    "fitted_head",
+                )
+            }
+        )
         row["extract"] = {k: v for k, v in (row.get("extract") or {}).items() if k != "held_out"}
         if not row.get("fitted_head"):
             row.pop("fitted_head", None)
@@ -131,8 +171,14 @@ def collect(meta: dict, rc: int, wall: float, parallel: int) -> dict:
 def run_head(family: str, setting: str, minutes: float, out_root: Path, threads: int) -> None:
     """The recipe's ``contacts`` stage on a finished run; its ``fitted_head`` goes into the run's row."""
     out = out_root / f"{family}_{setting}_{minutes:g}min"
-    args = ["-m", "protein_performer.experiments.family_contacts", f"family={family}", f"output_dir={out}",
-            "stages=contacts", f"num_threads={threads}"]
+    args = [
+        "-m",
+        "protein_performer.experiments.family_contacts",
+        f"family={family}",
+        f"output_dir={out}",
+        "stages=contacts",
+        f"num_threads={threads}",
+    ]
     command = "python " + " ".join(shlex.quote(a) for a in args)
     print(f"head {family} {setting} {minutes:g} min: {command}", flush=True)
     t0 = time.time()
@@ -142,8 +188,12 @@ def run_head(family: str, setting: str, minutes: float, out_root: Path, threads:
     rows = [r for r in res["runs"] if r.get("output_dir") == str(out) and r.get("headline")]
     if not rows:
         raise SystemExit(f"no finished run with output_dir {out} in {JSON}; run it (or --import-runs) first")
-    rows[-1]["fitted_head"] = dict(summary["fitted_head"], command=command, wall_s=round(time.time() - t0, 1),
-                                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    rows[-1]["fitted_head"] = dict(
+        summary["fitted_head"],
+        command=command,
+        wall_s=round(time.time() - t0, 1),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     save_results(res)
 
 
@@ -168,24 +218,30 @@ def save_results(res: dict) -> None:
 
 def report(res: dict) -> None:
     runs = [r for r in res["runs"] if r.get("headline")]
-    lines = ["# Family-level contacts from attention (issue 12, item 3)", "",
-             "Score: long-range (|i-j| >= 24) P@L of the unsupervised mean-of-heads APC map of the family's "
-             "kortemme40 chain (no fitted weights); random init: the same architecture untrained. "
-             "Generated by `benchmarks/family_contacts.py` (command of each run in family_contacts.json).", "",
-             "| family | setting | min | CPU s | threads | runs at once | load (1 min, start) | steps | valid acc | "
-             "long P@L | long P@L/5 | random init | best layer | density | homolog-avg (random) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Family-level contacts from attention (issue 12, item 3)",
+        "",
+        "Score: long-range (|i-j| >= 24) P@L of the unsupervised mean-of-heads APC map of the family's "
+        "kortemme40 chain (no fitted weights); random init: the same architecture untrained. "
+        "Generated by `benchmarks/family_contacts.py` (command of each run in family_contacts.json).",
+        "",
+        "| family | setting | min | CPU s | threads | runs at once | load (1 min, start) | steps | valid acc | "
+        "long P@L | long P@L/5 | random init | best layer | density | homolog-avg (random) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         h, t = r["headline"], r.get("train") or {}
         layers = {k: v for k, v in (r.get("layers_long_P@L") or {}).items() if k.startswith("layer")}
         best = max(layers.items(), key=lambda kv: kv[1]) if layers else ("-", float("nan"))
         acc = t.get("valid/acc")
         acc_s = f"{acc:.3f}" if acc is not None else "-"
-        lines.append(f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {r.get('cpu_s', '-')} | {r['threads']} | "
-                     f"{r.get('runs_at_once')} | "
-                     f"{(r.get('load_start') or ['?'])[0]} | {t.get('global_step')} | {acc_s} | "
-                     f"{h['long_P@L']:.3f} | {h['long_P@L/5']:.3f} | {h['random_long_P@L']:.3f} | "
-                     f"{best[0]} {best[1]:.3f} | {h['long_density']:.3f} | {_homolog(r)} |")
+        lines.append(
+            f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {r.get('cpu_s', '-')} | {r['threads']} | "
+            f"{r.get('runs_at_once')} | "
+            f"{(r.get('load_start') or ['?'])[0]} | {t.get('global_step')} | {acc_s} | "
+            f"{h['long_P@L']:.3f} | {h['long_P@L/5']:.3f} | {h['random_long_P@L']:.3f} | "
+            f"{best[0]} {best[1]:.3f} | {h['long_density']:.3f} | {_homolog(r)} |"
+        )
     lines += head_table(runs)
     failed = [r for r in res["runs"] if not r.get("headline")]
     if failed:
@@ -202,34 +258,48 @@ def head_table(runs: list[dict]) -> list[str]:
     rows = [r for r in runs if r.get("fitted_head")]
     if not rows:
         return []
-    lines = ["", "## Fitted contact head, leave-family-out (issue 12's second number)", "",
-             "Head: ESM's L1 logistic regression (C = 0.15, standardized maps) fitted on 20 kortemme40 chains of "
-             "*other* families (mean over 5 seeded draws), scored on the family's chain; 'contacts CV' is the "
-             "`contacts` step's report on the same model's maps of the kortemme40 chains that fit its 126 "
-             "positions (20 training chains, the rest tested; the head it saves is the one `predict_contacts` uses). "
-             "Long-range P@L throughout.", "",
-             "| family | setting | min | unsupervised mean APC | random init | head, leave-family-out | "
-             "head on random init | draws (trained) | contacts CV (trained / random, n chains) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Fitted contact head, leave-family-out (issue 12's second number)",
+        "",
+        "Head: ESM's L1 logistic regression (C = 0.15, standardized maps) fitted on 20 kortemme40 chains of "
+        "*other* families (mean over 5 seeded draws), scored on the family's chain; 'contacts CV' is the "
+        "`contacts` step's report on the same model's maps of the kortemme40 chains that fit its 126 "
+        "positions (20 training chains, the rest tested; the head it saves is the one `predict_contacts` uses). "
+        "Long-range P@L throughout.",
+        "",
+        "| family | setting | min | unsupervised mean APC | random init | head, leave-family-out | "
+        "head on random init | draws (trained) | contacts CV (trained / random, n chains) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         h, fh = r["headline"], r["fitted_head"]
         lfo, cv = fh["leave_family_out"], fh["contacts_report"]
         draws = " ".join(f"{x:.2f}" for x in lfo["trained"]["draws_long_P@L"])
-        lines.append(f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {h['long_P@L']:.3f} | "
-                     f"{h['random_long_P@L']:.3f} | {lfo['trained']['mean']['long']['P@L']:.3f} | "
-                     f"{lfo['random_init']['mean']['long']['P@L']:.3f} | {draws} | "
-                     f"{cv['trained']['P@L']:.3f} / {cv['random_init']['P@L']:.3f} ({fh['n_proteins']}) |")
+        lines.append(
+            f"| {r['family']} | {r['setting']} | {r['minutes']:g} | {h['long_P@L']:.3f} | "
+            f"{h['random_long_P@L']:.3f} | {lfo['trained']['mean']['long']['P@L']:.3f} | "
+            f"{lfo['random_init']['mean']['long']['P@L']:.3f} | {draws} | "
+            f"{cv['trained']['P@L']:.3f} / {cv['random_init']['P@L']:.3f} ({fh['n_proteins']}) |"
+        )
     for (setting, minutes), group in sorted(_latest_per_family(rows).items()):
         if len(group) < 2:
             continue
-        mean = {k: sum(v) / len(v) for k, v in {
-            "unsup": [r["headline"]["long_P@L"] for r in group],
-            "random": [r["headline"]["random_long_P@L"] for r in group],
-            "head": [r["fitted_head"]["leave_family_out"]["trained"]["mean"]["long"]["P@L"] for r in group],
-            "head_random": [r["fitted_head"]["leave_family_out"]["random_init"]["mean"]["long"]["P@L"] for r in group],
-        }.items()}
-        lines.append(f"| **mean of {len(group)}** | {setting} | {minutes:g} | **{mean['unsup']:.3f}** | "
-                     f"{mean['random']:.3f} | **{mean['head']:.3f}** | {mean['head_random']:.3f} | | |")
+        mean = {
+            k: sum(v) / len(v)
+            for k, v in {
+                "unsup": [r["headline"]["long_P@L"] for r in group],
+                "random": [r["headline"]["random_long_P@L"] for r in group],
+                "head": [r["fitted_head"]["leave_family_out"]["trained"]["mean"]["long"]["P@L"] for r in group],
+                "head_random": [
+                    r["fitted_head"]["leave_family_out"]["random_init"]["mean"]["long"]["P@L"] for r in group
+                ],
+            }.items()
+        }
+        lines.append(
+            f"| **mean of {len(group)}** | {setting} | {minutes:g} | **{mean['unsup']:.3f}** | "
+            f"{mean['random']:.3f} | **{mean['head']:.3f}** | {mean['head_random']:.3f} | | |"
+        )
     return lines
 
 
@@ -260,7 +330,7 @@ def _plot(runs: list[dict]) -> None:
     ncols = min(3, len(fams))
     nrows = -(-len(fams) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(fams):]:
+    for ax in axes.flat[len(fams) :]:
         ax.axis("off")
     for ax, fam in zip(axes.flat, fams):
         for r in [r for r in runs if r["family"] == fam and r.get("probe")]:
@@ -320,10 +390,16 @@ def main(argv: list[str] | None = None) -> None:
                     res["runs"].append(row)
                     save_results(res)
                     h = row.get("headline")
-                    print(f"done {meta['family']} {meta['setting']}: " + (
-                        f"long P@L {h['long_P@L']:.3f} (random {h['random_long_P@L']:.3f}), "
-                        f"steps {row['train'].get('global_step')}, valid acc {row['train'].get('valid/acc')}"
-                        if h else f"FAILED rc {rc}"), flush=True)
+                    print(
+                        f"done {meta['family']} {meta['setting']}: "
+                        + (
+                            f"long P@L {h['long_P@L']:.3f} (random {h['random_long_P@L']:.3f}), "
+                            f"steps {row['train'].get('global_step')}, valid acc {row['train'].get('valid/acc')}"
+                            if h
+                            else f"FAILED rc {rc}"
+                        ),
+                        flush=True,
+                    )
     report(res)
 
 

@@ -75,7 +75,7 @@ def main(device: str, length: int) -> int:
     g = torch.Generator().manual_seed(0)
     q, k, v, go = (torch.randn(2, 4, length, 64, generator=g, dtype=torch.float64).to(device) for _ in range(4))
     mask = torch.zeros(2, length, dtype=torch.bool, device=device)
-    mask[1, -length // 10:] = True
+    mask[1, -length // 10 :] = True
     bad = 0
     for kernel in ("softmax", "relu"):
         fa = FavorAttention(64, 256, kernel=kernel, causal=True, seed=1, impl="batched").to(device)
@@ -84,8 +84,12 @@ def main(device: str, length: int) -> int:
         errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)]
         ok = max(errs) < limit
         bad += not ok
-        print(f"fla {kernel:8s} causal max rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs),
-              f"(limit {limit:.0e}, {'ieee' if ieee else 'tf32'} dots)", "ok" if ok else "FAIL", flush=True)
+        print(
+            f"fla {kernel:8s} causal max rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs),
+            f"(limit {limit:.0e}, {'ieee' if ieee else 'tf32'} dots)",
+            "ok" if ok else "FAIL",
+            flush=True,
+        )
     return 1 if bad else 0
 
 

@@ -125,12 +125,15 @@ def main() -> int:
         plain = tmp / a.input.name.removesuffix(".gz")
         with gzip.open(a.input, "rb") as src, open(plain, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
-        rows = _measure_round_robin({
-            "parse-only SimpleFastaParser (.gz)": ("sfp", a.input, None, 1),
-            "ingest, 1 worker (.gz)": ("ingest", a.input, tmp / "o1gz", 1),
-            "ingest, 1 worker (plain)": ("ingest", plain, tmp / "o1", 1),
-            "ingest, 2 workers (plain)": ("ingest", plain, tmp / "o2", 2),
-        }, a.repeats)
+        rows = _measure_round_robin(
+            {
+                "parse-only SimpleFastaParser (.gz)": ("sfp", a.input, None, 1),
+                "ingest, 1 worker (.gz)": ("ingest", a.input, tmp / "o1gz", 1),
+                "ingest, 1 worker (plain)": ("ingest", plain, tmp / "o1", 1),
+                "ingest, 2 workers (plain)": ("ingest", plain, tmp / "o2", 2),
+            },
+            a.repeats,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()

@@ -70,21 +70,46 @@ def main() -> None:
     py = sys.executable
     t0 = time.time()
     if not (shards / "manifest.json").exists():
-        subprocess.run([py, "-m", "protein_performer.ingest", f"input={fasta}", f"output_dir={shards}",
-                        f"annotations={SHARED / 'annotations' / 'swissprot2014_100k.pfam_hits.tsv'}",
-                        "ood_families=[RRM_1,globins4]", "overwrite=true", "progress=false"],
-                       check=True, cwd=REPO)
+        subprocess.run(
+            [
+                py,
+                "-m",
+                "protein_performer.ingest",
+                f"input={fasta}",
+                f"output_dir={shards}",
+                f"annotations={SHARED / 'annotations' / 'swissprot2014_100k.pfam_hits.tsv'}",
+                "ood_families=[RRM_1,globins4]",
+                "overwrite=true",
+                "progress=false",
+            ],
+            check=True,
+            cwd=REPO,
+        )
     ingest_s = time.time() - t0
     hhmmss = time.strftime("%H:%M:%S", time.gmtime(int(args.minutes * 60)))
     procs = {}
     models = args.models.split(",")
     for model in models:
         run_dir = work / model
-        cmd = [py, "-m", "protein_performer.train", "experiment=demo", f"model={model}", f"data.root={shards}",
-               f"hydra.run.dir={run_dir}", f"name=learning_{model}", "logger=csv", "num_threads=1",
-               f"trainer.max_time=00:{hhmmss}", "trainer.max_steps=1000000",
-               f"trainer.val_check_interval={args.val_every}", f"trainer.limit_val_batches={args.val_batches}",
-               "module.schedule=constant", "callbacks.checkpoint.every_n_train_steps=100000", "test=false"]
+        cmd = [
+            py,
+            "-m",
+            "protein_performer.train",
+            "experiment=demo",
+            f"model={model}",
+            f"data.root={shards}",
+            f"hydra.run.dir={run_dir}",
+            f"name=learning_{model}",
+            "logger=csv",
+            "num_threads=1",
+            f"trainer.max_time=00:{hhmmss}",
+            "trainer.max_steps=1000000",
+            f"trainer.val_check_interval={args.val_every}",
+            f"trainer.limit_val_batches={args.val_batches}",
+            "module.schedule=constant",
+            "callbacks.checkpoint.every_n_train_steps=100000",
+            "test=false",
+        ]
         log = open(work / f"{model}.log", "w")
         procs[model] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log)
     for model, (p, log) in procs.items():
@@ -100,10 +125,12 @@ def main() -> None:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-        "minutes": args.minutes, "ingest_seconds": round(ingest_s, 1),
+        "minutes": args.minutes,
+        "ingest_seconds": round(ingest_s, 1),
         "equal_step": step_eq,
         "at_equal_step": {m: curves[m].get(step_eq, {}) for m in models} if step_eq else {},
-        "final": finals, "curves": {m: {str(k): v for k, v in c.items()} for m, c in curves.items()},
+        "final": finals,
+        "curves": {m: {str(k): v for k, v in c.items()} for m, c in curves.items()},
         "manifest": json.loads((shards / "manifest.json").read_text())["splits"],
     }
     result["manifest"] = {k: {kk: v[kk] for kk in ("n_sequences", "n_residues")} for k, v in result["manifest"].items()}
@@ -111,8 +138,10 @@ def main() -> None:
     (RESULTS / "learning_check.json").write_text(json.dumps(result, indent=1))
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, c in curves.items():
         steps = sorted(c)
@@ -127,16 +156,23 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "learning_check.png", dpi=120)
 
-    lines = ["| model | steps reached | valid acc % (final) | valid ppl (final) | valid acc % at step "
-             f"{step_eq} | valid ppl at step {step_eq} |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | steps reached | valid acc % (final) | valid ppl (final) | valid acc % at step "
+        f"{step_eq} | valid ppl at step {step_eq} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for m in models:
         f, e = finals[m], result["at_equal_step"].get(m, {})
         steps = max(curves[m]) if curves[m] else 0
-        lines.append(f"| {m} | {steps} | {100 * f.get('valid/acc', float('nan')):.2f} | {f.get('valid/ppl', float('nan')):.2f} "
-                     f"| {100 * e.get('valid/acc', float('nan')):.2f} | {e.get('valid/ppl', float('nan')):.2f} |")
+        lines.append(
+            f"| {m} | {steps} | {100 * f.get('valid/acc', float('nan')):.2f} | {f.get('valid/ppl', float('nan')):.2f} "
+            f"| {100 * e.get('valid/acc', float('nan')):.2f} | {e.get('valid/ppl', float('nan')):.2f} |"
+        )
     f0 = finals[models[0]]
-    lines.append(f"| unigram baseline | | {100 * f0.get('valid/unigram_acc', float('nan')):.2f} "
-                 f"| {f0.get('valid/unigram_ppl', float('nan')):.2f} | | |")
+    lines.append(
+        f"| unigram baseline | | {100 * f0.get('valid/unigram_acc', float('nan')):.2f} "
+        f"| {f0.get('valid/unigram_ppl', float('nan')):.2f} | | |"
+    )
     table = "\n".join(lines)
     print(table)
     (RESULTS / "learning_check.md").write_text(table + "\n")

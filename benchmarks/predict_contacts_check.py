@@ -42,8 +42,13 @@ TOLERANCE = 0.01
 def _run(args: list[str]) -> str:
     command = "python " + " ".join(shlex.quote(a) for a in args)
     print(command, flush=True)
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+    )
     return command
 
 
@@ -79,16 +84,43 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     root = a.run / "kortemme40"
     if not (root / "maps.h5").is_file():
-        raise SystemExit(f"{root / 'maps.h5'} not found: run the recipe's contacts stage first "
-                         "(benchmarks/family_contacts.py --head, or the recipe with stages=contacts)")
+        raise SystemExit(
+            f"{root / 'maps.h5'} not found: run the recipe's contacts stage first "
+            "(benchmarks/family_contacts.py --head, or the recipe with stages=contacts)"
+        )
     contacts_dir, predicted, fasta = root / "contacts_check", root / "predicted.h5", root / "chains.fasta"
     ckpt = a.run / "checkpoints" / "last.ckpt"
-    commands = [_run(["-m", "protein_performer.contacts", f"maps={root / 'maps.h5'}", f"structures={a.structures}",
-                      f"output_dir={contacts_dir}", "train_size=20", "head_train_size=20", "seed=0", "n_plots=0"])]
+    commands = [
+        _run(
+            [
+                "-m",
+                "protein_performer.contacts",
+                f"maps={root / 'maps.h5'}",
+                f"structures={a.structures}",
+                f"output_dir={contacts_dir}",
+                "train_size=20",
+                "head_train_size=20",
+                "seed=0",
+                "n_plots=0",
+            ]
+        )
+    ]
     write_fasta(a.structures, fasta)
-    commands.append(_run(["-m", "protein_performer.predict_contacts", f"checkpoint={ckpt}",
-                          f"head={contacts_dir / 'contact_head.json'}", f"input={fasta}", f"output={predicted}",
-                          "crop=skip", "overwrite=true", "progress=false"]))
+    commands.append(
+        _run(
+            [
+                "-m",
+                "protein_performer.predict_contacts",
+                f"checkpoint={ckpt}",
+                f"head={contacts_dir / 'contact_head.json'}",
+                f"input={fasta}",
+                f"output={predicted}",
+                "crop=skip",
+                "overwrite=true",
+                "progress=false",
+            ]
+        )
+    )
     report = json.loads((contacts_dir / "report.json").read_text())
     test = report["folds"][0]["test"]
     head = json.loads((contacts_dir / "contact_head.json").read_text())
@@ -97,19 +129,30 @@ def main(argv: list[str] | None = None) -> None:
     reported = report["methods"]["trained"]["mean"]["long"]["P@L"]
     per_report = {n: report["methods"]["trained"]["per_protein"][n]["long"]["P@L"] for n in test}
     predicted_mean = float(np.mean([scores[n] for n in test]))
-    result = {"run": str(a.run), "checkpoint_sha256": head["checkpoint_sha256"], "commands": commands,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-              "n_predicted": len(scores), "n_test": len(test), "training_proteins": head["training_proteins"],
-              "contacts_long_P@L": reported, "predict_contacts_long_P@L": predicted_mean,
-              "difference": predicted_mean - reported, "tolerance": TOLERANCE,
-              "passed": abs(predicted_mean - reported) <= TOLERANCE,
-              "per_protein": {n: {"contacts": per_report[n], "predict_contacts": scores[n]} for n in test},
-              "predict_contacts_all_chains_long_P@L": float(np.mean(list(scores.values())))}
+    result = {
+        "run": str(a.run),
+        "checkpoint_sha256": head["checkpoint_sha256"],
+        "commands": commands,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "n_predicted": len(scores),
+        "n_test": len(test),
+        "training_proteins": head["training_proteins"],
+        "contacts_long_P@L": reported,
+        "predict_contacts_long_P@L": predicted_mean,
+        "difference": predicted_mean - reported,
+        "tolerance": TOLERANCE,
+        "passed": abs(predicted_mean - reported) <= TOLERANCE,
+        "per_protein": {n: {"contacts": per_report[n], "predict_contacts": scores[n]} for n in test},
+        "predict_contacts_all_chains_long_P@L": float(np.mean(list(scores.values()))),
+    }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"long-range P@L over the {len(test)} test chains: contacts {reported:.4f}, predict_contacts "
-          f"{predicted_mean:.4f} (difference {predicted_mean - reported:+.4f}, tolerance {TOLERANCE}): "
-          f"{'PASS' if result['passed'] else 'FAIL'} -> {RESULT}")
+    print(
+        f"long-range P@L over the {len(test)} test chains: contacts {reported:.4f}, predict_contacts "
+        f"{predicted_mean:.4f} (difference {predicted_mean - reported:+.4f}, tolerance {TOLERANCE}): "
+        f"{'PASS' if result['passed'] else 'FAIL'} -> {RESULT}"
+    )
 
 
 if __name__ == "__main__":

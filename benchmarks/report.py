@@ -168,26 +168,35 @@ def attention_table(run: dict, mode: str) -> list[str]:
 
 
 def attention_section(runs: list[dict]) -> list[str]:
-    out = ["## Attention core (issues 3, 11): `benchmarks/attention.py`", "",
-           "Forward+backward, batch 1, 8 heads, d 64, m 256: time = minimum of the round-robin rounds (peak memory "
-           "MiB, ratio = median over rounds of time / exact_sdpa time in the same round). `favor_*` is "
-           "`FavorAttention`'s default `impl`; `favor_softmax_scan` etc. name another `impl`.", ""]
+    out = [
+        "## Attention core (issues 3, 11): `benchmarks/attention.py`",
+        "",
+        "Forward+backward, batch 1, 8 heads, d 64, m 256: time = minimum of the round-robin rounds (peak memory "
+        "MiB, ratio = median over rounds of time / exact_sdpa time in the same round). `favor_*` is "
+        "`FavorAttention`'s default `impl`; `favor_softmax_scan` etc. name another `impl`.",
+        "",
+    ]
     for run in sorted(runs, key=attention_key):
         meta, cfg = run["meta"], run["meta"]["config"]
         _, _, tuned, dot = attention_key(run)
         setting = "with malloc tuning" if tuned else "plain process (as a user runs it)"
         setting += f", Triton dots {dot}" if dot else ""
         threads = f"{cfg.get('threads', '?')} threads" if cfg["device"] == "cpu" else run["meta"]["machine"]
-        out += [f"### {cfg['device'].upper()}, {cfg['dtype']}, {threads}, {setting}", "",
-                f"Command: `{meta['command']}`  ",
-                f"Machine: {meta['machine']}, torch {meta['torch']}; {day(meta['date'])}. Data: {source(run)}", ""]
+        out += [
+            f"### {cfg['device'].upper()}, {cfg['dtype']}, {threads}, {setting}",
+            "",
+            f"Command: `{meta['command']}`  ",
+            f"Machine: {meta['machine']}, torch {meta['torch']}; {day(meta['date'])}. Data: {source(run)}",
+            "",
+        ]
         for mode in cfg["modes"]:
             out += attention_table(run, mode)
         scaling = [f"{s['mode']} {s['ratio']:.2f}" for s in run.get("scaling", [])]
         if scaling:
             lengths = run["scaling"][0]["lengths"]
-            out += [f"- favor_softmax time({lengths[1]}) / time({lengths[0]}), timed round-robin: "
-                    + ", ".join(scaling)]
+            out += [
+                f"- favor_softmax time({lengths[1]}) / time({lengths[0]}), timed round-robin: " + ", ".join(scaling)
+            ]
         out += [f"- {note}" for note in meta.get("notes", [])]
         out += [""] if scaling or meta.get("notes") else []
     return out
@@ -197,36 +206,83 @@ def attention_floors(every_run: list[dict]) -> list[Floor]:
     by_key = {attention_key(r): r for r in latest(every_run, attention_key, run_date)}
     plain, tuned = by_key.get(("cpu", "fp32", False, "")), by_key.get(("cpu", "fp32", True, ""))
     gpu = by_key.get(("cuda", "bf16", False, ""))
-    measured = [r for r in every_run if r["meta"]["config"]["device"] == "cpu"
-                and attention_value(r, "performer_pytorch", "causal", 4096)]
+    measured = [
+        r
+        for r in every_run
+        if r["meta"]["config"]["device"] == "cpu" and attention_value(r, "performer_pytorch", "causal", 4096)
+    ]
     with_pp = max(measured, key=lambda r: when(run_date(r)), default=None)  # the newest run that has it
     pp = None
     if with_pp:
         pp = attention_value(with_pp, "favor_softmax", "causal", 4096, "time_s") / attention_value(
-            with_pp, "performer_pytorch", "causal", 4096, "time_s")
+            with_pp, "performer_pytorch", "causal", 4096, "time_s"
+        )
     floors = [
-        Floor("3", "CPU L=8192 causal FAVOR+ softmax / SDPA time", 0.4, True,
-              attention_value(plain, "favor_softmax", "causal", 8192), plain),
-        Floor("3", "CPU L=8192 bidirectional FAVOR+ softmax / SDPA time", 0.2, True,
-              attention_value(plain, "favor_softmax", "bidirectional", 8192), plain),
+        Floor(
+            "3",
+            "CPU L=8192 causal FAVOR+ softmax / SDPA time",
+            0.4,
+            True,
+            attention_value(plain, "favor_softmax", "causal", 8192),
+            plain,
+        ),
+        Floor(
+            "3",
+            "CPU L=8192 bidirectional FAVOR+ softmax / SDPA time",
+            0.2,
+            True,
+            attention_value(plain, "favor_softmax", "bidirectional", 8192),
+            plain,
+        ),
         Floor("3", "CPU causal time(16384) / time(8192)", 2.3, True, attention_scaling(plain, "causal"), plain),
-        Floor("3", "CPU bidirectional time(16384) / time(8192)", 2.3, True,
-              attention_scaling(plain, "bidirectional"), plain),
-        Floor("3", "same, with malloc tuning (keep_freed_memory)", 2.3, True,
-              attention_scaling(tuned, "bidirectional"), tuned),
-        Floor("3", "CPU L=16384 causal / bidirectional peak memory", 2.0, True,
-              _memory_ratio(plain), plain),
-        Floor("3", "CPU L=4096 causal FAVOR+ softmax / performer-pytorch time", 0.1, True, pp, with_pp,
-              "attention.json", "python benchmarks/attention.py (with the `bench` extra installed)"),
+        Floor(
+            "3",
+            "CPU bidirectional time(16384) / time(8192)",
+            2.3,
+            True,
+            attention_scaling(plain, "bidirectional"),
+            plain,
+        ),
+        Floor(
+            "3",
+            "same, with malloc tuning (keep_freed_memory)",
+            2.3,
+            True,
+            attention_scaling(tuned, "bidirectional"),
+            tuned,
+        ),
+        Floor("3", "CPU L=16384 causal / bidirectional peak memory", 2.0, True, _memory_ratio(plain), plain),
+        Floor(
+            "3",
+            "CPU L=4096 causal FAVOR+ softmax / performer-pytorch time",
+            0.1,
+            True,
+            pp,
+            with_pp,
+            "attention.json",
+            "python benchmarks/attention.py (with the `bench` extra installed)",
+        ),
     ]
     variants = sorted({r["method"] for r in (plain or {}).get("rows", []) if r["method"].startswith("favor_softmax_")})
     for impl in ("favor_softmax", *variants):
-        label = "default impl (auto)" if impl == "favor_softmax" else f"`impl=\"{impl.removeprefix('favor_softmax_')}\"`"
+        label = "default impl (auto)" if impl == "favor_softmax" else f'`impl="{impl.removeprefix("favor_softmax_")}"`'
         floors += [
-            Floor("11", f"CPU plain L=8192 causal / SDPA, {label}", 0.30, True,
-                  attention_value(plain, impl, "causal", 8192), plain),
-            Floor("11", f"CPU plain L=8192 bidirectional / SDPA, {label}", 0.15, True,
-                  attention_value(plain, impl, "bidirectional", 8192), plain),
+            Floor(
+                "11",
+                f"CPU plain L=8192 causal / SDPA, {label}",
+                0.30,
+                True,
+                attention_value(plain, impl, "causal", 8192),
+                plain,
+            ),
+            Floor(
+                "11",
+                f"CPU plain L=8192 bidirectional / SDPA, {label}",
+                0.15,
+                True,
+                attention_value(plain, impl, "bidirectional", 8192),
+                plain,
+            ),
         ]
     return floors + gpu_floors(gpu)
 
@@ -251,27 +307,68 @@ def gpu_floors(gpu: dict | None) -> list[Floor]:
 
     expected, command = "gpu/attention_cuda_bf16.json", "bash benchmarks/gpu.sh"
     cases = [("causal", 1024, 2.0), ("causal", 4096, 1.0), ("causal", 16384, 0.5), ("bidirectional", 4096, 0.5)]
-    floors = [Floor("11", f"H200 bf16 L={n} {mode} FAVOR+ / flash SDPA time (best impl)", limit, True,
-                    best(mode, n), gpu, expected, command) for mode, n, limit in cases]
-    floors.append(Floor("11", "H200 bf16 L=65536 causal FAVOR+ / flash SDPA peak memory", 3.0, True,
-                        best("causal", 65536, "peak_mem_mb"), gpu, expected, command))
+    floors = [
+        Floor(
+            "11",
+            f"H200 bf16 L={n} {mode} FAVOR+ / flash SDPA time (best impl)",
+            limit,
+            True,
+            best(mode, n),
+            gpu,
+            expected,
+            command,
+        )
+        for mode, n, limit in cases
+    ]
+    floors.append(
+        Floor(
+            "11",
+            "H200 bf16 L=65536 causal FAVOR+ / flash SDPA peak memory",
+            3.0,
+            True,
+            best("causal", 65536, "peak_mem_mb"),
+            gpu,
+            expected,
+            command,
+        )
+    )
     return floors
 
 
 # ------------------------------------------------------------------------------------------ ingest, train
 def ingest_section(run: dict) -> tuple[list[str], list[Floor]]:
-    body = [[name, f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['seq_per_s']:,.0f}",
-             f"{r['res_per_s'] / 1e6:.1f} M", f"{r['peak_rss_mb']:.0f}"] for name, r in run["runs"].items()]
+    body = [
+        [
+            name,
+            f"{r['wall_s']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{r['seq_per_s']:,.0f}",
+            f"{r['res_per_s'] / 1e6:.1f} M",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for name, r in run["runs"].items()
+    ]
     fl = run["floors"]
-    floors = [Floor("2, 10", "1-worker ingest (.gz) / SimpleFastaParser parse-only throughput", 0.5, False,
-                    fl["ingest_1w_gz_vs_parse_only"]["value"], run),
-              Floor("2, 10", "2 workers / 1 worker throughput (plain file)", 1.6, False,
-                    fl["plain_2w_vs_1w"]["value"], run)]
-    lines = ["## Ingestion (issues 2, 10): `benchmarks/ingest.py`", "",
-             f"Command: `{run['command']}`  ",
-             f"Machine: {run['machine']}, {run['cores']} cores; {day(run['date'])}; load average "
-             f"{run['load_avg_before'][0]:.1f} before, {run['load_avg_after'][0]:.1f} after (best of "
-             f"{run['repeats']}, round-robin). Data: {source(run)}", ""]
+    floors = [
+        Floor(
+            "2, 10",
+            "1-worker ingest (.gz) / SimpleFastaParser parse-only throughput",
+            0.5,
+            False,
+            fl["ingest_1w_gz_vs_parse_only"]["value"],
+            run,
+        ),
+        Floor("2, 10", "2 workers / 1 worker throughput (plain file)", 1.6, False, fl["plain_2w_vs_1w"]["value"], run),
+    ]
+    lines = [
+        "## Ingestion (issues 2, 10): `benchmarks/ingest.py`",
+        "",
+        f"Command: `{run['command']}`  ",
+        f"Machine: {run['machine']}, {run['cores']} cores; {day(run['date'])}; load average "
+        f"{run['load_avg_before'][0]:.1f} before, {run['load_avg_after'][0]:.1f} after (best of "
+        f"{run['repeats']}, round-robin). Data: {source(run)}",
+        "",
+    ]
     lines += table(["run", "wall s", "CPU s", "sequences/s", "residues/s", "peak RSS MB"], body) + [""]
     return lines, floors
 
@@ -282,82 +379,169 @@ def throughput_key(run: dict) -> tuple:
 
 
 def throughput_section(runs: list[dict]) -> tuple[list[str], list[Floor]]:
-    lines = ["## Training throughput (issues 4, 11): `benchmarks/train_throughput.py`", "",
-             "A step = forward + loss + backward + clip + AdamW on real protein crops (BID); median of the timed "
-             "steps after one warm-up; tokens/s ratio against the exact Transformer in the same run.", ""]
+    lines = [
+        "## Training throughput (issues 4, 11): `benchmarks/train_throughput.py`",
+        "",
+        "A step = forward + loss + backward + clip + AdamW on real protein crops (BID); median of the timed "
+        "steps after one warm-up; tokens/s ratio against the exact Transformer in the same run.",
+        "",
+    ]
     floors = []
     for run in runs:
         m, model = run["machine"], run["model"]
-        lines += [f"### {run.get('device', 'cpu')}, {m['torch_threads']} torch threads, {model['depth']} layers, "
-                  f"d {model['dim']}", "", f"Command: `{run['command']}`  ",
-                  f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {day(run['date'])}; load average "
-                  f"{run['load_average_before'][0]:.2f} before. Data: {source(run)}", ""]
-        body = [[r["length"], r["batch"], r["model"], f"{r['step_s_median']:.3f}", f"{r['tokens_per_s']:.0f}",
-                 f"{r['speedup_vs_exact']:.2f}x", fmt(r.get("attention_kernel_s_per_layer")),
-                 f"{100 * r['attention_share_of_step']:.0f}%" if "attention_share_of_step" in r else "-"]
-                for r in run["rows"]]
+        lines += [
+            f"### {run.get('device', 'cpu')}, {m['torch_threads']} torch threads, {model['depth']} layers, "
+            f"d {model['dim']}",
+            "",
+            f"Command: `{run['command']}`  ",
+            f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {day(run['date'])}; load average "
+            f"{run['load_average_before'][0]:.2f} before. Data: {source(run)}",
+            "",
+        ]
+        body = [
+            [
+                r["length"],
+                r["batch"],
+                r["model"],
+                f"{r['step_s_median']:.3f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['speedup_vs_exact']:.2f}x",
+                fmt(r.get("attention_kernel_s_per_layer")),
+                f"{100 * r['attention_share_of_step']:.0f}%" if "attention_share_of_step" in r else "-",
+            ]
+            for r in run["rows"]
+        ]
         header = ["L", "batch", "model", "step s", "tokens/s", "vs exact", "attention s/layer", "attention share"]
         lines += table(header, body) + [""]
         relu = {r["length"]: r["speedup_vs_exact"] for r in run["rows"] if r["attention"] == "favor_relu"}
         if run.get("device", "cpu") == "cpu":
-            floors.append(Floor("4", f"L=4096 Performer-ReLU / exact tokens/s ({m['torch_threads']} torch threads)",
-                                1.5, False, relu.get(4096), run))
+            floors.append(
+                Floor(
+                    "4",
+                    f"L=4096 Performer-ReLU / exact tokens/s ({m['torch_threads']} torch threads)",
+                    1.5,
+                    False,
+                    relu.get(4096),
+                    run,
+                )
+            )
     gpu = next((r for r in runs if r.get("device", "cpu") != "cpu" and r.get("config") == "paper"), None)
     expected, command = "gpu/train_throughput_cuda_bf16_paper.json", "bash benchmarks/gpu.sh"
     for length, limit in ((4096, 1.0), (8192, 1.5)):
-        value = next((r["speedup_vs_exact"] for r in (gpu or {}).get("rows", [])
-                      if r["attention"] == "favor_relu" and r["length"] == length), None)
-        floors.append(Floor("11", f"H200 36 layers bf16 L={length} Performer-ReLU / exact tokens/s", limit, False,
-                            value, gpu, expected, command))
+        value = next(
+            (
+                r["speedup_vs_exact"]
+                for r in (gpu or {}).get("rows", [])
+                if r["attention"] == "favor_relu" and r["length"] == length
+            ),
+            None,
+        )
+        floors.append(
+            Floor(
+                "11",
+                f"H200 36 layers bf16 L={length} Performer-ReLU / exact tokens/s",
+                limit,
+                False,
+                value,
+                gpu,
+                expected,
+                command,
+            )
+        )
     return lines, floors
 
 
 # ---------------------------------------------------------------------------- learning, embed, contacts
 def learning_section(run: dict) -> tuple[list[str], list[Floor]]:
     final, equal = run["final"], run["at_equal_step"]
-    body = [[name, x["global_step"], f"{100 * x['valid/acc']:.2f}", f"{x['valid/ppl']:.2f}",
-             f"{100 * equal[name]['valid/acc']:.2f}", f"{equal[name]['valid/ppl']:.2f}"] for name, x in final.items()]
+    body = [
+        [
+            name,
+            x["global_step"],
+            f"{100 * x['valid/acc']:.2f}",
+            f"{x['valid/ppl']:.2f}",
+            f"{100 * equal[name]['valid/acc']:.2f}",
+            f"{equal[name]['valid/ppl']:.2f}",
+        ]
+        for name, x in final.items()
+    ]
     any_model = next(iter(final.values()))
-    body.append(["unigram baseline", "", f"{100 * any_model['valid/unigram_acc']:.2f}",
-                 f"{any_model['valid/unigram_ppl']:.2f}", "", ""])
+    body.append(
+        [
+            "unigram baseline",
+            "",
+            f"{100 * any_model['valid/unigram_acc']:.2f}",
+            f"{any_model['valid/unigram_ppl']:.2f}",
+            "",
+            "",
+        ]
+    )
     step = run["equal_step"]
-    lines = ["## Learning check on real data (issue 4): `benchmarks/learning_check.py`", "",
-             f"Command: `{run.get('command', 'python benchmarks/learning_check.py')}`  ",
-             f"Machine: {run['machine']}; {day(run['date'])}. {run.get('setup', '')} Data: {source(run)}; "
-             "curve: [`learning_check.png`](results/learning_check.png)", ""]
-    lines += table(["model", "steps", "valid acc %", "valid ppl", f"acc % at step {step}", f"ppl at step {step}"],
-                   body) + [""]
+    lines = [
+        "## Learning check on real data (issue 4): `benchmarks/learning_check.py`",
+        "",
+        f"Command: `{run.get('command', 'python benchmarks/learning_check.py')}`  ",
+        f"Machine: {run['machine']}; {day(run['date'])}. {run.get('setup', '')} Data: {source(run)}; "
+        "curve: [`learning_check.png`](results/learning_check.png)",
+        "",
+    ]
+    lines += table(
+        ["model", "steps", "valid acc %", "valid ppl", f"acc % at step {step}", f"ppl at step {step}"], body
+    ) + [""]
     worst = min(x["valid/acc"] / x["valid/unigram_acc"] for x in final.values())
-    return lines, [Floor("4", "valid masked acc / unigram acc, worst model (\"clearly above\", read as >= 1.5)",
-                         1.5, False, worst, run)]
+    return lines, [
+        Floor(
+            "4", 'valid masked acc / unigram acc, worst model ("clearly above", read as >= 1.5)', 1.5, False, worst, run
+        )
+    ]
 
 
 def embed_section(run: dict) -> tuple[list[str], list[Floor]]:
     ratio = run["embed_over_forward_throughput"]
-    body = [["forward only (tokens in memory)", f"{run['residues_per_s']['forward']:.0f}",
-             f"{run['sequences_per_s']['forward']:.0f}"],
-            ["embed, end to end (read, tokenize, embed, write HDF5)", f"{run['residues_per_s']['embed']:.0f}",
-             f"{run['sequences_per_s']['embed']:.0f}"],
-            ["ratio embed / forward (median rounds)", f"{ratio:.2f}", ""]]
+    body = [
+        [
+            "forward only (tokens in memory)",
+            f"{run['residues_per_s']['forward']:.0f}",
+            f"{run['sequences_per_s']['forward']:.0f}",
+        ],
+        [
+            "embed, end to end (read, tokenize, embed, write HDF5)",
+            f"{run['residues_per_s']['embed']:.0f}",
+            f"{run['sequences_per_s']['embed']:.0f}",
+        ],
+        ["ratio embed / forward (median rounds)", f"{ratio:.2f}", ""],
+    ]
     m = run["model"]
-    lines = ["## Embedding-only export (issue 12): `benchmarks/embed.py`", "",
-             f"Command: `{run['command']}`  ",
-             f"Machine: {run['machine']}; {day(run['date'])}. {run['sequences']:,} sequences ({run['residues']:,} "
-             f"residues) of `{Path(run['input']).name}`, {m['attention']} {m['depth']} x {m['dim']}, "
-             f"{run['batch_tokens']} padded tokens per batch. Data: {source(run)}", ""]
+    lines = [
+        "## Embedding-only export (issue 12): `benchmarks/embed.py`",
+        "",
+        f"Command: `{run['command']}`  ",
+        f"Machine: {run['machine']}; {day(run['date'])}. {run['sequences']:,} sequences ({run['residues']:,} "
+        f"residues) of `{Path(run['input']).name}`, {m['attention']} {m['depth']} x {m['dim']}, "
+        f"{run['batch_tokens']} padded tokens per batch. Data: {source(run)}",
+        "",
+    ]
     lines += table(["row", "residues/s", "sequences/s"], body) + [""]
-    return lines, [Floor("12", "embedding-only export / forward-only tokens/s (same batches)", 0.8, False,
-                         ratio, run)]
+    return lines, [Floor("12", "embedding-only export / forward-only tokens/s (same batches)", 0.8, False, ratio, run)]
 
 
 def contacts_section(run: dict) -> list[str]:
     columns = ["long P@L", "long P@L/5", "medium P@L", "short P@L"]
     body = [[r["model"], r["predictor"], *(fmt(r[c]) for c in columns)] for r in run["summary"]]
     body.append(["(contact density)", "", *(fmt(run["contact_density"][c]) for c in columns)])
-    lines = ["## Unsupervised contact prediction on kortemme40 (issue 5)", "",
-             f"Models: {run['models']}. Protocol: {run['protocol']}.", "", "Commands:", "```", *run["commands"], "```",
-             f"Machine: {run['machine']}; {day(run['date'])}. Data: {source(run)}; per protein: "
-             f"`results/{run['per_protein']}`.", ""]
+    lines = [
+        "## Unsupervised contact prediction on kortemme40 (issue 5)",
+        "",
+        f"Models: {run['models']}. Protocol: {run['protocol']}.",
+        "",
+        "Commands:",
+        "```",
+        *run["commands"],
+        "```",
+        f"Machine: {run['machine']}; {day(run['date'])}. Data: {source(run)}; per protein: "
+        f"`results/{run['per_protein']}`.",
+        "",
+    ]
     return lines + table(["model", "predictor", *columns], body) + [""] + [f"- {n}" for n in run["notes"]] + [""]
 
 
@@ -365,8 +549,9 @@ def family_section(data: dict | None) -> tuple[list[str], list[Floor]]:
     lines = ["## Family-level contacts (issue 12): `benchmarks/family_contacts.py`", ""]
     expected, command = "family_contacts.json", "python benchmarks/family_contacts.py"
     if data is None:
-        return lines + ["Not measured yet.", ""], [Floor("12", "five families: mean long P@L", 0.2, False, None,
-                                                          None, expected, command)]
+        return lines + ["Not measured yet.", ""], [
+            Floor("12", "five families: mean long P@L", 0.2, False, None, None, expected, command)
+        ]
     data["date"] = max((r["date"] for r in data["runs"]), default="1970-01-01")
     runs = latest(data["runs"], lambda r: (r["family"], r["setting"]), lambda r: r["date"])
     body = []
@@ -379,23 +564,55 @@ def family_section(data: dict | None) -> tuple[list[str], list[Floor]]:
         fitted = r.get("fitted_head", {}).get("leave_family_out")
         fitted_text = "-"
         if fitted:
-            fitted_text = (f"{fmt(fitted['trained']['mean']['long']['P@L'])} "
-                           f"({fmt(fitted['random_init']['mean']['long']['P@L'])})")
-        body.append([r["family"], r["setting"], f"{r['minutes']:g}", r["threads"], r["runs_at_once"],
-                     fmt(r.get("cpu_s"), 0) if r.get("cpu_s") else "-", r["train"]["global_step"],
-                     fmt(head["long_P@L"]), fmt(head["random_long_P@L"]), homolog_text, fitted_text, day(r["date"])])
+            fitted_text = (
+                f"{fmt(fitted['trained']['mean']['long']['P@L'])} ({fmt(fitted['random_init']['mean']['long']['P@L'])})"
+            )
+        body.append(
+            [
+                r["family"],
+                r["setting"],
+                f"{r['minutes']:g}",
+                r["threads"],
+                r["runs_at_once"],
+                fmt(r.get("cpu_s"), 0) if r.get("cpu_s") else "-",
+                r["train"]["global_step"],
+                fmt(head["long_P@L"]),
+                fmt(head["random_long_P@L"]),
+                homolog_text,
+                fitted_text,
+                day(r["date"]),
+            ]
+        )
     relu = {r["family"]: r for r in runs if r["setting"] == "relu4" and r["family"] in FIVE_FAMILIES}
     complete = len(relu) == len(FIVE_FAMILIES)
     mean = sum(r["headline"]["long_P@L"] for r in relu.values()) / len(relu) if complete else None
     random = sum(r["headline"]["random_long_P@L"] for r in relu.values()) / len(relu) if complete else None
-    lines += ["Score: long-range (|i-j| >= 24) P@L of the unsupervised mean-of-heads APC map on the family's kortemme40 "
-              "chain; random init = the same architecture untrained; homolog-avg = that map averaged with 64 aligned "
-              "family members; head = ESM's L1 logistic regression fitted on chains of other families. Latest run per "
-              "(family, setting) of the two 4 x 128 models; every run (and the sweep of "
-              "other settings) with its command, load and CPU time in "
-              f"[`family_contacts.md`](results/family_contacts.md). Data: {source(data)}", ""]
-    lines += table(["family", "setting", "min", "threads", "runs at once", "CPU s", "steps", "long P@L",
-                    "random init", "homolog-avg (random)", "head, leave-family-out (random)", "date"], body) + [""]
+    lines += [
+        "Score: long-range (|i-j| >= 24) P@L of the unsupervised mean-of-heads APC map on the family's kortemme40 "
+        "chain; random init = the same architecture untrained; homolog-avg = that map averaged with 64 aligned "
+        "family members; head = ESM's L1 logistic regression fitted on chains of other families. Latest run per "
+        "(family, setting) of the two 4 x 128 models; every run (and the sweep of "
+        "other settings) with its command, load and CPU time in "
+        f"[`family_contacts.md`](results/family_contacts.md). Data: {source(data)}",
+        "",
+    ]
+    lines += table(
+        [
+            "family",
+            "setting",
+            "min",
+            "threads",
+            "runs at once",
+            "CPU s",
+            "steps",
+            "long P@L",
+            "random init",
+            "homolog-avg (random)",
+            "head, leave-family-out (random)",
+            "date",
+        ],
+        body,
+    ) + [""]
     lines += more_compute(data["runs"], shown)
     homologs = [r["homolog_averaged"] for r in relu.values() if "homolog_averaged" in r]
     if complete:
@@ -410,10 +627,17 @@ def family_section(data: dict | None) -> tuple[list[str], list[Floor]]:
             untrained = sum(f["random_init"]["mean"]["long"]["P@L"] for f in fitted) / len(fitted)
             text += f"; head, leave-family-out {trained:.3f} vs {untrained:.3f}"
         lines += [f"- {text}.", ""]
-    floors = [Floor("12", "five families (Performer-ReLU 4x128, latest run each): mean long P@L", 0.2, False,
-                    mean, data),
-              Floor("12", "same, mean long P@L / random init's", 4.0, False,
-                    mean / random if mean is not None and random else None, data)]
+    floors = [
+        Floor("12", "five families (Performer-ReLU 4x128, latest run each): mean long P@L", 0.2, False, mean, data),
+        Floor(
+            "12",
+            "same, mean long P@L / random init's",
+            4.0,
+            False,
+            mean / random if mean is not None and random else None,
+            data,
+        ),
+    ]
     return lines, floors
 
 
@@ -421,13 +645,19 @@ def more_compute(runs: list[dict], shown: list[dict]) -> list[str]:
     """Older runs of a shown (family, setting) that had more CPU time than the latest one: worth a line."""
     notes = []
     for latest_run in shown:
-        older = [r for r in runs if (r["family"], r["setting"]) == (latest_run["family"], latest_run["setting"])
-                 and r.get("cpu_s", 0) > latest_run.get("cpu_s", 0) > 0]
+        older = [
+            r
+            for r in runs
+            if (r["family"], r["setting"]) == (latest_run["family"], latest_run["setting"])
+            and r.get("cpu_s", 0) > latest_run.get("cpu_s", 0) > 0
+        ]
         for r in sorted(older, key=lambda r: r["date"]):
             homolog = r.get("homolog_averaged", {}).get("trained", {}).get("long", {}).get("P@L")
-            notes.append(f"{r['family']} {r['setting']} {day(r['date'])}, {r['minutes']:g} min, {r.get('cpu_s'):.0f} CPU s, "
-                         f"{r['train']['global_step']} steps: long P@L {fmt(r['headline']['long_P@L'])}"
-                         + (f", homolog-avg {fmt(homolog)}" if homolog is not None else ""))
+            notes.append(
+                f"{r['family']} {r['setting']} {day(r['date'])}, {r['minutes']:g} min, {r.get('cpu_s'):.0f} CPU s, "
+                f"{r['train']['global_step']} steps: long P@L {fmt(r['headline']['long_P@L'])}"
+                + (f", homolog-avg {fmt(homolog)}" if homolog is not None else "")
+            )
     return [f"- An earlier run with more CPU time than the latest: {'; '.join(notes)}."] if notes else []
 
 
@@ -451,28 +681,40 @@ def study_headline(run: dict) -> str:
     kind = run["study"]
     if kind == "causal_generation":
         eq, last = run["equality"]["float64"], run["timing"][-1]
-        return (f"float64 logits equal to {eq['stream_all_positions_max_abs_logit_diff']:.1e} over "
-                f"{eq['stream_length']} tokens; per token at L={last['prefix_length']}: recurrent "
-                f"{last['speedup_recurrent_vs_recompute']:.1f}x faster than recompute, "
-                f"{last['favor_recurrent_s'] / last['exact_kv_cache_s']:.1f}x the time of an exact KV cache")
+        return (
+            f"float64 logits equal to {eq['stream_all_positions_max_abs_logit_diff']:.1e} over "
+            f"{eq['stream_length']} tokens; per token at L={last['prefix_length']}: recurrent "
+            f"{last['speedup_recurrent_vs_recompute']:.1f}x faster than recompute, "
+            f"{last['favor_recurrent_s'] / last['exact_kv_cache_s']:.1f}x the time of an exact KV cache"
+        )
     if kind == "approximation":
-        parts = [f"{name}: orthogonal < iid {c['orthogonal_below_iid_positive_mse_attn']['fraction']:.0%}, "
-                 f"positive < trig on small entries {c['positive_below_trig_small_entries']['fraction']:.0%}"
-                 for name, c in ((n, r["claims"]) for n, r in run["results"].items())]
+        parts = [
+            f"{name}: orthogonal < iid {c['orthogonal_below_iid_positive_mse_attn']['fraction']:.0%}, "
+            f"positive < trig on small entries {c['positive_below_trig_small_entries']['fraction']:.0%}"
+            for name, c in ((n, r["claims"]) for n, r in run["results"].items())
+        ]
         return "; ".join(parts) + " of the m values"
     if kind == "speed":
         largest = run["largest_length"]
         by = {(r["core"], r["length"]): r["forward_backward"].get("time_s") for r in run["rows"]}
-        floor = [by[("favor_softmax", n)] / by[("identity", n)] for n in run["lengths"]
-                 if by.get(("favor_softmax", n)) and by.get(("identity", n))]
-        return (f"largest L: FAVOR+ softmax {largest.get('favor_softmax')}, exact SDPA {largest.get('exact')}, "
-                f"materialised softmax {largest.get('exact_naive')}; FAVOR+ softmax fwd+bwd "
-                f"{min(floor):.1f}-{max(floor):.1f}x the attention-free floor")
+        floor = [
+            by[("favor_softmax", n)] / by[("identity", n)]
+            for n in run["lengths"]
+            if by.get(("favor_softmax", n)) and by.get(("identity", n))
+        ]
+        return (
+            f"largest L: FAVOR+ softmax {largest.get('favor_softmax')}, exact SDPA {largest.get('exact')}, "
+            f"materialised softmax {largest.get('exact_naive')}; FAVOR+ softmax fwd+bwd "
+            f"{min(floor):.1f}-{max(floor):.1f}x the attention-free floor"
+        )
     if kind == "compatibility":
         exact, swap = run["exact"]["acc"], run["after_swap"]
-        return "; ".join(f"{a}: {100 * (s['acc_mean'] - exact):+.2f} points at the swap, "
-                         f"{100 * run['finetune'][a][-1]['acc']:.2f}% after fine-tune "
-                         f"(exact control {100 * run['finetune']['exact'][-1]['acc']:.2f}%)" for a, s in swap.items())
+        return "; ".join(
+            f"{a}: {100 * (s['acc_mean'] - exact):+.2f} points at the swap, "
+            f"{100 * run['finetune'][a][-1]['acc']:.2f}% after fine-tune "
+            f"(exact control {100 * run['finetune']['exact'][-1]['acc']:.2f}%)"
+            for a, s in swap.items()
+        )
     if kind == "redraw":
         fixed, redrawn = run["summary"]["fixed"]["loss"]["values"], run["summary"]["redrawn"]["loss"]["values"]
         wins = sum(r < f for f, r in zip(fixed, redrawn))
@@ -481,13 +723,28 @@ def study_headline(run: dict) -> str:
 
 
 def studies_section(runs: list[dict]) -> list[str]:
-    body = [[f"[{study_name(r)}](results/studies.md#{study_name(r).replace('_', '-')})", r["machine"]["device"],
-             study_machine(r), r["machine"]["date_utc"], study_headline(r)] for r in runs]
-    return ["## Studies: the paper's claims at workstation scale (issue 6)", "",
+    body = [
+        [
+            f"[{study_name(r)}](results/studies.md#{study_name(r).replace('_', '-')})",
+            r["machine"]["device"],
+            study_machine(r),
+            r["machine"]["date_utc"],
+            study_headline(r),
+        ]
+        for r in runs
+    ]
+    return (
+        [
+            "## Studies: the paper's claims at workstation scale (issue 6)",
+            "",
             "`python -m protein_performer.experiments.<study>` (`make studies`); each writes "
             "`results/studies/<study>.json` + `.png`. Full tables, commands and readings: "
-            "[`results/studies.md`](results/studies.md), generated from those JSON files.", ""] + table(
-        ["study", "device", "machine", "date", "measured"], body) + [""]
+            "[`results/studies.md`](results/studies.md), generated from those JSON files.",
+            "",
+        ]
+        + table(["study", "device", "machine", "date", "measured"], body)
+        + [""]
+    )
 
 
 def render_study(run: dict) -> str:
@@ -500,15 +757,23 @@ def render_study(run: dict) -> str:
     if lines and lines[0].startswith("## "):
         lines[0] = lines[0] + (" (cuda)" if name.endswith("_cuda") and "cuda" not in lines[0] else "")
     lines += [f"- {note}" for note in run.get("notes", [])]
-    lines.append(f"Figure: [`studies/{name}.png`](studies/{name}.png); data: [`studies/{name}.json`](studies/{name}.json).")
+    lines.append(
+        f"Figure: [`studies/{name}.png`](studies/{name}.png); data: [`studies/{name}.json`](studies/{name}.json)."
+    )
     return "\n".join([f'<a id="{name.replace("_", "-")}"></a>', "", *lines])
 
 
 def studies_page(runs: list[dict]) -> str:
-    head = ["# Studies: the paper's claims at workstation scale (issue 6)", "", GENERATED, "",
-            "Each section is rendered by its study's own `markdown()` from `studies/<study>.json`; the `_cuda` "
-            "sections ran with `--device cuda --tag _cuda`. Summary: [`../RESULTS.md`](../RESULTS.md#studies-the-papers-"
-            "claims-at-workstation-scale-issue-6).", ""]
+    head = [
+        "# Studies: the paper's claims at workstation scale (issue 6)",
+        "",
+        GENERATED,
+        "",
+        "Each section is rendered by its study's own `markdown()` from `studies/<study>.json`; the `_cuda` "
+        "sections ran with `--device cuda --tag _cuda`. Summary: [`../RESULTS.md`](../RESULTS.md#studies-the-papers-"
+        "claims-at-workstation-scale-issue-6).",
+        "",
+    ]
     return "\n".join(head) + "\n" + "\n\n".join(render_study(r) for r in runs) + "\n"
 
 
@@ -522,10 +787,14 @@ def results_page() -> str:
     every_attention_run = attention_runs()
     attention = latest(every_attention_run, attention_key, run_date)
     sections, floors = [], attention_floors(every_attention_run)
-    builders = [(ingest_section, "ingest.json"), (learning_section, "learning_check.json"),
-                (embed_section, "embed.json")]
-    throughput = latest(runs_of("train_throughput*.json") + runs_of("gpu/train_throughput*.json"), throughput_key,
-                        run_date)
+    builders = [
+        (ingest_section, "ingest.json"),
+        (learning_section, "learning_check.json"),
+        (embed_section, "embed.json"),
+    ]
+    throughput = latest(
+        runs_of("train_throughput*.json") + runs_of("gpu/train_throughput*.json"), throughput_key, run_date
+    )
     lines, more = throughput_section(throughput)
     floors += more
     sections.append(attention_section(attention))
@@ -542,11 +811,18 @@ def results_page() -> str:
         sections.append(contacts_section(contacts))
     sections += [family_lines, studies_section(study_runs())]
     floors.sort(key=lambda f: [int(x) for x in f.issue.replace(",", " ").split()])
-    head = ["# Benchmark results", "", GENERATED, "",
-            "Current numbers only: for every benchmark the latest run of each configuration, with its command, "
-            "machine and date (from the JSON it names). Earlier runs are in git history. Timings are ratios "
-            "against a baseline measured in the same run: the machines are shared and noisy.", "",
-            "## Floors (the issues' numbers)", ""]
+    head = [
+        "# Benchmark results",
+        "",
+        GENERATED,
+        "",
+        "Current numbers only: for every benchmark the latest run of each configuration, with its command, "
+        "machine and date (from the JSON it names). Earlier runs are in git history. Timings are ratios "
+        "against a baseline measured in the same run: the machines are shared and noisy.",
+        "",
+        "## Floors (the issues' numbers)",
+        "",
+    ]
     head += table(["issue", "floor", "limit", "measured", "verdict", "source, date"], [f.row() for f in floors])
     return "\n".join(head + [""] + [line for section in sections for line in section]).rstrip() + "\n"
 

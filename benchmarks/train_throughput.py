@@ -42,13 +42,19 @@ from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
-ATTENTIONS = {"exact": "Transformer (exact softmax)", "favor_softmax": "Performer-softmax", "favor_relu": "Performer-ReLU"}
+ATTENTIONS = {
+    "exact": "Transformer (exact softmax)",
+    "favor_softmax": "Performer-softmax",
+    "favor_relu": "Performer-ReLU",
+}
 SMALL = dict(depth=4, dim=256, heads=4, dim_head=64, ff_dim=512, nb_features=256, dropout=0.1, causal=False)
 PAPER = dict(depth=36, dim=512, heads=8, dim_head=64, ff_dim=1024, nb_features=256, dropout=0.1, causal=False)
 FLOOR = {"length": 4096, "attention": "favor_relu", "min_speedup": 1.5}
 MODEL = dict(SMALL)
-GPU_FLOORS = [{"length": 4096, "attention": "favor_relu", "min_speedup": 1.0},
-              {"length": 8192, "attention": "favor_relu", "min_speedup": 1.5}]
+GPU_FLOORS = [
+    {"length": 4096, "attention": "favor_relu", "min_speedup": 1.0},
+    {"length": 8192, "attention": "favor_relu", "min_speedup": 1.5},
+]
 
 
 def protein_stream(path: Path, n_tokens: int) -> np.ndarray:
@@ -90,7 +96,9 @@ def train_step(model, optimizer, batch, autocast=None) -> float:
     device = batch["tokens"].device
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])["logits"]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1), ignore_index=-100)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1), ignore_index=-100
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -101,11 +109,18 @@ def train_step(model, optimizer, batch, autocast=None) -> float:
 def machine() -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+        name = next(
+            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?"
+        )
     except (OSError, subprocess.CalledProcessError):
         name = platform.processor() or "?"
-    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def main(argv=None) -> int:
@@ -116,16 +131,26 @@ def main(argv=None) -> int:
     ap.add_argument("--fasta", type=Path, default=REPO / "data" / "uniprot_sample.fasta.gz")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: PyTorch's, one per core); on a machine shared with "
-                         "other jobs 1 avoids threads stalling on each other at every operation")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: PyTorch's, one per core); on a machine shared with "
+        "other jobs 1 avoids threads stalling on each other at every operation",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (fp32: none)")
-    ap.add_argument("--config", default="small", choices=["small", "paper"],
-                    help="small: 4 layers, d 256 (CPU default); paper: 36 layers, d 512, d_ff 1024")
+    ap.add_argument(
+        "--config",
+        default="small",
+        choices=["small", "paper"],
+        help="small: 4 layers, d 256 (CPU default); paper: 36 layers, d 512, d_ff 1024",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)", file=sys.stderr)
+        print(
+            "error: --device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)", file=sys.stderr
+        )
         return 2
     MODEL.clear()
     MODEL.update(PAPER if args.config == "paper" else SMALL)
@@ -147,8 +172,9 @@ def main(argv=None) -> int:
         for attention in ATTENTIONS:
             torch.manual_seed(args.seed)
             models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).to(device).train()
-            opts[attention] = torch.optim.AdamW(models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9,
-                                                weight_decay=0.1)
+            opts[attention] = torch.optim.AdamW(
+                models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1
+            )
             train_step(models[attention], opts[attention], batch, autocast)  # warm-up
         for _ in range(args.steps):
             for attention in ATTENTIONS:  # round robin
@@ -165,16 +191,33 @@ def main(argv=None) -> int:
         exact_tps = tokens / statistics.median(times["exact"])
         for attention, ts in times.items():
             med = statistics.median(ts)
-            rows.append({"length": length, "batch": batch_size, "attention": attention, "model": ATTENTIONS[attention],
-                         "step_s_median": med, "step_s_all": ts, "tokens_per_s": tokens / med,
-                         "speedup_vs_exact": tokens / med / exact_tps, "peak_mem_mb": peaks.get(attention)})
-            print(f"L={length:5d} b={batch_size} {ATTENTIONS[attention]:28s} step {med:7.3f} s  "
-                  f"{tokens / med:9.0f} tok/s  x{tokens / med / exact_tps:.2f}", flush=True)
+            rows.append(
+                {
+                    "length": length,
+                    "batch": batch_size,
+                    "attention": attention,
+                    "model": ATTENTIONS[attention],
+                    "step_s_median": med,
+                    "step_s_all": ts,
+                    "tokens_per_s": tokens / med,
+                    "speedup_vs_exact": tokens / med / exact_tps,
+                    "peak_mem_mb": peaks.get(attention),
+                }
+            )
+            print(
+                f"L={length:5d} b={batch_size} {ATTENTIONS[attention]:28s} step {med:7.3f} s  "
+                f"{tokens / med:9.0f} tok/s  x{tokens / med / exact_tps:.2f}",
+                flush=True,
+            )
         # the attention kernels alone, forward + backward on this batch's shape: the share of a step
         # that the choice of attention can change
         g = torch.Generator().manual_seed(args.seed)
-        qkv = [torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g)
-               .to(device, autocast or torch.float32).requires_grad_() for _ in range(3)]
+        qkv = [
+            torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g)
+            .to(device, autocast or torch.float32)
+            .requires_grad_()
+            for _ in range(3)
+        ]
         kernel_times = {a: [] for a in ATTENTIONS}
         kernels = {a: models[a].blocks[0].attn.kernel for a in ATTENTIONS}
         for rep in range(args.steps + 1):
@@ -185,7 +228,7 @@ def main(argv=None) -> int:
                 sync()
                 if rep:
                     kernel_times[attention].append(time.perf_counter() - t0)
-        for r in rows[-len(ATTENTIONS):]:
+        for r in rows[-len(ATTENTIONS) :]:
             r["attention_kernel_s_per_layer"] = statistics.median(kernel_times[r["attention"]])
             r["attention_share_of_step"] = MODEL["depth"] * r["attention_kernel_s_per_layer"] / r["step_s_median"]
         del models, opts
@@ -196,17 +239,36 @@ def main(argv=None) -> int:
     for fl in floors:
         row = next((r for r in rows if r["length"] == fl["length"] and r["attention"] == fl["attention"]), None)
         if row is not None:
-            verdicts.append(dict(fl, value=row["speedup_vs_exact"], passed=row["speedup_vs_exact"] >= fl["min_speedup"]))
+            verdicts.append(
+                dict(fl, value=row["speedup_vs_exact"], passed=row["speedup_vs_exact"] >= fl["min_speedup"])
+            )
     passed = None if not verdicts else all(v["passed"] for v in verdicts)
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute()
-                                    and REPO in Path(sys.argv[0]).parents else sys.argv[0], *sys.argv[1:]])
+    command = "python " + " ".join(
+        [
+            str(Path(sys.argv[0]).relative_to(REPO))
+            if Path(sys.argv[0]).is_absolute() and REPO in Path(sys.argv[0]).parents
+            else sys.argv[0],
+            *sys.argv[1:],
+        ]
+    )
     result = {
-        "benchmark": "train_throughput", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command, "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
-        "model": MODEL, "objective": "bid", "tokens_per_step": args.tokens_per_step, "timed_steps": args.steps,
+        "benchmark": "train_throughput",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "model": MODEL,
+        "objective": "bid",
+        "tokens_per_step": args.tokens_per_step,
+        "timed_steps": args.steps,
         "data": str(args.fasta.relative_to(REPO)) if REPO in args.fasta.parents else str(args.fasta),
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "dtype": args.dtype, "config": args.config,
-        "rows": rows, "floors": verdicts, "floor_passed": passed,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "dtype": args.dtype,
+        "config": args.config,
+        "rows": rows,
+        "floors": verdicts,
+        "floor_passed": passed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "train_throughput" if not cuda else f"train_throughput_{args.device}_{args.dtype}_{args.config}"
@@ -220,8 +282,12 @@ def main(argv=None) -> int:
         f"Command: `{command}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); {result['date']}  ",
         f"Load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}"
-        + ("  (**loaded machine**: other jobs ran at the same time; the ratios, measured round robin, "
-           "are more reliable than the absolute numbers)" if loaded else ""),
+        + (
+            "  (**loaded machine**: other jobs ran at the same time; the ratios, measured round robin, "
+            "are more reliable than the absolute numbers)"
+            if loaded
+            else ""
+        ),
         "",
         f"A step = forward + loss + backward + clip + AdamW on {args.tokens_per_step} tokens of real protein crops; "
         f"median of {args.steps} steps after one warm-up.",
@@ -230,13 +296,18 @@ def main(argv=None) -> int:
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['length']} | {r['batch']} | {r['model']} | {r['step_s_median']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['speedup_vs_exact']:.2f}x | {r['attention_kernel_s_per_layer']:.3f} | "
-                     f"{100 * r['attention_share_of_step']:.0f}% | "
-                     f"{'-' if r['peak_mem_mb'] is None else format(r['peak_mem_mb'], '.0f')} |")
+        lines.append(
+            f"| {r['length']} | {r['batch']} | {r['model']} | {r['step_s_median']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {r['speedup_vs_exact']:.2f}x | {r['attention_kernel_s_per_layer']:.3f} | "
+            f"{100 * r['attention_share_of_step']:.0f}% | "
+            f"{'-' if r['peak_mem_mb'] is None else format(r['peak_mem_mb'], '.0f')} |"
+        )
     for v in verdicts:
-        lines += ["", f"Floor: at L = {v['length']} Performer-ReLU >= {v['min_speedup']}x the exact model's "
-                  f"tokens/s: {v['value']:.2f}x, **{'passed' if v['passed'] else 'FAILED'}**."]
+        lines += [
+            "",
+            f"Floor: at L = {v['length']} Performer-ReLU >= {v['min_speedup']}x the exact model's "
+            f"tokens/s: {v['value']:.2f}x, **{'passed' if v['passed'] else 'FAILED'}**.",
+        ]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if passed in (None, True) else 1

@@ -58,8 +58,9 @@ def execute(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    NotebookClient(nb, kernel_name="python3", timeout=CELL_SECONDS,
-                   resources={"metadata": {"path": str(HERE)}}).execute()
+    NotebookClient(
+        nb, kernel_name="python3", timeout=CELL_SECONDS, resources={"metadata": {"path": str(HERE)}}
+    ).execute()
     for cell in nb.cells:  # timings and run ids change every run: keep the diff to what a reader sees
         cell.get("metadata", {}).pop("execution", None)
         for out in cell.get("outputs", []):

@@ -17,7 +17,8 @@ import functools
 import logging
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ def os_error_message(e: OSError) -> str | None:
 
     where = e.filename if getattr(e, "filename", None) else "output"
     if e.errno == errno.ENOSPC or e.errno == errno.EFBIG or e.errno == errno.EDQUOT:
-        return (f"{where}: no space left on the device (or file size limit reached): free space and rerun "
-                "(ingest, export_attention, embed, predict_contacts: resume=true; train: ckpt_path=last)")
+        return (
+            f"{where}: no space left on the device (or file size limit reached): free space and rerun "
+            "(ingest, export_attention, embed, predict_contacts: resume=true; train: ckpt_path=last)"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}: permission denied (read-only directory or file?): choose a writable path"
     if e.errno == errno.EISDIR:

@@ -55,7 +55,9 @@ def step(model: PerformerLM, tokens: torch.Tensor, state: RecurrentState) -> tup
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, tokens: torch.Tensor, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
+def prefill(
+    model: nn.Module, tokens: torch.Tensor, state: RecurrentState | None = None
+) -> tuple[torch.Tensor, RecurrentState]:
     """Feed tokens (b, l) one by one; returns the logits of every position (b, l, vocab) and the
     state. ``prefill(model, x)[0]`` equals ``model(x)["logits"]`` of a causal model (eval mode)."""
     state = init_state(model, tokens.shape[0], tokens.device) if state is None else state
@@ -67,7 +69,9 @@ def prefill(model: nn.Module, tokens: torch.Tensor, state: RecurrentState | None
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one id per row of logits (b, vocab): softmax(logits / temperature) restricted to the
@@ -125,6 +129,7 @@ def generate_recompute(
     """The reference for :func:`generate`: every new token recomputes ``model(prefix)`` in full
     (the chunked causal FAVOR+ or exact attention over the whole prefix). Same arguments, same
     sampling; with the same generator state both return the same tokens."""
+
     def next_logits(i: int, last: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
         return model(torch.cat(tokens, dim=1))["logits"][:, -1]
 

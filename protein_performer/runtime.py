@@ -36,9 +36,11 @@ def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-              and libc.mallopt(_M_TOP_PAD, int(top_pad_mb) << 20) == 1)
+        ok = (
+            libc.mallopt(_M_MMAP_MAX, 0) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+            and libc.mallopt(_M_TOP_PAD, int(top_pad_mb) << 20) == 1
+        )
     except (OSError, AttributeError) as e:  # not glibc (musl, macOS): nothing to tune
         log.debug("malloc tuning unavailable: %s", e)
         return False

@@ -44,7 +44,9 @@ def shared_data() -> Path:
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--reverse-order", action="store_true", default=False,
+        "--reverse-order",
+        action="store_true",
+        default=False,
         help="run the collected tests in reverse order (checks that no test depends on another's leftovers)",
     )
 

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from protein_performer.analysis.aa_similarity import (
-    STANDARD_AA, aa_attention_counts, aa_attention_matrix, blosum62, blosum_correlation, plot_aa_similarity,
+    STANDARD_AA,
+    aa_attention_counts,
+    aa_attention_matrix,
+    blosum62,
+    blosum_correlation,
+    plot_aa_similarity,
 )
 from protein_performer.analysis.maps_io import MapsRecord, write_maps
 
@@ -43,8 +48,10 @@ def _uniform_maps(seq: str) -> np.ndarray:
 
 
 def _records(seqs, make):
-    return [MapsRecord(id=f"s{n}", sequence=s, tokens=np.zeros(len(s), np.uint8), attentions=make(s))
-            for n, s in enumerate(seqs)]
+    return [
+        MapsRecord(id=f"s{n}", sequence=s, tokens=np.zeros(len(s), np.uint8), attentions=make(s))
+        for n, s in enumerate(seqs)
+    ]
 
 
 def test_counts_match_a_plain_loop():
@@ -109,10 +116,20 @@ def test_cli_reports_best_head(tmp_path, sequences, repo_root):
     write_maps(tmp_path / "maps.h5", recs, model_config={"control": "blosum"})
     out = tmp_path / "aa"
     proc = subprocess.run(
-        [sys.executable, "-m", "protein_performer.aa_similarity", f"maps={tmp_path / 'maps.h5'}",
-         f"output_dir={out}", "max_sequences=15"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo_root)), cwd=tmp_path,
-        timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "protein_performer.aa_similarity",
+            f"maps={tmp_path / 'maps.h5'}",
+            f"output_dir={out}",
+            "max_sequences=15",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(repo_root)),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "15 sequences" in proc.stdout and "best head: layer 1 head 0" in proc.stdout
     res = json.loads((out / "aa_similarity.json").read_text())
@@ -121,6 +138,10 @@ def test_cli_reports_best_head(tmp_path, sequences, repo_root):
     assert [h["pearson"] for h in res["per_head"] if (h["layer"], h["head"]) != (1, 0)] == [None] * 3
     assert len(res["matrix"]) == 20 and (out / "aa_similarity.png").exists()
     # Hydra writes only its log next to the results (no .hydra/, no outputs/ in the cwd)
-    assert sorted(p.name for p in out.iterdir()) == ["aa_similarity.csv", "aa_similarity.json",
-                                                    "aa_similarity.log", "aa_similarity.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "aa_similarity.csv",
+        "aa_similarity.json",
+        "aa_similarity.log",
+        "aa_similarity.png",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aa", "maps.h5"]

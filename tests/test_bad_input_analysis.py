@@ -31,11 +31,23 @@ from protein_performer.model.performer import PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / "data" / "structures" / "biopython"
-TINY = dict(vocab_size=29, max_len=96, dim=32, depth=2, heads=2, dim_head=16, ff_dim=64, attention="favor_relu",
-            nb_features=16, causal=False)
-SEQS = {"s1": "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQ",
-        "s2": "MDIRQGPKEPFRDYVDRFYKTLRAEQASQEVKNWMTETLLVQNANPDCKTILKALGPGATLEEMMTACQG",
-        "s3": "MKPVTLYDVAEYAGVSYQTVSRVVNQASHVSAKTREKVEAAMAELNYIPNR"}
+TINY = dict(
+    vocab_size=29,
+    max_len=96,
+    dim=32,
+    depth=2,
+    heads=2,
+    dim_head=16,
+    ff_dim=64,
+    attention="favor_relu",
+    nb_features=16,
+    causal=False,
+)
+SEQS = {
+    "s1": "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQ",
+    "s2": "MDIRQGPKEPFRDYVDRFYKTLRAEQASQEVKNWMTETLLVQNANPDCKTILKALGPGATLEEMMTACQG",
+    "s3": "MKPVTLYDVAEYAGVSYQTVSRVVNQASHVSAKTREKVEAAMAELNYIPNR",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,15 +65,29 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     model = PerformerLM(**TINY)
     ckpt = d / "tiny.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"model": dict(TINY)}, "global_step": 0, "epoch": 0}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": dict(TINY)},
+            "global_step": 0,
+            "epoch": 0,
+        },
+        ckpt,
+    )
     (d / "other.yaml").write_text(json.dumps({**TINY, "dim": 48}))  # another shape
     fasta = d / "seqs.fasta"
     fasta.write_text("".join(f">{k}\n{s}\n" for k, s in SEQS.items()))
     chains, _ = load_structures(STRUCTURES)
     rng = np.random.default_rng(0)
-    recs = [dict(id=c.name, sequence=c.sequence, source=c.key,
-                 attentions=rng.random((1, 2, len(c), len(c))).astype(np.float32)) for c in chains]
+    recs = [
+        dict(
+            id=c.name,
+            sequence=c.sequence,
+            source=c.key,
+            attentions=rng.random((1, 2, len(c), len(c))).astype(np.float32),
+        )
+        for c in chains
+    ]
     maps = d / "maps.h5"
     write_maps(maps, recs, apc=True)
     return {"dir": d, "ckpt": ckpt, "fasta": fasta, "maps": maps}
@@ -107,7 +133,7 @@ def test_export_truncated_or_corrupted_checkpoint(files, tmp_path, capsys, damag
         bad.write_bytes(data[: len(data) // 2])
     else:  # bytes flipped in the middle
         mid = len(data) // 2
-        bad.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 256]) + data[mid + 256:])
+        bad.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 256]) + data[mid + 256 :])
     out = tmp_path / "maps.h5"
     same = _untouched(out)
     err = _cli(capsys, run_export, **_export(files, checkpoint=str(bad), output=str(out)))
@@ -126,8 +152,10 @@ def test_export_structure_inputs_that_are_not_structures(files, tmp_path, capsys
     empty = tmp_path / "empty"
     empty.mkdir()
     err = _cli(capsys, run_export, **_export(files, input=str(empty), output=str(out)))
-    assert err == (f"error: {empty}: no structure files (.pdb, .cif, .ent, .gz) in this folder; give a folder "
-                   "of PDB / mmCIF files or a FASTA file")
+    assert err == (
+        f"error: {empty}: no structure files (.pdb, .cif, .ent, .gz) in this folder; give a folder "
+        "of PDB / mmCIF files or a FASTA file"
+    )
     err = _cli(capsys, run_export, **_export(files, input=str(tmp_path / "absent.fasta"), output=str(out)))
     assert err == f"error: input not found: {tmp_path / 'absent.fasta'}"
     assert same()
@@ -177,15 +205,32 @@ def test_export_on_a_disk_that_fills_up(files, tmp_path):
         same = _untouched(out)
         cfg = tmp_path / "tiny.yaml"
         cfg.write_text(json.dumps(TINY))
-        cmd = [sys.executable, "-m", "protein_performer.export_attention", "checkpoint=random", f"model_config={cfg}",
-               f"input={REPO / 'data' / 'swissprot_sample.fasta.gz'}", f"output={out}", "crop=start",
-               "max_sequences=200", "num_threads=1", "progress=false"]
-        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, PYTHONPATH=str(REPO), PROTEIN_PERFORMER_TRACEBACK="0"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "protein_performer.export_attention",
+            "checkpoint=random",
+            f"model_config={cfg}",
+            f"input={REPO / 'data' / 'swissprot_sample.fasta.gz'}",
+            f"output={out}",
+            "crop=start",
+            "max_sequences=200",
+            "num_threads=1",
+            "progress=false",
+        ]
+        res = subprocess.run(
+            cmd,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, PYTHONPATH=str(REPO), PROTEIN_PERFORMER_TRACEBACK="0"),
+        )
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
         last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"error: {out}.partial: no space left on the device (or the file size limit "
-                               f"reached) while writing {out} (")
+        assert last.startswith(
+            f"error: {out}.partial: no space left on the device (or the file size limit reached) while writing {out} ("
+        )
         assert last.endswith("; free space and rerun with resume=true")
         assert same()
         from protein_performer.analysis.maps_io import MapsFile
@@ -241,13 +286,13 @@ def test_truncated_or_corrupted_maps(files, tmp_path, capsys, damage):
             info = h5[names[len(names) // 2]]["attentions"].id.get_chunk_info(0)
         at = info.byte_offset + info.size // 2
         n = min(256, info.size // 4)
-        bad.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at:at + n]) + data[at + n:])
+        bad.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at : at + n]) + data[at + n :])
     out = tmp_path / "report"
     same = _untouched(out / "aa_similarity.json")
     for fn, kw in ((run_contacts, dict(structures=STRUCTURES)), (run_aa_similarity, {})):
         err = _cli(capsys, fn, maps=bad, output_dir=out, **kw)
         assert err.startswith(f"error: {bad}")
-        assert ("truncated / corrupted" in err or "the file is corrupted" in err), err
+        assert "truncated / corrupted" in err or "the file is corrupted" in err, err
         assert err.endswith("export it again")
     assert same()
 
@@ -292,15 +337,25 @@ def test_command_lines_exit_1_with_one_line(files, tmp_path):
     d = tmp_path / "a_dir"
     d.mkdir()
     cases = [
-        (["protein_performer.export_attention", f"checkpoint={files['ckpt']}", f"input={files['fasta']}",
-          f"output={tmp_path / 'm.h5'}", f"model_config={files['dir'] / 'other.yaml'}"],
-         f"error: {files['ckpt']}: weights do not fit the model config"),
-        (["protein_performer.contacts", f"maps={d}", f"structures={STRUCTURES}", f"output_dir={tmp_path / 'r'}"],
-         f"error: {d}: is a directory, but a maps.h5 file is expected here"),
+        (
+            [
+                "protein_performer.export_attention",
+                f"checkpoint={files['ckpt']}",
+                f"input={files['fasta']}",
+                f"output={tmp_path / 'm.h5'}",
+                f"model_config={files['dir'] / 'other.yaml'}",
+            ],
+            f"error: {files['ckpt']}: weights do not fit the model config",
+        ),
+        (
+            ["protein_performer.contacts", f"maps={d}", f"structures={STRUCTURES}", f"output_dir={tmp_path / 'r'}"],
+            f"error: {d}: is a directory, but a maps.h5 file is expected here",
+        ),
     ]
     for args, start in cases:
-        res = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 1, res.stderr[-2000:]
         assert "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith(start), res.stderr
     assert not (tmp_path / "m.h5").exists() and not (tmp_path / "m.h5.partial").exists()

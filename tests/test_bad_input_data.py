@@ -37,7 +37,11 @@ def _snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root (to assert that nothing was changed)."""
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _cli(cwd: Path, *args: str, preexec_fn=None) -> subprocess.CompletedProcess:
@@ -101,8 +105,12 @@ def test_cli_fasta_with_only_invalid_records(tmp_path):
     )  # fmt: skip
     assert "no shards were written" in line
     rows = (out / "rejects.tsv").read_text().splitlines()
-    assert [r.split("\t")[2:4] for r in rows[1:]] == [["a", "invalid_character"], ["b", "header_only"],
-                                                      ["c", "invalid_character"], ["d", "invalid_character"]]
+    assert [r.split("\t")[2:4] for r in rows[1:]] == [
+        ["a", "invalid_character"],
+        ["b", "header_only"],
+        ["c", "invalid_character"],
+        ["d", "invalid_character"],
+    ]
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.h5")) and not (out / "_work").exists()
     with pytest.raises(MissingShardsError, match="no manifest"):
         ShardedDataset(out, "train")
@@ -237,7 +245,9 @@ def test_other_format_version_and_vocabulary(shards):
     vocab = dict(m["vocab"])
     vocab["A"], vocab["C"] = vocab["C"], vocab["A"]
     (shards / "manifest.json").write_text(json.dumps({**m, "vocab": vocab}))
-    with pytest.raises(VocabularyError, match=r"manifest.json: the shards were written with another token vocabulary.*re-ingest"):
+    with pytest.raises(
+        VocabularyError, match=r"manifest.json: the shards were written with another token vocabulary.*re-ingest"
+    ):
         ProteinDataModule(str(shards)).setup("fit")
     with pytest.raises(VocabularyError, match=r"shard-00000.h5: written with another token vocabulary"):
         ShardedDataset(shards, "train")  # the shards' own vocabulary is checked against the manifest

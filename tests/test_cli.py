@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 
 HYDRA_COMMANDS = ("ingest", "train", "export_attention", "contacts", "aa_similarity", "predict_contacts", "embed")
@@ -34,8 +34,13 @@ def test_console_scripts_point_at_existing_mains(repo_root):
 def test_hydra_finds_the_package_configs(command, repo_root, tmp_path):
     """``--cfg job`` composes protein_performer/conf/<command>.yaml through the cli module's
     relative config_path (run from another directory, so nothing resolves against the cwd)."""
-    proc = subprocess.run([sys.executable, "-m", f"protein_performer.{command}", "--cfg", "job"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"protein_performer.{command}", "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     conf = yaml.safe_load((repo_root / "protein_performer" / "conf" / f"{command}.yaml").read_text())
@@ -45,12 +50,23 @@ def test_hydra_finds_the_package_configs(command, repo_root, tmp_path):
 
 
 def test_demo_help_and_bad_option(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "protein_performer.demo", "--help"], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "protein_performer.demo", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and "make demo" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "protein_performer.demo", "stages=ingest,fold", f"output_dir={tmp_path / 'o'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "protein_performer.demo", "stages=ingest,fold", f"output_dir={tmp_path / 'o'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == ["error: demo: unknown stages ['fold']; choose from "
-                                              "('ingest', 'train', 'export', 'contacts', 'aa')"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: demo: unknown stages ['fold']; choose from ('ingest', 'train', 'export', 'contacts', 'aa')"
+    ]
     assert not (tmp_path / "o").exists()  # the options are checked before anything is written

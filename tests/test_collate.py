@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_shards import load_records
 
 from protein_performer.data.collate import IGNORE_INDEX, Collator, mask_tokens
 from protein_performer.data.tokenizer import Tokenizer
-
-from test_shards import load_records
 
 TOK = Tokenizer()
 BOS, EOS, MASK, PAD = TOK.bos_id, TOK.eos_id, TOK.mask_id, TOK.pad_id
@@ -66,7 +65,10 @@ def test_uni_crop_random_in_train_fixed_in_eval(seqs):
     s = next(s for s in seqs if s.size > 1500)
     n, L = s.size, 256
     c = np.concatenate([[BOS], s, [EOS]])
-    train, evaluate = Collator("uni", max_length=L, train=True, seed=3), Collator("uni", max_length=L, train=False, seed=3)
+    train, evaluate = (
+        Collator("uni", max_length=L, train=True, seed=3),
+        Collator("uni", max_length=L, train=False, seed=3),
+    )
     starts = []
     for epoch in range(400):
         b = train([s], [7], epoch)
@@ -192,7 +194,9 @@ def test_packed_uni_and_bid_blocks(seqs):
     _check_contract(uni, 3)
     assert uni["tokens"].shape == (3, 512) and uni["lengths"].tolist() == [512, 512, 276]
     for r, x in enumerate(blocks):
-        assert uni["tokens"][r, 0] == BOS and torch.equal(uni["tokens"][r, 1 : x.size], torch.from_numpy(x[:-1].astype(np.int64)))
+        assert uni["tokens"][r, 0] == BOS and torch.equal(
+            uni["tokens"][r, 1 : x.size], torch.from_numpy(x[:-1].astype(np.int64))
+        )
         assert torch.equal(uni["targets"][r, : x.size], torch.from_numpy(x.astype(np.int64)))
     bid = Collator("bid", max_length=512, packed=True, train=True)(blocks, [0, 1, 2])
     sel = bid["targets"] != IGNORE_INDEX

@@ -97,14 +97,28 @@ def test_half_precision_weights_on_cpu_are_kept_but_warned(machine, caplog):
     assert out.trainer.precision == "bf16-true" and len(lines) == 1 and "32-true is usually faster" in lines[0]
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["data.num_workers=4"], "data.num_workers=4 x 1 process(es) = 4 DataLoader workers on 2 CPU core(s)"),
-    ([*DDP_CPU, "trainer.precision=32-true", "data.num_workers=2"], "set data.num_workers=1"),
-    (["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"], "FSDP on a CPU"),
-    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.precision=32-true", "num_threads=null"],
-     "trainer.devices=4 CPU processes on 2 CPU core(s)"),
-    ([*DDP_CPU, "trainer.precision=32-true", "num_threads=2"], "num_threads=2 x 2 process(es) = 4 threads"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.num_workers=4"], "data.num_workers=4 x 1 process(es) = 4 DataLoader workers on 2 CPU core(s)"),
+        ([*DDP_CPU, "trainer.precision=32-true", "data.num_workers=2"], "set data.num_workers=1"),
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"],
+            "FSDP on a CPU",
+        ),
+        (
+            [
+                "trainer=ddp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=4",
+                "trainer.precision=32-true",
+                "num_threads=null",
+            ],
+            "trainer.devices=4 CPU processes on 2 CPU core(s)",
+        ),
+        ([*DDP_CPU, "trainer.precision=32-true", "num_threads=2"], "num_threads=2 x 2 process(es) = 4 threads"),
+    ],
+)
 def test_pathological_choices_warn(machine, caplog, overrides, expected):
     out, lines = warnings_of(caplog, make_cfg(*overrides))
     assert len(lines) == 1 and expected in lines[0], lines
@@ -128,12 +142,26 @@ def test_training_uses_the_corrected_precision(machine, caplog, tmp_path, repo_r
     from protein_performer.training.train import train
 
     shards = tmp_path / "shards"
-    ingest(input=str(repo_root / "data" / "uniprot_sample.fasta.gz"), output_dir=str(shards), workers=1,
-           progress=False)
-    cfg = make_cfg("trainer.precision=bf16-mixed", f"data.root={shards}", f"run_dir={tmp_path / 'run'}", "logger=csv",
-                   "model.depth=1", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
-                   "model.nb_features=16", "data.max_length=64", "trainer.max_steps=1", "trainer.limit_val_batches=0",
-                   "trainer.enable_progress_bar=false", "validate=false", "test=false", "~callbacks.checkpoint")
+    ingest(input=str(repo_root / "data" / "uniprot_sample.fasta.gz"), output_dir=str(shards), workers=1, progress=False)
+    cfg = make_cfg(
+        "trainer.precision=bf16-mixed",
+        f"data.root={shards}",
+        f"run_dir={tmp_path / 'run'}",
+        "logger=csv",
+        "model.depth=1",
+        "model.dim=32",
+        "model.heads=2",
+        "model.dim_head=16",
+        "model.ff_dim=64",
+        "model.nb_features=16",
+        "data.max_length=64",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false",
+        "validate=false",
+        "test=false",
+        "~callbacks.checkpoint",
+    )
     with caplog.at_level(logging.WARNING):
         train(cfg)
     assert any("trainer.precision=32-true is used" in r.getMessage() for r in caplog.records)

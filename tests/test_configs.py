@@ -42,9 +42,21 @@ def test_experiment_composes_and_builds(experiment, tmp_path):
     assert isinstance(model, PerformerLM)
     if experiment in PAPER_RUNS:
         c = model.config
-        assert (c.depth, c.heads, c.dim, c.dim_head, c.ff_dim, c.nb_features, c.max_len) == (36, 8, 512, 64, 1024, 256, 1024)
-        assert c.attention == {"transformer": "exact", "performer_relu": "favor_relu",
-                               "performer_softmax": "favor_softmax"}[experiment.split("_", 2)[2]]
+        assert (c.depth, c.heads, c.dim, c.dim_head, c.ff_dim, c.nb_features, c.max_len) == (
+            36,
+            8,
+            512,
+            64,
+            1024,
+            256,
+            1024,
+        )
+        assert (
+            c.attention
+            == {"transformer": "exact", "performer_relu": "favor_relu", "performer_softmax": "favor_softmax"}[
+                experiment.split("_", 2)[2]
+            ]
+        )
         assert cfg.trainer.gradient_clip_val == 0.5 and cfg.module.lr == 1e-3 and cfg.module.weight_decay == 0.1
         assert tuple(cfg.module.betas) == (0.9, 0.98) and cfg.module.eps == 1e-9 and c.dropout == 0.1
     if experiment == "trembl_concat_8192":
@@ -73,8 +85,16 @@ def test_run_dir_and_hydra_settings():
 
 
 def test_slurm_launcher_composes():
-    cfg = make_cfg(["experiment=trembl_bid_performer_relu", "hydra/launcher=submitit_slurm", "trainer=multinode",
-                    "data.root=x", "run_dir=x"], return_hydra_config=True)
+    cfg = make_cfg(
+        [
+            "experiment=trembl_bid_performer_relu",
+            "hydra/launcher=submitit_slurm",
+            "trainer=multinode",
+            "data.root=x",
+            "run_dir=x",
+        ],
+        return_hydra_config=True,
+    )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
@@ -82,8 +102,17 @@ def test_slurm_launcher_composes():
 
 def test_trainers_instantiate_on_cpu(tmp_path):
     for trainer, extra in (("cpu", []), ("ddp", ["trainer.devices=1"]), ("fsdp", ["trainer.devices=1"])):
-        cfg = make_cfg(["experiment=demo", "data.root=x", f"run_dir={tmp_path}", f"trainer={trainer}",
-                        "trainer.accelerator=cpu", "trainer.precision=32-true", *extra])
+        cfg = make_cfg(
+            [
+                "experiment=demo",
+                "data.root=x",
+                f"run_dir={tmp_path}",
+                f"trainer={trainer}",
+                "trainer.accelerator=cpu",
+                "trainer.precision=32-true",
+                *extra,
+            ]
+        )
         if trainer == "fsdp":
             strategy = instantiate(cfg.trainer.strategy)
             from protein_performer.model.performer import Block
@@ -112,14 +141,29 @@ def test_wandb_logger_offline_by_default(monkeypatch, tmp_path):
 @pytest.mark.parametrize("experiment", PAPER_RUNS)
 def test_paper_run_takes_one_training_step_on_cpu(experiment, tmp_path, shard_root):
     """The full 36-layer model of each paper run, on real shards, one optimizer step (batch 1, L 32)."""
-    cfg = make_cfg([
-        f"experiment={experiment}", f"data.root={shard_root}", f"run_dir={tmp_path}", "trainer=cpu",
-        "trainer.max_steps=1", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "data.batch_size=1", "data.max_length=32", "data.num_workers=0",
-        "data.pin_memory=false", "validate=false", "test=false", "~logger", "callbacks.checkpoint.dirpath=null",
-        "~callbacks.checkpoint", "callbacks.redraw.redraw_interval=0",  # skip re-drawing 36 layers: time
-        "num_threads=1",
-    ])
+    cfg = make_cfg(
+        [
+            f"experiment={experiment}",
+            f"data.root={shard_root}",
+            f"run_dir={tmp_path}",
+            "trainer=cpu",
+            "trainer.max_steps=1",
+            "trainer.limit_val_batches=0",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "data.batch_size=1",
+            "data.max_length=32",
+            "data.num_workers=0",
+            "data.pin_memory=false",
+            "validate=false",
+            "test=false",
+            "~logger",
+            "callbacks.checkpoint.dirpath=null",
+            "~callbacks.checkpoint",
+            "callbacks.redraw.redraw_interval=0",  # skip re-drawing 36 layers: time
+            "num_threads=1",
+        ]
+    )
     metrics = train(cfg)
     assert metrics["global_step"] == 1
     assert 2.0 < metrics["train/loss"] < 5.0  # about log(29) = 3.37 at initialisation
@@ -132,6 +176,11 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
     from protein_performer.data.ingest import ingest
 
     out = tmp_path_factory.mktemp("shards")
-    ingest(input=str(repo_root / "data" / "swissprot_sample.fasta.gz"), output_dir=str(out),
-           fractions={"train": 0.8, "valid": 0.1, "test": 0.1}, workers=1, progress=False)
+    ingest(
+        input=str(repo_root / "data" / "swissprot_sample.fasta.gz"),
+        output_dir=str(out),
+        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
+        workers=1,
+        progress=False,
+    )
     return out

@@ -38,11 +38,13 @@ def test_leave_family_out_is_the_head_fitted_on_the_other_chains():
         train = [others[i] for i in training_subset([p.name for p in others], 6, seed)]
         assert family not in train
         model = fit_logistic(train, "trained", C=0.15, seed=seed)
-        tables.append(precision_table(family.pred_matrix(model.predict_proba(family.features["trained"])[:, 1]),
-                                      family.true))
+        tables.append(
+            precision_table(family.pred_matrix(model.predict_proba(family.features["trained"])[:, 1]), family.true)
+        )
     assert res["trained"]["draws_long_P@L"] == [t["long"]["P@L"] for t in tables]
-    assert res["trained"]["mean"]["long"]["P@L"] == pytest.approx(np.mean([t["long"]["P@L"] for t in tables]),
-                                                                  abs=1e-15)
+    assert res["trained"]["mean"]["long"]["P@L"] == pytest.approx(
+        np.mean([t["long"]["P@L"] for t in tables]), abs=1e-15
+    )
     # the planted feature gives contacts far above their density (~0.08); the noise-only maps do not:
     # with L = 60 the top 60 long-range pairs of noise hold ~0.08 * 60 = 5 +- 2 contacts
     assert res["trained"]["mean"]["long"]["P@L"] > 0.6
@@ -63,12 +65,13 @@ def test_contacts_stage_on_a_small_structure_folder(tmp_path_factory, tmp_path):
     head is tied to the checkpoint, and the leave-family-out entry is leave_family_out on the same maps."""
     import json
 
+    from test_export import STRUCTURES, trained_checkpoint
+
     from protein_performer.analysis.contact_head import ContactHead
     from protein_performer.analysis.contacts import load_proteins
     from protein_performer.analysis.export import load_model
     from protein_performer.analysis.structures import load_structures
     from protein_performer.experiments.family_head import HeadPaths, contacts_stage
-    from test_export import STRUCTURES, trained_checkpoint
 
     ckpt = trained_checkpoint(tmp_path_factory)
     structure = STRUCTURES / "1A8O.pdb"

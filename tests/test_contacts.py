@@ -19,11 +19,23 @@ import pytest
 from Bio.PDB import PDBParser
 
 from protein_performer.analysis.contacts import (
-    K_FRACS, RANGES, apc, contact_map, folds_for, load_proteins, precision_at_k, run_contacts, symmetrize,
+    K_FRACS,
+    RANGES,
+    apc,
+    contact_map,
+    folds_for,
+    load_proteins,
+    precision_at_k,
+    run_contacts,
+    symmetrize,
 )
 from protein_performer.analysis.maps_io import write_maps
 from protein_performer.analysis.structures import (
-    Chain, align_to_sequence, coords_on_sequence, load_structures, read_chains,
+    Chain,
+    align_to_sequence,
+    coords_on_sequence,
+    load_structures,
+    read_chains,
 )
 
 N_KORTEMME = 12
@@ -37,8 +49,10 @@ def kortemme(shared_data) -> Path:
 def _bio_cb(path: Path, chain: str = "A") -> np.ndarray:
     """C-beta (C-alpha for Gly) of every standard residue with a C-alpha, straight from Bio.PDB."""
     res = PDBParser(QUIET=True).get_structure("x", str(path))[0][chain]
-    return np.array([(r["CA"] if r.get_resname() == "GLY" else r["CB"]).coord
-                     for r in res if r.id[0] == " " and "CA" in r], dtype=np.float64)
+    return np.array(
+        [(r["CA"] if r.get_resname() == "GLY" else r["CB"]).coord for r in res if r.id[0] == " " and "CA" in r],
+        dtype=np.float64,
+    )
 
 
 def _dist(xyz: np.ndarray) -> np.ndarray:
@@ -142,7 +156,7 @@ def test_folds_partition_proteins():
     assert sorted(tests) == list(range(12))
     for tr, te in folds:
         assert not set(tr) & set(te) and len(tr) + len(te) == 12
-    (tr, te), = folds_for(30, train_size=20, seed=0)
+    ((tr, te),) = folds_for(30, train_size=20, seed=0)
     assert len(tr) == 20 and len(te) == 10 and not set(tr) & set(te)
     with pytest.raises(ValueError, match="at least 2 proteins"):
         folds_for(1)
@@ -155,8 +169,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def _control_maps(xyz: np.ndarray, rng: np.random.Generator, informative: bool,
-                  layers: int = 2, heads: int = 3) -> np.ndarray:
+def _control_maps(
+    xyz: np.ndarray, rng: np.random.Generator, informative: bool, layers: int = 2, heads: int = 3
+) -> np.ndarray:
     """(layers, heads, L, L) row-stochastic maps; with ``informative``, layer 0 head 0 attends to
     residues by C-beta distance (logits -d / 1.5 plus unit noise), every other head is noise."""
     L = len(xyz)
@@ -167,8 +182,9 @@ def _control_maps(xyz: np.ndarray, rng: np.random.Generator, informative: bool,
     return _softmax(logits)
 
 
-def _write_controls(chains: list[Chain], out: Path, seed: int = 0, sequences: dict | None = None,
-                    extra: list | None = None):
+def _write_controls(
+    chains: list[Chain], out: Path, seed: int = 0, sequences: dict | None = None, extra: list | None = None
+):
     """maps.h5 with the positive control and a random-init-like negative control."""
     rng = np.random.default_rng(seed)
     pos, neg = [], []
@@ -194,15 +210,28 @@ def test_cli_end_to_end_on_kortemme(tmp_path, kortemme, repo_root):
     # the 13th chain's maps come with another protein's sequence: reported, not evaluated
     bad = chains[N_KORTEMME]
     L0 = len(chains[0])
-    wrong = dict(id=bad.name, sequence=chains[0].sequence, source=bad.key,
-                 attentions=np.full((2, 3, L0, L0), 1.0 / L0))
+    wrong = dict(id=bad.name, sequence=chains[0].sequence, source=bad.key, attentions=np.full((2, 3, L0, L0), 1.0 / L0))
     trained, random = _write_controls(chains[:N_KORTEMME], tmp_path, extra=[wrong])
     out = tmp_path / "report"
     env = dict(os.environ, PYTHONPATH=str(repo_root))
     proc = subprocess.run(
-        [sys.executable, "-m", "protein_performer.contacts", f"maps={trained}", f"structures={sdir}",
-         f"output_dir={out}", f"baseline_maps={random}", "n_folds=4", "n_plots=2"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "protein_performer.contacts",
+            f"maps={trained}",
+            f"structures={sdir}",
+            f"output_dir={out}",
+            f"baseline_maps={random}",
+            "n_folds=4",
+            "n_plots=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained" in proc.stdout and "long P@L" in proc.stdout and "junk.pdb" in proc.stdout
     report = json.loads((out / "report.json").read_text())
@@ -226,13 +255,17 @@ def test_cli_end_to_end_on_kortemme(tmp_path, kortemme, repo_root):
         assert not set(f["train"]) & set(f["test"])
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert len(rows) == 4 * (N_KORTEMME + 1) * 3 * 3
-    mean_row = next(r for r in rows if r["method"] == "trained" and r["protein"] == "MEAN"
-                    and r["range"] == "long" and r["k"] == "P@L")
+    mean_row = next(
+        r
+        for r in rows
+        if r["method"] == "trained" and r["protein"] == "MEAN" and r["range"] == "long" and r["k"] == "P@L"
+    )
     assert float(mean_row["precision"]) == pytest.approx(m["trained"]["mean"]["long"]["P@L"], abs=1e-4)
     assert (out / "precision_by_range.png").stat().st_size > 10_000
     assert len(list((out / "contact_maps").glob("*.png"))) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["structures", "trained.h5", "random.h5", "report"])  # Hydra left no litter
+        ["structures", "trained.h5", "random.h5", "report"]
+    )  # Hydra left no litter
 
 
 def test_multichain_mmcif_with_chain_breaks(tmp_path, repo_root):
@@ -259,4 +292,5 @@ def test_multichain_mmcif_with_chain_breaks(tmp_path, repo_root):
     assert report["n_proteins"] == 9 and "random_init" not in report["methods"]
     assert report["methods"]["trained"]["mean"]["long"]["P@L/5"] > 0.8
     assert report["proteins"][[p["name"] for p in report["proteins"]].index("2XHE_B")]["alignment"][
-        "n_identical"] == len(b)
+        "n_identical"
+    ] == len(b)

@@ -52,9 +52,20 @@ def _env() -> dict:
 
 
 def _export_cmd(work: Path, output: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "protein_performer.export_attention", "checkpoint=random",
-            f"model_config={work / 'tiny.yaml'}", f"input={SAMPLE}", f"output={output}", "crop=start",
-            f"max_sequences={N_SEQUENCES}", "num_threads=1", "progress=false", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "protein_performer.export_attention",
+        "checkpoint=random",
+        f"model_config={work / 'tiny.yaml'}",
+        f"input={SAMPLE}",
+        f"output={output}",
+        "crop=start",
+        f"max_sequences={N_SEQUENCES}",
+        "num_threads=1",
+        "progress=false",
+        *extra,
+    ]
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -84,8 +95,16 @@ def _export_in_process(work: Path, output: Path, **kw) -> dict:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_export("random", str(SAMPLE), str(output), model_config=str(work / "tiny.yaml"), crop="start",
-                          max_sequences=N_SEQUENCES, progress=False, **kw)
+        return run_export(
+            "random",
+            str(SAMPLE),
+            str(output),
+            model_config=str(work / "tiny.yaml"),
+            crop="start",
+            max_sequences=N_SEQUENCES,
+            progress=False,
+            **kw,
+        )
     finally:
         torch.set_num_threads(n)
 
@@ -135,15 +154,17 @@ def test_export_killed_at_random_moments_resumes_to_a_byte_identical_file(refere
             before = partial.read_bytes()
             with pytest.raises(ExportError) as e:  # no resume: refused, partial untouched
                 _export_in_process(work, out)
-            assert str(e.value) == (f"{partial}: an interrupted export of {out} is there; rerun "
-                                    "with resume=true to continue it, or overwrite=true to start again")
+            assert str(e.value) == (
+                f"{partial}: an interrupted export of {out} is there; rerun "
+                "with resume=true to continue it, or overwrite=true to start again"
+            )
             assert partial.read_bytes() == before and not out.exists()
         if name == "export1" and partial.exists():
             # also damage the interrupted file (flip bytes in its last quarter): resume must notice
             # (per-record CRC-32s) and recompute from the first damaged record, still identical
             data = bytearray(partial.read_bytes())
             at = len(data) * 3 // 4
-            data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+            data[at : at + 64] = bytes(b ^ 0xFF for b in data[at : at + 64])
             partial.write_bytes(bytes(data))
         summary = _export_in_process(work, out, resume=True)
         assert summary["records"] == N_SEQUENCES
@@ -177,9 +198,10 @@ def test_every_reader_refuses_a_maps_file_whose_writer_was_killed(tmp_path):
         assert len(h5.keys()) == 3 and "incomplete" in h5.attrs
     with pytest.raises(IncompleteOutputError, match=rf"{maps}: incomplete: the export was interrupted"):
         MapsFile(maps)
-    for cmd in (["protein_performer.contacts", f"maps={maps}", f"structures={STRUCTURES}",
-                 f"output_dir={tmp_path / 'c'}"],
-                ["protein_performer.aa_similarity", f"maps={maps}", f"output_dir={tmp_path / 'a'}"]):
+    for cmd in (
+        ["protein_performer.contacts", f"maps={maps}", f"structures={STRUCTURES}", f"output_dir={tmp_path / 'c'}"],
+        ["protein_performer.aa_similarity", f"maps={maps}", f"output_dir={tmp_path / 'a'}"],
+    ):
         res = _run([sys.executable, "-m", *cmd], tmp_path)
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert res.stderr.startswith(f"error: {maps}: incomplete: the export was interrupted")
@@ -197,7 +219,7 @@ def test_maps_files_written_before_the_marker_stay_readable(tmp_path):
         src.copy("a", dst)
     with MapsFile(old) as mf:
         rec = mf["a"]
-        assert rec.sequence == "ACDEFGHIK" and np.allclose(rec.attentions, 1 / 9, rtol=2 ** -11)
+        assert rec.sequence == "ACDEFGHIK" and np.allclose(rec.attentions, 1 / 9, rtol=2**-11)
 
 
 # ------------------------------------------------------------------------------ contacts / aa_similarity
@@ -235,7 +257,8 @@ def _check_output_dir(out: Path, ref: Path, report: str) -> None:
             assert p.read_bytes() == (ref / p.relative_to(out)).read_bytes(), f"{p}: differs from a full run"
     if (out / report).exists():  # written last: everything of the run is there
         assert sorted(p.relative_to(out) for p in visible) == sorted(
-            p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and p.suffix != ".log")
+            p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and p.suffix != ".log"
+        )
 
 
 @pytest.mark.slow
@@ -279,9 +302,12 @@ def test_overwrite_discards_an_interrupted_export_and_resume_checks_the_settings
     journal = tmp_path / "maps.h5.partial.journal"
     partial.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # what a kill before HDF5's first flush leaves
     journal.write_text(json.dumps({"journal": 1, "settings": {"meta": {"crop": "center"}}}) + "\n")
-    with pytest.raises(ExportError, match=r"maps\.h5\.partial: the interrupted export ran with other settings "
-                                          r"\(checkpoint_sha256, input, meta, model_config differ\); rerun with the "
-                                          r"same settings and resume=true, or with overwrite=true"):
+    with pytest.raises(
+        ExportError,
+        match=r"maps\.h5\.partial: the interrupted export ran with other settings "
+        r"\(checkpoint_sha256, input, meta, model_config differ\); rerun with the "
+        r"same settings and resume=true, or with overwrite=true",
+    ):
         _export_in_process(work, out, resume=True)
     assert partial.read_bytes().endswith(b"\0" * 100) and not out.exists()
     summary = _export_in_process(work, out, overwrite=True)

@@ -86,14 +86,33 @@ def test_atomic_save_survives_sigkill_and_in_place_save_does_not(tmp_path):
 
 # ------------------------------------------------------------------ the train command, killed and resumed
 TINY = [
-    "experiment=demo", "model.depth=2", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
-    "model.nb_features=16", "model.dropout=0.1", "data.batch_size=8", "data.max_length=64", "data.num_workers=0",
-    "data.pin_memory=false", "data.eval_splits=[valid]", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "trainer.max_time=null", "trainer.limit_val_batches=0",
+    "experiment=demo",
+    "model.depth=2",
+    "model.dim=32",
+    "model.heads=2",
+    "model.dim_head=16",
+    "model.ff_dim=64",
+    "model.nb_features=16",
+    "model.dropout=0.1",
+    "data.batch_size=8",
+    "data.max_length=64",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "data.eval_splits=[valid]",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.max_time=null",
+    "trainer.limit_val_batches=0",
     "trainer.limit_train_batches=7",  # epochs of 7 batches: kills land mid-epoch and at epoch ends
-    "callbacks.checkpoint.every_n_train_steps=1", "callbacks.redraw.redraw_interval=5",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "callbacks.redraw.redraw_interval=5",
     "callbacks.throughput.window=1000",
-    "module.warmup_steps=3", "~logger", "validate=false", "test=false", "num_threads=1", "seed=3",
+    "module.warmup_steps=3",
+    "~logger",
+    "validate=false",
+    "test=false",
+    "num_threads=1",
+    "seed=3",
     "+callbacks.losslog._target_=protein_performer.training.callbacks.LossLog",
 ]
 STEPS = 30
@@ -109,8 +128,17 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
 
 
 def _cmd(shard_root: Path, run_dir: Path, losses: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "protein_performer.train", *TINY, f"data.root={shard_root}",
-            f"hydra.run.dir={run_dir}", f"+callbacks.losslog.path={losses}", f"trainer.max_steps={STEPS}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "protein_performer.train",
+        *TINY,
+        f"data.root={shard_root}",
+        f"hydra.run.dir={run_dir}",
+        f"+callbacks.losslog.path={losses}",
+        f"trainer.max_steps={STEPS}",
+        *extra,
+    ]
 
 
 def _losses(path: Path) -> list[tuple[int, float]]:
@@ -150,8 +178,15 @@ def procs():
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_loss_curve(shard_root, tmp_path, procs):
     def start(run: str, losses: Path, *extra: str) -> subprocess.Popen:
         with open(tmp_path / f"{run}.stderr", "a") as err:
-            procs.append(subprocess.Popen(_cmd(shard_root, tmp_path / run, losses, *extra), cwd=tmp_path, env=ENV,
-                                          stdout=subprocess.DEVNULL, stderr=err))
+            procs.append(
+                subprocess.Popen(
+                    _cmd(shard_root, tmp_path / run, losses, *extra),
+                    cwd=tmp_path,
+                    env=ENV,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+            )
         return procs[-1]
 
     def stderr(run: str) -> str:

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_shards import load_records, make_store
 
 from protein_performer.data.collate import IGNORE_INDEX
 from protein_performer.data.datamodule import BatchSampler, ProteinDataModule
 from protein_performer.data.tokenizer import Tokenizer
-
-from test_shards import load_records, make_store
 
 TOK = Tokenizer()
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -189,7 +188,11 @@ def test_hydra_configs_instantiate(store):
     from hydra.utils import instantiate
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, packing, max_length in (("default", False, 1024), ("demo", False, 256), ("trembl_concat", True, 8192)):
+        for name, packing, max_length in (
+            ("default", False, 1024),
+            ("demo", False, 256),
+            ("trembl_concat", True, 8192),
+        ):
             cfg = compose(overrides=[f"+data={name}", "+objective=bid", "+seed=0", f"data.root={store}"])
             dm = instantiate(cfg.data)
             assert isinstance(dm, ProteinDataModule)
@@ -208,7 +211,9 @@ def test_lightning_sets_epoch_and_keeps_the_sampler(store):
         def training_step(self, batch, batch_idx):
             self.seen.setdefault(self.current_epoch, []).extend(batch["index"].tolist())
             logits = self.emb(batch["tokens"])
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+            return torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX
+            )
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -216,8 +221,14 @@ def test_lightning_sets_epoch_and_keeps_the_sampler(store):
     dm = ProteinDataModule(str(store), objective="uni", batch_size=32, max_length=64, seed=4)
     model = Tiny()
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     trainer.fit(model, datamodule=dm)
     assert isinstance(trainer.train_dataloader.sampler, BatchSampler)
@@ -236,7 +247,10 @@ def test_reads_what_ingestion_wrote(tmp_path):
     out = tmp_path / "ingested"
     ingest_mod.ingest(
         input=str(Path(__file__).resolve().parents[1] / "data" / "uniprot_sample.fasta.gz"),
-        output_dir=str(out), progress=False, shard_size=300, fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
+        output_dir=str(out),
+        progress=False,
+        shard_size=300,
+        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
     )
     expected, seen = [], set()
     for acc, tokens in load_records():

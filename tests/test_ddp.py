@@ -28,9 +28,15 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
     from protein_performer.data.ingest import ingest
 
     out = tmp_path_factory.mktemp("shards")
-    ingest(input=str(repo_root / "data" / "swissprot_sample.fasta.gz"), output_dir=str(out),
-           annotations=str(repo_root / "data" / "swissprot_sample.pfam_hits.tsv"), ood_families=["RRM_1", "globins4"],
-           fractions={"train": 0.8, "valid": 0.1, "test": 0.1}, workers=1, progress=False)
+    ingest(
+        input=str(repo_root / "data" / "swissprot_sample.fasta.gz"),
+        output_dir=str(out),
+        annotations=str(repo_root / "data" / "swissprot_sample.pfam_hits.tsv"),
+        ood_families=["RRM_1", "globins4"],
+        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
+        workers=1,
+        progress=False,
+    )
     return out
 
 
@@ -38,15 +44,40 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
 def test_two_process_ddp_on_cpu(shard_root, tmp_path):
     run_dir, audit = tmp_path / "run", tmp_path / "audit"
     cmd = [
-        sys.executable, "-m", "protein_performer.train", "experiment=demo", f"data.root={shard_root}",
-        f"hydra.run.dir={run_dir}", f"seed={SEED}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
-        "model.depth=2", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
-        "model.nb_features=16", "model.dropout=0.1", "data.batch_size=4", "data.max_length=64",
-        f"data.eval_batch_size={EVAL_BS}", "data.num_workers=0", "data.pin_memory=false", "data.eval_splits=[valid]",
-        f"callbacks.redraw.redraw_interval={REDRAW}", "callbacks.throughput.window=2", "~logger",
-        "validate=false", "test=false",
+        sys.executable,
+        "-m",
+        "protein_performer.train",
+        "experiment=demo",
+        f"data.root={shard_root}",
+        f"hydra.run.dir={run_dir}",
+        f"seed={SEED}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={STEPS}",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "model.depth=2",
+        "model.dim=32",
+        "model.heads=2",
+        "model.dim_head=16",
+        "model.ff_dim=64",
+        "model.nb_features=16",
+        "model.dropout=0.1",
+        "data.batch_size=4",
+        "data.max_length=64",
+        f"data.eval_batch_size={EVAL_BS}",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "data.eval_splits=[valid]",
+        f"callbacks.redraw.redraw_interval={REDRAW}",
+        "callbacks.throughput.window=2",
+        "~logger",
+        "validate=false",
+        "test=false",
         "+callbacks.audit._target_=protein_performer.training.callbacks.DataAudit",
         f"+callbacks.audit.output_dir={audit}",
     ]
@@ -82,15 +113,31 @@ def test_two_process_ddp_on_cpu(shard_root, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ref.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     ref.eval()
-    dm = ProteinDataModule(root=str(shard_root), objective="bid", batch_size=4, max_length=64, seed=SEED,
-                           eval_batch_size=EVAL_BS, num_workers=0, eval_splits=["valid"])
+    dm = ProteinDataModule(
+        root=str(shard_root),
+        objective="bid",
+        batch_size=4,
+        max_length=64,
+        seed=SEED,
+        eval_batch_size=EVAL_BS,
+        num_workers=0,
+        eval_splits=["valid"],
+    )
     dm.setup("validate")
     ds = CollatedDataset(dm._dataset("valid"), dm.collator(train=False))
     nll = correct = n = 0.0
     with torch.no_grad():
         for rank in (0, 1):
-            sampler = BatchSampler(len(ds), batch_size=EVAL_BS, shuffle=False, seed=SEED, rank=rank, world_size=2,
-                                   drop_last=False, key_epoch=0)
+            sampler = BatchSampler(
+                len(ds),
+                batch_size=EVAL_BS,
+                shuffle=False,
+                seed=SEED,
+                rank=rank,
+                world_size=2,
+                drop_last=False,
+                key_epoch=0,
+            )
             for key in sampler:
                 batch = ds[key]
                 logits = ref(batch["tokens"], batch["key_padding_mask"])["logits"]

@@ -10,8 +10,13 @@ import pytest
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, repo_root):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "protein_performer.demo", f"output_dir={out}", "steps=40"],
-                          cwd=repo_root, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "protein_performer.demo", f"output_dir={out}", "steps=40"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     # ingest: the embedded 4,000 records, the two held-out Pfam families in ood

@@ -3,7 +3,6 @@ equals export_attention's mean embeddings, and a killed run resumes to the same 
 
 from __future__ import annotations
 
-import gzip
 import os
 import signal
 import subprocess
@@ -13,16 +12,19 @@ import time
 import h5py
 import numpy as np
 import pytest
-import torch
+from test_export import REPO, tiny_model, trained_checkpoint
 
 from protein_performer.analysis.embed import (
-    embed_batch, embed_sequences, length_batches, read_embeddings, run_embed,
+    embed_batch,
+    embed_sequences,
+    length_batches,
+    read_embeddings,
+    run_embed,
 )
 from protein_performer.analysis.export import load_model, run_export
 from protein_performer.analysis.maps_io import MapsFile
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
-from test_export import REPO, tiny_model, trained_checkpoint
 
 
 def sample_fasta(path, n: int, max_len: int = 500):
@@ -50,8 +52,7 @@ def test_length_batches_cover_everything_within_budget():
     assert length_batches(np.array([5000, 3]), 1000)[-1].tolist() == [0]  # too long: alone
 
 
-@pytest.mark.parametrize("attention,causal", [("favor_softmax", False), ("favor_relu", True),
-                                              ("exact", False)])
+@pytest.mark.parametrize("attention,causal", [("favor_softmax", False), ("favor_relu", True), ("exact", False)])
 def test_batched_embedding_equals_alone(attention, causal):
     model = tiny_model(attention, causal).eval()
     tok = Tokenizer()
@@ -119,8 +120,14 @@ def test_embed_sigkill_then_resume(ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref.h5"
     opts = ["chunk=8", "batch_tokens=2000"]
-    r = subprocess.run(_cli(f"checkpoint={ckpt}", f"input={fasta}", f"output={ref}", *opts),
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    r = subprocess.run(
+        _cli(f"checkpoint={ckpt}", f"input={fasta}", f"output={ref}", *opts),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     want = read_embeddings(ref)
     assert len(want["ids"]) == 600

@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from protein_performer.analysis.export import (
-    InputReport, SequenceRecord, crop_window, export_attention, load_model, model_input, read_sequences, run_export,
+    InputReport,
+    SequenceRecord,
+    crop_window,
+    export_attention,
+    load_model,
+    model_input,
+    read_sequences,
+    run_export,
     run_sequence,
 )
 from protein_performer.analysis.maps_io import MapsFile, sanitize_name
@@ -34,11 +41,24 @@ STRUCTURES = REPO / "data" / "structures" / "biopython"
 F16_RTOL, ATOL = 2.0**-11, 1e-6
 
 TINY_TRAIN = [
-    "model.depth=2", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
-    "model.nb_features=16", "model.max_len=600", "data.batch_size=8", "data.max_length=64",
-    "data.num_workers=0", "data.pin_memory=false", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "trainer.max_steps=3", "callbacks.redraw.redraw_interval=2",
-    "validate=false", "test=false", "~logger",
+    "model.depth=2",
+    "model.dim=32",
+    "model.heads=2",
+    "model.dim_head=16",
+    "model.ff_dim=64",
+    "model.nb_features=16",
+    "model.max_len=600",
+    "data.batch_size=8",
+    "data.max_length=64",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.max_steps=3",
+    "callbacks.redraw.redraw_interval=2",
+    "validate=false",
+    "test=false",
+    "~logger",
 ]
 
 
@@ -65,11 +85,18 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from protein_performer.training.train import train
 
     shards = root / "shards"
-    ingest(input=str(REPO / "data" / "swissprot_sample.fasta.gz"), output_dir=str(shards), workers=1,
-           progress=False, fractions={"train": 0.8, "valid": 0.1, "test": 0.1})
+    ingest(
+        input=str(REPO / "data" / "swissprot_sample.fasta.gz"),
+        output_dir=str(shards),
+        workers=1,
+        progress=False,
+        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
+    )
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["experiment=demo", f"data.root={shards}",
-                                                       f"run_dir={root / 'run'}", *TINY_TRAIN])
+        cfg = compose(
+            config_name="train",
+            overrides=["experiment=demo", f"data.root={shards}", f"run_dir={root / 'run'}", *TINY_TRAIN],
+        )
     metrics = train(cfg)
     assert metrics["global_step"] == 3 and ckpt.exists()
     return ckpt
@@ -82,8 +109,20 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def tiny_model(attention: str, causal: bool, seed: int = 0, max_len: int = 128, **kw) -> PerformerLM:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=29, max_len=max_len, dim=32, depth=2, heads=4, dim_head=8, ff_dim=64, dropout=0.1,
-               attention=attention, causal=causal, nb_features=32, favor_kwargs={"seed": 7})
+    cfg = dict(
+        vocab_size=29,
+        max_len=max_len,
+        dim=32,
+        depth=2,
+        heads=4,
+        dim_head=8,
+        ff_dim=64,
+        dropout=0.1,
+        attention=attention,
+        causal=causal,
+        nb_features=32,
+        favor_kwargs={"seed": 7},
+    )
     cfg.update(kw)
     return PerformerLM(**cfg).eval()
 
@@ -212,8 +251,15 @@ def test_maps_come_from_the_hidden_states_entering_each_layer_one_layer_at_a_tim
 def test_apc_and_embeddings_round_trip(real_sequences, tmp_path):
     model = tiny_model("favor_relu", False)
     out = tmp_path / "maps.h5"
-    export_attention(model, real_sequences, out, include=["attentions", "apc", "mean", "per_token"],
-                     progress=False, checkpoint_sha256="ab" * 32, metadata={"note": "unit"})
+    export_attention(
+        model,
+        real_sequences,
+        out,
+        include=["attentions", "apc", "mean", "per_token"],
+        progress=False,
+        checkpoint_sha256="ab" * 32,
+        metadata={"note": "unit"},
+    )
     with MapsFile(out) as mf:
         assert mf.attrs["checkpoint_sha256"] == "ab" * 32
         for seq_rec in real_sequences:
@@ -232,8 +278,12 @@ def test_apc_and_embeddings_round_trip(real_sequences, tmp_path):
                 logits = model(tokens)["logits"][0, 1 : L + 1].numpy()
             per_token = rec.embeddings["per_token"]
             assert per_token.shape == (L, 32) and per_token.dtype == np.float32
-            np.testing.assert_allclose(per_token @ model.lm_head.weight.detach().numpy().T
-                                       + model.lm_head.bias.detach().numpy(), logits, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                per_token @ model.lm_head.weight.detach().numpy().T + model.lm_head.bias.detach().numpy(),
+                logits,
+                rtol=1e-5,
+                atol=1e-5,
+            )
             np.testing.assert_allclose(rec.embeddings["mean"], per_token.mean(0), rtol=1e-6, atol=1e-7)
     with h5py.File(out) as h5:
         export = json.loads(h5.attrs["export"])
@@ -270,8 +320,9 @@ def test_sequences_longer_than_max_len(real_sequences, tmp_path):
     export_attention(model, [(seq.id, seq.sequence[start : start + 30], "")], other, progress=False)
     with MapsFile(out) as a, MapsFile(other) as b:
         np.testing.assert_array_equal(a.read(seq.id).attentions, b.read(seq.id).attentions)
-    summary = export_attention(model, [seq, ("short", "MKVLAAGIV", "")], tmp_path / "skip.h5", crop="skip",
-                               progress=False)
+    summary = export_attention(
+        model, [seq, ("short", "MKVLAAGIV", "")], tmp_path / "skip.h5", crop="skip", progress=False
+    )
     assert summary["skipped"] == [seq.id] and summary["records"] == 1
     with MapsFile(tmp_path / "skip.h5") as mf:
         assert mf.ids == ["short"]
@@ -279,8 +330,9 @@ def test_sequences_longer_than_max_len(real_sequences, tmp_path):
     with MapsFile(tmp_path / "start.h5") as mf:
         assert mf.read(seq.id).sequence == seq.sequence[:30]
     uni = tiny_model("favor_softmax", True, max_len=32)  # UNI: 31 residues + bos
-    with MapsFile(Path(export_attention(uni, [seq], tmp_path / "uni.h5", crop="start",
-                                        progress=False)["output"])) as mf:
+    with MapsFile(
+        Path(export_attention(uni, [seq], tmp_path / "uni.h5", crop="start", progress=False)["output"])
+    ) as mf:
         assert len(mf.read(seq.id)) == 31
 
 
@@ -376,11 +428,25 @@ def test_command_line_on_a_structure_folder(checkpoint, tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     out = tmp_path / "out" / "maps.h5"
-    cmd = [sys.executable, "-m", "protein_performer.export_attention", f"checkpoint={checkpoint}",
-           f"input={STRUCTURES}", f"output={out}", "include=[attentions,apc,mean]", "max_sequences=4",
-           "progress=false"]
-    res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "protein_performer.export_attention",
+        f"checkpoint={checkpoint}",
+        f"input={STRUCTURES}",
+        f"output={out}",
+        "include=[attentions,apc,mean]",
+        "max_sequences=4",
+        "progress=false",
+    ]
+    res = subprocess.run(
+        cmd,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "4 sequences" in res.stdout and "2 layers x 2 heads" in res.stdout
     assert list(work.iterdir()) == []

@@ -67,13 +67,37 @@ def test_holdout_removes_the_test_chain_and_near_copies():
 @pytest.mark.slow
 def test_tiny_end_to_end(shared_data, tmp_path):
     out = tmp_path / "fam"
-    s = fc.run("PF00226", out, data=shared_data / "pfam40_domains.fasta.gz",
-               structures=shared_data / "structures" / "kortemme40", max_sequences=200, probe_every_s=1000, homologs=3,
-               overrides=["trainer.max_steps=6", "trainer.max_time=null", "model.depth=2", "model.dim=32",
-                          "model.dim_head=8", "model.ff_dim=64", "model.nb_features=16", "data.batch_size=8",
-                          "module.warmup_steps=0", "trainer.log_every_n_steps=1"])
-    for name in ("family.fasta", "shards/manifest.json", "checkpoints/last.ckpt", "maps.h5", "maps_random.h5",
-                 "summary.json", "contacts.png", "probe.jsonl"):
+    s = fc.run(
+        "PF00226",
+        out,
+        data=shared_data / "pfam40_domains.fasta.gz",
+        structures=shared_data / "structures" / "kortemme40",
+        max_sequences=200,
+        probe_every_s=1000,
+        homologs=3,
+        overrides=[
+            "trainer.max_steps=6",
+            "trainer.max_time=null",
+            "model.depth=2",
+            "model.dim=32",
+            "model.dim_head=8",
+            "model.ff_dim=64",
+            "model.nb_features=16",
+            "data.batch_size=8",
+            "module.warmup_steps=0",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
+    for name in (
+        "family.fasta",
+        "shards/manifest.json",
+        "checkpoints/last.ckpt",
+        "maps.h5",
+        "maps_random.h5",
+        "summary.json",
+        "contacts.png",
+        "probe.jsonl",
+    ):
         assert (out / name).exists(), name
     assert s["extract"]["n_family"] == 2635 and s["extract"]["n_written"] == 200
     assert sum(s["shards"].values()) == 200
@@ -97,7 +121,8 @@ def test_tiny_end_to_end(shared_data, tmp_path):
         for rng_name, lo, hi in (("long", 24, None), ("medium", 12, 23), ("short", 6, 11)):
             for k, f in (("P@L", 1.0), ("P@L/5", 0.2)):
                 assert s["scores"][key]["mean"][rng_name][k] == pytest.approx(
-                    precision_at_k(mean, true, lo, hi, f), abs=1e-12), (key, rng_name, k)
+                    precision_at_k(mean, true, lo, hi, f), abs=1e-12
+                ), (key, rng_name, k)
         assert set(s["scores"][key]) == {"mean", "layer0", "layer1"}
     # the in-training probe's last row scores the same model (float32 maps vs the export's float16:
     # a near-tie can swap, each swap moving P@L by 1/L)
@@ -115,8 +140,9 @@ def test_mask_spans_masks_runs_at_the_asked_rate():
     span, p, n = 5, 0.3, 1000
     fracs = []
     for seed in range(20):
-        out, y = fc.mask_spans(tokens, np.random.default_rng(seed), p, span, tok.mask_id, tok.n_special,
-                               tok.residue_ids)
+        out, y = fc.mask_spans(
+            tokens, np.random.default_rng(seed), p, span, tok.mask_id, tok.n_special, tok.residue_ids
+        )
         sel = y >= 0
         assert not sel[0] and not sel[-1]  # special tokens never targets
         np.testing.assert_array_equal(y[sel], tokens[sel])
@@ -155,7 +181,7 @@ def test_aligned_positions_skip_an_insertion():
     seq = target[:10] + "WWW" + target[10:]  # 3 inserted residues
     src, dst = fc.aligned_positions(seq, target)
     np.testing.assert_array_equal(dst, np.arange(len(target)))
-    np.testing.assert_array_equal(src, np.r_[0:10, 13:len(seq)])
+    np.testing.assert_array_equal(src, np.r_[0:10, 13 : len(seq)])
 
 
 def test_homolog_averaged_map_of_copies_is_the_chain_map():
@@ -167,8 +193,9 @@ def test_homolog_averaged_map_of_copies_is_the_chain_map():
     from protein_performer.model.performer import PerformerLM
 
     torch.manual_seed(0)
-    model = PerformerLM(vocab_size=29, max_len=64, dim=16, depth=2, heads=2, dim_head=8, ff_dim=32, dropout=0.0,
-                        attention="exact").eval()
+    model = PerformerLM(
+        vocab_size=29, max_len=64, dim=16, depth=2, heads=2, dim_head=8, ff_dim=32, dropout=0.0, attention="exact"
+    ).eval()
     target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
     maps = []
     run_sequence(model, Tokenizer().encode(target), on_layer=lambda i, m: maps.append(m.numpy()))

@@ -77,7 +77,9 @@ def test_byte_ranges_partition_the_records(plain_sample, sample_records):
     cuts = sorted({0, size, *(rng.randrange(1, size) for _ in range(6))})
     got = []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        got += [(r.header.decode(), r.sequence.decode()) for r in read_fasta(plain_sample, start=a, end=b, block_size=4096)]
+        got += [
+            (r.header.decode(), r.sequence.decode()) for r in read_fasta(plain_sample, start=a, end=b, block_size=4096)
+        ]
     assert got == sample_records
     data = plain_sample.read_bytes()
     for c in cuts[1:-1]:
@@ -201,7 +203,9 @@ def test_threaded_gzip_reader_returns_the_stream_in_order(sample_fasta, n):
         reader.seek(12345)
         got = [want[:12345]]
         while chunk := reader.read(n):
-            assert isinstance(chunk, bytes) and (n <= len(chunk) <= 2 * n or sum(map(len, got)) + len(chunk) == len(want))
+            assert isinstance(chunk, bytes) and (
+                n <= len(chunk) <= 2 * n or sum(map(len, got)) + len(chunk) == len(want)
+            )
             got.append(chunk)
         assert b"".join(got) == want
     finally:

@@ -21,9 +21,9 @@ ALL_TRAIN = {"train": 1.0, "valid": 0.0, "test": 0.0}
 
 # (header bytes, the id ingest must store): the id is the header's first word (accession for sp|/tr|)
 ODD_HEADERS = [
-    ("sp|Q0CAF1|CAF1_HUMAN Protéine café OS=Homo sapiens".encode("utf-8"), "Q0CAF1"),  # UTF-8 description
-    ("café_u8 Ä-protein".encode("utf-8"), "café_u8"),  # UTF-8 id
-    ("Ä-u8 Äpfel".encode("utf-8"), "Ä-u8"),
+    ("sp|Q0CAF1|CAF1_HUMAN Protéine café OS=Homo sapiens".encode(), "Q0CAF1"),  # UTF-8 description
+    ("café_u8 Ä-protein".encode(), "café_u8"),  # UTF-8 id
+    ("Ä-u8 Äpfel".encode(), "Ä-u8"),
     ("café_l1 Protéine Äpfel".encode("latin-1"), "café_l1"),  # Latin-1 id
     ("tr|Q0LAT1|Q0LAT1_9ZZZZ Größe ß".encode("latin-1"), "Q0LAT1"),  # Latin-1 description
     ("\u201cquoted\u201d_w \u2013 dash \u20ac".encode("cp1252"), "\u201cquoted\u201d_w"),  # 0x93 0x94 0x96 0x80
@@ -104,7 +104,9 @@ def test_odd_headers_read_and_ingested(real, tmp_path, gz):
     assert len(recs) == len(ids)
     assert any(r.offset > deep_at and not r.header.isascii() for r in recs)
     assert [r.header_text.split()[0] for r in recs if not r.header.isascii()][:3] == [
-        "sp|Q0CAF1|CAF1_HUMAN", "café_u8", "Ä-u8"
+        "sp|Q0CAF1|CAF1_HUMAN",
+        "café_u8",
+        "Ä-u8",
     ]
     out = tmp_path / "o"
     m = ingest(input=str(p), output_dir=str(out), progress=False, fractions=ALL_TRAIN, shard_size=1000)
@@ -132,7 +134,7 @@ def test_non_ascii_in_a_sequence_rejects_the_record_only(real, tmp_path):
     """In the first KiB and deep in the file, plain and gzip: rejected as invalid_character with
     the byte named, listed in rejects.tsv; every other record kept."""
     recs = [(h, s) for h, s in real[:2400]]
-    bad = {0: "é".encode(), 2: b"\xe9", 2300: "Ä".encode("utf-8"), 2301: b"\x93"}
+    bad = {0: "é".encode(), 2: b"\xe9", 2300: "Ä".encode(), 2301: b"\x93"}
     chunks = []
     for i, (h, s) in enumerate(recs):
         body = s.encode()

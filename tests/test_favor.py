@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from protein_performer.model.attention import SoftmaxAttention
-from protein_performer.model.favor import reference
 from protein_performer.model.favor import (
     KERNELS,
     FavorAttention,
@@ -21,6 +20,7 @@ from protein_performer.model.favor import (
     causal_stabilizer,
     draw_projection,
     linear_attention,
+    reference,
     softmax_logits,
 )
 
@@ -74,7 +74,8 @@ def test_qr_sign_correction_makes_blocks_haar():
     std of the mean <= sqrt(1 / (8 * 3200)) = 0.0063 -> tolerance 0.04 (6 sigma)."""
     d = 8
     diag = [
-        torch.diagonal(draw_projection(d, d, gen(s), orthogonal=True, norm="sqrt_d", dtype=torch.float64)).mean() / math.sqrt(d)
+        torch.diagonal(draw_projection(d, d, gen(s), orthogonal=True, norm="sqrt_d", dtype=torch.float64)).mean()
+        / math.sqrt(d)
         for s in range(400)
     ]
     assert abs(torch.stack(diag).mean().item()) < 0.04

@@ -28,7 +28,8 @@ def run(fa, q, k, v, mask=None, grad_seed=3):
 
 
 @pytest.mark.parametrize(
-    "kernel,causal,masked,block", itertools.product(["softmax", "softmax_hyp", "relu"], [True, False], [False, True], [None, 2])
+    "kernel,causal,masked,block",
+    itertools.product(["softmax", "softmax_hyp", "relu"], [True, False], [False, True], [None, 2]),
 )
 def test_scan_equals_batched_path(monkeypatch, kernel, causal, masked, block):
     """Forward and the gradients of q, k, v agree to float64 rounding. block=2: blocks of two chunks
@@ -42,8 +43,12 @@ def test_scan_equals_batched_path(monkeypatch, kernel, causal, masked, block):
         mask = torch.zeros(2, 37, dtype=torch.bool)
         mask[1, -9:] = True  # right padding
         mask[0, :3] = True  # left padding: the first queries see no real key
-    ref = run(FavorAttention(d, m, kernel=kernel, causal=causal, chunk_size=C, seed=1, impl="batched").double(), q, k, v, mask)
-    got = run(FavorAttention(d, m, kernel=kernel, causal=causal, chunk_size=C, seed=1, impl="scan").double(), q, k, v, mask)
+    ref = run(
+        FavorAttention(d, m, kernel=kernel, causal=causal, chunk_size=C, seed=1, impl="batched").double(), q, k, v, mask
+    )
+    got = run(
+        FavorAttention(d, m, kernel=kernel, causal=causal, chunk_size=C, seed=1, impl="scan").double(), q, k, v, mask
+    )
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -123,7 +128,10 @@ def test_auto_uses_the_scan_on_long_cpu_inputs(monkeypatch):
         assert fa.resolve_impl(torch.zeros(1, heads - 1, n, 8)) == "batched"
         assert fa.resolve_impl(torch.zeros(1, heads, n, 8)) == "scan"
         assert FavorAttention(8, 16, kernel="softmax_trig").resolve_impl(torch.zeros(1, heads, n, 8)) == "batched"
-        q, k, v = (torch.randn(1, heads, n, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3))
+        q, k, v = (
+            torch.randn(1, heads, n, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+            for i in range(3)
+        )
         batched = FavorAttention(8, 16, causal=causal, seed=3, impl="batched").double()
         # float64 on both paths: the two summation orders agree to ~1e-15 relative
         torch.testing.assert_close(fa.double()(q, k, v), batched(q, k, v), rtol=1e-12, atol=1e-12)

@@ -28,8 +28,11 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from protein_performer.model.favor import FavorAttention, module  # noqa: E402
-from protein_performer.model.favor import triton_ops  # noqa: E402
+from protein_performer.model.favor import (  # noqa: E402
+    FavorAttention,
+    module,
+    triton_ops,  # noqa: E402
+)
 from protein_performer.model.favor.triton_ops import favor_triton  # noqa: E402
 
 U32 = 2.0**-24
@@ -184,7 +187,7 @@ def test_impl_dispatch():
         FavorAttention(8, 16, kernel="softmax_trig", impl="triton")
 
 
-COMPILE = r'''
+COMPILE = r"""
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -222,7 +225,7 @@ for name in kernels:
                               options={"num_warps": warps})
     shared[name] = compiled.metadata.shared
 print(json.dumps(shared))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -243,7 +246,11 @@ def test_kernels_compile_for_gpus_within_shared_memory():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE, "90", "_forward,_backward"], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", COMPILE, "90", "_forward,_backward"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,14 +6,22 @@ import pytest
 import torch
 
 from protein_performer.generation import (
-    RecurrentState, generate, generate_recompute, init_state, prefill, sample_next, step,
+    RecurrentState,
+    generate,
+    generate_recompute,
+    init_state,
+    prefill,
+    sample_next,
+    step,
 )
 from protein_performer.model.performer import PerformerLM
 
 SHAPE = dict(vocab_size=29, max_len=128, dim=32, depth=2, heads=2, dim_head=16, ff_dim=64, dropout=0.0, nb_features=32)
 
 
-def make(attention: str, positions: str = "learned", eps: float | None = None, seed: int = 0, scale: float = 3.0) -> PerformerLM:
+def make(
+    attention: str, positions: str = "learned", eps: float | None = None, seed: int = 0, scale: float = 3.0
+) -> PerformerLM:
     """A causal model in float64 whose matrices are scaled up, so attention is far from uniform."""
     torch.manual_seed(seed)
     kw = {} if eps is None else {"favor_kwargs": {"eps": eps}}
@@ -32,8 +40,16 @@ def tokens(b: int, length: int, seed: int = 1) -> torch.Tensor:
 # One step equals the causal forward of the whole sequence up to float64 rounding (~1e-16 relative
 # per operation, a few hundred operations deep -> 1e-10), FAVOR+ with its default eps floor too: the
 # causal forward stabilizes position i with the running max over keys 0..i, as the recurrent state.
-@pytest.mark.parametrize("attention,positions", [("favor_softmax", "learned"), ("favor_relu", "learned"),
-                                                 ("favor_softmax", "rotary"), ("exact", "learned"), ("exact", "rotary")])
+@pytest.mark.parametrize(
+    "attention,positions",
+    [
+        ("favor_softmax", "learned"),
+        ("favor_relu", "learned"),
+        ("favor_softmax", "rotary"),
+        ("exact", "learned"),
+        ("exact", "rotary"),
+    ],
+)
 def test_prefill_equals_full_forward(attention, positions):
     model = make(attention, positions)
     x = tokens(2, 40)

@@ -17,12 +17,12 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from protein_performer.data.ingest import (
     IngestError,
-    parse_header,
     SimulatedInterruption,
     _first_occurrence,
     _mix64,
     ingest,
     merge,
+    parse_header,
     split_codes,
 )
 from protein_performer.data.tokenizer import Tokenizer
@@ -105,8 +105,20 @@ def test_round_trip_and_counts_vs_simplefastaparser(sample_fasta, single):
 
 def test_manifest_schema_and_statistics(sample_fasta, single):
     out, m, got = single
-    for k in ("format_version", "vocab", "config", "sources", "splits", "n_records", "n_unique",
-              "n_duplicates", "rejected", "rejects_file", "length_filter", "ood_families"):
+    for k in (
+        "format_version",
+        "vocab",
+        "config",
+        "sources",
+        "splits",
+        "n_records",
+        "n_unique",
+        "n_duplicates",
+        "rejected",
+        "rejects_file",
+        "length_filter",
+        "ood_families",
+    ):
         assert k in m
     import hashlib
 
@@ -228,8 +240,13 @@ def test_split_stability_and_seed(sample_fasta, single, tmp_path):
     assert {t: s for s in SPLITS for _, t in got2[s]} == split_of
     # another seed and fractions 0.6/0.2/0.2: a different but well-proportioned split
     out3 = tmp_path / "c"
-    m3 = ingest(input=str(sample_fasta), output_dir=str(out3), progress=False, seed=1,
-                fractions={"train": 0.6, "valid": 0.2, "test": 0.2})
+    m3 = ingest(
+        input=str(sample_fasta),
+        output_dir=str(out3),
+        progress=False,
+        seed=1,
+        fractions={"train": 0.6, "valid": 0.2, "test": 0.2},
+    )
     got3 = read_back(out3)
     n = m3["n_unique"]
     for s, p in (("train", 0.6), ("valid", 0.2), ("test", 0.2)):
@@ -345,7 +362,9 @@ def test_id_keys_are_equal_exactly_for_equal_ids():
     for i, k in zip(ids, keys.tolist()):
         assert _id_keys([i], np.array([len(i)])).tolist() == [k]
     long_ids = [i for i in ids if len(i) > 15]
-    assert _id_keys(long_ids, np.array([len(i) for i in long_ids])).tolist() == [k for i, k in zip(ids, keys.tolist()) if len(i) > 15]
+    assert _id_keys(long_ids, np.array([len(i) for i in long_ids])).tolist() == [
+        k for i, k in zip(ids, keys.tolist()) if len(i) > 15
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -455,11 +474,26 @@ def test_parts_and_merge_equal_single_run(dup_heavy, tmp_path):
 def test_hydra_multirun_parts_then_merge_equal_single_run(plain_sample, single, tmp_path):
     _, m1, got1 = single
     py = [sys.executable, "-m", "protein_performer.ingest"]
-    r = subprocess.run(py + ["-m", "part=range(0,3)", "num_parts=3", f"input={plain_sample}", "output_dir=out",
-                             "progress=false", "shard_size=1000"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        py
+        + [
+            "-m",
+            "part=range(0,3)",
+            "num_parts=3",
+            f"input={plain_sample}",
+            "output_dir=out",
+            "progress=false",
+            "shard_size=1000",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(py + ["merge=true", "output_dir=out", "workers=2"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        py + ["merge=true", "output_dir=out", "workers=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert read_back(tmp_path / "out") == got1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the multirun logs stay inside out/_slurm
@@ -548,9 +582,20 @@ def test_hydra_entry_point_relative_paths_and_no_litter(repo_root, tmp_path):
     src = repo_root / "data/swissprot_sample.fasta.gz"
     (tmp_path / "in.fa.gz").write_bytes(src.read_bytes())
     r = subprocess.run(
-        [sys.executable, "-m", "protein_performer.ingest", "input=in.fa.gz", "output_dir=out", "progress=false",
-         "annotations=" + str(repo_root / "data/swissprot_sample.pfam_hits.tsv"), "ood_families=[RRM_1]"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "protein_performer.ingest",
+            "input=in.fa.gz",
+            "output_dir=out",
+            "progress=false",
+            "annotations=" + str(repo_root / "data/swissprot_sample.pfam_hits.tsv"),
+            "ood_families=[RRM_1]",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert "records 1,000" in r.stdout and "ood" in r.stdout
@@ -559,7 +604,10 @@ def test_hydra_entry_point_relative_paths_and_no_litter(repo_root, tmp_path):
     assert m["n_records"] == 1000 and m["splits"]["ood"]["n_sequences"] > 50
     bad = subprocess.run(
         [sys.executable, "-m", "protein_performer.ingest", "input=missing.fa", "output_dir=out2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 1 and "input file not found" in bad.stderr + bad.stdout
 
@@ -571,9 +619,18 @@ def test_slurm_launcher_config_composes(repo_root):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(repo_root / "conf"), version_base="1.3"):
-        cfg = compose("ingest", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu",
-                                           "part=3", "num_parts=16", "input=x.fa", "output_dir=o"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "ingest",
+            overrides=[
+                "hydra/launcher=submitit_slurm",
+                "hydra.launcher.partition=cpu",
+                "part=3",
+                "num_parts=16",
+                "input=x.fa",
+                "output_dir=o",
+            ],
+            return_hydra_config=True,
+        )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "cpu" and cfg.hydra.launcher.tasks_per_node == 1
     assert cfg.part == 3 and cfg.num_parts == 16

@@ -158,7 +158,9 @@ def test_strict_duplicate_id_conflict(real, tmp_path):
     h, s = real[0]
     p = tmp_path / "dupid.fa"
     p.write_text(f">{h}\n{s}\n>{real[1][0]}\n{real[1][1]}\n>{h}\n{s[:-1]}\n")
-    with pytest.raises(IngestError, match=rf"{p}:5: record '{h.split('|')[1]}' rejected: duplicate_id_conflict.*{p.name}:1"):
+    with pytest.raises(
+        IngestError, match=rf"{p}:5: record '{h.split('|')[1]}' rejected: duplicate_id_conflict.*{p.name}:1"
+    ):
         ingest(input=str(p), output_dir=str(tmp_path / "o"), progress=False, strict=True)
     _no_output(tmp_path / "o")
     m = ingest(input=str(p), output_dir=str(tmp_path / "o2"), progress=False)
@@ -222,8 +224,15 @@ def test_non_ascii_ids_are_stored_as_utf8(real, tmp_path, bad_id):
     head = "".join(f">{h}\n{s}\n" for h, s in real[2:12]).encode()
     weird = b"\xff\xfeid" if bad_id else "\u00e9t\u00e9-\u03b1".encode()
     p = tmp_path / "ids.fa"
-    p.write_bytes(head + b">" + weird + b" desc\n" + real[0][1].encode() + b"\n>plain_id\n" + real[1][1].encode() + b"\n")
-    m = ingest(input=str(p), output_dir=str(tmp_path / "o"), progress=False, fractions={"train": 1.0, "valid": 0.0, "test": 0.0})
+    p.write_bytes(
+        head + b">" + weird + b" desc\n" + real[0][1].encode() + b"\n>plain_id\n" + real[1][1].encode() + b"\n"
+    )
+    m = ingest(
+        input=str(p),
+        output_dir=str(tmp_path / "o"),
+        progress=False,
+        fractions={"train": 1.0, "valid": 0.0, "test": 0.0},
+    )
     with h5py.File(tmp_path / "o" / m["splits"]["train"]["shards"][0]["path"], "r") as f:
         ids = list(f["ids"].asstr()[:])
     assert ids[-2:] == ["\u00e9t\u00e9-\u03b1" if not bad_id else "\u00ff\u00feid", "plain_id"] and len(ids) == 12

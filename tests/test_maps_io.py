@@ -8,7 +8,12 @@ import pytest
 
 from protein_performer.analysis.contacts import apc, symmetrize
 from protein_performer.analysis.maps_io import (
-    FORMAT_VERSION, MapsFile, MapsWriter, read_maps, sanitize_name, write_maps,
+    FORMAT_VERSION,
+    MapsFile,
+    MapsWriter,
+    read_maps,
+    sanitize_name,
+    write_maps,
 )
 from protein_performer.data.tokenizer import Tokenizer
 
@@ -31,8 +36,15 @@ def test_round_trip_layout_and_values(tmp_path):
     maps = {k: _maps(len(s), seed=n) for n, (k, s) in enumerate(SEQS.items())}
     with MapsWriter(path, model_config=cfg, checkpoint_sha256="ab" * 32, causal=True) as w:
         for n, (k, s) in enumerate(SEQS.items()):
-            w.add(k, s, maps[k], source=f"file{n}.pdb:A", apc=True,
-                  mean=np.arange(8, dtype=np.float64), per_token=np.ones((len(s), 8)))
+            w.add(
+                k,
+                s,
+                maps[k],
+                source=f"file{n}.pdb:A",
+                apc=True,
+                mean=np.arange(8, dtype=np.float64),
+                per_token=np.ones((len(s), 8)),
+            )
     with h5py.File(path) as h5:  # the documented layout, read with plain h5py
         assert h5.attrs["format_version"] == FORMAT_VERSION and bool(h5.attrs["causal"]) is True
         g = h5["sp_P12493_GAG_HIV1_278-347"]
@@ -41,17 +53,16 @@ def test_round_trip_layout_and_values(tmp_path):
         assert g["attentions"].shape == (2, 3, 70, 70) and g["apc"].dtype == np.float16
         assert g["embeddings/mean"].dtype == np.float32 and g["embeddings/per_token"].shape == (70, 8)
     with MapsFile(path) as mf:
-        assert mf.attrs == {"format_version": 1, "model_config": cfg, "checkpoint_sha256": "ab" * 32,
-                            "causal": True}
+        assert mf.attrs == {"format_version": 1, "model_config": cfg, "checkpoint_sha256": "ab" * 32, "causal": True}
         assert mf.ids == list(SEQS) and len(mf) == 2
         tok = Tokenizer()
         for k, s in SEQS.items():
             rec = mf[k]
             assert rec.sequence == s and np.array_equal(rec.tokens, tok.encode(s))
             # float16 keeps 11 significant bits: relative error <= 2^-11
-            np.testing.assert_allclose(rec.attentions, maps[k], rtol=2 ** -11, atol=1e-7)
+            np.testing.assert_allclose(rec.attentions, maps[k], rtol=2**-11, atol=1e-7)
             ref = apc(symmetrize(maps[k].astype(np.float32)))
-            np.testing.assert_allclose(rec.apc, ref, rtol=2 ** -10, atol=2e-4)
+            np.testing.assert_allclose(rec.apc, ref, rtol=2**-10, atol=2e-4)
             assert np.array_equal(rec.embeddings["mean"], np.arange(8, dtype=np.float32))
         assert mf.find(source="file1.pdb:A") == "1LCD_A" and mf.find(record_id="1LCD_A") == "1LCD_A"
         assert mf.find(source="nope") is None
@@ -64,7 +75,7 @@ def test_lazy_reading_subsets(tmp_path):
     with MapsFile(path) as mf:
         rec = mf.read("1LCD_A", load=("attentions",), layers=[2])
         assert rec.attentions.shape == (1, 3, 51, 51) and rec.apc is None and rec.embeddings == {}
-        np.testing.assert_allclose(rec.attentions[0], recs[1]["attentions"][2], rtol=2 ** -11, atol=1e-7)
+        np.testing.assert_allclose(rec.attentions[0], recs[1]["attentions"][2], rtol=2**-11, atol=1e-7)
         only_ids = next(mf.iter(load=()))
         assert only_ids.attentions is None and only_ids.id == list(SEQS)[0]
     assert [r.id for r in read_maps(path)] == list(SEQS)

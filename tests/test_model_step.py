@@ -33,8 +33,10 @@ def test_rotary_tables_at_an_offset_are_rows_of_the_full_table():
         assert torch.equal(c, cos[start : start + length]) and torch.equal(s, sin[start : start + length])
 
 
-@pytest.mark.parametrize("attention,positions", [("favor_softmax", "rotary"), ("favor_relu", "learned"),
-                                                 ("exact", "rotary"), ("exact", "learned")])
+@pytest.mark.parametrize(
+    "attention,positions",
+    [("favor_softmax", "rotary"), ("favor_relu", "learned"), ("exact", "rotary"), ("exact", "learned")],
+)
 def test_attention_and_block_steps_equal_the_last_row_of_forward(attention, positions):
     """MultiHeadAttention.step and Block.step at position t equal row t of the causal forward on
     x[:, :t+1], up to float64 rounding (a few hundred operations deep: 1e-10)."""

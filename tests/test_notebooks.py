@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 from nbclient import NotebookClient
+from test_export import REPO, STRUCTURES, trained_checkpoint
 
 from protein_performer.analysis.export import run_export
-from test_export import REPO, STRUCTURES, trained_checkpoint
 
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_SECONDS = 60  # a cell taking longer fails the test (each notebook runs in well under 20 s)
@@ -82,8 +82,11 @@ def python3_kernel():
     try:
         KernelSpecManager().get_kernel_spec("python3")
     except NoSuchKernel:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+            check=True,
+            capture_output=True,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +125,18 @@ def run_notebook(name: str, env: dict[str, str], monkeypatch, probe: str) -> dic
     for cell in nb.cells:  # stored with the recipe's outputs: run afresh on the demo's
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "import json as _json, sys as _sys\n"
-        f"_probe = {probe}\n"
-        "_probe['python'] = _sys.executable\n"
-        "print(_json.dumps(_probe, default=float))"))
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "import json as _json, sys as _sys\n"
+            f"_probe = {probe}\n"
+            "_probe['python'] = _sys.executable\n"
+            "print(_json.dumps(_probe, default=float))"
+        )
+    )
     t0 = time.perf_counter()
-    NotebookClient(nb, kernel_name="python3", timeout=NOTEBOOK_SECONDS,
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, kernel_name="python3", timeout=NOTEBOOK_SECONDS, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     seconds = time.perf_counter() - t0
     text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("output_type") == "stream")
     result = json.loads(text.strip().splitlines()[-1])
@@ -143,10 +150,13 @@ def run_notebook(name: str, env: dict[str, str], monkeypatch, probe: str) -> dic
 def test_attention_maps_notebook(demo_out, monkeypatch):
     from protein_performer.analysis.maps_io import MapsFile
 
-    res = run_notebook("attention_maps.ipynb", {"PP_MAPS": str(demo_out / "maps.h5"), "PP_PROTEIN": "1A8O_A"},
-                       monkeypatch,
-                       "{'protein': rec.id, 'shape': list(A.shape), 'counts': counts, "
-                       "'local00': float(mean_scores[0, 0, 0]), 'records': len(records)}")
+    res = run_notebook(
+        "attention_maps.ipynb",
+        {"PP_MAPS": str(demo_out / "maps.h5"), "PP_PROTEIN": "1A8O_A"},
+        monkeypatch,
+        "{'protein': rec.id, 'shape': list(A.shape), 'counts': counts, "
+        "'local00': float(mean_scores[0, 0, 0]), 'records': len(records)}",
+    )
     assert res["protein"] == "1A8O_A" and res["shape"] == [2, 2, 70, 70]
     assert res["records"] == 9 and sum(res["counts"].values()) == 4
     assert res["figures"] == 2  # the layers x heads grid and the typical heads
@@ -166,10 +176,18 @@ def test_attention_maps_notebook(demo_out, monkeypatch):
 
 
 def test_contacts_notebook(demo_out, monkeypatch):
-    env = {"PP_MAPS": str(demo_out / "maps.h5"), "PP_MAPS_RANDOM": str(demo_out / "maps_random.h5"),
-           "PP_CONTACTS": str(demo_out / "contacts"), "PP_STRUCTURES": str(STRUCTURES)}
-    res = run_notebook("contacts.ipynb", env, monkeypatch,
-                       "{'n': len(proteins), 'means': {m: v['mean'] for m, v in report['methods'].items()}}")
+    env = {
+        "PP_MAPS": str(demo_out / "maps.h5"),
+        "PP_MAPS_RANDOM": str(demo_out / "maps_random.h5"),
+        "PP_CONTACTS": str(demo_out / "contacts"),
+        "PP_STRUCTURES": str(STRUCTURES),
+    }
+    res = run_notebook(
+        "contacts.ipynb",
+        env,
+        monkeypatch,
+        "{'n': len(proteins), 'means': {m: v['mean'] for m, v in report['methods'].items()}}",
+    )
     assert res["n"] == 9
     saved = json.loads((demo_out / "contacts" / "report.json").read_text())
     assert set(res["means"]) == {"trained", "trained_best_head", "random_init", "random_init_best_head"}
@@ -188,9 +206,12 @@ def test_aa_similarity_notebook(demo_out, monkeypatch):
     from protein_performer.analysis.aa_similarity import aa_attention_matrix, blosum_correlation
     from protein_performer.analysis.maps_io import MapsFile
 
-    res = run_notebook("aa_similarity.ipynb", {"PP_MAPS": str(demo_out / "maps.h5"),
-                                               "PP_MAPS_RANDOM": str(demo_out / "maps_random.h5")},
-                       monkeypatch, "{'n': n_seq, 'corr': corr, 'n_heads': len(rows), 'baseline': baseline is not None}")
+    res = run_notebook(
+        "aa_similarity.ipynb",
+        {"PP_MAPS": str(demo_out / "maps.h5"), "PP_MAPS_RANDOM": str(demo_out / "maps_random.h5")},
+        monkeypatch,
+        "{'n': n_seq, 'corr': corr, 'n_heads': len(rows), 'baseline': baseline is not None}",
+    )
     with MapsFile(demo_out / "maps.h5") as mf:
         expected = blosum_correlation(aa_attention_matrix(mf.iter(load=("attentions",))))
     assert res["n"] == 9 and res["n_heads"] == 4 and res["baseline"]

@@ -10,6 +10,7 @@ import torch
 from protein_performer.model.performer import PerformerLM, apply_rotary, rotary_tables
 from protein_performer.training.callbacks import feature_seed, redraw_model_features
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread (two threads wait on each other on a busy 2-core machine)."""
@@ -118,7 +119,8 @@ def test_exact_weights_load_into_favor_model():
 def test_parameter_names_identical_across_attention_kinds():
     names = [
         sorted(n for n, _ in PerformerLM(attention=a, causal=c, **SMALL).named_parameters())
-        for a in ATTN for c in (False, True)
+        for a in ATTN
+        for c in (False, True)
     ]
     assert all(n == names[0] for n in names)
     assert "blocks.1.attn.to_q.weight" in names[0]

@@ -13,16 +13,19 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from test_export import REPO, STRUCTURES, trained_checkpoint
 
 from protein_performer.analysis.contact_head import (
-    ContactHead, ContactHeadError, head_from_estimator, training_subset,
+    ContactHead,
+    ContactHeadError,
+    head_from_estimator,
+    training_subset,
 )
 from protein_performer.analysis.contacts import fit_logistic, load_proteins
 from protein_performer.analysis.export import load_model, run_export
 from protein_performer.analysis.predict_contacts import ContactsFile, predict_contacts
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import IncompleteOutputError
-from test_export import REPO, STRUCTURES, trained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,14 @@ def fitted(tmp_path_factory):
     est = fit_logistic(proteins, "trained", C=0.15, seed=0, standardize=True)
     lm = load_model(ckpt)
     cfg = lm.model.config
-    head = head_from_estimator(est, cfg.depth, cfg.heads, checkpoint=str(ckpt), checkpoint_sha256=lm.sha256,
-                               training_proteins=[p.name for p in proteins])
+    head = head_from_estimator(
+        est,
+        cfg.depth,
+        cfg.heads,
+        checkpoint=str(ckpt),
+        checkpoint_sha256=lm.sha256,
+        training_proteins=[p.name for p in proteins],
+    )
     return {"ckpt": ckpt, "maps": maps, "proteins": proteins, "est": est, "head": head, "lm": lm, "out": out}
 
 
@@ -77,8 +86,11 @@ def test_head_file_round_trip_and_refusals(fitted, tmp_path):
     again = ContactHead.load(tmp_path)  # the folder holding it works too
     for k in ("weights", "mean", "scale"):
         np.testing.assert_array_equal(getattr(again, k), getattr(head, k))
-    assert (again.intercept, again.checkpoint_sha256, again.training_proteins) == \
-        (head.intercept, head.checkpoint_sha256, head.training_proteins)
+    assert (again.intercept, again.checkpoint_sha256, again.training_proteins) == (
+        head.intercept,
+        head.checkpoint_sha256,
+        head.training_proteins,
+    )
     assert not list(tmp_path.glob(".*partial"))  # atomic write left no temporary
     d = json.loads(path.read_text())
     (tmp_path / "bad.json").write_text("{not json")
@@ -130,8 +142,15 @@ def test_predict_contacts_refuses_another_checkpoint(fitted):
 
 def _cli(*args, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "protein_performer.predict_contacts", *args, "progress=false"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "protein_performer.predict_contacts", *args, "progress=false"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -141,8 +160,15 @@ def test_predict_contacts_cli(fitted, tmp_path):
     fasta = tmp_path / "mine.fasta"
     fasta.write_text("".join(f">{p.name} some protein\n{p.sequence}\n" for p in proteins))
     out = tmp_path / "contacts.h5"
-    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}",
-             f"csv={tmp_path / 'top.csv'}", f"png_dir={tmp_path / 'png'}", "min_residues=1")
+    r = _cli(
+        f"checkpoint={fitted['ckpt']}",
+        f"head={head_path}",
+        f"input={fasta}",
+        f"output={out}",
+        f"csv={tmp_path / 'top.csv'}",
+        f"png_dir={tmp_path / 'png'}",
+        "min_residues=1",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 contact maps" in r.stdout
     with h5py.File(out, "r") as h5:
@@ -173,8 +199,14 @@ def test_predict_contacts_cli(fitted, tmp_path):
         ContactsFile(part)
     r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}", "min_residues=1")
     assert r.returncode == 1 and "resume=true" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}", "min_residues=1",
-             "resume=true")
+    r = _cli(
+        f"checkpoint={fitted['ckpt']}",
+        f"head={head_path}",
+        f"input={fasta}",
+        f"output={out}",
+        "min_residues=1",
+        "resume=true",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert not part.exists()
     with ContactsFile(out) as cf:
@@ -209,7 +241,9 @@ def test_contacts_step_saves_the_head(fitted, tmp_path):
         table = precision_table(p.pred_matrix(pred.contacts[p.i, p.j].astype(np.float64)), p.true)
         assert 0.0 <= table["long"]["P@L"] <= 1.0
     # the report is still written last, after the head
-    assert (tmp_path / "c" / "report.json").stat().st_mtime_ns >= (tmp_path / "c" / "contact_head.json").stat().st_mtime_ns
+    assert (tmp_path / "c" / "report.json").stat().st_mtime_ns >= (
+        tmp_path / "c" / "contact_head.json"
+    ).stat().st_mtime_ns
 
 
 def test_predicted_precision_matches_the_contacts_report(fitted, tmp_path):
@@ -220,8 +254,9 @@ def test_predicted_precision_matches_the_contacts_report(fitted, tmp_path):
     feature flips, which can only swap near-ties)."""
     from protein_performer.analysis.contacts import precision_at_k, run_contacts
 
-    report = run_contacts(fitted["maps"], STRUCTURES, tmp_path / "c", n_plots=0, train_size=5, head_train_size=5,
-                          seed=0)
+    report = run_contacts(
+        fitted["maps"], STRUCTURES, tmp_path / "c", n_plots=0, train_size=5, head_train_size=5, seed=0
+    )
     head = ContactHead.load(tmp_path / "c" / "contact_head.json")
     assert sorted(head.training_proteins) == sorted(report["folds"][0]["train"])
     test = {p.name: p for p in fitted["proteins"] if p.name in report["folds"][0]["test"]}

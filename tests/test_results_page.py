@@ -31,8 +31,11 @@ def report():
 
 def floor_rows(page: str) -> list[list[str]]:
     section = page.split("## Floors", 1)[1].split("\n## ", 1)[0]
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| ")]
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ")
+    ]
     return rows[1:]  # the header
 
 
@@ -43,8 +46,9 @@ def test_committed_pages_are_what_the_json_gives(report):
 
 
 def test_check_mode_exits_zero_on_the_committed_tree():
-    proc = subprocess.run([sys.executable, str(BENCH / "report.py"), "--check"], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "report.py"), "--check"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -84,7 +88,9 @@ def test_the_newest_run_of_a_configuration_replaces_the_older(report, tmp_path, 
     (results / "ingest.json").write_text(json.dumps(newer))
     attention = json.loads((results / "attention.json").read_text())
     attention["meta"]["date"] = "2000-01-01T00:00:00+00:00"  # older than attention.json's configuration
-    row = next(r for r in attention["rows"] if (r["method"], r["mode"], r["length"]) == ("favor_softmax", "causal", 8192))
+    row = next(
+        r for r in attention["rows"] if (r["method"], r["mode"], r["length"]) == ("favor_softmax", "causal", 8192)
+    )
     row["median_ratio"] = 0.001
     (results / "attention_old_copy.json").write_text(json.dumps(attention))
     monkeypatch.setattr(report, "RESULTS", results)
@@ -95,8 +101,12 @@ def test_the_newest_run_of_a_configuration_replaces_the_older(report, tmp_path, 
 
 
 def test_latest_keeps_one_run_per_configuration(report):
-    runs = [{"k": "a", "date": "2026-11-28T04:00:00+00:00", "v": 1}, {"k": "a", "date": "2026-11-30 12:16 UTC", "v": 2},
-            {"k": "b", "date": "2026-11-29", "v": 3}, {"k": "a", "date": "2026-11-29T00:00:00+00:00", "v": 4}]
+    runs = [
+        {"k": "a", "date": "2026-11-28T04:00:00+00:00", "v": 1},
+        {"k": "a", "date": "2026-11-30 12:16 UTC", "v": 2},
+        {"k": "b", "date": "2026-11-29", "v": 3},
+        {"k": "a", "date": "2026-11-29T00:00:00+00:00", "v": 4},
+    ]
     kept = report.latest(runs, lambda r: r["k"], lambda r: r["date"])
     assert [r["v"] for r in kept] == [2, 3]
 

@@ -92,7 +92,9 @@ def test_write_shard_layout(tmp_path, records):
     part = records[:10]
     tokens = np.concatenate([t for _, t in part])
     offsets = np.concatenate([[0], np.cumsum([t.size for _, t in part])])
-    path = write_shard(tmp_path / "a" / "shard-00000.h5", tokens, offsets, [a for a, _ in part], "train", TOK.vocab(), chunk_size=1000)
+    path = write_shard(
+        tmp_path / "a" / "shard-00000.h5", tokens, offsets, [a for a, _ in part], "train", TOK.vocab(), chunk_size=1000
+    )
     assert sorted(os.listdir(tmp_path / "a")) == ["shard-00000.h5"]  # no temporary left
     with h5py.File(path, "r") as f:
         assert f["tokens"].dtype == np.uint8 and f["tokens"].chunks == (1000,)
@@ -114,7 +116,9 @@ def test_write_shard_lzf_and_empty(tmp_path):
         assert f["tokens"].compression == "lzf" and np.array_equal(f["tokens"][:], t)
 
 
-@pytest.mark.parametrize("n_tokens", [3 * 1000, 3 * 1000 + 417, 999, 1])  # whole chunks, a partial last chunk, one short chunk
+@pytest.mark.parametrize(
+    "n_tokens", [3 * 1000, 3 * 1000 + 417, 999, 1]
+)  # whole chunks, a partial last chunk, one short chunk
 def test_huffman_only_chunks_are_standard_gzip_and_read_back_identical(tmp_path, records, n_tokens):
     """gzip_strategy="huffman_only" deflates the chunks itself (write_direct_chunk): h5py must see an
     ordinary gzip-filtered dataset, every chunk a zlib stream of exactly one chunk (the last one
@@ -122,7 +126,9 @@ def test_huffman_only_chunks_are_standard_gzip_and_read_back_identical(tmp_path,
     tokens = np.concatenate([t for _, t in records])[:n_tokens]
     offsets = np.array([0, n_tokens // 2, n_tokens], dtype=np.int64)
     kw = dict(chunk_size=1000, compression="gzip", compression_opts=1)
-    a = write_shard(tmp_path / "huff.h5", tokens, offsets, ["x", "y"], "train", TOK.vocab(), gzip_strategy="huffman_only", **kw)
+    a = write_shard(
+        tmp_path / "huff.h5", tokens, offsets, ["x", "y"], "train", TOK.vocab(), gzip_strategy="huffman_only", **kw
+    )
     b = write_shard(tmp_path / "hdf5.h5", tokens, offsets, ["x", "y"], "train", TOK.vocab(), **kw)
     chunk = min(1000, n_tokens)
     with h5py.File(a, "r") as f, h5py.File(b, "r") as g:
@@ -175,7 +181,9 @@ def test_huffman_only_shards_through_the_reader(tmp_path, records):
 
 def test_gzip_strategy_is_checked(tmp_path):
     with pytest.raises(ValueError, match="gzip_strategy must be one of"):
-        write_shard(tmp_path / "s.h5", np.full(10, 4, np.uint8), [0, 10], ["a"], "train", TOK.vocab(), gzip_strategy="rle")
+        write_shard(
+            tmp_path / "s.h5", np.full(10, 4, np.uint8), [0, 10], ["a"], "train", TOK.vocab(), gzip_strategy="rle"
+        )
     assert os.listdir(tmp_path) == []
 
 

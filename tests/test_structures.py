@@ -10,8 +10,13 @@ import pytest
 from Bio.PDB import PDBParser
 
 from protein_performer.analysis.structures import (
-    AlignmentMismatchError, StructureError, align_to_sequence, coords_on_sequence, load_structures,
-    read_chains, virtual_cb,
+    AlignmentMismatchError,
+    StructureError,
+    align_to_sequence,
+    coords_on_sequence,
+    load_structures,
+    read_chains,
+    virtual_cb,
 )
 
 
@@ -75,8 +80,17 @@ def test_multichain_mmcif_and_modified_residues(biopython_dir):
     assert failures == []
     keys = {c.key: c for c in chains}
     # 1LCD: chains B and C are DNA (no amino acids); 4ZHL chain P has 10 residues (< 30)
-    assert set(keys) == {"1A7G.cif:E", "1A8O.pdb:A", "1GBT.cif:A", "1LCD.pdb:A", "2OFG.cif:X",
-                         "2XHE.pdb:A", "2XHE.pdb:B", "4CUP.cif:A", "4ZHL.cif:U"}
+    assert set(keys) == {
+        "1A7G.cif:E",
+        "1A8O.pdb:A",
+        "1GBT.cif:A",
+        "1LCD.pdb:A",
+        "2OFG.cif:X",
+        "2XHE.pdb:A",
+        "2XHE.pdb:B",
+        "4CUP.cif:A",
+        "4ZHL.cif:U",
+    }
     # 1A8O: 66 standard residues + 4 selenomethionines (HETATM MSE) read as M
     a8o = keys["1A8O.pdb:A"]
     assert len(a8o) == 70 and a8o.sequence.count("M") >= 4
@@ -149,10 +163,10 @@ def test_alignment_keeps_chain_breaks_as_gaps(biopython_dir):
     np.testing.assert_array_equal(np.nonzero(aln.seq_to_res >= 0)[0], expected)
     assert aln.n_identical == len(chain) and aln.n_mismatched == 0 and aln.identity == 1.0
     xyz = coords_on_sequence(chain, aln)
-    assert np.isnan(xyz[14:14 + 23]).all() and np.allclose(xyz[37], chain.cb[14])
+    assert np.isnan(xyz[14 : 14 + 23]).all() and np.allclose(xyz[37], chain.cb[14])
     # a longer sequence around the domain (free end gaps) maps the same way
     aln2 = align_to_sequence(chain, "MSTNPKL" + full + "GSHHHHHH")
-    np.testing.assert_array_equal(aln2.seq_to_res[7:7 + len(full)], aln.seq_to_res)
+    np.testing.assert_array_equal(aln2.seq_to_res[7 : 7 + len(full)], aln.seq_to_res)
 
 
 def test_alignment_mismatches_are_reported(kortemme):

@@ -73,7 +73,7 @@ def test_capture_qkv_gives_the_models_own_attention(seqs):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(5.0)  # sharper attention than at initialisation
-    tokens = torch.from_numpy(seqs[0][:40].astype(np.int64))[None] .clone()
+    tokens = torch.from_numpy(seqs[0][:40].astype(np.int64))[None].clone()
     layers = common.capture_qkv(model, tokens)
     maps = model(tokens, return_attention=True)["attentions"]
     assert len(layers) == TINY["depth"]
@@ -88,16 +88,43 @@ def test_identity_core_and_measure():
     assert all(isinstance(b.attn.kernel, speed.IdentityAttention) for b in model.blocks)
     v = torch.randn(1, 2, 8, 16)
     assert speed.IdentityAttention()(v, v, v) is v
-    args = dict(device="cpu", seed=0, causal=False, dim=32, depth=1, heads=2, ff_dim=32, nb_features=16, dtype="fp32", reps=1)
+    args = dict(
+        device="cpu", seed=0, causal=False, dim=32, depth=1, heads=2, ff_dim=32, nb_features=16, dtype="fp32", reps=1
+    )
     row = speed.measure("favor_softmax", 128, args)
     for mode in ("forward", "forward_backward"):
         assert row[mode]["time_s"] > 0 and row[mode]["peak_bytes"] >= 0
 
 
 def test_speed_sweep_stops_at_the_time_cap(tmp_path):
-    args = speed.parse_args(["--cores", "favor_relu", "--min-length", "64", "--max-length", "256", "--dim", "32",
-                             "--depth", "1", "--heads", "2", "--ff-dim", "32", "--nb-features", "16", "--reps", "1",
-                             "--time-cap", "1e-9", "--out-dir", str(tmp_path), "--markdown", str(tmp_path / "s.md")])
+    args = speed.parse_args(
+        [
+            "--cores",
+            "favor_relu",
+            "--min-length",
+            "64",
+            "--max-length",
+            "256",
+            "--dim",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--ff-dim",
+            "32",
+            "--nb-features",
+            "16",
+            "--reps",
+            "1",
+            "--time-cap",
+            "1e-9",
+            "--out-dir",
+            str(tmp_path),
+            "--markdown",
+            str(tmp_path / "s.md"),
+        ]
+    )
     rows, meta = speed.sweep(args, progress=False)
     assert [r["length"] for r in rows] == [64]  # the projection from L = 64 exceeds the cap: nothing longer runs
     assert "time cap" in meta["stops"]["favor_relu"] and meta["lengths"] == [64, 128, 256]
@@ -120,7 +147,11 @@ def test_train_is_deterministic_learns_and_caches(seqs, tmp_path):
     assert before["loss"] == pytest.approx(math.log(29), abs=0.1)
     # pretrained(): trains once, the second call loads the same weights from the cache
     fasta = tmp_path / "s.fasta"
-    fasta.write_text("".join(f">s{i}\n" + "".join("ACDEFGHIKLMNPQRSTVWY"[j % 20] for j in range(i, i + 60)) + "\n" for i in range(30)))
+    fasta.write_text(
+        "".join(
+            f">s{i}\n" + "".join("ACDEFGHIKLMNPQRSTVWY"[j % 20] for j in range(i, i + 60)) + "\n" for i in range(30)
+        )
+    )
     m1, meta1 = common.pretrained("exact", "bid", TINY, cfg, fasta, cache_dir=tmp_path / "c", progress=False)
     m2, meta2 = common.pretrained("exact", "bid", TINY, cfg, fasta, cache_dir=tmp_path / "c", progress=False)
     assert not meta1["cached"] and meta2["cached"]

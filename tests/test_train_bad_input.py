@@ -22,11 +22,28 @@ from protein_performer.training.train import train
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TINY = [
-    "experiment=demo", "model.depth=2", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
-    "model.nb_features=16", "data.batch_size=8", "data.max_length=64", "data.num_workers=0", "data.pin_memory=false",
-    "data.eval_splits=[valid]", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "trainer.max_time=null", "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_train_steps=1",
-    "~logger", "validate=false", "test=false", "num_threads=1", "trainer.max_steps=2",
+    "experiment=demo",
+    "model.depth=2",
+    "model.dim=32",
+    "model.heads=2",
+    "model.dim_head=16",
+    "model.ff_dim=64",
+    "model.nb_features=16",
+    "data.batch_size=8",
+    "data.max_length=64",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "data.eval_splits=[valid]",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.max_time=null",
+    "trainer.limit_val_batches=0",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "~logger",
+    "validate=false",
+    "test=false",
+    "num_threads=1",
+    "trainer.max_steps=2",
 ]
 
 
@@ -55,8 +72,11 @@ def _cfg(shard_root: Path, run_dir: Path, *extra: str):
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under ``folder``: content hash and modification time (ns)."""
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def _one_line(e: BaseException) -> str:
@@ -88,8 +108,7 @@ def test_checkpoint_of_another_shape_into_a_new_run_writes_nothing(shard_root, t
 def test_torn_checkpoint_is_one_clear_line(shard_root, trained, tmp_path, damage):
     data = (trained / "checkpoints" / "last.ckpt").read_bytes()
     torn = tmp_path / "torn.ckpt"
-    torn.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
-                      "garbage": bytes(range(256)) * 64}[damage])
+    torn.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": bytes(range(256)) * 64}[damage])
     with pytest.raises(IncompleteOutputError) as e:
         train(_cfg(shard_root, tmp_path / "run", f"ckpt_path={torn}"))
     msg = _one_line(e.value)
@@ -132,9 +151,11 @@ def test_train_command_prints_one_line_and_exits_1(shard_root, trained, tmp_path
     run = tmp_path / "run"
     shutil.copytree(trained / "checkpoints", run / "checkpoints")
     before = _snapshot(run)
-    extra = {"other_shape": ["model.dim=48", "ckpt_path=last", f"data.root={shard_root}"],
-             "data_root_is_a_file": [f"data.root={shard_root / 'manifest.json'}"],
-             "disk_full": ["ckpt_path=last", "trainer.max_steps=4", f"data.root={shard_root}"]}[case]
+    extra = {
+        "other_shape": ["model.dim=48", "ckpt_path=last", f"data.root={shard_root}"],
+        "data_root_is_a_file": [f"data.root={shard_root / 'manifest.json'}"],
+        "disk_full": ["ckpt_path=last", "trainer.max_steps=4", f"data.root={shard_root}"],
+    }[case]
     cmd = [sys.executable, "-m", "protein_performer.train", *TINY, f"hydra.run.dir={run}", *extra]
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("HYDRA_FULL_ERROR", None)
@@ -167,5 +188,7 @@ def test_resume_without_a_checkpoint_says_how_to_point_at_the_run(shard_root, tm
     with caplog.at_level(logging.WARNING, logger="protein_performer.training.train"):
         metrics = train(_cfg(shard_root, tmp_path / "fresh", "ckpt_path=last"))
     assert metrics["global_step"] == 2
-    assert any("does not exist: starting from scratch" in r.getMessage() and "hydra.run.dir=" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "does not exist: starting from scratch" in r.getMessage() and "hydra.run.dir=" in r.getMessage()
+        for r in caplog.records
+    )

@@ -23,10 +23,20 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # a demo-size model made tinier, and short runs: every test below trains on 2 CPU cores in seconds
 TINY = [
-    "model.depth=2", "model.dim=32", "model.heads=2", "model.dim_head=16", "model.ff_dim=64",
-    "model.nb_features=16", "data.batch_size=8", "data.max_length=64", "data.num_workers=0",
-    "data.pin_memory=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1", "num_threads=1",  # tiny ops: one thread, no waiting on a busy core
+    "model.depth=2",
+    "model.dim=32",
+    "model.heads=2",
+    "model.dim_head=16",
+    "model.ff_dim=64",
+    "model.nb_features=16",
+    "data.batch_size=8",
+    "data.max_length=64",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+    "num_threads=1",  # tiny ops: one thread, no waiting on a busy core
 ]
 
 
@@ -138,8 +148,9 @@ def test_fast_dev_run(shard_root, tmp_path, precision):
 def test_eval_metrics_are_token_weighted_and_match_a_direct_computation(shard_root, tmp_path):
     """valid/acc and valid/ppl equal sum(correct)/sum(n) and exp(sum(NLL)/sum(n)) over every
     valid batch, computed here directly; the unigram baseline equals its definition."""
-    cfg = run_cfg(shard_root, tmp_path, "trainer.max_steps=3", "fit=true", "test=false", "~logger",
-                  "data.eval_batch_size=5")
+    cfg = run_cfg(
+        shard_root, tmp_path, "trainer.max_steps=3", "fit=true", "test=false", "~logger", "data.eval_batch_size=5"
+    )
     metrics = train(cfg)
     module = ProteinLM.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
     module.eval()  # rebuilt from the checkpoint alone: the model config travels in its hyper-parameters
@@ -170,8 +181,16 @@ def test_eval_metrics_are_token_weighted_and_match_a_direct_computation(shard_ro
 
 
 def test_time_limited_training_stops_evaluates_and_checkpoints(shard_root, tmp_path):
-    cfg = run_cfg(shard_root, tmp_path, "trainer.max_time=00:00:00:03", "trainer.max_steps=1000000",
-                  "trainer.limit_val_batches=1", "trainer.val_check_interval=1000000", "test=false", "~logger")
+    cfg = run_cfg(
+        shard_root,
+        tmp_path,
+        "trainer.max_time=00:00:00:03",
+        "trainer.max_steps=1000000",
+        "trainer.limit_val_batches=1",
+        "trainer.val_check_interval=1000000",
+        "test=false",
+        "~logger",
+    )
     metrics = train(cfg)
     assert 0 < metrics["global_step"] < 1000000
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -189,21 +208,55 @@ def test_resume_from_last_is_exact(shard_root, tmp_path, where):
     middle of an epoch), dropout, random features (redrawn every 3 steps) and optimizer state, so
     the same weights and loss."""
     audit = "+callbacks.audit._target_=protein_performer.training.callbacks.DataAudit"
-    common = ["trainer.val_check_interval=4", "trainer.limit_val_batches=2",
-              "model.dropout=0.1", "callbacks.redraw.redraw_interval=3", "callbacks.checkpoint.every_n_train_steps=4",
-              "validate=false", "test=false", "logger=csv", audit]
+    common = [
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=2",
+        "model.dropout=0.1",
+        "callbacks.redraw.redraw_interval=3",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        "validate=false",
+        "test=false",
+        "logger=csv",
+        audit,
+    ]
     if where == "epoch_end":
         common.append("trainer.limit_train_batches=4")  # an epoch of 4 batches: resume at an epoch boundary
-    full = train(run_cfg(shard_root, tmp_path / "full", "trainer.max_steps=8", *common,
-                         f"+callbacks.audit.output_dir={tmp_path / 'full_audit'}"))
-    train(run_cfg(shard_root, tmp_path / "half", "trainer.max_steps=4", *common,
-                  f"+callbacks.audit.output_dir={tmp_path / 'half_audit'}"))
+    full = train(
+        run_cfg(
+            shard_root,
+            tmp_path / "full",
+            "trainer.max_steps=8",
+            *common,
+            f"+callbacks.audit.output_dir={tmp_path / 'full_audit'}",
+        )
+    )
+    train(
+        run_cfg(
+            shard_root,
+            tmp_path / "half",
+            "trainer.max_steps=4",
+            *common,
+            f"+callbacks.audit.output_dir={tmp_path / 'half_audit'}",
+        )
+    )
     assert (tmp_path / "half" / "checkpoints" / "last.ckpt").exists()
-    resumed = train(run_cfg(shard_root, tmp_path / "half", "trainer.max_steps=8", "ckpt_path=last", *common,
-                            f"+callbacks.audit.output_dir={tmp_path / 'resumed_audit'}"))
+    resumed = train(
+        run_cfg(
+            shard_root,
+            tmp_path / "half",
+            "trainer.max_steps=8",
+            "ckpt_path=last",
+            *common,
+            f"+callbacks.audit.output_dir={tmp_path / 'resumed_audit'}",
+        )
+    )
+
     # the data: the resumed run trains on exactly the batches the uninterrupted run saw at steps 4..7
-    steps = lambda d: [(s["step"], s["epoch"], s["index"]) for s in  # noqa: E731
-                       json.loads((tmp_path / d / "rank0.json").read_text())["steps"]]
+    def steps(d):
+        return [
+            (s["step"], s["epoch"], s["index"]) for s in json.loads((tmp_path / d / "rank0.json").read_text())["steps"]
+        ]
+
     assert steps("half_audit") + steps("resumed_audit") == steps("full_audit")
     assert [s[1] for s in steps("full_audit")] == ([0] * 4 + [1] * 4 if where == "epoch_end" else [0] * 8)
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "half")
@@ -222,10 +275,17 @@ def test_wandb_offline_run_dir_and_redraw(shard_root, tmp_path, monkeypatch):
     """The default logger writes an offline W&B run inside the run folder with the run's metrics,
     the resolved config and the model summary; random features follow FeatureRedraw's seeds."""
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be the default, not the env
-    cfg = run_cfg(shard_root, tmp_path, "trainer.max_steps=5", "trainer.val_check_interval=5",
-                  "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.redraw.redraw_interval=2",
-                  "callbacks.throughput.window=2",
-                  "seed=11")
+    cfg = run_cfg(
+        shard_root,
+        tmp_path,
+        "trainer.max_steps=5",
+        "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "callbacks.redraw.redraw_interval=2",
+        "callbacks.throughput.window=2",
+        "seed=11",
+    )
     assert cfg.logger.offline is True
     metrics = train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -245,15 +305,27 @@ def test_wandb_offline_run_dir_and_redraw(shard_root, tmp_path, monkeypatch):
             summary.update({name(i): json.loads(i.value_json) for i in rec.summary.update})
         elif kind == "config":
             config |= {name(i) for i in rec.config.update}
-    for key in ("train/loss", "train/grad_norm", "train/tokens_per_s", "train/sequences_per_s", "train/lr",
-                "valid/acc", "valid/ppl", "valid/unigram_acc", "ood/acc", "test/acc", "test/unigram_ppl"):
+    for key in (
+        "train/loss",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/sequences_per_s",
+        "train/lr",
+        "valid/acc",
+        "valid/ppl",
+        "valid/unigram_acc",
+        "ood/acc",
+        "test/acc",
+        "test/unigram_ppl",
+    ):
         assert key in history, key
     assert summary["test/acc"] == pytest.approx(metrics["test/acc"])
     # throughput: non-padding tokens <= padded tokens = sequences x padded length (<= 64 here)
     assert 0 < metrics["train/tokens_per_s"] <= metrics["train/padded_tokens_per_s"]
     assert metrics["train/padded_tokens_per_s"] <= 64 * metrics["train/sequences_per_s"] * (1 + 1e-9)
     assert summary["model/params_total"] == sum(
-        p.numel() for n, p in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].items()
+        p.numel()
+        for n, p in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].items()
         if not n.endswith("projection") and n != "model.lm_head.weight"  # tied to the embedding
     )
     assert {"model", "data", "trainer", "model_summary", "objective"} <= config
@@ -274,20 +346,47 @@ def test_chain_of_resumes_through_an_epoch_end_is_exact(shard_root, tmp_path):
     batches and losses as one uninterrupted run (Lightning 2.6 alone forgets to count the epoch after
     the first resume as started, and the second resume then trains on other batches from step 8 on;
     resume.EpochProgressRepair)."""
-    common = ["trainer.limit_train_batches=4", "callbacks.checkpoint.every_n_train_steps=1", "model.dropout=0.1",
-              "callbacks.redraw.redraw_interval=3", "trainer.limit_val_batches=0", "validate=false", "test=false",
-              "~logger", "+callbacks.audit._target_=protein_performer.training.callbacks.DataAudit",
-              "+callbacks.losses._target_=protein_performer.training.callbacks.LossLog"]
+    common = [
+        "trainer.limit_train_batches=4",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "model.dropout=0.1",
+        "callbacks.redraw.redraw_interval=3",
+        "trainer.limit_val_batches=0",
+        "validate=false",
+        "test=false",
+        "~logger",
+        "+callbacks.audit._target_=protein_performer.training.callbacks.DataAudit",
+        "+callbacks.losses._target_=protein_performer.training.callbacks.LossLog",
+    ]
     # warmup (50 steps in the demo) spans all 10 steps: the learning rate does not depend on max_steps
-    train(run_cfg(shard_root, tmp_path / "full", "trainer.max_steps=10", *common,
-                  f"+callbacks.audit.output_dir={tmp_path / 'a_full'}",
-                  f"+callbacks.losses.path={tmp_path / 'full.txt'}"))
+    train(
+        run_cfg(
+            shard_root,
+            tmp_path / "full",
+            "trainer.max_steps=10",
+            *common,
+            f"+callbacks.audit.output_dir={tmp_path / 'a_full'}",
+            f"+callbacks.losses.path={tmp_path / 'full.txt'}",
+        )
+    )
     for i, steps in enumerate((4, 8, 10)):  # stop at the ends of epochs 0 and 1, then finish
-        train(run_cfg(shard_root, tmp_path / "chain", f"trainer.max_steps={steps}", "ckpt_path=last", *common,
-                      f"+callbacks.audit.output_dir={tmp_path / f'a{i}'}",
-                      f"+callbacks.losses.path={tmp_path / 'chain.txt'}"))
-    steps = lambda d: [(s["step"], s["epoch"], s["index"]) for s in  # noqa: E731
-                       json.loads((tmp_path / d / "rank0.json").read_text())["steps"]]
+        train(
+            run_cfg(
+                shard_root,
+                tmp_path / "chain",
+                f"trainer.max_steps={steps}",
+                "ckpt_path=last",
+                *common,
+                f"+callbacks.audit.output_dir={tmp_path / f'a{i}'}",
+                f"+callbacks.losses.path={tmp_path / 'chain.txt'}",
+            )
+        )
+
+    def steps(d):
+        return [
+            (s["step"], s["epoch"], s["index"]) for s in json.loads((tmp_path / d / "rank0.json").read_text())["steps"]
+        ]
+
     assert steps("a0") + steps("a1") + steps("a2") == steps("a_full")
     assert [s[1] for s in steps("a_full")] == [0] * 4 + [1] * 4 + [2] * 2
     # the same operations on the same data and state, one thread: the same floats (as test_crash_train)

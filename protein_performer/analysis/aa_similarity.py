@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -51,9 +51,13 @@ def aa_indices(sequence: str) -> np.ndarray:
     return _AA_INDEX[np.frombuffer(sequence.upper().encode("ascii"), dtype=np.uint8)]
 
 
-def aa_attention_counts(maps_iter: Iterable[MapsRecord], layers: Sequence[int] | None = None,
-                        heads: Sequence[int] | None = None, max_sequences: int | None = 800,
-                        exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+def aa_attention_counts(
+    maps_iter: Iterable[MapsRecord],
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_sequences: int | None = 800,
+    exclude_self: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """``(O, E, n_sequences)`` with O and E (layers, heads, 20, 20), the observed and expected
     attention mass of the module docstring, over the first ``max_sequences`` records."""
     obs = exp = None
@@ -63,7 +67,7 @@ def aa_attention_counts(maps_iter: Iterable[MapsRecord], layers: Sequence[int] |
             break
         if rec.attentions is None:
             raise ValueError(f"record {rec.id}: no attention maps stored")
-        a = np.asarray(rec.attentions, dtype=np.float32)       # (layers, heads, L, L)
+        a = np.asarray(rec.attentions, dtype=np.float32)  # (layers, heads, L, L)
         if layers is not None:
             a = a[list(layers)]
         if heads is not None:
@@ -79,11 +83,11 @@ def aa_attention_counts(maps_iter: Iterable[MapsRecord], layers: Sequence[int] |
         if exclude_self:
             a = a.copy()
             a[..., np.arange(L), np.arange(L)] = 0.0
-        onehot = np.zeros((L, 20), dtype=np.float32)             # (L, 20)
+        onehot = np.zeros((L, 20), dtype=np.float32)  # (L, 20)
         onehot[np.arange(L), idx] = 1.0
         o = np.einsum("ia,lhij,jb->lhab", onehot, a, onehot, optimize=True)
-        rows = a.sum(-1)                                         # r_i: (layers, heads, L)
-        counts = onehot.sum(0)                                   # n_b: (20,)
+        rows = a.sum(-1)  # r_i: (layers, heads, L)
+        counts = onehot.sum(0)  # n_b: (20,)
         comp = (counts[None, :] - onehot) / (L - 1) if exclude_self else np.broadcast_to(counts / L, (L, 20))
         e = np.einsum("lhi,ia,ib->lhab", rows, onehot, comp, optimize=True)
         obs = o.astype(np.float64) if obs is None else obs + o
@@ -102,9 +106,14 @@ def normalize(obs: np.ndarray, exp: np.ndarray) -> np.ndarray:
         return np.where((e > 0) & (o > 0), np.log2(o / np.where(e > 0, e, 1.0)), np.nan)
 
 
-def aa_attention_matrix(maps_iter: Iterable[MapsRecord], layers: Sequence[int] | None = None,
-                        heads: Sequence[int] | None = None, max_sequences: int | None = 800,
-                        exclude_self: bool = True, per_head: bool = False) -> np.ndarray:
+def aa_attention_matrix(
+    maps_iter: Iterable[MapsRecord],
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_sequences: int | None = 800,
+    exclude_self: bool = True,
+    per_head: bool = False,
+) -> np.ndarray:
     """The (20, 20) similarity S (module docstring) over all the selected layers and heads
     together, or (layers, heads, 20, 20) with ``per_head``. Order: ``STANDARD_AA``."""
     obs, exp, _ = aa_attention_counts(maps_iter, layers, heads, max_sequences, exclude_self)
@@ -124,8 +133,13 @@ def blosum_correlation(M: np.ndarray, include_diagonal: bool = False) -> dict:
     x, y = M[iu], blosum62()[iu]
     ok = np.isfinite(x)
     x, y = x[ok], y[ok]
-    out = {"n_pairs": int(ok.sum()), "pearson": float("nan"), "spearman": float("nan"),
-           "pearson_p": float("nan"), "spearman_p": float("nan")}
+    out = {
+        "n_pairs": int(ok.sum()),
+        "pearson": float("nan"),
+        "spearman": float("nan"),
+        "pearson_p": float("nan"),
+        "spearman_p": float("nan"),
+    }
     if len(x) < 3 or np.ptp(x) < 1e-5:  # constant up to float32 round-off: no correlation
         return out
     r, p = stats.pearsonr(x, y)
@@ -137,6 +151,7 @@ def blosum_correlation(M: np.ndarray, include_diagonal: bool = False) -> dict:
 def plot_aa_similarity(M: np.ndarray, path: str | Path, title: str = "attention similarity") -> None:
     """Heatmap of M next to BLOSUM62 (same amino-acid order), with the correlation in the title."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -144,16 +159,20 @@ def plot_aa_similarity(M: np.ndarray, path: str | Path, title: str = "attention 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     lim = np.nanmax(np.abs(M)) if np.isfinite(M).any() else 1.0
     lim = lim if lim > 0 else 1.0
-    for ax, mat, name, kw in ((axes[0], M, f"{title}\nlog2 observed / expected",
-                               dict(cmap="RdBu_r", vmin=-lim, vmax=lim)),
-                              (axes[1], blosum62(), "BLOSUM62", dict(cmap="RdBu_r", vmin=-11, vmax=11))):
+    for ax, mat, name, kw in (
+        (axes[0], M, f"{title}\nlog2 observed / expected", dict(cmap="RdBu_r", vmin=-lim, vmax=lim)),
+        (axes[1], blosum62(), "BLOSUM62", dict(cmap="RdBu_r", vmin=-11, vmax=11)),
+    ):
         im = ax.imshow(mat, **kw)
         ax.set_xticks(range(20), list(STANDARD_AA), fontsize=7)
         ax.set_yticks(range(20), list(STANDARD_AA), fontsize=7)
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"Pearson r = {corr['pearson']:.3f}, Spearman rho = {corr['spearman']:.3f} "
-                 f"({corr['n_pairs']} pairs of distinct amino acids)", fontsize=9)
+    fig.suptitle(
+        f"Pearson r = {corr['pearson']:.3f}, Spearman rho = {corr['spearman']:.3f} "
+        f"({corr['n_pairs']} pairs of distinct amino acids)",
+        fontsize=9,
+    )
     fig.tight_layout()
     try:
         atomic.save_figure(fig, path, dpi=110)
@@ -161,9 +180,14 @@ def plot_aa_similarity(M: np.ndarray, path: str | Path, title: str = "attention 
         plt.close(fig)
 
 
-def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence[int] | None = None,
-                      heads: Sequence[int] | None = None, max_sequences: int | None = 800,
-                      exclude_self: bool = True) -> dict:
+def run_aa_similarity(
+    maps: str | Path,
+    output_dir: str | Path,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_sequences: int | None = 800,
+    exclude_self: bool = True,
+) -> dict:
     """Aggregate a maps file, correlate with BLOSUM62 (all heads together and each head alone),
     write ``aa_similarity.json``, ``aa_similarity.csv`` (the 20 x 20 matrix) and
     ``aa_similarity.png``; returns the JSON content."""
@@ -173,13 +197,15 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
     out = Path(output_dir)
     with MapsFile(maps) as mf:
         try:
-            obs, exp, n = aa_attention_counts(mf.iter(load=("attentions",), layers=layers), None, heads,
-                                              max_sequences, exclude_self)
+            obs, exp, n = aa_attention_counts(
+                mf.iter(load=("attentions",), layers=layers), None, heads, max_sequences, exclude_self
+            )
         except UserError:
             raise
         except (ValueError, IndexError) as e:  # no maps stored, no usable record, a layer / head out of range
-            raise UserError(f"{maps}: {e}; export the maps with include=[attentions,...] and pick layers / heads "
-                            "the model has") from e
+            raise UserError(
+                f"{maps}: {e}; export the maps with include=[attentions,...] and pick layers / heads the model has"
+            ) from e
     M = normalize(obs.sum((0, 1)), exp.sum((0, 1)))
     per_head = normalize(obs, exp)
     layer_ids = list(layers) if layers is not None else list(range(obs.shape[0]))
@@ -191,16 +217,29 @@ def run_aa_similarity(maps: str | Path, output_dir: str | Path, layers: Sequence
             heads_corr.append({"layer": layer, "head": h, "pearson": c["pearson"], "spearman": c["spearman"]})
     finite = [c for c in heads_corr if np.isfinite(c["pearson"])]
     best = max(finite, key=lambda c: c["pearson"]) if finite else None
-    result = {"maps": str(maps), "n_sequences": n, "layers": layer_ids, "heads": head_ids,
-              "exclude_self": exclude_self, "all_heads": blosum_correlation(M), "best_head": best,
-              "per_head": heads_corr, "amino_acids": STANDARD_AA,
-              "matrix": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in M]}
+    result = {
+        "maps": str(maps),
+        "n_sequences": n,
+        "layers": layer_ids,
+        "heads": head_ids,
+        "exclude_self": exclude_self,
+        "all_heads": blosum_correlation(M),
+        "best_head": best,
+        "per_head": heads_corr,
+        "amino_acids": STANDARD_AA,
+        "matrix": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in M],
+    }
     # every file atomic, and the JSON last (an old one removed first): a killed run leaves no
     # aa_similarity.json, so its presence means the CSV and the plot of the same run are complete
     prepare_output_dir(out)
     (out / "aa_similarity.json").unlink(missing_ok=True)
-    atomic.write_text(out / "aa_similarity.csv", "aa," + ",".join(STANDARD_AA) + "\n" + "".join(
-        a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)))
+    atomic.write_text(
+        out / "aa_similarity.csv",
+        "aa,"
+        + ",".join(STANDARD_AA)
+        + "\n"
+        + "".join(a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)),
+    )
     plot_aa_similarity(M, out / "aa_similarity.png", title=f"attention, {n} sequences, all heads")
     atomic.write_text(out / "aa_similarity.json", json.dumps(_finite(result), indent=1))
     log.info("aa similarity over %d sequences: pearson %.3f", n, result["all_heads"]["pearson"])

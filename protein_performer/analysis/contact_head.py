@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -44,13 +44,13 @@ class ContactHead:
 
     n_layers: int
     n_heads: int
-    weights: np.ndarray                 # (n_layers * n_heads,) on standardized features
+    weights: np.ndarray  # (n_layers * n_heads,) on standardized features
     intercept: float
-    mean: np.ndarray                    # (n_layers * n_heads,) feature means (0 without standardization)
-    scale: np.ndarray                   # (n_layers * n_heads,) feature std devs (1 without standardization)
+    mean: np.ndarray  # (n_layers * n_heads,) feature means (0 without standardization)
+    scale: np.ndarray  # (n_layers * n_heads,) feature std devs (1 without standardization)
     min_sep: int = 6
     checkpoint: str = ""
-    checkpoint_sha256: str = ""         # "" only for a random-init model
+    checkpoint_sha256: str = ""  # "" only for a random-init model
     training_proteins: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # C, solver, seed, standardize, threshold
     features: str = "apc(symmetrize(attention)) as stored in maps.h5 (float16)"
@@ -75,8 +75,10 @@ class ContactHead:
         """(L, L) float64 logits from (n_layers, n_heads, L, L) APC-corrected symmetrized maps."""
         apc_maps = np.asarray(apc_maps)
         if apc_maps.ndim != 4 or apc_maps.shape[:2] != (self.n_layers, self.n_heads):
-            raise ContactHeadError(f"contact head fitted on {self.n_layers} layers x {self.n_heads} heads, "
-                                   f"got maps shaped {apc_maps.shape}: use the head of this model")
+            raise ContactHeadError(
+                f"contact head fitted on {self.n_layers} layers x {self.n_heads} heads, "
+                f"got maps shaped {apc_maps.shape}: use the head of this model"
+            )
         v, c = self.affine()
         flat = apc_maps.reshape(len(v), apc_maps.shape[-2], apc_maps.shape[-1]).astype(np.float32)
         return np.tensordot(v, flat, axes=(0, 0)) + c  # (L, L), float64 weights promote the sum
@@ -101,32 +103,47 @@ class ContactHead:
         path = Path(path)
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        log.info("contact head (%d x %d maps, %d nonzero weights) -> %s", self.n_layers, self.n_heads,
-                 int(np.count_nonzero(self.weights)), path)
+        log.info(
+            "contact head (%d x %d maps, %d nonzero weights) -> %s",
+            self.n_layers,
+            self.n_heads,
+            int(np.count_nonzero(self.weights)),
+            path,
+        )
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ContactHead":
+    def load(cls, path: str | Path) -> ContactHead:
         path = Path(path)
         if path.is_dir():
             cand = path / "contact_head.json"
             if not cand.is_file():
-                raise ContactHeadError(f"{path}: is a directory without contact_head.json; give the head file that "
-                                       "`contacts` wrote (<output_dir>/contact_head.json)")
+                raise ContactHeadError(
+                    f"{path}: is a directory without contact_head.json; give the head file that "
+                    "`contacts` wrote (<output_dir>/contact_head.json)"
+                )
             path = cand
         if not path.is_file():
-            raise ContactHeadError(f"{path}: contact head not found; fit one with `python -m protein_performer.contacts` "
-                                   "(it writes <output_dir>/contact_head.json)")
+            raise ContactHeadError(
+                f"{path}: contact head not found; fit one with `python -m protein_performer.contacts` "
+                "(it writes <output_dir>/contact_head.json)"
+            )
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ContactHeadError(f"{path}: not a contact head (unreadable JSON: {e}); refit it with `contacts`") from e
+            raise ContactHeadError(
+                f"{path}: not a contact head (unreadable JSON: {e}); refit it with `contacts`"
+            ) from e
         if not isinstance(d, dict) or d.get("format") != HEAD_FORMAT:
-            raise ContactHeadError(f"{path}: not a contact head file (format {d.get('format') if isinstance(d, dict) else None!r}); "
-                                   "give the contact_head.json that `contacts` wrote")
+            raise ContactHeadError(
+                f"{path}: not a contact head file (format {d.get('format') if isinstance(d, dict) else None!r}); "
+                "give the contact_head.json that `contacts` wrote"
+            )
         if int(d.get("version", 0)) > HEAD_VERSION:
-            raise ContactHeadError(f"{path}: contact head version {d['version']} is newer than this protein_performer "
-                                   f"reads ({HEAD_VERSION}); upgrade protein_performer")
+            raise ContactHeadError(
+                f"{path}: contact head version {d['version']} is newer than this protein_performer "
+                f"reads ({HEAD_VERSION}); upgrade protein_performer"
+            )
         keys = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         try:
             return cls(**keys)
@@ -137,13 +154,17 @@ class ContactHead:
         """Refuse a model other than the one the head was fitted on."""
         where = f"{where}: " if where else ""
         if (n_layers, n_heads) != (self.n_layers, self.n_heads):
-            raise ContactHeadError(f"{where}the model has {n_layers} layers x {n_heads} heads, the contact head was fitted "
-                                   f"on {self.n_layers} x {self.n_heads} ({self.checkpoint}); fit a head for this model "
-                                   "with `contacts`")
+            raise ContactHeadError(
+                f"{where}the model has {n_layers} layers x {n_heads} heads, the contact head was fitted "
+                f"on {self.n_layers} x {self.n_heads} ({self.checkpoint}); fit a head for this model "
+                "with `contacts`"
+            )
         if checkpoint_sha256 != self.checkpoint_sha256:
-            raise ContactHeadError(f"{where}the contact head was fitted on another checkpoint ({self.checkpoint}, sha256 "
-                                   f"{self.checkpoint_sha256[:12] or 'none'}..., this one {checkpoint_sha256[:12] or 'none'}...); "
-                                   "fit a head on this checkpoint's maps with `contacts`")
+            raise ContactHeadError(
+                f"{where}the contact head was fitted on another checkpoint ({self.checkpoint}, sha256 "
+                f"{self.checkpoint_sha256[:12] or 'none'}..., this one {checkpoint_sha256[:12] or 'none'}...); "
+                "fit a head on this checkpoint's maps with `contacts`"
+            )
 
 
 # ------------------------------------------------------------------------------ fitting
@@ -157,8 +178,15 @@ def head_from_estimator(model, n_layers: int, n_heads: int, **meta) -> ContactHe
         scale = np.asarray(scaler.scale_, dtype=np.float64)
     else:
         lr, mean, scale = model, np.zeros(n), np.ones(n)
-    return ContactHead(n_layers, n_heads, np.asarray(lr.coef_, dtype=np.float64).reshape(-1),
-                       float(np.asarray(lr.intercept_).reshape(-1)[0]), mean, scale, **meta)
+    return ContactHead(
+        n_layers,
+        n_heads,
+        np.asarray(lr.coef_, dtype=np.float64).reshape(-1),
+        float(np.asarray(lr.intercept_).reshape(-1)[0]),
+        mean,
+        scale,
+        **meta,
+    )
 
 
 def training_subset(names: Sequence[str], train_size: int | None = ESM_TRAIN_PROTEINS, seed: int = 0) -> list[int]:

@@ -25,8 +25,9 @@ def contact_map(coords: np.ndarray, threshold: float = 8.0) -> np.ndarray:
     return out
 
 
-def precision_at_k(pred: np.ndarray, true: np.ndarray, min_sep: int = 24, max_sep: int | None = None,
-                   k_frac: float = 1.0) -> float:
+def precision_at_k(
+    pred: np.ndarray, true: np.ndarray, min_sep: int = 24, max_sep: int | None = None, k_frac: float = 1.0
+) -> float:
     """Precision of the top ``floor(L * k_frac)`` pairs ``i < j`` with ``min_sep <= j - i <=
     max_sep`` ranked by ``pred`` (k_frac 1, 1/2, 1/5 gives P@L, P@L/2, P@L/5). Pairs where
     ``true`` is NaN (unresolved) or ``pred`` is not finite are excluded; with fewer valid pairs
@@ -54,5 +55,4 @@ def precision_at_k(pred: np.ndarray, true: np.ndarray, min_sep: int = 24, max_se
 
 def precision_table(pred: np.ndarray, true: np.ndarray) -> dict[str, dict[str, float]]:
     """``{range: {"P@L": ., "P@L/2": ., "P@L/5": .}}`` for the short, medium and long ranges."""
-    return {r: {k: precision_at_k(pred, true, lo, hi, f) for k, f in K_FRACS.items()}
-            for r, (lo, hi) in RANGES.items()}
+    return {r: {k: precision_at_k(pred, true, lo, hi, f) for k, f in K_FRACS.items()} for r, (lo, hi) in RANGES.items()}

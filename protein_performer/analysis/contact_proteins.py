@@ -9,9 +9,9 @@ in maps.h5, else computed), the layers x heads values at a pair ``(i, j)``, ``j 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -20,7 +20,12 @@ from protein_performer.analysis.map_ops import apc, symmetrize
 from protein_performer.analysis.maps_format import MapsRecord
 from protein_performer.analysis.maps_reader import MapsFile
 from protein_performer.analysis.structures import (
-    AlignmentMismatchError, Chain, LoadFailure, align_to_sequence, coords_on_sequence, file_stem,
+    AlignmentMismatchError,
+    Chain,
+    LoadFailure,
+    align_to_sequence,
+    coords_on_sequence,
+    file_stem,
 )
 
 log = logging.getLogger(__name__)
@@ -35,8 +40,8 @@ class Protein:
     name: str
     source: str
     sequence: str
-    true: np.ndarray                          # (L, L) contact_map on the sequence's positions
-    i: np.ndarray                             # (P,) pairs i < j with j - i >= MIN_SEP
+    true: np.ndarray  # (L, L) contact_map on the sequence's positions
+    i: np.ndarray  # (P,) pairs i < j with j - i >= MIN_SEP
     j: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)  # map set -> (P, layers*heads)
     n_heads: dict[str, tuple[int, int]] = field(default_factory=dict)  # map set -> (layers, heads)
@@ -94,9 +99,15 @@ def _failure(failures: list[LoadFailure], failure: LoadFailure) -> None:
     log.warning("%s", failure.reason)
 
 
-def load_proteins(maps: str | Path, chains: Sequence[Chain], baseline_maps: str | Path | None = None,
-                  wanted: Sequence[str] | None = None, threshold: float = 8.0, min_identity: float = 0.9,
-                  max_mismatches: int = 3) -> tuple[list[Protein], list[LoadFailure]]:
+def load_proteins(
+    maps: str | Path,
+    chains: Sequence[Chain],
+    baseline_maps: str | Path | None = None,
+    wanted: Sequence[str] | None = None,
+    threshold: float = 8.0,
+    min_identity: float = 0.9,
+    max_mismatches: int = 3,
+) -> tuple[list[Protein], list[LoadFailure]]:
     """Pair every record of ``maps`` with its chain (by ``source`` = ``Chain.key``, else by ``id`` =
     ``Chain.name``), align, and extract pair features ("trained", and "random_init" from
     ``baseline_maps``). ``wanted`` restricts to chains named by key, name, file name or stem.
@@ -112,9 +123,15 @@ def load_proteins(maps: str | Path, chains: Sequence[Chain], baseline_maps: str 
             chain = index.get(rec.source) or index.get(rec.id)
             if chain is None:
                 if wanted_set is None:
-                    _failure(failures, LoadFailure(rec.source or rec.id, None,
-                                                   f"{maps} record {rec.id}: no structure chain matches "
-                                                   f"source {rec.source!r} or id {rec.id!r}"))
+                    _failure(
+                        failures,
+                        LoadFailure(
+                            rec.source or rec.id,
+                            None,
+                            f"{maps} record {rec.id}: no structure chain matches "
+                            f"source {rec.source!r} or id {rec.id!r}",
+                        ),
+                    )
                 continue
             if not _selected(chain, wanted_set):
                 continue
@@ -131,8 +148,9 @@ def load_proteins(maps: str | Path, chains: Sequence[Chain], baseline_maps: str 
     return proteins, failures
 
 
-def _protein(rec: MapsRecord, chain: Chain, maps: Path, threshold: float, min_identity: float,
-             max_mismatches: int) -> Protein:
+def _protein(
+    rec: MapsRecord, chain: Chain, maps: Path, threshold: float, min_identity: float, max_mismatches: int
+) -> Protein:
     """The record aligned to its chain, with its true contacts and "trained" pair features."""
     aln = align_to_sequence(chain, rec.sequence, min_identity, max_mismatches)
     true = contact_map(coords_on_sequence(chain, aln), threshold)
@@ -144,16 +162,23 @@ def _protein(rec: MapsRecord, chain: Chain, maps: Path, threshold: float, min_id
     return prot
 
 
-def _check_wanted(maps: Path, chains: Sequence[Chain], wanted: set[str], used: set[str],
-                  failures: list[LoadFailure]) -> None:
+def _check_wanted(
+    maps: Path, chains: Sequence[Chain], wanted: set[str], used: set[str], failures: list[LoadFailure]
+) -> None:
     """A failure for every wanted name that names no chain, and every wanted chain without a record."""
     for w in sorted(wanted):
         if not any(_selected(c, {w}) for c in chains):
             _failure(failures, LoadFailure(w, None, f"chains: {w!r} names no chain of the structures read"))
     for c in chains:
         if _selected(c, wanted) and c.key not in used:
-            _failure(failures, LoadFailure(c.path, c.chain_id, f"{c.path} chain {c.chain_id}: no record "
-                                           f"in {maps} (source {c.key!r} or id {c.name!r})"))
+            _failure(
+                failures,
+                LoadFailure(
+                    c.path,
+                    c.chain_id,
+                    f"{c.path} chain {c.chain_id}: no record in {maps} (source {c.key!r} or id {c.name!r})",
+                ),
+            )
 
 
 def _add_baseline(proteins: list[Protein], path: Path, failures: list[LoadFailure]) -> None:
@@ -166,8 +191,15 @@ def _add_baseline(proteins: list[Protein], path: Path, failures: list[LoadFailur
                 continue
             rec = mf.read(record_id, load=("attentions", "apc"))
             if rec.sequence.upper() != p.sequence.upper():
-                _failure(failures, LoadFailure(p.source, None, f"{path} record {record_id}: sequence differs "
-                                               f"from the trained model's maps; baseline skipped for {p.name}"))
+                _failure(
+                    failures,
+                    LoadFailure(
+                        p.source,
+                        None,
+                        f"{path} record {record_id}: sequence differs "
+                        f"from the trained model's maps; baseline skipped for {p.name}",
+                    ),
+                )
                 continue
             maps_apc = apc_of(rec, path)
             p.features[RANDOM_INIT] = pair_features(maps_apc, p.i, p.j)

@@ -76,6 +76,7 @@ def format_table(report: dict) -> str:
 def plot_precision_by_range(report: dict, path: str | Path) -> None:
     """Bar chart: mean P@L and P@L/5 per range, one bar per method."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -107,6 +108,7 @@ def plot_contact_map(protein: Protein, preds: dict[str, np.ndarray], path: str |
     """True contacts (grey, lower triangle) against the top-L predictions (upper triangle: blue
     correct, red wrong), one panel per method."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

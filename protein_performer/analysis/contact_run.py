@@ -7,23 +7,34 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from protein_performer.analysis.contact_head import (
-    ESM_TRAIN_PROTEINS, ContactHead, head_from_estimator, training_subset,
+    ESM_TRAIN_PROTEINS,
+    ContactHead,
+    head_from_estimator,
+    training_subset,
 )
 from protein_performer.analysis.contact_metrics import MIN_SEP, RANGES
 from protein_performer.analysis.contact_proteins import TRAINED, Protein, load_proteins
 from protein_performer.analysis.contact_report import (
-    plot_contact_map, plot_precision_by_range, write_report_csv, write_report_json,
+    plot_contact_map,
+    plot_precision_by_range,
+    write_report_csv,
+    write_report_json,
 )
 from protein_performer.analysis.contact_study import evaluate, fit_logistic
 from protein_performer.analysis.maps_reader import MapsFile
 from protein_performer.analysis.structures import (
-    STRUCTURE_SUFFIXES, Chain, LoadFailure, MissingStructuresError, StructureError, load_structures,
+    STRUCTURE_SUFFIXES,
+    Chain,
+    LoadFailure,
+    MissingStructuresError,
+    StructureError,
+    load_structures,
     structure_files,
 )
 from protein_performer.errors import UserError
@@ -33,46 +44,83 @@ log = logging.getLogger(__name__)
 HEAD_FILE = "contact_head.json"
 
 
-def run_contacts(maps: str | Path, structures: str | Path, output_dir: str | Path,
-                 baseline_maps: str | Path | None = None, chains: Sequence[str] | None = None,
-                 min_residues: int = 30, threshold: float = 8.0, min_identity: float = 0.9,
-                 max_mismatches: int = 3, n_folds: int = 5, train_size: int | None = None,
-                 C: float = 0.15, solver: str = "liblinear", seed: int = 0, n_plots: int = 4,
-                 standardize: bool = True, save_head: bool = True,
-                 head_train_size: int | None = ESM_TRAIN_PROTEINS) -> dict:
+def run_contacts(
+    maps: str | Path,
+    structures: str | Path,
+    output_dir: str | Path,
+    baseline_maps: str | Path | None = None,
+    chains: Sequence[str] | None = None,
+    min_residues: int = 30,
+    threshold: float = 8.0,
+    min_identity: float = 0.9,
+    max_mismatches: int = 3,
+    n_folds: int = 5,
+    train_size: int | None = None,
+    C: float = 0.15,
+    solver: str = "liblinear",
+    seed: int = 0,
+    n_plots: int = 4,
+    standardize: bool = True,
+    save_head: bool = True,
+    head_train_size: int | None = ESM_TRAIN_PROTEINS,
+) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
     With ``save_head`` it also fits the contact head once, on ``head_train_size`` proteins drawn by
     ``seed`` (ESM's protocol: 20; all when None or fewer), and saves it as
     ``<output_dir>/contact_head.json`` for ``predict_contacts``. Returns the report (without the
     prediction matrices)."""
     all_chains, failures = _read_structures(structures, min_residues)
-    proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity,
-                                   max_mismatches)
+    proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity, max_mismatches)
     failures = failures + more
     if len(proteins) < 2:
         why = f"; first failure: {failures[0].reason}" if failures else ""
-        raise UserError(f"{maps}: only {len(proteins)} of its records match a chain of {structures} (contact "
-                        f"evaluation needs at least 2){why}; export the maps from these structures "
-                        "(export_attention input=<structure folder>)")
+        raise UserError(
+            f"{maps}: only {len(proteins)} of its records match a chain of {structures} (contact "
+            f"evaluation needs at least 2){why}; export the maps from these structures "
+            "(export_attention input=<structure folder>)"
+        )
     report = evaluate(proteins, n_folds, train_size, C, solver, seed, standardize)
     preds = report.pop("predictions")
-    report = {"maps": str(maps), "baseline_maps": str(baseline_maps) if baseline_maps else None,
-              "structures": str(structures), "n_proteins": len(proteins),
-              "settings": {"threshold": threshold, "min_sep": MIN_SEP, "ranges": RANGES, "C": C,
-                           "solver": solver, "n_folds": n_folds, "train_size": train_size, "seed": seed,
-                           "min_identity": min_identity, "max_mismatches": max_mismatches},
-              **report, "failures": [f.as_dict() for f in failures]}
+    report = {
+        "maps": str(maps),
+        "baseline_maps": str(baseline_maps) if baseline_maps else None,
+        "structures": str(structures),
+        "n_proteins": len(proteins),
+        "settings": {
+            "threshold": threshold,
+            "min_sep": MIN_SEP,
+            "ranges": RANGES,
+            "C": C,
+            "solver": solver,
+            "n_folds": n_folds,
+            "train_size": train_size,
+            "seed": seed,
+            "min_identity": min_identity,
+            "max_mismatches": max_mismatches,
+        },
+        **report,
+        "failures": [f.as_dict() for f in failures],
+    }
     head = fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size) if save_head else None
     if head is not None:
-        report["contact_head"] = {"file": HEAD_FILE, "training_proteins": head.training_proteins,
-                                  "nonzero_weights": int(np.count_nonzero(head.weights)),
-                                  "checkpoint_sha256": head.checkpoint_sha256}
+        report["contact_head"] = {
+            "file": HEAD_FILE,
+            "training_proteins": head.training_proteins,
+            "nonzero_weights": int(np.count_nonzero(head.weights)),
+            "checkpoint_sha256": head.checkpoint_sha256,
+        }
     _write_outputs(Path(output_dir), report, proteins, preds, head, n_plots)
     return report
 
 
-def _write_outputs(out: Path, report: dict, proteins: Sequence[Protein], preds: dict[str, dict[str, np.ndarray]],
-                   head: ContactHead | None, n_plots: int) -> None:
+def _write_outputs(
+    out: Path,
+    report: dict,
+    proteins: Sequence[Protein],
+    preds: dict[str, dict[str, np.ndarray]],
+    head: ContactHead | None,
+    n_plots: int,
+) -> None:
     """CSV, plots and the head, then ``report.json`` last: a run killed on the way leaves none (an
     old one is removed first), so its presence means the CSV and plots of the same run are
     complete; every file is atomic."""
@@ -81,16 +129,23 @@ def _write_outputs(out: Path, report: dict, proteins: Sequence[Protein], preds: 
     write_report_csv(report, out)
     plot_precision_by_range(report, out / "precision_by_range.png")
     for p in proteins[:n_plots]:
-        plot_contact_map(p, {m: preds[m][p.name] for m in preds if p.name in preds[m]},
-                         out / "contact_maps" / f"{p.name}.png")
+        plot_contact_map(
+            p, {m: preds[m][p.name] for m in preds if p.name in preds[m]}, out / "contact_maps" / f"{p.name}.png"
+        )
     if head is not None:
         head.save(out / HEAD_FILE)
     write_report_json(report, out)
 
 
-def fit_contact_head(proteins: Sequence[Protein], maps: str | Path, C: float = 0.15, solver: str = "liblinear",
-                     seed: int = 0, standardize: bool = True,
-                     train_size: int | None = ESM_TRAIN_PROTEINS) -> ContactHead:
+def fit_contact_head(
+    proteins: Sequence[Protein],
+    maps: str | Path,
+    C: float = 0.15,
+    solver: str = "liblinear",
+    seed: int = 0,
+    standardize: bool = True,
+    train_size: int | None = ESM_TRAIN_PROTEINS,
+) -> ContactHead:
     """The contact head of the model whose ``maps`` these are: the L1 logistic regression of
     :func:`fit_logistic` on ``train_size`` proteins drawn by ``seed``, with the checkpoint's sha256."""
     idx = training_subset([p.name for p in proteins], train_size, seed)
@@ -100,10 +155,23 @@ def fit_contact_head(proteins: Sequence[Protein], maps: str | Path, C: float = 0
         sha = mf.attrs["checkpoint_sha256"]
         checkpoint = mf.export_info.get("checkpoint", "")
     n_layers, n_heads = proteins[0].n_heads[TRAINED]
-    return head_from_estimator(model, n_layers, n_heads, min_sep=MIN_SEP, checkpoint=str(checkpoint),
-                               checkpoint_sha256=sha, training_proteins=[p.name for p in train],
-                               settings={"C": C, "solver": solver, "seed": seed, "standardize": standardize,
-                                         "train_size": train_size, "maps": str(maps)})
+    return head_from_estimator(
+        model,
+        n_layers,
+        n_heads,
+        min_sep=MIN_SEP,
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=sha,
+        training_proteins=[p.name for p in train],
+        settings={
+            "C": C,
+            "solver": solver,
+            "seed": seed,
+            "standardize": standardize,
+            "train_size": train_size,
+            "maps": str(maps),
+        },
+    )
 
 
 def _read_structures(structures: str | Path, min_residues: int) -> tuple[list[Chain], list[LoadFailure]]:
@@ -112,13 +180,17 @@ def _read_structures(structures: str | Path, min_residues: int) -> tuple[list[Ch
     if not path.exists():
         raise MissingStructuresError(f"structures not found: {path}")
     if path.is_dir() and not structure_files(path):
-        raise StructureError(f"{path}: no structure files ({', '.join(STRUCTURE_SUFFIXES)}) in this folder; "
-                             "give the folder of PDB / mmCIF files the maps were exported from")
+        raise StructureError(
+            f"{path}: no structure files ({', '.join(STRUCTURE_SUFFIXES)}) in this folder; "
+            "give the folder of PDB / mmCIF files the maps were exported from"
+        )
     chains, failures = load_structures(path, min_residues=min_residues)
     if not chains:
         why = failures[0].reason if failures else f"no protein chain with >= {min_residues} standard residues"
-        raise StructureError(f"{path}: no usable structure chain ({why}); give PDB / mmCIF files "
-                             "(structures= is a folder of them, or one file)")
+        raise StructureError(
+            f"{path}: no usable structure chain ({why}); give PDB / mmCIF files "
+            "(structures= is a folder of them, or one file)"
+        )
     return chains, failures
 
 

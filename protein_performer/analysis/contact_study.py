@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _long_p_at_l_per_head(proteins: Sequence[Protein], key: str) -> np.ndarray:
             continue
         x, labels = p.features[key][m], y[m]
         n = min(p.L, len(labels))
-        top = np.argsort(-x, axis=0, kind="stable")[:n]        # (n, F)
+        top = np.argsort(-x, axis=0, kind="stable")[:n]  # (n, F)
         scores.append(labels[top].mean(0))
     return np.mean(scores, axis=0)
 
@@ -51,8 +51,14 @@ def best_head(proteins: Sequence[Protein], key: str) -> int:
     return int(np.argmax(_long_p_at_l_per_head(proteins, key)))
 
 
-def fit_logistic(proteins: Sequence[Protein], key: str, C: float = 0.15, solver: str = "liblinear",
-                 seed: int = 0, standardize: bool = True):
+def fit_logistic(
+    proteins: Sequence[Protein],
+    key: str,
+    C: float = 0.15,
+    solver: str = "liblinear",
+    seed: int = 0,
+    standardize: bool = True,
+):
     """L1 logistic regression on the resolved pairs of ``proteins`` (features of map set ``key``).
 
     ``standardize`` (default) scales every feature (map) to zero mean and unit variance on the
@@ -86,8 +92,9 @@ def coefficients(model) -> np.ndarray:
     return model[-1].coef_ if hasattr(model, "steps") else model.coef_
 
 
-def folds_for(n: int, n_folds: int = 5, train_size: int | None = None,
-              seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def folds_for(
+    n: int, n_folds: int = 5, train_size: int | None = None, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(train, test)`` protein indices: one split with ``train_size`` training proteins, or
     k-fold (``min(n_folds, n)`` folds) so every protein is predicted once, by a model that did not
     see it. Order shuffled by ``seed``."""
@@ -100,11 +107,18 @@ def folds_for(n: int, n_folds: int = 5, train_size: int | None = None,
     if k < 2:
         raise ValueError(f"need at least 2 proteins for cross-validation, got {n}")
     parts = np.array_split(order, k)
-    return [(np.sort(np.concatenate(parts[:f] + parts[f + 1:])), np.sort(parts[f])) for f in range(k)]
+    return [(np.sort(np.concatenate(parts[:f] + parts[f + 1 :])), np.sort(parts[f])) for f in range(k)]
 
 
-def evaluate(proteins: Sequence[Protein], n_folds: int = 5, train_size: int | None = None,
-             C: float = 0.15, solver: str = "liblinear", seed: int = 0, standardize: bool = True) -> dict:
+def evaluate(
+    proteins: Sequence[Protein],
+    n_folds: int = 5,
+    train_size: int | None = None,
+    C: float = 0.15,
+    solver: str = "liblinear",
+    seed: int = 0,
+    standardize: bool = True,
+) -> dict:
     """Cross-validated precision of every method on every protein; returns the report dict
     (``methods[m]["per_protein"][name][range][k]``, ``methods[m]["mean"][range][k]``) and, in
     ``predictions[m][name]``, the (L, L) predicted matrices."""
@@ -122,27 +136,34 @@ def evaluate(proteins: Sequence[Protein], n_folds: int = 5, train_size: int | No
     fold_info = []
     splits = folds_for(len(proteins), n_folds, train_size, seed)
     for fold, (train_idx, test_idx) in enumerate(splits):
-        fold_info.append(_run_fold(proteins, fold, train_idx, test_idx, keys, per, preds, C, solver, seed,
-                                   standardize))
+        fold_info.append(_run_fold(proteins, fold, train_idx, test_idx, keys, per, preds, C, solver, seed, standardize))
         log.info("fold %d/%d done (%d train, %d test)", fold + 1, len(splits), len(train_idx), len(test_idx))
     report = {"methods": {}, "folds": fold_info, "predictions": preds}
     for m, kind in methods.items():
         mean = {r: {k: _nanmean([per[m][n][r][k] for n in per[m]]) for k in K_FRACS} for r in RANGES}
         report["methods"][m] = {"kind": kind, "mean": mean, "per_protein": per[m]}
     report["proteins"] = [_protein_summary(p) for p in proteins]
-    report["contact_density"] = {r: _nanmean([_density(p, lo, hi) for p in proteins])
-                                 for r, (lo, hi) in RANGES.items()}
+    report["contact_density"] = {r: _nanmean([_density(p, lo, hi) for p in proteins]) for r, (lo, hi) in RANGES.items()}
     return report
 
 
-def _run_fold(proteins: Sequence[Protein], fold: int, train_idx: np.ndarray, test_idx: np.ndarray,
-              keys: Sequence[str], per: dict[str, dict], preds: dict[str, dict], C: float, solver: str,
-              seed: int, standardize: bool) -> dict:
+def _run_fold(
+    proteins: Sequence[Protein],
+    fold: int,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    keys: Sequence[str],
+    per: dict[str, dict],
+    preds: dict[str, dict],
+    C: float,
+    solver: str,
+    seed: int,
+    standardize: bool,
+) -> dict:
     """Fit both methods of each map set on the fold's training proteins and score its test
     proteins into ``per`` (precision tables) and ``preds`` (matrices); returns the fold's info."""
     train = [proteins[t] for t in train_idx]
-    info = {"fold": fold, "train": [proteins[t].name for t in train_idx],
-            "test": [proteins[t].name for t in test_idx]}
+    info = {"fold": fold, "train": [proteins[t].name for t in train_idx], "test": [proteins[t].name for t in test_idx]}
     for k in keys:
         model = fit_logistic(train, k, C, solver, seed, standardize)
         head = best_head(train, k)
@@ -151,8 +172,10 @@ def _run_fold(proteins: Sequence[Protein], fold: int, train_idx: np.ndarray, tes
         info[f"{k}_nonzero_weights"] = int(np.count_nonzero(coefficients(model)))
         for t in test_idx:
             p = proteins[t]
-            for m, scores in ((k, model.predict_proba(p.features[k])[:, 1]),
-                              (f"{k}_best_head", p.features[k][:, head])):
+            for m, scores in (
+                (k, model.predict_proba(p.features[k])[:, 1]),
+                (f"{k}_best_head", p.features[k][:, head]),
+            ):
                 pred = p.pred_matrix(scores)
                 preds[m][p.name] = pred
                 per[m][p.name] = precision_table(pred, p.true)
@@ -174,7 +197,13 @@ def _density(p: Protein, lo: int, hi: int | None) -> float:
 def _protein_summary(p: Protein) -> dict:
     n_res = int((~np.isnan(np.diag(p.true))).sum())
     sep = p.j - p.i
-    return {"name": p.name, "source": p.source, "L": p.L, "n_resolved": n_res,
-            "n_contacts": {r: int(np.nansum(p.y[(sep >= lo) & ((sep <= hi) if hi else True)]))
-                           for r, (lo, hi) in RANGES.items()},
-            "alignment": p.alignment}
+    return {
+        "name": p.name,
+        "source": p.source,
+        "L": p.L,
+        "n_resolved": n_res,
+        "n_contacts": {
+            r: int(np.nansum(p.y[(sep >= lo) & ((sep <= hi) if hi else True)])) for r, (lo, hi) in RANGES.items()
+        },
+        "alignment": p.alignment,
+    }

@@ -23,11 +23,21 @@ This module is the public import path; the code lives in:
 from __future__ import annotations
 
 from protein_performer.analysis.contact_metrics import (
-    K_FRACS, MIN_SEP, RANGES, contact_map, precision_at_k, precision_table,
+    K_FRACS,
+    MIN_SEP,
+    RANGES,
+    contact_map,
+    precision_at_k,
+    precision_table,
 )
 from protein_performer.analysis.contact_proteins import Protein, load_proteins, pair_features
 from protein_performer.analysis.contact_report import (
-    format_table, plot_contact_map, plot_precision_by_range, write_report, write_report_csv, write_report_json,
+    format_table,
+    plot_contact_map,
+    plot_precision_by_range,
+    write_report,
+    write_report_csv,
+    write_report_json,
 )
 from protein_performer.analysis.contact_run import fit_contact_head, prepare_output_dir, run_contacts
 from protein_performer.analysis.contact_study import best_head, coefficients, evaluate, fit_logistic, folds_for
@@ -36,8 +46,29 @@ from protein_performer.analysis.map_ops import apc, symmetrize
 _prepare_output_dir = prepare_output_dir  # its name before the split (aa_similarity imported it)
 
 __all__ = [
-    "K_FRACS", "MIN_SEP", "RANGES", "Protein", "apc", "best_head", "coefficients", "contact_map", "evaluate",
-    "fit_contact_head", "fit_logistic", "folds_for", "format_table", "load_proteins", "pair_features",
-    "plot_contact_map", "plot_precision_by_range", "precision_at_k", "precision_table", "prepare_output_dir",
-    "run_contacts", "symmetrize", "write_report", "write_report_csv", "write_report_json",
+    "K_FRACS",
+    "MIN_SEP",
+    "RANGES",
+    "Protein",
+    "apc",
+    "best_head",
+    "coefficients",
+    "contact_map",
+    "evaluate",
+    "fit_contact_head",
+    "fit_logistic",
+    "folds_for",
+    "format_table",
+    "load_proteins",
+    "pair_features",
+    "plot_contact_map",
+    "plot_precision_by_range",
+    "precision_at_k",
+    "precision_table",
+    "prepare_output_dir",
+    "run_contacts",
+    "symmetrize",
+    "write_report",
+    "write_report_csv",
+    "write_report_json",
 ]

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -34,7 +34,12 @@ import torch
 
 from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export import (
-    InputReport, LoadedModel, SequenceRecord, crop_window, load_model, read_sequences,
+    InputReport,
+    LoadedModel,
+    SequenceRecord,
+    crop_window,
+    load_model,
+    read_sequences,
 )
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer
@@ -43,7 +48,7 @@ from protein_performer.errors import IncompleteOutputError, UserError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DEFAULT_CHUNK = 4096          # sequences read, sorted and written at a time (one flush each)
+DEFAULT_CHUNK = 4096  # sequences read, sorted and written at a time (one flush each)
 DEFAULT_BATCH_TOKENS = 16384  # padded tokens per forward pass
 
 
@@ -80,7 +85,7 @@ def _batch_tokens(residues: list[np.ndarray], causal: bool, tok: Tokenizer) -> t
     tokens = np.full((len(residues), T), tok.pad_id, dtype=np.int64)
     for n, r in enumerate(residues):
         tokens[n, 0] = tok.bos_id
-        tokens[n, 1:1 + len(r)] = r
+        tokens[n, 1 : 1 + len(r)] = r
         if not causal:
             tokens[n, 1 + len(r)] = tok.eos_id
     tokens_t = torch.from_numpy(tokens)
@@ -100,9 +105,14 @@ def embed_batch(model, residues: list[np.ndarray], device: str | torch.device = 
     return (summed / lengths[:, None]).cpu().numpy()
 
 
-def embed_sequences(model: LoadedModel | torch.nn.Module, sequences: Iterable[str | tuple | SequenceRecord],
-                    batch_tokens: int = DEFAULT_BATCH_TOKENS, chunk: int = DEFAULT_CHUNK, crop: str = "error",
-                    device: str | torch.device | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
+def embed_sequences(
+    model: LoadedModel | torch.nn.Module,
+    sequences: Iterable[str | tuple | SequenceRecord],
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    chunk: int = DEFAULT_CHUNK,
+    crop: str = "error",
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[str, int, np.ndarray]]:
     """``(id, residues embedded, mean embedding (dim,))`` per sequence, in input order (the Python API)."""
     lm = model.model if isinstance(model, LoadedModel) else model
     device = device if device is not None else next(lm.parameters()).device
@@ -124,8 +134,9 @@ def _chunks(it: Iterable, n: int) -> Iterator[list]:
         yield buf
 
 
-def _embed_chunk(lm, records: list[SequenceRecord], batch_tokens: int, crop: str,
-                 device) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _embed_chunk(
+    lm, records: list[SequenceRecord], batch_tokens: int, crop: str, device
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Embeddings of one chunk, rows in the chunk's order; a record skipped by ``crop=skip`` gets
     length 0 and a NaN row."""
     tok = Tokenizer()
@@ -134,7 +145,7 @@ def _embed_chunk(lm, records: list[SequenceRecord], batch_tokens: int, crop: str
     for rec in records:
         r = tok.encode(rec.sequence)
         w = crop_window(len(r), max_res, crop, rec.id)
-        residues.append(r[w[0]:w[1]] if w is not None else r[:0])
+        residues.append(r[w[0] : w[1]] if w is not None else r[:0])
     lengths = np.array([len(r) for r in residues], dtype=np.int32)
     dim = int(lm.config.dim)
     out = np.full((len(records), dim), np.nan, dtype=np.float32)
@@ -152,9 +163,14 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: embeddings file not found")
     with h5py.File(path, "r") as h5:
         if not h5.attrs.get("complete", False):
-            raise IncompleteOutputError(f"{path}: incomplete: the embedding run was interrupted; rerun with resume=true")
-        return {"ids": np.array([x.decode() if isinstance(x, bytes) else x for x in h5["ids"][()]], dtype=object),
-                "lengths": h5["lengths"][()], "mean": h5["mean"][()]}
+            raise IncompleteOutputError(
+                f"{path}: incomplete: the embedding run was interrupted; rerun with resume=true"
+            )
+        return {
+            "ids": np.array([x.decode() if isinstance(x, bytes) else x for x in h5["ids"][()]], dtype=object),
+            "lengths": h5["lengths"][()],
+            "mean": h5["mean"][()],
+        }
 
 
 def _resume_row(part: Path, settings: dict, resume: bool) -> int:
@@ -195,17 +211,34 @@ def _append_rows(h5: h5py.File, ids: list[str], lengths: np.ndarray, emb: np.nda
     return n_keep
 
 
-def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-              chunk: int = DEFAULT_CHUNK, crop: str = "error", min_residues: int = 30, invalid: str = "error",
-              resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = True,
-              model_config: str | None = None, seed: int = 0) -> dict:
+def run_embed(
+    checkpoint: str,
+    input: str,
+    output: str,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    chunk: int = DEFAULT_CHUNK,
+    crop: str = "error",
+    min_residues: int = 30,
+    invalid: str = "error",
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    model_config: str | None = None,
+    seed: int = 0,
+) -> dict:
     """What ``python -m protein_performer.embed`` does; returns a summary (sequences, seconds, seq/s)."""
     device = resolve_device(device)
     out, part = check_run_paths(input, output, "embed", resume, overwrite)
     loaded = load_model(checkpoint, model_config, seed, device)
     lm = loaded.model
-    settings = {"checkpoint_sha256": loaded.sha256, "input": str(input), "crop": crop, "chunk": int(chunk),
-                "model_config": json.dumps(asdict(lm.config), sort_keys=True)}
+    settings = {
+        "checkpoint_sha256": loaded.sha256,
+        "input": str(input),
+        "crop": crop,
+        "chunk": int(chunk),
+        "model_config": json.dumps(asdict(lm.config), sort_keys=True),
+    }
     start_row = _resume_row(part, settings, resume)
     part.parent.mkdir(parents=True, exist_ok=True)
     report = InputReport()
@@ -232,8 +265,9 @@ def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFA
             ids, lengths, emb = _embed_chunk(lm, chunk_records, batch_tokens, crop, device)
             keep = lengths > 0
             for k in np.nonzero(~keep)[0]:
-                report.failures.append({"source": chunk_records[k].source,
-                                        "reason": f"{ids[k]}: too long, skipped (crop=skip)"})
+                report.failures.append(
+                    {"source": chunk_records[k].source, "reason": f"{ids[k]}: too long, skipped (crop=skip)"}
+                )
             n_new += _append_rows(h5, ids, lengths, emb, keep)
             row += len(chunk_records)
             h5.attrs["rows_done"] = row  # input records consumed (skipped ones included)
@@ -244,8 +278,13 @@ def run_embed(checkpoint: str, input: str, output: str, batch_tokens: int = DEFA
         h5.attrs["complete"] = True
     publish(part, out)
     seconds = time.perf_counter() - t0
-    summary = {"output": str(out), "sequences": n_total, "new": n_new, "seconds": seconds,
-               "sequences_per_s": n_new / seconds if seconds > 0 else float("nan"),
-               "input_failures": report.failures}
+    summary = {
+        "output": str(out),
+        "sequences": n_total,
+        "new": n_new,
+        "seconds": seconds,
+        "sequences_per_s": n_new / seconds if seconds > 0 else float("nan"),
+        "input_failures": report.failures,
+    }
     log.info("%d embeddings (%d new) -> %s in %.1f s", n_total, n_new, out, seconds)
     return summary

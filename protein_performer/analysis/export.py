@@ -24,18 +24,50 @@ The file layout is :mod:`protein_performer.analysis.maps_io`'s; export adds the 
 from __future__ import annotations
 
 from protein_performer.analysis.export_inputs import (
-    CROPS, INCLUDE, InputReport, SequenceRecord, crop_window, input_key, is_structure_input, parse_include,
+    CROPS,
+    INCLUDE,
+    InputReport,
+    SequenceRecord,
+    crop_window,
+    input_key,
+    is_structure_input,
+    parse_include,
     read_sequences,
 )
 from protein_performer.analysis.export_journal import ExportJournal, partial_paths
 from protein_performer.analysis.export_model import (
-    RANDOM, ExportError, LoadedModel, file_sha256, load_model, model_config_from, model_input, run_sequence,
+    RANDOM,
+    ExportError,
+    LoadedModel,
+    file_sha256,
+    load_model,
+    model_config_from,
+    model_input,
+    run_sequence,
 )
 from protein_performer.analysis.export_run import ExportCounts, export_attention, run_export
 
 __all__ = [
-    "CROPS", "INCLUDE", "RANDOM", "ExportCounts", "ExportError", "ExportJournal", "InputReport", "LoadedModel",
-    "SequenceRecord", "crop_window", "export_attention", "file_sha256", "input_key", "is_structure_input",
-    "load_model", "model_config_from", "model_input", "parse_include", "partial_paths", "read_sequences",
-    "run_export", "run_sequence",
+    "CROPS",
+    "INCLUDE",
+    "RANDOM",
+    "ExportCounts",
+    "ExportError",
+    "ExportJournal",
+    "InputReport",
+    "LoadedModel",
+    "SequenceRecord",
+    "crop_window",
+    "export_attention",
+    "file_sha256",
+    "input_key",
+    "is_structure_input",
+    "load_model",
+    "model_config_from",
+    "model_input",
+    "parse_include",
+    "partial_paths",
+    "read_sequences",
+    "run_export",
+    "run_sequence",
 ]

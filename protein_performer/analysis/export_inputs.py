@@ -10,9 +10,9 @@ the record), ``skip`` (counted and reported), ``start`` (residues ``[0, max_resi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from protein_performer.analysis.export_model import ExportError
 from protein_performer.analysis.maps_format import MissingFileError
@@ -52,8 +52,9 @@ def is_structure_input(path: str | Path) -> bool:
     return path.is_dir() or path.name.lower().endswith(STRUCTURE_SUFFIXES)
 
 
-def read_sequences(input: str | Path, min_residues: int = 30, invalid: str = "error",
-                   report: InputReport | None = None) -> Iterator[SequenceRecord]:
+def read_sequences(
+    input: str | Path, min_residues: int = 30, invalid: str = "error", report: InputReport | None = None
+) -> Iterator[SequenceRecord]:
     """The sequences of a FASTA file (plain or gzip) or of the protein chains of a structure folder
     (or one PDB / mmCIF file; chains as :func:`analysis.structures.load_structures` chooses them:
     every protein chain of at least ``min_residues`` residues, ``id`` = ``<stem>_<chain>``,
@@ -80,14 +81,19 @@ def _structure_sequences(path: Path, min_residues: int, report: InputReport) -> 
     from protein_performer.analysis.structures import load_structures, structure_files
 
     if path.is_dir() and not structure_files(path):
-        raise ExportError(f"{path}: no structure files (.pdb, .cif, .ent, .gz) in this folder; give a folder of "
-                          "PDB / mmCIF files or a FASTA file")
+        raise ExportError(
+            f"{path}: no structure files (.pdb, .cif, .ent, .gz) in this folder; give a folder of "
+            "PDB / mmCIF files or a FASTA file"
+        )
     chains, failures = load_structures(path, min_residues=min_residues)
     for f in failures:
         report.failures.append({"source": f"{f.source}:{f.chain}" if f.chain else f.source, "reason": f.reason})
     if not chains:
-        why = f" ({failures[0].reason}{f'; {len(failures) - 1} more failures' if len(failures) > 1 else ''})" \
-            if failures else ""
+        why = (
+            f" ({failures[0].reason}{f'; {len(failures) - 1} more failures' if len(failures) > 1 else ''})"
+            if failures
+            else ""
+        )
         raise ExportError(f"{path}: no protein chain with >= {min_residues} standard residues found{why}")
     for c in chains:
         yield SequenceRecord(c.name, c.sequence, c.key)
@@ -139,8 +145,10 @@ def crop_window(length: int, max_residues: int, crop: str, record: str) -> tuple
     if length <= max_residues:
         return 0, length
     if crop == "error":
-        raise ExportError(f"{record}: {length} residues do not fit the model's max_len ({max_residues} residues "
-                         "besides the special tokens); set crop=start|center|skip")
+        raise ExportError(
+            f"{record}: {length} residues do not fit the model's max_len ({max_residues} residues "
+            "besides the special tokens); set crop=start|center|skip"
+        )
     if crop == "skip":
         return None
     start = 0 if crop == "start" else (length - max_residues) // 2

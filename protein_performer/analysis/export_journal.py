@@ -72,8 +72,10 @@ class ExportJournal:
         old = entries[0]["settings"]
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ExportError(f"{partial}: the interrupted export ran with other settings ({', '.join(diff)} differ); "
-                              "rerun with the same settings and resume=true, or with overwrite=true to start again")
+            raise ExportError(
+                f"{partial}: the interrupted export ran with other settings ({', '.join(diff)} differ); "
+                "rerun with the same settings and resume=true, or with overwrite=true to start again"
+            )
         done = []
         for e in entries[1:]:
             if not isinstance(e, dict) or e.get("n") != len(done):
@@ -112,8 +114,10 @@ def find_interrupted(output: Path, settings: dict, resume: bool, overwrite: bool
         if resume:
             done = ExportJournal.read(journal_path, settings, partial)
         elif not overwrite:
-            raise ExportError(f"{partial}: an interrupted export of {output} is there; rerun with resume=true to "
-                              "continue it, or overwrite=true to start again")
+            raise ExportError(
+                f"{partial}: an interrupted export of {output} is there; rerun with resume=true to "
+                "continue it, or overwrite=true to start again"
+            )
         else:
             log.warning("overwrite=true: the interrupted export %s is discarded", partial)
     elif resume:

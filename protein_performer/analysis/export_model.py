@@ -40,9 +40,9 @@ class LoadedModel:
     """A model ready for export and where it came from."""
 
     model: PerformerLM
-    checkpoint: str                 # the .ckpt path, or "random"
-    sha256: str = ""                # of the checkpoint file ("" for random init)
-    seed: int | None = None         # random init: the seed of the weights
+    checkpoint: str  # the .ckpt path, or "random"
+    sha256: str = ""  # of the checkpoint file ("" for random init)
+    seed: int | None = None  # random init: the seed of the weights
     info: dict[str, Any] = field(default_factory=dict)  # objective, global_step, ... from the checkpoint
 
     @property
@@ -66,8 +66,10 @@ def _torch_load(path: Path) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise ExportError(f"{path}: not a readable PyTorch / Lightning checkpoint, or a truncated / corrupted one "
-                              f"({first_line(e2)}); give the .ckpt that training wrote") from e2
+            raise ExportError(
+                f"{path}: not a readable PyTorch / Lightning checkpoint, or a truncated / corrupted one "
+                f"({first_line(e2)}); give the .ckpt that training wrote"
+            ) from e2
 
 
 def _first_problem(e: BaseException) -> str:
@@ -127,8 +129,10 @@ def _config_from_checkpoint(ckpt: dict, path: Path) -> dict:
     if not isinstance(cfg, dict) and cfg is not None:
         cfg = _plain(cfg)
     if not isinstance(cfg, dict):
-        raise ExportError(f"{path}: the checkpoint stores no model config in hyper_parameters['model'] "
-                         "(train with protein_performer.training.ProteinLM, or pass model_config=)")
+        raise ExportError(
+            f"{path}: the checkpoint stores no model config in hyper_parameters['model'] "
+            "(train with protein_performer.training.ProteinLM, or pass model_config=)"
+        )
     return _check_config(cfg, str(path))
 
 
@@ -140,8 +144,12 @@ def _build(cfg: dict, source: Any) -> PerformerLM:
         raise ExportError(f"{where}: not a valid PerformerLM config ({first_line(e)})") from e
 
 
-def load_model(checkpoint: str | Path, model_config: dict | str | Path | None = None, seed: int = 0,
-               device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    checkpoint: str | Path,
+    model_config: dict | str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
     """A :class:`PerformerLM` in eval mode, from a Lightning checkpoint of ``ProteinLM`` or random.
 
     ``checkpoint``: a ``.ckpt`` path; the architecture comes from ``hyper_parameters["model"]``
@@ -162,17 +170,23 @@ def load_model(checkpoint: str | Path, model_config: dict | str | Path | None = 
     model = _build(cfg, model_config if model_config is not None else path)
     state = ckpt["state_dict"]
     if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ExportError(f"{path}: weights do not fit the model config {cfg} ({_first_problem(e)}); give "
-                          "the model_config the checkpoint was trained with, or none (it is read from the "
-                          "checkpoint)") from e
+        raise ExportError(
+            f"{path}: weights do not fit the model config {cfg} ({_first_problem(e)}); give "
+            "the model_config the checkpoint was trained with, or none (it is read from the "
+            "checkpoint)"
+        ) from e
     hp = ckpt.get("hyper_parameters") or {}
     info = {"objective": hp.get("objective"), "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
-    log.info("loaded %s (step %s): %s", path, info["global_step"],
-             {k: cfg.get(k) for k in ("attention", "causal", "depth", "heads", "dim")})
+    log.info(
+        "loaded %s (step %s): %s",
+        path,
+        info["global_step"],
+        {k: cfg.get(k) for k in ("attention", "causal", "depth", "heads", "dim")},
+    )
     return LoadedModel(model.to(device).eval().requires_grad_(False), str(path), file_sha256(path), None, info)
 
 
@@ -180,15 +194,21 @@ def _random_model(model_config: dict | str | Path | None, seed: int, device: str
     """``checkpoint=random``: the architecture of ``model_config``, weights drawn from ``seed`` in a
     forked RNG (the global one is left as it was)."""
     if model_config is None:
-        raise ExportError("checkpoint=random needs model_config= (a trained checkpoint, a YAML file or a dict) "
-                         "for the architecture")
+        raise ExportError(
+            "checkpoint=random needs model_config= (a trained checkpoint, a YAML file or a dict) for the architecture"
+        )
     cfg = model_config_from(model_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = _build(cfg, model_config)
     log.info("random-init model (seed %d): %s", seed, {k: cfg.get(k) for k in ("attention", "depth", "heads", "dim")})
-    return LoadedModel(model.to(device).eval().requires_grad_(False), RANDOM, "", int(seed),
-                       {"source": str(model_config) if not isinstance(model_config, dict) else "dict"})
+    return LoadedModel(
+        model.to(device).eval().requires_grad_(False),
+        RANDOM,
+        "",
+        int(seed),
+        {"source": str(model_config) if not isinstance(model_config, dict) else "dict"},
+    )
 
 
 # ------------------------------------------------------------------------------ one sequence through it
@@ -201,8 +221,13 @@ def model_input(residues: np.ndarray, causal: bool, tok: Tokenizer | None = None
 
 
 @torch.no_grad()
-def run_sequence(model: PerformerLM, residues: np.ndarray, on_layer=None, want_repr: bool = False,
-                 device: str | torch.device | None = None) -> torch.Tensor | None:
+def run_sequence(
+    model: PerformerLM,
+    residues: np.ndarray,
+    on_layer=None,
+    want_repr: bool = False,
+    device: str | torch.device | None = None,
+) -> torch.Tensor | None:
     """Run one sequence (residue ids, no special tokens) through ``model``.
 
     ``on_layer(layer, maps)`` is called once per layer, in order, with that layer's maps
@@ -230,6 +255,7 @@ def run_sequence(model: PerformerLM, residues: np.ndarray, on_layer=None, want_r
             if on_layer is not None:
                 on_layer(layer, maps[0, :, keep, keep])
             del maps
+
         return hook
 
     try:
@@ -243,6 +269,8 @@ def run_sequence(model: PerformerLM, residues: np.ndarray, on_layer=None, want_r
         for h in handles:
             h.remove()
     if on_layer is not None and fired != list(range(len(model.blocks))):
-        raise RuntimeError(f"attention hooks fired for layers {fired}, expected 0..{len(model.blocks) - 1}: "
-                           "PerformerLM's forward no longer calls block.attn; update export.run_sequence")
+        raise RuntimeError(
+            f"attention hooks fired for layers {fired}, expected 0..{len(model.blocks) - 1}: "
+            "PerformerLM's forward no longer calls block.attn; update export.run_sequence"
+        )
     return final[0] if want_repr else None

@@ -12,15 +12,20 @@ from __future__ import annotations
 import errno
 import os
 import resource
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from protein_performer.analysis.export_model import ExportError
 
 HDF5_METADATA_BYTES = 64 << 10
 DEFLATE_EXPANSION = 1.01
-_NO_SPACE_TEXTS = ("No space left", "File too large", "Disk quota exceeded",
-                   f"errno = {errno.ENOSPC},", f"errno = {errno.EFBIG},")
+_NO_SPACE_TEXTS = (
+    "No space left",
+    "File too large",
+    "Disk quota exceeded",
+    f"errno = {errno.ENOSPC},",
+    f"errno = {errno.EFBIG},",
+)
 
 
 class NoSpaceError(ExportError):
@@ -50,8 +55,10 @@ def space_problem(e: BaseException) -> bool:
 
 
 def no_space_message(target: Path, output: Path, detail: str = "") -> str:
-    return (f"{target}: no space left on the device (or the file size limit reached) while writing {output}"
-            f"{f' ({detail})' if detail else ''}; free space and rerun with resume=true")
+    return (
+        f"{target}: no space left on the device (or the file size limit reached) while writing {output}"
+        f"{f' ({detail})' if detail else ''}; free space and rerun with resume=true"
+    )
 
 
 def record_bytes(n_maps: int, depth: int, heads: int, length: int, dim: int, inc: Sequence[str]) -> int:

@@ -23,9 +23,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -33,14 +34,31 @@ import torch
 
 from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export_inputs import (
-    CROPS, InputReport, SequenceRecord, crop_window, input_key, is_structure_input, parse_include, read_sequences,
+    CROPS,
+    InputReport,
+    SequenceRecord,
+    crop_window,
+    input_key,
+    is_structure_input,
+    parse_include,
+    read_sequences,
 )
 from protein_performer.analysis.export_journal import (
-    RESUME_SUFFIX, ExportJournal, Interrupted, find_interrupted, intact_record, partial_paths,
+    RESUME_SUFFIX,
+    ExportJournal,
+    Interrupted,
+    find_interrupted,
+    intact_record,
+    partial_paths,
 )
 from protein_performer.analysis.export_model import ExportError, LoadedModel, load_model, run_sequence
 from protein_performer.analysis.export_output import (
-    NoSpaceError, check_output, ensure_room, no_space_message, record_bytes, space_problem,
+    NoSpaceError,
+    check_output,
+    ensure_room,
+    no_space_message,
+    record_bytes,
+    space_problem,
 )
 from protein_performer.analysis.maps_format import MAP_DATASETS, MissingFileError, first_line
 from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter
@@ -62,8 +80,12 @@ class ExportCounts:
     copied: int = 0  # records kept from an interrupted export
 
     def totals(self) -> dict[str, int]:
-        return {"records": self.records, "cropped": self.cropped, "skipped_too_long": self.skipped_too_long,
-                "residues": self.residues}
+        return {
+            "records": self.records,
+            "cropped": self.cropped,
+            "skipped_too_long": self.skipped_too_long,
+            "residues": self.residues,
+        }
 
 
 class _ExportRun:
@@ -79,8 +101,11 @@ class _ExportRun:
         self.depth, self.heads, self.dim = len(lm.blocks), int(cfg.heads), int(cfg.dim)
         self.partial, self.journal_path = partial_paths(output)
         resumed = interrupted.old is not None  # kept records are copied into a fresh file first
-        self.target, self.target_journal = (partial_paths(output.with_name(output.name + RESUME_SUFFIX)) if resumed
-                                            else (self.partial, self.journal_path))
+        self.target, self.target_journal = (
+            partial_paths(output.with_name(output.name + RESUME_SUFFIX))
+            if resumed
+            else (self.partial, self.journal_path)
+        )
         self.tok = Tokenizer(unknown="X")
         self.counts = ExportCounts()
         self.writer: MapsWriter | None = None
@@ -89,14 +114,16 @@ class _ExportRun:
     def open(self, settings: dict, sha: str) -> None:
         """Create the target file and its journal."""
         try:
-            self.writer = MapsWriter(self.target, model_config=asdict(self.lm.config), checkpoint_sha256=sha,
-                                     causal=self.causal)
+            self.writer = MapsWriter(
+                self.target, model_config=asdict(self.lm.config), checkpoint_sha256=sha, causal=self.causal
+            )
             self.journal = ExportJournal(self.target_journal, settings)
         except OSError as e:
             if space_problem(e):
                 raise
-            raise ExportError(f"{self.target}: cannot be created ({first_line(e)}); choose a writable output "
-                              "path") from e
+            raise ExportError(
+                f"{self.target}: cannot be created ({first_line(e)}); choose a writable output path"
+            ) from e
 
     def add(self, n: int, rec: SequenceRecord) -> bool:
         """Input record ``n``: kept from the interrupted export, or computed; False when skipped."""
@@ -110,8 +137,9 @@ class _ExportRun:
             if src is not None:
                 self._copy(src, entry)
                 return True
-            log.warning("%s: record %d (%s) was damaged by the interruption: computing from there on",
-                        self.partial, n, rec.id)
+            log.warning(
+                "%s: record %d (%s) was damaged by the interruption: computing from there on", self.partial, n, rec.id
+            )
         self.caught_up()
         return self._compute(n, rec)
 
@@ -122,8 +150,11 @@ class _ExportRun:
     def _copy(self, src: h5py.Group, entry: dict) -> None:
         """Copy a kept record from the interrupted file, with the calls export wrote it with."""
         n_maps = sum(w in src for w in MAP_DATASETS)
-        ensure_room(self.target, self.output,
-                    record_bytes(n_maps, self.depth, self.heads, len(src["tokens"]), self.dim, self.inc))
+        ensure_room(
+            self.target,
+            self.output,
+            record_bytes(n_maps, self.depth, self.heads, len(src["tokens"]), self.dim, self.inc),
+        )
         copy = self.writer.copy_record(src)
         self.writer.flush()
         self.journal.add({**entry, "checksum": copy.checksum})
@@ -153,21 +184,29 @@ class _ExportRun:
         if window is None:
             self._skip(rec.id)
             self.journal.add({"n": n, "id": rec.id, "skipped": True})
-            log.warning("%s: %d residues > %d (max_len %d): skipped", where, full_length, self.max_residues,
-                        self.max_len)
+            log.warning(
+                "%s: %d residues > %d (max_len %d): skipped", where, full_length, self.max_residues, self.max_len
+            )
             return False
         start, stop = window
         residues = residues[start:stop]
         cropped = stop - start != full_length
         n_maps = ("attentions" in self.inc) + ("apc" in self.inc)
-        ensure_room(self.target, self.output,
-                    record_bytes(n_maps, self.depth, self.heads, len(residues), self.dim, self.inc))
+        ensure_room(
+            self.target, self.output, record_bytes(n_maps, self.depth, self.heads, len(residues), self.dim, self.inc)
+        )
         # the record is dropped on any error: no half-written record stays behind
-        with self.writer.begin_layers(rec.id, self.tok.decode(residues), self.depth, self.heads,
-                                      tokens=residues.astype(np.uint8), source=rec.source,
-                                      attentions="attentions" in self.inc, apc="apc" in self.inc,
-                                      attrs={"crop_start": start, "full_length": full_length} if cropped else None,
-                                      ) as record:
+        with self.writer.begin_layers(
+            rec.id,
+            self.tok.decode(residues),
+            self.depth,
+            self.heads,
+            tokens=residues.astype(np.uint8),
+            source=rec.source,
+            attentions="attentions" in self.inc,
+            apc="apc" in self.inc,
+            attrs={"crop_start": start, "full_length": full_length} if cropped else None,
+        ) as record:
             _write_record(self.lm, record, residues, self.inc)
         self.writer.flush()
         self.journal.add({"n": n, "id": rec.id, "group": record.name, "checksum": record.checksum})
@@ -179,8 +218,13 @@ class _ExportRun:
     def finish(self, meta: dict, failures: list[dict]) -> None:
         """Record what the export did, close the file and rename it onto ``output``."""
         self.caught_up()
-        self.writer.set_attr("export", json.dumps({**meta, **self.counts.totals(), "skipped": self.counts.skipped,
-                                                   "input_failures": failures}, default=str))
+        self.writer.set_attr(
+            "export",
+            json.dumps(
+                {**meta, **self.counts.totals(), "skipped": self.counts.skipped, "input_failures": failures},
+                default=str,
+            ),
+        )
         self.writer.close()
         publish(self.partial, self.output)
         self.journal.close()
@@ -203,8 +247,12 @@ class _ExportRun:
         if space_problem(e):
             return ExportError(no_space_message(self.target, self.output))
         if self.target.exists():
-            log.error("export of %s interrupted after %d records (%s); rerun with resume=true to continue",
-                      self.output, self.counts.records, first_line(e))
+            log.error(
+                "export of %s interrupted after %d records (%s); rerun with resume=true to continue",
+                self.output,
+                self.counts.records,
+                first_line(e),
+            )
         return None
 
 
@@ -220,8 +268,9 @@ def _write_record(lm: PerformerLM, record: LayerRecord, residues: np.ndarray, in
     rep = run_sequence(lm, residues, on_layer if want_maps else None, want_repr)
     if want_repr:
         rep = rep.float().cpu().numpy()  # (L, dim)
-        record.add_embeddings(mean=rep.mean(0) if "mean" in inc else None,
-                              per_token=rep if "per_token" in inc else None)
+        record.add_embeddings(
+            mean=rep.mean(0) if "mean" in inc else None, per_token=rep if "per_token" in inc else None
+        )
 
 
 def _progress_bar(sequences: Iterable, max_sequences: int | None, progress: bool):
@@ -236,12 +285,21 @@ def _progress_bar(sequences: Iterable, max_sequences: int | None, progress: bool
     return tqdm(total=total, desc="export", unit="seq", disable=not progress)
 
 
-def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[SequenceRecord | tuple], output: str | Path,
-                     include: Sequence[str] = ("attentions", "apc"), crop: str = "error",
-                     max_sequences: int | None = None, checkpoint_sha256: str = "",
-                     metadata: dict | None = None, progress: bool = True,
-                     input_report: InputReport | None = None, resume: bool = False, overwrite: bool = False,
-                     input_key: Any = None) -> dict:
+def export_attention(
+    model: PerformerLM | LoadedModel,
+    sequences: Iterable[SequenceRecord | tuple],
+    output: str | Path,
+    include: Sequence[str] = ("attentions", "apc"),
+    crop: str = "error",
+    max_sequences: int | None = None,
+    checkpoint_sha256: str = "",
+    metadata: dict | None = None,
+    progress: bool = True,
+    input_report: InputReport | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    input_key: Any = None,
+) -> dict:
     """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps_io layout).
 
     ``sequences``: :class:`SequenceRecord` s or ``(id, sequence, source)`` tuples. ``include``:
@@ -259,10 +317,19 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
         raise ExportError(f"crop must be one of {CROPS}, got {crop!r}")
     output = Path(output)
     check_output(output)
-    meta = {"checkpoint": loaded.checkpoint if loaded else "", "seed": loaded.seed if loaded else None,
-            **(loaded.info if loaded else {}), "include": list(inc), "crop": crop, **(metadata or {})}
-    settings = json.loads(json.dumps({"meta": meta, "model_config": asdict(lm.config), "checkpoint_sha256": sha,
-                                      "input": input_key}, default=str))
+    meta = {
+        "checkpoint": loaded.checkpoint if loaded else "",
+        "seed": loaded.seed if loaded else None,
+        **(loaded.info if loaded else {}),
+        "include": list(inc),
+        "crop": crop,
+        **(metadata or {}),
+    }
+    settings = json.loads(
+        json.dumps(
+            {"meta": meta, "model_config": asdict(lm.config), "checkpoint_sha256": sha, "input": input_key}, default=str
+        )
+    )
     run = _ExportRun(lm, output, inc, crop, find_interrupted(output, settings, resume, overwrite))
     was_training = lm.training
     lm.eval()
@@ -291,18 +358,47 @@ def export_attention(model: PerformerLM | LoadedModel, sequences: Iterable[Seque
 
 def _summary(run: _ExportRun, sha: str, seconds: float) -> dict:
     counts = run.counts
-    log.info("exported %d sequences (%d residues, %d cropped, %d skipped; %d kept from an interrupted export) "
-             "to %s in %.1f s", counts.records, counts.residues, counts.cropped, counts.skipped_too_long,
-             counts.copied, run.output, seconds)
-    return {"output": str(run.output), **counts.totals(), "skipped": counts.skipped, "seconds": round(seconds, 3),
-            "layers": run.depth, "heads": run.heads, "causal": run.causal, "include": list(run.inc),
-            "checkpoint_sha256": sha, "resumed_records": counts.copied}
+    log.info(
+        "exported %d sequences (%d residues, %d cropped, %d skipped; %d kept from an interrupted export) "
+        "to %s in %.1f s",
+        counts.records,
+        counts.residues,
+        counts.cropped,
+        counts.skipped_too_long,
+        counts.copied,
+        run.output,
+        seconds,
+    )
+    return {
+        "output": str(run.output),
+        **counts.totals(),
+        "skipped": counts.skipped,
+        "seconds": round(seconds, 3),
+        "layers": run.depth,
+        "heads": run.heads,
+        "causal": run.causal,
+        "include": list(run.inc),
+        "checkpoint_sha256": sha,
+        "resumed_records": counts.copied,
+    }
 
 
-def run_export(checkpoint: str, input: str, output: str, include: Sequence[str] = ("attentions", "apc"),
-               model_config: dict | str | None = None, seed: int = 0, crop: str = "error",
-               max_sequences: int | None = None, min_residues: int = 30, invalid: str = "error",
-               device: str = "cpu", progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+def run_export(
+    checkpoint: str,
+    input: str,
+    output: str,
+    include: Sequence[str] = ("attentions", "apc"),
+    model_config: dict | str | None = None,
+    seed: int = 0,
+    crop: str = "error",
+    max_sequences: int | None = None,
+    min_residues: int = 30,
+    invalid: str = "error",
+    device: str = "cpu",
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """What ``python -m protein_performer.export_attention`` does: load, read, export. Returns the
     summary (with ``input_failures``: structure files / chains / FASTA records left out).
     ``resume`` / ``overwrite``: an interrupted export (see :func:`export_attention`)."""
@@ -316,8 +412,19 @@ def run_export(checkpoint: str, input: str, output: str, include: Sequence[str] 
     seqs = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
     if is_structure_input(input):
         seqs = list(seqs)  # a few chains: read them all first, so the progress bar knows the total
-    summary = export_attention(loaded, seqs, output, include=include, crop=crop, max_sequences=max_sequences,
-                               metadata={"input": str(input)}, progress=progress, input_report=report,
-                               resume=resume, overwrite=overwrite, input_key=input_key(input))
+    summary = export_attention(
+        loaded,
+        seqs,
+        output,
+        include=include,
+        crop=crop,
+        max_sequences=max_sequences,
+        metadata={"input": str(input)},
+        progress=progress,
+        input_report=report,
+        resume=resume,
+        overwrite=overwrite,
+        input_key=input_key(input),
+    )
     summary["input_failures"] = report.failures
     return summary

@@ -76,8 +76,10 @@ class MissingFileError(UserError, FileNotFoundError):
 
 
 def incomplete_message(path: str | Path) -> str:
-    return (f"{path}: incomplete: the export was interrupted (the file was never finished); "
-            "rerun the export with resume=true (or overwrite=true to start it again)")
+    return (
+        f"{path}: incomplete: the export was interrupted (the file was never finished); "
+        "rerun the export with resume=true (or overwrite=true to start it again)"
+    )
 
 
 def vocab_json() -> str:
@@ -99,8 +101,8 @@ class MapsRecord:
     sequence: str
     tokens: np.ndarray
     source: str = ""
-    attentions: np.ndarray | None = None   # (layers, heads, L, L) float16
-    apc: np.ndarray | None = None          # (layers, heads, L, L) float16
+    attentions: np.ndarray | None = None  # (layers, heads, L, L) float16
+    apc: np.ndarray | None = None  # (layers, heads, L, L) float16
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     group: str = ""
 
@@ -116,8 +118,10 @@ def new_checksum(grp: h5py.Group) -> dict[str, int]:
 
 def record_head_crc(grp: h5py.Group) -> int:
     """CRC-32 of a record's attributes (the extra ones in name order) and tokens."""
-    head = json.dumps([[k, _plain_attr(grp.attrs[k])] for k in RECORD_ATTRS if k in grp.attrs]
-                      + [[k, _plain_attr(grp.attrs[k])] for k in sorted(grp.attrs) if k not in RECORD_ATTRS])
+    head = json.dumps(
+        [[k, _plain_attr(grp.attrs[k])] for k in RECORD_ATTRS if k in grp.attrs]
+        + [[k, _plain_attr(grp.attrs[k])] for k in sorted(grp.attrs) if k not in RECORD_ATTRS]
+    )
     return zlib.crc32(np.ascontiguousarray(grp["tokens"][()], dtype=np.uint8).tobytes(), zlib.crc32(head.encode()))
 
 

@@ -15,14 +15,41 @@ from __future__ import annotations
 
 from protein_performer.analysis.map_ops import apc_maps
 from protein_performer.analysis.maps_format import (
-    FORMAT_VERSION, INCOMPLETE_ATTR, INCOMPLETE_VALUE, LAYOUT_ATTRS, PARTIAL_SUFFIX, VOCAB_ATTR, MapsFormatError,
-    MapsRecord, MissingFileError, incomplete_message, record_checksum, sanitize_name, vocab_json,
+    FORMAT_VERSION,
+    INCOMPLETE_ATTR,
+    INCOMPLETE_VALUE,
+    LAYOUT_ATTRS,
+    PARTIAL_SUFFIX,
+    VOCAB_ATTR,
+    MapsFormatError,
+    MapsRecord,
+    MissingFileError,
+    incomplete_message,
+    record_checksum,
+    sanitize_name,
+    vocab_json,
 )
 from protein_performer.analysis.maps_reader import MapsFile, read_maps
 from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter, write_maps
 
 __all__ = [
-    "FORMAT_VERSION", "INCOMPLETE_ATTR", "INCOMPLETE_VALUE", "LAYOUT_ATTRS", "PARTIAL_SUFFIX", "VOCAB_ATTR",
-    "LayerRecord", "MapsFile", "MapsFormatError", "MapsRecord", "MapsWriter", "MissingFileError", "apc_maps",
-    "incomplete_message", "read_maps", "record_checksum", "sanitize_name", "vocab_json", "write_maps",
+    "FORMAT_VERSION",
+    "INCOMPLETE_ATTR",
+    "INCOMPLETE_VALUE",
+    "LAYOUT_ATTRS",
+    "PARTIAL_SUFFIX",
+    "VOCAB_ATTR",
+    "LayerRecord",
+    "MapsFile",
+    "MapsFormatError",
+    "MapsRecord",
+    "MapsWriter",
+    "MissingFileError",
+    "apc_maps",
+    "incomplete_message",
+    "read_maps",
+    "record_checksum",
+    "sanitize_name",
+    "vocab_json",
+    "write_maps",
 ]

@@ -6,15 +6,24 @@ over the records. The layout is :mod:`protein_performer.analysis.maps_format`'s.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from protein_performer.analysis.maps_format import (
-    FORMAT_VERSION, INCOMPLETE_ATTR, PARTIAL_SUFFIX, VOCAB_ATTR, MapsFormatError, MapsRecord, MissingFileError,
-    attr_str, first_line, incomplete_message, json_or_empty,
+    FORMAT_VERSION,
+    INCOMPLETE_ATTR,
+    PARTIAL_SUFFIX,
+    VOCAB_ATTR,
+    MapsFormatError,
+    MapsRecord,
+    MissingFileError,
+    attr_str,
+    first_line,
+    incomplete_message,
+    json_or_empty,
 )
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
@@ -42,8 +51,9 @@ class MapsFile:
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
-            raise MapsFormatError(f"{self.path}: not an HDF5 maps file, or a truncated / corrupted one "
-                                  f"({first_line(e)}); export it again") from e
+            raise MapsFormatError(
+                f"{self.path}: not an HDF5 maps file, or a truncated / corrupted one ({first_line(e)}); export it again"
+            ) from e
         try:
             self._check_header()
             self.groups = list(self._h5.keys())
@@ -66,14 +76,18 @@ class MapsFile:
             raise IncompleteOutputError(incomplete_message(self.path))
         version = attrs.get("format_version")
         if version is None or int(version) != FORMAT_VERSION:
-            raise MapsFormatError(f"{self.path}: format_version {version!r}, this reader knows {FORMAT_VERSION}; "
-                                  "export the maps again with this version")
+            raise MapsFormatError(
+                f"{self.path}: format_version {version!r}, this reader knows {FORMAT_VERSION}; "
+                "export the maps again with this version"
+            )
         vocab = attrs.get(VOCAB_ATTR)
         self._vocab_checked = vocab is not None
         if vocab is not None and json.loads(attr_str(vocab)) != Tokenizer().tokens:
-            raise MapsFormatError(f"{self.path}: written with another tokenizer vocabulary ({attr_str(vocab)[:80]}...), "
-                                  f"not this one ({len(Tokenizer().tokens)} tokens); export the maps again with "
-                                  "this version of protein_performer")
+            raise MapsFormatError(
+                f"{self.path}: written with another tokenizer vocabulary ({attr_str(vocab)[:80]}...), "
+                f"not this one ({len(Tokenizer().tokens)} tokens); export the maps again with "
+                "this version of protein_performer"
+            )
         self.attrs = {
             "format_version": int(version),
             "model_config": json.loads(attr_str(attrs.get("model_config", "{}")) or "{}"),
@@ -98,8 +112,7 @@ class MapsFile:
     def __contains__(self, record_id: str) -> bool:
         return record_id in self._by_id
 
-    def read(self, record_id: str, load: Sequence[str] = ALL_PARTS,
-             layers: Sequence[int] | None = None) -> MapsRecord:
+    def read(self, record_id: str, load: Sequence[str] = ALL_PARTS, layers: Sequence[int] | None = None) -> MapsRecord:
         """One record; ``load`` picks what to read besides the ids, ``layers`` a subset of layers."""
         if record_id not in self._by_id:
             raise KeyError(f"{self.path}: no record {record_id!r}")
@@ -113,29 +126,38 @@ class MapsFile:
         except UserError:
             raise
         except (OSError, KeyError, RuntimeError) as e:  # h5py: a damaged chunk, heap or header
-            raise MapsFormatError(f"{self.path} group {name}: unreadable, the file is corrupted "
-                                  f"({first_line(e)}); export it again") from e
+            raise MapsFormatError(
+                f"{self.path} group {name}: unreadable, the file is corrupted ({first_line(e)}); export it again"
+            ) from e
         if not self._vocab_checked:  # no vocab attribute: the tokens must be this tokenizer's ids
             expected = _TOKENIZER.encode(rec.sequence)
             if rec.tokens.shape != expected.shape or not np.array_equal(rec.tokens, expected):
-                raise MapsFormatError(f"{self.path} record {rec.id}: its tokens are not this tokenizer's ids for "
-                                      "its sequence (a file from another tokenizer / vocabulary); export the maps "
-                                      "again with this version of protein_performer")
+                raise MapsFormatError(
+                    f"{self.path} record {rec.id}: its tokens are not this tokenizer's ids for "
+                    "its sequence (a file from another tokenizer / vocabulary); export the maps "
+                    "again with this version of protein_performer"
+                )
         return rec
 
     def _read_group_unchecked(self, name: str, load: Sequence[str], layers: Sequence[int] | None) -> MapsRecord:
         g = self._h5[name]
         seq = attr_str(g.attrs["sequence"])
-        rec = MapsRecord(id=attr_str(g.attrs["id"]), sequence=seq, tokens=g["tokens"][()],
-                         source=attr_str(g.attrs.get("source", "")), group=name)
+        rec = MapsRecord(
+            id=attr_str(g.attrs["id"]),
+            sequence=seq,
+            tokens=g["tokens"][()],
+            source=attr_str(g.attrs.get("source", "")),
+            group=name,
+        )
         L = len(seq)
         sel = slice(None) if layers is None else sorted(int(i) for i in layers)
         for what in ("attentions", "apc"):
             if what in load and what in g:
                 ds = g[what]
                 if ds.ndim != 4 or ds.shape[2:] != (L, L):
-                    raise MapsFormatError(f"{self.path} group {name}: {what} shape {ds.shape} does not fit "
-                                     f"the sequence length {L}")
+                    raise MapsFormatError(
+                        f"{self.path} group {name}: {what} shape {ds.shape} does not fit the sequence length {L}"
+                    )
                 setattr(rec, what, ds[sel])
         if "embeddings" in load and "embeddings" in g:
             rec.embeddings = {k: v[()] for k, v in g["embeddings"].items()}
@@ -144,8 +166,7 @@ class MapsFile:
     def __iter__(self) -> Iterator[MapsRecord]:
         return self.iter()
 
-    def iter(self, load: Sequence[str] = ALL_PARTS,
-             layers: Sequence[int] | None = None) -> Iterator[MapsRecord]:
+    def iter(self, load: Sequence[str] = ALL_PARTS, layers: Sequence[int] | None = None) -> Iterator[MapsRecord]:
         for name in self.groups:
             yield self._read_group(name, load, layers)
 
@@ -153,15 +174,16 @@ class MapsFile:
         if self._h5.id.valid:
             self._h5.close()
 
-    def __enter__(self) -> "MapsFile":
+    def __enter__(self) -> MapsFile:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def read_maps(path: str | Path, load: Sequence[str] = ALL_PARTS,
-              layers: Sequence[int] | None = None) -> Iterator[MapsRecord]:
+def read_maps(
+    path: str | Path, load: Sequence[str] = ALL_PARTS, layers: Sequence[int] | None = None
+) -> Iterator[MapsRecord]:
     """Iterate over the records of a maps file, one group in memory at a time."""
     with MapsFile(path) as f:
         yield from f.iter(load=load, layers=layers)

@@ -8,16 +8,27 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
 
 from protein_performer.analysis.map_ops import apc_maps
 from protein_performer.analysis.maps_format import (
-    FORMAT_VERSION, INCOMPLETE_ATTR, INCOMPLETE_VALUE, LAYOUT_ATTRS, RECORD_ATTRS, VOCAB_ATTR, MapsRecord,
-    attr_str, checksum_str, new_checksum, sanitize_name, vocab_json,
+    FORMAT_VERSION,
+    INCOMPLETE_ATTR,
+    INCOMPLETE_VALUE,
+    LAYOUT_ATTRS,
+    RECORD_ATTRS,
+    VOCAB_ATTR,
+    MapsRecord,
+    attr_str,
+    checksum_str,
+    new_checksum,
+    sanitize_name,
+    vocab_json,
 )
 from protein_performer.data.tokenizer import Tokenizer
 
@@ -36,9 +47,15 @@ class MapsWriter:
     ``begin_layers`` returns a :class:`LayerRecord` to hand each layer to as it is computed.
     """
 
-    def __init__(self, path: str | Path, model_config: dict | str | None = None,
-                 checkpoint_sha256: str = "", causal: bool = False, compression: str | None = "gzip",
-                 compression_opts: int | None = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        model_config: dict | str | None = None,
+        checkpoint_sha256: str = "",
+        causal: bool = False,
+        compression: str | None = "gzip",
+        compression_opts: int | None = 1,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._h5 = h5py.File(self.path, "w", track_order=True)  # groups keep write order
@@ -59,17 +76,28 @@ class MapsWriter:
         comp = self._comp if arr.size else {}
         grp.create_dataset(name, data=arr.astype(np.float16), chunks=chunks, **comp)
 
-    def add(self, record_id: str, sequence: str, attentions: np.ndarray | None = None, *,
-            tokens: np.ndarray | None = None, source: str = "", apc: np.ndarray | bool | None = None,
-            mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> str:
+    def add(
+        self,
+        record_id: str,
+        sequence: str,
+        attentions: np.ndarray | None = None,
+        *,
+        tokens: np.ndarray | None = None,
+        source: str = "",
+        apc: np.ndarray | bool | None = None,
+        mean: np.ndarray | None = None,
+        per_token: np.ndarray | None = None,
+    ) -> str:
         """Add one record; returns its group name. ``attentions``: (layers, heads, L, L).
         ``apc=True`` computes the APC maps from ``attentions`` (before the float16 cast); an array
         is stored as given."""
         L = len(sequence)
         for what, arr in (("attentions", attentions), ("apc", apc)):
             if isinstance(arr, np.ndarray) and (arr.ndim != 4 or arr.shape[2:] != (L, L)):
-                raise ValueError(f"{record_id}: {what} shape {arr.shape}, expected (layers, heads, {L}, {L}) "
-                                 "with the special tokens dropped")
+                raise ValueError(
+                    f"{record_id}: {what} shape {arr.shape}, expected (layers, heads, {L}, {L}) "
+                    "with the special tokens dropped"
+                )
         if apc is True and attentions is None:
             raise ValueError(f"{record_id}: apc=True needs the attentions")
         grp = self._new_group(record_id, sequence, tokens, source, mean, per_token)
@@ -81,22 +109,53 @@ class MapsWriter:
             self._maps(grp, "apc", apc)
         return grp.name.lstrip("/")
 
-    def add_layers(self, record_id: str, sequence: str, layers: Iterable[np.ndarray], n_layers: int,
-                   n_heads: int, *, tokens: np.ndarray | None = None, source: str = "", apc: bool = True,
-                   mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> str:
+    def add_layers(
+        self,
+        record_id: str,
+        sequence: str,
+        layers: Iterable[np.ndarray],
+        n_layers: int,
+        n_heads: int,
+        *,
+        tokens: np.ndarray | None = None,
+        source: str = "",
+        apc: bool = True,
+        mean: np.ndarray | None = None,
+        per_token: np.ndarray | None = None,
+    ) -> str:
         """Add one record layer by layer (memory: one layer's maps): ``layers`` yields
         ``n_layers`` arrays (heads, L, L); with ``apc`` the APC maps are computed per layer.
         On any error (also one raised by ``layers``) the record is dropped."""
-        with self.begin_layers(record_id, sequence, n_layers, n_heads, tokens=tokens, source=source, apc=apc,
-                               mean=mean, per_token=per_token) as record:
+        with self.begin_layers(
+            record_id,
+            sequence,
+            n_layers,
+            n_heads,
+            tokens=tokens,
+            source=source,
+            apc=apc,
+            mean=mean,
+            per_token=per_token,
+        ) as record:
             for layer in layers:
                 record.write_layer(layer)
         return record.name
 
-    def begin_layers(self, record_id: str, sequence: str, n_layers: int, n_heads: int, *,
-                     tokens: np.ndarray | None = None, source: str = "", attentions: bool = True, apc: bool = True,
-                     mean: np.ndarray | None = None, per_token: np.ndarray | None = None,
-                     attrs: dict[str, Any] | None = None) -> "LayerRecord":
+    def begin_layers(
+        self,
+        record_id: str,
+        sequence: str,
+        n_layers: int,
+        n_heads: int,
+        *,
+        tokens: np.ndarray | None = None,
+        source: str = "",
+        attentions: bool = True,
+        apc: bool = True,
+        mean: np.ndarray | None = None,
+        per_token: np.ndarray | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> LayerRecord:
         """Start a record whose maps are handed over one layer at a time, in order, with
         :meth:`LayerRecord.write_layer` (for a producer that calls back per layer; an iterable of
         layers goes to :meth:`add_layers`). ``attentions`` / ``apc`` pick the datasets stored (neither:
@@ -109,8 +168,9 @@ class MapsWriter:
                 grp.attrs[key] = value
             L = len(sequence)
             kw = dict(shape=(n_layers, n_heads, L, L), dtype=np.float16, chunks=(1, n_heads, L, L), **self._comp)
-            datasets = {what: grp.create_dataset(what, **kw) for what, on in (("attentions", attentions), ("apc", apc))
-                        if on}
+            datasets = {
+                what: grp.create_dataset(what, **kw) for what, on in (("attentions", attentions), ("apc", apc)) if on
+            }
         except BaseException:
             self.discard(grp.name)
             raise
@@ -143,8 +203,15 @@ class MapsWriter:
             if per_token is not None:
                 emb.create_dataset("per_token", data=per_token, **self._comp)
 
-    def _new_group(self, record_id: str, sequence: str, tokens: np.ndarray | None, source: str,
-                   mean: np.ndarray | None, per_token: np.ndarray | None) -> h5py.Group:
+    def _new_group(
+        self,
+        record_id: str,
+        sequence: str,
+        tokens: np.ndarray | None,
+        source: str,
+        mean: np.ndarray | None,
+        per_token: np.ndarray | None,
+    ) -> h5py.Group:
         L = len(sequence)
         if tokens is None:
             tokens = self._tokenizer.encode(sequence)
@@ -171,7 +238,7 @@ class MapsWriter:
             name = f"{base}__{n}"
         return name
 
-    def copy_record(self, src: h5py.Group) -> "LayerRecord":
+    def copy_record(self, src: h5py.Group) -> LayerRecord:
         """Write a copy of the record ``src`` (a group of another maps file) with the same calls, in
         the same order, as export wrote it (:meth:`begin_layers` with the group's extra attributes
         in name order, each layer's stored maps, then the embeddings), so that a file rebuilt from
@@ -179,15 +246,25 @@ class MapsWriter:
         extra = {k: src.attrs[k] for k in sorted(src.attrs) if k not in RECORD_ATTRS}
         stored = [w for w in ("attentions", "apc") if w in src]
         n_layers, n_heads = src[stored[0]].shape[:2] if stored else (0, 0)
-        with self.begin_layers(attr_str(src.attrs["id"]), attr_str(src.attrs["sequence"]), n_layers, n_heads,
-                               tokens=src["tokens"][()], source=attr_str(src.attrs.get("source", "")),
-                               attentions="attentions" in src, apc="apc" in src, attrs=extra) as record:
+        with self.begin_layers(
+            attr_str(src.attrs["id"]),
+            attr_str(src.attrs["sequence"]),
+            n_layers,
+            n_heads,
+            tokens=src["tokens"][()],
+            source=attr_str(src.attrs.get("source", "")),
+            attentions="attentions" in src,
+            apc="apc" in src,
+            attrs=extra,
+        ) as record:
             for n in range(n_layers):
                 record.write_stored_layer(*(src[w][n] if w in src else None for w in ("attentions", "apc")))
             if "embeddings" in src:
                 emb = src["embeddings"]
-                record.add_embeddings(mean=emb["mean"][()] if "mean" in emb else None,
-                                      per_token=emb["per_token"][()] if "per_token" in emb else None)
+                record.add_embeddings(
+                    mean=emb["mean"][()] if "mean" in emb else None,
+                    per_token=emb["per_token"][()] if "per_token" in emb else None,
+                )
         return record
 
     def flush(self) -> None:
@@ -210,7 +287,7 @@ class MapsWriter:
             except Exception as e:  # the error that made us abort is the one to report
                 log.debug("%s: closing an aborted maps file failed: %s", self.path, e)
 
-    def __enter__(self) -> "MapsWriter":
+    def __enter__(self) -> MapsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -224,8 +301,16 @@ class LayerRecord:
     """A record of a :class:`MapsWriter` being written one layer at a time (from
     :meth:`MapsWriter.begin_layers`); a context manager that drops the record on any error."""
 
-    def __init__(self, writer: MapsWriter, grp: h5py.Group, record_id: str, length: int, n_layers: int,
-                 n_heads: int, datasets: dict[str, h5py.Dataset]):
+    def __init__(
+        self,
+        writer: MapsWriter,
+        grp: h5py.Group,
+        record_id: str,
+        length: int,
+        n_layers: int,
+        n_heads: int,
+        datasets: dict[str, h5py.Dataset],
+    ):
         self.name = grp.name.lstrip("/")  # the group name, as MapsWriter.add returns it
         self.record_id = record_id
         self.length, self.n_layers, self.n_heads = length, n_layers, n_heads
@@ -244,10 +329,14 @@ class LayerRecord:
         maps = np.asarray(maps)
         n, L = self.layers_written, self.length
         if n >= self.n_layers or maps.shape != (self.n_heads, L, L):
-            raise ValueError(f"{self.record_id}: layer {n} shape {maps.shape}, expected {self.n_layers} "
-                             f"layers of ({self.n_heads}, {L}, {L})")
-        self.write_stored_layer(maps.astype(np.float16) if "attentions" in self._datasets else None,
-                                apc_maps(maps).astype(np.float16) if "apc" in self._datasets else None)
+            raise ValueError(
+                f"{self.record_id}: layer {n} shape {maps.shape}, expected {self.n_layers} "
+                f"layers of ({self.n_heads}, {L}, {L})"
+            )
+        self.write_stored_layer(
+            maps.astype(np.float16) if "attentions" in self._datasets else None,
+            apc_maps(maps).astype(np.float16) if "apc" in self._datasets else None,
+        )
 
     def write_stored_layer(self, attentions: np.ndarray | None, apc: np.ndarray | None) -> None:
         """Store the next layer as given (float16 arrays (heads, L, L), e.g. copied from another
@@ -258,8 +347,10 @@ class LayerRecord:
                 continue
             arr = np.ascontiguousarray(arr, dtype=np.float16)
             if n >= self.n_layers or arr.shape != (self.n_heads, L, L):
-                raise ValueError(f"{self.record_id}: layer {n} {what} shape {arr.shape}, expected {self.n_layers} "
-                                 f"layers of ({self.n_heads}, {L}, {L})")
+                raise ValueError(
+                    f"{self.record_id}: layer {n} {what} shape {arr.shape}, expected {self.n_layers} "
+                    f"layers of ({self.n_heads}, {L}, {L})"
+                )
             self._datasets[what][n] = arr
             self._crc[what] = zlib.crc32(arr.tobytes(), self._crc[what])
         self.layers_written = n + 1
@@ -273,7 +364,7 @@ class LayerRecord:
             if arr is not None:
                 self._crc[what] = zlib.crc32(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
 
-    def __enter__(self) -> "LayerRecord":
+    def __enter__(self) -> LayerRecord:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -284,8 +375,14 @@ class LayerRecord:
             self._writer.discard(self.name)  # no half-written record stays behind
 
 
-def write_maps(path: str | Path, records: Iterable[MapsRecord | dict], model_config: dict | None = None,
-               checkpoint_sha256: str = "", causal: bool = False, apc: bool = False) -> int:
+def write_maps(
+    path: str | Path,
+    records: Iterable[MapsRecord | dict],
+    model_config: dict | None = None,
+    checkpoint_sha256: str = "",
+    causal: bool = False,
+    apc: bool = False,
+) -> int:
     """Write records (:class:`MapsRecord` or dicts with its field names) to ``path``; returns the
     count. ``apc=True`` computes the APC maps of records that carry none."""
     with MapsWriter(path, model_config, checkpoint_sha256, causal) as w:
@@ -293,7 +390,14 @@ def write_maps(path: str | Path, records: Iterable[MapsRecord | dict], model_con
             d = r if isinstance(r, dict) else r.__dict__
             emb = d.get("embeddings") or {}
             rec_apc = d.get("apc")
-            w.add(d["id"], d["sequence"], d.get("attentions"), tokens=d.get("tokens"),
-                  source=d.get("source", ""), apc=rec_apc if rec_apc is not None else (apc or None),
-                  mean=emb.get("mean", d.get("mean")), per_token=emb.get("per_token", d.get("per_token")))
+            w.add(
+                d["id"],
+                d["sequence"],
+                d.get("attentions"),
+                tokens=d.get("tokens"),
+                source=d.get("source", ""),
+                apc=rec_apc if rec_apc is not None else (apc or None),
+                mean=emb.get("mean", d.get("mean")),
+                per_token=emb.get("per_token", d.get("per_token")),
+            )
         return w.n_records

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -34,11 +34,18 @@ import torch
 from protein_performer.analysis.atomic import atomic_output, publish
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.export import (
-    ExportError, InputReport, LoadedModel, SequenceRecord, crop_window, file_sha256, load_model, read_sequences,
+    ExportError,
+    InputReport,
+    LoadedModel,
+    SequenceRecord,
+    crop_window,
+    file_sha256,
+    load_model,
+    read_sequences,
     run_sequence,
 )
-from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
 from protein_performer.analysis.maps_io import apc_maps, sanitize_name
+from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
 
@@ -52,8 +59,8 @@ COMPLETE_ATTR = "complete"
 class ContactPrediction:
     id: str
     sequence: str
-    contacts: np.ndarray      # (L, L) float32 probabilities
-    start: int = 0            # residues [start, start + L) of the input sequence (crop)
+    contacts: np.ndarray  # (L, L) float32 probabilities
+    start: int = 0  # residues [start, start + L) of the input sequence (crop)
 
     def top_pairs(self, k: int | None = None, min_sep: int = 6) -> list[tuple[int, int, float]]:
         """The ``k`` (default L) most probable pairs ``i < j`` with ``j - i >= min_sep``, as 1-based
@@ -82,9 +89,13 @@ def contact_features(model, residues: np.ndarray) -> np.ndarray:
     return np.stack(layers)
 
 
-def predict_contacts(model: LoadedModel | torch.nn.Module, head: ContactHead,
-                     sequences: Iterable[str | tuple | SequenceRecord], crop: str = "error",
-                     check_checkpoint: bool = True) -> Iterator[ContactPrediction]:
+def predict_contacts(
+    model: LoadedModel | torch.nn.Module,
+    head: ContactHead,
+    sequences: Iterable[str | tuple | SequenceRecord],
+    crop: str = "error",
+    check_checkpoint: bool = True,
+) -> Iterator[ContactPrediction]:
     """Contact probabilities for each sequence (a string, an ``(id, sequence)`` pair or a
     :class:`SequenceRecord`), in input order. ``crop``: what to do with a sequence longer than the
     model's positions allow (``error`` | ``skip`` | ``start`` | ``center``; see export's ``crop``).
@@ -128,7 +139,9 @@ class ContactsFile:
             raise UserError(f"{self.path}: not a readable HDF5 contacts file ({e}); rerun predict_contacts") from e
         if not self._h5.attrs.get(COMPLETE_ATTR, False):
             self._h5.close()
-            raise IncompleteOutputError(f"{self.path}: incomplete: predict_contacts was interrupted; rerun with resume=true")
+            raise IncompleteOutputError(
+                f"{self.path}: incomplete: predict_contacts was interrupted; rerun with resume=true"
+            )
 
     def ids(self) -> list[str]:
         groups = sorted(self._h5.values(), key=lambda g: int(g.attrs["index"]))
@@ -136,8 +149,12 @@ class ContactsFile:
 
     def __iter__(self) -> Iterator[ContactPrediction]:
         for g in sorted(self._h5.values(), key=lambda g: int(g.attrs["index"])):
-            yield ContactPrediction(str(g.attrs["id"]), str(g.attrs["sequence"]),
-                                    g["contacts"][()].astype(np.float32), int(g.attrs.get("start", 0)))
+            yield ContactPrediction(
+                str(g.attrs["id"]),
+                str(g.attrs["sequence"]),
+                g["contacts"][()].astype(np.float32),
+                int(g.attrs.get("start", 0)),
+            )
 
     def __len__(self) -> int:
         return len(self._h5)
@@ -145,7 +162,7 @@ class ContactsFile:
     def close(self) -> None:
         self._h5.close()
 
-    def __enter__(self) -> "ContactsFile":
+    def __enter__(self) -> ContactsFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -164,8 +181,11 @@ def _check_resumable(part: Path, resume: bool, checkpoint_sha256: str, head_sha2
         return "w"
     try:
         with h5py.File(part, "r") as h5:
-            same = (h5.attrs.get("checkpoint_sha256") == checkpoint_sha256 and h5.attrs.get("head_sha256") == head_sha256
-                    and h5.attrs.get("input") == str(input))
+            same = (
+                h5.attrs.get("checkpoint_sha256") == checkpoint_sha256
+                and h5.attrs.get("head_sha256") == head_sha256
+                and h5.attrs.get("input") == str(input)
+            )
     except OSError:
         same = False
         log.warning("%s: unreadable (killed while its header was written); starting again", part)
@@ -191,16 +211,29 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
     group.attrs["sequence"] = pred.sequence
     group.attrs["index"] = index
     group.attrs["start"] = pred.start
-    group.create_dataset("contacts", data=pred.contacts.astype(np.float16), compression="gzip",
-                         compression_opts=1, shuffle=True)
+    group.create_dataset(
+        "contacts", data=pred.contacts.astype(np.float16), compression="gzip", compression_opts=1, shuffle=True
+    )
     group.attrs["done"] = True
 
 
-def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, csv_path: str | None = None,
-                         png_dir: str | None = None, top: float = 1.0, crop: str = "error",
-                         min_residues: int = 30, invalid: str = "error", resume: bool = False,
-                         overwrite: bool = False, device: str = "cpu", progress: bool = True,
-                         model_config: str | None = None) -> dict:
+def run_predict_contacts(
+    checkpoint: str,
+    head: str,
+    input: str,
+    output: str,
+    csv_path: str | None = None,
+    png_dir: str | None = None,
+    top: float = 1.0,
+    crop: str = "error",
+    min_residues: int = 30,
+    invalid: str = "error",
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    model_config: str | None = None,
+) -> dict:
     """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict."""
     from tqdm.auto import tqdm
 
@@ -219,9 +252,16 @@ def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, cs
     with h5py.File(part, mode) as h5:
         done: set[int] = set()
         if mode == "w":
-            h5.attrs.update({"format_version": FORMAT_VERSION, "checkpoint": str(checkpoint),
-                             "checkpoint_sha256": loaded.sha256, "head": str(head_path), "head_sha256": head_sha,
-                             "input": str(input)})
+            h5.attrs.update(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "checkpoint": str(checkpoint),
+                    "checkpoint_sha256": loaded.sha256,
+                    "head": str(head_path),
+                    "head_sha256": head_sha,
+                    "input": str(input),
+                }
+            )
         else:
             done = _records_done(h5)
             if done:
@@ -244,8 +284,13 @@ def run_predict_contacts(checkpoint: str, head: str, input: str, output: str, cs
         if csv_path or png_dir:
             _write_extras(cf, csv_path, png_dir, top, contact_head.min_sep)
     log.info("%d contact maps -> %s", n_written, out)
-    return {"output": str(out), "records": n_written, "input_failures": report.failures,
-            "checkpoint_sha256": loaded.sha256, "head": str(head_path)}
+    return {
+        "output": str(out),
+        "records": n_written,
+        "input_failures": report.failures,
+        "checkpoint_sha256": loaded.sha256,
+        "head": str(head_path),
+    }
 
 
 def _write_extras(cf: ContactsFile, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> None:
@@ -288,5 +333,13 @@ def plot_prediction(pred: ContactPrediction, path: str | Path, min_sep: int = 6)
     plt.close(fig)
 
 
-__all__ = ["ContactPrediction", "ContactsFile", "contact_features", "predict_contacts", "run_predict_contacts",
-           "plot_prediction", "partial_path", "ExportError"]
+__all__ = [
+    "ContactPrediction",
+    "ContactsFile",
+    "contact_features",
+    "predict_contacts",
+    "run_predict_contacts",
+    "plot_prediction",
+    "partial_path",
+    "ExportError",
+]

@@ -4,8 +4,8 @@ and renames when complete (``resume=true`` continues it, ``overwrite=true`` disc
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -26,7 +26,9 @@ def partial_path(output: str | Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def check_run_paths(input: str | Path, output: str | Path, command: str, resume: bool, overwrite: bool) -> tuple[Path, Path]:
+def check_run_paths(
+    input: str | Path, output: str | Path, command: str, resume: bool, overwrite: bool
+) -> tuple[Path, Path]:
     """``(output, partial)`` after the checks every run makes first: the input exists, the output
     is not a directory, and an interrupted run's partial file is only touched when asked to."""
     out = Path(output)
@@ -36,8 +38,10 @@ def check_run_paths(input: str | Path, output: str | Path, command: str, resume:
         raise UserError(f"{input}: input not found (a FASTA file or a folder of structures)")
     part = partial_path(out)
     if part.exists() and not (resume or overwrite):
-        raise UserError(f"{part}: an interrupted {command} run is there; rerun with resume=true to continue it "
-                        "or overwrite=true to start again")
+        raise UserError(
+            f"{part}: an interrupted {command} run is there; rerun with resume=true to continue it "
+            "or overwrite=true to start again"
+        )
     return out, part
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from Bio.Align import PairwiseAligner, substitution_matrices
@@ -32,9 +32,26 @@ from protein_performer.errors import UserError
 log = logging.getLogger(__name__)
 
 THREE_TO_ONE = {
-    "ALA": "A", "CYS": "C", "ASP": "D", "GLU": "E", "PHE": "F", "GLY": "G", "HIS": "H",
-    "ILE": "I", "LYS": "K", "LEU": "L", "MET": "M", "ASN": "N", "PRO": "P", "GLN": "Q",
-    "ARG": "R", "SER": "S", "THR": "T", "VAL": "V", "TRP": "W", "TYR": "Y",
+    "ALA": "A",
+    "CYS": "C",
+    "ASP": "D",
+    "GLU": "E",
+    "PHE": "F",
+    "GLY": "G",
+    "HIS": "H",
+    "ILE": "I",
+    "LYS": "K",
+    "LEU": "L",
+    "MET": "M",
+    "ASN": "N",
+    "PRO": "P",
+    "GLN": "Q",
+    "ARG": "R",
+    "SER": "S",
+    "THR": "T",
+    "VAL": "V",
+    "TRP": "W",
+    "TYR": "Y",
 }
 MODIFIED_TO_ONE = {"MSE": "M"}  # selenomethionine, written as HETATM
 
@@ -61,14 +78,14 @@ class AlignmentMismatchError(ValueError):
 class Chain:
     """Standard residues of one chain, in file order (see the module docstring)."""
 
-    path: str                   # the structure file
+    path: str  # the structure file
     chain_id: str
-    sequence: str               # one letter per residue kept
-    resnums: list[str]          # residue number + insertion code, e.g. "27", "184A"
-    cb: np.ndarray              # (n, 3) float64, C-beta / Gly C-alpha / virtual C-beta, NaN if no CA
-    ca: np.ndarray              # (n, 3) float64, NaN if no CA
-    n_virtual_cb: int = 0       # residues whose C-beta was built from N, CA, C
-    n_skipped: int = 0          # non-standard residues (not water) skipped inside the chain
+    sequence: str  # one letter per residue kept
+    resnums: list[str]  # residue number + insertion code, e.g. "27", "184A"
+    cb: np.ndarray  # (n, 3) float64, C-beta / Gly C-alpha / virtual C-beta, NaN if no CA
+    ca: np.ndarray  # (n, 3) float64, NaN if no CA
+    n_virtual_cb: int = 0  # residues whose C-beta was built from N, CA, C
+    n_skipped: int = 0  # non-standard residues (not water) skipped inside the chain
 
     @property
     def key(self) -> str:
@@ -156,8 +173,9 @@ def _parse(path: Path):
         else:
             structure = parser.get_structure(file_stem(path), str(path))
     except Exception as e:  # Biopython raises many types on malformed input; re-raised with the file
-        raise StructureError(f"{path}: not a readable {'mmCIF' if is_cif else 'PDB'} file "
-                             f"({type(e).__name__}: {e})") from e
+        raise StructureError(
+            f"{path}: not a readable {'mmCIF' if is_cif else 'PDB'} file ({type(e).__name__}: {e})"
+        ) from e
     models = list(structure)
     if not models or not any(True for _ in models[0].get_atoms()):
         raise StructureError(f"{path}: no atoms found; is it a {'mmCIF' if is_cif else 'PDB'} file?")
@@ -200,14 +218,24 @@ def _chain_from_bio(path: Path, bio_chain, map_mse: bool) -> Chain:
         ca.append(ca_xyz)
     shape = (len(seq), 3)
     return Chain(
-        path=str(path), chain_id=str(bio_chain.id), sequence="".join(seq), resnums=resnums,
-        cb=np.array(cb, dtype=np.float64).reshape(shape), ca=np.array(ca, dtype=np.float64).reshape(shape),
-        n_virtual_cb=n_virtual, n_skipped=n_skipped,
+        path=str(path),
+        chain_id=str(bio_chain.id),
+        sequence="".join(seq),
+        resnums=resnums,
+        cb=np.array(cb, dtype=np.float64).reshape(shape),
+        ca=np.array(ca, dtype=np.float64).reshape(shape),
+        n_virtual_cb=n_virtual,
+        n_skipped=n_skipped,
     )
 
 
-def read_chains(path: str | Path, chains: Sequence[str] | None = None, min_residues: int = 30,
-                map_mse: bool = True, failures: list[LoadFailure] | None = None) -> list[Chain]:
+def read_chains(
+    path: str | Path,
+    chains: Sequence[str] | None = None,
+    min_residues: int = 30,
+    map_mse: bool = True,
+    failures: list[LoadFailure] | None = None,
+) -> list[Chain]:
     """Read the protein chains of the first model of a PDB or mmCIF file (``.gz`` too).
 
     ``chains`` names the chain ids to read (each must exist and have standard residues); by default
@@ -224,8 +252,7 @@ def read_chains(path: str | Path, chains: Sequence[str] | None = None, min_resid
     if chains is not None:
         missing = [c for c in chains if c not in by_id]
         if missing:
-            raise StructureError(f"{path}: chain(s) {missing} not found; chains in the first model: "
-                                 f"{sorted(by_id)}")
+            raise StructureError(f"{path}: chain(s) {missing} not found; chains in the first model: {sorted(by_id)}")
         selected = [by_id[c] for c in chains]
     else:
         selected = list(model)
@@ -233,15 +260,16 @@ def read_chains(path: str | Path, chains: Sequence[str] | None = None, min_resid
     for bio_chain in selected:
         chain = _chain_from_bio(path, bio_chain, map_mse)
         if chains is None and len(chain) < min_residues:
-            log.debug("%s chain %s: %d standard residues < %d, skipped", path, chain.chain_id,
-                      len(chain), min_residues)
+            log.debug("%s chain %s: %d standard residues < %d, skipped", path, chain.chain_id, len(chain), min_residues)
             continue
         problem = None
         if len(chain) == 0:
             problem = f"{path} chain {chain.chain_id}: no standard amino-acid residues"
         elif not chain.resolved.any():
-            problem = (f"{path} chain {chain.chain_id}: no C-alpha atoms ({len(chain)} residues), "
-                       "so no coordinates to compare with")
+            problem = (
+                f"{path} chain {chain.chain_id}: no C-alpha atoms ({len(chain)} residues), "
+                "so no coordinates to compare with"
+            )
         if problem is None:
             out.append(chain)
         elif failures is None:
@@ -259,12 +287,12 @@ def structure_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise MissingStructuresError(f"structure folder not found: {directory}")
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.name.lower().endswith(STRUCTURE_SUFFIXES))
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.lower().endswith(STRUCTURE_SUFFIXES))
 
 
-def load_structures(paths: str | Path | Iterable[str | Path], min_residues: int = 30,
-                    map_mse: bool = True) -> tuple[list[Chain], list[LoadFailure]]:
+def load_structures(
+    paths: str | Path | Iterable[str | Path], min_residues: int = 30, map_mse: bool = True
+) -> tuple[list[Chain], list[LoadFailure]]:
     """Read every structure of a folder (or a list of files); a file or chain that fails is logged
     and listed in the returned failures, and the other files and chains are still read."""
     if isinstance(paths, (str, Path)):
@@ -287,31 +315,36 @@ def load_structures(paths: str | Path | Iterable[str | Path], min_residues: int 
 class ChainAlignment:
     """A chain placed on a model sequence of length ``L``."""
 
-    seq_to_res: np.ndarray      # (L,) int64: index into the chain's residues, -1 where none
+    seq_to_res: np.ndarray  # (L,) int64: index into the chain's residues, -1 where none
     n_identical: int
-    n_mismatched: int           # aligned pairs with different residues
-    n_unaligned: int            # chain residues facing a gap in the sequence
-    identity: float             # n_identical / chain residues
+    n_mismatched: int  # aligned pairs with different residues
+    n_unaligned: int  # chain residues facing a gap in the sequence
+    identity: float  # n_identical / chain residues
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"n_identical": self.n_identical, "n_mismatched": self.n_mismatched,
-                "n_unaligned": self.n_unaligned, "identity": round(self.identity, 4),
-                "problems": list(self.problems)}
+        return {
+            "n_identical": self.n_identical,
+            "n_mismatched": self.n_mismatched,
+            "n_unaligned": self.n_unaligned,
+            "identity": round(self.identity, 4),
+            "problems": list(self.problems),
+        }
 
 
 def _aligner() -> PairwiseAligner:
     aligner = PairwiseAligner()
     aligner.mode = "global"
     aligner.substitution_matrix = substitution_matrices.load("BLOSUM62")
-    aligner.open_gap_score = -10.0     # EMBOSS needle's defaults
+    aligner.open_gap_score = -10.0  # EMBOSS needle's defaults
     aligner.extend_gap_score = -0.5
-    aligner.end_gap_score = 0.0        # a domain inside a longer sequence costs nothing at the ends
+    aligner.end_gap_score = 0.0  # a domain inside a longer sequence costs nothing at the ends
     return aligner
 
 
-def align_to_sequence(chain: Chain, sequence: str, min_identity: float = 0.9,
-                      max_mismatches: int = 3, strict: bool = True) -> ChainAlignment:
+def align_to_sequence(
+    chain: Chain, sequence: str, min_identity: float = 0.9, max_mismatches: int = 3, strict: bool = True
+) -> ChainAlignment:
     """Align ``chain`` to ``sequence`` (global, BLOSUM62, gap -10/-0.5, free end gaps).
 
     Real chain breaks (see :meth:`Chain.chain_breaks`) enter as placeholder residues, so the
@@ -359,7 +392,8 @@ def align_to_sequence(chain: Chain, sequence: str, min_identity: float = 0.9,
     if strict and (identity < min_identity or n_mismatched > max_mismatches):
         raise AlignmentMismatchError(
             f"{where}: sequence does not match the structure ({'; '.join(problems)}; "
-            f"tolerance: identity >= {min_identity}, mismatches <= {max_mismatches})")
+            f"tolerance: identity >= {min_identity}, mismatches <= {max_mismatches})"
+        )
     if problems:
         log.warning("%s: aligned with %s", where, "; ".join(problems))
     return aln

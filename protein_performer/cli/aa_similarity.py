@@ -20,11 +20,19 @@ def _ints(v):
 @hydra.main(config_path="../conf", config_name="aa_similarity", version_base="1.3")
 @cli_errors
 def main(cfg: DictConfig) -> dict:
-    result = run_aa_similarity(cfg.maps, cfg.output_dir, layers=_ints(cfg.layers), heads=_ints(cfg.heads),
-                               max_sequences=cfg.max_sequences, exclude_self=cfg.exclude_self)
+    result = run_aa_similarity(
+        cfg.maps,
+        cfg.output_dir,
+        layers=_ints(cfg.layers),
+        heads=_ints(cfg.heads),
+        max_sequences=cfg.max_sequences,
+        exclude_self=cfg.exclude_self,
+    )
     allh, best = result["all_heads"], result["best_head"]
-    print(f"{result['n_sequences']} sequences; all heads: Pearson {allh['pearson']:.3f}, "
-          f"Spearman {allh['spearman']:.3f} with BLOSUM62 ({allh['n_pairs']} pairs)")
+    print(
+        f"{result['n_sequences']} sequences; all heads: Pearson {allh['pearson']:.3f}, "
+        f"Spearman {allh['spearman']:.3f} with BLOSUM62 ({allh['n_pairs']} pairs)"
+    )
     if best:
         print(f"best head: layer {best['layer']} head {best['head']}: Pearson {best['pearson']:.3f}")
     print(f"written to {cfg.output_dir}")

@@ -19,12 +19,23 @@ def main(cfg: DictConfig) -> dict:
     if chains is not None and not OmegaConf.is_list(chains):
         chains = [str(chains)]
     report = run_contacts(
-        maps=cfg.maps, structures=cfg.structures, output_dir=cfg.output_dir,
-        baseline_maps=cfg.baseline_maps, chains=list(chains) if chains is not None else None,
-        min_residues=cfg.min_residues, threshold=cfg.threshold, min_identity=cfg.min_identity,
-        max_mismatches=cfg.max_mismatches, n_folds=cfg.n_folds, train_size=cfg.train_size,
-        C=cfg.C, solver=cfg.solver, seed=cfg.seed, n_plots=cfg.n_plots,
-        standardize=cfg.get("standardize", True), save_head=cfg.get("save_head", True),
+        maps=cfg.maps,
+        structures=cfg.structures,
+        output_dir=cfg.output_dir,
+        baseline_maps=cfg.baseline_maps,
+        chains=list(chains) if chains is not None else None,
+        min_residues=cfg.min_residues,
+        threshold=cfg.threshold,
+        min_identity=cfg.min_identity,
+        max_mismatches=cfg.max_mismatches,
+        n_folds=cfg.n_folds,
+        train_size=cfg.train_size,
+        C=cfg.C,
+        solver=cfg.solver,
+        seed=cfg.seed,
+        n_plots=cfg.n_plots,
+        standardize=cfg.get("standardize", True),
+        save_head=cfg.get("save_head", True),
         head_train_size=cfg.get("head_train_size", 20),
     )
     print(f"{report['n_proteins']} proteins, {len(report['failures'])} failures; report in {cfg.output_dir}")

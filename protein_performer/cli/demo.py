@@ -113,38 +113,71 @@ def stage_commands(stage: str, opts: dict[str, str], paths: DemoPaths) -> list[l
     structures, ckpt = opts["structures"], paths.checkpoint
     export = ["protein_performer.export_attention", "crop=center", "progress=false", "num_threads=1"]
     if stage == "ingest":
-        return [[
-            "protein_performer.ingest",
-            f"input=[{DATA / 'uniprot_sample.fasta.gz'},{DATA / 'swissprot_sample.fasta.gz'}]",
-            f"output_dir={paths.shards}",
-            f"annotations={DATA / 'swissprot_sample.pfam_hits.tsv'}",
-            "ood_families=[RRM_1,globins4]",
-            "fractions={train: 0.9, valid: 0.05, test: 0.05}",
-            "overwrite=true",
-            "progress=false",
-        ]]
+        return [
+            [
+                "protein_performer.ingest",
+                f"input=[{DATA / 'uniprot_sample.fasta.gz'},{DATA / 'swissprot_sample.fasta.gz'}]",
+                f"output_dir={paths.shards}",
+                f"annotations={DATA / 'swissprot_sample.pfam_hits.tsv'}",
+                "ood_families=[RRM_1,globins4]",
+                "fractions={train: 0.9, valid: 0.05, test: 0.05}",
+                "overwrite=true",
+                "progress=false",
+            ]
+        ]
     if stage == "train":
         extra = []
         if opts["steps"]:  # a shorter run (the tests use it); the demo experiment's own default otherwise
             n = int(opts["steps"])
             extra = [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}", "module.warmup_steps=0"]
-        return [["protein_performer.train", "experiment=demo", f"data.root={paths.shards}",
-                 f"hydra.run.dir={paths.run_dir}", f"trainer.max_time={opts['max_time']}", *extra]]
+        return [
+            [
+                "protein_performer.train",
+                "experiment=demo",
+                f"data.root={paths.shards}",
+                f"hydra.run.dir={paths.run_dir}",
+                f"trainer.max_time={opts['max_time']}",
+                *extra,
+            ]
+        ]
     if stage == "export":
         return [
             [export[0], f"checkpoint={ckpt}", f"input={structures}", f"output={paths.maps}", *export[1:]],
-            [export[0], "checkpoint=random", f"model_config={ckpt}", f"input={structures}",
-             f"output={paths.maps_random}", *export[1:]],
+            [
+                export[0],
+                "checkpoint=random",
+                f"model_config={ckpt}",
+                f"input={structures}",
+                f"output={paths.maps_random}",
+                *export[1:],
+            ],
         ]
     if stage == "contacts":
-        return [["protein_performer.contacts", f"maps={paths.maps}", f"baseline_maps={paths.maps_random}",
-                 f"structures={structures}", f"output_dir={paths.out / 'contacts'}"]]
+        return [
+            [
+                "protein_performer.contacts",
+                f"maps={paths.maps}",
+                f"baseline_maps={paths.maps_random}",
+                f"structures={structures}",
+                f"output_dir={paths.out / 'contacts'}",
+            ]
+        ]
     if stage == "aa":
         return [
-            [export[0], f"checkpoint={ckpt}", f"input={DATA / 'swissprot_sample.fasta.gz'}",
-             f"output={paths.maps_sequences}", "max_sequences=300", "include=[attentions]", *export[1:]],
-            ["protein_performer.aa_similarity", f"maps={paths.maps_sequences}",
-             f"output_dir={paths.out / 'aa_similarity'}"],
+            [
+                export[0],
+                f"checkpoint={ckpt}",
+                f"input={DATA / 'swissprot_sample.fasta.gz'}",
+                f"output={paths.maps_sequences}",
+                "max_sequences=300",
+                "include=[attentions]",
+                *export[1:],
+            ],
+            [
+                "protein_performer.aa_similarity",
+                f"maps={paths.maps_sequences}",
+                f"output_dir={paths.out / 'aa_similarity'}",
+            ],
         ]
     raise UserError(f"demo: unknown stage {stage!r}; choose from {STAGES}")
 
@@ -187,8 +220,13 @@ def _fmt(v) -> str:
 def _print_summary(s: dict, out: Path) -> None:
     print("\n================ protein_performer demo: summary ================")
     if s["manifest"]:
-        print("shards: " + ", ".join(f"{k} {v.get('n_sequences', 0):,} seqs / {v.get('n_residues', 0):,} res"
-                                     for k, v in s["manifest"].items()))
+        print(
+            "shards: "
+            + ", ".join(
+                f"{k} {v.get('n_sequences', 0):,} seqs / {v.get('n_residues', 0):,} res"
+                for k, v in s["manifest"].items()
+            )
+        )
     train = s["train"]
     if train:
         print(f"\n{'split':<6} {'metric':<11} {'model':>8} {'unigram':>8}")
@@ -202,14 +240,18 @@ def _print_summary(s: dict, out: Path) -> None:
         print("\nunsupervised contact precision, mean over proteins (cross-validated):")
         print(f"{'method':<24} {'short P@L':>10} {'medium P@L':>11} {'long P@L':>9} {'long P@L/5':>11}")
         for method, mean in s["contacts"].items():
-            print(f"{method:<24} {mean['short']['P@L']:>10.3f} {mean['medium']['P@L']:>11.3f} "
-                  f"{mean['long']['P@L']:>9.3f} {mean['long']['P@L/5']:>11.3f}")
+            print(
+                f"{method:<24} {mean['short']['P@L']:>10.3f} {mean['medium']['P@L']:>11.3f} "
+                f"{mean['long']['P@L']:>9.3f} {mean['long']['P@L/5']:>11.3f}"
+            )
     aa = s["aa_similarity"]
     if aa:
         best = aa.get("best_head", {})
-        print(f"\namino-acid attention vs BLOSUM62 over {aa.get('n_sequences')} sequences: "
-              f"all heads Pearson {aa['all_heads']['pearson']:.3f}; best head (layer {best.get('layer')}, "
-              f"head {best.get('head')}) Pearson {best.get('pearson', float('nan')):.3f}")
+        print(
+            f"\namino-acid attention vs BLOSUM62 over {aa.get('n_sequences')} sequences: "
+            f"all heads Pearson {aa['all_heads']['pearson']:.3f}; best head (layer {best.get('layer')}, "
+            f"head {best.get('head')}) Pearson {best.get('pearson', float('nan')):.3f}"
+        )
     print(f"\nall outputs under {out} ({s['seconds']} s); W&B offline run: {out / 'train' / 'wandb'}")
 
 

@@ -17,14 +17,25 @@ from protein_performer.runtime import set_threads
 def main(cfg: DictConfig) -> dict:
     set_threads(cfg.get("num_threads"))
     summary = run_embed(
-        checkpoint=str(cfg.checkpoint), input=str(cfg.input), output=str(cfg.output),
-        batch_tokens=int(cfg.batch_tokens), chunk=int(cfg.chunk), crop=str(cfg.crop),
-        min_residues=int(cfg.min_residues), invalid=str(cfg.invalid), resume=bool(cfg.resume),
-        overwrite=bool(cfg.overwrite), device=str(cfg.device), progress=bool(cfg.progress),
-        model_config=cfg.model_config, seed=int(cfg.seed),
+        checkpoint=str(cfg.checkpoint),
+        input=str(cfg.input),
+        output=str(cfg.output),
+        batch_tokens=int(cfg.batch_tokens),
+        chunk=int(cfg.chunk),
+        crop=str(cfg.crop),
+        min_residues=int(cfg.min_residues),
+        invalid=str(cfg.invalid),
+        resume=bool(cfg.resume),
+        overwrite=bool(cfg.overwrite),
+        device=str(cfg.device),
+        progress=bool(cfg.progress),
+        model_config=cfg.model_config,
+        seed=int(cfg.seed),
     )
-    print(f"{summary['sequences']} embeddings ({summary['new']} new) -> {summary['output']} in "
-          f"{summary['seconds']:.1f} s ({summary['sequences_per_s']:.1f} sequences/s)")
+    print(
+        f"{summary['sequences']} embeddings ({summary['new']} new) -> {summary['output']} in "
+        f"{summary['seconds']:.1f} s ({summary['sequences_per_s']:.1f} sequences/s)"
+    )
     for f in summary["input_failures"][:20]:
         print(f"  left out: {f['reason']}")
     return summary

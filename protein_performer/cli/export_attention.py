@@ -12,8 +12,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from protein_performer.analysis.export import run_export
-from protein_performer.runtime import keep_freed_memory, set_threads
 from protein_performer.errors import cli_errors
+from protein_performer.runtime import keep_freed_memory, set_threads
 
 
 @hydra.main(config_path="../conf", config_name="export_attention", version_base="1.3")
@@ -27,16 +27,28 @@ def main(cfg: DictConfig) -> dict:
     if OmegaConf.is_config(model_config):
         model_config = OmegaConf.to_container(model_config, resolve=True)
     summary = run_export(
-        checkpoint=str(cfg.checkpoint), input=str(cfg.input), output=str(cfg.output), include=include,
-        model_config=model_config, seed=int(cfg.seed), crop=cfg.crop, max_sequences=cfg.max_sequences,
-        min_residues=int(cfg.min_residues), invalid=cfg.invalid, device=cfg.device, progress=bool(cfg.progress),
-        resume=bool(cfg.get("resume", False)), overwrite=bool(cfg.get("overwrite", False)),
+        checkpoint=str(cfg.checkpoint),
+        input=str(cfg.input),
+        output=str(cfg.output),
+        include=include,
+        model_config=model_config,
+        seed=int(cfg.seed),
+        crop=cfg.crop,
+        max_sequences=cfg.max_sequences,
+        min_residues=int(cfg.min_residues),
+        invalid=cfg.invalid,
+        device=cfg.device,
+        progress=bool(cfg.progress),
+        resume=bool(cfg.get("resume", False)),
+        overwrite=bool(cfg.get("overwrite", False)),
     )
-    print(f"{summary['records']} sequences ({summary['residues']} residues; {summary['cropped']} cropped, "
-          f"{summary['skipped_too_long']} skipped as too long) -> {summary['output']} "
-          f"[{summary['layers']} layers x {summary['heads']} heads, {', '.join(summary['include'])}] "
-          f"in {summary['seconds']:.1f} s"
-          + (f" ({summary['resumed_records']} kept from the interrupted export)" if summary["resumed_records"] else ""))
+    print(
+        f"{summary['records']} sequences ({summary['residues']} residues; {summary['cropped']} cropped, "
+        f"{summary['skipped_too_long']} skipped as too long) -> {summary['output']} "
+        f"[{summary['layers']} layers x {summary['heads']} heads, {', '.join(summary['include'])}] "
+        f"in {summary['seconds']:.1f} s"
+        + (f" ({summary['resumed_records']} kept from the interrupted export)" if summary["resumed_records"] else "")
+    )
     for f in summary["input_failures"]:
         print(f"  left out: {f['reason']}")
     return summary

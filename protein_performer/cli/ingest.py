@@ -32,8 +32,10 @@ log = logging.getLogger("protein_performer.ingest")
 def summary(manifest: dict) -> str:
     """A short text summary of a manifest (or of one part's result)."""
     if "splits" not in manifest:
-        return (f"part {manifest['unit']} of {manifest['path']}: {manifest['n_records']} records, "
-                f"{manifest['n_valid']} valid, rejected {manifest['rejected'] or 'none'}; run merge=true when all parts are done")
+        return (
+            f"part {manifest['unit']} of {manifest['path']}: {manifest['n_records']} records, "
+            f"{manifest['n_valid']} valid, rejected {manifest['rejected'] or 'none'}; run merge=true when all parts are done"
+        )
     lines = [
         f"records {manifest['n_records']:,}  unique {manifest['n_unique']:,}  duplicates {manifest['n_duplicates']:,}"
         f"  rejected {sum(manifest['rejected'].values()):,} {manifest['rejected'] or ''}",

@@ -18,10 +18,20 @@ from protein_performer.runtime import set_threads
 def main(cfg: DictConfig) -> dict:
     set_threads(cfg.get("num_threads"))
     summary = run_predict_contacts(
-        checkpoint=str(cfg.checkpoint), head=str(cfg.head), input=str(cfg.input), output=str(cfg.output),
-        csv_path=cfg.csv, png_dir=cfg.png_dir, top=float(cfg.top), crop=str(cfg.crop),
-        min_residues=int(cfg.min_residues), invalid=str(cfg.invalid), resume=bool(cfg.resume),
-        overwrite=bool(cfg.overwrite), device=str(cfg.device), progress=bool(cfg.progress),
+        checkpoint=str(cfg.checkpoint),
+        head=str(cfg.head),
+        input=str(cfg.input),
+        output=str(cfg.output),
+        csv_path=cfg.csv,
+        png_dir=cfg.png_dir,
+        top=float(cfg.top),
+        crop=str(cfg.crop),
+        min_residues=int(cfg.min_residues),
+        invalid=str(cfg.invalid),
+        resume=bool(cfg.resume),
+        overwrite=bool(cfg.overwrite),
+        device=str(cfg.device),
+        progress=bool(cfg.progress),
     )
     print(f"{summary['records']} contact maps -> {summary['output']}")
     for f in summary["input_failures"]:

@@ -33,8 +33,8 @@ never on the worker that builds it or on how the run was resumed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -129,9 +129,7 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
 
 
-def pad_stack(
-    rows: Sequence[np.ndarray], fill: int, length: int
-) -> torch.Tensor:
+def pad_stack(rows: Sequence[np.ndarray], fill: int, length: int) -> torch.Tensor:
     out = np.full((len(rows), length), fill, dtype=np.int64)
     for r, row in enumerate(rows):
         out[r, : row.size] = row
@@ -173,12 +171,12 @@ class Collator:
             if self.packed:
                 return uni_block(item, _TOK.bos_id)
             return uni_example(item, self.max_length, crop_rng, _TOK.bos_id, _TOK.eos_id)
-        window = item.astype(np.int64) if self.packed else bid_window(
-            item, self.max_length, crop_rng, _TOK.bos_id, _TOK.eos_id
+        window = (
+            item.astype(np.int64)
+            if self.packed
+            else bid_window(item, self.max_length, crop_rng, _TOK.bos_id, _TOK.eos_id)
         )
-        return mask_tokens(
-            window, rng, self.mask_prob, _TOK.mask_id, _TOK.n_special, self.replacement_ids
-        )
+        return mask_tokens(window, rng, self.mask_prob, _TOK.mask_id, _TOK.n_special, self.replacement_ids)
 
     def __call__(self, items: Sequence[np.ndarray], indices: Sequence[int], epoch: int = 0) -> dict:
         if len(items) != len(indices):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .collate import Collator, effective_lengths
 from protein_performer.errors import UserError
 
+from .collate import Collator, effective_lengths
 from .shards import PackedDataset, ShardedDataset, check_vocab, read_manifest
 from .tokenizer import Tokenizer
 
@@ -251,9 +251,7 @@ class ProteinDataModule(pl.LightningDataModule):
     def _dataset(self, split: str) -> ShardedDataset | PackedDataset:
         if split not in self.datasets:
             seqs = ShardedDataset(self.root, split, manifest=self.manifest)
-            self.datasets[split] = (
-                PackedDataset(seqs, self.block_size, self.tokenizer.eos_id) if self.packing else seqs
-            )
+            self.datasets[split] = PackedDataset(seqs, self.block_size, self.tokenizer.eos_id) if self.packing else seqs
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
@@ -267,12 +265,17 @@ class ProteinDataModule(pl.LightningDataModule):
         if stage in ("validate", "test"):
             names = self.val_split_names if stage == "validate" else self.test_split_names
             if not names:
-                wanted = [s for s in (("valid", "ood") if stage == "validate" else ("test", "ood")) if s in self.eval_splits]
+                wanted = [
+                    s for s in (("valid", "ood") if stage == "validate" else ("test", "ood")) if s in self.eval_splits
+                ]
                 present = [s for s in self.manifest["splits"] if self._available(s)]
                 log.warning(
                     "%s/manifest.json: nothing to %s on: no %s split with sequences (present: %s); ingest with "
                     "fractions giving it a share, or set data.eval_splits to a present split",
-                    self.root, stage, " or ".join(map(repr, wanted)) or "eval", ", ".join(present) or "none",
+                    self.root,
+                    stage,
+                    " or ".join(map(repr, wanted)) or "eval",
+                    ", ".join(present) or "none",
                 )
 
     def _setup(self, stage: str | None = None) -> None:

@@ -376,7 +376,9 @@ def _split_block(block: bytes, pos: int, line: int, end: int | None, table: byte
     nls[-1] -= 1
     offsets = np.cumsum(np.concatenate([[pos], sizes])).tolist()
     lines = np.cumsum(np.concatenate([[line], nls])).tolist()
-    batch = Batch(headers=headers, sequences=sequences, lines=lines[:n], offsets=offsets[:n], block=block, block_offset=pos)
+    batch = Batch(
+        headers=headers, sequences=sequences, lines=lines[:n], offsets=offsets[:n], block=block, block_offset=pos
+    )
     return batch, lines[n], offsets[n], stop
 
 

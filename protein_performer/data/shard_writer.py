@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test", "ood")
 MANIFEST_NAME = "manifest.json"
-DEFAULT_CHUNK_SIZE = 1 << 16  # 64 KiB of uint8 tokens per HDF5 chunk: ~200 sequences; one random read decompresses one chunk
+DEFAULT_CHUNK_SIZE = (
+    1 << 16
+)  # 64 KiB of uint8 tokens per HDF5 chunk: ~200 sequences; one random read decompresses one chunk
 GZIP_STRATEGIES = ("default", "huffman_only")
 
 

@@ -198,7 +198,9 @@ class ShardedDataset:
                     )
                 shard_split = f.attrs.get("split")
                 if shard_split is not None and shard_split != self.split:
-                    raise ShardFormatError(f"{path}: shard of split {shard_split!r} listed under {self.split!r}; {redo}")
+                    raise ShardFormatError(
+                        f"{path}: shard of split {shard_split!r} listed under {self.split!r}; {redo}"
+                    )
                 vocab = f.attrs.get("vocab")
                 if vocab is not None and self.vocab and json.loads(vocab) != self.vocab:
                     raise VocabularyError(

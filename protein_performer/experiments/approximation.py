@@ -52,9 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=16, help="d, the head dimension of the synthetic set")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512], help="m values")
     p.add_argument("--samples", type=int, default=15)
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0], help="std of the synthetic q, k, v entries (one set each)")
+    p.add_argument(
+        "--sigmas",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0],
+        help="std of the synthetic q, k, v entries (one set each)",
+    )
     p.add_argument("--real", action=argparse.BooleanOptionalAction, default=True, help="also run on real q/k")
-    p.add_argument("--real-length", type=int, default=512, help="crop of the real proteins (at most the model's max_len, 512)")
+    p.add_argument(
+        "--real-length", type=int, default=512, help="crop of the real proteins (at most the model's max_len, 512)"
+    )
     p.add_argument("--real-proteins", type=int, default=2, help="real proteins (the longest validation ones)")
     p.add_argument("--real-steps", type=int, default=300, help="training steps of the exact model")
     p.add_argument("--fasta", type=Path, default=common.SAMPLE)
@@ -122,9 +130,13 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    raw = {f"{kind}/{'orthogonal' if orth else 'iid'}": {m: {k: [] for k in METRICS} for m in features}
-           for kind, orth in CONFIGS}
-    bar = tqdm(total=samples * len(CONFIGS) * len(features), desc=f"approximation {label}", disable=not progress, leave=False)
+    raw = {
+        f"{kind}/{'orthogonal' if orth else 'iid'}": {m: {k: [] for k in METRICS} for m in features}
+        for kind, orth in CONFIGS
+    }
+    bar = tqdm(
+        total=samples * len(CONFIGS) * len(features), desc=f"approximation {label}", disable=not progress, leave=False
+    )
     for s in range(samples):
         q, k, v = data_fn(s)
         ref = Reference(q, k, v)
@@ -139,8 +151,16 @@ def sweep(
                 bar.update()
         del ref
     bar.close()
-    return {name: {m: {key: {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
-                       for key, vals in per_m.items()} for m, per_m in per_cfg.items()} for name, per_cfg in raw.items()}
+    return {
+        name: {
+            m: {
+                key: {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+                for key, vals in per_m.items()
+            }
+            for m, per_m in per_cfg.items()
+        }
+        for name, per_cfg in raw.items()
+    }
 
 
 def synthetic_data(length: int, dim: int, sigma: float, seed: int, device: str):
@@ -156,8 +176,9 @@ def real_data(args) -> tuple[list, dict]:
     """(q, k, v) of every layer of the trained exact model (``common.exact_reference``, shared with
     study 3) on the longest validation proteins, each (proteins, heads, L, 16), and where they come from."""
     tok = Tokenizer()
-    model, meta, shape, cfg = common.exact_reference(args.real_steps, args.seed, args.fasta, args.device, args.cache_dir,
-                                                     not args.no_progress)
+    model, meta, shape, cfg = common.exact_reference(
+        args.real_steps, args.seed, args.fasta, args.device, args.cache_dir, not args.no_progress
+    )
     _, valid, _ = common.load_split(args.fasta, args.seed)
     order = sorted(range(len(valid)), key=lambda i: -len(valid[i]))[: args.real_proteins]
     length = min(args.real_length, shape["max_len"], min(len(valid[i]) for i in order) + 2)
@@ -167,8 +188,14 @@ def real_data(args) -> tuple[list, dict]:
         rows.append(torch.from_numpy(ids))
     tokens = torch.stack(rows).to(args.device)
     layers = common.capture_qkv(model, tokens)
-    desc = {"model": shape, "train": vars(cfg), "trained": meta, "length": length, "proteins": len(order),
-            "protein_lengths": [int(len(valid[i])) for i in order]}
+    desc = {
+        "model": shape,
+        "train": vars(cfg),
+        "trained": meta,
+        "length": length,
+        "proteins": len(order),
+        "protein_lengths": [int(len(valid[i])) for i in order],
+    }
     return layers, desc
 
 
@@ -176,10 +203,20 @@ def plot(results: dict, features: list[int], path: Path) -> None:
     plt = common.pyplot()
     sets = list(results)
     fig, axes = plt.subplots(len(sets), 3, figsize=(13, 3.6 * len(sets)), squeeze=False)
-    styles = {"positive/orthogonal": ("C0", "-"), "positive/iid": ("C0", "--"), "trig/orthogonal": ("C3", "-"), "trig/iid": ("C3", "--")}
+    styles = {
+        "positive/orthogonal": ("C0", "-"),
+        "positive/iid": ("C0", "--"),
+        "trig/orthogonal": ("C3", "-"),
+        "trig/iid": ("C3", "--"),
+    }
     for r, set_name in enumerate(sets):
-        for c, (metric, title) in enumerate((("mse_attn", "MSE of the attention matrix"), ("mse_out", "MSE of the output A V"),
-                                             ("mse_small", "MSE where A is small (lowest 10%)"))):
+        for c, (metric, title) in enumerate(
+            (
+                ("mse_attn", "MSE of the attention matrix"),
+                ("mse_out", "MSE of the output A V"),
+                ("mse_small", "MSE where A is small (lowest 10%)"),
+            )
+        ):
             ax = axes[r][c]
             for cfg, per_m in results[set_name]["errors"].items():
                 color, ls = styles[cfg]
@@ -199,6 +236,7 @@ def plot(results: dict, features: list[int], path: Path) -> None:
 
 def claims(errors_by_cfg: dict, features: list[int]) -> dict:
     """For each paper claim, at how many of the m values it holds (mean over samples)."""
+
     def frac(a: str, b: str, metric: str) -> dict:
         wins = [m for m in features if errors_by_cfg[a][m][metric]["mean"] < errors_by_cfg[b][m][metric]["mean"]]
         return {"holds_at_m": wins, "fraction": len(wins) / len(features)}
@@ -219,16 +257,30 @@ def run(args: argparse.Namespace) -> dict:
     for sigma in args.sigmas:
         data = synthetic_data(args.length, args.dim, sigma, args.seed, args.device)
         errs = sweep(data, args.dim, args.features, args.samples, args.seed, f"synthetic{sigma}", not args.no_progress)
-        results[f"synthetic sigma={sigma}"] = {"setup": {"length": args.length, "dim": args.dim, "sigma": sigma}, "errors": errs,
-                                               "claims": claims(errs, args.features)}
+        results[f"synthetic sigma={sigma}"] = {
+            "setup": {"length": args.length, "dim": args.dim, "sigma": sigma},
+            "errors": errs,
+            "claims": claims(errs, args.features),
+        }
     if args.real:
         layers, desc = real_data(args)
         for i, (q, k, v) in enumerate(layers):
-            errs = sweep(lambda s, q=q, k=k, v=v: (q, k, v), q.shape[-1], args.features, args.samples, args.seed,
-                         f"real_layer{i}", not args.no_progress)
+            errs = sweep(
+                lambda s, q=q, k=k, v=v: (q, k, v),
+                q.shape[-1],
+                args.features,
+                args.samples,
+                args.seed,
+                f"real_layer{i}",
+                not args.no_progress,
+            )
             results[f"real layer {i}"] = {"setup": desc, "errors": errs, "claims": claims(errs, args.features)}
-    result = {**common.study_record(NAME, args, info), "results": results, "wall_s": time.perf_counter() - t0,
-              "command": common.study_command(NAME, args)}
+    result = {
+        **common.study_record(NAME, args, info),
+        "results": results,
+        "wall_s": time.perf_counter() - t0,
+        "command": common.study_command(NAME, args),
+    }
     common.write_study(NAME, result, args, lambda path: plot(results, args.features, path), markdown)
     return result
 
@@ -236,22 +288,26 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(r: dict) -> str:
     a = r["args"]
     feats = a["features"]
-    parts = [f"""## Study 1: approximation error vs number of random features
+    parts = [
+        f"""## Study 1: approximation error vs number of random features
 
-Command: `{r['command']}`
-Machine: {common.machine_line(r['machine'])}. Wall time {r['wall_s']:.0f} s.
-Errors against exact softmax attention, mean over {a['samples']} samples (fresh features each; std in the JSON).
+Command: `{r["command"]}`
+Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Errors against exact softmax attention, mean over {a["samples"]} samples (fresh features each; std in the JSON).
 Same number m of random directions for both kinds (trigonometric: 2m entries, sin and cos).
-"small" = entries of the exact attention matrix in its lowest decile."""]
+"small" = entries of the exact attention matrix in its lowest decile."""
+    ]
     for set_name, res in r["results"].items():
         setup = res["setup"]
         if set_name.startswith("synthetic"):
             what = f"synthetic q, k, v ~ N(0, {setup['sigma']}^2 I), L = {setup['length']}, d = {setup['dim']}"
         else:
             t = setup["trained"]
-            what = (f"real q, k, v of {set_name} (all {setup['model']['heads']} heads, d = {setup['model']['dim_head']}) of an exact "
-                    f"BID Transformer trained {setup['train']['steps']} steps on the Swiss-Prot sample (valid acc {t['valid']['acc']:.3f}), "
-                    f"on {setup['proteins']} real proteins of length {setup['protein_lengths']} cropped to L = {setup['length']}")
+            what = (
+                f"real q, k, v of {set_name} (all {setup['model']['heads']} heads, d = {setup['model']['dim_head']}) of an exact "
+                f"BID Transformer trained {setup['train']['steps']} steps on the Swiss-Prot sample (valid acc {t['valid']['acc']:.3f}), "
+                f"on {setup['proteins']} real proteins of length {setup['protein_lengths']} cropped to L = {setup['length']}"
+            )
         rows = []
         for m in feats:
             row = [m]
@@ -259,10 +315,16 @@ Same number m of random directions for both kinds (trigonometric: 2m entries, si
                 for cfg in ("positive/orthogonal", "positive/iid", "trig/orthogonal", "trig/iid"):
                     row.append(res["errors"][cfg][str(m) if str(m) in res["errors"][cfg] else m][metric]["mean"])
             rows.append(row)
-        header = ["m"] + [f"{metric} {cfg}" for metric in ("attn", "out", "small") for cfg in ("pos/orth", "pos/iid", "trig/orth", "trig/iid")]
+        header = ["m"] + [
+            f"{metric} {cfg}"
+            for metric in ("attn", "out", "small")
+            for cfg in ("pos/orth", "pos/iid", "trig/orth", "trig/iid")
+        ]
         c = res["claims"]
         verdict = "; ".join(f"{k.replace('_', ' ')}: at {len(v['holds_at_m'])}/{len(feats)} m" for k, v in c.items())
-        parts.append(f"### {set_name}: {what}\n\n{common.md_table(header, rows)}\n\nClaims (mean over samples): {verdict}.")
+        parts.append(
+            f"### {set_name}: {what}\n\n{common.md_table(header, rows)}\n\nClaims (mean over samples): {verdict}."
+        )
     parts.append(verdict_text(r))
     parts.append(f"Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.")
     return "\n\n".join(parts)
@@ -275,9 +337,11 @@ def verdict_text(r: dict) -> str:
         orth = c["orthogonal_below_iid_positive_mse_attn"]["fraction"]
         small = c["positive_below_trig_small_entries"]["fraction"]
         overall = c["positive_below_trig_mse_attn"]["fraction"]
-        msg = [f"- {set_name}: orthogonal below iid (positive features) at {orth:.0%} of the m values"
-               f"{'' if orth == 1 else ' (does NOT hold everywhere)'}; positive below trigonometric on the small entries at {small:.0%}"
-               f"{'' if small == 1 else ' (does NOT hold everywhere)'}; over all entries positive beats trigonometric at {overall:.0%}"]
+        msg = [
+            f"- {set_name}: orthogonal below iid (positive features) at {orth:.0%} of the m values"
+            f"{'' if orth == 1 else ' (does NOT hold everywhere)'}; positive below trigonometric on the small entries at {small:.0%}"
+            f"{'' if small == 1 else ' (does NOT hold everywhere)'}; over all entries positive beats trigonometric at {overall:.0%}"
+        ]
         lines.append("".join(msg) + ".")
     return "\n".join(lines)
 

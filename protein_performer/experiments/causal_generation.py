@@ -95,8 +95,12 @@ def equality_checks(model, prompt, n_tokens, temperature, allowed, seed, stream)
     """Recurrent vs recomputed generation, and the state after ``stream`` vs the full forward."""
     out = {}
     for label, m in (("float32", model), ("float64", in_dtype(model))):
-        g_rec, l_rec = generate(m, prompt, n_tokens, temperature, torch.Generator().manual_seed(seed), allowed, return_logits=True)
-        g_full, l_full = generate_recompute(m, prompt, n_tokens, temperature, torch.Generator().manual_seed(seed), allowed, return_logits=True)
+        g_rec, l_rec = generate(
+            m, prompt, n_tokens, temperature, torch.Generator().manual_seed(seed), allowed, return_logits=True
+        )
+        g_full, l_full = generate_recompute(
+            m, prompt, n_tokens, temperature, torch.Generator().manual_seed(seed), allowed, return_logits=True
+        )
         full = m(stream)["logits"][0]  # (L, vocab): the causal forward on the whole stream
         steps, _ = prefill(m, stream)
         diff = (steps[0] - full).abs().amax(dim=-1)
@@ -132,9 +136,13 @@ def timing(model, exact, stream, points, reps, device, progress=True) -> list[di
     for p in points:
         nxt = stream[:, p - 1]
         row = {"prefix_length": p}
-        row["favor_recurrent_s"] = common.best_time(lambda nxt=nxt, p=p: step(model, nxt, states[("favor", p)]), reps, device)
+        row["favor_recurrent_s"] = common.best_time(
+            lambda nxt=nxt, p=p: step(model, nxt, states[("favor", p)]), reps, device
+        )
         row["favor_recompute_s"] = common.best_time(lambda p=p: model(stream[:, :p]), max(1, reps // 2), device)
-        row["exact_kv_cache_s"] = common.best_time(lambda nxt=nxt, p=p: step(exact, nxt, states[("exact", p)]), reps, device)
+        row["exact_kv_cache_s"] = common.best_time(
+            lambda nxt=nxt, p=p: step(exact, nxt, states[("exact", p)]), reps, device
+        )
         row["exact_recompute_s"] = common.best_time(lambda p=p: exact(stream[:, :p]), max(1, reps // 2), device)
         row["favor_state_bytes"] = states[("favor", p)].nbytes()
         row["exact_cache_bytes"] = states[("exact", p)].nbytes()
@@ -156,10 +164,12 @@ def plot(rows: list[dict], path: Path) -> None:
     plt = common.pyplot()
     x = [r["prefix_length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label, style in (("favor_recurrent_s", "FAVOR+ recurrent state (O(1))", "o-"),
-                              ("favor_recompute_s", "FAVOR+ recompute prefix (O(L))", "s-"),
-                              ("exact_kv_cache_s", "exact, key/value cache (O(L))", "^--"),
-                              ("exact_recompute_s", "exact, recompute prefix (O(L^2))", "v--")):
+    for key, label, style in (
+        ("favor_recurrent_s", "FAVOR+ recurrent state (O(1))", "o-"),
+        ("favor_recompute_s", "FAVOR+ recompute prefix (O(L))", "s-"),
+        ("exact_kv_cache_s", "exact, key/value cache (O(L))", "^--"),
+        ("exact_recompute_s", "exact, recompute prefix (O(L^2))", "v--"),
+    ):
         ax.loglog(x, [r[key] * 1e3 for r in rows], style, label=label, base=2)
     ax.set_xlabel("prefix length L (tokens)")
     ax.set_ylabel("time per new token (ms)")
@@ -173,11 +183,21 @@ def run(args: argparse.Namespace) -> dict:
     info, t_start = common.start_study(args)
     train_seqs, valid_seqs, counts = common.load_split(args.fasta, args.seed)
     max_len = max(args.length, args.max_length)
-    shape = dict(vocab_size=Tokenizer().vocab_size, max_len=max_len, dim=args.dim, depth=args.depth, heads=args.heads,
-                 dim_head=args.dim_head, ff_dim=2 * args.dim, dropout=0.0, nb_features=args.nb_features)
+    shape = dict(
+        vocab_size=Tokenizer().vocab_size,
+        max_len=max_len,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        dim_head=args.dim_head,
+        ff_dim=2 * args.dim,
+        dropout=0.0,
+        nb_features=args.nb_features,
+    )
     model = common.build_model("favor_softmax", True, args.seed, **shape)
-    cfg = common.TrainConfig(objective="uni", max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
-                             seed=args.seed)
+    cfg = common.TrainConfig(
+        objective="uni", max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, seed=args.seed
+    )
     valid = common.eval_batches(valid_seqs, "uni", args.max_length, 32)
     before = common.evaluate(model, valid)
     common.fit_small_model(model, train_seqs, cfg, args.device, progress=not args.no_progress, desc="UNI FAVOR+")
@@ -204,9 +224,13 @@ def run(args: argparse.Namespace) -> dict:
         samples.append(ids)
     comp_samples, comp_data = composition(samples), composition([s.tolist() for s in train_seqs])
     result = {
-        **common.study_record(NAME, args, info), "data": counts, "model": shape,
-        "valid_before_training": before, "valid_after_training": after,
-        "equality": eq, "timing": rows,
+        **common.study_record(NAME, args, info),
+        "data": counts,
+        "model": shape,
+        "valid_before_training": before,
+        "valid_after_training": after,
+        "equality": eq,
+        "timing": rows,
         "samples": [tok.decode(s) for s in samples],
         "composition_pearson_r": float(np.corrcoef(comp_samples, comp_data)[0, 1]),
         "command": common.study_command(NAME, args),
@@ -216,58 +240,97 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def markdown(r: dict) -> str:
-    a, eq = r["args"], r["equality"]
-    last = r["timing"][-1]
-    rows = [[t["prefix_length"], t["favor_recurrent_s"] * 1e3, t["favor_recompute_s"] * 1e3, t["exact_kv_cache_s"] * 1e3,
-             t["exact_recompute_s"] * 1e3, f"{t['speedup_recurrent_vs_recompute']:.0f}x",
-             t["favor_state_bytes"] // 1024, t["exact_cache_bytes"] // 1024] for t in r["timing"]]
-    eq_rows = [[k, v["tokens_identical"], v["generation_max_abs_logit_diff"], v["stream_length"],
-                v["stream_last_position_max_abs_logit_diff"], v["stream_all_positions_max_abs_logit_diff"], v["max_abs_logit"]]
-               for k, v in eq.items()]
+def _verdict(r: dict) -> list[str]:
+    """The study's conclusions, one bullet each: equality, O(1) per token, speed, against a KV cache."""
+    eq, last, first = r["equality"], r["timing"][-1], r["timing"][0]
     speedup = last["speedup_recurrent_vs_recompute"]
     vs_cache = last["exact_kv_cache_s"] / last["favor_recurrent_s"]
-    first = r["timing"][0]
     growth = last["favor_recurrent_s"] / first["favor_recurrent_s"]
     f64 = eq["float64"]
-    same = f64["tokens_identical"] and f64["generation_max_abs_logit_diff"] < 1e-9 and f64["stream_all_positions_max_abs_logit_diff"] < 1e-9
-    verdict = [f"- Equality: {'holds' if same else 'does NOT hold'}: in float64 (default eps) the recurrent path and recomputation "
-               f"sample the same tokens and their logits differ by {f64['generation_max_abs_logit_diff']:.1e} at most, and by "
-               f"{f64['stream_all_positions_max_abs_logit_diff']:.1e} at any position of the {f64['stream_length']}-token stream "
-               f"(float32: {eq['float32']['generation_max_abs_logit_diff']:.1e} and {eq['float32']['stream_all_positions_max_abs_logit_diff']:.1e}, rounding)."]
-    verdict.append(f"- O(1) per token: the recurrent step took {growth:.2f}x as long at L = {last['prefix_length']} as at "
-                   f"L = {first['prefix_length']}, with a state of constant size" + (" (holds)." if growth < 1.5 else " (does NOT look constant here)."))
+    same = (
+        f64["tokens_identical"]
+        and f64["generation_max_abs_logit_diff"] < 1e-9
+        and f64["stream_all_positions_max_abs_logit_diff"] < 1e-9
+    )
+    verdict = [
+        f"- Equality: {'holds' if same else 'does NOT hold'}: in float64 (default eps) the recurrent path and recomputation "
+        f"sample the same tokens and their logits differ by {f64['generation_max_abs_logit_diff']:.1e} at most, and by "
+        f"{f64['stream_all_positions_max_abs_logit_diff']:.1e} at any position of the {f64['stream_length']}-token stream "
+        f"(float32: {eq['float32']['generation_max_abs_logit_diff']:.1e} and {eq['float32']['stream_all_positions_max_abs_logit_diff']:.1e}, rounding)."
+    ]
+    verdict.append(
+        f"- O(1) per token: the recurrent step took {growth:.2f}x as long at L = {last['prefix_length']} as at "
+        f"L = {first['prefix_length']}, with a state of constant size"
+        + (" (holds)." if growth < 1.5 else " (does NOT look constant here).")
+    )
     if speedup >= 2:
-        verdict.append(f"- Speed: {speedup:.0f}x faster per token than recomputing the prefix at L = {last['prefix_length']}.")
+        verdict.append(
+            f"- Speed: {speedup:.0f}x faster per token than recomputing the prefix at L = {last['prefix_length']}."
+        )
     else:
-        verdict.append(f"- Speed: only {speedup:.1f}x faster per token than recomputing the prefix at L = {last['prefix_length']}: "
-                       "on this device the per-token time is fixed overhead (kernel launches, Python), not work that grows with L, "
-                       "so the claimed advantage does NOT show at these lengths.")
-    verdict.append(f"- Against an exact-attention key/value cache (also incremental, O(L) per token) the recurrent FAVOR+ step is "
-                   + (f"{vs_cache:.1f}x faster" if vs_cache >= 1 else f"{1 / vs_cache:.1f}x slower (does NOT beat it)")
-                   + f" at L = {last['prefix_length']}; its state is {last['favor_state_bytes'] // 1024} KiB against "
-                   f"{last['exact_cache_bytes'] // 1024} KiB of cache.")
+        verdict.append(
+            f"- Speed: only {speedup:.1f}x faster per token than recomputing the prefix at L = {last['prefix_length']}: "
+            "on this device the per-token time is fixed overhead (kernel launches, Python), not work that grows with L, "
+            "so the claimed advantage does NOT show at these lengths."
+        )
+    verdict.append(
+        "- Against an exact-attention key/value cache (also incremental, O(L) per token) the recurrent FAVOR+ step is "
+        + (f"{vs_cache:.1f}x faster" if vs_cache >= 1 else f"{1 / vs_cache:.1f}x slower (does NOT beat it)")
+        + f" at L = {last['prefix_length']}; its state is {last['favor_state_bytes'] // 1024} KiB against "
+        f"{last['exact_cache_bytes'] // 1024} KiB of cache."
+    )
+    return verdict
+
+
+def markdown(r: dict) -> str:
+    a, eq = r["args"], r["equality"]
+    rows = [
+        [
+            t["prefix_length"],
+            t["favor_recurrent_s"] * 1e3,
+            t["favor_recompute_s"] * 1e3,
+            t["exact_kv_cache_s"] * 1e3,
+            t["exact_recompute_s"] * 1e3,
+            f"{t['speedup_recurrent_vs_recompute']:.0f}x",
+            t["favor_state_bytes"] // 1024,
+            t["exact_cache_bytes"] // 1024,
+        ]
+        for t in r["timing"]
+    ]
+    eq_rows = [
+        [
+            k,
+            v["tokens_identical"],
+            v["generation_max_abs_logit_diff"],
+            v["stream_length"],
+            v["stream_last_position_max_abs_logit_diff"],
+            v["stream_all_positions_max_abs_logit_diff"],
+            v["max_abs_logit"],
+        ]
+        for k, v in eq.items()
+    ]
+    verdict = _verdict(r)
     m = r["model"]
     return f"""## Study 5: causal generation with a recurrent state
 
-Command: `{r['command']}`
-Machine: {common.machine_line(r['machine'])}. Wall time {r['wall_s']:.0f} s.
-Model: UNI (causal) FAVOR+ softmax, {m['depth']} layers, dim {m['dim']}, {m['heads']} heads x {m['dim_head']}, m = {m['nb_features']},
-trained {a['steps']} steps on crops of {a['max_length']} of the Swiss-Prot sample ({r['data']['kept']} sequences):
-valid loss {r['valid_before_training']['loss']:.3f} -> {r['valid_after_training']['loss']:.3f}, accuracy {r['valid_after_training']['acc']:.3f}.
+Command: `{r["command"]}`
+Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Model: UNI (causal) FAVOR+ softmax, {m["depth"]} layers, dim {m["dim"]}, {m["heads"]} heads x {m["dim_head"]}, m = {m["nb_features"]},
+trained {a["steps"]} steps on crops of {a["max_length"]} of the Swiss-Prot sample ({r["data"]["kept"]} sequences):
+valid loss {r["valid_before_training"]["loss"]:.3f} -> {r["valid_after_training"]["loss"]:.3f}, accuracy {r["valid_after_training"]["acc"]:.3f}.
 
-Equality (same generator for both paths; {a['n_samples']} samples x {a['sample_tokens']} tokens, then one real stream of {eq['float32']['stream_length']} tokens):
+Equality (same generator for both paths; {a["n_samples"]} samples x {a["sample_tokens"]} tokens, then one real stream of {eq["float32"]["stream_length"]} tokens):
 
-{common.md_table(['model', 'same tokens', 'max abs diff, sampled logits', 'stream L', 'max abs diff, last position', 'max abs diff, any position', 'max abs logit'], eq_rows)}
+{common.md_table(["model", "same tokens", "max abs diff, sampled logits", "stream L", "max abs diff, last position", "max abs diff, any position", "max abs logit"], eq_rows)}
 
-Time per new token (ms, best of {a['reps']} after a warm-up; the recurrent step and the cache continue from the state after L tokens; recompute = one full causal forward of the L-token prefix):
+Time per new token (ms, best of {a["reps"]} after a warm-up; the recurrent step and the cache continue from the state after L tokens; recompute = one full causal forward of the L-token prefix):
 
-{common.md_table(['L', 'FAVOR+ recurrent', 'FAVOR+ recompute', 'exact KV cache', 'exact recompute', 'speedup recurrent vs recompute', 'FAVOR+ state KiB', 'exact cache KiB'], rows)}
+{common.md_table(["L", "FAVOR+ recurrent", "FAVOR+ recompute", "exact KV cache", "exact recompute", "speedup recurrent vs recompute", "FAVOR+ state KiB", "exact cache KiB"], rows)}
 
 {chr(10).join(verdict)}
 
-Residue composition of the samples vs the training data: Pearson r = {r['composition_pearson_r']:.2f}. First samples:
-{chr(10).join('`' + (s[:70] or '(empty)') + '`  ' for s in r['samples'][:3])}
+Residue composition of the samples vs the training data: Pearson r = {r["composition_pearson_r"]:.2f}. First samples:
+{chr(10).join("`" + (s[:70] or "(empty)") + "`  " for s in r["samples"][:3])}
 
 Causality: the full causal forward stabilizes position i with the running max over keys 0..i, like the recurrent state,
 so the two agree with the default feature floor eps too (the released code's single max over the sequence made them differ
@@ -281,8 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     last = result["timing"][-1]
     print(f"equality: {result['equality']}")
-    print(f"L={last['prefix_length']}: recurrent {last['favor_recurrent_s'] * 1e3:.2f} ms/token, "
-          f"recompute {last['favor_recompute_s'] * 1e3:.1f} ms/token, speedup {last['speedup_recurrent_vs_recompute']:.0f}x")
+    print(
+        f"L={last['prefix_length']}: recurrent {last['favor_recurrent_s'] * 1e3:.2f} ms/token, "
+        f"recompute {last['favor_recompute_s'] * 1e3:.1f} ms/token, speedup {last['speedup_recurrent_vs_recompute']:.0f}x"
+    )
     return result
 
 

@@ -31,25 +31,59 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from protein_performer.errors import UserError, cli_errors
 from protein_performer.experiments.family_data import (  # noqa: F401  (re-exported: see __all__)
-    aligned_positions, extract_family, family_chain, holdout_similar, identity, read_family, read_family_fasta,
+    aligned_positions,
+    extract_family,
+    family_chain,
+    holdout_similar,
+    identity,
+    read_family,
+    read_family_fasta,
 )
 from protein_performer.experiments.family_scoring import (  # noqa: F401
-    ContactProbe, chain_residues, homolog_averaged_map, mean_apc_maps, plot_contacts, score_homolog_averaged,
-    score_map, score_maps,
+    ContactProbe,
+    chain_residues,
+    homolog_averaged_map,
+    mean_apc_maps,
+    plot_contacts,
+    score_homolog_averaged,
+    score_map,
+    score_maps,
 )
 from protein_performer.experiments.span_masking import FamilyDataModule, SpanCollator, mask_spans  # noqa: F401
 
 __all__ = [
-    "CONF", "KORTEMME40", "PFAM40", "STAGES", "ContactProbe", "FamilyDataModule", "RunPaths", "SpanCollator",
-    "aligned_positions", "chain_residues", "compose", "extract_family", "family_chain", "holdout_similar",
-    "homolog_averaged_map", "identity", "main", "mask_spans", "mean_apc_maps", "plot_contacts", "read_family",
-    "read_family_fasta", "run", "score_homolog_averaged", "score_map", "score_maps",
+    "CONF",
+    "KORTEMME40",
+    "PFAM40",
+    "STAGES",
+    "ContactProbe",
+    "FamilyDataModule",
+    "RunPaths",
+    "SpanCollator",
+    "aligned_positions",
+    "chain_residues",
+    "compose",
+    "extract_family",
+    "family_chain",
+    "holdout_similar",
+    "homolog_averaged_map",
+    "identity",
+    "main",
+    "mask_spans",
+    "mean_apc_maps",
+    "plot_contacts",
+    "read_family",
+    "read_family_fasta",
+    "run",
+    "score_homolog_averaged",
+    "score_map",
+    "score_maps",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,7 +99,8 @@ STAGES = ("extract", "ingest", "train", "export", "score", "contacts")
 # ------------------------------------------------------------------------------ training
 def compose(overrides: Sequence[str] = ()):
     """``train`` config with ``experiment=family_contacts`` and ``overrides``."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=["experiment=family_contacts", *overrides])
@@ -113,8 +148,15 @@ def _ingest_stage(paths: RunPaths) -> dict:
     from protein_performer.data.ingest import ingest
 
     # no OOD families: the family's accession is in every header and would send it all to ood
-    manifest = ingest(input=str(paths.fasta), output_dir=str(paths.shards), overwrite=True, progress=False, workers=1,
-                      ood_families=[], fractions={"train": 0.94, "valid": 0.05, "test": 0.01})
+    manifest = ingest(
+        input=str(paths.fasta),
+        output_dir=str(paths.shards),
+        overwrite=True,
+        progress=False,
+        workers=1,
+        ood_families=[],
+        fractions={"train": 0.94, "valid": 0.05, "test": 0.01},
+    )
     return {k: v.get("n_sequences") for k, v in manifest.get("splits", {}).items()}
 
 
@@ -125,12 +167,19 @@ def _train_stage(paths: RunPaths, overrides: Sequence[str], probe_every_s: float
     extra = [f"data.root={paths.shards}", f"run_dir={paths.out}"]
     if probe_every_s:
         paths.probe.unlink(missing_ok=True)
-        extra += [f"+callbacks.probe._target_={__name__}.ContactProbe", f"+callbacks.probe.structure={paths.structure}",
-                  f"+callbacks.probe.output={paths.probe}", f"+callbacks.probe.every_s={probe_every_s}"]
+        extra += [
+            f"+callbacks.probe._target_={__name__}.ContactProbe",
+            f"+callbacks.probe.structure={paths.structure}",
+            f"+callbacks.probe.output={paths.probe}",
+            f"+callbacks.probe.every_s={probe_every_s}",
+        ]
     cfg = compose([*extra, *overrides])
     metrics = train(cfg)
-    summary["train"] = {k: metrics.get(k) for k in ("global_step", "valid/acc", "valid/ppl", "valid/unigram_acc",
-                                                    "valid/loss") if k in metrics}
+    summary["train"] = {
+        k: metrics.get(k)
+        for k in ("global_step", "valid/acc", "valid/ppl", "valid/unigram_acc", "valid/loss")
+        if k in metrics
+    }
     summary["num_threads"] = cfg.get("num_threads")
 
 
@@ -139,8 +188,14 @@ def _export_stage(paths: RunPaths) -> None:
     from protein_performer.analysis.export import run_export
 
     run_export(str(paths.checkpoint), str(paths.structure), str(paths.maps), overwrite=True, progress=False)
-    run_export("random", str(paths.structure), str(paths.maps_random), model_config=str(paths.checkpoint),
-               overwrite=True, progress=False)
+    run_export(
+        "random",
+        str(paths.structure),
+        str(paths.maps_random),
+        model_config=str(paths.checkpoint),
+        overwrite=True,
+        progress=False,
+    )
 
 
 def _score_stage(paths: RunPaths, family: str, summary: dict) -> None:
@@ -148,11 +203,19 @@ def _score_stage(paths: RunPaths, family: str, summary: dict) -> None:
     scores = score_maps(paths.maps, paths.structure, paths.maps_random)
     summary["scores"] = scores
     trained, random_init = scores["trained"]["mean"], scores["random_init"]["mean"]
-    summary["headline"] = {"long_P@L": trained["long"]["P@L"], "long_P@L/5": trained["long"]["P@L/5"],
-                           "random_long_P@L": random_init["long"]["P@L"], "long_density": trained["long_density"]}
-    plot_contacts(paths.maps, paths.structure, paths.out / "contacts.png",
-                  f"{family} ({paths.structure.stem}): mean APC map\nlong P@L {trained['long']['P@L']:.2f} "
-                  f"(random init {random_init['long']['P@L']:.2f})")
+    summary["headline"] = {
+        "long_P@L": trained["long"]["P@L"],
+        "long_P@L/5": trained["long"]["P@L/5"],
+        "random_long_P@L": random_init["long"]["P@L"],
+        "long_density": trained["long_density"],
+    }
+    plot_contacts(
+        paths.maps,
+        paths.structure,
+        paths.out / "contacts.png",
+        f"{family} ({paths.structure.stem}): mean APC map\nlong P@L {trained['long']['P@L']:.2f} "
+        f"(random init {random_init['long']['P@L']:.2f})",
+    )
 
 
 def _contacts_stage(paths: RunPaths, structures: str | Path) -> dict:
@@ -163,9 +226,18 @@ def _contacts_stage(paths: RunPaths, structures: str | Path) -> dict:
     return contacts_stage(paths.checkpoint, structures, paths.structure, paths.out)
 
 
-def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data: str | Path = PFAM40,
-        structures: str | Path = KORTEMME40, max_identity: float = 0.9, max_sequences: int | None = None,
-        stages: Sequence[str] = STAGES, probe_every_s: float | None = None, homologs: int = 0) -> dict:
+def run(
+    family: str,
+    output_dir: str | Path,
+    overrides: Sequence[str] = (),
+    data: str | Path = PFAM40,
+    structures: str | Path = KORTEMME40,
+    max_identity: float = 0.9,
+    max_sequences: int | None = None,
+    stages: Sequence[str] = STAGES,
+    probe_every_s: float | None = None,
+    homologs: int = 0,
+) -> dict:
     """The whole recipe for one family; returns (and writes) ``<output_dir>/summary.json``."""
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -181,8 +253,15 @@ def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data
         times[name] = round(time.time() - start, 1)
 
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("extract", lambda: summary.__setitem__("extract", extract_family(
-            data, family, paths.fasta, chain_residues(paths.structure)[0], max_identity, max_sequences))),
+        (
+            "extract",
+            lambda: summary.__setitem__(
+                "extract",
+                extract_family(
+                    data, family, paths.fasta, chain_residues(paths.structure)[0], max_identity, max_sequences
+                ),
+            ),
+        ),
         ("ingest", lambda: summary.__setitem__("shards", _ingest_stage(paths))),
         ("train", lambda: _train_stage(paths, overrides, probe_every_s, summary)),
         ("export", lambda: _export_stage(paths)),
@@ -193,8 +272,12 @@ def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data
         if name in stages:
             timed(name, work)
     if homologs and "score" in stages:
-        timed("homologs", lambda: summary.__setitem__("homolog_averaged", score_homolog_averaged(
-            paths.checkpoint, paths.structure, paths.fasta, homologs)))
+        timed(
+            "homologs",
+            lambda: summary.__setitem__(
+                "homolog_averaged", score_homolog_averaged(paths.checkpoint, paths.structure, paths.fasta, homologs)
+            ),
+        )
     if paths.probe.exists():
         summary["probe"] = [json.loads(x) for x in paths.probe.read_text().splitlines() if x]
     paths.summary.write_text(json.dumps(summary, indent=2, default=str))
@@ -202,20 +285,31 @@ def run(family: str, output_dir: str | Path, overrides: Sequence[str] = (), data
 
 
 def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
-    opts = {"family": None, "output_dir": None, "data": str(PFAM40), "structures": str(KORTEMME40),
-            "max_identity": "0.9", "max_sequences": "", "stages": ",".join(STAGES), "probe_every_s": "",
-            "homologs": "0"}
+    opts = {
+        "family": None,
+        "output_dir": None,
+        "data": str(PFAM40),
+        "structures": str(KORTEMME40),
+        "max_identity": "0.9",
+        "max_sequences": "",
+        "stages": ",".join(STAGES),
+        "probe_every_s": "",
+        "homologs": "0",
+    }
     overrides = []
     for arg in argv:
         key = arg.split("=", 1)[0]
         if "=" in arg and key in opts:
             opts[key] = arg.split("=", 1)[1]
-        elif "=" in arg and ("." in key or key.startswith(("+", "~")) or key in ("seed", "num_threads", "model",
-                                                                                   "data", "objective")):
+        elif "=" in arg and (
+            "." in key or key.startswith(("+", "~")) or key in ("seed", "num_threads", "model", "data", "objective")
+        ):
             overrides.append(arg)
         else:
-            raise UserError(f"family_contacts: expected key=value with a key in {', '.join(opts)} or a Hydra "
-                            f"override (group.key=value), got {arg!r}")
+            raise UserError(
+                f"family_contacts: expected key=value with a key in {', '.join(opts)} or a Hydra "
+                f"override (group.key=value), got {arg!r}"
+            )
     if not opts["family"] or not opts["output_dir"]:
         raise UserError("family_contacts: give family=PFxxxxx and output_dir=<dir>")
     return opts, overrides
@@ -228,24 +322,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     stages = [s for s in opts["stages"].split(",") if s]
     if set(stages) - set(STAGES):
         raise UserError(f"family_contacts: unknown stages {sorted(set(stages) - set(STAGES))}; choose from {STAGES}")
-    s = run(opts["family"], opts["output_dir"], overrides, opts["data"], opts["structures"],
-            float(opts["max_identity"]), int(opts["max_sequences"]) if opts["max_sequences"] else None, stages,
-            float(opts["probe_every_s"]) if opts["probe_every_s"] else None, int(opts["homologs"]))
+    s = run(
+        opts["family"],
+        opts["output_dir"],
+        overrides,
+        opts["data"],
+        opts["structures"],
+        float(opts["max_identity"]),
+        int(opts["max_sequences"]) if opts["max_sequences"] else None,
+        stages,
+        float(opts["probe_every_s"]) if opts["probe_every_s"] else None,
+        int(opts["homologs"]),
+    )
     h = s.get("headline")
     if h:
-        print(f"{s['family']}: mean-of-heads APC map, long-range P@L {h['long_P@L']:.3f} (P@L/5 "
-              f"{h['long_P@L/5']:.3f}); random init {h['random_long_P@L']:.3f}; contact density "
-              f"{h['long_density']:.3f}; valid acc {s.get('train', {}).get('valid/acc')}")
+        print(
+            f"{s['family']}: mean-of-heads APC map, long-range P@L {h['long_P@L']:.3f} (P@L/5 "
+            f"{h['long_P@L/5']:.3f}); random init {h['random_long_P@L']:.3f}; contact density "
+            f"{h['long_density']:.3f}; valid acc {s.get('train', {}).get('valid/acc')}"
+        )
     ha = s.get("homolog_averaged")
     if ha:
-        print(f"homolog-averaged map ({ha['n_homologs']} family members aligned onto the chain): long-range P@L "
-              f"{ha['trained']['long']['P@L']:.3f}; random init {ha['random_init']['long']['P@L']:.3f}")
+        print(
+            f"homolog-averaged map ({ha['n_homologs']} family members aligned onto the chain): long-range P@L "
+            f"{ha['trained']['long']['P@L']:.3f}; random init {ha['random_init']['long']['P@L']:.3f}"
+        )
     fitted = (s.get("fitted_head") or {}).get("leave_family_out")
     if fitted:
-        print(f"contact head fitted leave-family-out ({fitted['train_size']} chains of other families, "
-              f"{fitted['draws']} draws): long-range P@L {fitted['trained']['mean']['long']['P@L']:.3f}; "
-              f"random init {fitted['random_init']['mean']['long']['P@L']:.3f}; head for predict_contacts: "
-              f"{Path(opts['output_dir']) / s['fitted_head']['head']}")
+        print(
+            f"contact head fitted leave-family-out ({fitted['train_size']} chains of other families, "
+            f"{fitted['draws']} draws): long-range P@L {fitted['trained']['mean']['long']['P@L']:.3f}; "
+            f"random init {fitted['random_init']['mean']['long']['P@L']:.3f}; head for predict_contacts: "
+            f"{Path(opts['output_dir']) / s['fitted_head']['head']}"
+        )
     print(f"summary: {Path(opts['output_dir']) / 'summary.json'}")
 
 

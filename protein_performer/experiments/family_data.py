@@ -6,8 +6,8 @@ domain nearly identical to that structure's chain (global BLOSUM62 alignments, g
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,8 +25,9 @@ def family_chain(structures: str | Path, family: str) -> Path:
     if not structures.is_dir():
         raise UserError(f"structures folder not found: {structures}; give structures=<kortemme40 dir>")
     if len(hits) != 1:
-        raise UserError(f"{structures}: expected one file {family}_<pdb>_<chain>.pdb, found {len(hits)}; "
-                        "check family=PFxxxxx")
+        raise UserError(
+            f"{structures}: expected one file {family}_<pdb>_<chain>.pdb, found {len(hits)}; check family=PFxxxxx"
+        )
     return hits[0]
 
 
@@ -59,7 +60,7 @@ def read_family_fasta(fasta: str | Path) -> list[str]:
 
 
 def _kmers(sequence: str, k: int = KMER) -> set[str]:
-    return {sequence[i:i + k] for i in range(len(sequence) - k + 1)}
+    return {sequence[i : i + k] for i in range(len(sequence) - k + 1)}
 
 
 def _global_alignment(a: str, b: str):
@@ -89,8 +90,9 @@ def aligned_positions(seq: str, target: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
 
 
-def holdout_similar(records: Sequence[tuple[str, str]], target: str, max_identity: float = 0.9,
-                    prefilter: float = 0.3) -> tuple[list[tuple[str, str]], list[dict]]:
+def holdout_similar(
+    records: Sequence[tuple[str, str]], target: str, max_identity: float = 0.9, prefilter: float = 0.3
+) -> tuple[list[tuple[str, str]], list[dict]]:
     """Split ``records`` into those kept and those at least ``max_identity`` identical to ``target``.
 
     Why: the test chain's own sequence (and near copies) is usually among the family's domains; a
@@ -110,8 +112,15 @@ def holdout_similar(records: Sequence[tuple[str, str]], target: str, max_identit
     return kept, removed
 
 
-def extract_family(fasta: str | Path, family: str, output: str | Path, target: str | None = None,
-                   max_identity: float = 0.9, max_sequences: int | None = None, seed: int = 0) -> dict:
+def extract_family(
+    fasta: str | Path,
+    family: str,
+    output: str | Path,
+    target: str | None = None,
+    max_identity: float = 0.9,
+    max_sequences: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Write the family's domains (minus the held-out ones) to ``output``; return the counts."""
     records = read_family(fasta, family)
     if not records:
@@ -130,5 +139,11 @@ def extract_family(fasta: str | Path, family: str, output: str | Path, target: s
         for header, sequence in records:
             fh.write(f">{header}\n{sequence}\n")
     tmp.replace(output)
-    return {"family": family, "n_family": n_all, "n_held_out": len(removed), "held_out": removed,
-            "n_written": len(records), "max_identity": max_identity}
+    return {
+        "family": family,
+        "n_family": n_all,
+        "n_held_out": len(removed),
+        "held_out": removed,
+        "n_written": len(records),
+        "max_identity": max_identity,
+    }

@@ -18,9 +18,9 @@ adds on the protein the model was trained for, without seeing it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,12 +30,12 @@ from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HEAD_DIR = "kortemme40"        # under the run's output_dir
+HEAD_DIR = "kortemme40"  # under the run's output_dir
 ESM_C = 0.15
-LEAVE_OUT_DRAWS = 5            # draws of the 20 training chains (seeds 0..4)
+LEAVE_OUT_DRAWS = 5  # draws of the 20 training chains (seeds 0..4)
 MAP_SETS = ("trained", "random_init")
-CROP = "skip"                  # chains longer than the model's positions are left out (the recipe's
-                               # 128 positions hold 126 residues: 34 of the 40 kortemme40 chains)
+CROP = "skip"  # chains longer than the model's positions are left out (the recipe's
+# 128 positions hold 126 residues: 34 of the 40 kortemme40 chains)
 
 
 @dataclass
@@ -67,16 +67,28 @@ def export_all(checkpoint: str | Path, structures: str | Path, paths: HeadPaths)
 
     paths.root.mkdir(parents=True, exist_ok=True)
     run_export(str(checkpoint), str(structures), str(paths.maps), crop=CROP, overwrite=True, progress=False)
-    run_export("random", str(structures), str(paths.maps_random), model_config=str(checkpoint), crop=CROP,
-               overwrite=True, progress=False)
+    run_export(
+        "random",
+        str(structures),
+        str(paths.maps_random),
+        model_config=str(checkpoint),
+        crop=CROP,
+        overwrite=True,
+        progress=False,
+    )
 
 
 def _mean_precision(tables: Sequence[dict]) -> dict:
     return {r: {k: float(np.mean([t[r][k] for t in tables])) for k in K_FRACS} for r in RANGES}
 
 
-def leave_family_out(proteins: Sequence[Protein], family_source: str, train_size: int = ESM_TRAIN_PROTEINS,
-                     draws: int = LEAVE_OUT_DRAWS, C: float = ESM_C) -> dict:
+def leave_family_out(
+    proteins: Sequence[Protein],
+    family_source: str,
+    train_size: int = ESM_TRAIN_PROTEINS,
+    draws: int = LEAVE_OUT_DRAWS,
+    C: float = ESM_C,
+) -> dict:
     """Precision on the chain ``family_source`` (a ``Chain.key``) of heads fitted on ``train_size``
     other chains (``draws`` seeded draws), per map set; plus each draw's long-range P@L."""
     target = [p for p in proteins if p.source == family_source]
@@ -84,8 +96,13 @@ def leave_family_out(proteins: Sequence[Protein], family_source: str, train_size
         raise UserError(f"leave-family-out: {family_source} is not among the exported chains; export them again")
     target = target[0]
     others = [p for p in proteins if p.source != family_source]
-    out: dict = {"protein": target.name, "L": target.L, "train_size": min(train_size, len(others)),
-                 "draws": draws, "C": C}
+    out: dict = {
+        "protein": target.name,
+        "L": target.L,
+        "train_size": min(train_size, len(others)),
+        "draws": draws,
+        "C": C,
+    }
     for key in MAP_SETS:
         if not all(key in p.features for p in proteins):
             continue
@@ -111,10 +128,22 @@ def contacts_stage(checkpoint: str | Path, structures: str | Path, structure: Pa
     proteins, _ = load_proteins(paths.maps, chains, baseline_maps=paths.maps_random)
     # ESM's 20 training chains, fewer when the folder holds fewer (one chain at least is tested)
     train_size = min(ESM_TRAIN_PROTEINS, len(proteins) - 1)
-    report = run_contacts(paths.maps, structures, paths.contacts, baseline_maps=paths.maps_random,
-                          train_size=train_size, head_train_size=train_size, C=ESM_C, seed=0)
+    report = run_contacts(
+        paths.maps,
+        structures,
+        paths.contacts,
+        baseline_maps=paths.maps_random,
+        train_size=train_size,
+        head_train_size=train_size,
+        C=ESM_C,
+        seed=0,
+    )
     family_chain = next(c for c in chains if Path(c.path).resolve() == Path(structure).resolve())
     held_out = leave_family_out(proteins, family_chain.key, train_size=train_size)
-    return {"head": str(paths.head.relative_to(out)), "n_proteins": report["n_proteins"],
-            "contacts_report": {m: report["methods"][m]["mean"]["long"] for m in report["methods"]},
-            "test_proteins": report["folds"][0]["test"], "leave_family_out": held_out}
+    return {
+        "head": str(paths.head.relative_to(out)),
+        "n_proteins": report["n_proteins"],
+        "contacts_report": {m: report["methods"][m]["mean"]["long"] for m in report["methods"]},
+        "test_proteins": report["folds"][0]["test"],
+        "leave_family_out": held_out,
+    }

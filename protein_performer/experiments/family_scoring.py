@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from protein_performer.errors import UserError
 from protein_performer.experiments.family_data import aligned_positions, read_family_fasta
 
-LONG_RANGE = 24    # |i - j| >= 24: the long range of the contact density
+LONG_RANGE = 24  # |i - j| >= 24: the long range of the contact density
 PLOT_MIN_SEP = 12  # the plot shows medium and long-range predictions
 
 
@@ -51,8 +51,10 @@ def score_maps(maps: str | Path, structure: str | Path, baseline_maps: str | Pat
         raise UserError(f"{structure}: no chain read ({failures[0].reason if failures else 'empty'})")
     proteins, fails = load_proteins(maps, chains, baseline_maps=baseline_maps)
     if not proteins:
-        raise UserError(f"{maps}: no record matches {structure} "
-                        f"({fails[0].reason if fails else 'no records'}); export that structure first")
+        raise UserError(
+            f"{maps}: no record matches {structure} "
+            f"({fails[0].reason if fails else 'no records'}); export that structure first"
+        )
     protein = proteins[0]
     out: dict = {"protein": protein.name, "L": protein.L}
     for key, feats in protein.features.items():
@@ -172,9 +174,13 @@ try:
 
         def _write(self, trainer, pl_module, elapsed: float) -> None:
             s = self._probe(pl_module.model)
-            row = {"minutes": round(elapsed / 60, 3), "step": int(trainer.global_step),
-                   "long_P@L": s["mean"]["long"]["P@L"], "long_P@L/5": s["mean"]["long"]["P@L/5"],
-                   "layers_long_P@L": [s[k]["long"]["P@L"] for k in s if k.startswith("layer")]}
+            row = {
+                "minutes": round(elapsed / 60, 3),
+                "step": int(trainer.global_step),
+                "long_P@L": s["mean"]["long"]["P@L"],
+                "long_P@L/5": s["mean"]["long"]["P@L/5"],
+                "layers_long_P@L": [s[k]["long"]["P@L"] for k in s if k.startswith("layer")],
+            }
             with open(self.output, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 except ImportError:  # pragma: no cover - lightning is a dependency

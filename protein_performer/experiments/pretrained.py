@@ -31,9 +31,18 @@ EXACT_SHAPE = dict(vocab_size=29, max_len=512, dim=64, depth=2, heads=4, dim_hea
 
 def _cache_key(attention: str, objective: str, shape: dict, cfg: TrainConfig, fasta: Path, device: str) -> str:
     """A hash of everything that determines the trained weights."""
-    key_src = json.dumps({"attention": attention, "objective": objective, "shape": shape, "cfg": vars(cfg),
-                          "device": torch.device(device).type,
-                          "fasta": str(Path(fasta).resolve()), "size": Path(fasta).stat().st_size}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "attention": attention,
+            "objective": objective,
+            "shape": shape,
+            "cfg": vars(cfg),
+            "device": torch.device(device).type,
+            "fasta": str(Path(fasta).resolve()),
+            "size": Path(fasta).stat().st_size,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(key_src.encode()).hexdigest()[:16]
 
 
@@ -65,8 +74,11 @@ def pretrained(
     train_seqs, valid_seqs, _ = load_split(fasta, cfg.seed)
     t0 = time.perf_counter()
     history = fit_small_model(model, train_seqs, cfg, device, progress=progress, desc=f"train {attention} {objective}")
-    meta = {"valid": evaluate(model, eval_batches(valid_seqs, objective, cfg.max_length, EVAL_BATCH_SIZE), device),
-            "train_s": time.perf_counter() - t0, "final_train_loss": history[-1]["train_loss"]}
+    meta = {
+        "valid": evaluate(model, eval_batches(valid_seqs, objective, cfg.max_length, EVAL_BATCH_SIZE), device),
+        "train_s": time.perf_counter() - t0,
+        "final_train_loss": history[-1]["train_loss"],
+    }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -77,8 +89,14 @@ def pretrained(
 
 
 def exact_reference(
-    steps: int, seed: int = 0, fasta: Path = SAMPLE, device: str = "cpu", cache_dir: Path | None = DEFAULT_CACHE,
-    progress: bool = True, max_length: int = 256, batch_size: int = 16,
+    steps: int,
+    seed: int = 0,
+    fasta: Path = SAMPLE,
+    device: str = "cpu",
+    cache_dir: Path | None = DEFAULT_CACHE,
+    progress: bool = True,
+    max_length: int = 256,
+    batch_size: int = 16,
 ) -> tuple[PerformerLM, dict, dict, TrainConfig]:
     """The exact BID Transformer of studies 1 and 3: (model, meta, shape, training config)."""
     cfg = TrainConfig(objective="bid", max_length=max_length, batch_size=batch_size, steps=steps, seed=seed)
@@ -96,13 +114,17 @@ def capture_qkv(model: PerformerLM, tokens: torch.Tensor) -> list[tuple[torch.Te
     handles = []
     for i, block in enumerate(model.blocks):
         for name in ("to_q", "to_k", "to_v"):
+
             def hook(module, inputs, output, i=i, name=name):
                 store[(i, name)] = output.detach()
+
             handles.append(getattr(block.attn, name).register_forward_hook(hook))
     try:
         model.eval()(tokens)
     finally:
         for h in handles:
             h.remove()
-    return [tuple(block.attn.split_heads(store[(i, n)]) for n in ("to_q", "to_k", "to_v"))
-            for i, block in enumerate(model.blocks)]
+    return [
+        tuple(block.attn.split_heads(store[(i, n)]) for n in ("to_q", "to_k", "to_v"))
+        for i, block in enumerate(model.blocks)
+    ]

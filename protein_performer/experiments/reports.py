@@ -16,8 +16,8 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -64,10 +64,14 @@ def machine_line(info: dict) -> str:
     """``machine_info`` as one line of a report."""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     loaded = "loaded by other agents" if info["load_average_1min"] > LOADED_FRACTION * (info["cores"] or 1) else "quiet"
-    cores = f"{info['cores']} cores" + (f" of {info['machine_cores']}" if info.get("machine_cores", info["cores"]) != info["cores"] else "")
-    return (f"{info['cpu']}, {cores} ({info['torch_threads']} torch threads){gpu}; "
-            f"{info['date_utc']}; 1-min load average {info['load_average_1min']:.1f} at the start ({loaded}); "
-            f"torch {info['torch']}")
+    cores = f"{info['cores']} cores" + (
+        f" of {info['machine_cores']}" if info.get("machine_cores", info["cores"]) != info["cores"] else ""
+    )
+    return (
+        f"{info['cpu']}, {cores} ({info['torch_threads']} torch threads){gpu}; "
+        f"{info['date_utc']}; 1-min load average {info['load_average_1min']:.1f} at the start ({loaded}); "
+        f"torch {info['torch']}"
+    )
 
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
@@ -97,6 +101,7 @@ def update_markdown(name: str, section: str, path: Path | None = None) -> Path:
 
 def md_table(header: list[str], rows: list[list]) -> str:
     """A markdown table; floats with 4 significant digits."""
+
     def fmt(x):
         if isinstance(x, float):
             return f"{x:.4g}"

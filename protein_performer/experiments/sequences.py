@@ -59,7 +59,9 @@ def load_sequences(path: str | os.PathLike = SAMPLE, max_records: int | None = N
     return seqs, counts
 
 
-def split_sequences(seqs: list[np.ndarray], valid_fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def split_sequences(
+    seqs: list[np.ndarray], valid_fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A seeded random train / valid split (valid gets ``ceil(valid_fraction * n)`` sequences)."""
     order = np.random.default_rng(seed).permutation(len(seqs))
     n_valid = max(1, math.ceil(valid_fraction * len(seqs)))
@@ -84,8 +86,10 @@ def train_batch(collator: Collator, seqs: list[np.ndarray], batch_size: int, ste
 def eval_batches(seqs: list[np.ndarray], objective: str, max_length: int, batch_size: int, seed: int = 0) -> list[dict]:
     """Fixed evaluation batches (crop at the start, masks fixed by ``seed``): the same every call."""
     collator = Collator(objective=objective, max_length=max_length, train=False, seed=seed)
-    return [collator(seqs[i : i + batch_size], list(range(i, min(i + batch_size, len(seqs)))), epoch=0)
-            for i in range(0, len(seqs), batch_size)]
+    return [
+        collator(seqs[i : i + batch_size], list(range(i, min(i + batch_size, len(seqs)))), epoch=0)
+        for i in range(0, len(seqs), batch_size)
+    ]
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -113,8 +113,9 @@ def fit_small_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed(cfg.seed, "dropout", step))
             logits = model(batch["tokens"], key_padding_mask=batch["key_padding_mask"])["logits"]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), ignore_index=IGNORE_INDEX
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)

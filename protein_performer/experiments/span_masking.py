@@ -12,12 +12,19 @@ import numpy as np
 from protein_performer.data.collate import _TOK, IGNORE_INDEX, Collator, bid_window, item_rng
 from protein_performer.data.datamodule import ProteinDataModule
 
-MASKED_BELOW = 0.8   # a selected residue with u < 0.8 becomes the mask token,
-RANDOM_BELOW = 0.9   # with 0.8 <= u < 0.9 a random residue; the rest keep their residue
+MASKED_BELOW = 0.8  # a selected residue with u < 0.8 becomes the mask token,
+RANDOM_BELOW = 0.9  # with 0.8 <= u < 0.9 a random residue; the rest keep their residue
 
 
-def mask_spans(tokens: np.ndarray, rng: np.random.Generator, mask_prob: float, span: int, mask_id: int,
-               first_residue_id: int, replacement_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mask_spans(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    mask_prob: float,
+    span: int,
+    mask_id: int,
+    first_residue_id: int,
+    replacement_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Like BERT masking (collate.mask_tokens: 80/10/10, at least one target) but the selected
     residues come in runs of ``span``: span starts ~ Bernoulli(mask_prob / span) over residue
     positions, each masking ``[start, start + span)`` (clipped), so about ``mask_prob`` of the
@@ -35,7 +42,7 @@ def mask_spans(tokens: np.ndarray, rng: np.random.Generator, mask_prob: float, s
         starts = rng.integers(0, n, size=1)
     selected_mask = np.zeros(n, dtype=bool)
     for start in starts:
-        selected_mask[start:start + span] = True
+        selected_mask[start : start + span] = True
     selected = residue_pos[selected_mask]
     targets[selected] = tokens[selected]
     u = rng.random(selected.size)
@@ -56,8 +63,7 @@ class SpanCollator(Collator):
             return super().example(item, index, epoch)
         rng = item_rng(self.seed, epoch, index)
         window = bid_window(item, self.max_length, rng if self.train else None, _TOK.bos_id, _TOK.eos_id)
-        return mask_spans(window, rng, self.mask_prob, self.span, _TOK.mask_id, _TOK.n_special,
-                          self.replacement_ids)
+        return mask_spans(window, rng, self.mask_prob, self.span, _TOK.mask_id, _TOK.n_special, self.replacement_ids)
 
 
 class FamilyDataModule(ProteinDataModule):

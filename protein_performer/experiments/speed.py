@@ -77,11 +77,25 @@ class NaiveSoftmaxAttention(nn.Module):
         """No features."""
 
 
-def build(core: str, length: int, causal: bool, dim: int, depth: int, heads: int, ff_dim: int, nb_features: int, seed: int):
+def build(
+    core: str, length: int, causal: bool, dim: int, depth: int, heads: int, ff_dim: int, nb_features: int, seed: int
+):
     """The study's model for one attention core (identity = the exact model with V passed through)."""
     attention = "exact" if core in ("identity", "exact_naive") else core
-    model = common.build_model(attention, causal, seed, vocab_size=29, max_len=length, dim=dim, depth=depth, heads=heads,
-                               dim_head=dim // heads, ff_dim=ff_dim, dropout=0.0, nb_features=nb_features)
+    model = common.build_model(
+        attention,
+        causal,
+        seed,
+        vocab_size=29,
+        max_len=length,
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        dim_head=dim // heads,
+        ff_dim=ff_dim,
+        dropout=0.0,
+        nb_features=nb_features,
+    )
     if core == "identity":
         for block in model.blocks:
             block.attn.kernel = IdentityAttention()
@@ -95,12 +109,23 @@ def measure(core: str, length: int, args: dict) -> dict:
     """Time and peak memory of one core at one length (run inside the child process)."""
     device = args["device"]
     torch.manual_seed(args["seed"])
-    model = build(core, length, args["causal"], args["dim"], args["depth"], args["heads"], args["ff_dim"],
-                  args["nb_features"], args["seed"]).to(device)
+    model = build(
+        core,
+        length,
+        args["causal"],
+        args["dim"],
+        args["depth"],
+        args["heads"],
+        args["ff_dim"],
+        args["nb_features"],
+        args["seed"],
+    ).to(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args["dtype"]]
     tokens = torch.randint(4, 29, (1, length), generator=torch.Generator().manual_seed(1)).to(device)
     targets = torch.roll(tokens, -1, dims=1)
-    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=dtype != torch.float32)
+    autocast = torch.autocast(
+        device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=dtype != torch.float32
+    )
 
     def forward():
         with torch.no_grad(), autocast:
@@ -131,8 +156,11 @@ def measure(core: str, length: int, args: dict) -> dict:
             out[mode] = {"oom": True, "error": str(e).splitlines()[0]}
             torch.cuda.empty_cache()
             continue
-        peak = (torch.cuda.max_memory_allocated() - base) if cuda else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        peak = (
+            (torch.cuda.max_memory_allocated() - base)
+            if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        )
         out[mode] = {"time_s": min(times), "peak_bytes": int(peak), "reps": len(times)}
     return out
 
@@ -155,13 +183,20 @@ def measure_in_process(core: str, length: int, args: argparse.Namespace) -> dict
 def run_child(core: str, length: int, args: argparse.Namespace, timeout: float) -> dict:
     """``measure`` in a fresh Python process (own peak memory, and a crash or OOM stays there)."""
     child_args = {k: getattr(args, k) for k in CHILD_KEYS}
-    code = ("import json, sys, torch; from protein_performer.experiments.speed import measure; "
-            f"torch.set_num_threads({args.threads}); "
-            f"print('RESULT ' + json.dumps(measure({core!r}, {length}, json.loads(sys.argv[1]))))")
+    code = (
+        "import json, sys, torch; from protein_performer.experiments.speed import measure; "
+        f"torch.set_num_threads({args.threads}); "
+        f"print('RESULT ' + json.dumps(measure({core!r}, {length}, json.loads(sys.argv[1]))))"
+    )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(child_args)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(child_args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return {"core": core, "length": length, "failed": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
@@ -199,7 +234,9 @@ def sweep(args: argparse.Namespace, progress: bool = True) -> tuple[list[dict], 
                     stops[core] = f"L={length}: projected fwd+bwd time {t_next:.0f} s > time cap {args.time_cap:.0f} s"
                     break
                 if m_next > cap:
-                    stops[core] = f"L={length}: projected peak memory {m_next / 2**30:.1f} GB > cap {cap / 2**30:.1f} GB"
+                    stops[core] = (
+                        f"L={length}: projected peak memory {m_next / 2**30:.1f} GB > cap {cap / 2**30:.1f} GB"
+                    )
                     break
             if args.in_process:
                 row = measure_in_process(core, length, args)
@@ -287,8 +324,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     common.add_output_args(p, progress=False)  # --no-progress comes last
-    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure in this process (default: on CUDA; CPU uses a child process per point for its peak RSS)")
+    p.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure in this process (default: on CUDA; CPU uses a child process per point for its peak RSS)",
+    )
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. _cuda)")
     p.add_argument("--no-progress", action="store_true")
     return common.parse_study_args(p, argv)
@@ -300,11 +341,18 @@ def run(args: argparse.Namespace) -> dict:
     info, t0 = common.start_study(args)
     rows, meta = sweep(args, not args.no_progress)
     name = NAME + args.tag
-    result = {**common.study_record(NAME, args, info), "rows": rows, **meta, "largest_length": largest(rows),
-              "wall_s": time.perf_counter() - t0,
-              "command": common.study_command(NAME, args)}
-    title = (f"{args.depth} layers, d {args.dim}, {args.heads} heads, batch 1, {args.dtype}, "
-             f"{'causal' if args.causal else 'bidirectional'}, {args.device}")
+    result = {
+        **common.study_record(NAME, args, info),
+        "rows": rows,
+        **meta,
+        "largest_length": largest(rows),
+        "wall_s": time.perf_counter() - t0,
+        "command": common.study_command(NAME, args),
+    }
+    title = (
+        f"{args.depth} layers, d {args.dim}, {args.heads} heads, batch 1, {args.dtype}, "
+        f"{'causal' if args.causal else 'bidirectional'}, {args.device}"
+    )
     common.write_study(name, result, args, lambda path: plot(rows, path, title), lambda r: markdown(r, name))
     return result
 
@@ -331,8 +379,13 @@ def _time_table(r: dict, by: dict) -> tuple[list[str], list[list]]:
             row += ["-", "-", "-"]
         if any(c != "-" for c in row[1:]):
             table.append(row)
-    header = (["L"] + [f"fwd s {c}" for c in CORES] + [f"fwd+bwd s {c}" for c in CORES]
-              + [f"peak MiB {c}" for c in CORES] + ["exact / floor", "exact_naive / floor", "favor_softmax / floor"])
+    header = (
+        ["L"]
+        + [f"fwd s {c}" for c in CORES]
+        + [f"fwd+bwd s {c}" for c in CORES]
+        + [f"peak MiB {c}" for c in CORES]
+        + ["exact / floor", "exact_naive / floor", "favor_softmax / floor"]
+    )
     return header, table
 
 
@@ -341,26 +394,44 @@ def _notes(r: dict, by: dict) -> list[str]:
     big = r["largest_length"]
     fav = big.get("favor_softmax", 0)
     notes = []
-    common_l = [n for n in r["lengths"] if all("time_s" in by.get((c, n), {}).get("forward_backward", {}) for c in ("exact", "favor_softmax"))]
+    common_l = [
+        n
+        for n in r["lengths"]
+        if all("time_s" in by.get((c, n), {}).get("forward_backward", {}) for c in ("exact", "favor_softmax"))
+    ]
     if common_l:
         n = common_l[-1]
         e, f = by[("exact", n)]["forward_backward"], by[("favor_softmax", n)]["forward_backward"]
-        notes.append(f"At L = {n}, the longest both ran, FAVOR+ softmax took {f['time_s'] / e['time_s']:.2f}x the time of exact SDPA "
-                     f"attention and {f['peak_bytes'] / max(e['peak_bytes'], 1):.2f}x its peak memory.")
+        notes.append(
+            f"At L = {n}, the longest both ran, FAVOR+ softmax took {f['time_s'] / e['time_s']:.2f}x the time of exact SDPA "
+            f"attention and {f['peak_bytes'] / max(e['peak_bytes'], 1):.2f}x its peak memory."
+        )
         if f["peak_bytes"] > e["peak_bytes"]:
-            notes.append("The memory claim does NOT hold against PyTorch's memory-efficient exact attention (SDPA keeps no "
-                         "L x L matrix): FAVOR+ needs more memory than it at every length measured; the claim holds against the "
-                         "materialised L x L softmax (`exact_naive`), which the paper compared with.")
+            notes.append(
+                "The memory claim does NOT hold against PyTorch's memory-efficient exact attention (SDPA keeps no "
+                "L x L matrix): FAVOR+ needs more memory than it at every length measured; the claim holds against the "
+                "materialised L x L softmax (`exact_naive`), which the paper compared with."
+            )
     naive = big.get("exact_naive", 0)
     if naive:
-        notes.append(f"Materialised softmax (`exact_naive`) reaches L = {naive}; FAVOR+ softmax {fav} ({fav // naive}x).")
-    fl = [by[("favor_softmax", n)]["forward_backward"]["time_s"] / by[("identity", n)]["forward_backward"]["time_s"]
-          for n in r["lengths"] if "time_s" in by.get(("favor_softmax", n), {}).get("forward_backward", {})
-          and "time_s" in by.get(("identity", n), {}).get("forward_backward", {})]
+        notes.append(
+            f"Materialised softmax (`exact_naive`) reaches L = {naive}; FAVOR+ softmax {fav} ({fav // naive}x)."
+        )
+    fl = [
+        by[("favor_softmax", n)]["forward_backward"]["time_s"] / by[("identity", n)]["forward_backward"]["time_s"]
+        for n in r["lengths"]
+        if "time_s" in by.get(("favor_softmax", n), {}).get("forward_backward", {})
+        and "time_s" in by.get(("identity", n), {}).get("forward_backward", {})
+    ]
     if fl:
-        notes.append(f"FAVOR+ softmax fwd+bwd time / identity floor: {min(fl):.1f}x to {max(fl):.1f}x over all L "
-                     + ("(a constant factor: the Performer scales like the attention-free model, as claimed)" if max(fl) < 4 else
-                        "(NOT near the floor)"))
+        notes.append(
+            f"FAVOR+ softmax fwd+bwd time / identity floor: {min(fl):.1f}x to {max(fl):.1f}x over all L "
+            + (
+                "(a constant factor: the Performer scales like the attention-free model, as claimed)"
+                if max(fl) < 4
+                else "(NOT near the floor)"
+            )
+        )
     return notes
 
 
@@ -369,18 +440,23 @@ def markdown(r: dict, name: str) -> str:
     by = {(x["core"], x["length"]): x for x in r["rows"]}
     header, table = _time_table(r, by)
     big = r["largest_length"]
-    stops = "\n".join(f"- {core}: largest L = {big.get(core, 'none')}; stopped: {why}" for core, why in r["stops"].items())
+    stops = "\n".join(
+        f"- {core}: largest L = {big.get(core, 'none')}; stopped: {why}" for core, why in r["stops"].items()
+    )
     fav, ex = big.get("favor_softmax", 0), big.get("exact", 0)
-    verdict = (f"FAVOR+ softmax reaches L = {fav}, {fav // max(ex, 1)}x the exact model's L = {ex}" if fav > ex else
-               f"FAVOR+ does NOT reach a longer L than exact attention here (FAVOR+ {fav}, exact {ex})")
+    verdict = (
+        f"FAVOR+ softmax reaches L = {fav}, {fav // max(ex, 1)}x the exact model's L = {ex}"
+        if fav > ex
+        else f"FAVOR+ does NOT reach a longer L than exact attention here (FAVOR+ {fav}, exact {ex})"
+    )
     notes_text = "\n".join("- " + n for n in _notes(r, by))
-    return f"""## Study 2: speed and memory vs length ({a['device']}{', ' + a['dtype'] if a['dtype'] != 'fp32' else ''})
+    return f"""## Study 2: speed and memory vs length ({a["device"]}{", " + a["dtype"] if a["dtype"] != "fp32" else ""})
 
-Command: `{r['command']}`
-Machine: {common.machine_line(r['machine'])}. Wall time {r['wall_s']:.0f} s.
-Model: {a['depth']} layers, d {a['dim']}, {a['heads']} heads, d_ff {a['ff_dim']}, m = {a['nb_features']}, batch 1,
-{'causal' if a['causal'] else 'bidirectional'}; memory cap {r['memory_cap_bytes'] / 2**30:.1f} GB, time cap {a['time_cap']} s per fwd+bwd.
-Times: the fastest of {a['reps']} passes after a warm-up. Peak memory: see the module docstring (CPU: resident set growth).
+Command: `{r["command"]}`
+Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Model: {a["depth"]} layers, d {a["dim"]}, {a["heads"]} heads, d_ff {a["ff_dim"]}, m = {a["nb_features"]}, batch 1,
+{"causal" if a["causal"] else "bidirectional"}; memory cap {r["memory_cap_bytes"] / 2**30:.1f} GB, time cap {a["time_cap"]} s per fwd+bwd.
+Times: the fastest of {a["reps"]} passes after a warm-up. Peak memory: see the module docstring (CPU: resident set growth).
 
 {common.md_table(header, table)}
 

@@ -13,12 +13,18 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from protein_performer.experiments.reports import MARKDOWN_NAME, default_out_dir, machine_info, update_markdown, write_json
+from protein_performer.experiments.reports import (
+    MARKDOWN_NAME,
+    default_out_dir,
+    machine_info,
+    update_markdown,
+    write_json,
+)
 
 DEFAULT_THREADS = 2
 
@@ -36,8 +42,9 @@ def command_line(module: str, argv: list[str] | None) -> str:
 def study_parser(doc: str) -> argparse.ArgumentParser:
     """A study's argument parser: the first paragraph of its module docstring ``doc`` as the
     description, defaults shown in ``--help``."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
 
 
 def add_device_args(p: argparse.ArgumentParser, threads_help: str | None = None) -> None:
@@ -50,8 +57,12 @@ def add_output_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
     """``--out-dir`` (JSON + PNG), ``--markdown`` (the studies' markdown) and, unless ``progress``
     is False (a study that lists it later itself), ``--no-progress``."""
     p.add_argument("--out-dir", type=Path, default=default_out_dir(), help="directory for <study>.json and .png")
-    p.add_argument("--markdown", type=Path, default=argparse.SUPPRESS,  # parse_study_args fills it in
-                   help=f"markdown page the study updates its section of (default: <out-dir>/{MARKDOWN_NAME})")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=argparse.SUPPRESS,  # parse_study_args fills it in
+        help=f"markdown page the study updates its section of (default: <out-dir>/{MARKDOWN_NAME})",
+    )
     if progress:
         p.add_argument("--no-progress", action="store_true")
 
@@ -64,8 +75,9 @@ def parse_study_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argp
     return args
 
 
-def study_args(name: str, parse_args: Callable[[list[str] | None], argparse.Namespace],
-               argv: list[str] | None) -> argparse.Namespace:
+def study_args(
+    name: str, parse_args: Callable[[list[str] | None], argparse.Namespace], argv: list[str] | None
+) -> argparse.Namespace:
     """``main``'s start: the parsed ``argv``, with ``command`` (the command line, for the report);
     logging set up."""
     args = parse_args(argv)
@@ -83,8 +95,11 @@ def start_study(args: argparse.Namespace) -> tuple[dict, float]:
 
 def study_record(name: str, args: argparse.Namespace, info: dict) -> dict:
     """The first keys of a study's JSON: its name, its arguments (paths as strings), the machine."""
-    return {"study": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "machine": info}
+    return {
+        "study": name,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": info,
+    }
 
 
 def study_command(name: str, args: argparse.Namespace) -> str:
@@ -92,8 +107,9 @@ def study_command(name: str, args: argparse.Namespace) -> str:
     return getattr(args, "command", f"python -m protein_performer.experiments.{name}")
 
 
-def write_study(name: str, result: dict, args: argparse.Namespace, plot: Callable[[Path], None],
-                markdown: Callable[[dict], str]) -> None:
+def write_study(
+    name: str, result: dict, args: argparse.Namespace, plot: Callable[[Path], None], markdown: Callable[[dict], str]
+) -> None:
     """``run``'s end: ``plot(path)`` writes ``<out_dir>/<name>.png``, then ``<name>.json``, then the
     markdown section ``markdown(result)`` in ``args.markdown`` (default ``<out_dir>/studies.md``).
     Each file is written under a temporary name and renamed when complete, and the JSON comes

@@ -50,7 +50,9 @@ class SoftmaxAttention(nn.Module):
     def redraw(self, seed: int) -> None:
         """Exact attention has no random features: nothing to draw."""
 
-    def _allowed(self, key_padding_mask: torch.Tensor | None, length_q: int, length_k: int, device) -> torch.Tensor | None:
+    def _allowed(
+        self, key_padding_mask: torch.Tensor | None, length_q: int, length_k: int, device
+    ) -> torch.Tensor | None:
         """Boolean (b or 1, 1, l_q, l_k) mask, True where query i may attend to key j."""
         allowed = None
         if key_padding_mask is not None:
@@ -60,7 +62,9 @@ class SoftmaxAttention(nn.Module):
             allowed = tri[None, None] if allowed is None else allowed & tri
         return allowed
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         mask = check_key_padding_mask(key_padding_mask, k)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
@@ -72,7 +76,11 @@ class SoftmaxAttention(nn.Module):
 
     @torch.no_grad()
     def attention_matrix(
-        self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None, block_rows: int | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d)), masked, (b, h, l, l) in float32 (float64 for float64 input);
         computed in blocks of ``block_rows`` query rows (default: one block holds <= l x l numbers)."""
@@ -96,7 +104,12 @@ class SoftmaxAttention(nn.Module):
 
     # ---------------------------------------------------------------------------- recurrent
     def init_state(
-        self, batch: int, heads: int, dim_v: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        batch: int,
+        heads: int,
+        dim_v: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> dict:
         """An empty key/value cache: k and v (b, h, 0, d). It takes the dtype of the keys and values
         fed to :meth:`step` (``dtype`` only types the empty tensors)."""

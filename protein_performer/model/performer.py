@@ -23,8 +23,9 @@ key/value cache), so ``step`` equals the last row of ``forward`` on the prefix.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -166,7 +167,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: ``x + drop(attn(ln1(x)))``, then ``x + drop(ff(ln2(x)))``."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, ff_dim: int, dropout: float, kernel: nn.Module, rotary: bool):
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, ff_dim: int, dropout: float, kernel: nn.Module, rotary: bool
+    ):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dim_head, kernel, rotary)
@@ -238,9 +241,20 @@ class PerformerLM(nn.Module):
         if positions == "rotary" and dim_head % 2:
             raise ValueError(f"rotary positions need an even dim_head, got {dim_head}")
         self.config = PerformerConfig(
-            vocab_size=vocab_size, max_len=max_len, dim=dim, depth=depth, heads=heads, dim_head=dim_head,
-            ff_dim=ff_dim, dropout=dropout, attention=attention, causal=bool(causal), nb_features=nb_features,
-            positions=positions, tie_embeddings=tie_embeddings, checkpointing=checkpointing,
+            vocab_size=vocab_size,
+            max_len=max_len,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            ff_dim=ff_dim,
+            dropout=dropout,
+            attention=attention,
+            causal=bool(causal),
+            nb_features=nb_features,
+            positions=positions,
+            tie_embeddings=tie_embeddings,
+            checkpointing=checkpointing,
             favor_kwargs=dict(favor_kwargs or {}),
         )
         self.checkpointing = checkpointing
@@ -248,8 +262,15 @@ class PerformerLM(nn.Module):
         self.pos_emb = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(dim, heads, dim_head, ff_dim, dropout,
-                  make_kernel(attention, dim_head, causal, nb_features, favor_kwargs, i), positions == "rotary")
+            Block(
+                dim,
+                heads,
+                dim_head,
+                ff_dim,
+                dropout,
+                make_kernel(attention, dim_head, causal, nb_features, favor_kwargs, i),
+                positions == "rotary",
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -270,7 +291,9 @@ class PerformerLM(nn.Module):
         """Token (+ learned position) embeddings of tokens (b, l) at positions start.. -> (b, l, dim)."""
         length = tokens.shape[1]
         if self.pos_emb is not None and start + length > self.config.max_len:
-            raise ValueError(f"sequence length {start + length} > max_len {self.config.max_len} of the learned positions")
+            raise ValueError(
+                f"sequence length {start + length} > max_len {self.config.max_len} of the learned positions"
+            )
         x = self.token_emb(tokens)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + length, device=tokens.device))
@@ -367,8 +390,11 @@ class PerformerLM(nn.Module):
                 f"weights do not fit this PerformerLM: missing {bad_missing[:5]} unexpected {bad_unexpected[:5]} "
                 f"(only attention-kernel buffers may differ)"
             )
-        log.info("loaded backbone weights; %d kernel buffers kept, %d ignored",
-                 len(result.missing_keys), len(result.unexpected_keys))
+        log.info(
+            "loaded backbone weights; %d kernel buffers kept, %d ignored",
+            len(result.missing_keys),
+            len(result.unexpected_keys),
+        )
         return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -48,7 +48,9 @@ class FeatureRedraw(Callback):
         self.seed = seed
         self.last_redraw_step: int | None = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.redraw_interval and step % self.redraw_interval == 0 and step != self.last_redraw_step:
             redraw_model_features(pl_module, self.seed, step)
@@ -149,14 +151,20 @@ class DataAudit(Callback):
         self.steps: list[dict[str, Any]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
-                           "index": batch["index"].tolist()})
+        self.steps.append(
+            {"step": trainer.global_step, "epoch": trainer.current_epoch, "index": batch["index"].tolist()}
+        )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         state = {k: tensor_digest(v) for k, v in pl_module.state_dict().items()}
-        out = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-               "steps": self.steps, "state": state}
+        out = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "steps": self.steps,
+            "state": state,
+        }
         path = self.output_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(out))
         log.info("data audit written to %s", path)

@@ -24,8 +24,9 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -225,8 +226,11 @@ def check_checkpoint(path: str | os.PathLike, module: torch.nn.Module, max_liste
     old = (ckpt.get("hyper_parameters") or {}).get("model")
     new = getattr(getattr(module, "hparams", {}), "get", lambda k: None)("model")
     if isinstance(old, Mapping) and isinstance(new, Mapping):
-        diff = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k) and k != "favor_kwargs"]
+        diff = [
+            f"{k}={old.get(k)!r} (now {new.get(k)!r})"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k != "favor_kwargs"
+        ]
         if diff:
             settings = f"; it was trained with model.{', model.'.join(diff)}"
     raise CheckpointError(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -35,8 +34,15 @@ MIXED = ("bf16-mixed", "bf16", "16-mixed", "16")
 HALF_TRUE = ("bf16-true", "16-true")
 CPU_PRECISION = ("auto", "keep")
 # oneDNN ISA limits that still include the bf16 instructions (ONEDNN_MAX_CPU_ISA caps what is used)
-_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
-              "AVX10_1_512_AMX_FP16", "AVX2_VNNI_2")
+_BF16_ISAS = (
+    "ALL",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX2_VNNI_2",
+)
 
 
 def cpu_cores() -> int:
@@ -144,42 +150,49 @@ def check_training_config(cfg: DictConfig, rank_zero: bool | None = None) -> Dic
                 findings.append(
                     f"trainer.precision={precision} on a CPU without native bfloat16 (no avx512_bf16/amx_bf16): "
                     f"autocast would emulate it and train several times slower, so trainer.precision=32-true is used "
-                    f"(set trainer.precision=32-true to silence this, or cpu_precision=keep to force {precision})")
+                    f"(set trainer.precision=32-true to silence this, or cpu_precision=keep to force {precision})"
+                )
             else:
                 findings.append(
                     f"trainer.precision={precision} on a CPU without native bfloat16 (cpu_precision=keep): expect "
-                    f"training several times slower than with trainer.precision=32-true")
+                    f"training several times slower than with trainer.precision=32-true"
+                )
         elif precision in HALF_TRUE and not cpu_has_native_bf16():
             findings.append(
                 f"trainer.precision={precision} on a CPU without native bfloat16: half-precision arithmetic is "
-                f"emulated and slow; trainer.precision=32-true is usually faster on a CPU")
+                f"emulated and slow; trainer.precision=32-true is usually faster on a CPU"
+            )
         if "fsdp" in strategy:
             findings.append(
                 "FSDP on a CPU (trainer=fsdp with trainer.accelerator=cpu): it shards GPU memory and on a CPU only "
-                "adds communication; use trainer=ddp trainer.accelerator=cpu (or trainer=cpu) instead")
+                "adds communication; use trainer=ddp trainer.accelerator=cpu (or trainer=cpu) instead"
+            )
         if procs > cores:
             findings.append(
                 f"trainer.devices={procs} CPU processes on {cores} CPU core(s): they take turns on the cores and "
-                f"train slower than trainer.devices={cores}")
+                f"train slower than trainer.devices={cores}"
+            )
         threads = cfg.get("num_threads")
         if threads and int(threads) * procs > cores:
             findings.append(
                 f"num_threads={threads} x {procs} process(es) = {int(threads) * procs} threads on {cores} CPU core(s): "
-                f"threads wait on each other; set num_threads={max(1, cores // procs)}")
+                f"threads wait on each other; set num_threads={max(1, cores // procs)}"
+            )
     elif accelerator == "gpu" and precision.startswith("bf16") and _gpu_lacks_bf16():
         findings.append(
             f"trainer.precision={precision} on a GPU without native bfloat16 (before Ampere): it is emulated and "
-            f"slow; set trainer.precision=16-mixed")
+            f"slow; set trainer.precision=16-mixed"
+        )
 
     data = cfg.get("data")
     workers = int(data.get("num_workers", 0) or 0) if data is not None else 0
     if workers and workers * procs > cores:
         findings.append(
             f"data.num_workers={workers} x {procs} process(es) = {workers * procs} DataLoader workers on {cores} CPU "
-            f"core(s): they compete with training for the cores; set data.num_workers={cores // procs}")
+            f"core(s): they compete with training for the cores; set data.num_workers={cores // procs}"
+        )
 
     if rank_zero:
         for message in findings:
             log.warning(message)
     return cfg
-

@@ -68,7 +68,7 @@ def unigram_baseline(train_freq: torch.Tensor, target_hist: torch.Tensor, object
     """
     tok = Tokenizer()
     support = torch.zeros_like(train_freq, dtype=torch.bool)
-    support[tok.n_special:] = True
+    support[tok.n_special :] = True
     if objective == "uni":
         support[tok.eos_id] = True
     f = train_freq.double() / train_freq.double().sum()
@@ -79,7 +79,9 @@ def unigram_baseline(train_freq: torch.Tensor, target_hist: torch.Tensor, object
     if n == 0:
         return {"unigram_acc": float("nan"), "unigram_ppl": float("nan")}
     if (q[~support] > 0).any():
-        raise ValueError(f"targets hold ids outside the unigram support: {torch.nonzero(q * ~support).flatten().tolist()}")
+        raise ValueError(
+            f"targets hold ids outside the unigram support: {torch.nonzero(q * ~support).flatten().tolist()}"
+        )
     logp = torch.where(support, p.clamp_min(1e-300).log(), torch.zeros_like(p))
     return {
         "unigram_acc": float(q[int(p.argmax())] / n),
@@ -125,10 +127,23 @@ class ProteinLM(pl.LightningModule):
                 "set model.causal from the objective (the configs do: causal: ${pp.causal:${objective}})"
             )
         self.model = model
-        self.save_hyperparameters({"model": model_config, "objective": objective, "lr": lr, "betas": list(betas),
-                                   "eps": eps, "weight_decay": weight_decay, "decay_filter": decay_filter,
-                                   "warmup_steps": warmup_steps, "schedule": schedule, "total_steps": total_steps,
-                                   "min_lr_ratio": min_lr_ratio, "seed": seed, "fused": fused})
+        self.save_hyperparameters(
+            {
+                "model": model_config,
+                "objective": objective,
+                "lr": lr,
+                "betas": list(betas),
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "decay_filter": decay_filter,
+                "warmup_steps": warmup_steps,
+                "schedule": schedule,
+                "total_steps": total_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "seed": seed,
+                "fused": fused,
+            }
+        )
         self.objective = objective
         self.seed = seed
         self.train_counts: torch.Tensor | None = None  # training-split token counts (unigram baseline)

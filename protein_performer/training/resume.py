@@ -14,7 +14,8 @@ resumes exposes; ``train()`` always adds it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
@@ -69,8 +70,14 @@ class ResumableLoader:
     def _skipping(self, skip: int) -> DataLoader:
         """The same loader over the epoch's sampler keys (or index batches) from ``skip`` on."""
         dl = self.loader
-        common = dict(num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
-                      worker_init_fn=dl.worker_init_fn, timeout=dl.timeout, multiprocessing_context=dl.multiprocessing_context)
+        common = dict(
+            num_workers=dl.num_workers,
+            collate_fn=dl.collate_fn,
+            pin_memory=dl.pin_memory,
+            worker_init_fn=dl.worker_init_fn,
+            timeout=dl.timeout,
+            multiprocessing_context=dl.multiprocessing_context,
+        )
         if dl.num_workers > 0:
             common["prefetch_factor"] = dl.prefetch_factor
         if dl.batch_size is None:  # the sampler yields whole-batch keys

@@ -88,7 +88,9 @@ def log_run_info(logger, cfg: DictConfig, model: torch.nn.Module) -> None:
     if not logger:
         return
     hparams = OmegaConf.to_container(cfg, resolve=True)
-    summary = model.summary() if hasattr(model, "summary") else {"params_total": sum(p.numel() for p in model.parameters())}
+    summary = (
+        model.summary() if hasattr(model, "summary") else {"params_total": sum(p.numel() for p in model.parameters())}
+    )
     hparams["model_summary"] = summary
     logger.log_hyperparams(hparams)
     experiment = getattr(logger, "experiment", None)
@@ -112,16 +114,23 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         path = run_dir / "checkpoints" / "last.ckpt"
         if path.exists():
             return str(path)
-        log.warning("ckpt_path=last but %s does not exist: starting from scratch (to resume a run, give its folder: "
-                    "hydra.run.dir=<the run's folder>, or run_dir=<folder> without hydra.main)", path)
+        log.warning(
+            "ckpt_path=last but %s does not exist: starting from scratch (to resume a run, give its folder: "
+            "hydra.run.dir=<the run's folder>, or run_dir=<folder> without hydra.main)",
+            path,
+        )
         return None
     path = Path(ckpt_path)
     if not path.exists():
-        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint; give the path of a .ckpt file, or ckpt_path=last "
-                        f"to resume the run in run_dir")
+        raise UserError(
+            f"ckpt_path={ckpt_path}: no such checkpoint; give the path of a .ckpt file, or ckpt_path=last "
+            f"to resume the run in run_dir"
+        )
     if path.is_dir() and not (path / "meta.pt").exists() and not any(path.glob("*.distcp")):
-        raise UserError(f"ckpt_path={ckpt_path}: is a folder, but a checkpoint file is expected (e.g. "
-                        f"{path / 'last.ckpt'} if it holds the run's checkpoints)")
+        raise UserError(
+            f"ckpt_path={ckpt_path}: is a folder, but a checkpoint file is expected (e.g. "
+            f"{path / 'last.ckpt'} if it holds the run's checkpoints)"
+        )
     return str(ckpt_path)
 
 
@@ -146,8 +155,10 @@ def _plugins(trainer_cfg: DictConfig) -> list:
     from lightning_fabric.plugins import CheckpointIO
 
     plugins = trainer_cfg.get("plugins") or []
-    plugins = [instantiate(p, _convert_="all") if isinstance(p, DictConfig) else p
-               for p in (plugins if isinstance(plugins, (list, tuple)) or OmegaConf.is_list(plugins) else [plugins])]
+    plugins = [
+        instantiate(p, _convert_="all") if isinstance(p, DictConfig) else p
+        for p in (plugins if isinstance(plugins, (list, tuple)) or OmegaConf.is_list(plugins) else [plugins])
+    ]
     strategy = trainer_cfg.get("strategy")
     own_io = isinstance(strategy, DictConfig) and strategy.get("checkpoint_io") is not None
     if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -187,11 +198,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     if ckpt_path is not None and cfg.get("fit", True):
         check_checkpoint(ckpt_path, module)  # complete, and of this model's shape: else one line, before any write
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
+    callbacks = [
+        instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")
+    ]
     callbacks.append(EpochProgressRepair())  # exact resume after a chain of resumes (resume.py)
     logger = build_logger(cfg, run_dir)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                      plugins=_plugins(cfg.trainer), _convert_="all")
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, plugins=_plugins(cfg.trainer), _convert_="all"
+    )
     make_resumable(datamodule, trainer)  # ckpt_path resumes mid-epoch at the next batch
     log_run_info(logger, cfg, model)
     log.info("model: %s parameters", f"{model.num_parameters():,}" if hasattr(model, "num_parameters") else "?")
@@ -215,8 +229,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if logger and hasattr(logger, "log_metrics"):
-            logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                               step=trainer.global_step)
+            logger.log_metrics(
+                {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step
+            )
         log.info("metrics written to %s", run_dir / "metrics.json")
     if logger and hasattr(logger, "finalize"):
         logger.finalize("success")

@@ -1,9 +1,9 @@
 """The arithmetic that fixes dedup and splits: plain operations on bytes, the same on every machine.
 
-    dedup key  BLAKE2b-128(token bytes)                   (case and a trailing ``*`` do not matter)
-    split      u = splitmix64(hash[:8] XOR salt(seed)) / 2**64  ->  train if u < f_train,
-               valid if u < f_train + f_valid, else test
-    id key     the id itself (<= 15 bytes) or BLAKE2b-128(id), mixed by splitmix64
+dedup key  BLAKE2b-128(token bytes)                   (case and a trailing ``*`` do not matter)
+split      u = splitmix64(hash[:8] XOR salt(seed)) / 2**64  ->  train if u < f_train,
+           valid if u < f_train + f_valid, else test
+id key     the id itself (<= 15 bytes) or BLAKE2b-128(id), mixed by splitmix64
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ def _ingest(cfg: dict) -> dict:
         start = time.perf_counter()
         pool.map(jobs)
         log.info("stage 1 (%d units, %d workers): %.2fs", len(jobs), workers, time.perf_counter() - start)
-        return merge(cfg["output_dir"], workers=workers, progress=cfg["progress"], _cfg=cfg, _pool=pool, _sources=sources)
+        return merge(
+            cfg["output_dir"], workers=workers, progress=cfg["progress"], _cfg=cfg, _pool=pool, _sources=sources
+        )
     finally:
         pool.close()
 

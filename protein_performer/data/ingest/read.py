@@ -348,7 +348,8 @@ def _hash_records(records: _BatchRecords, ctx: BatchContext) -> tuple[np.ndarray
     if ctx.ood_accessions:
         accessions = (w.partition(b"_")[2] if w[:6] == b"UniRef" else rid for w, rid in zip(records.words, ids))
         recs["ood"] = [
-            acc in ctx.ood_accessions or (b"." in acc and acc.split(b".")[0] in ctx.ood_accessions) for acc in accessions
+            acc in ctx.ood_accessions or (b"." in acc and acc.split(b".")[0] in ctx.ood_accessions)
+            for acc in accessions
         ]
     if ctx.ood_tokens:
         recs["ood"][records_with_family_token(records.headers, ctx.ood_tokens)] = 1

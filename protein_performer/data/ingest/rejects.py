@@ -85,7 +85,9 @@ def _stage1_rejects(out: Path, fingerprint: dict, line_base: _LineBases) -> list
         with open(unit_dir(out, u) / "rejects.tsv", encoding="utf-8") as fh:
             for row in fh:
                 file_name, line, record_id, reason, detail = row.rstrip("\n").split("\t", 4)
-                rejects.append(MergedReject(unit["file"], int(line) + line_base(u), file_name, record_id, reason, detail))
+                rejects.append(
+                    MergedReject(unit["file"], int(line) + line_base(u), file_name, record_id, reason, detail)
+                )
     return rejects
 
 
@@ -110,7 +112,9 @@ def _conflict_rejects(out: Path, fingerprint: dict, conflicts, line_base: _LineB
                     f"{inputs[file_index]}:{line}: record {record_id!r} rejected: {ID_CONFLICT} "
                     f"({detail}). Fix the ids, or run with strict=false to skip and list such records."
                 )
-            rejects.append(MergedReject(file_index, line, Path(inputs[file_index]).name, record_id, ID_CONFLICT, detail))
+            rejects.append(
+                MergedReject(file_index, line, Path(inputs[file_index]).name, record_id, ID_CONFLICT, detail)
+            )
     return rejects
 
 

@@ -228,4 +228,3 @@ class Workers:
             proc.join()
             conn.close()
         self.procs, self.conns, self._senders = [], [], []
-

@@ -43,7 +43,18 @@ from protein_performer.model.favor.features import (
 from protein_performer.model.favor.module import FavorAttention
 
 __all__ = [
-    "KERNELS", "NORMS", "FavorAttention", "causal_linear_attention", "causal_product", "causal_stabilizer",
-    "draw_projection", "key_stabilizer", "linear_attention", "per_key_features", "relu_kernel",
-    "softmax_kernel", "softmax_logits", "trig_kernel",
+    "KERNELS",
+    "NORMS",
+    "FavorAttention",
+    "causal_linear_attention",
+    "causal_product",
+    "causal_stabilizer",
+    "draw_projection",
+    "key_stabilizer",
+    "linear_attention",
+    "per_key_features",
+    "relu_kernel",
+    "softmax_kernel",
+    "softmax_logits",
+    "trig_kernel",
 ]

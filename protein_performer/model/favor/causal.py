@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from protein_performer.model.favor.features import causal_stabilizer
 
+
 def _normalize(out_ext: torch.Tensor) -> torch.Tensor:
     """Split [numerator | denominator] and divide: D^-1 (...). A zero denominator (a query with
     no real key at all) gives a zero output instead of NaN."""
@@ -51,7 +52,9 @@ def _unchunk(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return x.reshape(*shape[:-2], -1, x.shape[-1])[..., : shape[-2], :]
 
 
-def _exclusive_prefix(states: torch.Tensor, n: int, reverse: bool = False, decay: torch.Tensor | None = None) -> torch.Tensor:
+def _exclusive_prefix(
+    states: torch.Tensor, n: int, reverse: bool = False, decay: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B n, m, e) chunk states -> for chunk t the sum over chunks s < t (s > t when ``reverse``).
 
     A matmul over the chunk axis with a strictly triangular (n, n) matrix of ones, or with the

@@ -159,5 +159,7 @@ def favor_causal_fla_normalized(q_prime: torch.Tensor, k_prime: torch.Tensor, v:
     """
     from fla.ops.linear_attn import chunk_linear_attn
 
-    out, _ = chunk_linear_attn(_to_fla(q_prime), _to_fla(k_prime), _to_fla(v.to(q_prime.dtype)), scale=1.0, normalize=True)
+    out, _ = chunk_linear_attn(
+        _to_fla(q_prime), _to_fla(k_prime), _to_fla(v.to(q_prime.dtype)), scale=1.0, normalize=True
+    )
     return out.transpose(1, 2)[..., : v.shape[-1]]

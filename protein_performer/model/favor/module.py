@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from protein_performer.model.attention import check_key_padding_mask
-from protein_performer.runtime import freed_memory_kept
+from protein_performer.model.favor import recurrent
 from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
 from protein_performer.model.favor.features import (
     KERNELS,
@@ -22,8 +22,8 @@ from protein_performer.model.favor.features import (
     softmax_kernel,
     trig_kernel,
 )
-from protein_performer.model.favor import recurrent
 from protein_performer.model.favor.scan import favor_scan
+from protein_performer.runtime import freed_memory_kept
 
 log = logging.getLogger("protein_performer.model.favor")
 
@@ -40,7 +40,7 @@ CPU_SCAN_MIN_ROWS = 16384  # batch x heads x length
 TRITON_KERNELS = ("softmax", "softmax_hyp", "relu")  # the kernels triton_kernels.py implements
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether the Triton kernels import (the triton package is installed); imported on first use only."""
     try:
@@ -56,7 +56,7 @@ def _fla_available() -> bool:
     return fla_available()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_works(device: str, dim: int, nb_features: int, kind: str, causal: bool, chunk: int) -> bool:
     """Whether the Triton kernels compile and launch on ``device`` for this configuration: a tiny
     forward + backward (the same kernels as the real call; compiled once anyway), so that
@@ -72,8 +72,12 @@ def triton_works(device: str, dim: int, nb_features: int, kind: str, causal: boo
     try:
         favor_triton(*x, w, kind, causal, 1e-3, chunk).sum().backward()
     except TritonError as exc:
-        log.warning("FAVOR+ Triton kernels cannot run on %s (%s: %s); impl='auto' uses the batched path", device,
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning(
+            "FAVOR+ Triton kernels cannot run on %s (%s: %s); impl='auto' uses the batched path",
+            device,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return False
     return True
 
@@ -149,7 +153,9 @@ class FavorAttention(nn.Module):
         if impl == "fla" and not causal:
             raise ValueError("impl='fla' is causal only (fla has no bidirectional kernel); use impl='auto'")
         if impl == "fla" and not _fla_available():
-            raise ValueError("impl='fla' needs flash-linear-attention: pip install 'fla-core>=0.6,<0.7'; use impl='auto'")
+            raise ValueError(
+                "impl='fla' needs flash-linear-attention: pip install 'fla-core>=0.6,<0.7'; use impl='auto'"
+            )
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if norm not in NORMS:
@@ -216,7 +222,9 @@ class FavorAttention(nn.Module):
             return relu_kernel(x, w, is_query, key_padding_mask, eps)
 
     # ---------------------------------------------------------------------------- attention
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q, k, v: (b, h, l, d) -> (b, h, l, d) in v's dtype; fp32 inside."""
         for name, x in (("q", q), ("k", k)):
             self._check(x, name)
@@ -247,7 +255,9 @@ class FavorAttention(nn.Module):
                     q_prime, k_prime, v.to(q_prime.dtype), self._chunk(impl), key_scale, self.feature_floor(), mask
                 )
             elif self.causal:  # relu features have no stabilizer: eps is part of them
-                out = causal_linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self._chunk(impl))
+                out = causal_linear_attention(
+                    q_prime, self.features(k, False, mask), v.to(q_prime.dtype), self._chunk(impl)
+                )
             else:
                 out = linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype))
         return out.to(out_dtype)
@@ -284,7 +294,9 @@ class FavorAttention(nn.Module):
             return "scan"
         return "batched"
 
-    def causal_key_features(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def causal_key_features(
+        self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-kernel key features at each key's own scale and the scales s (``per_key_features``),
         float32 also under autocast: the key features seen by query i are phi_hat_j exp(s_j - c_i) + floor."""
         dtype = _compute_dtype(k)
@@ -304,7 +316,11 @@ class FavorAttention(nn.Module):
     _floor = feature_floor  # the name before the recurrent split
 
     def attention_matrix(
-        self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None, block_rows: int | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
         """The explicit approximate attention D^-1 Q' K'^T, (b, h, l, l) float32, rows sum to 1.
 
@@ -343,7 +359,12 @@ class FavorAttention(nn.Module):
 
     # ---------------------------------------------------------------------------- recurrent
     def init_state(
-        self, batch: int, heads: int, dim_v: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        batch: int,
+        heads: int,
+        dim_v: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> dict:
         """An empty causal state for ``step`` (``recurrent.init_state``)."""
         return recurrent.init_state(self, batch, heads, dim_v, device, dtype)

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 
 
 def init_state(
-    fa: FavorAttention, batch: int, heads: int, dim_v: int, device: torch.device | str | None = None,
+    fa: FavorAttention,
+    batch: int,
+    heads: int,
+    dim_v: int,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     """An empty state: S (b, h, m, e) and z (b, h, m) at scale exp(-c), the running key stabilizer

@@ -139,7 +139,9 @@ class _Scan(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ causal
-BLOCK_ELEMENTS = 1 << 20  # numbers in one (B, R, m) block: 4 MiB in float32 (measured: 2^20 0.29x SDPA at L 8192 causal, 2^19 0.29-0.31x, 2^18 0.35x)
+BLOCK_ELEMENTS = (
+    1 << 20
+)  # numbers in one (B, R, m) block: 4 MiB in float32 (measured: 2^20 0.29x SDPA at L 8192 causal, 2^19 0.29-0.31x, 2^18 0.35x)
 
 
 def _block_rows(batch: int, m: int, chunk: int, length: int) -> int:
@@ -248,7 +250,11 @@ def _padded(xq, xk, v_ext, mask, lo, hi, pad):
     if not pad:
         return (*parts, None if mask is None else mask[:, lo:hi])
     parts = [torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in parts]
-    m = mask[:, lo:hi] if mask is not None else torch.zeros(parts[0].shape[0], hi - lo, dtype=torch.bool, device=xq.device)
+    m = (
+        mask[:, lo:hi]
+        if mask is not None
+        else torch.zeros(parts[0].shape[0], hi - lo, dtype=torch.bool, device=xq.device)
+    )
     return (*parts, torch.nn.functional.pad(m, (0, pad), value=True))
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 # ------------------------------------------------------------------------------ kernels
 @triton.jit
 def _rowmax(XQ, XK, W, QMAX, S, L, M, D, BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
@@ -69,8 +70,26 @@ def _rowmax(XQ, XK, W, QMAX, S, L, M, D, BL: tl.constexpr, BM: tl.constexpr, BD:
 
 @triton.jit
 def _states(
-    XK, VE, W, PAD, SCALE, U, L, M, D, E, ROWS, NP, ratio, feps,
-    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
+    XK,
+    VE,
+    W,
+    PAD,
+    SCALE,
+    U,
+    L,
+    M,
+    D,
+    E,
+    ROWS,
+    NP,
+    ratio,
+    feps,
+    BL: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     """U[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of b_j exp(s_j - SCALE[b, p]) [v_j 1]^T
     (columns :E-1 from a (BM, BV) dot, the last one, the key feature sums, as a vector)."""
@@ -90,7 +109,9 @@ def _states(
     for r0 in range(start, stop, BL):
         rows = r0 + tl.arange(0, BL)
         rvalid = rows < stop
-        xk = tl.load(XK + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0)
+        xk = tl.load(
+            XK + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0
+        )
         pad = tl.load(PAD + b * L + rows, mask=rvalid, other=1)
         z = tl.dot(xk, tl.trans(w), input_precision=PREC)
         keep = (rvalid & (pad == 0))[:, None] & mvalid[None, :]
@@ -99,7 +120,9 @@ def _states(
         else:
             z = z - 0.5 * tl.sum(xk * xk, axis=1)[:, None] - scale
             kf = tl.where(keep, tl.exp(tl.minimum(z, 0.0)) * ratio, 0.0)
-        ve = tl.load(VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0)
+        ve = tl.load(
+            VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0
+        )
         acc += tl.dot(tl.trans(kf), ve, input_precision=PREC)
         acc_z += tl.sum(kf, axis=0)  # the ones column: kf is zero for padded keys
     base = U + (b * NP + p) * M * E + mo * E
@@ -144,9 +167,41 @@ def _features(xq, xk, w, qmax, s, half_sq, kvalid, mvalid, ratio, floor, feps, P
 
 @triton.jit
 def _forward(
-    XQ, XK, VE, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, ST, s_sb, s_sn, EP, s_eb, s_en,
-    OUT, ASUM, L, M, D, E, NC, ratio, floor, feps,
-    CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    XQ,
+    XK,
+    VE,
+    W,
+    PAD,
+    QMAX,
+    S,
+    C,
+    s_cb,
+    s_cl,
+    MPREV,
+    s_mb,
+    s_mn,
+    ST,
+    s_sb,
+    s_sn,
+    EP,
+    s_eb,
+    s_en,
+    OUT,
+    ASUM,
+    L,
+    M,
+    D,
+    E,
+    NC,
+    ratio,
+    floor,
+    feps,
+    CAUSAL: tl.constexpr,
+    CH: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
     RELU: tl.constexpr,
 ):
     """out[:, :E-1] = numerators, out[:, E-1] = denominators of one chunk of rows (the denominator
@@ -192,7 +247,9 @@ def _forward(
         tri = rows[:, None] >= rows[None, :]
         scale = tl.exp(tl.minimum(s[None, :] - c[:, None], 0.0))  # W_ij = exp(s_j - c_i)
         scores = tl.where(tri, qk * scale + floor * a_sum[:, None], 0.0)
-        ve = tl.load(VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0)
+        ve = tl.load(
+            VE + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0
+        )
         out += tl.dot(scores, ve, input_precision=PREC)
         out_z += tl.sum(tl.where(kvalid[None, :], scores, 0.0), axis=1)  # the ones column of [v 1]
         e_prev = tl.load(EP + b * s_eb + t * s_en + vcols, mask=vcols < DV, other=0.0)
@@ -207,8 +264,32 @@ def _forward(
 
 @triton.jit
 def _rstates(
-    XQ, G, W, QMAX, C, s_cb, s_cl, SCALE, s_pb, s_pn, V, L, M, D, E, ROWS, NP, ratio, floor, feps,
-    BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, RELU: tl.constexpr,
+    XQ,
+    G,
+    W,
+    QMAX,
+    C,
+    s_cb,
+    s_cl,
+    SCALE,
+    s_pb,
+    s_pn,
+    V,
+    L,
+    M,
+    D,
+    E,
+    ROWS,
+    NP,
+    ratio,
+    floor,
+    feps,
+    BL: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     """V[b, p, m-block] = sum over rows [p ROWS, (p + 1) ROWS) of a_i exp(SCALE[b, p] - c_i) G_i^T."""
     b = tl.program_id(0).to(tl.int64)  # offsets in int64: B L m (d + 1) / C can pass 2^31
@@ -227,7 +308,9 @@ def _rstates(
     for r0 in range(start, stop, BL):
         rows = r0 + tl.arange(0, BL)
         rvalid = rows < stop
-        xq = tl.load(XQ + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0)
+        xq = tl.load(
+            XQ + b * L * D + rows[:, None] * D + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < D), other=0.0
+        )
         qmax = tl.load(QMAX + b * L + rows, mask=rvalid, other=0.0)
         c = tl.load(C + b * s_cb + rows * s_cl, mask=rvalid, other=0.0)
         z = tl.dot(xq, tl.trans(w), input_precision=PREC)
@@ -236,7 +319,9 @@ def _rstates(
         else:
             a = tl.exp(tl.minimum(z - qmax[:, None], 0.0)) * ratio + floor
         a = tl.where(rvalid[:, None] & mvalid[None, :], a * tl.exp(tl.minimum(scale - c, 0.0))[:, None], 0.0)
-        g = tl.load(G + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0)
+        g = tl.load(
+            G + b * L * E + rows[:, None] * E + vcols[None, :], mask=rvalid[:, None] & (vcols[None, :] < DV), other=0.0
+        )
         g_z = tl.load(G + b * L * E + rows * E + DV, mask=rvalid, other=0.0)
         acc += tl.dot(tl.trans(a), g, input_precision=PREC)
         acc_z += tl.sum(a * g_z[:, None], axis=0)
@@ -278,10 +363,52 @@ def _feature_grads(a, kf, da, db, mvalid, floor, feps, RELU: tl.constexpr):
 
 @triton.jit
 def _backward(
-    XQ, XK, VE, G, W, PAD, QMAX, S, C, s_cb, s_cl, MPREV, s_mb, s_mn, MLAST, s_lb, s_ln,
-    ST, s_sb, s_sn, RT, s_rb, s_rn, EP, s_eb, s_en, FT, s_fb, s_fn,
-    DXQ, DXK, DV_, L, M, D, E, NC, ratio, floor, feps,
-    CAUSAL: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    XQ,
+    XK,
+    VE,
+    G,
+    W,
+    PAD,
+    QMAX,
+    S,
+    C,
+    s_cb,
+    s_cl,
+    MPREV,
+    s_mb,
+    s_mn,
+    MLAST,
+    s_lb,
+    s_ln,
+    ST,
+    s_sb,
+    s_sn,
+    RT,
+    s_rb,
+    s_rn,
+    EP,
+    s_eb,
+    s_en,
+    FT,
+    s_fb,
+    s_fn,
+    DXQ,
+    DXK,
+    DV_,
+    L,
+    M,
+    D,
+    E,
+    NC,
+    ratio,
+    floor,
+    feps,
+    CAUSAL: tl.constexpr,
+    CH: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
     RELU: tl.constexpr,
 ):
     """d xq, d xk (through the feature maps) and d v (zero for padded keys; the gradient of the ones

@@ -35,7 +35,6 @@ def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(int(x)))
 
 
-
 class _Plan:
     """Sizes, block shapes and the per-row / per-chunk scales of one call."""
 
@@ -62,7 +61,18 @@ class _Plan:
         self.s = torch.zeros_like(self.qmax)
         if not self.relu:
             _rowmax[(B, triton.cdiv(L, BLOCK_ROWS))](
-                xq, xk, w, self.qmax, self.s, L, self.M, self.D, BL=BLOCK_ROWS, BM=self.BM, BD=self.BD, PREC=DOT_PRECISION,
+                xq,
+                xk,
+                w,
+                self.qmax,
+                self.s,
+                L,
+                self.M,
+                self.D,
+                BL=BLOCK_ROWS,
+                BM=self.BM,
+                BD=self.BD,
+                PREC=DOT_PRECISION,
                 num_warps=NUM_WARPS,
             )
         s_real = self.s.masked_fill(pad.bool(), float("-inf"))
@@ -89,8 +99,26 @@ class _Plan:
         u = torch.empty(B, parts, M, E, device=xk.device, dtype=torch.float32)
         scale = self.m_last if self.causal else self.scales.expand(B, parts).contiguous()
         _states[(B, parts, triton.cdiv(M, self.BM_STATES))](
-            xk, v_ext, w, pad, scale.contiguous(), u, L, M, self.D, E, rows, parts, self.ratio, self.feps,
-            BL=min(BLOCK_ROWS, self.CH), BM=self.BM_STATES, BD=self.BD, BV=self.BV, PREC=DOT_PRECISION, RELU=self.relu,
+            xk,
+            v_ext,
+            w,
+            pad,
+            scale.contiguous(),
+            u,
+            L,
+            M,
+            self.D,
+            E,
+            rows,
+            parts,
+            self.ratio,
+            self.feps,
+            BL=min(BLOCK_ROWS, self.CH),
+            BM=self.BM_STATES,
+            BD=self.BD,
+            BV=self.BV,
+            PREC=DOT_PRECISION,
+            RELU=self.relu,
             num_warps=NUM_WARPS,
         )
         if not self.causal:
@@ -128,20 +156,97 @@ def _s(x: torch.Tensor) -> tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
+def _reverse_states(plan: _Plan, xq: torch.Tensor, g: torch.Tensor, w: torch.Tensor, a_sum: torch.Tensor):
+    """R_t (the suffix states of the queries' a_i beta_i G_i^T, per chunk) and F_t (the floor's part
+    of d[v 1], sum of A_i G_i over later chunks); bidirectional: one state for every chunk."""
+    B, L, D, E, M, n = plan.B, plan.L, plan.D, plan.E, plan.M, plan.n
+    rows, parts = plan.split()
+    vr = torch.empty(B, parts, M, E, device=xq.device, dtype=torch.float32)
+    scale = plan.m_prev if plan.causal else plan.scales.expand(B, parts)
+    _rstates[(B, parts, triton.cdiv(M, plan.BM_STATES))](
+        xq,
+        g,
+        w,
+        plan.qmax,
+        plan.c,
+        *_s(plan.c),
+        scale,
+        *_s(scale),
+        vr,
+        L,
+        M,
+        D,
+        E,
+        rows,
+        parts,
+        plan.ratio,
+        plan.floor,
+        plan.feps,
+        BL=min(BLOCK_ROWS, plan.CH),
+        BM=plan.BM_STATES,
+        BD=plan.BD,
+        BV=plan.BV,
+        PREC=DOT_PRECISION,
+        RELU=plan.relu,
+        num_warps=NUM_WARPS,
+    )
+    ag = a_sum[..., None] * g  # A_i G_i: the floor's part of d[v 1]
+    if plan.causal:
+        rt = vr
+        _scan_call(vr, plan.scales, rt, reverse=True)  # in place
+        sums = _chunk_sums(ag, plan.CH, n)
+        f_t = sums.flip(1).cumsum(1).flip(1) - sums  # over later chunks
+    else:
+        rt = vr.sum(dim=1)[:, None].expand(B, n, M, E)
+        f_t = ag.sum(dim=1)[:, None].expand(B, n, E)
+    return rt, f_t
+
+
 class _FavorTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xq, xk, v, w, pad, kind, causal, eps, chunk):
         xq, xk, w = xq.contiguous(), xk.contiguous(), w.contiguous()
         plan = _Plan(xq, xk, v, w, pad, kind, causal, eps, chunk)
         B, L, DV, E = plan.B, plan.L, plan.DV, plan.E
-        v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).masked_fill_(pad.bool()[..., None], 0.0).contiguous()
+        v_ext = (
+            torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).masked_fill_(pad.bool()[..., None], 0.0).contiguous()
+        )
         st, e_prev = plan.states(xk, v_ext, w, pad)
         out = torch.empty(B, L, E, device=xq.device, dtype=torch.float32)
         a_sum = torch.empty(B, L, device=xq.device, dtype=torch.float32)
         _forward[(B, plan.n)](
-            xq, xk, v_ext, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
-            st, *_s(st), e_prev, *_s(e_prev), out, a_sum, L, plan.M, plan.D, E, plan.n, plan.ratio, plan.floor,
-            plan.feps, CAUSAL=causal, CH=plan.CH, BM=plan.BM, BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
+            xq,
+            xk,
+            v_ext,
+            w,
+            pad,
+            plan.qmax,
+            plan.s,
+            plan.c,
+            *_s(plan.c),
+            plan.m_prev,
+            *_s(plan.m_prev),
+            st,
+            *_s(st),
+            e_prev,
+            *_s(e_prev),
+            out,
+            a_sum,
+            L,
+            plan.M,
+            plan.D,
+            E,
+            plan.n,
+            plan.ratio,
+            plan.floor,
+            plan.feps,
+            CAUSAL=causal,
+            CH=plan.CH,
+            BM=plan.BM,
+            BD=plan.BD,
+            BV=plan.BV,
+            PREC=DOT_PRECISION,
+            RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
         num, den = out[..., :DV], out[..., DV:]
@@ -162,30 +267,50 @@ class _FavorTriton(torch.autograd.Function):
         g_den = torch.where(zero, torch.zeros_like(den), -(g_num * out).sum(dim=-1, keepdim=True))
         g = torch.cat([g_num, g_den], dim=-1).contiguous()  # dL/d[num | den]
         st, e_prev = plan.states(xk, v_ext, w, pad)  # rebuilt, not saved
-        rows, parts = plan.split()
-        vr = torch.empty(B, parts, M, E, device=xq.device, dtype=torch.float32)
-        scale = plan.m_prev if plan.causal else plan.scales.expand(B, parts)
-        _rstates[(B, parts, triton.cdiv(M, plan.BM_STATES))](
-            xq, g, w, plan.qmax, plan.c, *_s(plan.c), scale, *_s(scale), vr, L, M, D, E, rows, parts,
-            plan.ratio, plan.floor, plan.feps, BL=min(BLOCK_ROWS, plan.CH), BM=plan.BM_STATES, BD=plan.BD, BV=plan.BV,
-            PREC=DOT_PRECISION, RELU=plan.relu, num_warps=NUM_WARPS,
-        )
-        ag = a_sum[..., None] * g  # A_i G_i: the floor's part of d[v 1]
-        if plan.causal:
-            rt = vr
-            _scan_call(vr, plan.scales, rt, reverse=True)  # in place
-            sums = _chunk_sums(ag, plan.CH, n)
-            f_t = sums.flip(1).cumsum(1).flip(1) - sums  # over later chunks
-        else:
-            rt = vr.sum(dim=1)[:, None].expand(B, n, M, E)
-            f_t = ag.sum(dim=1)[:, None].expand(B, n, E)
+        rt, f_t = _reverse_states(plan, xq, g, w, a_sum)
         dxq, dxk = torch.empty_like(xq), torch.empty_like(xk)
         dv = torch.empty(B, L, plan.DV, device=xq.device, dtype=torch.float32)
         _backward[(B, n)](
-            xq, xk, v_ext, g, w, pad, plan.qmax, plan.s, plan.c, *_s(plan.c), plan.m_prev, *_s(plan.m_prev),
-            plan.m_last, *_s(plan.m_last), st, *_s(st), rt, *_s(rt), e_prev, *_s(e_prev), f_t, *_s(f_t),
-            dxq, dxk, dv, L, M, D, E, n, plan.ratio, plan.floor, plan.feps,
-            CAUSAL=plan.causal, CH=plan.CH, BM=plan.BM_BWD, BD=plan.BD, BV=plan.BV, PREC=DOT_PRECISION, RELU=plan.relu,
+            xq,
+            xk,
+            v_ext,
+            g,
+            w,
+            pad,
+            plan.qmax,
+            plan.s,
+            plan.c,
+            *_s(plan.c),
+            plan.m_prev,
+            *_s(plan.m_prev),
+            plan.m_last,
+            *_s(plan.m_last),
+            st,
+            *_s(st),
+            rt,
+            *_s(rt),
+            e_prev,
+            *_s(e_prev),
+            f_t,
+            *_s(f_t),
+            dxq,
+            dxk,
+            dv,
+            L,
+            M,
+            D,
+            E,
+            n,
+            plan.ratio,
+            plan.floor,
+            plan.feps,
+            CAUSAL=plan.causal,
+            CH=plan.CH,
+            BM=plan.BM_BWD,
+            BD=plan.BD,
+            BV=plan.BV,
+            PREC=DOT_PRECISION,
+            RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
         return dxq, dxk, dv, None, None, None, None, None, None

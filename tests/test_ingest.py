@@ -429,10 +429,11 @@ def dup_heavy(plain_sample, tmp_path_factory):
 
 def test_bucketed_and_windowed_merge_equals_default(dup_heavy, tmp_path, monkeypatch):
     """The bounded-memory paths: dedup in several hash buckets, records read in small windows."""
-    import protein_performer.data.ingest as ing
+    from protein_performer.data.ingest import resolve, write
 
     p, m1, got1, rejects1 = dup_heavy
-    monkeypatch.setattr(ing, "_WINDOW", 333)
+    for stage in (resolve, write):  # the stages that read records in windows
+        monkeypatch.setattr(stage, "WINDOW", 333)
     out = tmp_path / "b"
     ingest(input=str(p), output_dir=str(out), progress=False, shard_size=700, merge_memory_mb=0.03)
     _same_as_single(out, got1, m1)
@@ -651,7 +652,7 @@ def test_workers_do_not_block_on_a_busy_worker(monkeypatch):
     back in job order."""
     import protein_performer.data.ingest as ing
 
-    monkeypatch.setattr(ing, "_unit_job", _unit_job_stub)
+    monkeypatch.setattr(ing.workers, "_unit_job", _unit_job_stub)
     pool = ing._Workers(2, 2)
     try:
         slept = pool.defer(_sleep_then_time, 0.5)

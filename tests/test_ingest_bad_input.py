@@ -202,14 +202,14 @@ def test_errors_in_worker_processes_reach_the_caller(real, tmp_path, monkeypatch
     assert mp.active_children() == []
 
     parent = os.getpid()
-    write = ing.write_unit_shards
+    write = ing.workers.write_unit_shards
 
     def die_in_worker(*args):
         if os.getpid() != parent:
             os._exit(3)
         return write(*args)
 
-    monkeypatch.setattr(ing, "write_unit_shards", die_in_worker)
+    monkeypatch.setattr(ing.workers, "write_unit_shards", die_in_worker)
     with pytest.raises(IngestError, match="worker process died.*resume=true"):
         ingest(input=str(p), output_dir=str(tmp_path / "o2"), progress=False, workers=2)
     assert mp.active_children() == []

@@ -51,12 +51,9 @@ output_dir=/data/trembl_shards workers=16`` resolves and writes the shards and t
 
 from __future__ import annotations
 
-import sys
-import types
-
 from protein_performer.data.fasta import FastaFormatError
 
-from . import annotations, common, hashing, resolve, workers, write
+from . import annotations, common, hashing, resolve, workers
 from .annotations import load_ood_accessions
 from .common import (
     CONFIG_NAME,
@@ -86,24 +83,6 @@ _mix64 = hashing.mix64
 _records_with_family_token = annotations.records_with_family_token
 _unit_job = workers._unit_job
 _Workers = workers.Workers
-
-# Names that tests replace on this package (``monkeypatch.setattr(ingest_package, name, value)``),
-# from the time it was one module: the new value is also set where the pipeline looks it up.
-_PATCH_TARGETS = {
-    "_WINDOW": [(resolve, "WINDOW"), (write, "WINDOW")],
-    "_unit_job": [(workers, "_unit_job")],
-    "write_unit_shards": [(workers, "write_unit_shards")],
-}
-
-
-class _IngestPackage(types.ModuleType):
-    def __setattr__(self, name, value):
-        for module, attribute in _PATCH_TARGETS.get(name, ()):
-            setattr(module, attribute, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _IngestPackage
 
 # the public names of the single-module version (its __all__ held the first line's)
 __all__ = [

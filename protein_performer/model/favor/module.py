@@ -313,8 +313,6 @@ class FavorAttention(nn.Module):
             return self.eps * self.nb_features**-0.5
         return self.eps
 
-    _floor = feature_floor  # the name before the recurrent split
-
     def attention_matrix(
         self,
         q: torch.Tensor,

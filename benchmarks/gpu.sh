@@ -75,7 +75,7 @@ for kernel in ("softmax", "relu"):
         print(f"{kernel:8s} causal={causal!s:5s} max rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs), "ok" if ok else "FAIL")
 sys.exit(1 if bad else 0)
 PYEOF
-  for dot in "${DOTS[@]}"; do  # tl.dot precision of the kernels (triton_kernels.DOT_PRECISION)
+  for dot in "${DOTS[@]}"; do  # tl.dot precision of the kernels (triton_ops.DOT_PRECISION)
     echo "== triton kernels (${DEV[1]}, dots $dot) against the PyTorch path (float64), fp32, 2 x 4 x L=$CHECK_L x 64, m 256"
     PROTEIN_PERFORMER_TRITON_DOT=$dot "$PY" "$CHECK" "${DEV[1]}" "$CHECK_L" \
       || echo "error: the triton kernels (dots $dot) disagree with the PyTorch path: their rows are not valid" >&2

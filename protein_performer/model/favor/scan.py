@@ -156,10 +156,11 @@ class _Block:
     """One block of K chunks of C rows: features, stabilizer factors, chunk-state weights.
 
     Scales: P = [M_in, M_0, ..., M_{K-1}] (B, K + 1), M_t the running max c at the end of chunk t
-    and M_in the scale of the incoming state. The state before chunk t is kept at scale P_t.
-    ``decay`` (B, K + 1, K): [u, s] = exp(P_{s+1} - P_u) for s < u (chunk s's contribution to the
-    state before chunk u; u = K is the outgoing state); ``rdecay`` (B, K + 1, K): [u, t] =
-    exp(P_u - P_t) for t >= u (chunk t's queries in the reverse state after chunk u - 1).
+    and M_in the scale of the incoming state. The state before chunk t is kept at scale P_t, so
+    the states follow the recurrence S_{t+1} = r_t S_t + U_t with ``ratio`` r_t = exp(P_t - P_{t+1})
+    <= 1 (B, K) and U_t chunk t's own state at scale P_{t+1}; the reverse states likewise
+    R_t = V_t + r_t R_{t+1}. The recurrences run chunk by chunk on (B, m e) slices that stay in
+    cache (a (K + 1) x K decay matrix applied by bmm streams every state through memory twice).
     """
 
     def __init__(self, feats, xq, xk, v_ext, mask, run_max, M_in, chunk, need_query=True):
@@ -187,24 +188,56 @@ class _Block:
         self.W = _exp_le1(s_ - c_)  # (B K, C, C): [i, j] exp(s_j - c_i)
         self.beta = _exp_le1(P[:, :K].reshape(B * K, 1, 1) - c_)  # exp(P_t - c_i)
         self.gamma = _exp_le1(s_.transpose(1, 2) - last.reshape(B * K, 1, 1))  # exp(s_j - M_t)
-        self.decay = _exp_le1(P[:, None, 1:] - P[:, :, None]).tril_(-1)  # [u, s] = exp(P_{s+1} - P_u), s < u
-        self.rdecay = _exp_le1(P[:, :, None] - P[:, None, :K]).triu_(0)  # [u, t] = exp(P_u - P_t), t >= u
+        self.ratio = _exp_le1(P[:, :K] - P[:, 1:]).unsqueeze(-1)  # r_t = exp(P_t - P_{t+1}): (B, K, 1)
 
-    def states(self, S_in, E_in, M_in):
-        """(S_t for t = 0..K (B, K + 1, m, e), E_t (B, K + 1, 1, e)); index K is the outgoing state."""
+    def states(self, S_in, E_in):
+        """(S_t for t = 0..K-1 (B K, m, e), the outgoing state S_K (B, m, e), E_t (B, K + 1, 1, e))."""
         B, K = self.B, self.K
         b = self.b if not self.softmax else self.b * self.gamma
-        U = torch.bmm(b.transpose(1, 2), self.v).view(B, K, -1)  # chunk states (B, K, m e)
-        m, e = self.b.shape[-1], self.v.shape[-1]
-        if self.softmax:
-            S = torch.bmm(self.decay, U).view(B, K + 1, m, e)
-            S.add_(S_in.unsqueeze(1) * _exp_le1(M_in - self.P).view(B, K + 1, 1, 1))
-        else:
-            tri = torch.ones(K + 1, K, dtype=U.dtype, device=U.device).tril_(-1)
-            S = torch.matmul(tri, U).view(B, K + 1, m, e).add_(S_in.unsqueeze(1))
+        U = torch.bmm(b.transpose(1, 2), self.v)  # chunk states (B K, m, e)
+        m, e = U.shape[-2:]
+        S, S_out = _prefix_states(U.view(B, K, m * e), S_in.reshape(B, m * e), self.ratio if self.softmax else None)
         sums = self.v.sum(dim=1).view(B, K, e)
         E = torch.cat([torch.zeros_like(sums[:, :1]), sums.cumsum(dim=1)], dim=1).add_(E_in).unsqueeze(2)
-        return S, E
+        return S.view(B * K, m, e), S_out.view(B, m, e), E
+
+    def reverse_states(self, V, rev):
+        """From the chunks' own reverse states V_t (B K, m, e): R_t for t = 1..K (B K, m, e; R_K = ``rev``)
+        and R_0 (B, m, e), the reverse state before the block."""
+        B, K = self.B, self.K
+        m, e = V.shape[-2:]
+        R, R_0 = _suffix_states(V.view(B, K, m * e), rev.reshape(B, m * e), self.ratio if self.softmax else None)
+        return R.view(B * K, m, e), R_0.view(B, m, e)
+
+
+def _step(own: torch.Tensor, carry: torch.Tensor, ratio: torch.Tensor | None, out=None) -> torch.Tensor:
+    """own + r carry (own + carry without ``ratio``), into ``out`` when given."""
+    if ratio is None:
+        return torch.add(own, carry, out=out) if out is not None else own + carry
+    return torch.addcmul(own, carry, ratio, out=out) if out is not None else torch.addcmul(own, carry, ratio)
+
+
+def _prefix_states(
+    U: torch.Tensor, S_in: torch.Tensor, ratio: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (B, K, n) [U_0..U_{K-1}] -> (S (B, K, n) [S_0..S_{K-1}], S_K): S_0 = S_in, S_{t+1} = r_t S_t + U_t
+    (r_t = 1 without ``ratio`` (B, K, 1))."""
+    K = U.shape[1]
+    S = torch.empty_like(U)
+    S[:, 0].copy_(S_in)
+    for t in range(K - 1):
+        _step(U[:, t], S[:, t], None if ratio is None else ratio[:, t], out=S[:, t + 1])
+    return S, _step(U[:, K - 1], S[:, K - 1], None if ratio is None else ratio[:, K - 1])
+
+
+def _suffix_states(V: torch.Tensor, rev: torch.Tensor, ratio: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V (B, K, n) [V_0..V_{K-1}] -> (R (B, K, n) [R_1..R_K], R_0): R_K = ``rev``, R_t = V_t + r_t R_{t+1}."""
+    K = V.shape[1]
+    R = torch.empty_like(V)
+    R[:, K - 1].copy_(rev)
+    for t in range(K - 1, 0, -1):
+        _step(V[:, t], R[:, t], None if ratio is None else ratio[:, t], out=R[:, t - 1])
+    return R, _step(V[:, 0], R[:, 0], None if ratio is None else ratio[:, 0])
 
 
 def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
@@ -224,10 +257,9 @@ def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
         saved_small.append(torch.cat([E[:, 0], M, run_max], dim=1))
         xq_b, xk_b, v_b, mask_b = _padded(xq, xk, v_ext, mask, lo, hi, pad)
         blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
-        Ss, Es = blk.states(S, E, M)
+        S_t, S_next, Es = blk.states(S, E)
         K, C = blk.K, blk.C
         scores = torch.bmm(blk.a, blk.b.transpose(1, 2))  # (B K, C, C)
-        S_t = Ss[:, :K].reshape(B * K, m, e)
         if softmax:
             a_sum = blk.a.sum(dim=-1, keepdim=True)
             scores.mul_(blk.W).add_(a_sum, alpha=f)
@@ -238,7 +270,7 @@ def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
         else:
             o = torch.bmm(scores.tril_(), blk.v).baddbmm_(blk.a, S_t)
         run_max = blk.run_max
-        S, E = Ss[:, K].contiguous(), Es[:, K]
+        S, E = S_next, Es[:, K]
         out[:, lo:hi] = o.view(B, K * C, e)[:, :n]
     num, den = _finish(out)
     return num, den, torch.stack(saved_S), torch.stack(saved_small)
@@ -278,9 +310,8 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
         g_b = g[:, lo:hi] if not pad else torch.nn.functional.pad(g[:, lo:hi], (0, 0, 0, pad))
         blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
         K, C = blk.K, blk.C
-        Ss, Es = blk.states(S, E, M)
-        S_t, E_t = Ss[:, :K].reshape(B * K, m, e), Es[:, :K].reshape(B * K, 1, e)
-        del Ss, Es
+        S_t, _, Es = blk.states(S, E)
+        E_t = Es[:, :K].reshape(B * K, 1, e)
         a, b, vc = blk.a, blk.b, blk.v
         gc = g_b.reshape(B * K, C, e)
         h = torch.bmm(gc, vc.transpose(1, 2)).tril_()  # H: (B K, C, C)
@@ -288,14 +319,10 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
         if softmax:
             a_sum = a.sum(dim=-1, keepdim=True)
             # reverse states R_t (scale M_t) for t = 0..K-1, and R before the block (scale M_in)
-            V = torch.bmm((a * blk.beta).transpose(1, 2), gc).view(B, K, -1)
-            R = torch.bmm(blk.rdecay, V).view(B, K + 1, m, e)
-            last = blk.P[:, -1:]
-            R.add_(rev.unsqueeze(1) * _exp_le1(blk.P - last).view(B, K + 1, 1, 1))
+            R_t, rev = blk.reverse_states(torch.bmm((a * blk.beta).transpose(1, 2), gc), rev)
             AG = (a_sum * gc).sum(dim=1).view(B, K, e)
             Fs = AG.flip(1).cumsum(1).flip(1)  # sum over chunks >= t
             F_t = torch.cat([Fs[:, 1:], torch.zeros_like(Fs[:, :1])], dim=1).add_(g_sum).view(B * K, 1, e)
-            R_t = R[:, 1:].reshape(B * K, m, e)
             da_floor = (h.sum(dim=-1, keepdim=True) + (gc * E_t).sum(dim=-1, keepdim=True)).mul_(f)
             h.mul_(blk.W)
             scores.mul_(blk.W).add_(a_sum, alpha=f)
@@ -303,18 +330,13 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
             db = torch.bmm(h.transpose(1, 2), a).addcmul_(torch.bmm(vc, R_t.transpose(1, 2)), blk.gamma)
             dvc = torch.bmm(scores.tril_().transpose(1, 2), gc)
             dvc.addcmul_(torch.bmm(b, R_t), blk.gamma).add_(F_t, alpha=f)
-            rev = R[:, 0].contiguous()
             g_sum = g_sum + Fs[:, :1]
         else:
-            V = torch.bmm(a.transpose(1, 2), gc).view(B, K, -1)
-            tri = torch.ones(K + 1, K, dtype=V.dtype, device=V.device).triu_(0)
-            R = torch.matmul(tri, V).view(B, K + 1, m, e).add_(rev.unsqueeze(1))
-            R_t = R[:, 1:].reshape(B * K, m, e)
+            R_t, rev = blk.reverse_states(torch.bmm(a.transpose(1, 2), gc), rev)
             da = torch.bmm(h, b).baddbmm_(gc, S_t.transpose(1, 2))
             db = torch.bmm(h.transpose(1, 2), a).baddbmm_(vc, R_t.transpose(1, 2))
             dvc = torch.bmm(scores.tril_().transpose(1, 2), gc).baddbmm_(b, R_t)
-            rev = R[:, 0].contiguous()
-        del R, R_t, S_t, scores, h
+        del R_t, S_t, scores, h
         dv[:, lo:hi] = dvc.view(B, K * C, e)[:, :n]
         dxq[:, lo:hi] = feats.query_grad(xq_b, a.view(B, K * C, m), da.view(B, K * C, m))[:, :n]
         dxk[:, lo:hi] = feats.key_grad(xk_b, b.view(B, K * C, m), db.view(B, K * C, m))[:, :n]

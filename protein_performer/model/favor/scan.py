@@ -99,6 +99,16 @@ def _spans(length: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
 
 
+class _Grad:
+    """dL/d[num | den] of rows lo:hi (``g[lo:hi]``), from dL/d(num / den), block by block."""
+
+    def __init__(self, grad: torch.Tensor, out: torch.Tensor, den: torch.Tensor):
+        self.grad, self.out, self.den = grad, out, den
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return _grad_ext(self.grad[:, rows], self.out[:, rows], self.den[:, rows])
+
+
 def _grad_ext(grad: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """dL/d[num | den] from dL/d(num / den); rows with den == 0 (no real key) divided by 1."""
     zero = den == 0
@@ -108,9 +118,12 @@ def _grad_ext(grad: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch
     return torch.cat([g_num, g_den], dim=-1)
 
 
-def _finish(out_ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    num, den = out_ext[..., :-1], out_ext[..., -1:]
-    return num / torch.where(den == 0, torch.ones_like(den), den), den
+def _finish(o_ext: torch.Tensor, out: torch.Tensor, den: torch.Tensor, lo: int, hi: int) -> None:
+    """Rows lo:hi of the output (num / den) and of den from one block's [num | den] (B, hi - lo, e):
+    normalized block by block, so that no (B, L, e) temporary is made."""
+    d = o_ext[..., -1:]
+    den[:, lo:hi] = d
+    torch.div(o_ext[..., :-1], torch.where(d == 0, torch.ones_like(d), d), out=out[:, lo:hi])
 
 
 class _Scan(torch.autograd.Function):
@@ -132,7 +145,7 @@ class _Scan(torch.autograd.Function):
         xq, xk, v_ext, w, out, den, *rest = ctx.saved_tensors
         mask = rest.pop(0) if ctx.has_mask else None
         feats = _Features(ctx.kind, w, ctx.eps)
-        g = _grad_ext(grad_out, out, den)
+        g = _Grad(grad_out, out, den)
         run = _causal_backward if ctx.causal else _bidirectional_backward
         dxq, dxk, dv = run(feats, xq, xk, v_ext, mask, g, ctx.chunk, *rest)
         return dxq, dxk, dv, None, None, None, None, None, None
@@ -244,7 +257,7 @@ def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
     B, L, e = v_ext.shape
     m, f, softmax = feats.w.shape[0], feats.floor, feats.kind == SOFTMAX
     rows = _block_rows(B, m, chunk, L)
-    out = xq.new_empty(B, L, e)
+    out, den = xq.new_empty(B, L, e - 1), xq.new_empty(B, L, 1)
     S = xq.new_zeros(B, m, e)  # sum_j b_j exp(s_j - M) [v_j 1]^T at scale M
     E = xq.new_zeros(B, 1, e)  # sum_j [v_j 1] (the floor's state)
     run_max = xq.new_full((B, 1), float("-inf"))  # running max of real keys' s
@@ -271,9 +284,8 @@ def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
             o = torch.bmm(scores.tril_(), blk.v).baddbmm_(blk.a, S_t)
         run_max = blk.run_max
         S, E = S_next, Es[:, K]
-        out[:, lo:hi] = o.view(B, K * C, e)[:, :n]
-    num, den = _finish(out)
-    return num, den, torch.stack(saved_S), torch.stack(saved_small)
+        _finish(o.view(B, K * C, e)[:, :n], out, den, lo, hi)
+    return out, den, torch.stack(saved_S), torch.stack(saved_small)
 
 
 def _padded(xq, xk, v_ext, mask, lo, hi, pad):
@@ -297,7 +309,7 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
     m, f, softmax = feats.w.shape[0], feats.floor, feats.kind == SOFTMAX
     rows = _block_rows(B, m, chunk, L)
     spans = _spans(L, rows)
-    dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v_ext)
+    dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), xq.new_empty(B, L, e - 1)
     rev = xq.new_zeros(B, m, e)  # R: sum over later queries a_i exp(M - c_i) G_i^T, at the block's last scale
     g_sum = xq.new_zeros(B, 1, e)  # F: sum over later queries A_i G_i
     for idx in range(len(spans) - 1, -1, -1):
@@ -307,7 +319,7 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
         S, small = saved_S[idx], saved_small[idx]
         E, M, run_max = small[:, None, :e], small[:, e : e + 1], small[:, e + 1 :]
         xq_b, xk_b, v_b, mask_b = _padded(xq, xk, v_ext, mask, lo, hi, pad)
-        g_b = g[:, lo:hi] if not pad else torch.nn.functional.pad(g[:, lo:hi], (0, 0, 0, pad))
+        g_b = g[lo:hi] if not pad else torch.nn.functional.pad(g[lo:hi], (0, 0, 0, pad))
         blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
         K, C = blk.K, blk.C
         S_t, _, Es = blk.states(S, E)
@@ -337,15 +349,14 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
             db = torch.bmm(h.transpose(1, 2), a).baddbmm_(vc, R_t.transpose(1, 2))
             dvc = torch.bmm(scores.tril_().transpose(1, 2), gc).baddbmm_(b, R_t)
         del R_t, S_t, scores, h
-        dv[:, lo:hi] = dvc.view(B, K * C, e)[:, :n]
+        dv[:, lo:hi] = dvc.view(B, K * C, e)[:, :n, :-1]
         dxq[:, lo:hi] = feats.query_grad(xq_b, a.view(B, K * C, m), da.view(B, K * C, m))[:, :n]
         dxk[:, lo:hi] = feats.key_grad(xk_b, b.view(B, K * C, m), db.view(B, K * C, m))[:, :n]
     return dxq, dxk, _v_grad(dv, mask)
 
 
-def _v_grad(dv_ext: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    dv = dv_ext[..., :-1]
-    return dv if mask is None else dv.masked_fill(mask.unsqueeze(-1), 0.0)
+def _v_grad(dv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return dv if mask is None else dv.masked_fill_(mask.unsqueeze(-1), 0.0)
 
 
 # ------------------------------------------------------------------------------ bidirectional
@@ -368,22 +379,21 @@ def _bidirectional_forward(feats, xq, xk, v_ext, mask, chunk):
             M = M_new
         kv.baddbmm_(b.transpose(1, 2), vc)
     kv_full = kv.add_(v_ext.sum(dim=1, keepdim=True), alpha=feats.floor) if softmax else kv
-    out = xq.new_empty(B, L, e)
+    out, den = xq.new_empty(B, L, e - 1), xq.new_empty(B, L, 1)
     for lo, hi in _spans(L, rows):
-        out[:, lo:hi] = torch.bmm(feats.query(xq[:, lo:hi]), kv_full)
-    num, den = _finish(out)
-    return num, den, kv_full, M
+        _finish(torch.bmm(feats.query(xq[:, lo:hi]), kv_full), out, den, lo, hi)
+    return out, den, kv_full, M
 
 
 def _bidirectional_backward(feats, xq, xk, v_ext, mask, g, chunk, kv_full, M):
     B, L, e = v_ext.shape
     m = feats.w.shape[0]
     rows = _block_rows(B, m, chunk, L)
-    dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v_ext)
+    dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), xq.new_empty(B, L, e - 1)
     dkv = xq.new_zeros(B, m, e)  # d(K'^T [V 1]) = sum_i a_i G_i^T
     kv_t = kv_full.transpose(1, 2)
     for lo, hi in _spans(L, rows):
-        x_q, gc = xq[:, lo:hi], g[:, lo:hi]
+        x_q, gc = xq[:, lo:hi], g[lo:hi]
         a = feats.query(x_q)
         dkv.baddbmm_(a.transpose(1, 2), gc)
         dxq[:, lo:hi] = feats.query_grad(x_q, a, torch.bmm(gc, kv_t))
@@ -393,7 +403,7 @@ def _bidirectional_backward(feats, xq, xk, v_ext, mask, g, chunk, kv_full, M):
         b, s = feats.key(x_k, None if mask is None else mask[:, lo:hi])
         if feats.kind == SOFTMAX:
             b.mul_(_exp_le1(s - M).unsqueeze(-1))  # b exp(s - c): the features without the floor
-        dv[:, lo:hi] = torch.bmm(b, dkv).add_(floor_row)
+        dv[:, lo:hi] = torch.baddbmm(floor_row[..., :-1], b, dkv[..., :-1])
         dxk[:, lo:hi] = feats.key_grad(x_k, b, torch.bmm(vc, dkv.transpose(1, 2)))
     return dxq, dxk, _v_grad(dv, mask)
 

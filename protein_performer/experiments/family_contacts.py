@@ -97,13 +97,13 @@ STAGES = ("extract", "ingest", "train", "export", "score", "contacts")
 
 
 # ------------------------------------------------------------------------------ training
-def compose(overrides: Sequence[str] = ()):
-    """``train`` config with ``experiment=family_contacts`` and ``overrides``."""
+def compose(overrides: Sequence[str] = (), experiment: str = "family_contacts"):
+    """``train`` config with ``experiment=<experiment>`` and ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=["experiment=family_contacts", *overrides])
+        return hydra_compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -160,8 +160,10 @@ def _ingest_stage(paths: RunPaths) -> dict:
     return {k: v.get("n_sequences") for k, v in manifest.get("splits", {}).items()}
 
 
-def _train_stage(paths: RunPaths, overrides: Sequence[str], probe_every_s: float | None, summary: dict) -> None:
-    """Train ``experiment=family_contacts`` into ``paths.out`` (with the probe callback when asked)."""
+def _train_stage(
+    paths: RunPaths, overrides: Sequence[str], probe_every_s: float | None, summary: dict, experiment: str
+) -> None:
+    """Train ``experiment`` into ``paths.out`` (with the probe callback when asked)."""
     from protein_performer.training.train import train
 
     extra = [f"data.root={paths.shards}", f"run_dir={paths.out}"]
@@ -173,7 +175,7 @@ def _train_stage(paths: RunPaths, overrides: Sequence[str], probe_every_s: float
             f"+callbacks.probe.output={paths.probe}",
             f"+callbacks.probe.every_s={probe_every_s}",
         ]
-    cfg = compose([*extra, *overrides])
+    cfg = compose([*extra, *overrides], experiment)
     metrics = train(cfg)
     summary["train"] = {
         k: metrics.get(k)
@@ -237,13 +239,23 @@ def run(
     stages: Sequence[str] = STAGES,
     probe_every_s: float | None = None,
     homologs: int = 0,
+    experiment: str = "family_contacts",
+    align: bool = False,
 ) -> dict:
     """The whole recipe for one family; returns (and writes) ``<output_dir>/summary.json``."""
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(out, family_chain(structures, family))
     summary = json.loads(paths.summary.read_text()) if paths.summary.exists() else {}
-    summary.update({"family": family, "structure": str(paths.structure), "overrides": list(overrides)})
+    summary.update(
+        {
+            "family": family,
+            "structure": str(paths.structure),
+            "experiment": experiment,
+            "align": align,
+            "overrides": list(overrides),
+        }
+    )
     times = summary.setdefault("seconds", {})
 
     def timed(name: str, work: Callable[[], None]) -> None:
@@ -258,12 +270,18 @@ def run(
             lambda: summary.__setitem__(
                 "extract",
                 extract_family(
-                    data, family, paths.fasta, chain_residues(paths.structure)[0], max_identity, max_sequences
+                    data,
+                    family,
+                    paths.fasta,
+                    chain_residues(paths.structure)[0],
+                    max_identity,
+                    max_sequences,
+                    align=align,
                 ),
             ),
         ),
         ("ingest", lambda: summary.__setitem__("shards", _ingest_stage(paths))),
-        ("train", lambda: _train_stage(paths, overrides, probe_every_s, summary)),
+        ("train", lambda: _train_stage(paths, overrides, probe_every_s, summary, experiment)),
         ("export", lambda: _export_stage(paths)),
         ("score", lambda: _score_stage(paths, family, summary)),
         ("contacts", lambda: summary.__setitem__("fitted_head", _contacts_stage(paths, structures))),
@@ -295,6 +313,8 @@ def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
         "stages": ",".join(STAGES),
         "probe_every_s": "",
         "homologs": "0",
+        "experiment": "family_contacts",
+        "align": "false",
     }
     overrides = []
     for arg in argv:
@@ -315,6 +335,14 @@ def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     return opts, overrides
 
 
+def _flag(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise UserError(f"family_contacts: align must be true or false, got {value!r}")
+
+
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -333,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         stages,
         float(opts["probe_every_s"]) if opts["probe_every_s"] else None,
         int(opts["homologs"]),
+        opts["experiment"],
+        _flag(opts["align"]),
     )
     h = s.get("headline")
     if h:

@@ -16,6 +16,7 @@ from protein_performer.errors import UserError
 GAP_OPEN = -10.0
 GAP_EXTEND = -0.5
 KMER = 3
+GAP_RESIDUE = "X"  # an aligned row's column that the family member does not cover (a deletion against the chain)
 
 
 def family_chain(structures: str | Path, family: str) -> Path:
@@ -90,6 +91,16 @@ def aligned_positions(seq: str, target: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
 
 
+def aligned_row(seq: str, target: str) -> str:
+    """``seq`` on ``target``'s columns (a query-anchored alignment row, like HHblits' a3m without
+    insertions): the residue aligned to each position of ``target``, ``GAP_RESIDUE`` where none is;
+    residues ``seq`` has between target positions are dropped. Always ``len(target)`` long."""
+    src, dst = aligned_positions(seq, target)
+    row = np.full(len(target), GAP_RESIDUE, dtype="<U1")
+    row[dst] = np.asarray(list(seq), dtype="<U1")[src]
+    return "".join(row)
+
+
 def holdout_similar(
     records: Sequence[tuple[str, str]], target: str, max_identity: float = 0.9, prefilter: float = 0.3
 ) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -120,8 +131,11 @@ def extract_family(
     max_identity: float = 0.9,
     max_sequences: int | None = None,
     seed: int = 0,
+    align: bool = False,
 ) -> dict:
-    """Write the family's domains (minus the held-out ones) to ``output``; return the counts."""
+    """Write the family's domains (minus the held-out ones) to ``output``; return the counts.
+    ``align``: write each domain as its row of the alignment to ``target`` (:func:`aligned_row`),
+    so that every record has ``target``'s length and position i is the chain's residue i."""
     records = read_family(fasta, family)
     if not records:
         raise UserError(f"{fasta}: no record of family {family} (headers '>NAME/start-end PFxxxxx')")
@@ -132,6 +146,10 @@ def extract_family(
     if max_sequences is not None and len(records) > max_sequences:
         idx = np.sort(np.random.default_rng(seed).choice(len(records), max_sequences, replace=False))
         records = [records[i] for i in idx]
+    if align:
+        if target is None:
+            raise UserError("extract_family: align=True needs the target chain's sequence")
+        records = [(header, aligned_row(sequence, target)) for header, sequence in records]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(output.suffix + ".tmp")
@@ -139,7 +157,14 @@ def extract_family(
         for header, sequence in records:
             fh.write(f">{header}\n{sequence}\n")
     tmp.replace(output)
+    coverage = {}
+    if align and records:
+        coverage = {
+            "aligned_to": len(target),
+            "covered": round(1 - sum(r.count(GAP_RESIDUE) for _, r in records) / (len(records) * len(target)), 3),
+        }
     return {
+        **coverage,
         "family": family,
         "n_family": n_all,
         "n_held_out": len(removed),

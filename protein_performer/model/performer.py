@@ -36,9 +36,12 @@ from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import FavorAttention
 
 log = logging.getLogger(__name__)
+POSITION_QK_STD = 0.1  # initial scale of positional queries and keys (qk="position")
 
 ATTENTION_KINDS = ("favor_softmax", "favor_relu", "exact")
 POSITION_KINDS = ("learned", "rotary")
+QK_KINDS = ("content", "position")  # queries and keys from the hidden states, or from the position alone
+INIT_KINDS = ("normal", "torch")  # N(0, 0.02) (GPT/BERT), or each layer's own PyTorch initialisation
 
 
 @dataclass
@@ -57,6 +60,8 @@ class PerformerConfig:
     causal: bool = False
     nb_features: int = 256
     positions: str = "learned"
+    qk: str = "content"
+    init: str = "normal"
     tie_embeddings: bool = True
     checkpointing: bool = False
     favor_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -101,14 +106,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 # ------------------------------------------------------------------------------------- blocks
 class MultiHeadAttention(nn.Module):
-    """Projections around one attention kernel; the kernel works on (b, h, l, d)."""
+    """Projections around one attention kernel; the kernel works on (b, h, l, d).
 
-    def __init__(self, dim: int, heads: int, dim_head: int, kernel: nn.Module, rotary: bool):
+    ``qk="position"`` is factored attention (Bhattacharya et al. 2020): every head's queries and keys
+    are learned vectors of the position alone (``q_pos``, ``k_pos``: (h, max_len, d)), so its map is
+    one L x L pattern shared by all sequences (like a Potts model's couplings), the values still come
+    from the residues. On sequences aligned to one family's columns it learns that family's contacts.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        kernel: nn.Module,
+        rotary: bool,
+        qk: str = "content",
+        max_len: int | None = None,
+    ):
         super().__init__()
-        self.heads, self.dim_head, self.rotary = heads, dim_head, rotary
+        self.heads, self.dim_head, self.rotary, self.qk = heads, dim_head, rotary, qk
         inner = heads * dim_head
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
+        if qk == "position":
+            if max_len is None:
+                raise ValueError("qk='position' needs max_len")
+            self.q_pos = nn.Parameter(torch.randn(heads, max_len, dim_head) * POSITION_QK_STD)
+            self.k_pos = nn.Parameter(torch.randn(heads, max_len, dim_head) * POSITION_QK_STD)
+        else:
+            self.to_q = nn.Linear(dim, inner)
+            self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.Linear(inner, dim)
         self.kernel = kernel
@@ -125,7 +151,17 @@ class MultiHeadAttention(nn.Module):
 
     def queries_keys(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: (b, h, l, d) of x (b, l, dim) at positions start.., rotated when the positions are rotary."""
-        q, k = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(x))
+        if self.qk == "position":
+            b, length = x.shape[:2]
+            if start + length > self.q_pos.shape[1]:
+                raise ValueError(
+                    f"sequence length {start + length} > max_len {self.q_pos.shape[1]} of the positional queries"
+                )
+            rows = slice(start, start + length)
+            q = self.q_pos[None, :, rows].to(x.dtype).expand(b, -1, -1, -1)
+            k = self.k_pos[None, :, rows].to(x.dtype).expand(b, -1, -1, -1)
+        else:
+            q, k = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(x))
         if self.rotary:
             cos, sin = rotary_tables(x.shape[1], self.dim_head, x.device, q.dtype, start=start)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -168,11 +204,20 @@ class Block(nn.Module):
     """Pre-LN residual block: ``x + drop(attn(ln1(x)))``, then ``x + drop(ff(ln2(x)))``."""
 
     def __init__(
-        self, dim: int, heads: int, dim_head: int, ff_dim: int, dropout: float, kernel: nn.Module, rotary: bool
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        ff_dim: int,
+        dropout: float,
+        kernel: nn.Module,
+        rotary: bool,
+        qk: str = "content",
+        max_len: int | None = None,
     ):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, dim_head, kernel, rotary)
+        self.attn = MultiHeadAttention(dim, heads, dim_head, kernel, rotary, qk, max_len)
         self.ln2 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_dim, dropout)
         self.dropout = nn.Dropout(dropout)
@@ -229,6 +274,8 @@ class PerformerLM(nn.Module):
         causal: bool = False,
         nb_features: int = 256,
         positions: str = "learned",
+        qk: str = "content",
+        init: str = "normal",
         tie_embeddings: bool = True,
         checkpointing: bool = False,
         favor_kwargs: dict | None = None,
@@ -238,6 +285,10 @@ class PerformerLM(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if positions not in POSITION_KINDS:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {positions!r}")
+        if init not in INIT_KINDS:
+            raise ValueError(f"init must be one of {INIT_KINDS}, got {init!r}")
+        if qk not in QK_KINDS:
+            raise ValueError(f"qk must be one of {QK_KINDS}, got {qk!r}")
         if positions == "rotary" and dim_head % 2:
             raise ValueError(f"rotary positions need an even dim_head, got {dim_head}")
         self.config = PerformerConfig(
@@ -253,6 +304,8 @@ class PerformerLM(nn.Module):
             causal=bool(causal),
             nb_features=nb_features,
             positions=positions,
+            qk=qk,
+            init=init,
             tie_embeddings=tie_embeddings,
             checkpointing=checkpointing,
             favor_kwargs=dict(favor_kwargs or {}),
@@ -270,12 +323,15 @@ class PerformerLM(nn.Module):
                 dropout,
                 make_kernel(attention, dim_head, causal, nb_features, favor_kwargs, i),
                 positions == "rotary",
+                qk,
+                max_len,
             )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size)
-        self.apply(self._init_weights)
+        if init == "normal":
+            self.apply(self._init_weights)
         if tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
 

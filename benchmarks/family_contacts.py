@@ -39,6 +39,7 @@ PNG = RESULTS / "family_contacts.png"
 
 # name -> Hydra overrides on top of experiment=family_contacts (4 x 128 Performer-ReLU, 4 heads, m 64,
 # learned positions, 15% masking in single residues, batch 32, lr 3e-3, redraw every 1000 steps)
+ALIGNED = ["experiment=family_contacts_aligned", "align=true", "stages=extract,ingest,train,export,score"]
 SETTINGS: dict[str, list[str]] = {
     "relu4": [],
     "exact4": ["model=transformer", "model.favor_kwargs={}"],
@@ -62,6 +63,11 @@ SETTINGS: dict[str, list[str]] = {
     "relu4_mask40": ["data.mask_prob=0.4"],
     "relu4_depth3": ["model.depth=3"],
     "relu4_depth6": ["model.depth=6"],
+    # factored attention (experiment=family_contacts_aligned: 1 layer, 32 heads, queries and keys learned
+    # per position) on the family aligned to the chain; no ``contacts`` stage: its maps are the family's
+    "aligned_exact": [*ALIGNED, "model.attention=exact"],
+    "aligned_relu": [*ALIGNED, "model.attention=favor_relu"],
+    "aligned_softmax": [*ALIGNED, "model.attention=favor_softmax"],
 }
 
 

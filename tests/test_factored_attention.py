@@ -1,0 +1,126 @@
+"""Factored attention for family models (issue 12): ``PerformerLM(qk="position")`` takes every
+head's queries and keys from learned per-position vectors, so its maps are one pattern per head,
+the same for every sequence of a length; ``aligned_row`` writes a family member on the chain's
+columns; ``extract_family(align=True)`` and a tiny aligned recipe run on the shared data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protein_performer.experiments import family_contacts as fc
+from protein_performer.experiments.family_data import GAP_RESIDUE, aligned_row
+from protein_performer.model.performer import PerformerLM
+
+
+def tiny(attention="exact", **kw):
+    torch.manual_seed(0)
+    return PerformerLM(
+        max_len=40,
+        dim=32,
+        depth=2,
+        heads=4,
+        dim_head=8,
+        ff_dim=64,
+        dropout=0.0,
+        attention=attention,
+        nb_features=16,
+        qk="position",
+        **kw,
+    ).eval()
+
+
+@pytest.mark.parametrize("attention", ["exact", "favor_softmax", "favor_relu"])
+def test_position_maps_do_not_depend_on_the_residues(attention):
+    model = tiny(attention)
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(4, 24, (1, 30), generator=gen) for _ in range(2))
+    with torch.no_grad():
+        maps_a = model(a, return_attention=True)["attentions"]
+        maps_b = model(b, return_attention=True)["attentions"]
+        logits_a, logits_b = model(a)["logits"], model(b)["logits"]
+    torch.testing.assert_close(maps_a[0], maps_b[0], rtol=0, atol=0)  # layer 0: positions only
+    assert not torch.allclose(logits_a, logits_b)  # the values still carry the residues
+    for m in maps_a:  # rows are distributions
+        torch.testing.assert_close(m.sum(-1), torch.ones_like(m.sum(-1)), rtol=1e-5, atol=1e-5)
+
+
+def test_position_queries_are_parameters_that_learn():
+    model = tiny().train()
+    attn = model.blocks[0].attn
+    assert not hasattr(attn, "to_q") and attn.q_pos.shape == (4, 40, 8) and attn.k_pos.shape == (4, 40, 8)
+    tokens = torch.randint(4, 24, (3, 25), generator=torch.Generator().manual_seed(2))
+    model(tokens)["logits"].logsumexp(-1).sum().backward()
+    assert attn.q_pos.grad[:, :25].abs().sum() > 0 and attn.k_pos.grad[:, :25].abs().sum() > 0
+    assert attn.q_pos.grad[:, 25:].abs().sum() == 0  # positions beyond the batch get nothing
+
+
+def test_position_queries_check_length_and_config():
+    with pytest.raises(ValueError, match="max_len 40 of the"):
+        tiny()(torch.randint(4, 24, (1, 41)))
+    with pytest.raises(ValueError, match="qk must be one of"):
+        PerformerLM(max_len=8, dim=8, depth=1, heads=1, dim_head=8, ff_dim=8, qk="residues")
+    with pytest.raises(ValueError, match="init must be one of"):
+        PerformerLM(max_len=8, dim=8, depth=1, heads=1, dim_head=8, ff_dim=8, init="xavier")
+
+
+def test_torch_init_keeps_pytorch_defaults():
+    normal = PerformerLM(max_len=8, dim=64, depth=1, heads=2, dim_head=8, ff_dim=16, tie_embeddings=False)
+    default = PerformerLM(
+        max_len=8, dim=64, depth=1, heads=2, dim_head=8, ff_dim=16, tie_embeddings=False, init="torch"
+    )
+    # N(0, 0.02) vs nn.Embedding's N(0, 1): 29 x 64 draws, the sample std within a few percent
+    assert normal.token_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert default.token_emb.weight.std().item() == pytest.approx(1.0, rel=0.1)
+    # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
+    assert default.blocks[0].ff.fc1.weight.std().item() == pytest.approx((3 * 64) ** -0.5, rel=0.1)
+
+
+def test_aligned_row_keeps_target_columns():
+    target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+    inserted = target[:10] + "WWW" + target[10:]  # residues between target positions are dropped
+    assert aligned_row(inserted, target) == target
+    deleted = target[:12] + target[20:]  # a deletion: those columns are not covered
+    row = aligned_row(deleted, target)
+    assert len(row) == len(target) and row.count(GAP_RESIDUE) == 8
+    assert row[:12] == target[:12] and row[20:] == target[20:]
+    assert aligned_row(target[5:], target) == GAP_RESIDUE * 5 + target[5:]  # a shorter domain
+
+
+def test_extract_family_aligned(tmp_path):
+    fasta = tmp_path / "fam.fasta"
+    target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+    members = ["MKTAYIAKQRQWWWISFVKSHFSRALEERLGLIEVQ", "AYIAKQRQISFVKSHFSRQLEE", target]
+    fasta.write_text("".join(f">s{i}/1-9 PF99999\n{s}\n" for i, s in enumerate(members)))
+    out = tmp_path / "family.fasta"
+    info = fc.extract_family(fasta, "PF99999", out, target, max_identity=1.0, align=True)
+    rows = fc.read_family_fasta(out)
+    mutant = target.replace("SRQLEE", "SRALEE")
+    assert rows == [mutant, GAP_RESIDUE * 3 + target[3:25] + GAP_RESIDUE * 8, target]
+    assert info["n_written"] == 3 and info["aligned_to"] == len(target)
+    assert info["covered"] == pytest.approx((33 + 22 + 33) / 99, abs=1e-3)
+    # with the hold-out, the chain and its near copies go (identity over the shorter sequence)
+    info = fc.extract_family(fasta, "PF99999", out, target, max_identity=0.9, align=True)
+    assert info["n_held_out"] == 3 and info["n_written"] == 0 and fc.read_family_fasta(out) == []
+
+
+@pytest.mark.slow
+def test_tiny_aligned_recipe(shared_data, tmp_path):
+    out = tmp_path / "fam"
+    s = fc.run(
+        "PF00226",
+        out,
+        data=shared_data / "pfam40_domains.fasta.gz",
+        structures=shared_data / "structures" / "kortemme40",
+        max_sequences=150,
+        stages=("extract", "ingest", "train", "export", "score"),
+        experiment="family_contacts_aligned",
+        align=True,
+        overrides=["trainer.max_steps=4", "trainer.max_time=null", "model.heads=4", "data.batch_size=8"],
+    )
+    chain = fc.chain_residues(s["structure"])[0]
+    rows = fc.read_family_fasta(out / "family.fasta")
+    assert len(rows) == 150 and {len(r) for r in rows} == {len(chain)}
+    assert s["train"]["global_step"] == 4 and s["experiment"] == "family_contacts_aligned" and s["align"]
+    assert set(s["scores"]["trained"]) == {"mean", "layer0"}
+    assert 0.0 <= s["headline"]["long_P@L"] <= 1.0

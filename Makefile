@@ -78,14 +78,20 @@ studies: $(STAMP)
 		    --markdown study_results/studies.md || exit 1; done
 	$(PY) benchmarks/report.py
 
-# one Pfam family of the shared pfam40 set: train ~12 min, export, score the mean APC map against the
-# family's kortemme40 structure; checkpoint at $(OUT)/checkpoints/last.ckpt, scores in $(OUT)/summary.json
 notebooks: $(STAMP)
 	$(PY) notebooks/execute.py
 
+# one Pfam family of the shared pfam40 set: train, export, score the mean APC map against the family's
+# kortemme40 structure; checkpoint at $(OUT)/checkpoints/last.ckpt, scores in $(OUT)/summary.json.
+# RECIPE=aligned (default): factored attention on the family aligned to the chain (10 min of training);
+# RECIPE=unaligned: the 4 x 128 Performer-ReLU on raw domains, its contact head for predict_contacts
+RECIPE      ?= aligned
+RECIPE_ARGS_aligned   = experiment=family_contacts_aligned align=true stages=extract,ingest,train,export,score
+RECIPE_ARGS_unaligned = experiment=family_contacts homologs=64
 family-contacts: $(STAMP)
 	$(PY) -m protein_performer.experiments.family_contacts family=$(FAMILY) output_dir=$(OUT) \
-	    data=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 homologs=64
+	    data=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 \
+	    $(RECIPE_ARGS_$(RECIPE))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

@@ -39,6 +39,7 @@ PNG = RESULTS / "family_contacts.png"
 
 # name -> Hydra overrides on top of experiment=family_contacts (4 x 128 Performer-ReLU, 4 heads, m 64,
 # learned positions, 15% masking in single residues, batch 32, lr 3e-3, redraw every 1000 steps)
+FLOOR_FAMILIES = ("PF00072", "PF00550", "PF00486", "PF00076", "PF00226")  # the five largest kortemme40 families
 ALIGNED = ["experiment=family_contacts_aligned", "align=true", "stages=extract,ingest,train,export,score"]
 SETTINGS: dict[str, list[str]] = {
     "relu4": [],
@@ -248,6 +249,7 @@ def report(res: dict) -> None:
             f"{h['long_P@L']:.3f} | {h['long_P@L/5']:.3f} | {h['random_long_P@L']:.3f} | "
             f"{best[0]} {best[1]:.3f} | {h['long_density']:.3f} | {_homolog(r)} |"
         )
+    lines += _means(runs)
     lines += head_table(runs)
     failed = [r for r in res["runs"] if not r.get("headline")]
     if failed:
@@ -256,6 +258,31 @@ def report(res: dict) -> None:
         lines += ["", *res["notes"]]
     MD.write_text("\n".join(lines) + "\n")
     _plot(runs)
+
+
+def _means(runs: list[dict]) -> list[str]:
+    """The issue's floor per (setting, minutes) run on all five families: mean long P@L vs random init."""
+    rows = []
+    for (setting, minutes), group in sorted(_latest_per_family(runs).items()):
+        if {r["family"] for r in group} >= set(FLOOR_FAMILIES):
+            pick = [next(r for r in group if r["family"] == f) for f in FLOOR_FAMILIES]
+            trained = sum(r["headline"]["long_P@L"] for r in pick) / len(pick)
+            rand = sum(r["headline"]["random_long_P@L"] for r in pick) / len(pick)
+            ok = trained >= 0.20 and trained >= 4 * rand
+            rows.append(
+                f"| {setting} | {minutes:g} | **{trained:.3f}** | {rand:.3f} | {trained / max(rand, 1e-9):.1f}x | "
+                f"{'PASS' if ok else 'FAIL'} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        f"Floor (mean over {', '.join(FLOOR_FAMILIES)}: long P@L >= 0.20 and >= 4x random init; latest run per family):",
+        "",
+        "| setting | min | mean long P@L | random init | ratio | floor |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def head_table(runs: list[dict]) -> list[str]:

@@ -8,7 +8,10 @@
 Every attention kind has the same parameters (``to_q``, ``to_k``, ``to_v``, ``to_out`` per layer);
 the kernels (``attn.kernel``) hold buffers only (FAVOR+'s random projection), so the weights of an
 exact-attention model load into a FAVOR+ model of the same shape: the paper's backward-compatibility
-experiment (see :meth:`PerformerLM.load_backbone`).
+experiment (see :meth:`PerformerLM.load_backbone`). With ``qk="position"`` (factored attention, for
+models of one family aligned to one chain) ``to_q`` / ``to_k`` give way to learned per-position
+queries and keys ``q_pos`` / ``k_pos``; ``init="torch"`` keeps PyTorch's own initialisation of each
+layer instead of N(0, 0.02).
 
 ``forward(tokens, key_padding_mask=None, return_attention=False)`` returns
 ``dict(logits=(b, l, vocab), attentions=[per layer (b, h, l, l)])``; the maps come from each

@@ -226,8 +226,8 @@ class _Block:
 def _step(own: torch.Tensor, carry: torch.Tensor, ratio: torch.Tensor | None, out=None) -> torch.Tensor:
     """own + r carry (own + carry without ``ratio``), into ``out`` when given."""
     if ratio is None:
-        return torch.add(own, carry, out=out) if out is not None else own + carry
-    return torch.addcmul(own, carry, ratio, out=out) if out is not None else torch.addcmul(own, carry, ratio)
+        return torch.add(own, carry, out=out)
+    return torch.addcmul(own, carry, ratio, out=out)
 
 
 def _prefix_states(
@@ -330,7 +330,7 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
         scores = torch.bmm(a, b.transpose(1, 2))
         if softmax:
             a_sum = a.sum(dim=-1, keepdim=True)
-            # reverse states R_t (scale M_t) for t = 0..K-1, and R before the block (scale M_in)
+            # reverse states R_t (scale P_t) for t = 1..K, and R_0 before the block (scale M_in)
             R_t, rev = blk.reverse_states(torch.bmm((a * blk.beta).transpose(1, 2), gc), rev)
             AG = (a_sum * gc).sum(dim=1).view(B, K, e)
             Fs = AG.flip(1).cumsum(1).flip(1)  # sum over chunks >= t

@@ -163,3 +163,73 @@ def test_embed_sigkill_then_resume(ckpt, tmp_path):
         # same batches, same threads: the same float32 operations
         np.testing.assert_allclose(got["mean"], want["mean"], rtol=0, atol=1e-6)
     assert interrupted >= 2  # kills land mid-run (the file grows chunk by chunk over seconds)
+
+
+def _interrupted_partial(monkeypatch, ckpt, fasta, out, after_chunks: int, **opts) -> None:
+    """``out``'s partial file as a run stopped (KeyboardInterrupt) after ``after_chunks`` chunks left it."""
+    import protein_performer.analysis.embed as embed_mod
+
+    real, calls = embed_mod._embed_chunk, []
+
+    def stop_after(*a, **k):
+        calls.append(1)
+        if len(calls) > after_chunks:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed_mod, "_embed_chunk", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(str(ckpt), str(fasta), str(out), progress=False, **opts)
+    monkeypatch.setattr(embed_mod, "_embed_chunk", real)
+
+
+def _same_embeddings(got, want) -> None:
+    assert list(got["ids"]) == list(want["ids"])
+    np.testing.assert_array_equal(got["lengths"], want["lengths"])
+    np.testing.assert_allclose(got["mean"], want["mean"], rtol=0, atol=1e-6)
+
+
+def test_embed_resume_commit_marks(ckpt, tmp_path, monkeypatch, caplog):
+    """The resume point is the last committed chunk: skipped (crop=skip) records before it do not
+    shift the rows; rows written after it (a kill inside the chunk's flush) are cut away; a mark
+    counting more rows than the file holds (no consistent commit) starts the run again."""
+    fasta = sample_fasta(tmp_path / "s.fasta", 40, max_len=1000)
+    lengths = [len(s) for s in fasta.read_text().splitlines()[1::2]]
+    skipped = sum(n > 598 for n in lengths[:16])  # max_len 600: 598 residues + bos + eos
+    assert skipped >= 1, lengths  # the committed chunks hold records crop=skip leaves out
+    opts = dict(chunk=8, batch_tokens=2000, crop="skip")
+    ref = run_embed(str(ckpt), str(fasta), str(tmp_path / "ref.h5"), progress=False, **opts)
+    want = read_embeddings(ref["output"])
+    assert len(want["ids"]) == len(lengths) - sum(n > 598 for n in lengths)
+
+    # stopped after two chunks: 16 records consumed, 16 - skipped rows written
+    out = tmp_path / "a.h5"
+    _interrupted_partial(monkeypatch, ckpt, fasta, out, 2, **opts)
+    with h5py.File(out.with_name("a.h5.partial"), "r") as h5:
+        assert list(h5.attrs["progress"]) == [16, 16 - skipped]
+        assert h5["ids"].shape == (16 - skipped,)
+    got = run_embed(str(ckpt), str(fasta), str(out), progress=False, resume=True, **opts)
+    assert got["new"] == len(want["ids"]) - (16 - skipped)
+    _same_embeddings(read_embeddings(out), want)
+
+    # rows appended past the mark (killed inside the next chunk's flush): cut back to the mark
+    out = tmp_path / "b.h5"
+    _interrupted_partial(monkeypatch, ckpt, fasta, out, 2, **opts)
+    with h5py.File(out.with_name("b.h5.partial"), "a") as h5:
+        n0 = h5["ids"].shape[0]
+        for name, junk in (("ids", ""), ("lengths", 0), ("mean", np.nan)):
+            h5[name].resize(n0 + 3, axis=0)
+            h5[name][n0:] = junk
+    run_embed(str(ckpt), str(fasta), str(out), progress=False, resume=True, **opts)
+    _same_embeddings(read_embeddings(out), want)
+
+    # a mark ahead of the rows on disk (the case a single flush of rows and mark could leave)
+    out = tmp_path / "c.h5"
+    _interrupted_partial(monkeypatch, ckpt, fasta, out, 2, **opts)
+    with h5py.File(out.with_name("c.h5.partial"), "a") as h5:
+        h5.attrs["progress"] = np.array([24, h5["ids"].shape[0] + 8], dtype=np.int64)
+    with caplog.at_level("WARNING", logger="protein_performer.analysis.embed"):
+        got = run_embed(str(ckpt), str(fasta), str(out), progress=False, resume=True, **opts)
+    assert "starting again" in caplog.text
+    assert got["new"] == len(want["ids"])
+    _same_embeddings(read_embeddings(out), want)

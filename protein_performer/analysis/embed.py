@@ -13,10 +13,14 @@ Output (HDF5, rows in input order)::
     /lengths   int32   (n,)        residues embedded (after ``crop``)
     /mean      float32 (n, dim)
     attrs      format_version, checkpoint, checkpoint_sha256, model_config (json), input, crop,
-               rows_done; ``complete`` once finished
+               progress (input records consumed, rows written); ``complete`` once finished
 
 The file is written as ``<output>.partial`` and renamed when complete; ``resume=true`` continues a
-killed run after its last flushed chunk.
+killed run after its last committed chunk. A chunk is committed in two steps: its rows are
+appended and flushed, and only then is ``progress`` (one attribute: input records consumed,
+``crop=skip`` ones included, and rows written) set and flushed. HDF5 writes what a flush holds in
+no particular order, so a kill inside the first flush can leave new rows half written but never a
+mark that counts them; a resumed run cuts the datasets back to the rows ``progress`` counts.
 """
 
 from __future__ import annotations
@@ -173,20 +177,25 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
         }
 
 
-def _resume_row(part: Path, settings: dict, resume: bool) -> int:
-    """The input row a resumed run continues after (0: start afresh; -1: the partial file is
-    unreadable, killed while its header was written: start again)."""
+def _resume_point(part: Path, settings: dict, resume: bool) -> tuple[int, int]:
+    """``(input records consumed, rows kept)`` of the last committed chunk, where a resumed run
+    continues; ``(0, 0)``: start afresh; ``(-1, 0)``: the partial file is unreadable (killed while
+    its header was written): start again."""
     if not (part.exists() and resume):
-        return 0
+        return 0, 0
     try:
         with h5py.File(part, "r") as h5:
             same = all(h5.attrs.get(k) == v for k, v in settings.items())
-            start_row = int(h5.attrs.get("rows_done", 0))
-    except OSError:
-        same, start_row = True, -1  # killed while its header was written: start again
+            done, kept = (int(x) for x in h5.attrs.get("progress", (-1, -1)))
+            n_rows = min(h5[name].shape[0] for name in ("ids", "lengths", "mean"))
+    except (OSError, KeyError):
+        return -1, 0  # killed while its header was written: start again
     if not same:
         raise UserError(f"{part}: was started with another checkpoint, input or crop; rerun with overwrite=true")
-    return start_row
+    if kept < 0 or kept > n_rows:  # no commit mark it can trust: start again
+        log.warning("%s: no consistent progress mark (%d rows written, %d stored); starting again", part, kept, n_rows)
+        return -1, 0
+    return done, kept
 
 
 def _new_file(h5: h5py.File, settings: dict, checkpoint: str, chunk: int, dim: int) -> None:
@@ -195,7 +204,7 @@ def _new_file(h5: h5py.File, settings: dict, checkpoint: str, chunk: int, dim: i
         h5.attrs[k] = v
     h5.attrs["format_version"] = FORMAT_VERSION
     h5.attrs["checkpoint"] = str(checkpoint)
-    h5.attrs["rows_done"] = 0
+    h5.attrs["progress"] = np.zeros(2, dtype=np.int64)
     h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(chunk,))
     h5.create_dataset("lengths", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
     h5.create_dataset("mean", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(min(chunk, 1024), dim))
@@ -239,7 +248,7 @@ def run_embed(
         "chunk": int(chunk),
         "model_config": json.dumps(asdict(lm.config), sort_keys=True),
     }
-    start_row = _resume_row(part, settings, resume)
+    start_row, kept = _resume_point(part, settings, resume)
     part.parent.mkdir(parents=True, exist_ok=True)
     report = InputReport()
     t0 = time.perf_counter()
@@ -252,9 +261,9 @@ def run_embed(
         if mode == "w":
             _new_file(h5, settings, checkpoint, chunk, int(lm.config.dim))
         else:
-            for name in ("ids", "lengths", "mean"):  # rows past the last flushed chunk are dropped
-                h5[name].resize(start_row, axis=0)
-            log.info("resuming after %d sequences", start_row)
+            for name in ("ids", "lengths", "mean"):  # rows past the last committed chunk are dropped
+                h5[name].resize(kept, axis=0)
+            log.info("resuming after %d sequences (%d embeddings)", start_row, kept)
         records = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
         bar = tqdm(disable=not progress, unit="seq", desc="embed", initial=start_row)
         row = 0
@@ -270,7 +279,8 @@ def run_embed(
                 )
             n_new += _append_rows(h5, ids, lengths, emb, keep)
             row += len(chunk_records)
-            h5.attrs["rows_done"] = row  # input records consumed (skipped ones included)
+            h5.flush()  # the rows first, then the marks that count them (see the module docstring)
+            h5.attrs["progress"] = np.array([row, h5["ids"].shape[0]], dtype=np.int64)
             h5.flush()
             bar.update(len(chunk_records))
         bar.close()

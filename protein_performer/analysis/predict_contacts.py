@@ -214,6 +214,9 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
     group.create_dataset(
         "contacts", data=pred.contacts.astype(np.float16), compression="gzip", compression_opts=1, shuffle=True
     )
+    # the map reaches the file before the mark that says it is there: HDF5 writes what one flush
+    # holds in no particular order, so a kill inside it must not leave 'done' on a half-written map
+    h5.flush()
     group.attrs["done"] = True
 
 

@@ -86,7 +86,7 @@ notebooks: $(STAMP)
 # RECIPE=aligned (default): factored attention on the family aligned to the chain (10 min of training);
 # RECIPE=unaligned: the 4 x 128 Performer-ReLU on raw domains, its contact head for predict_contacts
 RECIPE      ?= aligned
-RECIPE_ARGS_aligned   = experiment=family_contacts_aligned align=true stages=extract,ingest,train,export,score
+RECIPE_ARGS_aligned   = experiment=family_contacts_aligned align=true
 RECIPE_ARGS_unaligned = experiment=family_contacts homologs=64
 family-contacts: $(STAMP)
 	$(PY) -m protein_performer.experiments.family_contacts family=$(FAMILY) output_dir=$(OUT) \

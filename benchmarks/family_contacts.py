@@ -40,7 +40,7 @@ PNG = RESULTS / "family_contacts.png"
 # name -> Hydra overrides on top of experiment=family_contacts (4 x 128 Performer-ReLU, 4 heads, m 64,
 # learned positions, 15% masking in single residues, batch 32, lr 3e-3, redraw every 1000 steps)
 FLOOR_FAMILIES = ("PF00072", "PF00550", "PF00486", "PF00076", "PF00226")  # the five largest kortemme40 families
-ALIGNED = ["experiment=family_contacts_aligned", "align=true", "stages=extract,ingest,train,export,score"]
+ALIGNED = ["experiment=family_contacts_aligned", "align=true"]
 SETTINGS: dict[str, list[str]] = {
     "relu4": [],
     "exact4": ["model=transformer", "model.favor_kwargs={}"],

@@ -5,9 +5,14 @@ columns; ``extract_family(align=True)`` and a tiny aligned recipe run on the sha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.export import load_model
+from protein_performer.analysis.predict_contacts import predict_contacts
 from protein_performer.experiments import family_contacts as fc
 from protein_performer.experiments.family_data import GAP_RESIDUE, aligned_row
 from protein_performer.model.performer import PerformerLM
@@ -113,7 +118,7 @@ def test_tiny_aligned_recipe(shared_data, tmp_path):
         data=shared_data / "pfam40_domains.fasta.gz",
         structures=shared_data / "structures" / "kortemme40",
         max_sequences=150,
-        stages=("extract", "ingest", "train", "export", "score"),
+        stages=("extract", "ingest", "train", "export", "score", "contacts"),
         experiment="family_contacts_aligned",
         align=True,
         overrides=["trainer.max_steps=4", "trainer.max_time=null", "model.heads=4", "data.batch_size=8"],
@@ -124,3 +129,13 @@ def test_tiny_aligned_recipe(shared_data, tmp_path):
     assert s["train"]["global_step"] == 4 and s["experiment"] == "family_contacts_aligned" and s["align"]
     assert set(s["scores"]["trained"]) == {"mean", "layer0"}
     assert 0.0 <= s["headline"]["long_P@L"] <= 1.0
+    # the recipe is the measured setting (exact attention), and its head names the chain it aligned to
+    loaded = load_model(out / "checkpoints" / "last.ckpt")
+    assert loaded.model.config.attention == "exact" and loaded.model.config.qk == "position"
+    head = ContactHead.load(out / s["fitted_head"]["head"])
+    assert head.align_to == {"id": Path(s["structure"]).stem, "sequence": chain}
+    assert s["fitted_head"]["align_to"] == Path(s["structure"]).stem
+    # predict_contacts through the head aligns a family member onto the chain
+    member = rows[0].replace("X", "")
+    (pred,) = predict_contacts(loaded, head, [member])
+    assert pred.contacts.shape == (len(member),) * 2 and len(pred.aligned) >= 0.9 * len(member)

@@ -25,7 +25,7 @@ from protein_performer.analysis.contacts import fit_logistic, load_proteins
 from protein_performer.analysis.export import load_model, run_export
 from protein_performer.analysis.predict_contacts import ContactsFile, predict_contacts
 from protein_performer.analysis.structures import load_structures
-from protein_performer.errors import IncompleteOutputError
+from protein_performer.errors import IncompleteOutputError, UserError
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +268,69 @@ def test_predicted_precision_matches_the_contacts_report(fitted, tmp_path):
         assert abs(mine[n] - per[n]["long"]["P@L"]) <= 1 / test[n].L + 1e-12, n
     reported = report["methods"]["trained"]["mean"]["long"]["P@L"]
     assert abs(np.mean(list(mine.values())) - reported) <= 0.01
+
+
+def _aligned_head(fitted, reference: str) -> ContactHead:
+    return ContactHead(**{**fitted["head"].__dict__, "align_to": {"id": "ref", "sequence": reference}})
+
+
+def test_align_to_maps_the_reference_frame_back(fitted):
+    """With a reference, a sequence is predicted on its row of the alignment to the reference and
+    the probabilities land on its own residues: an insertion's residues get 0, a deletion's reference
+    columns are read as X, and the reference itself goes through unchanged."""
+    ref = fitted["proteins"][0].sequence
+    plain = fitted["head"]
+    # the reference with 6 inserted residues after position 20 and positions 50..57 deleted
+    seq = ref[:20] + "WWWWWW" + ref[20:50] + ref[58:]
+    row = ref[:50] + "X" * 8 + ref[58:]  # the sequence on the reference's columns
+    (p_row,) = predict_contacts(fitted["lm"], plain, [row])
+    (pred,) = predict_contacts(fitted["lm"], plain, [("mine", seq)], align_to=ref)
+    assert pred.contacts.shape == (len(seq), len(seq)) and pred.sequence == seq
+    want_aligned = np.r_[0:20, 26 : 26 + 30, 56 : len(seq)]  # the residues that sit on reference columns
+    np.testing.assert_array_equal(pred.aligned, want_aligned)
+    cols = np.r_[0:50, 58 : len(ref)]  # their reference columns
+    np.testing.assert_array_equal(pred.contacts[np.ix_(want_aligned, want_aligned)], p_row.contacts[np.ix_(cols, cols)])
+    assert not pred.contacts[20:26].any() and not pred.contacts[:, 20:26].any()
+    # the head's reference is the default; align_to="none" turns it off; the reference is the identity
+    head = _aligned_head(fitted, ref)
+    (by_head,) = predict_contacts(fitted["lm"], head, [("mine", seq)])
+    np.testing.assert_array_equal(by_head.contacts, pred.contacts)
+    (off,) = predict_contacts(fitted["lm"], head, [("mine", seq)], align_to="none")
+    assert off.aligned is None and not np.array_equal(off.contacts, pred.contacts)
+    (same,) = predict_contacts(fitted["lm"], head, [ref])
+    (raw,) = predict_contacts(fitted["lm"], plain, [ref])
+    np.testing.assert_array_equal(same.contacts, raw.contacts)
+    # a sequence longer than the model's positions is fine: only the reference must fit
+    max_res = fitted["lm"].model.config.max_len - 2
+    long_seq = "M" * (max_res + 40) + ref
+    (long_pred,) = predict_contacts(fitted["lm"], head, [long_seq])
+    assert long_pred.contacts.shape == (len(long_seq),) * 2 and len(long_pred.aligned) >= 0.9 * len(ref)
+    with pytest.raises(UserError, match="align_to: the reference has"):
+        next(predict_contacts(fitted["lm"], plain, [ref], align_to="A" * (max_res + 1)))
+
+
+def test_align_to_head_file_and_cli(fitted, tmp_path):
+    """The head's reference survives its JSON; the CLI writes the reference and each record's
+    aligned residues, and a FASTA given as align_to is read."""
+    ref = fitted["proteins"][0].sequence
+    head_path = _aligned_head(fitted, ref).save(tmp_path / "contact_head.json")
+    assert ContactHead.load(head_path).align_to == {"id": "ref", "sequence": ref}
+    with pytest.raises(ContactHeadError, match="align_to needs"):
+        ContactHead(**{**fitted["head"].__dict__, "align_to": {"id": "ref"}})
+    fasta = tmp_path / "mine.fasta"
+    fasta.write_text(f">mine\n{ref[:20]}WWWWWW{ref[20:]}\n>ref\n{ref}\n")
+    out = tmp_path / "c.h5"
+    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["align_to"] == ref
+        np.testing.assert_array_equal(h5["mine"]["aligned"][()], np.r_[0:20, 26 : len(ref) + 6])
+    with ContactsFile(out) as cf:
+        preds = list(cf)
+    assert len(preds[1].aligned) == len(ref)
+    ref_fasta = tmp_path / "ref.fasta"
+    ref_fasta.write_text(f">ref\n{ref}\n")
+    (by_file,) = predict_contacts(
+        fitted["lm"], fitted["head"], [ref[:20] + "WWWWWW" + ref[20:]], align_to=str(ref_fasta)
+    )
+    np.testing.assert_allclose(by_file.contacts, preds[0].contacts, rtol=0, atol=1e-3)  # float16 in the file

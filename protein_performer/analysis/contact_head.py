@@ -12,6 +12,9 @@ than ``min_sep`` in sequence lie outside what the head was fitted on (their valu
 
 The head is saved as JSON (``contact_head.json``, next to the contacts report) with the checkpoint's
 sha256, so that :mod:`protein_performer.analysis.predict_contacts` can refuse maps of another model.
+A head of a model trained on rows aligned to one reference chain (the family-contacts recipe's
+``align=true``) carries that reference (``align_to``): ``predict_contacts`` then aligns every input
+onto it, since the model's positions are the reference's residues.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ContactHead:
     checkpoint_sha256: str = ""  # "" only for a random-init model
     training_proteins: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # C, solver, seed, standardize, threshold
+    align_to: dict = field(default_factory=dict)  # {"id", "sequence"}: the model's positions are this chain's
     features: str = "apc(symmetrize(attention)) as stored in maps.h5 (float16)"
 
     def __post_init__(self) -> None:
@@ -64,6 +68,8 @@ class ContactHead:
             setattr(self, name, arr)
         if not np.all(self.scale > 0):
             raise ContactHeadError("contact head: every feature scale must be > 0")
+        if self.align_to and not str(self.align_to.get("sequence", "")):
+            raise ContactHeadError("contact head: align_to needs the reference's 'sequence'")
 
     # -------------------------------------------------------------------------- the equation
     def affine(self) -> tuple[np.ndarray, float]:

@@ -8,12 +8,22 @@ The features are exactly those the ``contacts`` step fits on: every layer's maps
 ``attention_matrix``, special tokens dropped), symmetrized, APC-corrected and rounded to float16
 as ``export_attention`` stores them.
 
+A model trained on rows aligned to one reference chain (the family-contacts recipe's
+``align=true``: its positions are the reference's residues) predicts through that frame: each
+input is aligned onto the reference (global, BLOSUM62), the model reads the aligned row (``X``
+where the input covers no reference residue), and the reference-frame probabilities are mapped
+back onto the input's residues; residues aligned to no reference position get probability 0.
+The head of such a model names its reference (``ContactHead.align_to``), so this happens without
+being asked; ``align_to=`` sets or turns off the reference.
+
 Output file (:func:`run_predict_contacts`), HDF5::
 
     /                      attrs: format_version, checkpoint, checkpoint_sha256, head (path), head_sha256,
+                                  align_to (the reference sequence, "" for none),
                                   complete (absent while the file is being written: ``<output>.partial``)
     /<sanitized id>/       attrs: id, sequence, index (0-based position in the input), done
         contacts           float16 (L, L), symmetric, 0 on the diagonal
+        aligned            int32 (n,): the input residues (0-based) on the reference (with align_to only)
 
 The file is written as ``<output>.partial`` and renamed when complete; ``resume=true`` continues a
 killed run from the records already in the partial file.
@@ -31,6 +41,7 @@ import h5py
 import numpy as np
 import torch
 
+from protein_performer.analysis.alignment import aligned_positions
 from protein_performer.analysis.atomic import atomic_output, publish
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.export import (
@@ -61,6 +72,7 @@ class ContactPrediction:
     sequence: str
     contacts: np.ndarray  # (L, L) float32 probabilities
     start: int = 0  # residues [start, start + L) of the input sequence (crop)
+    aligned: np.ndarray | None = None  # with align_to: the input residues (0-based) on the reference
 
     def top_pairs(self, k: int | None = None, min_sep: int = 6) -> list[tuple[int, int, float]]:
         """The ``k`` (default L) most probable pairs ``i < j`` with ``j - i >= min_sep``, as 1-based
@@ -89,17 +101,43 @@ def contact_features(model, residues: np.ndarray) -> np.ndarray:
     return np.stack(layers)
 
 
+def reference_sequence(head: ContactHead, align_to: str | bool | None = None) -> str | None:
+    """The sequence inputs are aligned onto: ``align_to`` when it is one (a sequence, or a FASTA
+    file's first record), the head's reference when ``None``, none when ``False`` / ``"none"``."""
+    if align_to is None or align_to is True:
+        ref = str(head.align_to.get("sequence", "")) if head.align_to else ""
+        if align_to is True and not ref:
+            raise UserError("align_to=true: the contact head names no reference; give align_to=<sequence or FASTA>")
+        return ref or None
+    if align_to is False or str(align_to).strip().lower() in ("", "none", "false"):
+        return None
+    text = str(align_to).strip()
+    try:
+        is_file = Path(text).is_file()
+    except OSError:  # a sequence too long to be a file name
+        is_file = False
+    if is_file:
+        records = list(read_sequences(text, min_residues=1))
+        if not records:
+            raise UserError(f"align_to={text}: no sequence in the file")
+        return records[0].sequence
+    return text.upper()
+
+
 def predict_contacts(
     model: LoadedModel | torch.nn.Module,
     head: ContactHead,
     sequences: Iterable[str | tuple | SequenceRecord],
     crop: str = "error",
     check_checkpoint: bool = True,
+    align_to: str | bool | None = None,
 ) -> Iterator[ContactPrediction]:
     """Contact probabilities for each sequence (a string, an ``(id, sequence)`` pair or a
     :class:`SequenceRecord`), in input order. ``crop``: what to do with a sequence longer than the
     model's positions allow (``error`` | ``skip`` | ``start`` | ``center``; see export's ``crop``).
-    ``check_checkpoint``: refuse a head fitted on another checkpoint (needs a :class:`LoadedModel`)."""
+    ``check_checkpoint``: refuse a head fitted on another checkpoint (needs a :class:`LoadedModel`).
+    ``align_to``: the reference whose residues the model's positions are (see the module
+    docstring; default: the head's, if it names one); with it ``crop`` does not apply."""
     lm = _model_of(model)
     cfg = lm.config
     if check_checkpoint and isinstance(model, LoadedModel):
@@ -109,6 +147,14 @@ def predict_contacts(
     tok = Tokenizer()
     special = 1 if cfg.causal else 2
     max_residues = int(cfg.max_len) - special
+    reference = reference_sequence(head, align_to)
+    if reference is not None:
+        try:
+            ref_residues = tok.encode(reference)
+        except UnknownResidueError as e:
+            raise UserError(f"align_to: {e}; give the reference's amino-acid letters") from e
+        if len(ref_residues) > max_residues:
+            raise UserError(f"align_to: the reference has {len(ref_residues)} residues, the model holds {max_residues}")
     for rec in as_records(sequences):
         try:
             residues = tok.encode(rec.sequence)
@@ -116,6 +162,9 @@ def predict_contacts(
             raise UserError(f"record {rec.id}: {e}; give amino-acid letters only") from e
         if len(residues) == 0:
             raise UserError(f"record {rec.id}: empty sequence")
+        if reference is not None:
+            yield _predict_aligned(lm, head, rec, reference, tok)
+            continue
         window = crop_window(len(residues), max_residues, crop, rec.id)
         if window is None:
             log.warning("record %s: %d residues > %d, skipped (crop=skip)", rec.id, len(residues), max_residues)
@@ -123,6 +172,18 @@ def predict_contacts(
         a, b = window
         feats = contact_features(lm, residues[a:b])
         yield ContactPrediction(rec.id, rec.sequence[a:b], head.predict(feats), a)
+
+
+def _predict_aligned(lm, head: ContactHead, rec: SequenceRecord, reference: str, tok: Tokenizer) -> ContactPrediction:
+    """One input through the reference's frame: align, predict on the aligned row, map back."""
+    seq = rec.sequence.upper()
+    src, dst = aligned_positions(seq, reference)
+    row = np.full(len(reference), tok.encode("X")[0], dtype=np.int64)
+    row[dst] = tok.encode(seq)[src]
+    p_ref = head.predict(contact_features(lm, row))
+    p = np.zeros((len(seq), len(seq)), dtype=np.float32)
+    p[np.ix_(src, src)] = p_ref[np.ix_(dst, dst)]
+    return ContactPrediction(rec.id, rec.sequence, p, 0, src.astype(np.int32))
 
 
 # ------------------------------------------------------------------------------ files
@@ -154,6 +215,7 @@ class ContactsFile:
                 str(g.attrs["sequence"]),
                 g["contacts"][()].astype(np.float32),
                 int(g.attrs.get("start", 0)),
+                g["aligned"][()] if "aligned" in g else None,
             )
 
     def __len__(self) -> int:
@@ -174,9 +236,11 @@ def _group_name(h5: h5py.File, rid: str, index: int) -> str:
     return name if name not in h5 else f"{name}~{index}"
 
 
-def _check_resumable(part: Path, resume: bool, checkpoint_sha256: str, head_sha256: str, input: str) -> str:
-    """The h5py mode for ``part``: ``a`` to resume a run started with the same checkpoint, head and
-    input, ``w`` to start afresh; another run's partial file is refused."""
+def _check_resumable(
+    part: Path, resume: bool, checkpoint_sha256: str, head_sha256: str, input: str, reference: str
+) -> str:
+    """The h5py mode for ``part``: ``a`` to resume a run started with the same checkpoint, head,
+    input and reference, ``w`` to start afresh; another run's partial file is refused."""
     if not (part.exists() and resume):
         return "w"
     try:
@@ -185,12 +249,15 @@ def _check_resumable(part: Path, resume: bool, checkpoint_sha256: str, head_sha2
                 h5.attrs.get("checkpoint_sha256") == checkpoint_sha256
                 and h5.attrs.get("head_sha256") == head_sha256
                 and h5.attrs.get("input") == str(input)
+                and h5.attrs.get("align_to", "") == reference
             )
     except OSError:
         same = False
         log.warning("%s: unreadable (killed while its header was written); starting again", part)
     if not same:
-        raise UserError(f"{part}: was started with another checkpoint, head or input; rerun with overwrite=true")
+        raise UserError(
+            f"{part}: was started with another checkpoint, head, input or align_to; rerun with overwrite=true"
+        )
     return "a"
 
 
@@ -214,6 +281,8 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
     group.create_dataset(
         "contacts", data=pred.contacts.astype(np.float16), compression="gzip", compression_opts=1, shuffle=True
     )
+    if pred.aligned is not None:
+        group.create_dataset("aligned", data=np.asarray(pred.aligned, dtype=np.int32))
     # the map reaches the file before the mark that says it is there: HDF5 writes what one flush
     # holds in no particular order, so a kill inside it must not leave 'done' on a half-written map
     h5.flush()
@@ -236,8 +305,10 @@ def run_predict_contacts(
     device: str = "cpu",
     progress: bool = True,
     model_config: str | None = None,
+    align_to: str | bool | None = None,
 ) -> dict:
-    """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict."""
+    """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict.
+    ``align_to``: see :func:`predict_contacts` (default: the head's reference, if it names one)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
@@ -248,7 +319,8 @@ def run_predict_contacts(
     contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
     head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
     head_sha = file_sha256(head_path)
-    mode = _check_resumable(part, resume, loaded.sha256, head_sha, input)
+    reference = reference_sequence(contact_head, align_to) or ""
+    mode = _check_resumable(part, resume, loaded.sha256, head_sha, input, reference)
     part.parent.mkdir(parents=True, exist_ok=True)
     report = InputReport()
     records = list(read_sequences(input, min_residues=min_residues, invalid=invalid, report=report))
@@ -263,6 +335,7 @@ def run_predict_contacts(
                     "head": str(head_path),
                     "head_sha256": head_sha,
                     "input": str(input),
+                    "align_to": reference,
                 }
             )
         else:
@@ -272,7 +345,11 @@ def run_predict_contacts(
         bar = tqdm(total=len(records), initial=len(done), disable=not progress, unit="seq", desc="contacts")
         # one at a time, in input order, so that a resumed file holds the same groups
         for n, rec in ((n, r) for n, r in enumerate(records) if n not in done):
-            preds = list(predict_contacts(loaded, contact_head, [rec], crop=crop, check_checkpoint=False))
+            preds = list(
+                predict_contacts(
+                    loaded, contact_head, [rec], crop=crop, check_checkpoint=False, align_to=reference or False
+                )
+            )
             for pred in preds:
                 _write_prediction(h5, rec, n, pred)
             if not preds:
@@ -293,6 +370,7 @@ def run_predict_contacts(
         "input_failures": report.failures,
         "checkpoint_sha256": loaded.sha256,
         "head": str(head_path),
+        "align_to": reference,
     }
 
 
@@ -341,6 +419,7 @@ __all__ = [
     "ContactsFile",
     "contact_features",
     "predict_contacts",
+    "reference_sequence",
     "run_predict_contacts",
     "plot_prediction",
     "partial_path",

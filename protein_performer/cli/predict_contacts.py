@@ -1,5 +1,5 @@
 """``python -m protein_performer.predict_contacts checkpoint=<ckpt> head=<contact_head.json> input=<fasta>
-output=<contacts.h5> [csv=<top.csv>] [png_dir=<dir>] [resume=true]``: contact probabilities for any
+output=<contacts.h5> [csv=<top.csv>] [png_dir=<dir>] [align_to=<sequence|fasta|none>] [resume=true]``: contact probabilities for any
 sequence, from a model's attention maps through the contact head that ``contacts`` fitted for the
 same checkpoint (see :mod:`protein_performer.analysis.predict_contacts`)."""
 
@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> dict:
         overwrite=bool(cfg.overwrite),
         device=str(cfg.device),
         progress=bool(cfg.progress),
+        align_to=None if cfg.get("align_to") is None else str(cfg.align_to),
     )
     print(f"{summary['records']} contact maps -> {summary['output']}")
     for f in summary["input_failures"]:

@@ -220,12 +220,14 @@ def _score_stage(paths: RunPaths, family: str, summary: dict) -> None:
     )
 
 
-def _contacts_stage(paths: RunPaths, structures: str | Path) -> dict:
+def _contacts_stage(paths: RunPaths, structures: str | Path, align: bool) -> dict:
     """Maps of every chain of ``structures``, the ``contacts`` report and saved head, and the head
-    fitted leave-family-out (see :mod:`protein_performer.experiments.family_head`)."""
+    fitted leave-family-out (see :mod:`protein_performer.experiments.family_head`). A model trained
+    on aligned rows (``align``) gets a head that names the chain as its reference (``align_to``)."""
     from protein_performer.experiments.family_head import contacts_stage
 
-    return contacts_stage(paths.checkpoint, structures, paths.structure, paths.out)
+    align_to = {"id": paths.structure.stem, "sequence": chain_residues(paths.structure)[0]} if align else None
+    return contacts_stage(paths.checkpoint, structures, paths.structure, paths.out, align_to)
 
 
 def run(
@@ -284,7 +286,7 @@ def run(
         ("train", lambda: _train_stage(paths, overrides, probe_every_s, summary, experiment)),
         ("export", lambda: _export_stage(paths)),
         ("score", lambda: _score_stage(paths, family, summary)),
-        ("contacts", lambda: summary.__setitem__("fitted_head", _contacts_stage(paths, structures))),
+        ("contacts", lambda: summary.__setitem__("fitted_head", _contacts_stage(paths, structures, align))),
     ]
     for name, work in steps:
         if name in stages:

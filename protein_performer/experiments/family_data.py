@@ -11,12 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
+from protein_performer.analysis.alignment import (  # noqa: F401  (the recipe's names for them)
+    GAP_EXTEND,
+    GAP_OPEN,
+    GAP_RESIDUE,
+    aligned_positions,
+    aligned_row,
+    identity,
+)
 from protein_performer.errors import UserError
 
-GAP_OPEN = -10.0
-GAP_EXTEND = -0.5
 KMER = 3
-GAP_RESIDUE = "X"  # an aligned row's column that the family member does not cover (a deletion against the chain)
 
 
 def family_chain(structures: str | Path, family: str) -> Path:
@@ -62,43 +67,6 @@ def read_family_fasta(fasta: str | Path) -> list[str]:
 
 def _kmers(sequence: str, k: int = KMER) -> set[str]:
     return {sequence[i : i + k] for i in range(len(sequence) - k + 1)}
-
-
-def _global_alignment(a: str, b: str):
-    """The best global alignment of ``a`` and ``b`` (BLOSUM62, gap open -10, extend -0.5)."""
-    from Bio.Align import PairwiseAligner, substitution_matrices
-
-    aligner = PairwiseAligner(mode="global", open_gap_score=GAP_OPEN, extend_gap_score=GAP_EXTEND)
-    aligner.substitution_matrix = substitution_matrices.load("BLOSUM62")
-    return aligner.align(a, b)[0]
-
-
-def identity(a: str, b: str) -> float:
-    """Identical aligned positions / length of the shorter sequence (global alignment, BLOSUM62,
-    gap open -10, extend -0.5)."""
-    aln = _global_alignment(a, b)
-    same = sum(1 for (s1, e1), (s2, e2) in zip(*aln.aligned) for x, y in zip(a[s1:e1], b[s2:e2]) if x == y)
-    return same / max(min(len(a), len(b)), 1)
-
-
-def aligned_positions(seq: str, target: str) -> tuple[np.ndarray, np.ndarray]:
-    """Matched position pairs ``(i in seq, k in target)`` of a global BLOSUM62 alignment."""
-    aln = _global_alignment(seq, target)
-    src, dst = [], []
-    for (s1, e1), (s2, e2) in zip(*aln.aligned):
-        src.extend(range(s1, e1))
-        dst.extend(range(s2, e2))
-    return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-
-
-def aligned_row(seq: str, target: str) -> str:
-    """``seq`` on ``target``'s columns (a query-anchored alignment row, like HHblits' a3m without
-    insertions): the residue aligned to each position of ``target``, ``GAP_RESIDUE`` where none is;
-    residues ``seq`` has between target positions are dropped. Always ``len(target)`` long."""
-    src, dst = aligned_positions(seq, target)
-    row = np.full(len(target), GAP_RESIDUE, dtype="<U1")
-    row[dst] = np.asarray(list(seq), dtype="<U1")[src]
-    return "".join(row)
 
 
 def holdout_similar(

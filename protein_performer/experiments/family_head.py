@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.contact_head import ESM_TRAIN_PROTEINS, training_subset
+from protein_performer.analysis.contact_head import ESM_TRAIN_PROTEINS, ContactHead, training_subset
 from protein_performer.analysis.contacts import K_FRACS, RANGES, Protein, fit_logistic, precision_table
 from protein_performer.errors import UserError
 
@@ -116,9 +116,13 @@ def leave_family_out(
     return out
 
 
-def contacts_stage(checkpoint: str | Path, structures: str | Path, structure: Path, out: Path) -> dict:
+def contacts_stage(
+    checkpoint: str | Path, structures: str | Path, structure: Path, out: Path, align_to: dict | None = None
+) -> dict:
     """Export every chain, run the ``contacts`` step (report + saved head) and the leave-family-out
-    head on ``structure``'s chain; returns the summary's ``fitted_head`` entry."""
+    head on ``structure``'s chain; returns the summary's ``fitted_head`` entry. ``align_to``
+    (``{"id", "sequence"}``, a model trained on rows aligned to that chain) is written into the
+    saved head, so that ``predict_contacts`` aligns its inputs onto the chain."""
     from protein_performer.analysis.contacts import load_proteins, run_contacts
     from protein_performer.analysis.structures import load_structures
 
@@ -138,10 +142,15 @@ def contacts_stage(checkpoint: str | Path, structures: str | Path, structure: Pa
         C=ESM_C,
         seed=0,
     )
+    if align_to:
+        head = ContactHead.load(paths.head)
+        head.align_to = dict(align_to)
+        head.save(paths.head)
     family_chain = next(c for c in chains if Path(c.path).resolve() == Path(structure).resolve())
     held_out = leave_family_out(proteins, family_chain.key, train_size=train_size)
     return {
         "head": str(paths.head.relative_to(out)),
+        "align_to": (align_to or {}).get("id", ""),
         "n_proteins": report["n_proteins"],
         "contacts_report": {m: report["methods"][m]["mean"]["long"] for m in report["methods"]},
         "test_proteins": report["folds"][0]["test"],

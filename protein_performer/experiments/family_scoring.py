@@ -200,7 +200,7 @@ def homolog_averaged_map(model, target: str, homologs: Sequence[str]) -> np.ndar
     model.eval()
     for seq in [target, *homologs]:
         mean = _mean_apc_of(model, tok.encode(seq)).astype(np.float64).mean((0, 1))
-        src, dst = (np.arange(L), np.arange(L)) if seq == target else aligned_positions(seq, target)
+        src, dst = aligned_positions(seq, target)  # the identity for the target itself
         total[np.ix_(dst, dst)] += mean[np.ix_(src, src)]
         count[np.ix_(dst, dst)] += 1
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)

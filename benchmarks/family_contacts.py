@@ -185,6 +185,7 @@ def run_head(family: str, setting: str, minutes: float, out_root: Path, threads:
         f"output_dir={out}",
         "stages=contacts",
         f"num_threads={threads}",
+        *(o for o in _model_overrides(setting) if o.startswith("align=")),  # an aligned model's head names its chain
     ]
     command = "python " + " ".join(shlex.quote(a) for a in args)
     print(f"head {family} {setting} {minutes:g} min: {command}", flush=True)

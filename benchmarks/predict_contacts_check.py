@@ -2,7 +2,7 @@
 checkpoint and the head ``contacts`` saved for it, gives probabilities whose long-range P@L matches
 what ``contacts`` reports for the same model within 0.01.
 
-    python benchmarks/predict_contacts_check.py --run /tmp/family_contacts_runs/PF00072_relu4_13min
+    python benchmarks/predict_contacts_check.py --run /tmp/family_contacts_runs/PF00072_aligned_exact_10min
 
 The run folder is one of the family-contacts recipe (``<run>/checkpoints/last.ckpt``) whose
 ``contacts`` stage exported the maps of the kortemme40 chains into ``<run>/kortemme40/``
@@ -10,7 +10,9 @@ The run folder is one of the family-contacts recipe (``<run>/checkpoints/last.ck
 
 1. ``python -m protein_performer.contacts`` on those maps with ``train_size=20`` (one split: the
    report's precision is over the chains *not* among the 20 training chains, and the head it saves is
-   fitted on the same 20: ``head_train_size=20``, same seed);
+   fitted on the same 20: ``head_train_size=20``, same seed), with the recipe head's kind
+   (``head_kind=mean`` for the aligned recipe: compared with the report's ``trained_mean``; ``logistic``:
+   with ``trained``);
 2. ``python -m protein_performer.predict_contacts`` with the checkpoint and that head on a FASTA of the
    chains' sequences (``chains.tsv``; chains too long for the model are skipped, as in the export);
 3. long-range P@L of each predicted map against the structure, averaged over the report's test chains,
@@ -79,7 +81,7 @@ def score_predictions(predicted: Path, structures: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=Path("/tmp/family_contacts_runs/PF00072_relu4_13min"))
+    p.add_argument("--run", type=Path, default=Path("/tmp/family_contacts_runs/PF00072_aligned_exact_10min"))
     p.add_argument("--structures", type=Path, default=SHARED / "structures" / "kortemme40")
     a = p.parse_args(argv)
     root = a.run / "kortemme40"
@@ -90,6 +92,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     contacts_dir, predicted, fasta = root / "contacts_check", root / "predicted.h5", root / "chains.fasta"
     ckpt = a.run / "checkpoints" / "last.ckpt"
+    recipe_head = root / "contacts" / "contact_head.json"
+    kind = (
+        json.loads(recipe_head.read_text()).get("settings", {}).get("kind", "logistic")
+        if recipe_head.is_file()
+        else "logistic"
+    )
+    method = "trained_mean" if kind == "mean" else "trained"
     commands = [
         _run(
             [
@@ -102,10 +111,11 @@ def main(argv: list[str] | None = None) -> None:
                 "head_train_size=20",
                 "seed=0",
                 "n_plots=0",
+                f"head_kind={kind}",
             ]
         )
     ]
-    write_fasta(a.structures, fasta)
+    seqs = write_fasta(a.structures, fasta)
     commands.append(
         _run(
             [
@@ -126,12 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     head = json.loads((contacts_dir / "contact_head.json").read_text())
     assert sorted(head["training_proteins"]) == sorted(report["folds"][0]["train"]), "head and report split differ"
     scores = score_predictions(predicted, a.structures)
-    reported = report["methods"]["trained"]["mean"]["long"]["P@L"]
-    per_report = {n: report["methods"]["trained"]["per_protein"][n]["long"]["P@L"] for n in test}
+    reported = report["methods"][method]["mean"]["long"]["P@L"]
+    per_report = {n: report["methods"][method]["per_protein"][n]["long"]["P@L"] for n in test}
     predicted_mean = float(np.mean([scores[n] for n in test]))
     result = {
         "run": str(a.run),
         "checkpoint_sha256": head["checkpoint_sha256"],
+        "head_kind": kind,
+        "report_method": method,
         "commands": commands,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -146,6 +158,39 @@ def main(argv: list[str] | None = None) -> None:
         "per_protein": {n: {"contacts": per_report[n], "predict_contacts": scores[n]} for n in test},
         "predict_contacts_all_chains_long_P@L": float(np.mean(list(scores.values()))),
     }
+    if recipe_head.is_file() and (a.run / "summary.json").is_file():
+        # the user's view: the recipe's own head (and, for an aligned model, its reference) on the
+        # family's chain, next to the unsupervised score the recipe reported for it
+        summary = json.loads((a.run / "summary.json").read_text())
+        chain = Path(summary["structure"]).stem
+        name = next(n for n in seqs if n.startswith(chain))
+        one = root / "family_chain.fasta"
+        one.write_text(f">{name}\n{seqs[name]}\n")
+        own = root / "predicted_family_chain.h5"
+        commands.append(
+            _run(
+                [
+                    "-m",
+                    "protein_performer.predict_contacts",
+                    f"checkpoint={ckpt}",
+                    f"head={recipe_head}",
+                    f"input={one}",
+                    f"output={own}",
+                    "overwrite=true",
+                    "progress=false",
+                ]
+            )
+        )
+        got = score_predictions(own, a.structures)[name]
+        result["recipe_head_on_family_chain"] = {
+            "chain": name,
+            "head_kind": kind,
+            "predict_contacts_long_P@L": got,
+            "recipe_unsupervised_long_P@L": summary["headline"]["long_P@L"],
+        }
+        print(
+            f"recipe head on {name}: long P@L {got:.4f} (the recipe's unsupervised map: {summary['headline']['long_P@L']:.4f})"
+        )
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     print(

@@ -240,11 +240,11 @@ def test_cli_end_to_end_on_kortemme(tmp_path, kortemme, repo_root):
     assert any("junk.pdb" in r for r in reasons)
     assert any(f"{bad.path} chain A" in r and "identity" in r for r in reasons)
     m = report["methods"]
-    assert set(m) == {"trained", "trained_best_head", "random_init", "random_init_best_head"}
+    assert set(m) == {f"{k}{x}" for k in ("trained", "random_init") for x in ("", "_best_head", "_mean")}
     assert m["trained"]["mean"]["long"]["P@L"] > 0.6 and m["trained"]["mean"]["long"]["P@L/5"] > 0.85
     assert m["trained_best_head"]["mean"]["long"]["P@L/5"] > 0.85
     # noise: precision ~ contact density (12 proteins x ~100 pairs: sd of the mean ~0.01)
-    for meth in ("random_init", "random_init_best_head"):
+    for meth in ("random_init", "random_init_best_head", "random_init_mean"):
         for r in RANGES:
             assert abs(m[meth]["mean"][r]["P@L"] - report["contact_density"][r]) < 0.05, (meth, r)
     assert all(f["trained_best_head"] == {"layer": 0, "head": 0, "index": 0} for f in report["folds"])
@@ -254,7 +254,7 @@ def test_cli_end_to_end_on_kortemme(tmp_path, kortemme, repo_root):
     for f in report["folds"]:
         assert not set(f["train"]) & set(f["test"])
     rows = list(csv.DictReader(open(out / "report.csv")))
-    assert len(rows) == 4 * (N_KORTEMME + 1) * 3 * 3
+    assert len(rows) == 6 * (N_KORTEMME + 1) * 3 * 3
     mean_row = next(
         r
         for r in rows

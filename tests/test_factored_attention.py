@@ -134,6 +134,10 @@ def test_tiny_aligned_recipe(shared_data, tmp_path):
     assert loaded.model.config.attention == "exact" and loaded.model.config.qk == "position"
     head = ContactHead.load(out / s["fitted_head"]["head"])
     assert head.align_to == {"id": Path(s["structure"]).stem, "sequence": chain}
+    assert head.settings["kind"] == "mean" and s["fitted_head"]["kind"] == "mean"
+    assert (
+        "trained_mean" in s["fitted_head"]["contacts_report"] and "trained_mean" in s["fitted_head"]["leave_family_out"]
+    )
     assert s["fitted_head"]["align_to"] == Path(s["structure"]).stem
     # predict_contacts through the head aligns a family member onto the chain
     member = rows[0].replace("X", "")

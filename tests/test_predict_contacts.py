@@ -334,3 +334,29 @@ def test_align_to_head_file_and_cli(fitted, tmp_path):
         fitted["lm"], fitted["head"], [ref[:20] + "WWWWWW" + ref[20:]], align_to=str(ref_fasta)
     )
     np.testing.assert_allclose(by_file.contacts, preds[0].contacts, rtol=0, atol=1e-3)  # float16 in the file
+
+
+def test_mean_head_ranks_by_the_mean_of_all_maps(fitted, tmp_path):
+    """head_kind=mean: equal weights a / F and intercept b, so a pair's probability is
+    sigmoid(a * mean_f x_f + b) (ranked as the report's unsupervised trained_mean), (a, b) fitted on
+    the training chains, and predict_contacts gives the same numbers from the sequence."""
+    from protein_performer.analysis.contact_run import fit_contact_head, run_contacts
+    from protein_performer.analysis.contact_study import fit_mean_calibration, mean_of_heads
+
+    proteins = fitted["proteins"]
+    head = fit_contact_head(proteins, fitted["maps"], train_size=3, seed=0, kind="mean")
+    n = head.n_layers * head.n_heads
+    assert head.settings["kind"] == "mean" and np.allclose(head.weights, head.weights[0])
+    train = [p for p in proteins if p.name in head.training_proteins]
+    a, b = fit_mean_calibration(train, "trained")
+    assert head.weights[0] == pytest.approx(a / n) and head.intercept == pytest.approx(b)
+    p = proteins[0]
+    x = mean_of_heads(p.features["trained"])
+    (pred,) = predict_contacts(fitted["lm"], head, [(p.name, p.sequence)])
+    np.testing.assert_allclose(pred.contacts[p.i, p.j], 1 / (1 + np.exp(-(a * x + b))), rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="head_kind"):
+        run_contacts(fitted["maps"], STRUCTURES, tmp_path / "c", head_kind="median")
+    report = run_contacts(fitted["maps"], STRUCTURES, tmp_path / "c", n_plots=0, head_kind="mean", head_train_size=3)
+    assert report["contact_head"]["kind"] == "mean"
+    saved = ContactHead.load(tmp_path / "c" / "contact_head.json")
+    assert saved.settings["kind"] == "mean" and np.allclose(saved.weights, saved.weights[0])

@@ -26,7 +26,7 @@ from protein_performer.analysis.contact_report import (
     write_report_csv,
     write_report_json,
 )
-from protein_performer.analysis.contact_study import evaluate, fit_logistic
+from protein_performer.analysis.contact_study import evaluate, fit_logistic, fit_mean_calibration
 from protein_performer.analysis.maps_reader import MapsFile
 from protein_performer.analysis.structures import (
     STRUCTURE_SUFFIXES,
@@ -42,6 +42,7 @@ from protein_performer.errors import UserError
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "contact_head.json"
+HEAD_KINDS = ("logistic", "mean")  # ESM's L1 regression over every map | the calibrated mean of all maps
 
 
 def run_contacts(
@@ -63,12 +64,18 @@ def run_contacts(
     standardize: bool = True,
     save_head: bool = True,
     head_train_size: int | None = ESM_TRAIN_PROTEINS,
+    head_kind: str = "logistic",
 ) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
     With ``save_head`` it also fits the contact head once, on ``head_train_size`` proteins drawn by
     ``seed`` (ESM's protocol: 20; all when None or fewer), and saves it as
-    ``<output_dir>/contact_head.json`` for ``predict_contacts``. Returns the report (without the
+    ``<output_dir>/contact_head.json`` for ``predict_contacts``. ``head_kind``: ``logistic`` (ESM's
+    L1 regression, the report's ``trained``) or ``mean`` (the mean of all maps, the report's
+    ``trained_mean``, with its probabilities calibrated on the training proteins: for a factored
+    family model, whose maps together are its couplings). Returns the report (without the
     prediction matrices)."""
+    if head_kind not in HEAD_KINDS:
+        raise UserError(f"head_kind={head_kind!r}: choose one of {', '.join(HEAD_KINDS)}")
     all_chains, failures = _read_structures(structures, min_residues)
     proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity, max_mismatches)
     failures = failures + more
@@ -101,10 +108,15 @@ def run_contacts(
         **report,
         "failures": [f.as_dict() for f in failures],
     }
-    head = fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size) if save_head else None
+    head = (
+        fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size, head_kind)
+        if save_head
+        else None
+    )
     if head is not None:
         report["contact_head"] = {
             "file": HEAD_FILE,
+            "kind": head_kind,
             "training_proteins": head.training_proteins,
             "nonzero_weights": int(np.count_nonzero(head.weights)),
             "checkpoint_sha256": head.checkpoint_sha256,
@@ -145,32 +157,36 @@ def fit_contact_head(
     seed: int = 0,
     standardize: bool = True,
     train_size: int | None = ESM_TRAIN_PROTEINS,
+    kind: str = "logistic",
 ) -> ContactHead:
-    """The contact head of the model whose ``maps`` these are: the L1 logistic regression of
-    :func:`fit_logistic` on ``train_size`` proteins drawn by ``seed``, with the checkpoint's sha256."""
+    """The contact head of the model whose ``maps`` these are, fitted on ``train_size`` proteins
+    drawn by ``seed``, with the checkpoint's sha256: the L1 logistic regression of
+    :func:`fit_logistic` (``kind="logistic"``), or the mean of all maps with the calibration of
+    :func:`fit_mean_calibration` (``kind="mean"``: equal weights ``a / F``, intercept ``b``)."""
     idx = training_subset([p.name for p in proteins], train_size, seed)
     train = [proteins[i] for i in idx]
-    model = fit_logistic(train, TRAINED, C, solver, seed, standardize)
     with MapsFile(maps) as mf:
         sha = mf.attrs["checkpoint_sha256"]
         checkpoint = mf.export_info.get("checkpoint", "")
     n_layers, n_heads = proteins[0].n_heads[TRAINED]
-    return head_from_estimator(
-        model,
-        n_layers,
-        n_heads,
+    meta = dict(
         min_sep=MIN_SEP,
         checkpoint=str(checkpoint),
         checkpoint_sha256=sha,
         training_proteins=[p.name for p in train],
-        settings={
-            "C": C,
-            "solver": solver,
-            "seed": seed,
-            "standardize": standardize,
-            "train_size": train_size,
-            "maps": str(maps),
-        },
+    )
+    settings = {"kind": kind, "seed": seed, "train_size": train_size, "maps": str(maps)}
+    if kind == "mean":
+        a, b = fit_mean_calibration(train, TRAINED, seed)
+        n = n_layers * n_heads
+        return ContactHead(n_layers, n_heads, np.full(n, a / n), b, np.zeros(n), np.ones(n), settings=settings, **meta)
+    model = fit_logistic(train, TRAINED, C, solver, seed, standardize)
+    return head_from_estimator(
+        model,
+        n_layers,
+        n_heads,
+        settings={"C": C, "solver": solver, "standardize": standardize, **settings},
+        **meta,
     )
 
 

@@ -4,6 +4,8 @@
 - Logistic: an L1 logistic regression (C = 0.15), ``p(contact) = sigmoid(w . x + b)``, fitted on
   the resolved pairs of training proteins (features standardized first), predicts the others.
 - Best head: the single map with the best mean long-range P@L on the training proteins.
+- Mean of heads: the mean over all layers x heads of the features, nothing fitted (the
+  unsupervised map of a factored family model, whose heads together form its couplings).
 - Folds: k-fold over proteins (every protein predicted by a model that did not see it), or one
   train/test split. Each method runs on every map set ("trained", "random_init" baseline).
 """
@@ -49,6 +51,30 @@ def _long_p_at_l_per_head(proteins: Sequence[Protein], key: str) -> np.ndarray:
 def best_head(proteins: Sequence[Protein], key: str) -> int:
     """Index (layer * heads + head) of the map with the best mean long-range P@L."""
     return int(np.argmax(_long_p_at_l_per_head(proteins, key)))
+
+
+def mean_of_heads(features: np.ndarray) -> np.ndarray:
+    """(P,) float64: each pair's mean over the layers x heads features (P, F)."""
+    return np.asarray(features, dtype=np.float64).mean(1)
+
+
+def fit_mean_calibration(proteins: Sequence[Protein], key: str, seed: int = 0) -> tuple[float, float]:
+    """``(a, b)`` of ``p(contact) = sigmoid(a * mean_of_heads(x) + b)`` fitted (one feature,
+    unpenalized logistic regression) on the resolved pairs of ``proteins``: the probabilities of
+    the mean-of-heads map, whose ranking (and so its precision) the calibration does not change."""
+    from sklearn.linear_model import LogisticRegression
+
+    xs, ys = [], []
+    for p in proteins:
+        m = ~np.isnan(p.y)
+        xs.append(mean_of_heads(p.features[key][m]))
+        ys.append(p.y[m])
+    x, y = np.concatenate(xs)[:, None], np.concatenate(ys).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"training pairs of map set {key!r} hold a single class; need more proteins")
+    sd = float(x.std()) or 1.0  # the fit on a unit-scale feature, then back to the raw one
+    model = LogisticRegression(C=1e6, solver="lbfgs", max_iter=1000, random_state=seed).fit(x / sd, y)
+    return float(model.coef_[0, 0]) / sd, float(model.intercept_[0])
 
 
 def fit_logistic(
@@ -131,6 +157,7 @@ def evaluate(
     for k in keys:
         methods[k] = "logistic"
         methods[f"{k}_best_head"] = "best_head"
+        methods[f"{k}_mean"] = "mean_of_heads"
     per: dict[str, dict[str, dict]] = {m: {} for m in methods}
     preds: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     fold_info = []
@@ -175,6 +202,7 @@ def _run_fold(
             for m, scores in (
                 (k, model.predict_proba(p.features[k])[:, 1]),
                 (f"{k}_best_head", p.features[k][:, head]),
+                (f"{k}_mean", mean_of_heads(p.features[k])),
             ):
                 pred = p.pred_matrix(scores)
                 preds[m][p.name] = pred

@@ -37,6 +37,7 @@ def main(cfg: DictConfig) -> dict:
         standardize=cfg.get("standardize", True),
         save_head=cfg.get("save_head", True),
         head_train_size=cfg.get("head_train_size", 20),
+        head_kind=str(cfg.get("head_kind", "logistic")),
     )
     print(f"{report['n_proteins']} proteins, {len(report['failures'])} failures; report in {cfg.output_dir}")
     print(format_table(report))

@@ -381,12 +381,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     fitted = (s.get("fitted_head") or {}).get("leave_family_out")
     if fitted:
+        head = s["fitted_head"]
         print(
-            f"contact head fitted leave-family-out ({fitted['train_size']} chains of other families, "
+            f"L1 logistic head fitted leave-family-out ({fitted['train_size']} chains of other families, "
             f"{fitted['draws']} draws): long-range P@L {fitted['trained']['mean']['long']['P@L']:.3f}; "
-            f"random init {fitted['random_init']['mean']['long']['P@L']:.3f}; head for predict_contacts: "
-            f"{Path(opts['output_dir']) / s['fitted_head']['head']}"
+            f"random init {fitted['random_init']['mean']['long']['P@L']:.3f}"
         )
+        kind = (
+            f"the calibrated mean of all maps, inputs aligned onto {head['align_to']}"
+            if head.get("kind") == "mean"
+            else "the L1 logistic regression"
+        )
+        print(f"head for predict_contacts ({kind}): {Path(opts['output_dir']) / head['head']}")
     print(f"summary: {Path(opts['output_dir']) / 'summary.json'}")
 
 

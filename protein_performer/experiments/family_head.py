@@ -7,7 +7,10 @@ through the ``contacts`` step, which reports the cross-validated precision and s
     p_ij = sigmoid( b + sum_f w_f (x_f - mu_f) / sigma_f ),   x_f = APC(A_f + A_f^T)_ij
 
 an L1 logistic regression (C = 0.15) on 20 training proteins. Fitted with ``train_size=20`` the
-report's test proteins are exactly those the saved head did not see.
+report's test proteins are exactly those the saved head did not see. A factored model trained on
+rows aligned to its chain (``align=true``) gets the calibrated mean of all maps instead
+(``p_ij = sigmoid(a * mean_f x_f + b)``, ``a``, ``b`` fitted on the same 20 chains): its heads
+together are the family's couplings, ranked by their mean (the recipe's unsupervised score).
 
 Leave-family-out (:func:`leave_family_out`): the head fitted on 20 chains drawn from those *not* of
 the model's family and evaluated on the family's own chain, for the trained model and its random-init
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from protein_performer.analysis.contact_head import ESM_TRAIN_PROTEINS, ContactHead, training_subset
+from protein_performer.analysis.contact_study import mean_of_heads
 from protein_performer.analysis.contacts import K_FRACS, RANGES, Protein, fit_logistic, precision_table
 from protein_performer.errors import UserError
 
@@ -106,6 +110,8 @@ def leave_family_out(
     for key in MAP_SETS:
         if not all(key in p.features for p in proteins):
             continue
+        # the mean of all maps, nothing fitted (what a head of kind "mean" ranks by)
+        out[f"{key}_mean"] = precision_table(target.pred_matrix(mean_of_heads(target.features[key])), target.true)
         tables = []
         for seed in range(draws):
             train = [others[i] for i in training_subset([p.name for p in others], train_size, seed)]
@@ -121,8 +127,10 @@ def contacts_stage(
 ) -> dict:
     """Export every chain, run the ``contacts`` step (report + saved head) and the leave-family-out
     head on ``structure``'s chain; returns the summary's ``fitted_head`` entry. ``align_to``
-    (``{"id", "sequence"}``, a model trained on rows aligned to that chain) is written into the
-    saved head, so that ``predict_contacts`` aligns its inputs onto the chain."""
+    (``{"id", "sequence"}``, a factored model trained on rows aligned to that chain): the saved head
+    is the calibrated mean of all maps (``head_kind=mean``: its maps are the family's couplings over
+    the chain's columns, which a regression fitted on other families' chains cannot weigh) and names
+    the chain, so that ``predict_contacts`` aligns its inputs onto it."""
     from protein_performer.analysis.contacts import load_proteins, run_contacts
     from protein_performer.analysis.structures import load_structures
 
@@ -141,6 +149,7 @@ def contacts_stage(
         head_train_size=train_size,
         C=ESM_C,
         seed=0,
+        head_kind="mean" if align_to else "logistic",
     )
     if align_to:
         head = ContactHead.load(paths.head)
@@ -151,6 +160,7 @@ def contacts_stage(
     return {
         "head": str(paths.head.relative_to(out)),
         "align_to": (align_to or {}).get("id", ""),
+        "kind": report["contact_head"]["kind"],
         "n_proteins": report["n_proteins"],
         "contacts_report": {m: report["methods"][m]["mean"]["long"] for m in report["methods"]},
         "test_proteins": report["folds"][0]["test"],

@@ -328,6 +328,12 @@ def test_align_to_head_file_and_cli(fitted, tmp_path):
     with ContactsFile(out) as cf:
         preds = list(cf)
     assert len(preds[1].aligned) == len(ref)
+    # align_to=false (YAML, as Hydra reads it) turns the head's reference off
+    off = tmp_path / "off.h5"
+    r = _cli(f"checkpoint={fitted['ckpt']}", f"head={head_path}", f"input={fasta}", f"output={off}", "align_to=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with h5py.File(off, "r") as h5:
+        assert h5.attrs["align_to"] == "" and "aligned" not in h5["mine"]
     ref_fasta = tmp_path / "ref.fasta"
     ref_fasta.write_text(f">ref\n{ref}\n")
     (by_file,) = predict_contacts(

@@ -13,6 +13,11 @@ from protein_performer.errors import cli_errors
 from protein_performer.runtime import set_threads
 
 
+def _align_to(value) -> str | bool | None:
+    """Hydra reads align_to=true / false / null as YAML: keep those; anything else is a sequence or a file."""
+    return value if value is None or isinstance(value, bool) else str(value)
+
+
 @hydra.main(config_path="../conf", config_name="predict_contacts", version_base="1.3")
 @cli_errors
 def main(cfg: DictConfig) -> dict:
@@ -32,7 +37,7 @@ def main(cfg: DictConfig) -> dict:
         overwrite=bool(cfg.overwrite),
         device=str(cfg.device),
         progress=bool(cfg.progress),
-        align_to=None if cfg.get("align_to") is None else str(cfg.align_to),
+        align_to=_align_to(cfg.get("align_to")),
     )
     print(f"{summary['records']} contact maps -> {summary['output']}")
     for f in summary["input_failures"]:

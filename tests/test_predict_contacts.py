@@ -315,6 +315,9 @@ def test_align_to_head_file_and_cli(fitted, tmp_path):
     ref = fitted["proteins"][0].sequence
     head_path = _aligned_head(fitted, ref).save(tmp_path / "contact_head.json")
     assert ContactHead.load(head_path).align_to == {"id": "ref", "sequence": ref}
+    # version 2 with a reference (older readers refuse it rather than predict unaligned), 1 without
+    assert json.loads(head_path.read_text())["version"] == 2
+    assert json.loads(fitted["head"].save(tmp_path / "plain.json").read_text())["version"] == 1
     with pytest.raises(ContactHeadError, match="align_to needs"):
         ContactHead(**{**fitted["head"].__dict__, "align_to": {"id": "ref"}})
     fasta = tmp_path / "mine.fasta"

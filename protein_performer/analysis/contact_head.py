@@ -33,7 +33,7 @@ from protein_performer.errors import UserError
 log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "protein_performer.contact_head"
-HEAD_VERSION = 1
+HEAD_VERSION = 2  # 2: align_to (a head without it is written as version 1, which every reader reads)
 ESM_TRAIN_PROTEINS = 20  # ESM fitted its released contact regression on 20 proteins
 
 
@@ -102,7 +102,8 @@ class ContactHead:
         d = asdict(self)
         for k in ("weights", "mean", "scale"):
             d[k] = [float(x) for x in getattr(self, k)]
-        return {"format": HEAD_FORMAT, "version": HEAD_VERSION, **d}
+        # a reader older than align_to would predict on unaligned inputs: it must refuse such a head
+        return {"format": HEAD_FORMAT, "version": HEAD_VERSION if self.align_to else 1, **d}
 
     def save(self, path: str | Path) -> Path:
         """Write the head as JSON, atomically (a killed write leaves the previous file or none)."""

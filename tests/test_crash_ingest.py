@@ -126,3 +126,44 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(fasta, tmp_path
     # parsing at least (the shard writing is a short stage; the deterministic fail_after_shards
     # tests of test_ingest.py cover it)
     assert kills >= 3 and "parse" in stages, stages
+
+
+WORKER_DIES_HOLDING_TQDM = """
+import os, signal, sys, threading
+from tqdm import tqdm
+from protein_performer.data.ingest.common import IngestError
+from protein_performer.data.ingest.workers import Workers
+
+
+def die_holding_tqdm_lock(_):
+    tqdm.get_lock().acquire()  # as a worker killed in the middle of a progress-bar update
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+tqdm(disable=True).close()  # the parent's write lock exists before the fork, as in an ingest
+workers = Workers(workers=2, n_jobs=3)
+result = workers.defer(die_holding_tqdm_lock, None)
+workers.map([])
+try:
+    result()
+    sys.exit("the worker did not die")
+except IngestError as e:
+    print("reported:", e)
+workers.close()
+bar = threading.Thread(target=lambda: tqdm(range(3), disable=True).close(), daemon=True)
+bar.start()
+bar.join(20)
+sys.exit("the parent's progress bar waits for the dead worker's lock" if bar.is_alive() else 0)
+"""
+
+
+def test_worker_killed_inside_a_progress_bar_update_does_not_hang_the_parent(tmp_path):
+    """A forked worker inherits tqdm's write lock, whose multiprocessing half is a semaphore shared
+    with the parent: a worker killed while holding it (SIGKILL, the OOM killer) must not leave the
+    parent's next progress-bar update waiting forever (it hung a test run: the crash tests kill
+    workers at random moments)."""
+    script = tmp_path / "die.py"
+    script.write_text(WORKER_DIES_HOLDING_TQDM)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert "worker process died" in r.stdout

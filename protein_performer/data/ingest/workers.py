@@ -46,9 +46,21 @@ def _unit_job(job: UnitJob):
     return write_unit_shards(job.cfg, job.unit, job.final)
 
 
+def _own_progress_lock() -> None:
+    """Give this (forked) worker a tqdm write lock of its own. The inherited one holds a
+    multiprocessing semaphore shared with the parent: a worker killed while holding it (SIGKILL, the
+    OOM killer) would leave the parent's next progress-bar update waiting forever instead of
+    reporting the dead worker. (Bars of several processes may then interleave a line; tqdm's
+    ``position`` keeps them apart as before.)"""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _serve(conn) -> None:
     """Loop of a worker process: run ``(index, fn, args)`` messages until ``None``; answer
     ``(index, True, result)`` or ``(index, False, exception)``."""
+    _own_progress_lock()
     while True:
         try:
             message = conn.recv()

@@ -65,6 +65,7 @@ def run_contacts(
     save_head: bool = True,
     head_train_size: int | None = ESM_TRAIN_PROTEINS,
     head_kind: str = "logistic",
+    head_align_to: dict | None = None,
 ) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
     With ``save_head`` it also fits the contact head once, on ``head_train_size`` proteins drawn by
@@ -72,8 +73,9 @@ def run_contacts(
     ``<output_dir>/contact_head.json`` for ``predict_contacts``. ``head_kind``: ``logistic`` (ESM's
     L1 regression, the report's ``trained``) or ``mean`` (the mean of all maps, the report's
     ``trained_mean``, with its probabilities calibrated on the training proteins: for a factored
-    family model, whose maps together are its couplings). Returns the report (without the
-    prediction matrices)."""
+    family model, whose maps together are its couplings). ``head_align_to``: the reference chain
+    the saved head names (``ContactHead.align_to``). Returns the report (without the prediction
+    matrices)."""
     if head_kind not in HEAD_KINDS:
         raise UserError(f"head_kind={head_kind!r}: choose one of {', '.join(HEAD_KINDS)}")
     all_chains, failures = _read_structures(structures, min_residues)
@@ -109,7 +111,7 @@ def run_contacts(
         "failures": [f.as_dict() for f in failures],
     }
     head = (
-        fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size, head_kind)
+        fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size, head_kind, head_align_to)
         if save_head
         else None
     )
@@ -158,6 +160,7 @@ def fit_contact_head(
     standardize: bool = True,
     train_size: int | None = ESM_TRAIN_PROTEINS,
     kind: str = "logistic",
+    align_to: dict | None = None,
 ) -> ContactHead:
     """The contact head of the model whose ``maps`` these are, fitted on ``train_size`` proteins
     drawn by ``seed``, with the checkpoint's sha256: the L1 logistic regression of
@@ -174,6 +177,7 @@ def fit_contact_head(
         checkpoint=str(checkpoint),
         checkpoint_sha256=sha,
         training_proteins=[p.name for p in train],
+        align_to=dict(align_to or {}),
     )
     settings = {"kind": kind, "seed": seed, "train_size": train_size, "maps": str(maps)}
     if kind == "mean":

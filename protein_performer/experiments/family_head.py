@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.contact_head import ESM_TRAIN_PROTEINS, ContactHead, training_subset
+from protein_performer.analysis.contact_head import ESM_TRAIN_PROTEINS, training_subset
 from protein_performer.analysis.contact_study import mean_of_heads
 from protein_performer.analysis.contacts import K_FRACS, RANGES, Protein, fit_logistic, precision_table
 from protein_performer.errors import UserError
@@ -150,11 +150,8 @@ def contacts_stage(
         C=ESM_C,
         seed=0,
         head_kind="mean" if align_to else "logistic",
+        head_align_to=align_to,
     )
-    if align_to:
-        head = ContactHead.load(paths.head)
-        head.align_to = dict(align_to)
-        head.save(paths.head)
     family_chain = next(c for c in chains if Path(c.path).resolve() == Path(structure).resolve())
     held_out = leave_family_out(proteins, family_chain.key, train_size=train_size)
     return {

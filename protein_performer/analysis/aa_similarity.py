@@ -28,11 +28,15 @@ import numpy as np
 
 from protein_performer.analysis import atomic
 from protein_performer.analysis.maps_io import MapsRecord
+from protein_performer.analysis.reruns import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STANDARD_AA = "ACDEFGHIKLMNPQRSTVWY"
+REPORT_FILE = "aa_similarity.json"
+# what a run writes into output_dir (anything else there is kept by a rerun)
+OUTPUTS = frozenset({REPORT_FILE, "aa_similarity.csv", "aa_similarity.png"})
 _AA_INDEX = np.full(256, -1, dtype=np.int64)
 for _k, _c in enumerate(STANDARD_AA):
     _AA_INDEX[ord(_c)] = _k
@@ -187,14 +191,21 @@ def run_aa_similarity(
     heads: Sequence[int] | None = None,
     max_sequences: int | None = 800,
     exclude_self: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Aggregate a maps file, correlate with BLOSUM62 (all heads together and each head alone),
     write ``aa_similarity.json``, ``aa_similarity.csv`` (the 20 x 20 matrix) and
-    ``aa_similarity.png``; returns the JSON content."""
-    from protein_performer.analysis.contact_run import prepare_output_dir
+    ``aa_similarity.png``; returns the JSON content. A rerun replaces them only when all three are
+    written; ``resume``: a finished run of the same maps and options is returned without work
+    (see :mod:`~protein_performer.analysis.reruns`)."""
     from protein_performer.analysis.maps_io import MapsFile
 
     out = Path(output_dir)
+    check_output_dir(out)
+    options = {"layers": layers, "heads": heads, "max_sequences": max_sequences, "exclude_self": exclude_self}
+    inputs = {"maps": input_stamp(maps), "options": jsonable(options)}
+    if resume and (done := finished_report(out / REPORT_FILE, inputs, "aa_similarity")) is not None:
+        return done
     with MapsFile(maps) as mf:
         try:
             obs, exp, n = aa_attention_counts(
@@ -228,20 +239,19 @@ def run_aa_similarity(
         "per_head": heads_corr,
         "amino_acids": STANDARD_AA,
         "matrix": [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in M],
+        "inputs": inputs,
     }
-    # every file atomic, and the JSON last (an old one removed first): a killed run leaves no
-    # aa_similarity.json, so its presence means the CSV and the plot of the same run are complete
-    prepare_output_dir(out)
-    (out / "aa_similarity.json").unlink(missing_ok=True)
-    atomic.write_text(
-        out / "aa_similarity.csv",
-        "aa,"
-        + ",".join(STANDARD_AA)
-        + "\n"
-        + "".join(a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)),
-    )
-    plot_aa_similarity(M, out / "aa_similarity.png", title=f"attention, {n} sequences, all heads")
-    atomic.write_text(out / "aa_similarity.json", json.dumps(_finite(result), indent=1))
+    # the CSV and the plot, then the JSON last, into a staging folder swapped in when complete
+    with staged_output(out, OUTPUTS) as stage:
+        atomic.write_text(
+            stage / "aa_similarity.csv",
+            "aa,"
+            + ",".join(STANDARD_AA)
+            + "\n"
+            + "".join(a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)),
+        )
+        plot_aa_similarity(M, stage / "aa_similarity.png", title=f"attention, {n} sequences, all heads")
+        atomic.write_text(stage / REPORT_FILE, json.dumps(_finite(result), indent=1))
     log.info("aa similarity over %d sequences: pearson %.3f", n, result["all_heads"]["pearson"])
     return result
 

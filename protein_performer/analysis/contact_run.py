@@ -6,7 +6,6 @@ report and plots into ``output_dir``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from protein_performer.analysis.contact_report import (
 )
 from protein_performer.analysis.contact_study import evaluate, fit_logistic, fit_mean_calibration
 from protein_performer.analysis.maps_reader import MapsFile
+from protein_performer.analysis.reruns import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.analysis.structures import (
     STRUCTURE_SUFFIXES,
     Chain,
@@ -42,6 +42,9 @@ from protein_performer.errors import UserError
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "contact_head.json"
+REPORT_FILE = "report.json"
+# what a contacts run writes into output_dir (anything else there is kept by a rerun)
+OUTPUTS = frozenset({REPORT_FILE, "report.csv", "precision_by_range.png", "contact_maps", HEAD_FILE})
 HEAD_KINDS = ("logistic", "mean")  # ESM's L1 regression over every map | the calibrated mean of all maps
 
 
@@ -66,6 +69,7 @@ def run_contacts(
     head_train_size: int | None = ESM_TRAIN_PROTEINS,
     head_kind: str = "logistic",
     head_align_to: dict | None = None,
+    resume: bool = False,
 ) -> dict:
     """Everything the ``contacts`` entry point does: load, evaluate, write the report and plots.
     With ``save_head`` it also fits the contact head once, on ``head_train_size`` proteins drawn by
@@ -75,9 +79,28 @@ def run_contacts(
     ``trained_mean``, with its probabilities calibrated on the training proteins: for a factored
     family model, whose maps together are its couplings). ``head_align_to``: the reference chain
     the saved head names (``ContactHead.align_to``). Returns the report (without the prediction
-    matrices)."""
+    matrices).
+
+    A rerun replaces ``output_dir``'s outputs only when all of them are written (see
+    :mod:`~protein_performer.analysis.reruns`); ``resume``: a finished report of the same inputs and
+    settings is returned as it is, without work."""
     if head_kind not in HEAD_KINDS:
         raise UserError(f"head_kind={head_kind!r}: choose one of {', '.join(HEAD_KINDS)}")
+    out = Path(output_dir)
+    check_output_dir(out)
+    options = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("maps", "structures", "baseline_maps", "output_dir", "resume", "out")
+    }
+    inputs = {
+        "maps": input_stamp(maps),
+        "baseline_maps": input_stamp(baseline_maps),
+        "structures": input_stamp(structures),
+        "options": jsonable(options),
+    }
+    if resume and (done := finished_report(out / REPORT_FILE, inputs, "contacts")) is not None:
+        return done
     all_chains, failures = _read_structures(structures, min_residues)
     proteins, more = load_proteins(maps, all_chains, baseline_maps, chains, threshold, min_identity, max_mismatches)
     failures = failures + more
@@ -109,6 +132,7 @@ def run_contacts(
         },
         **report,
         "failures": [f.as_dict() for f in failures],
+        "inputs": inputs,
     }
     head = (
         fit_contact_head(proteins, maps, C, solver, seed, standardize, head_train_size, head_kind, head_align_to)
@@ -123,7 +147,8 @@ def run_contacts(
             "nonzero_weights": int(np.count_nonzero(head.weights)),
             "checkpoint_sha256": head.checkpoint_sha256,
         }
-    _write_outputs(Path(output_dir), report, proteins, preds, head, n_plots)
+    with staged_output(out, OUTPUTS) as stage:
+        _write_outputs(stage, report, proteins, preds, head, n_plots)
     return report
 
 
@@ -135,11 +160,7 @@ def _write_outputs(
     head: ContactHead | None,
     n_plots: int,
 ) -> None:
-    """CSV, plots and the head, then ``report.json`` last: a run killed on the way leaves none (an
-    old one is removed first), so its presence means the CSV and plots of the same run are
-    complete; every file is atomic."""
-    prepare_output_dir(out)
-    (out / "report.json").unlink(missing_ok=True)
+    """CSV, plots and the head, then ``report.json`` last, into the staging folder ``out``."""
     write_report_csv(report, out)
     plot_precision_by_range(report, out / "precision_by_range.png")
     for p in proteins[:n_plots]:
@@ -212,12 +233,3 @@ def _read_structures(structures: str | Path, min_residues: int) -> tuple[list[Ch
             "(structures= is a folder of them, or one file)"
         )
     return chains, failures
-
-
-def prepare_output_dir(out: Path) -> None:
-    """Create ``out`` (a directory, writable) or say clearly why it cannot be used."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file, but output_dir= must be a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{out}: not writable (permission denied); choose a writable output_dir")

@@ -39,11 +39,9 @@ from protein_performer.analysis.contact_report import (
     write_report_csv,
     write_report_json,
 )
-from protein_performer.analysis.contact_run import fit_contact_head, prepare_output_dir, run_contacts
+from protein_performer.analysis.contact_run import fit_contact_head, run_contacts
 from protein_performer.analysis.contact_study import best_head, coefficients, evaluate, fit_logistic, folds_for
 from protein_performer.analysis.map_ops import apc, symmetrize
-
-_prepare_output_dir = prepare_output_dir  # its name before the split (aa_similarity imported it)
 
 __all__ = [
     "K_FRACS",
@@ -65,7 +63,6 @@ __all__ = [
     "plot_precision_by_range",
     "precision_at_k",
     "precision_table",
-    "prepare_output_dir",
     "run_contacts",
     "symmetrize",
     "write_report",

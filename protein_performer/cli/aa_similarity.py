@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> dict:
         heads=_ints(cfg.heads),
         max_sequences=cfg.max_sequences,
         exclude_self=cfg.exclude_self,
+        resume=bool(cfg.get("resume", False)),
     )
     allh, best = result["all_heads"], result["best_head"]
     print(

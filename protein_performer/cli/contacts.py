@@ -38,6 +38,7 @@ def main(cfg: DictConfig) -> dict:
         save_head=cfg.get("save_head", True),
         head_train_size=cfg.get("head_train_size", 20),
         head_kind=str(cfg.get("head_kind", "logistic")),
+        resume=bool(cfg.get("resume", False)),
     )
     print(f"{report['n_proteins']} proteins, {len(report['failures'])} failures; report in {cfg.output_dir}")
     print(format_table(report))

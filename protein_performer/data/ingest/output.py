@@ -1,5 +1,8 @@
 """The output folder of an ingest: refuse a foreign or differently configured one, clean what an
-ingest wrote (never anything else), remove the temporary files a killed run left."""
+ingest wrote (never anything else), remove the temporary files a killed run left, and never
+destroy a finished ingest (issue 18): a rerun over one is refused unless ``resume=true`` (it is
+complete: nothing to do) or ``overwrite=true`` (the new ingest is written into a staging folder
+beside it and swapped in when complete; :func:`rerun_of_finished`)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,42 @@ log = logging.getLogger(__name__)
 
 # names an ingest may find in its output dir: its own outputs and the multirun/SLURM log folder
 OUR_NAMES = {MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME, WORK_DIR, SLURM_LOG_DIR, *SPLITS}
+# what an ingest writes (a replacing ingest keeps everything else of the folder, its logs included)
+WRITTEN_NAMES = frozenset(OUR_NAMES - {SLURM_LOG_DIR})
+
+
+def rerun_of_finished(cfg: dict, parts_mode: bool) -> bool:
+    """True when ``output_dir`` holds a finished ingest (its manifest) that this run would replace:
+    then the caller ingests into a staging folder (:func:`protein_performer.outputs.staged_directory`).
+    Refused (the finished ingest untouched) without ``overwrite``, and for one part of a parallel
+    ingest. False when there is no finished ingest, or when ``resume`` keeps it."""
+    out = Path(cfg["output_dir"])
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    config_path = out / CONFIG_NAME
+    found, wanted = (json.loads(config_path.read_text()) if config_path.is_file() else {}), fingerprint(cfg)
+    same = found == wanted
+    if cfg["resume"] and (same or not cfg["overwrite"]):
+        return False  # resume: complete (same config) or refused by prepare_output (another one)
+    if not cfg["overwrite"] or parts_mode:
+        n = json.loads(manifest.read_text()).get("n_unique", "?")
+        raise IngestError(
+            f"{out} holds a finished ingest ({n} sequences, {MANIFEST_NAME})"
+            + ("" if same else f" made with a different config (differs in: {_differing(found, wanted)})")
+            + ": "
+            "refusing to replace it"
+            + (
+                " from one part of a parallel ingest (run without part= and with overwrite=true, or choose a new output_dir)."
+                if parts_mode
+                else ". resume=true checks that it is complete and exits; overwrite=true ingests again (the finished "
+                "shards stay readable until the new ones are complete and replace them); or choose a new output_dir."
+            )
+        )
+    log.warning(
+        "overwrite=true: ingesting again beside %s; the finished ingest stays until the new one is complete", out
+    )
+    return True
 
 
 def clean_output(out: Path) -> None:
@@ -70,14 +109,17 @@ def prepare_output(cfg: dict, parts_mode: bool) -> None:
         atomic_json(config_path, wanted)
 
 
+def _differing(found: dict, wanted: dict) -> str:
+    return ", ".join(sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)))
+
+
 def _reuse_or_clean(out: Path, found: dict, wanted: dict, cfg: dict, parts_mode: bool) -> None:
     """An output dir with an ingest config: keep it (same config, resuming or a part), replace it
     (another config and ``overwrite``), or refuse."""
     if found != wanted:
-        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
         if not cfg["overwrite"] or parts_mode:
             raise IngestError(
-                f"{out} holds an ingest made with a different config (differs in: {', '.join(diff)}). "
+                f"{out} holds an ingest made with a different config (differs in: {_differing(found, wanted)}). "
                 "Choose another output_dir, or pass overwrite=true to replace it"
                 + (" (run without part= to do so)." if parts_mode else ".")
             )

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from protein_performer.outputs import staged_directory
+
 from .common import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -25,7 +27,7 @@ from .common import (
 )
 from .config import default_config, resolve_config
 from .manifest import build_manifest, count_records, input_sources, split_summaries
-from .output import prepare_output, remove_partial_files
+from .output import WRITTEN_NAMES, prepare_output, remove_partial_files, rerun_of_finished
 from .read import run_unit
 from .rejects import collect_rejects, write_rejects
 from .resolve import resolve
@@ -68,8 +70,11 @@ def _ingest(cfg: dict) -> dict:
     if cfg["merge"]:
         return merge(cfg["output_dir"], workers=int(cfg["workers"]), progress=cfg["progress"])
     parts_mode = cfg["part"] is not None
-    prepare_output(cfg, parts_mode)
     out = Path(cfg["output_dir"])
+    if rerun_of_finished(cfg, parts_mode):
+        with staged_directory(out, ours=WRITTEN_NAMES.__contains__) as stage:
+            return _ingest({**cfg, "output_dir": str(stage), "resume": False, "overwrite": False})
+    prepare_output(cfg, parts_mode)
     if cfg["resume"] and not parts_mode and (out / MANIFEST_NAME).is_file():
         return _already_complete(out)
     if parts_mode:

@@ -1,9 +1,9 @@
 """The end-to-end demo behind ``make demo``: every stage through its real command line.
 
-    python -m protein_performer.demo [output_dir=demo_out] [structures=data/structures/biopython]
+    python -m protein_performer.demo [output_dir=demo_out] [structures=<PDB/mmCIF folder>]
                                      [max_time=00:00:04:00] [steps=N] [stages=ingest,train,export,contacts,aa]
 
-1. ingest the embedded sample (``data/``) into sharded HDF5, holding out two Pfam families as OOD;
+1. ingest the embedded sample into sharded HDF5, holding out two Pfam families as OOD;
 2. train the ``demo`` experiment (a small BID Performer-ReLU) with W&B offline;
 3. export the attention maps of the trained model and of a random-init twin for the structures;
 4. unsupervised contact prediction against the structures, next to the random-init baseline;
@@ -13,11 +13,17 @@
 Each stage is the same ``python -m protein_performer.<stage>`` a user would type, so the demo
 also shows the commands (they are printed before they run). A bad option or a failed stage is one
 line ``error: demo: ...`` on stderr and exit code 1.
+
+The sample (sequences, Pfam hits, and the 8 structures that ``structures`` defaults to) ships inside
+the package (``protein_performer/sample_data``, the repository's ``data/``), so the demo runs the
+same from a checkout and from an installed wheel. Relative paths are relative to the directory you
+run from. ``steps=N`` trains N steps instead of the demo experiment's ``max_time`` (a quick check).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -26,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protein_performer.errors import UserError, cli_errors
+from protein_performer.resources import PACKAGE, SAMPLE_DATA, STRUCTURES
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "data"
+DATA = SAMPLE_DATA
 STAGES = ("ingest", "train", "export", "contacts", "aa")
 
 
@@ -38,7 +44,7 @@ def _parse(argv: list[str]) -> dict[str, str] | None:
         return None
     opts = {
         "output_dir": "demo_out",
-        "structures": str(DATA / "structures" / "biopython"),
+        "structures": str(STRUCTURES),
         "max_time": "00:00:04:00",
         "steps": "",
         "stages": ",".join(STAGES),
@@ -53,6 +59,21 @@ def _parse(argv: list[str]) -> dict[str, str] | None:
     return opts
 
 
+def _env() -> dict[str, str]:
+    """The stages import the same protein_performer as the demo (a checkout run without installing)."""
+    path = [str(PACKAGE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
+def _check_inputs(opts: dict[str, str], stages: list[str]) -> None:
+    """A missing sample file or structures folder is one clear error before any stage runs."""
+    for path in (DATA / "uniprot_sample.fasta.gz", DATA / "swissprot_sample.fasta.gz"):
+        if {"ingest", "aa"} & set(stages) and not path.is_file():
+            raise UserError(f"demo: sample file not found: {path} (the package's sample_data/ is incomplete)")
+    if {"export", "contacts"} & set(stages) and not Path(opts["structures"]).exists():
+        raise UserError(f"demo: structures={opts['structures']} not found (a folder of PDB / mmCIF files)")
+
+
 def _run(args: list[str], log: Path) -> None:
     cmd = [sys.executable, "-m", *args]
     print("\n$ " + " ".join(shlex.quote(a) for a in ["python", "-m", *args]), flush=True)
@@ -60,7 +81,7 @@ def _run(args: list[str], log: Path) -> None:
     with open(log, "a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         fh.write(proc.stdout)
     tail = "\n".join(proc.stdout.rstrip().splitlines()[-25:])
     print(tail, flush=True)
@@ -192,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise UserError(f"demo: unknown stages {unknown}; choose from {STAGES}")
+    _check_inputs(opts, stages)
     out = Path(opts["output_dir"])
     if not out.is_absolute():
         out = Path.cwd() / out

@@ -1,10 +1,10 @@
 """The studies' data: real protein sequences as token ids, seeded splits, and batches.
 
-The embedded Swiss-Prot sample (``data/swissprot_sample.fasta.gz``, 1,000 real sequences) is the
-default; ``load_sequences`` reads any FASTA(.gz) through the project's streaming reader and
-tokenizer, and counts (never silently drops) records with residues outside the alphabet.
-Batches come from the project's ``Collator`` (UNI next-token / BID masked LM), so the studies
-train on exactly what ``protein_performer.train`` would feed.
+The embedded Swiss-Prot sample (``swissprot_sample.fasta.gz``, 1,000 real sequences; it ships in the
+package, see :mod:`protein_performer.resources`) is the default; ``load_sequences`` reads any
+FASTA(.gz) through the project's streaming reader and tokenizer, and counts (never silently drops)
+records with residues outside the alphabet. Batches come from the project's ``Collator`` (UNI
+next-token / BID masked LM), so the studies train on exactly what ``protein_performer.train`` would feed.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import torch
 from protein_performer.data.collate import Collator
 from protein_performer.data.fasta import read_fasta
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
+from protein_performer.resources import SAMPLE_DATA
 from protein_performer.training.utils import stable_seed
 
 log = logging.getLogger(__name__)
 
-# the repository's embedded sample (read only: the studies write to their --out-dir, never here)
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "swissprot_sample.fasta.gz"
+# the embedded sample (read only: the studies write to their --out-dir, never here)
+SAMPLE = SAMPLE_DATA / "swissprot_sample.fasta.gz"
 VALID_FRACTION = 0.1  # the studies' train / valid split
 
 

@@ -126,15 +126,29 @@ def test_wheel_ships_the_configs_and_the_sample(installed, tmp_path):
 
 @pytest.mark.slow
 def test_demo_from_an_empty_directory(installed, tmp_path):
-    _check(_run(installed, tmp_path, "python", "-m", "protein_performer.demo", "output_dir=out", "steps=2"))
+    """`make demo` end to end (shortened to 40 steps), as a user of the installed package runs it:
+    every stage through its real command line."""
+    proc = _check(_run(installed, tmp_path, "python", "-m", "protein_performer.demo", "output_dir=out", "steps=40"))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing written next to it
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["manifest"]) == {"train", "valid", "test", "ood"}
-    assert sum(s["n_sequences"] for s in summary["manifest"].values()) > 3900
-    assert 0.0 < summary["train"]["valid/acc"] < 1.0
+    # ingest: the embedded 4,000 records, the two held-out Pfam families in ood
+    splits = summary["manifest"]
+    assert set(splits) == {"train", "valid", "test", "ood"}
+    assert sum(s["n_sequences"] for s in splits.values()) > 3900
+    assert splits["ood"]["n_sequences"] > 100
+    # train: metrics for every split next to the unigram baseline, a real offline W&B run
+    for split in ("valid", "test", "ood"):
+        assert 0.0 < summary["train"][f"{split}/acc"] < 1.0
+        assert summary["train"][f"{split}/unigram_ppl"] > 1.0
+    assert list((out / "train" / "wandb").glob("offline-run-*"))
+    # export + contacts + aa similarity
+    assert (out / "maps_random.h5").stat().st_size > 0
     assert {"trained", "random_init"} <= set(summary["contacts"])
+    for mean in summary["contacts"].values():
+        assert 0.0 <= mean["long"]["P@L"] <= 1.0
     assert summary["aa_similarity"]["all_heads"]["n_pairs"] == 190
+    assert "protein_performer demo: summary" in proc.stdout
     site = str(installed["venv"])
     assert f"{site}/" in (out / "demo.log").read_text()  # the sample came from the installed package
     with MapsFile(out / "maps.h5") as maps:

@@ -28,7 +28,7 @@ import numpy as np
 
 from protein_performer.analysis import atomic
 from protein_performer.analysis.maps_io import MapsRecord
-from protein_performer.analysis.reruns import check_output_dir, finished_report, input_stamp, jsonable, staged_output
+from protein_performer.analysis.rerun import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def run_aa_similarity(
     write ``aa_similarity.json``, ``aa_similarity.csv`` (the 20 x 20 matrix) and
     ``aa_similarity.png``; returns the JSON content. A rerun replaces them only when all three are
     written; ``resume``: a finished run of the same maps and options is returned without work
-    (see :mod:`~protein_performer.analysis.reruns`)."""
+    (see :mod:`~protein_performer.analysis.rerun`)."""
     from protein_performer.analysis.maps_io import MapsFile
 
     out = Path(output_dir)

@@ -27,7 +27,7 @@ from protein_performer.analysis.contact_report import (
 )
 from protein_performer.analysis.contact_study import evaluate, fit_logistic, fit_mean_calibration
 from protein_performer.analysis.maps_reader import MapsFile
-from protein_performer.analysis.reruns import check_output_dir, finished_report, input_stamp, jsonable, staged_output
+from protein_performer.analysis.rerun import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.analysis.structures import (
     STRUCTURE_SUFFIXES,
     Chain,
@@ -82,7 +82,7 @@ def run_contacts(
     matrices).
 
     A rerun replaces ``output_dir``'s outputs only when all of them are written (see
-    :mod:`~protein_performer.analysis.reruns`); ``resume``: a finished report of the same inputs and
+    :mod:`~protein_performer.analysis.rerun`); ``resume``: a finished report of the same inputs and
     settings is returned as it is, without work."""
     if head_kind not in HEAD_KINDS:
         raise UserError(f"head_kind={head_kind!r}: choose one of {', '.join(HEAD_KINDS)}")

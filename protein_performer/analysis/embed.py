@@ -15,8 +15,10 @@ Output (HDF5, rows in input order)::
     attrs      format_version, checkpoint, checkpoint_sha256, model_config (json), input, crop,
                progress (input records consumed, rows written); ``complete`` once finished
 
-The file is written as ``<output>.partial`` and renamed when complete; ``resume=true`` continues a
-killed run after its last committed chunk. A chunk is committed in two steps: its rows are
+The file is written as ``<output>.partial`` and renamed when complete (a rerun leaves the finished
+file as it was until then); ``resume=true`` continues a killed run after its last committed chunk,
+and over a finished file made with the same settings (its ``run_settings`` attribute, see
+:mod:`protein_performer.analysis.rerun`) does nothing. A chunk is committed in two steps: its rows are
 appended and flushed, and only then is ``progress`` (one attribute: input records consumed,
 ``crop=skip`` ones included, and rows written) set and flushed. HDF5 writes what a flush holds in
 no particular order, so a kill inside the first flush can leave new rows half written but never a
@@ -36,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from protein_performer.analysis import rerun
 from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export import (
     InputReport,
@@ -237,8 +240,16 @@ def run_embed(
     seed: int = 0,
 ) -> dict:
     """What ``python -m protein_performer.embed`` does; returns a summary (sequences, seconds, seq/s)."""
+    t0 = time.perf_counter()
     device = resolve_device(device)
     out, part = check_run_paths(input, output, "embed", resume, overwrite)
+    options = {"command": "embed", "crop": crop, "chunk": int(chunk), "min_residues": min_residues, "invalid": invalid}
+
+    def run_settings(sha: str | None = None) -> dict:
+        return rerun.run_settings(checkpoint, model_config, seed, input, sha, **options)
+
+    if rerun.finished_output(out, part, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get("complete"))):
+        return _finished_summary(out, time.perf_counter() - t0)
     loaded = load_model(checkpoint, model_config, seed, device)
     lm = loaded.model
     settings = {
@@ -285,6 +296,7 @@ def run_embed(
             bar.update(len(chunk_records))
         bar.close()
         n_total = h5["ids"].shape[0]
+        h5.attrs[rerun.SETTINGS_ATTR] = rerun.settings_json(run_settings(loaded.sha256))
         h5.attrs["complete"] = True
     publish(part, out)
     seconds = time.perf_counter() - t0
@@ -298,3 +310,19 @@ def run_embed(
     }
     log.info("%d embeddings (%d new) -> %s in %.1f s", n_total, n_new, out, seconds)
     return summary
+
+
+def _finished_summary(out: Path, seconds: float) -> dict:
+    """:func:`run_embed`'s summary of a finished file (``resume=true`` over it): nothing new."""
+    with h5py.File(out, "r") as h5:
+        n = int(h5["ids"].shape[0])
+    log.info("%s is already complete (%d records); nothing to do", out, n)
+    return {
+        "output": str(out),
+        "sequences": n,
+        "new": 0,
+        "seconds": seconds,
+        "sequences_per_s": 0.0,
+        "input_failures": [],
+        "already_complete": True,
+    }

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import torch
 
+from protein_performer.analysis import rerun
 from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export_inputs import (
     CROPS,
@@ -60,7 +61,7 @@ from protein_performer.analysis.export_output import (
     record_bytes,
     space_problem,
 )
-from protein_performer.analysis.maps_format import MAP_DATASETS, MissingFileError, first_line
+from protein_performer.analysis.maps_format import INCOMPLETE_ATTR, MAP_DATASETS, MissingFileError, first_line
 from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerLM
@@ -215,9 +216,12 @@ class _ExportRun:
         self.counts.residues += len(residues)
         return True
 
-    def finish(self, meta: dict, failures: list[dict]) -> None:
-        """Record what the export did, close the file and rename it onto ``output``."""
+    def finish(self, meta: dict, failures: list[dict], settings: dict | None = None) -> None:
+        """Record what the export did (and ``settings``: :mod:`rerun`'s ``run_settings``), close
+        the file and rename it onto ``output``."""
         self.caught_up()
+        if settings is not None:
+            self.writer.set_attr(rerun.SETTINGS_ATTR, rerun.settings_json(settings))
         self.writer.set_attr(
             "export",
             json.dumps(
@@ -299,6 +303,7 @@ def export_attention(
     resume: bool = False,
     overwrite: bool = False,
     input_key: Any = None,
+    run_settings: dict | None = None,
 ) -> dict:
     """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps_io layout).
 
@@ -307,7 +312,8 @@ def export_attention(
     map, float16), ``mean`` and ``per_token`` (final-layer embeddings, float32). ``input_report``:
     the reader's failures, stored in the ``export`` attribute. Returns a summary dict.
     ``resume`` / ``overwrite`` / ``input_key`` (what identifies the input): an interrupted export,
-    see the module docstring (crash safety).
+    see the module docstring (crash safety). ``run_settings``: stored for a later ``resume=true``
+    over the finished file (:mod:`protein_performer.analysis.rerun`; :func:`run_export` sets it).
     """
     loaded = model if isinstance(model, LoadedModel) else None
     lm: PerformerLM = loaded.model if loaded else model
@@ -343,7 +349,7 @@ def export_attention(
             stored = run.add(n, rec if isinstance(rec, SequenceRecord) else SequenceRecord(*rec))
             if stored and bar is not None:
                 bar.update(1)
-        run.finish(meta, input_report.failures if input_report is not None else [])
+        run.finish(meta, input_report.failures if input_report is not None else [], run_settings)
     except BaseException as e:
         replacement = run.abort(e)
         if replacement is not None:
@@ -401,12 +407,33 @@ def run_export(
 ) -> dict:
     """What ``python -m protein_performer.export_attention`` does: load, read, export. Returns the
     summary (with ``input_failures``: structure files / chains / FASTA records left out).
-    ``resume`` / ``overwrite``: an interrupted export (see :func:`export_attention`)."""
+    ``resume`` / ``overwrite``: an interrupted export (see :func:`export_attention`); ``resume``
+    over a finished ``output`` made with the same settings returns its summary and does nothing
+    (:mod:`protein_performer.analysis.rerun`)."""
+    t0 = time.perf_counter()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not Path(input).exists():
         raise MissingFileError(f"input not found: {input}")
     check_output(Path(output))
+    options = {
+        "command": "export_attention",
+        "include": list(parse_include(include)),
+        "crop": crop,
+        "max_sequences": max_sequences,
+        "min_residues": int(min_residues),
+        "invalid": invalid,
+    }
+
+    def settings(sha: str | None = None) -> dict:
+        return rerun.run_settings(checkpoint, model_config, seed, input, sha, **options)
+
+    partial, journal = partial_paths(output)
+    if rerun.finished_output(
+        Path(output), partial, settings, resume, overwrite, lambda h5: INCOMPLETE_ATTR not in h5.attrs
+    ):
+        journal.unlink(missing_ok=True)  # a kill after the final rename can leave it
+        return _finished_summary(Path(output), time.perf_counter() - t0)
     loaded = load_model(checkpoint, model_config, seed, device)
     report = InputReport()
     seqs = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
@@ -425,6 +452,31 @@ def run_export(
         resume=resume,
         overwrite=overwrite,
         input_key=input_key(input),
+        run_settings=settings(loaded.sha256),
     )
     summary["input_failures"] = report.failures
     return summary
+
+
+def _finished_summary(output: Path, seconds: float) -> dict:
+    """:func:`run_export`'s summary of a finished export, read from its file (``resume=true`` over it)."""
+    with h5py.File(output, "r") as h5:
+        done = json.loads(h5.attrs.get("export", "{}"))
+        cfg = json.loads(h5.attrs.get("model_config", "{}"))
+        sha, causal = str(h5.attrs.get("checkpoint_sha256", "")), bool(h5.attrs.get("causal", False))
+    totals = ExportCounts(**{k: int(done.get(k, 0)) for k in ExportCounts().totals()}).totals()
+    log.info("%s is already complete (%d records); nothing to do", output, totals["records"])
+    return {
+        "output": str(output),
+        **totals,
+        "skipped": done.get("skipped", []),
+        "seconds": round(seconds, 3),
+        "layers": int(cfg.get("depth", 0)),
+        "heads": int(cfg.get("heads", 0)),
+        "causal": causal,
+        "include": done.get("include", []),
+        "checkpoint_sha256": sha,
+        "resumed_records": 0,
+        "input_failures": done.get("input_failures", []),
+        "already_complete": True,
+    }

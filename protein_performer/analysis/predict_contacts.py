@@ -25,8 +25,11 @@ Output file (:func:`run_predict_contacts`), HDF5::
         contacts           float16 (L, L), symmetric, 0 on the diagonal
         aligned            int32 (n,): the input residues (0-based) on the reference (with align_to only)
 
-The file is written as ``<output>.partial`` and renamed when complete; ``resume=true`` continues a
-killed run from the records already in the partial file.
+The file is written as ``<output>.partial`` and renamed when complete (a rerun leaves the finished
+file as it was until then; ``csv=`` and the PNGs are then written, each atomically); ``resume=true``
+continues a killed run from the records already in the partial file, and over a finished file made
+with the same settings (its ``run_settings`` attribute, see :mod:`protein_performer.analysis.rerun`)
+does nothing but write a missing ``csv=`` / PNG from it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 
+from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
 from protein_performer.analysis.atomic import atomic_output, publish
 from protein_performer.analysis.contact_head import ContactHead
@@ -221,6 +225,11 @@ class ContactsFile:
     def __len__(self) -> int:
         return len(self._h5)
 
+    @property
+    def attrs(self) -> dict:
+        """The file's own attributes (checkpoint_sha256, head, align_to, run_settings, ...)."""
+        return dict(self._h5.attrs)
+
     def close(self) -> None:
         self._h5.close()
 
@@ -314,12 +323,26 @@ def run_predict_contacts(
     device = resolve_device(device)
     out, part = check_run_paths(input, output, "predict_contacts", resume, overwrite)
     contact_head = ContactHead.load(head)
-    loaded = load_model(checkpoint, model_config, 0, device)
-    cfg = loaded.model.config
-    contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
     head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
     head_sha = file_sha256(head_path)
     reference = reference_sequence(contact_head, align_to) or ""
+    options = {
+        "command": "predict_contacts",
+        "head_sha256": head_sha,
+        "align_to": reference,
+        "crop": crop,
+        "min_residues": min_residues,
+        "invalid": invalid,
+    }
+
+    def run_settings(sha: str | None = None) -> dict:
+        return rerun.run_settings(checkpoint, model_config, 0, input, sha, **options)
+
+    if rerun.finished_output(out, part, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))):
+        return _finished_summary(out, csv_path, png_dir, top, contact_head.min_sep)
+    loaded = load_model(checkpoint, model_config, 0, device)
+    cfg = loaded.model.config
+    contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
     mode = _check_resumable(part, resume, loaded.sha256, head_sha, input, reference)
     part.parent.mkdir(parents=True, exist_ok=True)
     report = InputReport()
@@ -357,6 +380,7 @@ def run_predict_contacts(
             h5.flush()
             bar.update(1)
         bar.close()
+        h5.attrs[rerun.SETTINGS_ATTR] = rerun.settings_json(run_settings(loaded.sha256))
         h5.attrs[COMPLETE_ATTR] = True
     publish(part, out)
     with ContactsFile(out) as cf:
@@ -374,7 +398,23 @@ def run_predict_contacts(
     }
 
 
-def _write_extras(cf: ContactsFile, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> None:
+def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> dict:
+    """:func:`run_predict_contacts`'s summary of a finished file (``resume=true`` over it); a
+    ``csv=`` / PNG that is missing (killed before it was written) is written from the file."""
+    with ContactsFile(out) as cf:
+        n = len(cf)
+        attrs = {k: str(cf.attrs.get(k, "")) for k in ("checkpoint_sha256", "head", "align_to")}
+        _write_extras(cf, csv_path, png_dir, top, min_sep, missing_only=True)
+    log.info("%s is already complete (%d records); nothing to do", out, n)
+    return {"output": str(out), "records": n, "input_failures": [], **attrs, "already_complete": True}
+
+
+def _write_extras(
+    cf: ContactsFile, csv_path: str | None, png_dir: str | None, top: float, min_sep: int, missing_only: bool = False
+) -> None:
+    """``csv=`` and the PNGs from a finished file (``missing_only``: those not there yet)."""
+    if csv_path and missing_only and Path(csv_path).exists():
+        csv_path = None
     if csv_path:
         with atomic_output(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
@@ -384,8 +424,10 @@ def _write_extras(cf: ContactsFile, csv_path: str | None, png_dir: str | None, t
                 for i, j, p in pred.top_pairs(k, min_sep):
                     w.writerow([pred.id, i, j, f"{p:.4f}"])
     if png_dir:
-        for pred in cf:
-            plot_prediction(pred, Path(png_dir) / f"{sanitize_name(pred.id)}.png", min_sep)
+        ids = {rid for rid in cf.ids() if not (missing_only and (Path(png_dir) / f"{sanitize_name(rid)}.png").exists())}
+        for pred in cf if ids else ():
+            if pred.id in ids:
+                plot_prediction(pred, Path(png_dir) / f"{sanitize_name(pred.id)}.png", min_sep)
 
 
 def plot_prediction(pred: ContactPrediction, path: str | Path, min_sep: int = 6) -> None:

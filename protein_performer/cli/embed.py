@@ -1,6 +1,8 @@
 """``python -m protein_performer.embed checkpoint=<ckpt> input=<fasta> output=<embeddings.h5>
 [batch_tokens=16384] [crop=error|skip|start|center] [resume=true]``: one mean embedding per sequence,
-no attention maps, batched by length (see :mod:`protein_performer.analysis.embed`)."""
+no attention maps, batched by length (see :mod:`protein_performer.analysis.embed`). A rerun leaves
+the finished output as it was until the new one replaces it; ``resume=true`` continues a killed run,
+and over a finished output made with the same settings says so and does nothing."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ def main(cfg: DictConfig) -> dict:
         model_config=cfg.model_config,
         seed=int(cfg.seed),
     )
+    if summary.get("already_complete"):  # resume=true over a finished output: its log line said so
+        return summary
     print(
         f"{summary['sequences']} embeddings ({summary['new']} new) -> {summary['output']} in "
         f"{summary['seconds']:.1f} s ({summary['sequences_per_s']:.1f} sequences/s)"

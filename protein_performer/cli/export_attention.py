@@ -4,6 +4,8 @@ output=<maps.h5> [include=[attentions,apc,mean,per_token]] [crop=error|skip|star
 attention maps (and embeddings) of a model, written to one HDF5 file (see
 :mod:`protein_performer.analysis.export`). A killed export leaves ``<output>.partial`` (+ journal);
 ``resume=true`` continues it (same file as an uninterrupted run), ``overwrite=true`` starts again.
+A rerun leaves the finished output as it was until the new one replaces it; ``resume=true`` over a
+finished output made with the same settings says so and does nothing (other settings: refused).
 Bad input: ``error: <file>: <what to do>`` on stderr, exit code 1."""
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main(cfg: DictConfig) -> dict:
         resume=bool(cfg.get("resume", False)),
         overwrite=bool(cfg.get("overwrite", False)),
     )
+    if summary.get("already_complete"):  # resume=true over a finished output: its log line said so
+        return summary
     print(
         f"{summary['records']} sequences ({summary['residues']} residues; {summary['cropped']} cropped, "
         f"{summary['skipped_too_long']} skipped as too long) -> {summary['output']} "

@@ -34,6 +34,7 @@ help:
 	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
 	@echo "make notebooks - rerun the notebooks on the recipe's (else the demo's) outputs and store them with outputs"
 	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (../shared/data), export, score contacts"
+	@echo "    over a finished OUT: ARGS=resume=true (complete: nothing to do) or ARGS=overwrite=true (rerun, replace when done)"
 
 venv: $(STAMP)
 
@@ -85,13 +86,16 @@ notebooks: $(STAMP)
 # kortemme40 structure; checkpoint at $(OUT)/checkpoints/last.ckpt, scores in $(OUT)/summary.json.
 # RECIPE=aligned (default): factored attention on the family aligned to the chain (10 min of training);
 # RECIPE=unaligned: the 4 x 128 Performer-ReLU on raw domains, its contact head for predict_contacts
+# A finished OUT is never rerun over by accident: ARGS=resume=true says it is complete (or runs the
+# stages not done), ARGS=overwrite=true reruns into a staging folder that replaces OUT when complete
 RECIPE      ?= aligned
+ARGS        ?=
 RECIPE_ARGS_aligned   = experiment=family_contacts_aligned align=true
 RECIPE_ARGS_unaligned = experiment=family_contacts homologs=64
 family-contacts: $(STAMP)
 	$(PY) -m protein_performer.experiments.family_contacts family=$(FAMILY) output_dir=$(OUT) \
 	    data=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 \
-	    $(RECIPE_ARGS_$(RECIPE))
+	    $(RECIPE_ARGS_$(RECIPE)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

@@ -184,6 +184,7 @@ def run_head(family: str, setting: str, minutes: float, out_root: Path, threads:
         f"family={family}",
         f"output_dir={out}",
         "stages=contacts",
+        "overwrite=true",  # the stage may have run before: its new outputs replace the old when complete
         f"num_threads={threads}",
         *(o for o in _model_overrides(setting) if o.startswith("align=")),  # an aligned model's head names its chain
     ]

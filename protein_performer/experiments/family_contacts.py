@@ -2,7 +2,8 @@
 
     python -m protein_performer.experiments.family_contacts family=PF00072 output_dir=<OUT>
         [data=<pfam40_domains.fasta.gz>] [structures=<kortemme40 dir>] [max_identity=0.9]
-        [max_sequences=N] [stages=extract,ingest,train,export,score,contacts] [<hydra override> ...]
+        [max_sequences=N] [stages=extract,ingest,train,export,score,contacts]
+        [resume=true | overwrite=true] [<hydra override> ...]
 
 1. extract: the family's domains from the pfam40 FASTA (header ``>NAME/start-end PFxxxxx``) into
    ``<OUT>/family.fasta``, leaving out every domain at least ``max_identity`` identical to the
@@ -22,6 +23,11 @@
 
 With ``probe_every_s`` the :class:`ContactProbe` callback also scores the chain during training
 (the same map from the in-memory model), which gives precision against training minutes.
+
+``<OUT>/summary.json`` records the stages done (rewritten after each one). A rerun over stages
+already done is refused; ``resume=true`` says a complete output is complete (exit 0, nothing
+changed) or runs the stages not done; ``overwrite=true`` reruns into a staging folder beside
+``<OUT>`` that replaces it only when complete (see :mod:`protein_performer.experiments.family_rerun`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protein_performer.errors import UserError, cli_errors
+from protein_performer.experiments import family_rerun
 from protein_performer.experiments.family_data import (  # noqa: F401  (re-exported: see __all__)
     aligned_positions,
     extract_family,
@@ -56,6 +63,7 @@ from protein_performer.experiments.family_scoring import (  # noqa: F401
     score_maps,
 )
 from protein_performer.experiments.span_masking import FamilyDataModule, SpanCollator, mask_spans  # noqa: F401
+from protein_performer.resources import CONF as PACKAGE_CONF
 
 __all__ = [
     "CONF",
@@ -89,7 +97,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
+CONF = PACKAGE_CONF  # ships in the package (a checkout's conf/)
+# pfam40 / kortemme40 are too large to ship: defaults for a checkout next to ../shared/data (or
+# $PP_SHARED_DATA); anywhere else give data= and structures= (a missing one is an error naming it)
 SHARED = Path(os.environ.get("PP_SHARED_DATA", REPO.parent / "shared" / "data"))
 PFAM40 = SHARED / "pfam40_domains.fasta.gz"
 KORTEMME40 = SHARED / "structures" / "kortemme40"
@@ -243,21 +253,50 @@ def run(
     homologs: int = 0,
     experiment: str = "family_contacts",
     align: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """The whole recipe for one family; returns (and writes) ``<output_dir>/summary.json``."""
+    """The whole recipe for one family; returns (and writes) ``<output_dir>/summary.json``. Over an
+    output with finished stages it refuses, unless ``resume`` (complete: nothing to do; else the
+    stages not done) or ``overwrite`` (a rerun in a staging folder that replaces the output only
+    when complete): see :mod:`protein_performer.experiments.family_rerun`."""
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = RunPaths(out, family_chain(structures, family))
-    summary = json.loads(paths.summary.read_text()) if paths.summary.exists() else {}
-    summary.update(
-        {
-            "family": family,
-            "structure": str(paths.structure),
-            "experiment": experiment,
-            "align": align,
-            "overrides": list(overrides),
-        }
+    settings = family_rerun.settings(
+        overrides,
+        experiment,
+        align,
+        family=family,
+        data=data,
+        structures=structures,
+        max_identity=max_identity,
+        max_sequences=max_sequences,
+        homologs=homologs,
+        probe_every_s=probe_every_s,
     )
+    todo = family_rerun.plan(out, stages, STAGES, settings, resume, overwrite)
+    if todo is None:
+        return family_rerun.read_summary(out)
+    with family_rerun.output_folder(out, overwrite, family_rerun.needs_copy(stages, STAGES)) as folder:
+        paths = RunPaths(folder, family_chain(structures, family))
+        summary = family_rerun.read_summary(folder)
+        summary.update(
+            {
+                "family": family,
+                "structure": str(paths.structure),
+                "experiment": experiment,
+                "align": align,
+                "overrides": list(overrides),
+                "settings": settings,
+            }
+        )
+        return _run_stages(paths, todo, summary, overrides, settings)
+
+
+def _run_stages(paths: RunPaths, todo: Sequence[str], summary: dict, overrides: Sequence[str], settings: dict) -> dict:
+    """The stages ``todo`` of the run of ``settings`` (:func:`family_rerun.settings`) in
+    ``paths.out``; ``summary.json`` is rewritten after each one."""
+    family, structures, homologs = settings["family"], settings["structures"], settings["homologs"]
+    experiment, align, probe_every_s = settings["experiment"], settings["align"], settings["probe_every_s"]
     times = summary.setdefault("seconds", {})
 
     def timed(name: str, work: Callable[[], None]) -> None:
@@ -272,12 +311,12 @@ def run(
             lambda: summary.__setitem__(
                 "extract",
                 extract_family(
-                    data,
+                    settings["data"],
                     family,
                     paths.fasta,
                     chain_residues(paths.structure)[0],
-                    max_identity,
-                    max_sequences,
+                    settings["max_identity"],
+                    settings["max_sequences"],
                     align=align,
                 ),
             ),
@@ -289,9 +328,11 @@ def run(
         ("contacts", lambda: summary.__setitem__("fitted_head", _contacts_stage(paths, structures, align))),
     ]
     for name, work in steps:
-        if name in stages:
+        if name in todo:
             timed(name, work)
-    if homologs and "score" in stages:
+            family_rerun.ran(summary, name, STAGES)
+            family_rerun.write_summary(paths.out, summary)
+    if homologs and "score" in todo:
         timed(
             "homologs",
             lambda: summary.__setitem__(
@@ -300,7 +341,7 @@ def run(
         )
     if paths.probe.exists():
         summary["probe"] = [json.loads(x) for x in paths.probe.read_text().splitlines() if x]
-    paths.summary.write_text(json.dumps(summary, indent=2, default=str))
+    family_rerun.write_summary(paths.out, summary)
     return summary
 
 
@@ -317,6 +358,8 @@ def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
         "homologs": "0",
         "experiment": "family_contacts",
         "align": "false",
+        "resume": "false",
+        "overwrite": "false",
     }
     overrides = []
     for arg in argv:
@@ -337,12 +380,12 @@ def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     return opts, overrides
 
 
-def _flag(value: str) -> bool:
+def _flag(value: str, key: str = "align") -> bool:
     if value.lower() in ("true", "1", "yes"):
         return True
     if value.lower() in ("false", "0", "no"):
         return False
-    raise UserError(f"family_contacts: align must be true or false, got {value!r}")
+    raise UserError(f"family_contacts: {key} must be true or false, got {value!r}")
 
 
 @cli_errors
@@ -365,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         int(opts["homologs"]),
         opts["experiment"],
         _flag(opts["align"]),
+        _flag(opts["resume"], "resume"),
+        _flag(opts["overwrite"], "overwrite"),
     )
     h = s.get("headline")
     if h:

@@ -1,14 +1,18 @@
 """What a study reports: the machine it ran on, timings, JSON, markdown sections and figures.
 
 Every file is written under a temporary name and renamed when complete
-(:mod:`protein_performer.analysis.atomic`): a killed study leaves no half-written result.
+(:mod:`protein_performer.analysis.atomic`): a killed study leaves no half-written result; a
+study's files are all written first and then put in place one after the other (:func:`publish_together`,
+the JSON last), so a killed rerun leaves the previous results as they were.
 Results go to the directory the caller names (a study's ``--out-dir``), by default
 ``./study_results`` under the current directory; never into the package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import glob
 import json
 import logging
 import os
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from protein_performer.analysis import atomic
+from protein_performer.outputs import exchange
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +79,90 @@ def machine_line(info: dict) -> str:
     )
 
 
+def json_text(payload: dict) -> str:
+    """A study's JSON as written to ``<name>.json``."""
+    return json.dumps(payload, indent=2, default=float) + "\n"
+
+
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """``<out_dir>/<name>.json`` (default :func:`default_out_dir`), written atomically."""
     out_dir = default_out_dir() if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    atomic.write_text(path, json.dumps(payload, indent=2, default=float) + "\n")  # a killed run leaves no half file
+    atomic.write_text(path, json_text(payload))  # a killed run leaves no half file
     log.info("wrote %s", path)
     return path
 
 
-def update_markdown(name: str, section: str, path: Path | None = None) -> Path:
-    """Replace (or append) the section between ``<!-- study:name -->`` markers in ``path``
-    (default ``<default_out_dir>/studies.md``)."""
-    path = default_out_dir() / MARKDOWN_NAME if path is None else Path(path)
+def markdown_text(name: str, section: str, path: Path) -> str:
+    """The markdown page ``path`` (its current text, or a new page) with the section between
+    ``<!-- study:name -->`` markers replaced (or appended) by ``section``."""
     begin, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
     block = f"{begin}\n{section.strip()}\n{end}\n"
     text = path.read_text() if path.exists() else MARKDOWN_TITLE
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    return pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+
+
+def update_markdown(name: str, section: str, path: Path | None = None) -> Path:
+    """Replace (or append) the section between ``<!-- study:name -->`` markers in ``path``
+    (default ``<default_out_dir>/studies.md``), atomically."""
+    path = default_out_dir() / MARKDOWN_NAME if path is None else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path, text)
+    atomic.write_text(path, markdown_text(name, section, path))
     log.info("updated section %r of %s", name, path)
     return path
+
+
+def staged_name(path: Path) -> Path:
+    """Where a study writes ``path`` before it publishes it (:func:`publish_together`): hidden,
+    beside it, marked with this process's id, with the same suffix (a plot's format)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.staged{path.suffix}")
+
+
+def remove_stale(path: Path) -> None:
+    """Remove the staged copies of ``path`` (and their own temporaries) that killed runs left."""
+    stem, suffix = glob.escape(path.stem), glob.escape(path.suffix)
+    for dots, pattern in ((1, f".{stem}.*.staged{suffix}"), (2, f"..{stem}.*.staged{suffix}.*.partial")):
+        for staged in path.parent.glob(pattern):
+            pid = staged.name[len(path.stem) + dots + 1 :].split(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                staged.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def publish_together(files: list[tuple[Path, Path]]) -> None:
+    """Put each complete staged file in its target's place, in the order given (the last is the
+    completeness mark). Every staged file is flushed to disk first; then an existing target is
+    swapped with its staged file (``renameat2(RENAME_EXCHANGE)``, tens of microseconds, where a
+    rename over it can wait milliseconds on the file system's journal) and a missing one renamed,
+    one after the other with no other work between them; the old files (now under the staged
+    names) are removed last. A run killed before the first swap leaves every target as it was; the
+    swaps themselves take well under a millisecond."""
+    for staged, _ in files:
+        atomic.fsync_file(staged)
+    old = []
+    for staged, target in files:
+        if target.exists() and exchange(staged, target):
+            old.append(staged)
+        else:
+            os.replace(staged, target)
+    for path in old:
+        path.unlink(missing_ok=True)
+    for folder in {target.parent for _, target in files}:
+        with contextlib.suppress(OSError):
+            atomic.fsync_file(folder)
+    for _, target in files:
+        log.info("wrote %s", target)
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

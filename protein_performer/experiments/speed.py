@@ -332,7 +332,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. _cuda)")
     p.add_argument("--no-progress", action="store_true")
-    return common.parse_study_args(p, argv)
+    args = common.parse_study_args(p, argv)
+    if args.in_process is None:  # resolved here, so that --resume compares the setting itself
+        args.in_process = args.device.startswith("cuda")
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -5,11 +5,19 @@ Every study is ``python -m protein_performer.experiments.<NAME>``: ``parse_args`
 ``write_study``), ``main`` (``study_args``). Results go to ``--out-dir`` (default
 ``./study_results``) and the markdown to ``--markdown`` (default ``<out-dir>/studies.md``);
 ``make studies`` passes ``benchmarks/results/studies`` and ``benchmarks/results/studies.md``.
+
+A rerun is safe: the study's files (``<study>.png``, its markdown section, ``<study>.json``) are
+written under hidden names and put in the old ones' places only at the end, in one burst of
+atomic swaps (well under a millisecond), the JSON last, so a rerun killed at any other moment
+leaves the previous results byte-identical. ``--resume``: when
+``<out-dir>/<study>.json`` holds a finished run with the same settings, say so and exit 0 without
+work (other settings: an error; rerun without ``--resume`` to replace it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -21,12 +29,19 @@ import torch
 from protein_performer.experiments.reports import (
     MARKDOWN_NAME,
     default_out_dir,
+    json_text,
     machine_info,
-    update_markdown,
-    write_json,
+    markdown_text,
+    publish_together,
+    remove_stale,
+    staged_name,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_THREADS = 2
+# arguments that are no setting of the result: where it goes, how it is shown, --resume itself
+NOT_SETTINGS = frozenset({"command", "resume", "no_progress", "out_dir", "markdown", "cache_dir"})
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -54,14 +69,19 @@ def add_device_args(p: argparse.ArgumentParser, threads_help: str | None = None)
 
 
 def add_output_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
-    """``--out-dir`` (JSON + PNG), ``--markdown`` (the studies' markdown) and, unless ``progress``
-    is False (a study that lists it later itself), ``--no-progress``."""
+    """``--out-dir`` (JSON + PNG), ``--markdown`` (the studies' markdown), ``--resume`` and, unless
+    ``progress`` is False (a study that lists it later itself), ``--no-progress``."""
     p.add_argument("--out-dir", type=Path, default=default_out_dir(), help="directory for <study>.json and .png")
     p.add_argument(
         "--markdown",
         type=Path,
         default=argparse.SUPPRESS,  # parse_study_args fills it in
         help=f"markdown page the study updates its section of (default: <out-dir>/{MARKDOWN_NAME})",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="if <out-dir>/<study>.json holds a finished run with the same settings, say so and exit 0 without work",
     )
     if progress:
         p.add_argument("--no-progress", action="store_true")
@@ -79,11 +99,50 @@ def study_args(
     name: str, parse_args: Callable[[list[str] | None], argparse.Namespace], argv: list[str] | None
 ) -> argparse.Namespace:
     """``main``'s start: the parsed ``argv``, with ``command`` (the command line, for the report);
-    logging set up."""
+    logging set up. With ``--resume`` and a finished run of the same settings: ``SystemExit(0)``."""
     args = parse_args(argv)
     args.command = command_line(f"protein_performer.experiments.{name}", argv)
     setup_logging()
+    if getattr(args, "resume", False) and finished(name, args):
+        raise SystemExit(0)
     return args
+
+
+def output_name(name: str, args: argparse.Namespace) -> str:
+    """The stem of a study's files: its name, plus ``--tag`` for the studies that have one."""
+    return name + getattr(args, "tag", "")
+
+
+def study_settings(args: argparse.Namespace) -> dict:
+    """The arguments that make the result (:data:`NOT_SETTINGS` left out), as its JSON holds them."""
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    return json.loads(json.dumps(record, default=str))
+
+
+def finished(name: str, args: argparse.Namespace) -> bool:
+    """``--resume``: True (logged) when ``<out_dir>/<study>.json`` holds a finished run with the same
+    settings; False when there is none (the study runs); exits with an error when the settings differ."""
+    path = args.out_dir / f"{output_name(name, args)}.json"
+    if not path.is_file():
+        log.info("--resume: no finished run at %s; running the study", path)
+        return False
+    try:
+        stored = json.loads(path.read_text()).get("args", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"error: {path}: not a study's JSON ({e}); rerun without --resume to replace it") from e
+    stored = {k: v for k, v in stored.items() if k not in NOT_SETTINGS}
+    current = study_settings(args)
+    if stored != current:
+        diff = ", ".join(
+            f"{k}: {stored.get(k, '(none)')!r} -> {current.get(k, '(none)')!r}"
+            for k in sorted(set(stored) | set(current))
+            if stored.get(k) != current.get(k)
+        )
+        raise SystemExit(
+            f"error: {path} holds a run with other settings ({diff}); rerun without --resume to replace it"
+        )
+    log.info("%s is complete (a finished run with the same settings): nothing to do", path)
+    return True
 
 
 def start_study(args: argparse.Namespace) -> tuple[dict, float]:
@@ -110,13 +169,26 @@ def study_command(name: str, args: argparse.Namespace) -> str:
 def write_study(
     name: str, result: dict, args: argparse.Namespace, plot: Callable[[Path], None], markdown: Callable[[dict], str]
 ) -> None:
-    """``run``'s end: ``plot(path)`` writes ``<out_dir>/<name>.png``, then ``<name>.json``, then the
-    markdown section ``markdown(result)`` in ``args.markdown`` (default ``<out_dir>/studies.md``).
-    Each file is written under a temporary name and renamed when complete, and the JSON comes
-    after the plot: a killed study leaves no partial file, and a ``<name>.json`` means the plot of
-    the same run is there too."""
+    """``run``'s end: ``<out_dir>/<name>.png`` (``plot(path)``), the markdown section
+    ``markdown(result)`` in ``args.markdown`` (default ``<out_dir>/studies.md``) and
+    ``<name>.json``. All three are first written in full under hidden names beside their targets
+    (:func:`~protein_performer.experiments.reports.staged_name`), then swapped into place one after
+    the other (:func:`~protein_performer.experiments.reports.publish_together`), the JSON last: a
+    study killed at any moment before leaves the previous files byte-identical (and no partial
+    file), and a ``<name>.json`` means the plot and the section of the same run are there too.
+    Staged files of killed runs are removed here."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot(args.out_dir / f"{name}.png")
-    write_json(name, result, args.out_dir)
-    markdown_path = args.markdown if getattr(args, "markdown", None) is not None else args.out_dir / MARKDOWN_NAME
-    update_markdown(name, markdown(result), markdown_path)
+    markdown_path = Path(args.markdown if getattr(args, "markdown", None) is not None else args.out_dir / MARKDOWN_NAME)
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    targets = [args.out_dir / f"{name}.png", markdown_path, args.out_dir / f"{name}.json"]
+    staged = [staged_name(t) for t in targets]
+    for target in targets:
+        remove_stale(target)
+    try:
+        plot(staged[0])
+        staged[1].write_text(markdown_text(name, markdown(result), targets[1]))
+        staged[2].write_text(json_text(result))
+        publish_together(list(zip(staged, targets)))
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)

@@ -34,7 +34,9 @@ def qkv(b=2, h=3, length=37, d=16, scale=1.0, seed=0, dtype=torch.float64):
     return tuple(scale * torch.randn(b, h, length, d, generator=g, dtype=dtype) for _ in range(3))
 
 
-naive_favor = reference.favor_attention
+def naive_favor(fa: FavorAttention, q, k, v, key_padding_mask=None):
+    """The explicit reference on ``fa``'s projection and constants (plain tensors: none of fa's code runs)."""
+    return reference.favor_attention(q, k, v, fa.projection, fa.kernel, fa.causal, fa.eps, key_padding_mask)
 
 
 # ------------------------------------------------------------------------------ random features

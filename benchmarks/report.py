@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from protein_performer.outputs import write_text
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 PAGE = BENCH / "RESULTS.md"
@@ -913,9 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path.relative_to(BENCH.parent)} is out of date: run `make results`", file=sys.stderr)
         return 1 if stale else 0
     for path, text in pages.items():
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
         print(f"wrote {path.relative_to(BENCH.parent)} ({text.count(chr(10))} lines)")
     return 0
 

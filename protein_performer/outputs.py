@@ -1,9 +1,22 @@
-"""Output folders that a rerun never destroys (issue 18).
+"""outputs: files and folders written so that a crash never leaves one that looks complete.
 
-A command that writes a folder of results (``contacts``, ``aa_similarity``, an ingest with
-``overwrite=true``, the family-contacts recipe) writes the new results into a hidden staging
-folder beside the target, ``.<name>.staging-<pid>``, and only when all of them are written does
-:func:`replace_directory` put the staging folder in the target's place:
+Files. :func:`atomic_output` hands out a temporary path next to the target, hidden
+``.<name>.<pid>.partial`` (:func:`temporary_name`: the one temporary-name scheme of the package);
+the caller writes the whole file there, and only when the block ends without an error is the file
+flushed to disk (``fsync``) and renamed onto the target (``os.replace``: atomic on POSIX). A process
+killed at any instant (SIGKILL, OOM, a time limit) leaves the previous target (or none) and at most
+a hidden temporary, never a truncated target; :func:`remove_temporaries` removes such leftovers.
+:func:`write_text`, :func:`write_bytes`, :func:`write_json` and :func:`save_figure` are the common
+cases. ``durable=False`` skips the fsyncs (the rename stays atomic: a killed process still leaves
+the old file or the new one; only a power cut may lose the new one) where a file is rewritten very
+often or is cheap to redo (an ingest's per-block progress, its shards). Not to be confused with
+the resumable ``<output>.partial`` (not hidden) that export, embed and predict_contacts keep
+between runs and :func:`publish` onto the output when it is complete.
+
+Folders (issue 18). A command that writes a folder of results (``contacts``, ``aa_similarity``, an
+ingest with ``overwrite=true``, the family-contacts recipe) writes the new results into a hidden
+staging folder beside the target, ``.<name>.staging-<pid>``, and only when all of them are written
+does :func:`replace_directory` put the staging folder in the target's place:
 
 - on Linux with one ``renameat2(RENAME_EXCHANGE)`` call (the old and the new folder swap names
   atomically: at every instant the target is either the old complete output or the new one);
@@ -24,18 +37,117 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+_TEMPORARY = re.compile(r"\..+\.[0-9]+\.partial")  # what temporary_name gives
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _STAGING = "staging"
 _REPLACED = "replaced"
+
+
+def temporary_name(path: str | Path) -> Path:
+    """The temporary a file ``path`` is written under: hidden, in the same directory (same file
+    system, so the final rename is atomic), marked with this process's id and ``.partial``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_directory(path: str | Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk, where the file system allows it."""
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened / synced
+        fsync_file(path)
+
+
+def publish(tmp: str | Path, path: str | Path, durable: bool = True) -> None:
+    """Rename the complete file ``tmp`` onto ``path`` (atomic); ``durable``: flush ``tmp`` to disk
+    first and sync the directory entry after."""
+    if durable:
+        fsync_file(tmp)
+    os.replace(tmp, path)
+    if durable:
+        sync_directory(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """``with atomic_output("out/report.json") as tmp: write(tmp)``: ``path`` appears (or is
+    replaced) only when the block ends without an error (:func:`publish`); on an error the
+    temporary is removed. The parent directory is created. Writers that pick a format from the file
+    name (matplotlib) should be given the format explicitly: the temporary ends in ``.partial``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        publish(tmp, path, durable)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, durable) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str, durable: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path, durable) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj, durable: bool = True, **json_kwargs) -> Path:
+    """``json.dumps(obj, **json_kwargs)`` written to ``path`` atomically (no newline added)."""
+    return write_text(path, json.dumps(obj, **json_kwargs), durable)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """``fig.savefig`` atomically; the format is the target's suffix (``png`` by default)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
+    return path
+
+
+def remove_temporaries(folder: str | Path, name: str = "*", legacy: Iterable[str] = ()) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``folder``: those of the targets whose
+    name matches the glob ``name`` (:func:`temporary_name`), and the files matching the ``legacy``
+    globs (the temporary names of earlier versions). For a caller that knows that no other process
+    is writing into ``folder``: a running writer's temporary would be removed too. Returns the
+    paths removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f".{name}.*.partial") if _TEMPORARY.fullmatch(p.name)]
+    found += [p for pattern in legacy for p in folder.glob(pattern)]
+    removed = []
+    for path in dict.fromkeys(found):
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _renameat2():
@@ -70,7 +182,8 @@ def _hidden(target: Path, kind: str, pid: int | None = None) -> Path:
     return target.with_name(f".{target.name}.{kind}-{os.getpid() if pid is None else pid}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (on this machine; this process's own id: True)."""
     if pid == os.getpid():
         return True
     try:
@@ -86,7 +199,7 @@ def _leftovers(target: Path) -> Iterator[tuple[str, Path]]:
     """(kind, path) of the hidden folders dead runs left beside ``target``."""
     for path in target.parent.glob(f".{target.name}.*-*"):
         kind, _, pid = path.name[len(target.name) + 2 :].rpartition("-")
-        if kind in (_STAGING, _REPLACED) and pid.isdigit() and path.is_dir() and not _pid_alive(int(pid)):
+        if kind in (_STAGING, _REPLACED) and pid.isdigit() and path.is_dir() and not pid_alive(int(pid)):
             yield kind, path
 
 

@@ -71,7 +71,7 @@ def test_atomic_save_survives_sigkill_and_in_place_save_does_not(tmp_path):
         _kill_writer("atomic", path, delay)
         assert _complete(path), f"atomic save torn by a kill after {delay:.3f} s"
         others = [p.name for p in path.parent.iterdir() if p.name != "last.ckpt"]
-        assert all(n.startswith(".last.ckpt.") and n.endswith(".tmp") for n in others), others  # never a *.ckpt
+        assert all(n.startswith(".last.ckpt.") and n.endswith(".partial") for n in others), others  # never a *.ckpt
         remove_stale_temporaries(path.parent)
         assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     # the control: the same kills tear an in-place torch.save (so the check above can fail)
@@ -215,7 +215,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_loss_curv
     assert len(last_steps) >= 3 and len(set(last_steps)) >= 2, f"kills landed after last.ckpt of steps {last_steps}"
     assert start("run", losses, "ckpt_path=last").wait(timeout=600) == 0, stderr("run")
     assert _check_every_checkpoint_loads(ckpt_dir) == STEPS
-    assert not list(ckpt_dir.glob(".*.tmp")), "temporary files of killed runs are removed"
+    assert not list(ckpt_dir.glob(".*.partial")), "temporary files of killed runs are removed"
     names = ["last.ckpt"] + [f"step{s:07d}.ckpt" for s in range(1, STEPS + 1)]
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == names  # no step...-v1.ckpt beside a rewritten step
 

@@ -558,7 +558,7 @@ def test_resume_after_crash_in_shard_writing_equals_uninterrupted(sample_fasta, 
     with pytest.raises(SimulatedInterruption):
         ingest(**kw, fail_after_shards=2)
     assert len(list(out.glob("*/*.h5"))) == 2 and not (out / "manifest.json").exists()
-    assert not list(out.glob("*/*.tmp-*"))  # no partial shard is visible
+    assert not list(out.glob("*/.*.partial"))  # no partial shard is visible
     ingest(**kw, resume=True)
     assert read_back(out) == got1
 

@@ -22,7 +22,7 @@ def real(sample_fasta):
 
 def _no_output(out: Path):
     assert not (out / "manifest.json").exists()
-    assert not list(out.glob("*/*.h5")) and not list(out.glob("*/*.tmp-*"))
+    assert not list(out.glob("*/*.h5")) and not list(out.glob("*/.*.partial"))
 
 
 @pytest.mark.parametrize("kind", ["not_fasta", "binary", "empty", "truncated_gzip"])

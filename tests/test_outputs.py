@@ -1,8 +1,11 @@
-"""protein_performer.outputs: an output folder is replaced only when the new one is complete, with
-an atomic exchange or (where the system has none) two renames that the next run can undo."""
+"""protein_performer.outputs: a file is renamed onto its target only when completely written (a
+hidden ``.<name>.<pid>.partial`` before); an output folder is replaced only when the new one is
+complete, with an atomic exchange or (where the system has none) two renames that the next run can
+undo."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +31,45 @@ def _dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(proc.stdout)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_output_keeps_the_old_file_and_no_temporary_on_an_error(tmp_path, durable):
+    path = tmp_path / "sub" / "report.json"
+    outputs.write_text(path, "old", durable=durable)  # the folder is created
+    with pytest.raises(RuntimeError, match="boom"), outputs.atomic_output(path, durable=durable) as tmp:
+        assert tmp == tmp_path / "sub" / f".report.json.{os.getpid()}.partial"
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_write_json_bytes_and_figure_round_trip(tmp_path):
+    obj = {"a": [1, 2.5, None], "b": "\u00e9", "c": {"d": True}}
+    outputs.write_json(tmp_path / "x.json", obj, indent=1)
+    assert (tmp_path / "x.json").read_text(encoding="utf-8") == json.dumps(obj, indent=1)
+    assert json.loads((tmp_path / "x.json").read_text()) == obj
+    outputs.write_bytes(tmp_path / "x.bin", b"\x00\xff")
+    assert (tmp_path / "x.bin").read_bytes() == b"\x00\xff"
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(1, 1))
+    outputs.save_figure(fig, tmp_path / "x.png", dpi=20)
+    plt.close(fig)
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.json", "x.png"]
+
+
+def test_remove_temporaries_finds_this_and_older_versions_leftovers(tmp_path):
+    pid = _dead_pid()
+    names = [f".a.ckpt.{pid}.partial", ".a.ckpt.k2j4.tmp", f".b.json.{pid}.partial", "c.h5.partial", "a.ckpt"]
+    _folder(tmp_path, dict.fromkeys(names, ""))
+    removed = outputs.remove_temporaries(tmp_path, "*.ckpt", legacy=(".*.ckpt.*.tmp",))
+    assert sorted(p.name for p in removed) == sorted([".a.ckpt.k2j4.tmp", f".a.ckpt.{pid}.partial"])
+    outputs.remove_temporaries(tmp_path)  # any target's; never a resumable <output>.partial (not hidden)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "c.h5.partial"]
 
 
 @pytest.mark.parametrize("atomic_exchange", [True, False], ids=["exchange", "two-renames"])

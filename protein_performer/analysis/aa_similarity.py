@@ -19,14 +19,13 @@ Residues outside the 20 standard ones are left out (their rows and columns).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis import atomic
+from protein_performer import outputs
 from protein_performer.analysis.maps_io import MapsRecord
 from protein_performer.analysis.rerun import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.errors import UserError
@@ -179,7 +178,7 @@ def plot_aa_similarity(M: np.ndarray, path: str | Path, title: str = "attention 
     )
     fig.tight_layout()
     try:
-        atomic.save_figure(fig, path, dpi=110)
+        outputs.save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
 
@@ -243,7 +242,7 @@ def run_aa_similarity(
     }
     # the CSV and the plot, then the JSON last, into a staging folder swapped in when complete
     with staged_output(out, OUTPUTS) as stage:
-        atomic.write_text(
+        outputs.write_text(
             stage / "aa_similarity.csv",
             "aa,"
             + ",".join(STANDARD_AA)
@@ -251,7 +250,7 @@ def run_aa_similarity(
             + "".join(a + "," + ",".join(f"{v:.5f}" for v in row) + "\n" for a, row in zip(STANDARD_AA, M)),
         )
         plot_aa_similarity(M, stage / "aa_similarity.png", title=f"attention, {n} sequences, all heads")
-        atomic.write_text(stage / REPORT_FILE, json.dumps(_finite(result), indent=1))
+        outputs.write_json(stage / REPORT_FILE, _finite(result), indent=1)
     log.info("aa similarity over %d sequences: pearson %.3f", n, result["all_heads"]["pearson"])
     return result
 

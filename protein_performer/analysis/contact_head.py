@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.atomic import atomic_output
+from protein_performer import outputs
 from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ class ContactHead:
     def save(self, path: str | Path) -> Path:
         """Write the head as JSON, atomically (a killed write leaves the previous file or none)."""
         path = Path(path)
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        outputs.write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
         log.info(
             "contact head (%d x %d maps, %d nonzero weights) -> %s",
             self.n_layers,

@@ -6,13 +6,12 @@ contact maps).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis import atomic
+from protein_performer import outputs
 from protein_performer.analysis.contact_metrics import MIN_SEP, RANGES, precision_at_k
 from protein_performer.analysis.contact_proteins import Protein
 
@@ -29,7 +28,7 @@ def write_report(report: dict, output_dir: str | Path) -> None:
 
 def write_report_json(report: dict, output_dir: str | Path) -> None:
     """``report.json``, written under a temporary name and renamed when complete."""
-    atomic.write_text(Path(output_dir) / "report.json", json.dumps(_jsonable(report), indent=1))
+    outputs.write_json(Path(output_dir) / "report.json", _jsonable(report), indent=1)
     log.info("wrote %s", Path(output_dir) / "report.json")
 
 
@@ -37,7 +36,7 @@ def write_report_csv(report: dict, output_dir: str | Path) -> None:
     """``report.csv`` (method, protein, L, range, k, precision; MEAN rows), atomically."""
     out = Path(output_dir)
     lengths = {p["name"]: p["L"] for p in report["proteins"]}
-    with atomic.atomic_output(out / "report.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with outputs.atomic_output(out / "report.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "protein", "L", "range", "k", "precision"])
         for m, res in report["methods"].items():
@@ -99,7 +98,7 @@ def plot_precision_by_range(report: dict, path: str | Path) -> None:
     fig.suptitle(f"contact precision, {report.get('n_proteins', '?')} proteins")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     try:
-        atomic.save_figure(fig, path, dpi=110)
+        outputs.save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
 
@@ -134,6 +133,6 @@ def plot_contact_map(protein: Protein, preds: dict[str, np.ndarray], path: str |
     fig.suptitle(protein.name, fontsize=9)
     fig.tight_layout()
     try:
-        atomic.save_figure(fig, path, dpi=110)
+        outputs.save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from protein_performer.analysis import rerun
-from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export import (
     InputReport,
     LoadedModel,
@@ -51,6 +50,7 @@ from protein_performer.analysis.export import (
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.outputs import publish
 
 log = logging.getLogger(__name__)
 

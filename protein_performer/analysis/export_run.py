@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from protein_performer.analysis import rerun
-from protein_performer.analysis.atomic import publish
 from protein_performer.analysis.export_inputs import (
     CROPS,
     InputReport,
@@ -65,6 +64,7 @@ from protein_performer.analysis.maps_format import INCOMPLETE_ATTR, MAP_DATASETS
 from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerLM
+from protein_performer.outputs import publish
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,6 @@ import torch
 
 from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
-from protein_performer.analysis.atomic import atomic_output, publish
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.export import (
     ExportError,
@@ -63,6 +62,7 @@ from protein_performer.analysis.maps_io import apc_maps, sanitize_name
 from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.outputs import atomic_output, publish, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -451,8 +451,7 @@ def plot_prediction(pred: ContactPrediction, path: str | Path, min_sep: int = 6)
     ax.set_xlabel("residue")
     ax.set_ylabel("residue")
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

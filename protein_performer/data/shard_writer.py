@@ -9,8 +9,8 @@ Layout (the architecture contract)::
         ids      str    [n]                variable-length UTF-8
         attrs    vocab (json string), split, format_version (= FORMAT_VERSION)
 
-A shard is written to ``<path>.tmp-<pid>`` and renamed into place with :func:`os.replace`, so a
-reader never sees a partial shard.
+A shard is written under a hidden temporary name and renamed into place
+(:func:`protein_performer.outputs.atomic_output`), so a reader never sees a partial shard.
 
 Compression of the tokens: ``gzip`` is HDF5's standard deflate filter (readable by every HDF5 tool,
 no plugin). With ``gzip_strategy="huffman_only"`` the writer deflates each chunk itself with zlib's
@@ -32,6 +32,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from protein_performer.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def write_shard(
     attrs: dict[str, Any] | None = None,
     gzip_strategy: str = "default",
 ) -> Path:
-    """Write one shard atomically (``<path>.tmp-<pid>`` then :func:`os.replace`). Returns the path.
+    """Write one shard atomically (:func:`~protein_performer.outputs.atomic_output`). Returns the path.
 
     ``tokens`` is the flat uint8 array of all residues (no separators), ``offsets`` the int64
     ``[n + 1]`` boundaries (``offsets[0] == 0``, non-decreasing, ``offsets[-1] == len(tokens)``),
@@ -117,25 +119,15 @@ def write_shard(
     ids = list(ids)
     _validate(path, tokens, offsets, ids, split)
     compression_opts = _check_compression(path, compression, compression_opts, gzip_strategy)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_tokens(f, tokens, chunk_size, compression, compression_opts, gzip_strategy)
-            f.create_dataset("offsets", data=offsets, dtype=np.int64)
-            f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            f.attrs["vocab"] = json.dumps(vocab)
-            f.attrs["split"] = split
-            f.attrs["format_version"] = FORMAT_VERSION
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v if isinstance(v, (str, int, float, np.integer, np.floating)) else json.dumps(v)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path, durable=False) as tmp, h5py.File(tmp, "w") as f:  # as before: no fsync
+        _write_tokens(f, tokens, chunk_size, compression, compression_opts, gzip_strategy)
+        f.create_dataset("offsets", data=offsets, dtype=np.int64)
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.attrs["vocab"] = json.dumps(vocab)
+        f.attrs["split"] = split
+        f.attrs["format_version"] = FORMAT_VERSION
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v if isinstance(v, (str, int, float, np.integer, np.floating)) else json.dumps(v)
     log.debug("wrote %s: %d sequences, %d residues", path, offsets.size - 1, tokens.size)
     return path
 

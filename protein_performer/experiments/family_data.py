@@ -20,6 +20,7 @@ from protein_performer.analysis.alignment import (  # noqa: F401  (the recipe's 
     identity,
 )
 from protein_performer.errors import UserError
+from protein_performer.outputs import atomic_output
 
 KMER = 3
 
@@ -118,13 +119,9 @@ def extract_family(
         if target is None:
             raise UserError("extract_family: align=True needs the target chain's sequence")
         records = [(header, aligned_row(sequence, target)) for header, sequence in records]
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(output.suffix + ".tmp")
-    with open(tmp, "w") as fh:
+    with atomic_output(output) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for header, sequence in records:
             fh.write(f">{header}\n{sequence}\n")
-    tmp.replace(output)
     coverage = {}
     if align and records:
         coverage = {

@@ -28,9 +28,8 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from protein_performer.analysis import atomic
 from protein_performer.errors import UserError
-from protein_performer.outputs import recover, staged_directory
+from protein_performer.outputs import recover, staged_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def read_summary(out: Path) -> dict:
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    atomic.write_text(out / SUMMARY, json.dumps(summary, indent=2, default=str))
+    write_json(out / SUMMARY, summary, indent=2, default=str)
 
 
 def done_stages(summary: dict, stages: Sequence[str]) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from protein_performer.experiments.sequences import SAMPLE, eval_batches, load_split
 from protein_performer.experiments.small_training import TrainConfig, build_model, evaluate, fit_small_model
 from protein_performer.model.performer import PerformerLM
+from protein_performer.outputs import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,8 @@ def pretrained(
         "final_train_loss": history[-1]["train_loss"],
     }
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+        with atomic_output(path) as tmp:  # a concurrent reader sees the old state or the whole file
+            torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
         log.info("cached the trained %s model in %s", attention, path)
     return model.eval(), {**meta, "cached": False}
 

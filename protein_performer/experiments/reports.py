@@ -1,7 +1,7 @@
 """What a study reports: the machine it ran on, timings, JSON, markdown sections and figures.
 
 Every file is written under a temporary name and renamed when complete
-(:mod:`protein_performer.analysis.atomic`): a killed study leaves no half-written result; a
+(:mod:`protein_performer.outputs`): a killed study leaves no half-written result; a
 study's files are all written first and then put in place one after the other (:func:`publish_together`,
 the JSON last), so a killed rerun leaves the previous results as they were.
 Results go to the directory the caller names (a study's ``--out-dir``), by default
@@ -10,7 +10,6 @@ Results go to the directory the caller names (a study's ``--out-dir``), by defau
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import glob
 import json
@@ -25,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from protein_performer.analysis import atomic
-from protein_performer.outputs import exchange
+from protein_performer import outputs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = default_out_dir() if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    atomic.write_text(path, json_text(payload))  # a killed run leaves no half file
+    outputs.write_text(path, json_text(payload))  # a killed run leaves no half file
     log.info("wrote %s", path)
     return path
 
@@ -109,7 +107,7 @@ def update_markdown(name: str, section: str, path: Path | None = None) -> Path:
     (default ``<default_out_dir>/studies.md``), atomically."""
     path = default_out_dir() / MARKDOWN_NAME if path is None else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path, markdown_text(name, section, path))
+    outputs.write_text(path, markdown_text(name, section, path))
     log.info("updated section %r of %s", name, path)
     return path
 
@@ -126,18 +124,8 @@ def remove_stale(path: Path) -> None:
     for dots, pattern in ((1, f".{stem}.*.staged{suffix}"), (2, f"..{stem}.*.staged{suffix}.*.partial")):
         for staged in path.parent.glob(pattern):
             pid = staged.name[len(path.stem) + dots + 1 :].split(".")[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not outputs.pid_alive(int(pid)):
                 staged.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def publish_together(files: list[tuple[Path, Path]]) -> None:
@@ -149,18 +137,17 @@ def publish_together(files: list[tuple[Path, Path]]) -> None:
     names) are removed last. A run killed before the first swap leaves every target as it was; the
     swaps themselves take well under a millisecond."""
     for staged, _ in files:
-        atomic.fsync_file(staged)
+        outputs.fsync_file(staged)
     old = []
     for staged, target in files:
-        if target.exists() and exchange(staged, target):
+        if target.exists() and outputs.exchange(staged, target):
             old.append(staged)
         else:
             os.replace(staged, target)
     for path in old:
         path.unlink(missing_ok=True)
     for folder in {target.parent for _, target in files}:
-        with contextlib.suppress(OSError):
-            atomic.fsync_file(folder)
+        outputs.sync_directory(folder)
     for _, target in files:
         log.info("wrote %s", target)
 
@@ -212,6 +199,6 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
 
     fig.tight_layout()
     try:
-        atomic.save_figure(fig, path, dpi=dpi)
+        outputs.save_figure(fig, path, dpi=dpi)
     finally:
         plt.close(fig)

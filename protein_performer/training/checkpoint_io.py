@@ -1,10 +1,11 @@
 """Checkpoints that a killed job cannot tear, and clear errors for checkpoints that do not fit.
 
 Writing. :class:`AtomicCheckpointIO` serialises the checkpoint into a temporary file in the
-checkpoint's own folder (``.<name>.<random>.tmp``), flushes and fsyncs it, renames it over the
-target with ``os.replace`` (atomic on POSIX within one file system) and fsyncs the folder. A job
-killed at any instant leaves either the previous complete file or the new complete file, never a
-truncated one; at worst a stray ``*.tmp`` that the next run removes (:func:`remove_stale_temporaries`).
+checkpoint's own folder (``.<name>.<pid>.partial``, :func:`protein_performer.outputs.atomic_output`),
+fsyncs it, renames it over the target with ``os.replace`` (atomic on POSIX within one file system)
+and fsyncs the folder. A job killed at any instant leaves either the previous complete file or the
+new complete file, never a truncated one; at worst a stray temporary that the next run removes
+(:func:`remove_stale_temporaries`).
 (Lightning's own ``TorchCheckpointIO`` goes through an fsspec transaction whose temporary file is
 made by ``tempfile.mkstemp()`` in the system temp folder; when that is another file system the
 "rename" is a copy into the target, which a kill can tear.) Under DDP and FSDP (full state dict)
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
+import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,27 +33,15 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.outputs import atomic_output, publish, remove_temporaries, sync_directory, temporary_name
 
 log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
+LEGACY_TEMPORARIES = (".*.ckpt.*.tmp",)  # the temporary names of earlier versions (mkstemp's, the link's)
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used with this configuration (another model, not a checkpoint)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (some network file systems): the rename stands
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not supported for folders on this file system
-    finally:
-        os.close(fd)
 
 
 class _WriteErrors:
@@ -81,10 +70,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     it was, and the ``OSError`` raised names ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             out = _WriteErrors(fh)
             try:
                 torch.save(obj, out)
@@ -92,59 +79,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
                 if out.error is None:
                     raise
                 raise out.error from e
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        _unlink_quietly(tmp)
         if e.filename is None:  # a failed write names no file: name the checkpoint
             raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:
     """Point ``link`` at ``target`` (a relative symlink, or a copy where symlinks are not allowed),
     replacing any previous ``link`` atomically: ``link`` always exists and is always complete."""
     target, link = Path(target), Path(link)
-    tmp = link.parent / f".{link.name}.{os.getpid()}.link{TMP_SUFFIX}"
+    tmp = temporary_name(link)
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     try:
         os.symlink(os.path.relpath(target, link.parent), tmp)
     except OSError:  # no symlinks here (Windows without the privilege, some file systems): copy
-        import shutil
-
         with open(target, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
+        publish(tmp, link)
+        return
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    sync_directory(link.parent)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed job left in ``folder`` (``.<name>.ckpt.*.tmp``)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for p in folder.glob(f".*.ckpt.*{TMP_SUFFIX}"):
-        try:
-            p.unlink()
-            removed.append(p)
-        except FileNotFoundError:
-            pass
+    """Delete the temporary files a killed job left in ``folder`` (``.<name>.ckpt.<pid>.partial``,
+    and ``.<name>.ckpt.*.tmp`` of earlier versions)."""
+    removed = remove_temporaries(folder, "*.ckpt", legacy=LEGACY_TEMPORARIES)
     if removed:
         log.info("removed %d temporary checkpoint file(s) left by an interrupted run in %s", len(removed), folder)
     return removed

@@ -1,5 +1,7 @@
 """What every ingest stage shares: the output and work-dir layout, the raw record of stage 1, the
-split codes, the errors, and the small file helpers (atomic JSON, reading a unit's records).
+split codes, the errors, and reading a unit's records. Its files are written atomically with
+:mod:`protein_performer.outputs` (``durable=False``: no fsync, as the per-block progress is
+rewritten every MiB of input).
 
 Split codes (one ``int8`` per record after the resolve step; stage 3 writes the records whose code
 is an index into ``SPLITS``)::
@@ -12,10 +14,7 @@ is an index into ``SPLITS``)::
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -65,14 +64,6 @@ def unit_dir(out: Path, unit: int) -> Path:
     return out / WORK_DIR / f"unit-{unit:04d}"
 
 
-def atomic_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON under a temporary name, then rename it: a reader sees all or nothing."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def load_records(unit_path: Path, in_memory_below: int = 64 << 20) -> np.ndarray:
     """The REC records of one unit: read when small (faster field access), memory-mapped when large."""
     path = unit_path / "records.bin"
@@ -87,5 +78,5 @@ def load_records(unit_path: Path, in_memory_below: int = 64 << 20) -> np.ndarray
 __all__ = [
     "CONFIG_NAME", "DUPLICATE_CODE", "FORMAT_VERSION", "HASH_SPLITS", "ID_CONFLICT_CODE", "IngestError", "MANIFEST_NAME",
     "OOD_CODE", "REC", "REJECTS_NAME", "REJECT_REASONS", "SLURM_LOG_DIR", "SPLITS", "SimulatedInterruption", "TEST_CODE",
-    "TRAIN_CODE", "VALID_CODE", "WINDOW", "WORK_DIR", "atomic_json", "load_records", "unit_dir",
+    "TRAIN_CODE", "VALID_CODE", "WINDOW", "WORK_DIR", "load_records", "unit_dir",
 ]  # fmt: skip

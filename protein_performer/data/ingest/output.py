@@ -11,7 +11,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from .common import CONFIG_NAME, MANIFEST_NAME, REJECTS_NAME, SLURM_LOG_DIR, SPLITS, WORK_DIR, IngestError, atomic_json
+from protein_performer.outputs import remove_temporaries, write_json
+
+from .common import CONFIG_NAME, MANIFEST_NAME, REJECTS_NAME, SLURM_LOG_DIR, SPLITS, WORK_DIR, IngestError
 from .config import fingerprint
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,14 @@ def clean_output(out: Path) -> None:
 
 
 def remove_partial_files(out: Path) -> None:
-    """Remove the temporary files a killed run left (``<name>.tmp-<pid>``: a shard, the manifest or
-    rejects.tsv being written); they were never renamed, so nothing lists or reads them."""
-    in_splits = (path for split in SPLITS for path in out.glob(f"{split}/*.tmp-*"))
-    for path in [*out.glob("*.tmp-*"), *out.glob(f"{REJECTS_NAME}.tmp"), *in_splits]:
-        if path.is_file():
-            log.info("removing %s (left by an interrupted run)", path)
-            path.unlink(missing_ok=True)
+    """Remove the temporary files a killed run left (a shard, the manifest or rejects.tsv being
+    written: :func:`protein_performer.outputs.remove_temporaries`, and the ``<name>.tmp-<pid>`` and
+    ``rejects.tsv.tmp`` of earlier versions); they were never renamed, so nothing lists or reads them."""
+    removed = remove_temporaries(out, legacy=("*.tmp-*", f"{REJECTS_NAME}.tmp"))
+    for split in SPLITS:
+        removed += remove_temporaries(out / split, legacy=("*.tmp-*",))
+    for path in removed:
+        log.info("removed %s (left by an interrupted run)", path)
 
 
 def prepare_output(cfg: dict, parts_mode: bool) -> None:
@@ -106,7 +109,7 @@ def prepare_output(cfg: dict, parts_mode: bool) -> None:
         clean_output(out)
     out.mkdir(parents=True, exist_ok=True)
     if not config_path.is_file():
-        atomic_json(config_path, wanted)
+        write_json(config_path, wanted, durable=False, indent=1)
 
 
 def _differing(found: dict, wanted: dict) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from protein_performer.outputs import staged_directory
+from protein_performer.outputs import staged_directory, write_json
 
 from .common import (
     CONFIG_NAME,
@@ -22,7 +22,6 @@ from .common import (
     REJECTS_NAME,
     WORK_DIR,
     IngestError,
-    atomic_json,
     unit_dir,
 )
 from .config import default_config, resolve_config
@@ -157,7 +156,7 @@ def merge(
     manifest = build_manifest(cfg, fingerprint, sources, splits, counts)
     if counts.n_records != counts.n_unique + counts.n_duplicates + sum(counts.rejected.values()):
         raise IngestError(f"internal error: counts do not add up in {out}: please report")
-    atomic_json(out / MANIFEST_NAME, manifest)
+    write_json(out / MANIFEST_NAME, manifest, durable=False, indent=1)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     log.info(
         "ingest done: %d records, %d unique, %d duplicates, rejected %s; %s",

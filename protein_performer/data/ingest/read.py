@@ -30,9 +30,10 @@ from protein_performer.data.fasta import (
     iter_batches,
 )
 from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.outputs import write_json
 
 from .annotations import load_ood_accessions, records_with_family_token
-from .common import REC, IngestError, SimulatedInterruption, atomic_json, unit_dir
+from .common import REC, IngestError, SimulatedInterruption, unit_dir
 from .hashing import blake2b_128, id_keys, split_codes
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict
         files.close()
         bar.close()
     summary = _unit_summary(u, unit, path, progress)
-    atomic_json(done, summary)
+    write_json(done, summary, durable=False, indent=1)
     log.info("unit %d: %d records, %d valid, rejected %s", u, progress.n_records, progress.n_valid, progress.rejected)
     return summary
 
@@ -188,7 +189,7 @@ def _read_unit(cfg: dict, ctx: BatchContext, table: bytes, files: _UnitFiles, ch
             raise SimulatedInterruption(f"fail_after_records={fail_after} reached (test hook)")
         progress.offset, progress.line = batch.end_offset, batch.end_line
         progress.sizes = files.sizes()
-        atomic_json(checkpoint_path, asdict(progress))
+        write_json(checkpoint_path, asdict(progress), durable=False, indent=1)
         bar.update(len(batch))
         seconds = max(time.perf_counter() - start_time, 1e-9)
         bar.set_postfix_str(f"{(progress.n_residues - start_residues) / seconds / 1e6:.1f}M res/s", refresh=False)

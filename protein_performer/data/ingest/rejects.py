@@ -9,13 +9,13 @@ conflict stops the merge instead.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from protein_performer.data.fasta import count_newlines, decode_header
+from protein_performer.outputs import atomic_output
 
 from .common import REJECTS_NAME, IngestError, load_records, unit_dir
 from .read import tsv_field
@@ -120,9 +120,7 @@ def _conflict_rejects(out: Path, fingerprint: dict, conflicts, line_base: _LineB
 
 def write_rejects(out: Path, rejects: list[MergedReject]) -> None:
     """``<out>/rejects.tsv``: a header line, then one tab-separated row per reject."""
-    tmp = out / f"{REJECTS_NAME}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_output(out / REJECTS_NAME, durable=False) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(_HEADER)
         for reject in rejects:
             fh.write(f"{reject.file_name}\t{reject.line}\t{reject.record_id}\t{reject.reason}\t{reject.detail}\n")
-    os.replace(tmp, out / REJECTS_NAME)

@@ -75,14 +75,18 @@ def test_generate_equals_recompute(attention):
 
 
 def test_default_eps_matches_prefix_recompute_in_float32():
-    """With the default eps the step equals the forward of the *prefix* (same running stabilizer);
-    generation recomputes prefixes, so tokens agree and logits to float32 rounding."""
+    """With the default eps the step equals the forward of the *prefix* (same running stabilizer):
+    the recomputation of every prefix of the generated tokens (generate_recompute's logits, fed the
+    same tokens) gives the step's logits to float32 rounding."""
     torch.manual_seed(0)
     model = PerformerLM(attention="favor_softmax", causal=True, **SHAPE).eval()
     prompt = tokens(2, 5)
     g1, l1 = generate(model, prompt, 30, 1.0, torch.Generator().manual_seed(0), return_logits=True)
-    g2, l2 = generate_recompute(model, prompt, 30, 1.0, torch.Generator().manual_seed(0), return_logits=True)
-    assert torch.equal(g1, g2)
+    # fed the same tokens, not sampling again: the two float32 paths differ in their last bits (~1e-6),
+    # and a draw that close to the boundary between two tokens would sample another one (the float64
+    # test above compares sampled tokens: there the paths agree to ~1e-13)
+    with torch.no_grad():
+        l2 = torch.stack([model(g1[:, : 5 + i])["logits"][:, -1] for i in range(30)], dim=1)
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
 
 

@@ -7,10 +7,12 @@
 #      chunk_linear_attn(normalize=True) with the JAX semantics); time + peak memory.
 #      Before it, when triton imports: the Triton kernels (compiled) against the float64 PyTorch path,
 #      forward and gradients, with ieee and tf32x3 dots, and fla's kernels (benchmarks/fla_check.py) with
-#      tf32 and ieee dots; after it, the triton rows again with tf32x3 dots.
+#      tf32 and ieee dots, and what FavorAttention's probe decides (benchmarks/probe_check.py: the fast paths
+#      against the batched path on small inputs, the check every first CUDA call runs; a rejected path's
+#      rows measure the batched path); after it, the triton rows again with tf32x3 dots.
 #      fla-core is installed from benchmarks/wheels/ (no network there) into a temporary folder when missing.
 #   2. whole model: train_throughput.py, the 36-layer paper configs, bf16, L 1024 / 4096 / 8192.
-# Writes benchmarks/results/gpu/{attention_cuda_bf16.json,.md, train_throughput_cuda_bf16_paper.json,.md}.
+# Writes benchmarks/results/gpu/{attention_cuda_bf16.json,.md, train_throughput_cuda_bf16_paper.json,.md, probe_cuda.log}.
 #
 #   bash benchmarks/gpu.sh            # on a machine with a CUDA GPU and a CUDA build of torch
 #   bash benchmarks/gpu.sh --dry-run  # CPU, tiny sizes: checks that every Python step runs
@@ -99,6 +101,14 @@ if "$PY" -c 'import fla.ops.simple_gla, fla.ops.linear_attn' 2>/dev/null; then
   done
 else
   echo "note: fla-core not importable (needs triton and einops; pip install 'fla-core>=0.6,<0.7'): its rows are left out" >&2
+fi
+
+if "$PY" -c 'import triton' 2>/dev/null; then  # what FavorAttention's probe (favor/probe.py) decides here
+  PROBE=(--dtype "${DEV[3]}"); [ "$DRY" = 1 ] && PROBE=(--dtype fp32 --small)
+  echo "== probe of the fast paths (${DEV[1]}): error / bound, <= 1 = used; default dot precisions"
+  "$PY" benchmarks/probe_check.py "${DEV[1]}" "${PROBE[@]}" 2>&1 | grep -v "UserWarning\|_cpu_device_warning" | tee "$OUT/probe_${DEV[1]}.log" \
+    || true
+  grep -qE "REJECTED|cannot run" "$OUT/probe_${DEV[1]}.log" && echo "error: the probe rejected a fast path: its timing rows measure the batched path" >&2
 fi
 
 echo "== attention table (${DEV[*]})"

@@ -2,11 +2,12 @@
 
 Runs fla-core's Triton kernels on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set here
 and in conftest.py before triton is imported). Skipped when triton or fla-core is absent.
-fla-core 0.6.0 with triton 3.9 needs two test-side workarounds in interpreter mode, applied by the
-``fla_interpreter`` fixture and undone after the module: (1) autotuning benchmarks its configs on a
-GPU driver, which the interpreter has not: keep only the first config; (2) fla's kernels call
-``.to(tl.int64)`` on the index of a Python ``range`` loop, which the compiler turns into a tensor
-but the interpreter leaves a Python int: give those indices a no-op ``.to``.
+fla-core 0.6.0 with triton 3.9 needs two workarounds in interpreter mode
+(``fla_backend.interpreter_workarounds``), applied by the ``fla_interpreter`` fixture and undone
+after the module: (1) autotuning benchmarks its configs on a GPU driver, which the interpreter has
+not: keep only the first config; (2) fla's kernels call ``.to(tl.int64)`` on the index of a Python
+``range`` loop, which the compiler turns into a tensor but the interpreter leaves a Python int:
+give those indices a no-op ``.to``.
 
 Tolerances. The reference is the batched path (causal.causal_linear_attention) in float64 (exact
 to ~1e-15 here). Every output and gradient is a sum of at most L m (< 10^4) terms made of
@@ -24,7 +25,6 @@ TOL16 = 8 * 2^-11 of the largest entry (about 2x margin).
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -40,6 +40,7 @@ from protein_performer.model.favor.fla_backend import (  # noqa: E402
     favor_causal_fla,
     favor_causal_fla_normalized,
     gate_stabilizer,
+    interpreter_workarounds,
 )
 
 U32 = 2.0**-24
@@ -47,30 +48,10 @@ TOL32 = 64 * U32
 TOL16 = 8 * 2.0**-11
 
 
-class _LoopIndex(int):
-    """A ``range`` loop index with the no-op ``.to`` that compiled Triton gives it."""
-
-    def to(self, *args, **kwargs):
-        return self
-
-
-def _loop_range(*args):
-    return map(_LoopIndex, range(*args))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fla_interpreter():
     """The two interpreter-mode workarounds for fla-core 0.6.0 on triton 3.9 (module docstring)."""
-    import fla.ops.linear_attn  # noqa: F401  (import every kernel module before patching)
-    import fla.ops.simple_gla  # noqa: F401
-    from triton.runtime.autotuner import Autotuner
-
-    prune = Autotuner.prune_configs
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Autotuner, "prune_configs", lambda self, kwargs: prune(self, kwargs)[:1])
-        for name, mod in list(sys.modules.items()):
-            if name.startswith("fla.") and mod is not None:
-                mp.setattr(mod, "range", _loop_range, raising=False)
+    with interpreter_workarounds():
         yield
 
 

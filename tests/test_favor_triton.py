@@ -31,6 +31,7 @@ pytest.importorskip("triton")
 from protein_performer.model.favor import (  # noqa: E402
     FavorAttention,
     module,
+    probe,
     triton_ops,  # noqa: E402
 )
 from protein_performer.model.favor.triton_ops import favor_triton  # noqa: E402
@@ -176,13 +177,10 @@ def test_impl_dispatch():
     assert FavorAttention(8, 16, impl="triton").resolve_impl(x) == "triton"
     assert FavorAttention(8, 16, kernel="softmax_hyp", impl="triton").resolve_impl(x) == "triton"
     assert module.triton_available()
-    module.triton_works.cache_clear()
-    FavorAttention(8, 16, causal=True)(x, x, x)  # CPU: no probe of the kernels
-    assert module.triton_works.cache_info().currsize == 0
-    # the probe auto runs before choosing triton on a GPU (here on CPU tensors, interpreted)
-    assert module.triton_works("cpu", 8, 16, "softmax", True, 16)
-    assert module.triton_works("cpu", 8, 16, "relu", False, 16)
+    before = dict(probe.RESULTS)
+    FavorAttention(8, 16, causal=True)(x, x, x)  # CPU: no probe of the kernels (tests/test_favor_probe.py)
     assert FavorAttention(8, 16, kernel="relu", impl="triton").resolve_impl(x) == "triton"
+    assert probe.RESULTS == before
     with pytest.raises(ValueError, match="supports the kernels"):
         FavorAttention(8, 16, kernel="softmax_trig", impl="triton")
 

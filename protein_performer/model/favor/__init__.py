@@ -11,6 +11,7 @@ split them, each opening with the equations it implements:
     scan.py            the same with the features fused into a scan over blocks, recomputed in backward
     triton_kernels.py  the CUDA kernels (Triton) for the same, features fused; triton_ops.py runs them
     fla_backend.py     flash-linear-attention's chunked kernels on our feature maps (optional)
+    probe.py           checks a fast path's output and gradients on the device before it is trusted
     recurrent.py       decoding: the state (S, z, running stabilizer) and one step
     reference.py       the O(L^2) explicit definitions that tests (and readers) check everything against
 

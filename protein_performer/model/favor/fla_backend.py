@@ -56,11 +56,52 @@ tensors by fla (one extra L x m copy of q' and k' each).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 
 import torch
 
 FLA_REQUIREMENT = "fla-core>=0.6,<0.7"
+
+
+class _LoopIndex(int):
+    """A ``range`` loop index with the no-op ``.to`` that compiled Triton gives it."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def _loop_range(*args):
+    return map(_LoopIndex, range(*args))
+
+
+@contextlib.contextmanager
+def interpreter_workarounds():
+    """What fla-core 0.6.0 with triton 3.9 needs under ``TRITON_INTERPRET=1`` (the CPU), undone on
+    exit; compiled kernels need neither: (1) autotuning benchmarks its configs on a GPU driver, which
+    the interpreter has not: keep only the first config; (2) fla's kernels call ``.to(tl.int64)`` on
+    the index of a Python ``range`` loop, which the compiler turns into a tensor but the interpreter
+    leaves a Python int: give those indices a no-op ``.to``."""
+    import fla.ops.linear_attn  # noqa: F401  (import every kernel module before patching)
+    import fla.ops.simple_gla  # noqa: F401
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+    mods = [mod for name, mod in list(sys.modules.items()) if name.startswith("fla.") and mod is not None]
+    saved = {mod: vars(mod).get("range", _loop_range) for mod in mods}
+    Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
+    for mod in mods:
+        mod.range = _loop_range
+    try:
+        yield
+    finally:
+        Autotuner.prune_configs = prune
+        for mod, old in saved.items():
+            if old is _loop_range:
+                del mod.range
+            else:
+                mod.range = old
 
 
 @functools.cache

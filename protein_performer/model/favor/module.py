@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from protein_performer.model.attention import check_key_padding_mask
-from protein_performer.model.favor import recurrent
+from protein_performer.model.favor import probe, recurrent
 from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
 from protein_performer.model.favor.features import (
     KERNELS,
@@ -56,32 +56,6 @@ def _fla_available() -> bool:
     return fla_available()
 
 
-@functools.cache
-def triton_works(device: str, dim: int, nb_features: int, kind: str, causal: bool, chunk: int) -> bool:
-    """Whether the Triton kernels compile and launch on ``device`` for this configuration: a tiny
-    forward + backward (the same kernels as the real call; compiled once anyway), so that
-    ``impl="auto"`` falls back to the batched path, with a warning, where they cannot run (a GPU
-    with too little shared memory, a triton without a backend for it)."""
-    from triton.errors import TritonError
-
-    from protein_performer.model.favor.triton_ops import favor_triton
-
-    gen = torch.Generator().manual_seed(0)
-    x = [torch.randn(1, 1, chunk + 1, dim, generator=gen).to(device).requires_grad_() for _ in range(3)]
-    w = torch.randn(nb_features, dim, generator=gen).to(device)
-    try:
-        favor_triton(*x, w, kind, causal, 1e-3, chunk).sum().backward()
-    except TritonError as exc:
-        log.warning(
-            "FAVOR+ Triton kernels cannot run on %s (%s: %s); impl='auto' uses the batched path",
-            device,
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-        )
-        return False
-    return True
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -120,10 +94,17 @@ class FavorAttention(nn.Module):
             softmax, softmax_hyp and relu kernels, float32 inside; CUDA tensors, or CPU tensors under
             TRITON_INTERPRET=1), "fla" (causal only: ``fla_backend.py``, flash-linear-attention's
             chunked kernels on our features, same semantics; needs fla-core), or "auto": triton
-            for CUDA tensors of those kernels when triton imports and its kernels run there
-            (``triton_works``); on the CPU scan from ``CPU_SCAN_MIN_LENGTH`` positions and
+            for CUDA tensors (not float64) of those kernels when triton imports and passes the probe;
+            on the CPU scan from ``CPU_SCAN_MIN_LENGTH`` positions and
             ``CPU_SCAN_MIN_ROWS`` rows (batch x heads x length) on (causal: unless
-            ``runtime.keep_freed_memory()`` was called), batched below; batched otherwise. The trigonometric kernel always uses "batched".
+            ``runtime.keep_freed_memory()`` was called), batched below; batched otherwise. The
+            trigonometric kernel always uses "batched".
+            On CUDA tensors "auto", "triton" and "fla" run the fast path only after ``probe.py``
+            has checked its numbers (output and gradients against the float64 batched path, once per
+            device, dtype and configuration); on a mismatch or a launch error they warn once and use
+            "batched". ``PROTEIN_PERFORMER_FAVOR_IMPL=batched|triton|fla`` forces that path on CUDA
+            tensors for all three, without the probe ("fla" for causal modules; where the forced
+            path does not apply, "batched"). On the CPU explicit "triton" / "fla" run unprobed.
 
     The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
     parameters, so an exact model's weights load into a FAVOR+ model with the same names.
@@ -156,6 +137,7 @@ class FavorAttention(nn.Module):
             raise ValueError(
                 "impl='fla' needs flash-linear-attention: pip install 'fla-core>=0.6,<0.7'; use impl='auto'"
             )
+        probe.forced_impl()  # a bad PROTEIN_PERFORMER_FAVOR_IMPL fails here, on any device
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if norm not in NORMS:
@@ -229,8 +211,14 @@ class FavorAttention(nn.Module):
         for name, x in (("q", q), ("k", k)):
             self._check(x, name)
         mask = check_key_padding_mask(key_padding_mask, k)
+        return self.attend(q, k, v, mask, self.resolve_impl(q))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str
+    ) -> torch.Tensor:
+        """``forward`` through the implementation ``impl``, unchecked and unprobed (the probe runs
+        the fast and the batched path through it)."""
         out_dtype = v.dtype
-        impl = self.resolve_impl(q)
         if impl == "fla":
             return self._forward_fla(q, k, v, mask).to(out_dtype)
         if impl != "batched":
@@ -279,15 +267,33 @@ class FavorAttention(nn.Module):
         return 128 if impl == "batched" else 64
 
     def resolve_impl(self, x: torch.Tensor) -> str:
-        """The implementation ``forward`` uses for inputs like ``x`` (see ``impl``)."""
+        """The implementation ``forward`` uses for inputs like ``x`` (see ``impl``). On CUDA tensors
+        (``probe.FAST_DEVICE_TYPES``) a fast path runs only after ``probe.fast_path_ok`` passed it for
+        this configuration, or when ``PROTEIN_PERFORMER_FAVOR_IMPL`` forces it."""
         if self.kernel == "softmax_trig":
             return "batched"
-        if self.impl != "auto":
+        if self.impl in ("batched", "scan"):
             return self.impl
-        if x.is_cuda and self.kernel in TRITON_KERNELS and x.dtype != torch.float64 and triton_available():
-            kind = "relu" if self.kernel == "relu" else "softmax"
-            if triton_works(str(x.device), self.dim_head, self.nb_features, kind, self.causal, self._chunk("triton")):
-                return "triton"
+        if x.device.type not in probe.FAST_DEVICE_TYPES:
+            return self.impl if self.impl != "auto" else self._cpu_impl(x)
+        if self.impl == "auto" and x.dtype == torch.float64:
+            return "batched"  # float64 (gradcheck) stays exact
+        forced = probe.forced_impl()
+        impl = forced or ("triton" if self.impl == "auto" else self.impl)
+        if impl == "batched" or not self._runs(impl):
+            return "batched"
+        if forced is None and not probe.fast_path_ok(self, impl, x):
+            return "batched"
+        return impl
+
+    def _runs(self, impl: str) -> bool:
+        """Whether the fast path ``impl`` covers this module (kernel, direction) and imports."""
+        if impl == "triton":
+            return self.kernel in TRITON_KERNELS and triton_available()
+        return self.causal and _fla_available()
+
+    def _cpu_impl(self, x: torch.Tensor) -> str:
+        """impl "auto" on a device without probed fast paths: the CPU rule (see ``impl``), else batched."""
         rows = x.shape[0] * x.shape[1] * x.shape[2]
         long_enough = x.shape[2] >= CPU_SCAN_MIN_LENGTH and rows >= CPU_SCAN_MIN_ROWS
         if x.device.type == "cpu" and long_enough and not (self.causal and freed_memory_kept()):

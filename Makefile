@@ -19,7 +19,9 @@ DEMO_DIR    ?= demo_out
 PYTEST_ARGS ?=
 FAMILY      ?= PF00072
 OUT         ?= family_contacts_out/$(FAMILY)
-SHARED_DATA ?= ../shared/data
+# the larger real data sets (pfam40, kortemme40): $PP_SHARED_DATA when set, else ../shared/data, as in
+# protein_performer/resources.py (shared_data)
+SHARED_DATA ?= $(or $(PP_SHARED_DATA),../shared/data)
 
 .PHONY: all venv demo test test-fast lint results bench studies notebooks family-contacts clean help
 
@@ -33,7 +35,7 @@ help:
 	@echo "make results - regenerate benchmarks/RESULTS.md from benchmarks/results/*.json"
 	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
 	@echo "make notebooks - rerun the notebooks on the recipe's (else the demo's) outputs and store them with outputs"
-	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (../shared/data), export, score contacts"
+	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (SHARED_DATA: \$$PP_SHARED_DATA, else ../shared/data), export, score contacts"
 	@echo "    over a finished OUT: ARGS=resume=true (complete: nothing to do) or ARGS=overwrite=true (rerun, replace when done)"
 
 venv: $(STAMP)

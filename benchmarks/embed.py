@@ -34,6 +34,7 @@ from protein_performer.analysis.embed import _batch_tokens, length_batches, run_
 from protein_performer.analysis.export import crop_window, load_model  # noqa: E402
 from protein_performer.data.fasta import read_fasta  # noqa: E402
 from protein_performer.data.tokenizer import Tokenizer  # noqa: E402
+from protein_performer.resources import shared_data  # noqa: E402
 
 DEMO = {
     "attention": "favor_relu",
@@ -70,7 +71,7 @@ def first_records(path: Path, n: int, out: Path) -> int:
 def forward_batches(fasta: Path, batch_tokens: int, chunk: int) -> tuple[list, int]:
     """The padded batches ``embed`` runs (same chunks, crops and length sorting), in memory."""
     tok = Tokenizer()
-    max_res = DEMO["max_len"] - 2
+    max_res = DEMO["max_len"] - tok.special_tokens(False)
     residues = []
     for rec in read_fasta(fasta):
         r = tok.encode_bytes(rec.sequence)
@@ -88,7 +89,7 @@ def forward_batches(fasta: Path, batch_tokens: int, chunk: int) -> tuple[list, i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", default=str(REPO.parent / "shared" / "data" / "swissprot2014_100k.fasta.gz"))
+    ap.add_argument("--input", default=str(shared_data() / "swissprot2014_100k.fasta.gz"))
     ap.add_argument("--n", type=int, default=5000, help="first N sequences of the input")
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--chunk", type=int, default=4096)

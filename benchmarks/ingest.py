@@ -36,7 +36,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_INPUT = REPO.parent / "shared" / "data" / "swissprot2014_100k.fasta.gz"
+sys.path.insert(0, str(REPO))
+
+from protein_performer.resources import shared_data  # noqa: E402
+
+DEFAULT_INPUT = shared_data() / "swissprot2014_100k.fasta.gz"  # $PP_SHARED_DATA, or ../shared/data
 
 
 def _child(kind: str, path: str, out: str | None, workers: int) -> None:
@@ -117,7 +121,7 @@ def main() -> int:
         _child(kind, path, out, int(workers))
         return 0
     if not a.input.is_file():
-        print(f"input not found: {a.input} (the shared data folder is needed)", file=sys.stderr)
+        print(f"input not found: {a.input} (the shared data folder is needed: set PP_SHARED_DATA)", file=sys.stderr)
         return 2
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="pp-ingest-bench-"))

@@ -26,7 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+from protein_performer.resources import shared_data  # noqa: E402
+
+SHARED = shared_data()  # $PP_SHARED_DATA, or ../shared/data beside the checkout
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -64,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     fasta = SHARED / "swissprot2014_100k.fasta.gz"
     if not fasta.exists():
-        sys.exit(f"learning_check: {fasta} not found (needs ../shared/data beside the repo)")
+        sys.exit(f"learning_check: {fasta} not found (set PP_SHARED_DATA, or put ../shared/data beside the repo)")
     work = Path(args.workdir)
     shards = work / "shards"
     py = sys.executable

@@ -36,8 +36,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from protein_performer.resources import shared_data  # noqa: E402
+
 RESULT = REPO / "benchmarks" / "results" / "predict_contacts_check.json"
-SHARED = Path(os.environ.get("PP_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data()  # $PP_SHARED_DATA, or ../shared/data beside the checkout
 TOLERANCE = 0.01
 
 

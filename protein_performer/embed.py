@@ -1,9 +1,7 @@
-"""``python -m protein_performer.embed`` and the console script: the entry point lives in
-:mod:`protein_performer.cli.embed`; this module keeps the old import path working."""
-
-from protein_performer.cli.embed import main
-
-__all__ = ["main"]
+"""``python -m protein_performer.embed``: the module path that users, scripts and docs run (a contract
+that stays). The command is :func:`protein_performer.cli.embed.main`; the console script runs it directly."""
 
 if __name__ == "__main__":
+    from protein_performer.cli.embed import main
+
     main()

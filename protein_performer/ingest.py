@@ -1,9 +1,7 @@
-"""``python -m protein_performer.ingest`` and the console script: the entry point lives in
-:mod:`protein_performer.cli.ingest`; this module keeps the old import path working."""
-
-from protein_performer.cli.ingest import main, summary
-
-__all__ = ["main", "summary"]
+"""``python -m protein_performer.ingest``: the module path that users, scripts and docs run (a contract
+that stays). The command is :func:`protein_performer.cli.ingest.main`; the console script runs it directly."""
 
 if __name__ == "__main__":
+    from protein_performer.cli.ingest import main
+
     main()

@@ -1,9 +1,7 @@
-"""``python -m protein_performer.predict_contacts`` and the console script: the entry point lives in
-:mod:`protein_performer.cli.predict_contacts`; this module keeps the old import path working."""
-
-from protein_performer.cli.predict_contacts import main
-
-__all__ = ["main"]
+"""``python -m protein_performer.predict_contacts``: the module path that users, scripts and docs run (a contract
+that stays). The command is :func:`protein_performer.cli.predict_contacts.main`; the console script runs it directly."""
 
 if __name__ == "__main__":
+    from protein_performer.cli.predict_contacts import main
+
     main()

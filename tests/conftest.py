@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: repository paths, the shared real-data folder, quiet offline W&B."""
+"""Shared pytest fixtures: repository paths, the shared real-data folder, quiet offline W&B; the
+overrides that make the demo experiment a tiny model for training tests (:func:`tiny_overrides`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,27 @@ from pathlib import Path
 
 import pytest
 
+from protein_performer import resources
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+# the demo experiment made tinier: a training test on 2 CPU cores takes seconds. Tests import it
+# (``from conftest import tiny_overrides``) and add what they need; see tiny_overrides.
+TINY_DEMO = (
+    "experiment=demo",
+    "model.depth=2",
+    "model.dim=32",
+    "model.heads=2",
+    "model.dim_head=16",
+    "model.ff_dim=64",
+    "model.nb_features=16",
+    "data.batch_size=8",
+    "data.max_length=64",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -34,12 +54,29 @@ def sample_fasta() -> Path:
     return REPO / "data" / "uniprot_sample.fasta.gz"
 
 
+def tiny_overrides(*extra: str) -> list[str]:
+    """Hydra overrides of ``train``: :data:`TINY_DEMO`, then ``extra`` in order. An ``extra`` that
+    sets a key :data:`TINY_DEMO` sets (``"model.depth=1"``, ``"data.batch_size=4"``) takes its place
+    in the list; any other is appended."""
+    out = list(TINY_DEMO)
+    keys = [o.split("=", 1)[0] for o in out]
+    for override in extra:
+        key = override.split("=", 1)[0]
+        if "=" in override and key in keys:
+            out[keys.index(key)] = override
+        else:
+            out.append(override)
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data, or skip the test cleanly when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """The shared real-data folder (``resources.shared_data()``: ``$PP_SHARED_DATA``, else
+    ``../shared/data`` beside the checkout), or skip the test cleanly when it is absent."""
+    folder = resources.shared_data()
+    if folder is None or not folder.is_dir():
+        pytest.skip(f"shared data folder not found at {folder} (set {resources.SHARED_DATA_VAR})")
+    return folder.resolve()
 
 
 def pytest_addoption(parser):

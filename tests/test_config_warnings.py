@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_overrides
 from hydra import compose, initialize_config_dir
 
 from protein_performer.errors import UserError
@@ -144,23 +145,20 @@ def test_training_uses_the_corrected_precision(machine, caplog, tmp_path, repo_r
     shards = tmp_path / "shards"
     ingest(input=str(repo_root / "data" / "uniprot_sample.fasta.gz"), output_dir=str(shards), workers=1, progress=False)
     cfg = make_cfg(
-        "trainer.precision=bf16-mixed",
-        f"data.root={shards}",
-        f"run_dir={tmp_path / 'run'}",
-        "logger=csv",
-        "model.depth=1",
-        "model.dim=32",
-        "model.heads=2",
-        "model.dim_head=16",
-        "model.ff_dim=64",
-        "model.nb_features=16",
-        "data.max_length=64",
-        "trainer.max_steps=1",
-        "trainer.limit_val_batches=0",
-        "trainer.enable_progress_bar=false",
-        "validate=false",
-        "test=false",
-        "~callbacks.checkpoint",
+        *tiny_overrides(
+            "trainer.precision=bf16-mixed",
+            f"data.root={shards}",
+            f"run_dir={tmp_path / 'run'}",
+            "logger=csv",
+            "model.depth=1",
+            "data.batch_size=16",  # the demo's
+            "trainer.enable_model_summary=true",
+            "trainer.max_steps=1",
+            "trainer.limit_val_batches=0",
+            "validate=false",
+            "test=false",
+            "~callbacks.checkpoint",
+        )
     )
     with caplog.at_level(logging.WARNING):
         train(cfg)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from protein_performer.training.checkpoint_io import load_checkpoint_file, remove_stale_temporaries
 
@@ -85,22 +86,9 @@ def test_atomic_save_survives_sigkill_and_in_place_save_does_not(tmp_path):
 
 
 # ------------------------------------------------------------------ the train command, killed and resumed
-TINY = [
-    "experiment=demo",
-    "model.depth=2",
-    "model.dim=32",
-    "model.heads=2",
-    "model.dim_head=16",
-    "model.ff_dim=64",
-    "model.nb_features=16",
+TINY = tiny_overrides(
     "model.dropout=0.1",
-    "data.batch_size=8",
-    "data.max_length=64",
-    "data.num_workers=0",
-    "data.pin_memory=false",
     "data.eval_splits=[valid]",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
     "trainer.max_time=null",
     "trainer.limit_val_batches=0",
     "trainer.limit_train_batches=7",  # epochs of 7 batches: kills land mid-epoch and at epoch ends
@@ -114,7 +102,7 @@ TINY = [
     "num_threads=1",
     "seed=3",
     "+callbacks.losslog._target_=protein_performer.training.callbacks.LossLog",
-]
+)
 STEPS = 30
 
 

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from protein_performer.analysis.export import (
     InputReport,
@@ -25,7 +26,6 @@ from protein_performer.analysis.export import (
     crop_window,
     export_attention,
     load_model,
-    model_input,
     read_sequences,
     run_export,
     run_sequence,
@@ -40,26 +40,14 @@ STRUCTURES = REPO / "data" / "structures" / "biopython"
 # 2^-24. float32 arithmetic along the way adds ~1e-6 (values <= 1).
 F16_RTOL, ATOL = 2.0**-11, 1e-6
 
-TINY_TRAIN = [
-    "model.depth=2",
-    "model.dim=32",
-    "model.heads=2",
-    "model.dim_head=16",
-    "model.ff_dim=64",
-    "model.nb_features=16",
+TINY_TRAIN = tiny_overrides(
     "model.max_len=600",
-    "data.batch_size=8",
-    "data.max_length=64",
-    "data.num_workers=0",
-    "data.pin_memory=false",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
     "trainer.max_steps=3",
     "callbacks.redraw.redraw_interval=2",
     "validate=false",
     "test=false",
     "~logger",
-]
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,7 +83,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="train",
-            overrides=["experiment=demo", f"data.root={shards}", f"run_dir={root / 'run'}", *TINY_TRAIN],
+            overrides=[*TINY_TRAIN, f"data.root={shards}", f"run_dir={root / 'run'}"],
         )
     metrics = train(cfg)
     assert metrics["global_step"] == 3 and ckpt.exists()
@@ -145,7 +133,7 @@ def reference_maps(model: PerformerLM, sequence: str, how: str) -> list[np.ndarr
     ``how="identity"``: the FAVOR+ kernel's forward with V = I (one-hot positions, the paper);
     ``how="softmax"``: softmax(Q K^T / sqrt(d)) with the causal mask, in float64."""
     residues = Tokenizer().encode(sequence)
-    tokens = torch.as_tensor(model_input(residues, model.config.causal))[None]
+    tokens = torch.as_tensor(Tokenizer().frame(residues, model.config.causal)[0])[None]
     T = tokens.shape[1]
     out = []
     with torch.no_grad():
@@ -210,13 +198,13 @@ def test_exported_maps_equal_the_reference_construction(attention, causal, real_
 
 def test_bid_input_is_bos_residues_eos_and_uni_drops_eos():
     res = Tokenizer().encode("MKV")
-    assert model_input(res, causal=False).tolist() == [1, *res.tolist(), 2]
-    assert model_input(res, causal=True).tolist() == [1, *res.tolist()]
+    assert Tokenizer().frame(res, causal=False)[0].tolist() == [1, *res.tolist(), 2]
+    assert Tokenizer().frame(res, causal=True)[0].tolist() == [1, *res.tolist()]
 
 
 def test_maps_come_from_the_hidden_states_entering_each_layer_one_layer_at_a_time(real_sequences):
-    """The hooked maps equal ``forward(return_attention=True)``; each layer's maps are handed out
-    before the next layer runs (so only one layer's maps need to be in memory)."""
+    """The maps handed out equal ``forward(return_attention=True)``; each layer's maps are handed
+    out before the layer's block runs (so only one layer's maps need to be in memory)."""
     model = tiny_model("favor_softmax", False, depth=3)
     seq = real_sequences[0].sequence
     residues = Tokenizer().encode(seq)
@@ -234,8 +222,8 @@ def test_maps_come_from_the_hidden_states_entering_each_layer_one_layer_at_a_tim
 
     rep = run_sequence(model, residues, on_layer, want_repr=True)
     assert [e[0] for e in events] == [0, 1, 2]
-    assert [e[1] for e in events] == [[0], [0, 1], [0, 1, 2]]  # layer l's maps before block l+1 starts
-    tokens = torch.as_tensor(model_input(residues, False))[None]
+    assert [e[1] for e in events] == [[], [0], [0, 1]]  # layer l's maps before block l starts
+    tokens = torch.as_tensor(Tokenizer().frame(residues, False)[0])[None]
     with torch.no_grad():
         full = model(tokens, return_attention=True)
     L = len(seq)
@@ -243,6 +231,11 @@ def test_maps_come_from_the_hidden_states_entering_each_layer_one_layer_at_a_tim
         torch.testing.assert_close(got[layer], full["attentions"][layer][0, :, 1 : L + 1, 1 : L + 1])
     # the representation is the final LayerNorm's output: the LM head on it gives the logits
     torch.testing.assert_close(model.lm_head(rep), full["logits"][0, 1 : L + 1], rtol=1e-5, atol=1e-5)
+    # maps only (PerformerLM.attention_maps): the same maps, and the last block never runs
+    next_block_ran.clear()
+    maps_only = {}
+    run_sequence(model, residues, lambda layer, maps: maps_only.setdefault(layer, maps.clone()))
+    assert next_block_ran == [0, 1] and all(torch.equal(maps_only[i], got[i]) for i in range(3))
     model.train()
     with pytest.raises(RuntimeError, match="eval"):
         run_sequence(model, residues, on_layer)
@@ -273,7 +266,7 @@ def test_apc_and_embeddings_round_trip(real_sequences, tmp_path):
             assert rec.apc.dtype == np.float16 and rec.apc.shape == a.shape
             np.testing.assert_allclose(rec.apc, expected, rtol=0, atol=8 * 2.0**-11 * np.abs(s).max())
             residues = Tokenizer().encode(seq_rec.sequence)
-            tokens = torch.as_tensor(model_input(residues, False))[None]
+            tokens = torch.as_tensor(Tokenizer().frame(residues, False)[0])[None]
             with torch.no_grad():
                 logits = model(tokens)["logits"][0, 1 : L + 1].numpy()
             per_token = rec.embeddings["per_token"]

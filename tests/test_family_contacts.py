@@ -12,6 +12,7 @@ import pytest
 from protein_performer.analysis.contacts import apc, precision_at_k, symmetrize
 from protein_performer.analysis.maps_io import MapsFile
 from protein_performer.analysis.structures import load_structures
+from protein_performer.errors import UserError
 from protein_performer.experiments import family_contacts as fc
 
 
@@ -62,6 +63,26 @@ def test_holdout_removes_the_test_chain_and_near_copies():
     assert [r["id"] for r in removed] == ["a", "b"]
     kept, _ = fc.holdout_similar([("b x", mutant)], target, 0.99)
     assert len(kept) == 1
+
+
+def test_shared_data_folder_is_the_variable_else_beside_the_checkout(monkeypatch, tmp_path, repo_root):
+    from protein_performer import resources
+
+    monkeypatch.setenv("PP_SHARED_DATA", str(tmp_path))
+    assert resources.shared_data() == tmp_path
+    monkeypatch.delenv("PP_SHARED_DATA")
+    assert resources.shared_data() == repo_root.parent / "shared" / "data"
+    monkeypatch.setattr(resources, "CHECKOUT", None)  # an installed package: only the variable
+    assert resources.shared_data() is None
+
+
+def test_recipe_without_a_shared_data_default_names_the_option(tmp_path):
+    """An installed package without $PP_SHARED_DATA has no default data= / structures=."""
+    with pytest.raises(UserError, match="give structures=<kortemme40 dir>"):
+        fc.run("PF00072", tmp_path / "out", data=None, structures=None)
+    with pytest.raises(UserError, match="give data=<pfam40_domains.fasta.gz>"):
+        fc.run("PF00072", tmp_path / "out", data=None, structures=tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -135,7 +135,7 @@ def test_layers_import_only_downwards():
             if here is not None and there is not None and there > here:
                 upward.append(f"{name} -> {target}")
             if here is None and there is not None and name.count(".") == 1 and name != "protein_performer.__init__":
-                # root modules (errors, runtime) sit below every layer; the shims re-export cli
+                # root modules (errors, runtime) sit below every layer; the `python -m` hooks run cli
                 if name.split(".")[1] not in {
                     "ingest",
                     "train",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from hydra import compose, initialize_config_dir
 
 from protein_performer.errors import IncompleteOutputError, UserError
@@ -21,21 +22,8 @@ from protein_performer.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-TINY = [
-    "experiment=demo",
-    "model.depth=2",
-    "model.dim=32",
-    "model.heads=2",
-    "model.dim_head=16",
-    "model.ff_dim=64",
-    "model.nb_features=16",
-    "data.batch_size=8",
-    "data.max_length=64",
-    "data.num_workers=0",
-    "data.pin_memory=false",
+TINY = tiny_overrides(
     "data.eval_splits=[valid]",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
     "trainer.max_time=null",
     "trainer.limit_val_batches=0",
     "callbacks.checkpoint.every_n_train_steps=1",
@@ -44,7 +32,7 @@ TINY = [
     "test=false",
     "num_threads=1",
     "trainer.max_steps=2",
-]
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_overrides
 from hydra import compose, initialize_config_dir
 
 from protein_performer.data.ingest import ingest
@@ -21,24 +22,6 @@ from protein_performer.training.module import ProteinLM, lr_lambda, unigram_base
 from protein_performer.training.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-# a demo-size model made tinier, and short runs: every test below trains on 2 CPU cores in seconds
-TINY = [
-    "model.depth=2",
-    "model.dim=32",
-    "model.heads=2",
-    "model.dim_head=16",
-    "model.ff_dim=64",
-    "model.nb_features=16",
-    "data.batch_size=8",
-    "data.max_length=64",
-    "data.num_workers=0",
-    "data.pin_memory=false",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1",
-    "num_threads=1",  # tiny ops: one thread, no waiting on a busy core
-]
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +58,10 @@ def make_cfg(overrides: list[str]):
 
 
 def run_cfg(shard_root: Path, run_dir: Path, *extra: str):
-    return make_cfg(["experiment=demo", f"data.root={shard_root}", f"run_dir={run_dir}", *TINY, *extra])
+    """The tiny demo model (conftest.tiny_overrides), and short runs: every test below trains on 2 CPU
+    cores in seconds; num_threads=1: tiny ops, one thread, no waiting on a busy core."""
+    run = (f"data.root={shard_root}", f"run_dir={run_dir}", "trainer.log_every_n_steps=1", "num_threads=1")
+    return make_cfg(tiny_overrides(*run, *extra))
 
 
 # ---------------------------------------------------------------------------------- pure functions

@@ -85,7 +85,9 @@ def installed(tmp_path_factory) -> dict:
         ).stdout.strip()
     )
     (purelib / "_dependencies_of_the_test.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    # no PP_SHARED_DATA: an installed package has no shared data folder (the recipe names data= / structures=)
+    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PP_SHARED_DATA")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PROTEIN_PERFORMER_TRACEBACK="0")
     install = [python, "-m", "pip", "--disable-pip-version-check", "install", "--no-index", "--no-deps", str(wheel)]
     _check(subprocess.run(install, capture_output=True, text=True, env=env, timeout=TIMEOUT))

@@ -3,8 +3,9 @@
 
 Each module parses its config (``protein_performer/conf/<command>.yaml``), calls one library
 function, prints a summary and turns a user error into ``error: <msg>`` and exit code 1
-(:func:`protein_performer.errors.cli_errors`). ``python -m protein_performer.<command>`` and the
-console scripts run these through the shims ``protein_performer/<command>.py``:
+(:func:`protein_performer.errors.cli_errors`). The console scripts (``pp-<command>``) run these
+mains directly; ``python -m protein_performer.<command>`` (a contract that stays) runs them through
+``protein_performer/<command>.py``, which is only the ``__main__`` hook:
 
     ingest            FASTA(.gz) -> sharded HDF5              (protein_performer.data.ingest)
     train             train and evaluate a PerformerLM         (protein_performer.training.train)

@@ -28,27 +28,75 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 
 from protein_performer.errors import UserError, cli_errors
 from protein_performer.resources import PACKAGE, SAMPLE_DATA, STRUCTURES
 
-DATA = SAMPLE_DATA
-STAGES = ("ingest", "train", "export", "contacts", "aa")
+# The pipeline, as data: each stage runs its commands in order, each as ``python -m <arguments>``.
+# An argument is a template ($name) over the options below, the FILES below and $data (the package's
+# sample); a pair (option, template) is an argument given only when that option is set.
+_EXPORT = ["crop=center", "progress=false", "num_threads=1"]
+# fmt: off
+PIPELINE: dict[str, list[list[str | tuple[str, str]]]] = {
+    "ingest": [
+        ["protein_performer.ingest", "input=[$data/uniprot_sample.fasta.gz,$data/swissprot_sample.fasta.gz]",
+         "output_dir=$shards", "annotations=$data/swissprot_sample.pfam_hits.tsv", "ood_families=[RRM_1,globins4]",
+         "fractions={train: 0.9, valid: 0.05, test: 0.05}", "overwrite=true", "progress=false"],
+    ],
+    "train": [
+        ["protein_performer.train", "experiment=demo", "data.root=$shards", "hydra.run.dir=$run_dir",
+         "trainer.max_time=$max_time",
+         # steps=N: a shorter run (the tests use it); the demo experiment's own default otherwise
+         ("steps", "trainer.max_steps=$steps"), ("steps", "trainer.val_check_interval=$steps"),
+         ("steps", "module.warmup_steps=0")],
+    ],
+    "export": [  # the trained model's maps, and those of a random-init twin (the baseline)
+        ["protein_performer.export_attention", "checkpoint=$checkpoint", "input=$structures", "output=$maps",
+         *_EXPORT],
+        ["protein_performer.export_attention", "checkpoint=random", "model_config=$checkpoint",
+         "input=$structures", "output=$maps_random", *_EXPORT],
+    ],
+    "contacts": [
+        ["protein_performer.contacts", "maps=$maps", "baseline_maps=$maps_random", "structures=$structures",
+         "output_dir=$contacts"],
+    ],
+    "aa": [
+        ["protein_performer.export_attention", "checkpoint=$checkpoint", "input=$data/swissprot_sample.fasta.gz",
+         "output=$maps_sequences", "max_sequences=300", "include=[attentions]", *_EXPORT],
+        ["protein_performer.aa_similarity", "maps=$maps_sequences", "output_dir=$aa_similarity"],
+    ],
+}
+# fmt: on
+STAGES = tuple(PIPELINE)  # the pipeline order, whatever the order of the stages= option
+# The options (key=value on the command line) and their defaults.
+OPTIONS = {
+    "output_dir": "demo_out",
+    "structures": str(STRUCTURES),
+    "max_time": "00:00:04:00",
+    "steps": "",
+    "stages": ",".join(STAGES),
+}
+# Where the stages write, under output_dir.
+FILES = {
+    "log": "demo.log",
+    "shards": "shards",
+    "run_dir": "train",
+    "checkpoint": "train/checkpoints/last.ckpt",
+    "maps": "maps.h5",
+    "maps_random": "maps_random.h5",
+    "maps_sequences": "maps_sequences.h5",
+    "contacts": "contacts",
+    "aa_similarity": "aa_similarity",
+}
 
 
 def _parse(argv: list[str]) -> dict[str, str] | None:
     """The demo's ``key=value`` options over their defaults; None for ``--help`` / ``-h``."""
     if any(arg in ("--help", "-h") for arg in argv):
         return None
-    opts = {
-        "output_dir": "demo_out",
-        "structures": str(STRUCTURES),
-        "max_time": "00:00:04:00",
-        "steps": "",
-        "stages": ",".join(STAGES),
-    }
+    opts = dict(OPTIONS)
     for arg in argv:
         if "=" not in arg:
             raise UserError(f"demo: expected key=value, got {arg!r} (keys: {', '.join(opts)})")
@@ -56,7 +104,27 @@ def _parse(argv: list[str]) -> dict[str, str] | None:
         if key not in opts:
             raise UserError(f"demo: unknown option {key!r} (keys: {', '.join(opts)})")
         opts[key] = value
+    if opts["steps"]:
+        try:
+            opts["steps"] = str(int(opts["steps"]))
+        except ValueError:
+            raise UserError(f"demo: steps={opts['steps']} is not a whole number") from None
     return opts
+
+
+def stage_commands(stage: str, values: dict[str, str]) -> list[list[str]]:
+    """The ``python -m`` arguments of the commands one stage runs, in order, with ``values`` filled in."""
+    commands = []
+    for template in PIPELINE[stage]:
+        args = []
+        for arg in template:
+            if isinstance(arg, tuple):
+                option, arg = arg
+                if not values[option]:
+                    continue
+            args.append(Template(arg).substitute(values))
+        commands.append(args)
+    return commands
 
 
 def _env() -> dict[str, str]:
@@ -67,7 +135,7 @@ def _env() -> dict[str, str]:
 
 def _check_inputs(opts: dict[str, str], stages: list[str]) -> None:
     """A missing sample file or structures folder is one clear error before any stage runs."""
-    for path in (DATA / "uniprot_sample.fasta.gz", DATA / "swissprot_sample.fasta.gz"):
+    for path in (SAMPLE_DATA / "uniprot_sample.fasta.gz", SAMPLE_DATA / "swissprot_sample.fasta.gz"):
         if {"ingest", "aa"} & set(stages) and not path.is_file():
             raise UserError(f"demo: sample file not found: {path} (the package's sample_data/ is incomplete)")
     if {"export", "contacts"} & set(stages) and not Path(opts["structures"]).exists():
@@ -75,6 +143,7 @@ def _check_inputs(opts: dict[str, str], stages: list[str]) -> None:
 
 
 def _run(args: list[str], log: Path) -> None:
+    """One command as ``python -m <args>``: shown, its output appended to ``log`` and its tail printed."""
     cmd = [sys.executable, "-m", *args]
     print("\n$ " + " ".join(shlex.quote(a) for a in ["python", "-m", *args]), flush=True)
     t0 = time.time()
@@ -94,115 +163,6 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-@dataclass(frozen=True)
-class DemoPaths:
-    """Where each stage of the demo writes, under ``out`` (the ``output_dir`` option)."""
-
-    out: Path
-
-    @property
-    def log(self) -> Path:
-        return self.out / "demo.log"
-
-    @property
-    def shards(self) -> Path:
-        return self.out / "shards"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.out / "train"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.ckpt"
-
-    @property
-    def maps(self) -> Path:
-        return self.out / "maps.h5"
-
-    @property
-    def maps_random(self) -> Path:
-        return self.out / "maps_random.h5"
-
-    @property
-    def maps_sequences(self) -> Path:
-        return self.out / "maps_sequences.h5"
-
-
-def stage_commands(stage: str, opts: dict[str, str], paths: DemoPaths) -> list[list[str]]:
-    """The ``python -m`` arguments of the commands one stage runs, in order."""
-    structures, ckpt = opts["structures"], paths.checkpoint
-    export = ["protein_performer.export_attention", "crop=center", "progress=false", "num_threads=1"]
-    if stage == "ingest":
-        return [
-            [
-                "protein_performer.ingest",
-                f"input=[{DATA / 'uniprot_sample.fasta.gz'},{DATA / 'swissprot_sample.fasta.gz'}]",
-                f"output_dir={paths.shards}",
-                f"annotations={DATA / 'swissprot_sample.pfam_hits.tsv'}",
-                "ood_families=[RRM_1,globins4]",
-                "fractions={train: 0.9, valid: 0.05, test: 0.05}",
-                "overwrite=true",
-                "progress=false",
-            ]
-        ]
-    if stage == "train":
-        extra = []
-        if opts["steps"]:  # a shorter run (the tests use it); the demo experiment's own default otherwise
-            n = int(opts["steps"])
-            extra = [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}", "module.warmup_steps=0"]
-        return [
-            [
-                "protein_performer.train",
-                "experiment=demo",
-                f"data.root={paths.shards}",
-                f"hydra.run.dir={paths.run_dir}",
-                f"trainer.max_time={opts['max_time']}",
-                *extra,
-            ]
-        ]
-    if stage == "export":
-        return [
-            [export[0], f"checkpoint={ckpt}", f"input={structures}", f"output={paths.maps}", *export[1:]],
-            [
-                export[0],
-                "checkpoint=random",
-                f"model_config={ckpt}",
-                f"input={structures}",
-                f"output={paths.maps_random}",
-                *export[1:],
-            ],
-        ]
-    if stage == "contacts":
-        return [
-            [
-                "protein_performer.contacts",
-                f"maps={paths.maps}",
-                f"baseline_maps={paths.maps_random}",
-                f"structures={structures}",
-                f"output_dir={paths.out / 'contacts'}",
-            ]
-        ]
-    if stage == "aa":
-        return [
-            [
-                export[0],
-                f"checkpoint={ckpt}",
-                f"input={DATA / 'swissprot_sample.fasta.gz'}",
-                f"output={paths.maps_sequences}",
-                "max_sequences=300",
-                "include=[attentions]",
-                *export[1:],
-            ],
-            [
-                "protein_performer.aa_similarity",
-                f"maps={paths.maps_sequences}",
-                f"output_dir={paths.out / 'aa_similarity'}",
-            ],
-        ]
-    raise UserError(f"demo: unknown stage {stage!r}; choose from {STAGES}")
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     opts = _parse(sys.argv[1:] if argv is None else argv)
@@ -218,17 +178,18 @@ def main(argv: list[str] | None = None) -> None:
     if not out.is_absolute():
         out = Path.cwd() / out
     out.mkdir(parents=True, exist_ok=True)
-    paths = DemoPaths(out)
+    files = {name: out / path for name, path in FILES.items()}
+    values = {**opts, **{name: str(path) for name, path in files.items()}, "data": str(SAMPLE_DATA)}
     t_start = time.time()
-    for stage in STAGES:  # always in pipeline order, whatever the order of the option
+    for stage in STAGES:
         if stage in stages:
-            for args in stage_commands(stage, opts, paths):
-                _run(args, paths.log)
+            for args in stage_commands(stage, values):
+                _run(args, files["log"])
     summary = {
-        "manifest": _load(paths.shards / "manifest.json").get("splits", {}),
-        "train": _load(paths.run_dir / "metrics.json"),
-        "contacts": {m: v["mean"] for m, v in _load(out / "contacts" / "report.json").get("methods", {}).items()},
-        "aa_similarity": _load(out / "aa_similarity" / "aa_similarity.json"),
+        "manifest": _load(files["shards"] / "manifest.json").get("splits", {}),
+        "train": _load(files["run_dir"] / "metrics.json"),
+        "contacts": {m: v["mean"] for m, v in _load(files["contacts"] / "report.json").get("methods", {}).items()},
+        "aa_similarity": _load(files["aa_similarity"] / "aa_similarity.json"),
         "seconds": round(time.time() - t_start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

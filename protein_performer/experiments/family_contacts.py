@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +63,7 @@ from protein_performer.experiments.family_scoring import (  # noqa: F401
 )
 from protein_performer.experiments.span_masking import FamilyDataModule, SpanCollator, mask_spans  # noqa: F401
 from protein_performer.resources import CONF as PACKAGE_CONF
+from protein_performer.resources import shared_data
 
 __all__ = [
     "CONF",
@@ -96,13 +96,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 CONF = PACKAGE_CONF  # ships in the package (a checkout's conf/)
-# pfam40 / kortemme40 are too large to ship: defaults for a checkout next to ../shared/data (or
-# $PP_SHARED_DATA); anywhere else give data= and structures= (a missing one is an error naming it)
-SHARED = Path(os.environ.get("PP_SHARED_DATA", REPO.parent / "shared" / "data"))
-PFAM40 = SHARED / "pfam40_domains.fasta.gz"
-KORTEMME40 = SHARED / "structures" / "kortemme40"
+# pfam40 / kortemme40 are too large to ship: defaults in resources.shared_data() ($PP_SHARED_DATA, or
+# ../shared/data beside a checkout; none otherwise); else give data= and structures= (a missing one
+# is an error naming it)
+SHARED = shared_data()
+PFAM40 = None if SHARED is None else SHARED / "pfam40_domains.fasta.gz"
+KORTEMME40 = None if SHARED is None else SHARED / "structures" / "kortemme40"
 STAGES = ("extract", "ingest", "train", "export", "score", "contacts")
 
 
@@ -244,8 +244,8 @@ def run(
     family: str,
     output_dir: str | Path,
     overrides: Sequence[str] = (),
-    data: str | Path = PFAM40,
-    structures: str | Path = KORTEMME40,
+    data: str | Path | None = PFAM40,
+    structures: str | Path | None = KORTEMME40,
     max_identity: float = 0.9,
     max_sequences: int | None = None,
     stages: Sequence[str] = STAGES,
@@ -260,6 +260,9 @@ def run(
     output with finished stages it refuses, unless ``resume`` (complete: nothing to do; else the
     stages not done) or ``overwrite`` (a rerun in a staging folder that replaces the output only
     when complete): see :mod:`protein_performer.experiments.family_rerun`."""
+    for value, option in ((structures, "structures=<kortemme40 dir>"), (data, "data=<pfam40_domains.fasta.gz>")):
+        if value is None:  # no default: an installed package without $PP_SHARED_DATA
+            raise UserError(f"family_contacts: give {option} (or set PP_SHARED_DATA to the folder holding it)")
     out = Path(output_dir).resolve()
     settings = family_rerun.settings(
         overrides,
@@ -349,8 +352,8 @@ def _parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     opts = {
         "family": None,
         "output_dir": None,
-        "data": str(PFAM40),
-        "structures": str(KORTEMME40),
+        "data": "" if PFAM40 is None else str(PFAM40),
+        "structures": "" if KORTEMME40 is None else str(KORTEMME40),
         "max_identity": "0.9",
         "max_sequences": "",
         "stages": ",".join(STAGES),
@@ -399,8 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         opts["family"],
         opts["output_dir"],
         overrides,
-        opts["data"],
-        opts["structures"],
+        opts["data"] or None,
+        opts["structures"] or None,
         float(opts["max_identity"]),
         int(opts["max_sequences"]) if opts["max_sequences"] else None,
         stages,

@@ -29,15 +29,15 @@ def run_cmd(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.Compl
     return subprocess.run(cmd, cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def kill_after(cmd: list[str], cwd: Path, delay: float, started: Path | Callable[[], bool] | None = None) -> bool:
-    """Start ``cmd``; SIGKILL it ``delay`` s after ``started`` appears (a path, or a test that
-    turns true; after the start if None). Returns True if it was killed, False if it had finished
-    first."""
+def kill_after(cmd: list[str], cwd: Path, delay: float, started: Path | Callable[[int], bool] | None = None) -> bool:
+    """Start ``cmd``; SIGKILL it ``delay`` s after ``started`` appears (a path, or a test of the
+    process id that turns true, polled every 2 ms; after the start if None). Returns True if it
+    was killed, False if it had finished first."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ready = started.exists if isinstance(started, Path) else started
+    ready = (lambda pid: started.exists()) if isinstance(started, Path) else started
     t_end = time.monotonic() + 300
-    while ready is not None and not ready() and proc.poll() is None and time.monotonic() < t_end:
-        time.sleep(0.01)
+    while ready is not None and not ready(proc.pid) and proc.poll() is None and time.monotonic() < t_end:
+        time.sleep(0.002)
     try:
         proc.wait(timeout=delay)
         return False
@@ -69,9 +69,9 @@ def contents(snap: dict[str, tuple[bytes, int]]) -> dict[str, bytes]:
     return {k: v[0] for k, v in snap.items()}
 
 
-def staging(folder: Path) -> Callable[[], bool]:
+def staging(folder: Path) -> Callable[[int], bool]:
     """True once a run has started writing the new output of ``folder`` (its staging folder is there)."""
-    return lambda: any(folder.parent.glob(f".{folder.name}.staging-*"))
+    return lambda pid: any(folder.parent.glob(f".{folder.name}.staging-*"))
 
 
 def leftovers(folder: Path) -> list[str]:

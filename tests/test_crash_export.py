@@ -17,7 +17,6 @@ files are being edited) may differ in their last bits, and a printed digit with 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from killing import command_env, kill_after, run_cmd
 
 from protein_performer.analysis.export import ExportError, run_export
 from protein_performer.analysis.maps_io import MapsFile, write_maps
@@ -55,10 +55,6 @@ N_SEQUENCES = 100  # ~1 s of export on one thread, after ~2 s of imports (kills 
 KEPT = re.compile(r"\((\d+) kept from the interrupted export\)")  # the command's summary line
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PROTEIN_PERFORMER_TRACEBACK="0")
-
-
 def _export_cmd(work: Path, output: str, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -76,49 +72,12 @@ def _export_cmd(work: Path, output: str, *extra: str) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _kill_after(cmd: list[str], cwd: Path, delay: float, started: Path | None = None) -> bool:
-    """Start ``cmd``; SIGKILL it ``delay`` s after ``started`` appears (after the start if None).
-    Returns True if it was killed, False if it had finished first."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t_end = time.monotonic() + 300
-    while started is not None and not started.exists() and proc.poll() is None and time.monotonic() < t_end:
-        time.sleep(0.01)
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return True
-
-
 def _journaled(journal: Path) -> int:
     """How many records an export's journal lists (its first line holds the settings)."""
     try:
         return max(0, journal.read_bytes().count(b"\n") - 1)
     except FileNotFoundError:
         return 0
-
-
-def _kill_at_record(cmd: list[str], cwd: Path, journal: Path, records: int, delay: float) -> bool:
-    """Start an export; SIGKILL it ``delay`` s after its journal lists ``records`` finished records
-    (a moment of the work, however fast or loaded the machine). True if it was killed, False if it
-    had finished first."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t_end = time.monotonic() + 300
-    while _journaled(journal) < records and proc.poll() is None and time.monotonic() < t_end:
-        time.sleep(0.005)
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return True
 
 
 def _kept(stdout: str) -> int:
@@ -158,7 +117,7 @@ class _Reference:
         self.log = work / "ref.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                _export_cmd(work, str(self.out)), cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT
+                _export_cmd(work, str(self.out)), cwd=work, env=command_env(), stdout=log, stderr=subprocess.STDOUT
             )
 
     def path(self) -> Path:
@@ -217,7 +176,9 @@ def test_export_killed_at_random_moments_resumes_to_a_byte_identical_file(refere
     for name, records, delay in cases:
         out = work / name / "maps.h5"
         journal = out.with_name("maps.h5.partial.journal")
-        killed = _kill_at_record(_export_cmd(work, str(out)), work, journal, records, delay)
+        killed = kill_after(
+            _export_cmd(work, str(out)), work, delay, lambda pid, j=journal, n=records: _journaled(j) >= n
+        )
         _assert_nothing_looks_complete(out, reference)
         partial = out.with_name("maps.h5.partial")
         if killed and partial.exists() and name == "export0":
@@ -242,7 +203,9 @@ def test_export_killed_at_random_moments_resumes_to_a_byte_identical_file(refere
         running = (
             name,
             out,
-            subprocess.Popen(cmd, cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            subprocess.Popen(
+                cmd, cwd=work, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
         )
     resumed.append(_finish_resume(*running, reference))
     assert sum(0 < r < N_SEQUENCES for r in resumed) >= 2, f"the kills did not land mid-export: {resumed}"
@@ -259,7 +222,7 @@ def _write_and_kill_self(path: Path, n_records: int) -> None:
         "w.flush()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=command_env(), capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -274,7 +237,7 @@ def test_every_reader_refuses_a_maps_file_whose_writer_was_killed(tmp_path):
         ["protein_performer.contacts", f"maps={maps}", f"structures={STRUCTURES}", f"output_dir={tmp_path / 'c'}"],
         ["protein_performer.aa_similarity", f"maps={maps}", f"output_dir={tmp_path / 'a'}"],
     ):
-        res = _run([sys.executable, "-m", *cmd], tmp_path)
+        res = run_cmd([sys.executable, "-m", *cmd], tmp_path)
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert res.stderr.startswith(f"error: {maps}: incomplete: the export was interrupted")
         assert "resume=true" in res.stderr
@@ -348,7 +311,7 @@ def test_analysis_killed_at_random_moments_leaves_no_report(command, control_map
     # round differently in its last bit and a printed digit of the JSON differ from a full run's.
     ref = work / f"{command}_ref"
     t0 = time.monotonic()
-    res = _run(cmd(ref), work)
+    res = run_cmd(cmd(ref), work)
     duration = time.monotonic() - t0  # start-up (imports) included, as for the killed runs
     assert res.returncode == 0, res.stderr[-3000:]
     ref_report = json.loads((ref / report).read_text())
@@ -359,12 +322,12 @@ def test_analysis_killed_at_random_moments_leaves_no_report(command, control_map
     writing = work / f"{command}_writing"
     writing.mkdir()
     (writing / report).write_text(json.dumps(ref_report))
-    beside = threading.Thread(target=_kill_after, args=(cmd(writing), work, 0.0, writing / first_file))
+    beside = threading.Thread(target=kill_after, args=(cmd(writing), work, 0.0, writing / first_file))
     beside.start()
     rng = random.Random(SEED)
     for k, delay in enumerate([rng.uniform(0.3, 1.0) * duration for _ in range(2)]):
         out = work / f"{command}_{k}"
-        _kill_after(cmd(out), work, delay)
+        kill_after(cmd(out), work, delay)
         _check_output_dir(out, ref, report)
     beside.join(timeout=300)
     _check_output_dir(writing, ref, report)

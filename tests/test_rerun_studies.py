@@ -11,26 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from killing import command_env, kill_after
 
 from protein_performer.experiments import compatibility, redraw, speed, study_cli
 from protein_performer.experiments import family_contacts as fc
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20261207  # the kill delays
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PROTEIN_PERFORMER_TRACEBACK="0")
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
@@ -41,22 +35,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
         if path.is_file() and not any(part.startswith(".") for part in rel.parts):
             out[str(rel)] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
     return out
-
-
-def _kill_when(cmd: list[str], cwd: Path, ready, delay: float) -> bool:
-    """Start ``cmd``; SIGKILL it ``delay`` s after ``ready(pid)`` turns true (polled every ms).
-    Returns True if it was killed, False if it had finished first."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t_end = time.monotonic() + 300
-    while not ready(proc.pid) and proc.poll() is None and time.monotonic() < t_end:
-        time.sleep(0.001)
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return True
 
 
 # ------------------------------------------------------------------------------------------ studies
@@ -130,7 +108,7 @@ def test_killed_study_rerun_leaves_the_previous_results(finished_speed, tmp_path
         else:  # anywhere in the run (imports, the sweep, the writes)
             delay = rng.uniform(0.2, 2.0)
             ready = lambda pid: True  # noqa: E731
-        _kill_when(_speed_cmd(out), tmp_path, ready, delay)
+        kill_after(_speed_cmd(out), tmp_path, delay, ready)
         now = _snapshot(out)
         assert set(now) == set(old)
         changed = {k for k in now if now[k] != old[k]}
@@ -153,14 +131,14 @@ def test_study_resume_on_a_finished_result_changes_nothing(finished_speed, tmp_p
     out = _copy(finished_speed, tmp_path / "studies")
     before = _snapshot(out)
     res = subprocess.run(
-        _speed_cmd(out, "--resume"), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+        _speed_cmd(out, "--resume"), cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr
     assert "is complete" in res.stderr
     assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
     # other settings: an error that says how to replace it; nothing changed
     res = subprocess.run(
-        _speed_cmd(out, "--resume", "--reps", "2"), cwd=tmp_path, env=_env(), capture_output=True, text=True
+        _speed_cmd(out, "--resume", "--reps", "2"), cwd=tmp_path, env=command_env(), capture_output=True, text=True
     )
     assert res.returncode == 1 and "reps: 1 -> 2" in res.stderr and "rerun without --resume" in res.stderr
     assert _snapshot(out) == before
@@ -280,7 +258,7 @@ def test_killed_recipe_overwrite_leaves_the_finished_run(finished_recipe, shared
     # the extracted FASTA, the shards (both before training), the export, the plot (next to the swap)
     for marker in ("family.fasta", "shards/manifest.json", "maps_random.h5", "contacts.png"):
         delay = rng.uniform(0.0, 0.3)
-        _kill_when(cmd, tmp_path, lambda pid: (tmp_path / f".{FAMILY}.staging-{pid}" / marker).exists(), delay)  # noqa: B023
+        kill_after(cmd, tmp_path, delay, lambda pid, m=marker: (tmp_path / f".{FAMILY}.staging-{pid}" / m).exists())
         now = _snapshot(out)
         if out.stat().st_ino == inode:  # not swapped yet: the finished run, byte for byte (mtimes too)
             assert now == old, delay

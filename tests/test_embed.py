@@ -66,6 +66,22 @@ def test_batched_embedding_equals_alone(attention, causal):
         np.testing.assert_allclose(row, alone, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bid", "uni"])
+def test_embedding_is_the_mean_representation_over_the_framed_residues(causal):
+    """One sequence alone: the mean of ``PerformerLM.representations`` over ``Tokenizer.frame``'s
+    residue positions (float32: the summation order over the positions may differ)."""
+    import torch
+
+    model = tiny_model("favor_relu", causal).eval()
+    tok = Tokenizer()
+    residues = tok.encode("MKTAYIAKQRQISFVKSHFSRQ")
+    ids, where = tok.frame(residues, causal)
+    with torch.no_grad():
+        rep = model.representations(torch.as_tensor(ids)[None])[0, where]
+    mean = (rep.double().sum(0) / len(residues)).numpy()
+    np.testing.assert_allclose(embed_batch(model, [residues])[0], mean, rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return trained_checkpoint(tmp_path_factory)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from protein_performer.model.attention import SoftmaxAttention
-from protein_performer.model.performer import PerformerLM, RecurrentState, apply_rotary, rotary_tables
+from protein_performer.model.performer import PerformerLM, RecurrentState
+from protein_performer.model.rotary import apply_rotary, rotary_tables
 
 SHAPE = dict(vocab_size=29, max_len=64, dim=32, depth=2, heads=2, dim_head=16, ff_dim=64, dropout=0.0, nb_features=32)
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from protein_performer.model.performer import PerformerLM, apply_rotary, rotary_tables
+from protein_performer.model.performer import PerformerLM
+from protein_performer.model.rotary import apply_rotary, rotary_tables
 from protein_performer.training.callbacks import feature_seed, redraw_model_features
 
 
@@ -53,6 +54,45 @@ def test_forward_shapes_and_attention_maps(attention, causal):
             assert torch.triu(a, diagonal=1).abs().max() < 1e-6
     # the logits do not depend on whether the maps were asked for
     assert torch.allclose(model(tokens, key_padding_mask=mask)["logits"], out["logits"], atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ATTN)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_maps_and_representations_are_the_forward_pass(attention, causal):
+    """``attention_maps`` yields ``forward(return_attention=True)``'s maps one layer at a time (a
+    layer's maps before its block runs; blocks past the last layer asked for never run);
+    ``representations`` is the final LayerNorm's output (what embed computed by hand), and the LM
+    head on it gives the logits."""
+    torch.manual_seed(0)
+    model = PerformerLM(attention=attention, causal=causal, **{**SMALL, "depth": 3}).eval()
+    tokens, mask = tokens_and_mask()
+    with torch.no_grad():
+        full = model(tokens, key_padding_mask=mask, return_attention=True)
+        x = model.embed(tokens)
+        for block in model.blocks:
+            x = block(x, mask)
+        by_hand = model.norm(x)
+    ran = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+    maps = model.attention_maps(tokens, mask)
+    for layer in range(3):
+        got_layer, got = next(maps)
+        assert got_layer == layer and ran == list(range(layer))  # blocks 0 .. layer-1 have run
+        assert not got.requires_grad and torch.equal(got, full["attentions"][layer])
+    assert next(maps, None) is None and ran == [0, 1]  # the last block is not needed for maps
+    ran.clear()
+    assert [layer for layer, _ in model.attention_maps(tokens, mask, layers=[1, 0, 1])] == [0, 1]
+    assert ran == [0]
+    assert list(model.attention_maps(tokens, mask, layers=[])) == [] and ran == [0]
+    with pytest.raises(ValueError, match="outside"):
+        next(model.attention_maps(tokens, mask, layers=[3]))
+    with torch.no_grad():
+        rep = model.representations(tokens, mask)
+        states = list(model.hidden_states(tokens, mask))
+    assert len(states) == 4 and torch.equal(states[0], model.embed(tokens)) and torch.equal(states[-1], rep)
+    assert torch.equal(rep, by_hand)
+    assert torch.equal(model.lm_head(rep), full["logits"])
 
 
 @pytest.mark.parametrize("attention", ATTN)

@@ -76,38 +76,30 @@ def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     return batches
 
 
-@torch.no_grad()
-def representations(model, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """(b, t, dim): the final representation (after the last LayerNorm) without the LM head."""
-    x = model.embed(tokens)
-    for block in model.blocks:
-        x = block(x, key_padding_mask)
-    return model.norm(x)
-
-
 def _batch_tokens(residues: list[np.ndarray], causal: bool, tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded model input ``[bos, s, (eos)]`` for each residue array, and the padding mask."""
-    extra = 1 if causal else 2
-    T = max(len(r) for r in residues) + extra
+    """Each residue array's :meth:`Tokenizer.frame`, padded to one length, and the padding mask."""
+    T = max(len(r) for r in residues) + tok.special_tokens(causal)
     tokens = np.full((len(residues), T), tok.pad_id, dtype=np.int64)
     for n, r in enumerate(residues):
-        tokens[n, 0] = tok.bos_id
-        tokens[n, 1 : 1 + len(r)] = r
-        if not causal:
-            tokens[n, 1 + len(r)] = tok.eos_id
+        ids, _ = tok.frame(r, causal)
+        tokens[n, : len(ids)] = ids
     tokens_t = torch.from_numpy(tokens)
     return tokens_t, tokens_t == tok.pad_id
 
 
+@torch.no_grad()
 def embed_batch(model, residues: list[np.ndarray], device: str | torch.device = "cpu") -> np.ndarray:
     """(n, dim) float32 mean embeddings of residue-id arrays (no special tokens), one forward pass."""
     tok = Tokenizer()
     tokens, pad = _batch_tokens(residues, bool(model.config.causal), tok)
     tokens, pad = tokens.to(device), pad.to(device)
-    rep = representations(model, tokens, pad if pad.any() else None).float()  # (n, T, dim)
-    lengths = torch.tensor([len(r) for r in residues], device=rep.device)
+    rep = model.representations(tokens, pad if pad.any() else None).float()  # (n, T, dim)
+    where = [tok.residue_slice(len(r)) for r in residues]  # the residues' positions in each frame
+    starts = torch.tensor([w.start for w in where], device=rep.device)
+    stops = torch.tensor([w.stop for w in where], device=rep.device)
+    lengths = stops - starts
     pos = torch.arange(rep.shape[1], device=rep.device)
-    keep = (pos[None] >= 1) & (pos[None] <= lengths[:, None])  # residues sit at 1..L
+    keep = (pos[None] >= starts[:, None]) & (pos[None] < stops[:, None])
     summed = (rep * keep[..., None]).sum(1)
     return (summed / lengths[:, None]).cpu().numpy()
 
@@ -147,7 +139,7 @@ def _embed_chunk(
     """Embeddings of one chunk, rows in the chunk's order; a record skipped by ``crop=skip`` gets
     length 0 and a NaN row."""
     tok = Tokenizer()
-    max_res = int(lm.config.max_len) - (1 if lm.config.causal else 2)
+    max_res = int(lm.config.max_len) - tok.special_tokens(bool(lm.config.causal))
     residues = []
     for rec in records:
         r = tok.encode(rec.sequence)

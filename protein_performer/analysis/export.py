@@ -11,7 +11,7 @@ final LayerNorm, per residue and mean-pooled over the residues (ESM's ``extract.
 This module is the public import path; the code lives in:
 
 - :mod:`~protein_performer.analysis.export_model`: checkpoint -> :class:`LoadedModel`, and
-  :func:`run_sequence` (one sequence, a hook per layer);
+  :func:`run_sequence` (one sequence, its maps one layer at a time);
 - :mod:`~protein_performer.analysis.export_inputs`: FASTA / structure input, crop, include;
 - :mod:`~protein_performer.analysis.export_run`: :func:`export_attention` and :func:`run_export`;
 - :mod:`~protein_performer.analysis.export_journal`: the partial file, its journal, ``resume``;
@@ -42,7 +42,6 @@ from protein_performer.analysis.export_model import (
     file_sha256,
     load_model,
     model_config_from,
-    model_input,
     run_sequence,
 )
 from protein_performer.analysis.export_run import ExportCounts, export_attention, run_export
@@ -64,7 +63,6 @@ __all__ = [
     "is_structure_input",
     "load_model",
     "model_config_from",
-    "model_input",
     "parse_include",
     "partial_paths",
     "read_sequences",

@@ -1,12 +1,12 @@
 """Export, the model side: a checkpoint (or a random init) -> :class:`LoadedModel`, and one
-sequence through it with a hook per layer (:func:`run_sequence`).
+sequence through it, its maps handed out one layer at a time (:func:`run_sequence`).
 
-Model input per sequence of L residues ``s`` (as in training, ``data/collate.py``):
-BID ``[bos, s, eos]``, UNI ``[bos, s]`` (a UNI model never sees eos as input). The maps are the
-model's own ``attention_matrix`` on the queries and keys of every layer (``model.eval()``, no
-redraw): for FAVOR+ ``D^-1 Q' (K')^T`` (causally masked for UNI), for the exact baseline
-``softmax(Q K^T / sqrt(d))``. Rows and columns of the special tokens are dropped, so every map is
-L x L.
+Model input per sequence of L residues ``s``: ``Tokenizer.frame`` (as in training): BID
+``[bos, s, eos]``, UNI ``[bos, s]`` (a UNI model never sees eos as input). The maps are
+``PerformerLM.attention_maps``: the model's own ``attention_matrix`` on the queries and keys of
+every layer (``model.eval()``, no redraw): for FAVOR+ ``D^-1 Q' (K')^T`` (causally masked for
+UNI), for the exact baseline ``softmax(Q K^T / sqrt(d))``. Rows and columns of the special tokens
+are dropped, so every map is L x L.
 """
 
 from __future__ import annotations
@@ -212,14 +212,6 @@ def _random_model(model_config: dict | str | Path | None, seed: int, device: str
 
 
 # ------------------------------------------------------------------------------ one sequence through it
-def model_input(residues: np.ndarray, causal: bool, tok: Tokenizer | None = None) -> np.ndarray:
-    """Token ids the model reads for residue ids ``residues``: BID ``[bos, s, eos]``, UNI
-    ``[bos, s]`` (the residues sit at positions 1..L in both)."""
-    tok = tok or Tokenizer()
-    parts = [[tok.bos_id], residues] + ([] if causal else [[tok.eos_id]])
-    return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
-
-
 @torch.no_grad()
 def run_sequence(
     model: PerformerLM,
@@ -228,49 +220,26 @@ def run_sequence(
     want_repr: bool = False,
     device: str | torch.device | None = None,
 ) -> torch.Tensor | None:
-    """Run one sequence (residue ids, no special tokens) through ``model``.
+    """Run one sequence (residue ids, no special tokens) through ``model``, framed by
+    :meth:`Tokenizer.frame`.
 
     ``on_layer(layer, maps)`` is called once per layer, in order, with that layer's maps
-    ``(heads, L, L)`` float32 (special tokens dropped), computed by the layer's
-    ``attention_matrix`` from the hidden states entering it, before the next layer runs.
-    Returns the final representation ``(L, dim)`` (after the final LayerNorm) when ``want_repr``.
+    ``(heads, L, L)`` float32 (special tokens dropped): :meth:`PerformerLM.attention_maps`, one
+    layer at a time. Returns the final representation ``(L, dim)`` (after the final LayerNorm,
+    :meth:`PerformerLM.representations`) when ``want_repr``, from the same pass.
     """
     if model.training:
         raise RuntimeError("export needs model.eval(): maps come from the model's fixed features")
     device = device if device is not None else next(model.parameters()).device
-    causal = bool(model.config.causal)
-    L = int(len(residues))
-    tokens = torch.as_tensor(model_input(residues, causal), device=device)[None]  # (1, T)
-    keep = slice(1, L + 1)
-    fired: list[int] = []
-    final: list[torch.Tensor] = []
-    handles = []
-
-    def attention_hook(layer: int):
-        def hook(module, args, kwargs):
-            x = args[0]
-            mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
-            maps = module.attention_matrix(x, mask)  # (1, h, T, T) float32
-            fired.append(layer)
-            if on_layer is not None:
-                on_layer(layer, maps[0, :, keep, keep])
-            del maps
-
-        return hook
-
-    try:
-        if on_layer is not None:
-            for i, block in enumerate(model.blocks):
-                handles.append(block.attn.register_forward_pre_hook(attention_hook(i), with_kwargs=True))
-        if want_repr:
-            handles.append(model.norm.register_forward_hook(lambda m, a, out: final.append(out[0, keep])))
-        model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    if on_layer is not None and fired != list(range(len(model.blocks))):
-        raise RuntimeError(
-            f"attention hooks fired for layers {fired}, expected 0..{len(model.blocks) - 1}: "
-            "PerformerLM's forward no longer calls block.attn; update export.run_sequence"
-        )
-    return final[0] if want_repr else None
+    ids, keep = Tokenizer().frame(residues, bool(model.config.causal))
+    tokens = torch.as_tensor(ids, device=device)[None]  # (1, T)
+    if not want_repr:
+        for layer, maps in model.attention_maps(tokens, layers=None if on_layer is not None else ()):
+            on_layer(layer, maps[0, :, keep, keep])
+            del maps  # one layer's maps in memory: these are gone before the next layer's are made
+        return None
+    depth = len(model.blocks)
+    for layer, x in enumerate(model.hidden_states(tokens)):  # maps and representation in one pass
+        if on_layer is not None and layer < depth:
+            on_layer(layer, model.layer_attention(layer, x)[0, :, keep, keep])
+    return x[0, keep]

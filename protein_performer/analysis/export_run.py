@@ -98,7 +98,7 @@ class _ExportRun:
         self.lm, self.output, self.inc, self.crop, self.interrupted = lm, output, inc, crop, interrupted
         self.causal = bool(cfg.causal)
         self.max_len = int(cfg.max_len)
-        self.max_residues = self.max_len - (1 if self.causal else 2)
+        self.max_residues = self.max_len - Tokenizer.special_tokens(self.causal)
         self.depth, self.heads, self.dim = len(lm.blocks), int(cfg.heads), int(cfg.dim)
         self.partial, self.journal_path = partial_paths(output)
         resumed = interrupted.old is not None  # kept records are copied into a fresh file first
@@ -265,7 +265,7 @@ def _write_record(lm: PerformerLM, record: LayerRecord, residues: np.ndarray, in
     produces them (one layer in memory), then the final-layer embeddings."""
 
     def on_layer(layer: int, maps: torch.Tensor) -> None:
-        record.write_layer(maps.float().cpu().numpy())  # (h, L, L); run_sequence calls layers 0, 1, ... in order
+        record.write_layer(maps.float().cpu().numpy())  # (h, L, L); run_sequence hands out layers 0, 1, ... in order
 
     want_maps = "attentions" in inc or "apc" in inc
     want_repr = "mean" in inc or "per_token" in inc

@@ -149,8 +149,7 @@ def predict_contacts(
     elif (cfg.depth, cfg.heads) != (head.n_layers, head.n_heads):
         head.check_model(head.checkpoint_sha256, cfg.depth, cfg.heads)
     tok = Tokenizer()
-    special = 1 if cfg.causal else 2
-    max_residues = int(cfg.max_len) - special
+    max_residues = int(cfg.max_len) - tok.special_tokens(bool(cfg.causal))
     reference = reference_sequence(head, align_to)
     if reference is not None:
         try:

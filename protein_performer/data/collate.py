@@ -204,5 +204,5 @@ def effective_lengths(residue_lengths: np.ndarray, objective: str, max_length: i
     """Unpadded batch length of each item, as :class:`Collator` will produce it."""
     if packed:
         return np.asarray(residue_lengths, dtype=np.int64)
-    extra = 1 if objective == "uni" else 2
+    extra = Tokenizer.special_tokens(causal=objective == "uni")
     return np.minimum(np.asarray(residue_lengths, dtype=np.int64) + extra, max_length)

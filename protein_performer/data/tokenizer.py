@@ -108,6 +108,34 @@ class Tokenizer:
             ids = np.concatenate(parts)
         return ids
 
+    # ------------------------------------------------------------------ model input
+    @staticmethod
+    def special_tokens(causal: bool) -> int:
+        """How many special tokens :meth:`frame` adds: 1 (bos) for a causal (UNI) model, 2 (bos,
+        eos) for a bidirectional (BID) one; a model of ``max_len`` positions holds
+        ``max_len - special_tokens(causal)`` residues."""
+        return 1 if causal else 2
+
+    @staticmethod
+    def residue_slice(n_residues: int) -> slice:
+        """Where ``n_residues`` residues sit in their :meth:`frame` (positions ``1 .. n``, causal or
+        not): it maps a position of the model's input (its maps, representations) back to a residue."""
+        return slice(1, 1 + int(n_residues))
+
+    def frame(self, residues: np.ndarray | str, causal: bool) -> tuple[np.ndarray, slice]:
+        """The model's input for one sequence (residue ids without special tokens, or a string,
+        encoded first): BID ``[bos, s, eos]``, UNI ``[bos, s]`` (a UNI model never reads eos; in
+        training it is the last target). Returns the int64 token ids and :meth:`residue_slice`:
+        ``ids[where]`` are the residues. Training's crops (``data/collate.py``) cut windows of it."""
+        residues = self.encode(residues) if isinstance(residues, str) else np.asarray(residues)
+        n = len(residues)
+        ids = np.empty(n + self.special_tokens(causal), dtype=np.int64)
+        ids[0] = self.bos_id
+        ids[1 : n + 1] = residues
+        if not causal:
+            ids[n + 1] = self.eos_id
+        return ids, self.residue_slice(n)
+
     # ------------------------------------------------------------------ decoding
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special: bool = True) -> str:
         """Decode ids to a string. Special tokens are dropped unless ``skip_special=False``,

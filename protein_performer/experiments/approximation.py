@@ -181,11 +181,10 @@ def real_data(args) -> tuple[list, dict]:
     )
     _, valid, _ = common.load_split(args.fasta, args.seed)
     order = sorted(range(len(valid)), key=lambda i: -len(valid[i]))[: args.real_proteins]
-    length = min(args.real_length, shape["max_len"], min(len(valid[i]) for i in order) + 2)
+    length = min(args.real_length, shape["max_len"], min(len(valid[i]) for i in order) + tok.special_tokens(False))
     rows = []
     for i in order:
-        ids = np.concatenate([[tok.bos_id], valid[i].astype(np.int64), [tok.eos_id]])[:length]
-        rows.append(torch.from_numpy(ids))
+        rows.append(torch.from_numpy(tok.frame(valid[i], causal=False)[0][:length]))
     tokens = torch.stack(rows).to(args.device)
     layers = common.capture_qkv(model, tokens)
     desc = {

@@ -15,7 +15,10 @@ layer instead of N(0, 0.02).
 
 ``forward(tokens, key_padding_mask=None, return_attention=False)`` returns
 ``dict(logits=(b, l, vocab), attentions=[per layer (b, h, l, l)])``; the maps come from each
-kernel's ``attention_matrix`` on the same queries and keys as the forward pass.
+kernel's ``attention_matrix`` on the same queries and keys as the forward pass. The same pass, read
+out: ``hidden_states`` (one layer at a time), ``representations`` (after the last LayerNorm, no LM
+head) and ``attention_maps`` (``(layer, maps)`` one layer at a time, for export and contacts); the
+model's input for a sequence is ``Tokenizer.frame``'s.
 
 A causal model also decodes token by token (``init_state``, ``step``; sampling loops in
 :mod:`protein_performer.generation`): each block runs the same modules on one position and its
@@ -26,7 +29,8 @@ key/value cache), so ``step`` equals the last row of ``forward`` on the prefix.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import FavorAttention
+from protein_performer.model.rotary import apply_rotary, rotary_tables
 
 log = logging.getLogger(__name__)
 POSITION_QK_STD = 0.1  # initial scale of positional queries and keys (qk="position")
@@ -86,25 +91,6 @@ def make_kernel(
         kw.setdefault("kernel", "softmax" if attention == "favor_softmax" else "relu")
         return FavorAttention(dim_head, nb_features=nb_features, causal=causal, **kw)
     raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-
-
-# ------------------------------------------------------------------------------------- rotary
-def rotary_tables(
-    length: int, dim_head: int, device, dtype, base: float = 10000.0, start: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles ``theta_{p,i} = p * base^(-2i/d)`` for the positions
-    ``p = start .. start + length - 1``, each (l, d/2), computed in float32."""
-    inv_freq = base ** (-torch.arange(0, dim_head, 2, device=device, dtype=torch.float32) / dim_head)
-    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    angles = torch.einsum("l,f->lf", positions, inv_freq)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair ``(x_{2i}, x_{2i+1})`` of ``x: (b, h, l, d)`` by the angle of its position."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2)
 
 
 # ------------------------------------------------------------------------------------- blocks
@@ -366,19 +352,55 @@ class PerformerLM(nn.Module):
         Returns ``dict(logits=(b, l, vocab))`` plus ``attentions`` (a list of (b, h, l, l), one per
         layer) when ``return_attention``.
         """
-        x = self.embed(tokens)
         attentions = []
+        for layer, x in enumerate(self.hidden_states(tokens, key_padding_mask)):
+            if return_attention and layer < len(self.blocks):
+                attentions.append(self.layer_attention(layer, x, key_padding_mask))
+        out: dict[str, Any] = {"logits": self.lm_head(x)}
+        if return_attention:
+            out["attentions"] = attentions
+        return out
+
+    def hidden_states(
+        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The hidden states (b, l, dim) entering each block, then the final representation (after
+        the last LayerNorm): ``depth + 1`` tensors, each computed when the one before it is taken."""
+        x = self.embed(tokens)
         for block in self.blocks:
-            if return_attention:
-                attentions.append(block.attn.attention_matrix(block.ln1(x), key_padding_mask))
+            yield x
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
             else:
                 x = block(x, key_padding_mask)
-        out: dict[str, Any] = {"logits": self.lm_head(self.norm(x))}
-        if return_attention:
-            out["attentions"] = attentions
-        return out
+        yield self.norm(x)
+
+    def layer_attention(
+        self, layer: int, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Layer ``layer``'s maps (b, h, l, l) float32 from the hidden states ``x`` entering it: its
+        kernel's ``attention_matrix`` on the layer's own queries and keys."""
+        block = self.blocks[layer]
+        return block.attn.attention_matrix(block.ln1(x), key_padding_mask)
+
+    def representations(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, l, dim): the final representation (after the last LayerNorm) without the LM head."""
+        return deque(self.hidden_states(tokens, key_padding_mask), maxlen=1)[0]  # one layer held at a time
+
+    @torch.no_grad()
+    def attention_maps(
+        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, layers: Iterable[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(layer, maps (b, h, l, l) float32)`` for ``layers`` (default: all), in order and one
+        layer at a time (the maps of ``forward(return_attention=True)``, never all held at once);
+        blocks after the last one asked for are not run."""
+        depth = len(self.blocks)
+        wanted = sorted({int(i) for i in (range(depth) if layers is None else layers)})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < depth:
+            raise ValueError(f"layers {wanted} outside 0..{depth - 1}")
+        for layer, x in zip(range(wanted[-1] + 1 if wanted else 0), self.hidden_states(tokens, key_padding_mask)):
+            if layer in wanted:
+                yield layer, self.layer_attention(layer, x, key_padding_mask)
 
     # ---------------------------------------------------------------- token by token (causal)
     def check_can_step(self) -> None:

@@ -78,13 +78,17 @@ def test_ingest_overwrite_killed_at_random_moments_keeps_the_finished_ingest(fin
     untouched = 0
     kills = [(rng.uniform(0.05, 0.6) * duration, None) for _ in range(2)] + [(rng.uniform(0, 0.2), staging(out))]
     for delay, started in kills:
-        killed = kill_after(cmd, work, delay, started)
-        now = snapshot(out)
-        # the ingest's bytes do not depend on threads or the process (integers, gzip): even a kill
-        # after the swap leaves the same bytes; the times tell whether the old files are untouched
-        assert contents(now) == contents(before)
-        untouched += killed and now == before
-        read_manifest(out)  # readable, complete
+        for _ in range(4):  # a rerun that finished before its kill (faster than the timed one): again, earlier
+            killed = kill_after(cmd, work, delay, started)
+            now = snapshot(out)
+            # the ingest's bytes do not depend on threads or the process (integers, gzip): even a
+            # kill after the swap leaves the same bytes; the times tell whether the old files are untouched
+            assert contents(now) == contents(before)
+            read_manifest(out)  # readable, complete
+            untouched += killed and now == before
+            before, delay = now, delay / 2
+            if killed or started is not None:
+                break
     assert untouched >= 2, "the kills did not land during the reruns"
     res = run_cmd(cmd, work)  # a finished overwrite: the hidden leftovers of the killed ones are gone
     assert res.returncode == 0, res.stderr
@@ -161,17 +165,21 @@ def test_analysis_rerun_killed_at_random_moments_keeps_the_finished_output(comma
     # a kill at a random moment of the rerun, one while it writes its new output (staging)
     kills = [(rng.uniform(0.05, 0.6) * duration, None), (rng.uniform(0, 0.2), staging(out))]
     for delay, started in kills:
-        # each rerun asks for the option the output does not have, so a swapped-in output shows
-        rerun = changed if _option_of(out / report, command) == old_option else options[-1]
-        kill_after(cmd(rerun), work, delay, started)
-        now = snapshot(out)
-        if now == before:
-            intact += 1
-        else:  # the kill came after the swap: a complete new output, the user's file kept
-            assert f"{_option_of(out / report, command)}" == rerun.partition("=")[2]
-            before = now
-        assert (out / "notes.txt").read_text() == "kept\n"
-        json.loads((out / report).read_text())  # readable
+        for _ in range(4):  # a rerun that finished before its kill (faster than the timed one): again, earlier
+            # each rerun asks for the option the output does not have, so a swapped-in output shows
+            rerun = changed if _option_of(out / report, command) == old_option else options[-1]
+            killed = kill_after(cmd(rerun), work, delay, started)
+            now = snapshot(out)
+            if now == before:
+                intact += 1
+            else:  # the kill came after the swap: a complete new output, the user's file kept
+                assert f"{_option_of(out / report, command)}" == rerun.partition("=")[2]
+                before = now
+            assert (out / "notes.txt").read_text() == "kept\n"
+            json.loads((out / report).read_text())  # readable
+            delay /= 2
+            if killed or started is not None:
+                break
     assert intact >= 1, "the kills came too late: they must land while the rerun works"
     _run_in_process(command, maps_h5, out, changed)  # a finished rerun removes the killed ones' stages
     assert _option_of(out / report, command) != old_option and leftovers(out) == []

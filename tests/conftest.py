@@ -3,6 +3,7 @@ overrides that make the demo experiment a tiny model for training tests (:func:`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -91,3 +92,18 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--reverse-order"):
         items.reverse()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """``with one_thread():`` torch's thread count of the command runs (OMP_NUM_THREADS=1, num_threads=1)
+    in this process: float32 results may depend on it (how a sum is split), so a reference computed
+    here to compare with a run's output uses it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

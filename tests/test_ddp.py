@@ -8,13 +8,12 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import one_thread, tiny_overrides
 
 from protein_performer.data.datamodule import BatchSampler, CollatedDataset, ProteinDataModule
 from protein_performer.model.performer import PerformerLM
@@ -28,17 +27,6 @@ STEPS, REDRAW, SEED, EVAL_BS = 4, 3, 5, 7
 # global state): the logits may differ in their last bits, ~dim x depth x eps32 x |activations| ~ 1e-5
 # here; 1e-4 leaves a margin of 10.
 NEAR_TIE = 1e-4
-
-
-@contextmanager
-def one_thread():
-    """The ranks' thread count (OMP_NUM_THREADS=1) in this process; fast for the tiny model too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import one_thread
 
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.embed import read_embeddings, run_embed
@@ -58,16 +59,6 @@ TINY = {
     "causal": False,
 }
 COMMANDS = ("export_attention", "embed", "predict_contacts")
-
-
-@contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _env() -> dict:
@@ -127,7 +118,7 @@ def export_attention(work) -> Finished:
     opts = {"model_config": str(work / "tiny.yaml"), "crop": "start"}
 
     def run(**kw) -> dict:
-        with _one_thread():
+        with one_thread():
             return run_export("random", str(fasta), str(out), progress=False, **{**opts, **kw})
 
     def read(path: Path) -> int:
@@ -146,7 +137,7 @@ def embed(work) -> Finished:
     opts = {"model_config": str(work / "tiny.yaml"), "crop": "start", "chunk": 8}
 
     def run(**kw) -> dict:
-        with _one_thread():
+        with one_thread():
             return run_embed("random", str(fasta), str(out), progress=False, **{**opts, **kw})
 
     def read(path: Path) -> int:
@@ -175,7 +166,7 @@ def predict_contacts(work) -> Finished:
     opts = {"csv_path": str(csv_path), "png_dir": str(png_dir), "crop": "start"}
 
     def run(**kw) -> dict:
-        with _one_thread():
+        with one_thread():
             return run_predict_contacts(
                 str(ckpt), str(head_path), str(fasta), str(out), progress=False, **{**opts, **kw}
             )

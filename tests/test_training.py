@@ -7,13 +7,12 @@ import json
 import math
 import struct
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import one_thread, tiny_overrides
 from hydra import compose, initialize_config_dir
 
 from protein_performer.data.ingest import ingest
@@ -38,18 +37,6 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
         progress=False,
     )
     return out
-
-
-@contextmanager
-def one_thread():
-    """The thread count the runs train and validate with (num_threads=1 above), here in this process:
-    torch's float32 results may depend on it (how a sum is split), so a reference computed here uses it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def make_cfg(overrides: list[str]):

@@ -7,11 +7,11 @@ and the floors on the five families' mean long-range P@L.
 
 from __future__ import annotations
 
-from _record import Floor, day, fmt, latest, source, table
+from _record import Floor, day, fmt, latest, newest, source, table
+from family_contacts import FLOOR_FAMILIES as FIVE_FAMILIES
 
 HEADING = "## Family-level contacts (issue 12): `benchmarks/family_contacts.py`"
 COMMAND = "python benchmarks/family_contacts.py"
-FIVE_FAMILIES = ("PF00072", "PF00550", "PF00486", "PF00076", "PF00226")
 RECIPE_SETTING = "aligned_exact"  # what `make family-contacts` runs: factored attention on the aligned family
 RECIPE_MINUTES = 10  # ... for this long
 # (setting, minutes) summed up, one line each when run on all five (every run: family_contacts.md):
@@ -90,7 +90,7 @@ def floors(records: list[dict]) -> list[Floor]:
     """Issue 12: the recipe's mean long P@L over the five families, and its ratio to random init's."""
     if not records:
         return [Floor("12", "five families: mean long P@L", 0.2, False, None, None, COMMAND)]
-    rec = records[-1]
+    rec = newest(records)
     mean, random = _five_family_mean(_latest_runs(rec), RECIPE_SETTING, RECIPE_MINUTES)
     what = f"five families ({RECIPE_SETTING}, {RECIPE_MINUTES} min, latest run each): mean long P@L"
     ratio = mean / random if mean is not None and random else None

@@ -29,15 +29,16 @@ seconds is skipped.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _record import record, write
+from attention_section import section
 
 METHODS = ("exact_sdpa", "favor_softmax", "favor_relu", "performer_pytorch")
 # FAVOR+ softmax through one implementation (FavorAttention(impl=...)); "compile" is torch.compile
@@ -240,15 +241,6 @@ def performer_pytorch_available() -> bool:
     return True
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return name
-
-
 def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
     """The floors of issues 3 and 11 (CPU, fp32); each is PASS, FAIL or n/a (a number is missing)."""
 
@@ -308,46 +300,8 @@ def check_floors(rows: list[dict], scaling: list[dict]) -> list[dict]:
     ]
 
 
-def markdown(rows: list[dict], floors: list[dict], args) -> str:
-    lengths = sorted({r["length"] for r in rows})
-    lines = []
-    for mode in ("causal", "bidirectional"):
-        lines += [
-            f"**{mode}**: forward+backward time in seconds, the minimum of the rounds (peak memory MiB); "
-            "ratio = median over rounds of time / exact_sdpa time in the same round",
-            "",
-        ]
-        lines.append("| method | " + " | ".join(f"L={n}" for n in lengths) + " |")
-        lines.append("|---" * (len(lengths) + 1) + "|")
-        for method in args.methods:
-            cells = []
-            for n in lengths:
-                r = next((r for r in rows if r["method"] == method and r["mode"] == mode and r["length"] == n), None)
-                if r is None or "time_s" not in r:
-                    cells.append(r.get("skipped", r.get("error", "-")) if r else "-")
-                    continue
-                base = next(
-                    (
-                        x
-                        for x in rows
-                        if x["method"] == "exact_sdpa" and x["mode"] == mode and x["length"] == n and "time_s" in x
-                    ),
-                    None,
-                )
-                ratio = r.get("median_ratio", r["time_s"] / base["time_s"] if base else None)
-                rel = f", {ratio:.2f}x" if ratio is not None and method != "exact_sdpa" else ""
-                cells.append(f"{r['time_s']:.3f} s ({r['peak_mem_mb']:.0f} MiB{rel})")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if args.device == "cpu" and args.dtype == "fp32":
-        lines += ["| floor (issues 3, 11) | value | limit | verdict |", "|---|---|---|---|"]
-        for f in floors:
-            value = "-" if f["value"] is None else f"{f['value']:.3f}"
-            lines.append(f"| {f['floor']} | {value} | <= {f['limit']} | {f['verdict']} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -375,23 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         "--system-malloc", action="store_true", help="the default now (a plain process); kept for old commands"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
 
-    if args.keep_freed_memory:  # timing process only; memory workers keep their own malloc settings
-        from protein_performer.runtime import keep_freed_memory
-
-        keep_freed_memory()
-
-    if "performer_pytorch" in args.methods and not performer_pytorch_available():
-        print("performer-pytorch is not installed (pip install -e '.[bench]'): skipping it")
-        args.methods = [m for m in args.methods if m != "performer_pytorch"]
-
-    cfg_base = {
-        "method": "favor_softmax",
+def base_config(args: argparse.Namespace, method: str = "favor_softmax") -> dict:
+    """A worker's configuration without the mode and length."""
+    return {
+        "method": method,
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
@@ -401,59 +345,52 @@ def main(argv: list[str] | None = None) -> int:
         "nb_features": args.nb_features,
         "chunk_size": args.chunk_size,
     }
-    rows: list[dict] = []
-    for mode in args.modes:
-        last = {method: None for method in args.methods}  # (time, length) of the previous length
-        for length in sorted(args.lengths):
-            measured = []
-            for method in args.methods:
-                row = {"method": method, "mode": mode, "length": length}
-                rows.append(row)
-                if mode == "bidirectional" and method.split("_", 2)[-1] in FLA_VARIANTS:
-                    row["skipped"] = "n/a (causal only)"
-                    continue
-                if last[method] is not None:
-                    previous, previous_length = last[method]
-                    projected = previous * (length / previous_length) ** (2 if method in QUADRATIC else 1)
-                    if projected > args.time_cap:
-                        row["skipped"] = f"skipped (> {args.time_cap:.0f} s)"
-                        last[method] = (float("inf"), length)
-                        continue
-                cfg = {
-                    "method": method,
-                    "causal": mode == "causal",
-                    "length": length,
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "threads": args.threads,
-                    "batch": args.batch,
-                    "heads": args.heads,
-                    "dim_head": args.dim_head,
-                    "nb_features": args.nb_features,
-                    "chunk_size": args.chunk_size,
-                }
-                row.update(measure(cfg))
-                if "error" in row:
-                    last[method] = (float("inf"), length)
-                else:
-                    measured.append((row, cfg))
-            if measured:
-                for (row, _), timing in zip(measured, interleaved_times([cfg for _, cfg in measured], args.reps)):
-                    row.update(timing)
-                    last[row["method"]] = (row["time_s"], length)
-            for row in rows[-len(args.methods) :]:
-                status = (
-                    row.get("skipped") or row.get("error") or f"{row['time_s']:8.3f} s  {row['peak_mem_mb']:8.1f} MiB"
-                )
-                print(f"{mode:13s} {row['method']:28s} L={length:6d}  {status}", flush=True)
 
-    # Linear scaling: the two largest lengths timed round-robin in one process, so that the ratio
-    # is not a comparison of two different moments of a shared machine's load.
+
+def measure_mode(args: argparse.Namespace, mode: str) -> list[dict]:
+    """The rows of one mode: per length, each method's peak memory in its own worker, then the methods
+    timed round-robin; a method projected past ``--time-cap`` (or that failed) is skipped at longer lengths."""
+    rows: list[dict] = []
+    last = {method: None for method in args.methods}  # (time, length) of the previous length
+    for length in sorted(args.lengths):
+        measured = []
+        for method in args.methods:
+            row = {"method": method, "mode": mode, "length": length}
+            rows.append(row)
+            if mode == "bidirectional" and method.split("_", 2)[-1] in FLA_VARIANTS:
+                row["skipped"] = "n/a (causal only)"
+                continue
+            if last[method] is not None:
+                previous, previous_length = last[method]
+                projected = previous * (length / previous_length) ** (2 if method in QUADRATIC else 1)
+                if projected > args.time_cap:
+                    row["skipped"] = f"skipped (> {args.time_cap:.0f} s)"
+                    last[method] = (float("inf"), length)
+                    continue
+            cfg = dict(base_config(args, method), causal=mode == "causal", length=length)
+            row.update(measure(cfg))
+            if "error" in row:
+                last[method] = (float("inf"), length)
+            else:
+                measured.append((row, cfg))
+        if measured:
+            for (row, _), timing in zip(measured, interleaved_times([cfg for _, cfg in measured], args.reps)):
+                row.update(timing)
+                last[row["method"]] = (row["time_s"], length)
+        for row in rows[-len(args.methods) :]:
+            status = row.get("skipped") or row.get("error") or f"{row['time_s']:8.3f} s  {row['peak_mem_mb']:8.1f} MiB"
+            print(f"{mode:13s} {row['method']:28s} L={length:6d}  {status}", flush=True)
+    return rows
+
+
+def measure_scaling(args: argparse.Namespace) -> list[dict]:
+    """Linear scaling: the two largest lengths timed round-robin in one process, so that the ratio
+    is not a comparison of two different moments of a shared machine's load."""
     scaling = []
     if "favor_softmax" in args.methods and len(args.lengths) >= 2:
         small, large = sorted(args.lengths)[-2:]
         for mode in args.modes:
-            cfgs = [dict(cfg_base, causal=mode == "causal", length=n) for n in (small, large)]
+            cfgs = [dict(base_config(args), causal=mode == "causal", length=n) for n in (small, large)]
             t_small, t_large = interleaved_times(cfgs, args.reps)
             scaling.append(
                 {
@@ -467,29 +404,41 @@ def main(argv: list[str] | None = None) -> int:
                 f"scaling {mode:13s} favor_softmax  time({large}) / time({small}) = {scaling[-1]['ratio']:.2f}",
                 flush=True,
             )
+    return scaling
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, write the ``attention`` record to ``--out`` and print its section and floors."""
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    if args.keep_freed_memory:  # timing process only; memory workers keep their own malloc settings
+        from protein_performer.runtime import keep_freed_memory
+
+        keep_freed_memory()
+
+    if "performer_pytorch" in args.methods and not performer_pytorch_available():
+        print("performer-pytorch is not installed (pip install -e '.[bench]'): skipping it")
+        args.methods = [m for m in args.methods if m != "performer_pytorch"]
+
+    rows = [row for mode in args.modes for row in measure_mode(args, mode)]
+    scaling = measure_scaling(args)
     floors = check_floors(rows, scaling)
-    table = markdown(rows, floors, args)
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
+    if args.device == "cuda":
+        import torch
+
+        config["gpu"] = torch.cuda.get_device_name(0)
+    rec = record("attention", {"config": config, "rows": rows, "scaling": scaling, "floors": floors}, args.device)
+    write(args.out, rec)
     print()
-    print(table)
+    print(section(dict(rec, _path=args.out.name)))
     if args.device == "cpu" and args.dtype == "fp32":
         print()
         for f in floors:
             print(f"{f['verdict']:4s}  {f['floor']}")
-
-    import torch
-
-    meta = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine() if args.device == "cpu" else torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"meta": meta, "rows": rows, "scaling": scaling, "floors": floors}, indent=2, default=str) + "\n"
-    )
     print(f"\nwrote {args.out}")
     return 0
 

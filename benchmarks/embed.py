@@ -16,12 +16,9 @@ depend on the weights), max_len 1024 with ``crop=start``. Writes benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +27,47 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _record import Floor, day, newest, record, source, table, write  # noqa: E402
+
 from protein_performer.analysis.embed import _batch_tokens, length_batches, run_embed  # noqa: E402
 from protein_performer.analysis.export import crop_window, load_model  # noqa: E402
 from protein_performer.data.fasta import read_fasta  # noqa: E402
 from protein_performer.data.tokenizer import Tokenizer  # noqa: E402
 from protein_performer.resources import shared_data  # noqa: E402
+
+HEADING = "## Embedding-only export (issue 12): `benchmarks/embed.py`"
+
+
+def section(rec: dict) -> str:
+    """RESULTS.md's part for an ``embed`` record: residues and sequences per second of both rows, their ratio."""
+    residues, sequences = rec["residues_per_s"], rec["sequences_per_s"]
+    body = [
+        ["forward only (tokens in memory)", f"{residues['forward']:.0f}", f"{sequences['forward']:.0f}"],
+        [
+            "embed, end to end (read, tokenize, embed, write HDF5)",
+            f"{residues['embed']:.0f}",
+            f"{sequences['embed']:.0f}",
+        ],
+        ["ratio embed / forward (median rounds)", f"{rec['embed_over_forward_throughput']:.2f}", ""],
+    ]
+    m = rec["model"]
+    lines = [
+        f"Command: `{rec['command']}`  ",
+        f"Machine: {rec['machine']}; {day(rec['date'])}. {rec['sequences']:,} sequences ({rec['residues']:,} "
+        f"residues) of `{Path(rec['input']).name}`, {m['attention']} {m['depth']} x {m['dim']}, "
+        f"{rec['batch_tokens']} padded tokens per batch. Data: {source(rec)}",
+        "",
+    ]
+    return "\n".join(lines + table(["row", "residues/s", "sequences/s"], body))
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """Issue 12: embedding-only export at least 0.8x the forward pass's throughput (latest record)."""
+    rec = newest(records)
+    ratio = rec["embed_over_forward_throughput"] if rec else None
+    what = "embedding-only export / forward-only tokens/s (same batches)"
+    return [Floor("12", what, 0.8, False, ratio, rec, "python benchmarks/embed.py")]
+
 
 DEMO = {
     "attention": "favor_relu",
@@ -138,10 +171,7 @@ def main() -> None:
             print(f"round {rep + 1}: forward {rows['forward'][-1]:.2f} s, embed {rows['embed'][-1]:.2f} s", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     result = {
-        "benchmark": "embed",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python benchmarks/embed.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
         "input": str(src),
         "sequences": n,
         "residues": n_res,
@@ -154,8 +184,7 @@ def main() -> None:
         "embed_over_forward_throughput": med["forward"] / med["embed"],
         "per_round_ratio": [f / e for f, e in zip(rows["forward"], rows["embed"])],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write(Path(args.out), record("embed", result))
     print(
         f"{n} sequences, {n_res} residues: forward {result['residues_per_s']['forward']:.0f} res/s, "
         f"embed {result['residues_per_s']['embed']:.0f} res/s ({result['sequences_per_s']['embed']:.1f} seq/s) "

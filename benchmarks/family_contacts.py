@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _record import machine, now, record, write
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -85,15 +85,6 @@ def _model_overrides(setting: str) -> list[str]:
     return out
 
 
-def machine() -> dict:
-    return {
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-    }
-
-
 def loadavg() -> list[float]:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
@@ -135,7 +126,7 @@ def launch(
         "overrides": _model_overrides(setting) + extra,
         "threads": threads,
         "command": "python " + " ".join(shlex.quote(a) for a in args),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": now(),
         "load_start": loadavg(),
     }
     print(f"start {family} {setting} {minutes:g} min -> {out}", flush=True)
@@ -201,7 +192,7 @@ def run_head(family: str, setting: str, minutes: float, out_root: Path, threads:
         summary["fitted_head"],
         command=command,
         wall_s=round(time.time() - t0, 1),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        date=now(),
     )
     save_results(res)
 
@@ -221,8 +212,9 @@ def load_results() -> dict:
 
 
 def save_results(res: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    JSON.write_text(json.dumps(res, indent=2, default=str))
+    """Write the runs as the ``family_contacts`` record, stamped with this command, machine and date."""
+    fields = {k: v for k, v in res.items() if k not in ("benchmark", "command", "machine", "date")}
+    write(JSON, record("family_contacts", fields))
 
 
 def report(res: dict) -> None:

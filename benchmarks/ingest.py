@@ -22,11 +22,9 @@ The parallel speedup only means something on otherwise idle cores (the load aver
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gzip
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -38,9 +36,50 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _record import Floor, day, newest, record, source, table, write  # noqa: E402
+
 from protein_performer.resources import shared_data  # noqa: E402
 
 DEFAULT_INPUT = shared_data() / "swissprot2014_100k.fasta.gz"  # $PP_SHARED_DATA, or ../shared/data
+
+
+COMMAND = "python benchmarks/ingest.py"
+HEADING = "## Ingestion (issues 2, 10): `benchmarks/ingest.py`"
+
+
+def section(rec: dict) -> str:
+    """RESULTS.md's part for an ``ingest`` record: command, machine, load and the table of the four runs."""
+    body = [
+        [
+            name,
+            f"{r['wall_s']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{r['seq_per_s']:,.0f}",
+            f"{r['res_per_s'] / 1e6:.1f} M",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for name, r in rec["runs"].items()
+    ]
+    lines = [
+        f"Command: `{rec['command']}`  ",
+        f"Machine: {rec['machine']}; {day(rec['date'])}; load average {rec['load_avg_before'][0]:.1f} before, "
+        f"{rec['load_avg_after'][0]:.1f} after (best of {rec['repeats']}, round-robin). Data: {source(rec)}",
+        "",
+    ]
+    return "\n".join(lines + table(["run", "wall s", "CPU s", "sequences/s", "residues/s", "peak RSS MB"], body))
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """Issues 2 and 10: ingest vs parse-only throughput, 2 workers vs 1, from the latest record."""
+    rec = newest(records)
+    values = rec["floors"] if rec else {}
+    ratio, speedup = (values.get(k, {}).get("value") for k in ("ingest_1w_gz_vs_parse_only", "plain_2w_vs_1w"))
+    return [
+        Floor(
+            "2, 10", "1-worker ingest (.gz) / SimpleFastaParser parse-only throughput", 0.5, False, ratio, rec, COMMAND
+        ),
+        Floor("2, 10", "2 workers / 1 worker throughput (plain file)", 1.6, False, speedup, rec, COMMAND),
+    ]
 
 
 def _child(kind: str, path: str, out: str | None, workers: int) -> None:
@@ -96,19 +135,6 @@ def _measure_round_robin(cases: dict[str, tuple], repeats: int) -> dict[str, dic
     return rows
 
 
-def _cores() -> int:
-    """CPUs this process may run on (respects taskset / cgroup affinity)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
@@ -149,48 +175,20 @@ def main() -> int:
         r["res_per_s"] = in_res / r["wall_s"]
     ratio_gz = g1["res_per_s"] / sfp["res_per_s"]
     speedup = p1["wall_s"] / p2["wall_s"]
-    floors = {
+    verdicts = {
         "ingest_1w_gz_vs_parse_only": {"value": ratio_gz, "floor": 0.5, "pass": ratio_gz >= 0.5},
         "plain_2w_vs_1w": {"value": speedup, "floor": 1.6, "pass": speedup >= 1.6},
     }
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = f"python benchmarks/ingest.py --input {a.input} --repeats {a.repeats}"
-    lines = [
-        f"| run | wall s (best of {a.repeats}) | CPU s | sequences/s | residues/s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['seq_per_s']:,.0f} | "
-            f"{r['res_per_s'] / 1e6:.1f} M | {r['peak_rss_mb']:.0f} |"
-        )
-    lines += [
-        "",
-        f"- ingest (1 worker, .gz) / parse-only throughput: **{ratio_gz:.2f}x** (floor 0.5x): "
-        + ("PASS" if floors["ingest_1w_gz_vs_parse_only"]["pass"] else "FAIL"),
-        f"- 2 workers / 1 worker on the plain file: **{speedup:.2f}x** (floor 1.6x): "
-        + ("PASS" if floors["plain_2w_vs_1w"]["pass"] else "FAIL"),
-    ]
-    table = "\n".join(lines)
-    print(table)
-    note = (
-        f"Machine: {_machine()}, {_cores()} cores; {date}; load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
-        + (" (the machine was shared with other jobs: wall times are noisy, best of "
-           f"{a.repeats} reported)" if max(load_before[0], load_after[0]) > 1.0 else "")
-    )  # fmt: skip
-    a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "ingest.json").write_text(json.dumps({
-        "input": str(a.input), "date": date, "machine": _machine(), "cores": _cores(),
-        "load_avg_before": load_before, "load_avg_after": load_after, "repeats": a.repeats,
-        "command": cmd, "runs": rows, "floors": floors,
-    }, indent=1))  # fmt: skip
-    (a.results / "ingest.md").write_text(
-        f"## Ingestion (`benchmarks/ingest.py`)\n\n`{cmd}` on `{a.input.name}` "
-        f"({sfp['records']:,} records, {in_res / 1e6:.1f} M residues).\n\n{table}\n\n{note}\n"
-    )
-    print("\n" + note)
-    return 0 if all(f["pass"] for f in floors.values()) else 1
+    fields = {"input": str(a.input), "load_avg_before": load_before, "load_avg_after": load_after}
+    rec = record("ingest", dict(fields, repeats=a.repeats, runs=rows, floors=verdicts), cmd=cmd)
+    write(a.results / "ingest.json", rec)
+    text = section(dict(rec, _path="ingest.json"))
+    (a.results / "ingest.md").write_text(text + "\n")
+    print(text)
+    for name, floor in verdicts.items():
+        print(f"{name}: {floor['value']:.2f} (floor {floor['floor']}): {'PASS' if floor['pass'] else 'FAIL'}")
+    return 0 if all(f["pass"] for f in verdicts.values()) else 1
 
 
 if __name__ == "__main__":

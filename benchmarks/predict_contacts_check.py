@@ -25,11 +25,9 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,36 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _record import Floor, day, newest, record, source, write  # noqa: E402
+
 from protein_performer.resources import shared_data  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "predict_contacts_check.json"
 SHARED = shared_data()  # $PP_SHARED_DATA, or ../shared/data beside the checkout
 TOLERANCE = 0.01
+HEADING = ""  # a line of the family-contacts part, after it
+
+
+def section(rec: dict) -> str:
+    """RESULTS.md's line for a ``predict_contacts_check`` record: the recipe's own head on the family's chain."""
+    own = rec.get("recipe_head_on_family_chain")
+    if not own:
+        return ""
+    aligned = ", inputs aligned onto the chain" if own["head_kind"] == "mean" else ""
+    return (
+        f"- `predict_contacts` with the recipe's checkpoint and head ({own['head_kind']} kind{aligned}) on "
+        f"{own['chain']}: long P@L {own['predict_contacts_long_P@L']:.3f}, the recipe's unsupervised score "
+        f"{own['recipe_unsupervised_long_P@L']:.3f} ({source(rec)}, {day(rec['date'])})."
+    )
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """Issue 12: predict_contacts from the sequences gives the long-range P@L the contacts report gives."""
+    rec = newest(records)
+    what = "abs(predict_contacts - contacts report) long P@L, same checkpoint and head"
+    if rec is None:
+        return [Floor("12", what, TOLERANCE, True, None, None, "python benchmarks/predict_contacts_check.py")]
+    return [Floor("12", f"{what} ({Path(rec['run']).name})", TOLERANCE, True, abs(rec["difference"]), rec)]
 
 
 def _run(args: list[str]) -> str:
@@ -82,11 +105,58 @@ def score_predictions(predicted: Path, structures: Path) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def recipe_head_on_chain(run: Path, structures: Path, seqs: dict[str, str], kind: str, commands: list[str]) -> dict:
+    """The user's view: the recipe's own head (and, for an aligned model, its reference) on the family's
+    chain, next to the unsupervised score the recipe reported for it; the command is added to ``commands``."""
+    root, ckpt = run / "kortemme40", run / "checkpoints" / "last.ckpt"
+    summary = json.loads((run / "summary.json").read_text())
+    chain = Path(summary["structure"]).stem
+    name = next(n for n in seqs if n.startswith(chain))
+    one = root / "family_chain.fasta"
+    one.write_text(f">{name}\n{seqs[name]}\n")
+    predicted = root / "predicted_family_chain.h5"
+    commands.append(
+        _run(
+            [
+                "-m",
+                "protein_performer.predict_contacts",
+                f"checkpoint={ckpt}",
+                f"head={root / 'contacts' / 'contact_head.json'}",
+                f"input={one}",
+                f"output={predicted}",
+                "overwrite=true",
+                "progress=false",
+            ]
+        )
+    )
+    got = score_predictions(predicted, structures)[name]
+    print(
+        f"recipe head on {name}: long P@L {got:.4f} (the recipe's unsupervised map: {summary['headline']['long_P@L']:.4f})"
+    )
+    return {
+        "chain": name,
+        "head_kind": kind,
+        "predict_contacts_long_P@L": got,
+        "recipe_unsupervised_long_P@L": summary["headline"]["long_P@L"],
+    }
+
+
+def head_kind(path: Path) -> str:
+    """The kind of the recipe's saved head (``logistic`` when there is none)."""
+    return json.loads(path.read_text()).get("settings", {}).get("kind", "logistic") if path.is_file() else "logistic"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("/tmp/family_contacts_runs/PF00072_aligned_exact_10min"))
     p.add_argument("--structures", type=Path, default=SHARED / "structures" / "kortemme40")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the check on ``--run`` and write results/predict_contacts_check.json."""
+    a = parse_args(argv)
     root = a.run / "kortemme40"
     if not (root / "maps.h5").is_file():
         raise SystemExit(
@@ -96,11 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     contacts_dir, predicted, fasta = root / "contacts_check", root / "predicted.h5", root / "chains.fasta"
     ckpt = a.run / "checkpoints" / "last.ckpt"
     recipe_head = root / "contacts" / "contact_head.json"
-    kind = (
-        json.loads(recipe_head.read_text()).get("settings", {}).get("kind", "logistic")
-        if recipe_head.is_file()
-        else "logistic"
-    )
+    kind = head_kind(recipe_head)
     method = "trained_mean" if kind == "mean" else "trained"
     commands = [
         _run(
@@ -148,8 +214,6 @@ def main(argv: list[str] | None = None) -> None:
         "head_kind": kind,
         "report_method": method,
         "commands": commands,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
         "n_predicted": len(scores),
         "n_test": len(test),
         "training_proteins": head["training_proteins"],
@@ -162,40 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         "predict_contacts_all_chains_long_P@L": float(np.mean(list(scores.values()))),
     }
     if recipe_head.is_file() and (a.run / "summary.json").is_file():
-        # the user's view: the recipe's own head (and, for an aligned model, its reference) on the
-        # family's chain, next to the unsupervised score the recipe reported for it
-        summary = json.loads((a.run / "summary.json").read_text())
-        chain = Path(summary["structure"]).stem
-        name = next(n for n in seqs if n.startswith(chain))
-        one = root / "family_chain.fasta"
-        one.write_text(f">{name}\n{seqs[name]}\n")
-        own = root / "predicted_family_chain.h5"
-        commands.append(
-            _run(
-                [
-                    "-m",
-                    "protein_performer.predict_contacts",
-                    f"checkpoint={ckpt}",
-                    f"head={recipe_head}",
-                    f"input={one}",
-                    f"output={own}",
-                    "overwrite=true",
-                    "progress=false",
-                ]
-            )
-        )
-        got = score_predictions(own, a.structures)[name]
-        result["recipe_head_on_family_chain"] = {
-            "chain": name,
-            "head_kind": kind,
-            "predict_contacts_long_P@L": got,
-            "recipe_unsupervised_long_P@L": summary["headline"]["long_P@L"],
-        }
-        print(
-            f"recipe head on {name}: long P@L {got:.4f} (the recipe's unsupervised map: {summary['headline']['long_P@L']:.4f})"
-        )
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+        result["recipe_head_on_family_chain"] = recipe_head_on_chain(a.run, a.structures, seqs, kind, commands)
+    write(RESULT, record("predict_contacts_check", result))
     print(
         f"long-range P@L over the {len(test)} test chains: contacts {reported:.4f}, predict_contacts "
         f"{predicted_mean:.4f} (difference {predicted_mean - reported:+.4f}, tolerance {TOLERANCE}): "

@@ -22,13 +22,9 @@ Floors: CPU (issue 4) at L = 4096, Performer-ReLU >= 1.5x the exact model's toke
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gzip
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _record import Floor, day, fmt, latest, record, source, table, write
 
 from protein_performer.data.collate import mask_tokens
 from protein_performer.data.tokenizer import Tokenizer
@@ -106,24 +103,8 @@ def train_step(model, optimizer, batch, autocast=None) -> float:
     return float(loss)
 
 
-def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(
-            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?"
-        )
-    except (OSError, subprocess.CalledProcessError):
-        name = platform.processor() or "?"
-    return {
-        "cpu": name,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--tokens-per-step", type=int, default=4096)
@@ -146,95 +127,96 @@ def main(argv=None) -> int:
         choices=["small", "paper"],
         help="small: 4 layers, d 256 (CPU default); paper: 36 layers, d 512, d_ff 1024",
     )
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "error: --device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)", file=sys.stderr
+    return ap.parse_args(argv)
+
+
+def time_steps(batch: dict, length: int, args, autocast, sync) -> tuple[dict, dict, dict]:
+    """The three models on one batch: one warm-up step each, then ``args.steps`` steps round robin.
+    Returns the models, the step times and (CUDA) the peak memory per attention."""
+    device, cuda = batch["tokens"].device, batch["tokens"].is_cuda
+    models, opts, times, peaks = {}, {}, {a: [] for a in ATTENTIONS}, {}
+    for attention in ATTENTIONS:
+        torch.manual_seed(args.seed)
+        models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).to(device).train()
+        opts[attention] = torch.optim.AdamW(
+            models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1
         )
-        return 2
-    MODEL.clear()
-    MODEL.update(PAPER if args.config == "paper" else SMALL)
-    device = torch.device(args.device)
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        train_step(models[attention], opts[attention], batch, autocast)  # warm-up
+    for _ in range(args.steps):
+        for attention in ATTENTIONS:  # round robin
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            train_step(models[attention], opts[attention], batch, autocast)
+            sync()
+            times[attention].append(time.perf_counter() - t0)
+            if cuda:
+                peaks[attention] = torch.cuda.max_memory_allocated() / 2**20
+    return models, times, peaks
 
-    load_before = os.getloadavg()
-    stream = protein_stream(args.fasta, max(args.lengths) * 8)
+
+def time_kernels(models: dict, batch: dict, args, autocast, sync) -> dict[str, float]:
+    """The attention kernels alone, forward + backward on the batch's shape (median of ``args.steps``
+    after one warm-up): the share of a step that the choice of attention can change."""
+    batch_size, length = batch["tokens"].shape
+    g = torch.Generator().manual_seed(args.seed)
+    qkv = [
+        torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g)
+        .to(batch["tokens"].device, autocast or torch.float32)
+        .requires_grad_()
+        for _ in range(3)
+    ]
+    kernel_times = {a: [] for a in ATTENTIONS}
+    kernels = {a: models[a].blocks[0].attn.kernel for a in ATTENTIONS}
+    for rep in range(args.steps + 1):
+        for attention, kernel in kernels.items():
+            sync()
+            t0 = time.perf_counter()
+            kernel(*qkv, key_padding_mask=batch["key_padding_mask"]).float().sum().backward()
+            sync()
+            if rep:
+                kernel_times[attention].append(time.perf_counter() - t0)
+    return {a: statistics.median(ts) for a, ts in kernel_times.items()}
+
+
+def measure_length(stream: np.ndarray, length: int, args, autocast, sync) -> list[dict]:
+    """The rows of one length: step time, tokens/s and speed-up per attention, and the kernels' share."""
+    batch_size = max(1, args.tokens_per_step // length)
+    batch = {k: v.to(args.device) for k, v in make_batch(stream, batch_size, length, args.seed).items()}
+    models, times, peaks = time_steps(batch, length, args, autocast, sync)
+    tokens = batch_size * length
+    exact_tps = tokens / statistics.median(times["exact"])
     rows = []
-    for length in args.lengths:
-        batch_size = max(1, args.tokens_per_step // length)
-        batch = {k: v.to(device) for k, v in make_batch(stream, batch_size, length, args.seed).items()}
-        peaks = {}
-        models, opts, times = {}, {}, {a: [] for a in ATTENTIONS}
-        for attention in ATTENTIONS:
-            torch.manual_seed(args.seed)
-            models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).to(device).train()
-            opts[attention] = torch.optim.AdamW(
-                models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1
-            )
-            train_step(models[attention], opts[attention], batch, autocast)  # warm-up
-        for _ in range(args.steps):
-            for attention in ATTENTIONS:  # round robin
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                sync()
-                t0 = time.perf_counter()
-                train_step(models[attention], opts[attention], batch, autocast)
-                sync()
-                times[attention].append(time.perf_counter() - t0)
-                if cuda:
-                    peaks[attention] = torch.cuda.max_memory_allocated() / 2**20
-        tokens = batch_size * length
-        exact_tps = tokens / statistics.median(times["exact"])
-        for attention, ts in times.items():
-            med = statistics.median(ts)
-            rows.append(
-                {
-                    "length": length,
-                    "batch": batch_size,
-                    "attention": attention,
-                    "model": ATTENTIONS[attention],
-                    "step_s_median": med,
-                    "step_s_all": ts,
-                    "tokens_per_s": tokens / med,
-                    "speedup_vs_exact": tokens / med / exact_tps,
-                    "peak_mem_mb": peaks.get(attention),
-                }
-            )
-            print(
-                f"L={length:5d} b={batch_size} {ATTENTIONS[attention]:28s} step {med:7.3f} s  "
-                f"{tokens / med:9.0f} tok/s  x{tokens / med / exact_tps:.2f}",
-                flush=True,
-            )
-        # the attention kernels alone, forward + backward on this batch's shape: the share of a step
-        # that the choice of attention can change
-        g = torch.Generator().manual_seed(args.seed)
-        qkv = [
-            torch.randn(batch_size, MODEL["heads"], length, MODEL["dim_head"], generator=g)
-            .to(device, autocast or torch.float32)
-            .requires_grad_()
-            for _ in range(3)
-        ]
-        kernel_times = {a: [] for a in ATTENTIONS}
-        kernels = {a: models[a].blocks[0].attn.kernel for a in ATTENTIONS}
-        for rep in range(args.steps + 1):
-            for attention, kernel in kernels.items():
-                sync()
-                t0 = time.perf_counter()
-                kernel(*qkv, key_padding_mask=batch["key_padding_mask"]).float().sum().backward()
-                sync()
-                if rep:
-                    kernel_times[attention].append(time.perf_counter() - t0)
-        for r in rows[-len(ATTENTIONS) :]:
-            r["attention_kernel_s_per_layer"] = statistics.median(kernel_times[r["attention"]])
-            r["attention_share_of_step"] = MODEL["depth"] * r["attention_kernel_s_per_layer"] / r["step_s_median"]
-        del models, opts
+    for attention, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(
+            {
+                "length": length,
+                "batch": batch_size,
+                "attention": attention,
+                "model": ATTENTIONS[attention],
+                "step_s_median": med,
+                "step_s_all": ts,
+                "tokens_per_s": tokens / med,
+                "speedup_vs_exact": tokens / med / exact_tps,
+                "peak_mem_mb": peaks.get(attention),
+            }
+        )
+        print(
+            f"L={length:5d} b={batch_size} {ATTENTIONS[attention]:28s} step {med:7.3f} s  "
+            f"{tokens / med:9.0f} tok/s  x{tokens / med / exact_tps:.2f}",
+            flush=True,
+        )
+    kernel_s = time_kernels(models, batch, args, autocast, sync)
+    for r in rows:
+        r["attention_kernel_s_per_layer"] = kernel_s[r["attention"]]
+        r["attention_share_of_step"] = MODEL["depth"] * r["attention_kernel_s_per_layer"] / r["step_s_median"]
+    return rows
 
-    load_after = os.getloadavg()
-    floors = GPU_FLOORS if cuda and args.config == "paper" else [FLOOR]
+
+def check(rows: list[dict], floors: list[dict]) -> list[dict]:
+    """Each floor with the measured speed-up and whether it passed (floors without a row are left out)."""
     verdicts = []
     for fl in floors:
         row = next((r for r in rows if r["length"] == fl["length"] and r["attention"] == fl["attention"]), None)
@@ -242,20 +224,33 @@ def main(argv=None) -> int:
             verdicts.append(
                 dict(fl, value=row["speedup_vs_exact"], passed=row["speedup_vs_exact"] >= fl["min_speedup"])
             )
+    return verdicts
+
+
+def main(argv=None) -> int:
+    """Measure, write ``<out>/train_throughput[_cuda_<dtype>_<config>].{json,md}``; exit 1 when a floor is missed."""
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "error: --device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)", file=sys.stderr
+        )
+        return 2
+    MODEL.clear()
+    MODEL.update(PAPER if args.config == "paper" else SMALL)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()
+    stream = protein_stream(args.fasta, max(args.lengths) * 8)
+    rows = [row for length in args.lengths for row in measure_length(stream, length, args, autocast, sync)]
+    load_after = os.getloadavg()
+    verdicts = check(rows, GPU_FLOORS if cuda and args.config == "paper" else [FLOOR])
     passed = None if not verdicts else all(v["passed"] for v in verdicts)
-    command = "python " + " ".join(
-        [
-            str(Path(sys.argv[0]).relative_to(REPO))
-            if Path(sys.argv[0]).is_absolute() and REPO in Path(sys.argv[0]).parents
-            else sys.argv[0],
-            *sys.argv[1:],
-        ]
-    )
-    result = {
-        "benchmark": "train_throughput",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": machine(),
+    fields = {
+        "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": load_after,
         "model": MODEL,
@@ -270,47 +265,87 @@ def main(argv=None) -> int:
         "floors": verdicts,
         "floor_passed": passed,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "train_throughput" if not cuda else f"train_throughput_{args.device}_{args.dtype}_{args.config}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    m = result["machine"]
-    loaded = max(load_before[0], load_after[0]) > 0.5 * (m["cores"] or 1)
-    lines = [
-        f"# Training throughput: Performer vs exact Transformer (BID, {MODEL['depth']} layers, d {MODEL['dim']}, "
-        f"{MODEL['heads']} heads, d_ff {MODEL['ff_dim']}, m {MODEL['nb_features']}; {result['device']}, {args.dtype})",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); {result['date']}  ",
-        f"Load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}"
-        + (
-            "  (**loaded machine**: other jobs ran at the same time; the ratios, measured round robin, "
-            "are more reliable than the absolute numbers)"
-            if loaded
-            else ""
-        ),
-        "",
-        f"A step = forward + loss + backward + clip + AdamW on {args.tokens_per_step} tokens of real protein crops; "
-        f"median of {args.steps} steps after one warm-up.",
-        "",
-        "| L | batch | model | step (s) | tokens/s | vs exact | attention kernel fwd+bwd per layer (s) | attention share of step | peak MiB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['length']} | {r['batch']} | {r['model']} | {r['step_s_median']:.3f} | "
-            f"{r['tokens_per_s']:.0f} | {r['speedup_vs_exact']:.2f}x | {r['attention_kernel_s_per_layer']:.3f} | "
-            f"{100 * r['attention_share_of_step']:.0f}% | "
-            f"{'-' if r['peak_mem_mb'] is None else format(r['peak_mem_mb'], '.0f')} |"
-        )
+    rec = record("train_throughput", fields, device=args.device)
+    write(args.out / f"{stem}.json", rec)
+    text = section(dict(rec, _path=f"{stem}.json"))
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    print(text)
     for v in verdicts:
-        lines += [
-            "",
-            f"Floor: at L = {v['length']} Performer-ReLU >= {v['min_speedup']}x the exact model's "
-            f"tokens/s: {v['value']:.2f}x, **{'passed' if v['passed'] else 'FAILED'}**.",
-        ]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        print(
+            f"floor: L={v['length']} Performer-ReLU / exact tokens/s {v['value']:.2f} (>= {v['min_speedup']}): "
+            + ("PASS" if v["passed"] else "FAIL")
+        )
     return 0 if passed in (None, True) else 1
+
+
+# ------------------------------------------------------------------------------------------ RESULTS.md
+HEADING = (
+    "## Training throughput (issues 4, 11): `benchmarks/train_throughput.py`\n\n"
+    "A step = forward + loss + backward + clip + AdamW on real protein crops (BID); median of the timed "
+    "steps after one warm-up; tokens/s ratio against the exact Transformer in the same run."
+)
+GPU_COMMAND = "bash benchmarks/gpu.sh"
+
+
+def key(rec: dict) -> tuple:
+    """A configuration: device, autocast dtype, model size, torch threads."""
+    return rec.get("device", "cpu"), rec.get("dtype", "fp32"), rec.get("config", "small"), rec["threads"]
+
+
+def section(rec: dict) -> str:
+    """One configuration: heading, command, machine, date, load and the table of steps per length and model."""
+    model = rec["model"]
+    lines = [
+        f"### {rec.get('device', 'cpu')}, {rec['threads']} torch threads, {model['depth']} layers, d {model['dim']}",
+        "",
+        f"Command: `{rec['command']}`  ",
+        f"Machine: {rec['machine']}; {day(rec['date'])}; load average {rec['load_average_before'][0]:.2f} before. "
+        f"Data: {source(rec)}",
+        "",
+    ]
+    body = [
+        [
+            r["length"],
+            r["batch"],
+            r["model"],
+            f"{r['step_s_median']:.3f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['speedup_vs_exact']:.2f}x",
+            fmt(r.get("attention_kernel_s_per_layer")),
+            f"{100 * r['attention_share_of_step']:.0f}%" if "attention_share_of_step" in r else "-",
+        ]
+        for r in rec["rows"]
+    ]
+    header = ["L", "batch", "model", "step s", "tokens/s", "vs exact", "attention s/layer", "attention share"]
+    return "\n".join(lines + table(header, body))
+
+
+def _relu_speedup(rec: dict | None, length: int) -> float | None:
+    rows = (rec or {}).get("rows", [])
+    return next((r["speedup_vs_exact"] for r in rows if r["attention"] == "favor_relu" and r["length"] == length), None)
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """Issue 4 per latest CPU configuration (L=4096 Performer-ReLU / exact), issue 11 on the GPU (paper config)."""
+    shown = latest(records, key)
+    out = [
+        Floor(
+            "4",
+            f"L=4096 Performer-ReLU / exact tokens/s ({rec['threads']} torch threads)",
+            1.5,
+            False,
+            _relu_speedup(rec, 4096),
+            rec,
+        )
+        for rec in sorted(shown, key=key)
+        if rec.get("device", "cpu") == "cpu"
+    ]
+    gpu = next((r for r in shown if r.get("device", "cpu") != "cpu" and r.get("config") == "paper"), None)
+    for length, limit in ((4096, 1.0), (8192, 1.5)):
+        what = f"H200 36 layers bf16 L={length} Performer-ReLU / exact tokens/s"
+        out.append(Floor("11", what, limit, False, _relu_speedup(gpu, length), gpu, GPU_COMMAND))
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import (
     KERNELS,
     FavorAttention,
+    FavorState,
+    FeatureMap,
     causal_linear_attention,
     causal_product,
     causal_stabilizer,
@@ -23,6 +25,7 @@ from protein_performer.model.favor import (
     reference,
     softmax_logits,
 )
+from protein_performer.model.performer import PerformerLM
 
 
 def gen(seed: int) -> torch.Generator:
@@ -36,7 +39,7 @@ def qkv(b=2, h=3, length=37, d=16, scale=1.0, seed=0, dtype=torch.float64):
 
 def naive_favor(fa: FavorAttention, q, k, v, key_padding_mask=None):
     """The explicit reference on ``fa``'s projection and constants (plain tensors: none of fa's code runs)."""
-    return reference.favor_attention(q, k, v, fa.projection, fa.kernel, fa.causal, fa.eps, key_padding_mask)
+    return reference.favor_attention(q, k, v, fa.projection, fa.kind, fa.causal, fa.eps, key_padding_mask)
 
 
 # ------------------------------------------------------------------------------ random features
@@ -397,6 +400,39 @@ def test_redraw_is_deterministic_and_state_dict_has_projection():
     assert torch.equal(c(q, k, v), a(q, k, v))
 
 
+# the attention state_dict keys of PerformerLM(vocab_size=25, dim=16, depth=2, heads=2, dim_head=8,
+# nb_features=16, attention="favor_softmax"), as checkpoints saved before the FeatureMap split hold them
+SAVED_ATTENTION_KEYS = [
+    f"blocks.{i}.attn.{name}"
+    for i in range(2)
+    for name in (
+        *(f"{proj}.{p}" for proj in ("to_q", "to_k", "to_v", "to_out") for p in ("weight", "bias")),
+        "kernel.projection",
+    )
+]
+
+
+@pytest.mark.parametrize("attention, kind", [("favor_softmax", "softmax"), ("favor_relu", "relu")])
+def test_checkpoints_keep_loading(attention, kind):
+    """``block.attn.kernel`` is the attention core (a ``FeatureMap``, whose ``kind`` names the feature
+    kernel), and the state_dict keeps the names of earlier checkpoints, so they load strictly: the
+    random features come back with them and the outputs agree."""
+    shape = dict(vocab_size=25, dim=16, depth=2, heads=2, dim_head=8, nb_features=16, max_len=32)
+    torch.manual_seed(0)
+    saved = PerformerLM(**shape, attention=attention, causal=True)
+    saved.redraw_features(lambda i: 40 + i)
+    state = saved.state_dict()
+    assert [k for k in state if ".attn." in k] == SAVED_ATTENTION_KEYS
+    loaded = PerformerLM(**shape, attention=attention, causal=True)
+    loaded.load_state_dict(state, strict=True)
+    kernel = loaded.blocks[1].attn.kernel
+    assert isinstance(kernel, FeatureMap) and kernel.kind == kind
+    assert torch.equal(kernel.projection, FavorAttention(8, 16, kernel=kind, causal=True, seed=41).projection)
+    tokens = torch.randint(0, 25, (2, 12), generator=gen(0))
+    saved.eval(), loaded.eval()
+    assert torch.equal(loaded(tokens)["logits"], saved(tokens)["logits"])  # the same weights, the same code
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_attention_matrix_agrees_with_forward(causal, kernel):
@@ -424,7 +460,8 @@ def test_step_equals_causal_forward_on_prefix(kernel):
         out_t, state = fa.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
         full = fa(q[:, :, : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])[:, :, -1:]
         torch.testing.assert_close(out_t, full, atol=1e-9, rtol=1e-9)
-    assert state["S"].shape == (2, 2, 16, 8)
+    assert isinstance(state, FavorState) and state.S.shape == (2, 2, 16, 8) and state.z.shape == (2, 2, 16)
+    assert state.count.flatten().tolist() == [12.0] * 4 and state.nbytes() == 8 * (2 * 2 * (16 * 8 + 16 + 1 + 8 + 1))
 
 
 def test_bad_arguments_are_reported():

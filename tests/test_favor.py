@@ -13,6 +13,7 @@ import torch
 
 from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import (
+    FUSED_KINDS,
     KERNELS,
     FavorAttention,
     FavorState,
@@ -398,6 +399,36 @@ def test_redraw_is_deterministic_and_state_dict_has_projection():
     c = FavorAttention(16, 32, seed=1)
     c.load_state_dict(a.state_dict())
     assert torch.equal(c(q, k, v), a(q, k, v))
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_features_and_their_chain_rule_equal_autograd(kind):
+    """``FeatureMap.fused_*`` (the scan's and the Triton host's features, with their hand-written
+    gradients) equal the batched features and autograd through them, float64 (same sums in another
+    order: a few units of 2^-52; 1e-12 of the largest entry leaves a wide margin)."""
+    d, scale = 8, 8**-0.25
+    fm = FeatureMap(d, 16, kind, seed=2).double()
+    g = gen(4)
+    q, k = (torch.randn(1, 3, 10, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, 6] = True
+    w = fm.directions(torch.float64)
+    flat = lambda x: x.detach().reshape(3, 10, -1).clone()  # noqa: E731
+    a = fm.fused_query(flat(q) * scale, w)
+    b, s = fm.fused_key(flat(k) * scale, w, mask.expand(3, 10))
+    a_ref = fm.features(q, True)
+    if kind == "relu":
+        b_ref, s_ref = fm.features(k, False, mask), torch.zeros(1, 3, 10, dtype=torch.float64)
+    else:
+        b_ref, s_ref = fm.causal_key_features(k, mask)
+    for got, want in ((a, a_ref), (b, b_ref), (s, s_ref)):
+        torch.testing.assert_close(got, want.detach().reshape(got.shape), rtol=0, atol=1e-12 * want.abs().max().item())
+    da, db = (torch.randn(1, 3, 10, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    dq, dk = torch.autograd.grad([a_ref, b_ref], [q, k], [da, db])  # dL/dq = dL/dxq d^-1/4
+    got_q = fm.fused_query_grad(flat(q) * scale, w, a, flat(da)) * scale
+    got_k = fm.fused_key_grad(flat(k) * scale, w, b, flat(db)) * scale
+    for got, want in ((got_q, dq), (got_k, dk)):
+        torch.testing.assert_close(got, flat(want), rtol=0, atol=1e-12 * want.abs().max().item())
 
 
 # the attention state_dict keys of PerformerLM(vocab_size=25, dim=16, depth=2, heads=2, dim_head=8,

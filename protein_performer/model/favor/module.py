@@ -1,9 +1,9 @@
-"""``FavorAttention``: the FAVOR+ module (features, attention, explicit matrix, recurrent step)."""
+"""``FavorAttention``: the FAVOR+ module, a ``FeatureMap`` that attends (the paths, the explicit
+matrix, the recurrent step)."""
 
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
@@ -19,8 +19,6 @@ from protein_performer.model.favor.features import (
 from protein_performer.model.favor.recurrent import FavorState
 from protein_performer.model.favor.scan import favor_scan
 from protein_performer.runtime import freed_memory_kept
-
-log = logging.getLogger("protein_performer.model.favor")
 
 IMPLS = ("auto", "scan", "batched", "triton", "fla")
 # CPU: the scan wins on long inputs, the batched path (fewer, larger ops) on short or few rows.
@@ -88,8 +86,9 @@ class FavorAttention(FeatureMap):
             tensors for all three, without the probe ("fla" for causal modules; where the forced
             path does not apply, "batched"). On the CPU explicit "triton" / "fla" run unprobed.
 
-    The projection W is a registered buffer (``projection``: in state_dict, broadcast by DDP); the module has no
-    parameters, so an exact model's weights load into a FAVOR+ model with the same names.
+    The projection W is the ``FeatureMap``'s buffer ``projection`` (in state_dict, broadcast by DDP);
+    the module has no parameters, so an exact model's weights load into a FAVOR+ model with the same
+    names.
     """
 
     def __init__(

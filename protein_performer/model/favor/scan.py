@@ -1,6 +1,6 @@
 """Memory-lean FAVOR+ (the CPU path): features fused into a scan over chunks, recomputed in backward.
 
-``favor_scan(xq, xk, v, w, ...)`` computes the whole attention, feature maps included, in one
+``favor_scan(xq, xk, v, features, ...)`` computes the whole attention, feature maps included, in one
 autograd Function that walks the sequence in chunks of C positions with every (batch, head) of
 the chunk batched together. Every temporary is a (B, C, m) or (B, C, C) block (B = batch x
 heads), a few MiB, so nothing large is allocated and freed per call: glibc keeps such blocks in

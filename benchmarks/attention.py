@@ -128,7 +128,7 @@ class FlaFavor:
             q_prime = fa.features(q, True)
             if self.normalized:
                 out = self.backend.favor_causal_fla_normalized(q_prime, fa.features(k, False), v)
-            elif fa.kernel == "relu":  # no stabilizer: eps is inside the features
+            elif fa.kind == "relu":  # no stabilizer: eps is inside the features
                 out = self.backend.favor_causal_fla(q_prime, fa.features(k, False), v)
             else:
                 k_hat, key_scale = fa.causal_key_features(k)

@@ -52,7 +52,7 @@ def run(fa, q, k, v, mask, go, fla: bool):
 
     x = [t.detach().requires_grad_() for t in (q, k, v)]
     q_prime = fa.features(x[0], True)
-    if fa.kernel == "relu":
+    if fa.kind == "relu":
         k_prime, key_scale, floor = fa.features(x[1], False, mask), None, 0.0
     else:
         (k_prime, key_scale), floor = fa.causal_key_features(x[1], mask), fa.feature_floor()

@@ -7,10 +7,11 @@ new token O(1) in the length (O(depth (dim^2 + heads m d))), where recomputing t
 attention over the prefix costs O(t) per token with FAVOR+ and O(t^2) with exact attention.
 
 The model steps itself (``PerformerLM.init_state`` / ``PerformerLM.step``, through ``Block.step``
-and ``MultiHeadAttention.step``); the per-layer step is the kernel's: ``FavorAttention.step`` (the
-running key stabilizer and the eps floor are handled there, so the step equals the last row of the
-full causal forward on the same prefix) or ``SoftmaxAttention.step``, a key/value cache (O(t) per
-token), so that the same ``generate`` runs a Transformer baseline. This module holds the loops:
+and ``MultiHeadAttention.step``); the per-layer step is the kernel's: ``FavorAttention.step`` on a
+``FavorState`` (the running key stabilizer and the eps floor are handled there, so the step equals
+the last row of the full causal forward on the same prefix) or ``SoftmaxAttention.step`` on a
+``KVCache`` (O(t) per token), so that the same ``generate`` runs a Transformer baseline. The
+``RecurrentState`` carries the position and one such state per layer. This module holds the loops:
 ``prefill``, sampling (``sample_next``), ``generate`` and its reference ``generate_recompute``.
 
     state = init_state(model, batch=2)

@@ -13,8 +13,11 @@ import torch
 
 from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import (
+    FUSED_KINDS,
     KERNELS,
     FavorAttention,
+    FavorState,
+    FeatureMap,
     causal_linear_attention,
     causal_product,
     causal_stabilizer,
@@ -23,6 +26,7 @@ from protein_performer.model.favor import (
     reference,
     softmax_logits,
 )
+from protein_performer.model.performer import PerformerLM
 
 
 def gen(seed: int) -> torch.Generator:
@@ -36,7 +40,7 @@ def qkv(b=2, h=3, length=37, d=16, scale=1.0, seed=0, dtype=torch.float64):
 
 def naive_favor(fa: FavorAttention, q, k, v, key_padding_mask=None):
     """The explicit reference on ``fa``'s projection and constants (plain tensors: none of fa's code runs)."""
-    return reference.favor_attention(q, k, v, fa.projection, fa.kernel, fa.causal, fa.eps, key_padding_mask)
+    return reference.favor_attention(q, k, v, fa.projection, fa.kind, fa.causal, fa.eps, key_padding_mask)
 
 
 # ------------------------------------------------------------------------------ random features
@@ -397,6 +401,69 @@ def test_redraw_is_deterministic_and_state_dict_has_projection():
     assert torch.equal(c(q, k, v), a(q, k, v))
 
 
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_features_and_their_chain_rule_equal_autograd(kind):
+    """``FeatureMap.fused_*`` (the scan's and the Triton host's features, with their hand-written
+    gradients) equal the batched features and autograd through them, float64 (same sums in another
+    order: a few units of 2^-52; 1e-12 of the largest entry leaves a wide margin)."""
+    d, scale = 8, 8**-0.25
+    fm = FeatureMap(d, 16, kind, seed=2).double()
+    g = gen(4)
+    q, k = (torch.randn(1, 3, 10, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, 6] = True
+    w = fm.directions(torch.float64)
+    flat = lambda x: x.detach().reshape(3, 10, -1).clone()  # noqa: E731
+    a = fm.fused_query(flat(q) * scale, w)
+    b, s = fm.fused_key(flat(k) * scale, w, mask.expand(3, 10))
+    a_ref = fm.features(q, True)
+    if kind == "relu":
+        b_ref, s_ref = fm.features(k, False, mask), torch.zeros(1, 3, 10, dtype=torch.float64)
+    else:
+        b_ref, s_ref = fm.causal_key_features(k, mask)
+    for got, want in ((a, a_ref), (b, b_ref), (s, s_ref)):
+        torch.testing.assert_close(got, want.detach().reshape(got.shape), rtol=0, atol=1e-12 * want.abs().max().item())
+    da, db = (torch.randn(1, 3, 10, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    dq, dk = torch.autograd.grad([a_ref, b_ref], [q, k], [da, db])  # dL/dq = dL/dxq d^-1/4
+    got_q = fm.fused_query_grad(flat(q) * scale, w, a, flat(da)) * scale
+    got_k = fm.fused_key_grad(flat(k) * scale, w, b, flat(db)) * scale
+    for got, want in ((got_q, dq), (got_k, dk)):
+        torch.testing.assert_close(got, flat(want), rtol=0, atol=1e-12 * want.abs().max().item())
+
+
+# the attention state_dict keys of PerformerLM(vocab_size=25, dim=16, depth=2, heads=2, dim_head=8,
+# nb_features=16, attention="favor_softmax"), as checkpoints saved before the FeatureMap split hold them
+SAVED_ATTENTION_KEYS = [
+    f"blocks.{i}.attn.{name}"
+    for i in range(2)
+    for name in (
+        *(f"{proj}.{p}" for proj in ("to_q", "to_k", "to_v", "to_out") for p in ("weight", "bias")),
+        "kernel.projection",
+    )
+]
+
+
+@pytest.mark.parametrize("attention, kind", [("favor_softmax", "softmax"), ("favor_relu", "relu")])
+def test_checkpoints_keep_loading(attention, kind):
+    """``block.attn.kernel`` is the attention core (a ``FeatureMap``, whose ``kind`` names the feature
+    kernel), and the state_dict keeps the names of earlier checkpoints, so they load strictly: the
+    random features come back with them and the outputs agree."""
+    shape = dict(vocab_size=25, dim=16, depth=2, heads=2, dim_head=8, nb_features=16, max_len=32)
+    torch.manual_seed(0)
+    saved = PerformerLM(**shape, attention=attention, causal=True)
+    saved.redraw_features(lambda i: 40 + i)
+    state = saved.state_dict()
+    assert [k for k in state if ".attn." in k] == SAVED_ATTENTION_KEYS
+    loaded = PerformerLM(**shape, attention=attention, causal=True)
+    loaded.load_state_dict(state, strict=True)
+    kernel = loaded.blocks[1].attn.kernel
+    assert isinstance(kernel, FeatureMap) and kernel.kind == kind
+    assert torch.equal(kernel.projection, FavorAttention(8, 16, kernel=kind, causal=True, seed=41).projection)
+    tokens = torch.randint(0, 25, (2, 12), generator=gen(0))
+    saved.eval(), loaded.eval()
+    assert torch.equal(loaded(tokens)["logits"], saved(tokens)["logits"])  # the same weights, the same code
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_attention_matrix_agrees_with_forward(causal, kernel):
@@ -424,7 +491,8 @@ def test_step_equals_causal_forward_on_prefix(kernel):
         out_t, state = fa.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
         full = fa(q[:, :, : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])[:, :, -1:]
         torch.testing.assert_close(out_t, full, atol=1e-9, rtol=1e-9)
-    assert state["S"].shape == (2, 2, 16, 8)
+    assert isinstance(state, FavorState) and state.S.shape == (2, 2, 16, 8) and state.z.shape == (2, 2, 16)
+    assert state.count.flatten().tolist() == [12.0] * 4 and state.nbytes() == 8 * (2 * 2 * (16 * 8 + 16 + 1 + 8 + 1))
 
 
 def test_bad_arguments_are_reported():

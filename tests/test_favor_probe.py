@@ -101,16 +101,16 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * (1 + 1e-3)
 
 
-def scaled_output(xq, xk, v, w, kind, causal, eps, chunk=64, key_padding_mask=None):
-    return favor_scan(xq, xk, v, w, kind, causal, eps, chunk, key_padding_mask) * (1 + 1e-4)
+def scaled_output(xq, xk, v, features, causal, chunk=64, key_padding_mask=None):
+    return favor_scan(xq, xk, v, features, causal, chunk, key_padding_mask) * (1 + 1e-4)
 
 
-def wrong_key_gradient(xq, xk, v, w, kind, causal, eps, chunk=64, key_padding_mask=None):
-    return favor_scan(xq, _ScaleGrad.apply(xk), v, w, kind, causal, eps, chunk, key_padding_mask)
+def wrong_key_gradient(xq, xk, v, features, causal, chunk=64, key_padding_mask=None):
+    return favor_scan(xq, _ScaleGrad.apply(xk), v, features, causal, chunk, key_padding_mask)
 
 
-def ignores_padding(xq, xk, v, w, kind, causal, eps, chunk=64, key_padding_mask=None):
-    return favor_scan(xq, xk, v, w, kind, causal, eps, chunk, None)
+def ignores_padding(xq, xk, v, features, causal, chunk=64, key_padding_mask=None):
+    return favor_scan(xq, xk, v, features, causal, chunk, None)
 
 
 @pytest.mark.parametrize(

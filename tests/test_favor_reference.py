@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_performer.model.favor import KERNELS, FavorAttention, features, module, reference
+from protein_performer.model.favor import FUSED_KINDS, KERNELS, FavorAttention, FeatureMap, features, module, reference
 
 REFERENCE = Path(reference.__file__)
 TOL64 = 1e-12
@@ -43,7 +43,7 @@ def padding(b=2, length=29):
 
 
 def ref(fa: FavorAttention, q, k, v, mask=None):
-    return reference.favor_attention(q, k, v, fa.projection, fa.kernel, fa.causal, fa.eps, mask)
+    return reference.favor_attention(q, k, v, fa.projection, fa.kind, fa.causal, fa.eps, mask)
 
 
 def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -103,11 +103,6 @@ def test_triton_equals_reference(kernel, causal):
 
 
 # ------------------------------------------------------------------------------ planted bugs
-def _scaled_input(fn, factor):
-    """A feature function whose x is off by ``factor`` (a wrong data normalizer)."""
-    return lambda x, *args, **kwargs: fn(x * factor, *args, **kwargs)
-
-
 def _logits_without_half_norm(x, projection, hyperbolic=False):
     """softmax logits that forget the -|x|^2/2 term: exp(w^T x) is not a softmax-kernel feature."""
     if hyperbolic:
@@ -115,28 +110,51 @@ def _logits_without_half_norm(x, projection, hyperbolic=False):
     return torch.einsum("bhld,md->bhlm", x, projection)
 
 
+def _fused_key_without_half_norm(self, x, w, mask):
+    """``FeatureMap.fused_key`` (softmax) without the -|x|^2/2 term: r exp(w^T x - s), s its max."""
+    z = x @ w.T
+    s = z.amax(dim=-1)
+    b = torch.exp(z - s.unsqueeze(-1)) * w.shape[0] ** -0.5
+    return (b if mask is None else b.masked_fill(mask.unsqueeze(-1), 0.0)), s
+
+
+def _times(method, factor):
+    """A FeatureMap method whose result is off by ``factor``."""
+    return lambda self, *args: method(self, *args) * factor
+
+
 def _relu_scaled(fn, factor):
     """relu features whose relu part is off by ``factor`` (only the floor eps makes it visible)."""
     return lambda x, projection, *args, **kwargs: fn(x, projection * factor, *args, **kwargs)
 
 
+SOFTMAX = ("softmax", "softmax_hyp")
 BUGS = {
-    # name: (kernels, patch(monkeypatch))
+    # name: (kernels, the paths it touches, patch(monkeypatch))
     "no |x|^2/2 in the key logits": (
-        ("softmax", "softmax_hyp"),
+        SOFTMAX,
+        ("batched",),
         lambda mp: mp.setattr(features, "softmax_logits", _logits_without_half_norm),
     ),
-    "query normalizer 1.1 d^-1/4": (
-        ("softmax", "softmax_hyp"),
-        lambda mp: mp.setattr(module, "softmax_kernel", _scaled_input(features.softmax_kernel, 1.1)),
+    "no |x|^2/2 in the fused key features": (
+        SOFTMAX,
+        ("scan",),
+        lambda mp: mp.setattr(FeatureMap, "fused_key", _fused_key_without_half_norm),
     ),
-    "trig normalizer 1.1 d^-1/4": (
-        ("softmax_trig",),
-        lambda mp: mp.setattr(module, "trig_kernel", _scaled_input(features.trig_kernel, 1.1)),
+    "data normalizer 1.1 d^-1/4": (
+        KERNELS,
+        ("batched", "scan"),
+        lambda mp: mp.setattr(FeatureMap, "scaled", _times(FeatureMap.scaled, 1.1)),
     ),
     "relu features times 1.01": (
         ("relu",),
-        lambda mp: mp.setattr(module, "relu_kernel", _relu_scaled(features.relu_kernel, 1.01)),
+        ("batched",),
+        lambda mp: mp.setattr(features, "relu_kernel", _relu_scaled(features.relu_kernel, 1.01)),
+    ),
+    "fused directions times 1.01": (
+        FUSED_KINDS,
+        ("scan",),
+        lambda mp: mp.setattr(FeatureMap, "directions", _times(FeatureMap.directions, 1.01)),
     ),
 }
 
@@ -145,20 +163,21 @@ BUGS = {
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_a_bug_planted_in_the_feature_map_fails_the_reference(monkeypatch, bug, causal):
     """The module equals the reference; with a bug planted in its feature map it differs by far more
-    than the tolerance (>= 100x), for every kernel the bug touches: the reference does not share
-    the module's feature code, so it cannot share its bugs."""
-    kernels, plant = BUGS[bug]
+    than the tolerance (>= 100x), for every kernel and path the bug touches (batched features, the
+    scan's fused ones): the reference does not share the module's feature code, so it cannot share
+    its bugs."""
+    kernels, impls, plant = BUGS[bug]
     q, k, v = qkv()
     mask = padding()
-    cases = list(itertools.product(kernels, [mask, None]))
+    cases = list(itertools.product(itertools.product(kernels, impls), [mask, None]))
     models = {
-        kernel: FavorAttention(16, 32, kernel=kernel, causal=causal, seed=3, impl="batched").double()
-        for kernel in kernels
+        (kernel, impl): FavorAttention(16, 32, kernel=kernel, causal=causal, chunk_size=8, seed=3, impl=impl).double()
+        for kernel, impl in itertools.product(kernels, impls)
     }
     tol = {kernel: TOL_TRIG if kernel == "softmax_trig" else TOL64 for kernel in kernels}
-    for kernel, m in cases:
-        assert rel_err(models[kernel](q, k, v, m), ref(models[kernel], q, k, v, m)) < tol[kernel], kernel
+    for case, m in cases:
+        assert rel_err(models[case](q, k, v, m), ref(models[case], q, k, v, m)) < tol[case[0]], case
     plant(monkeypatch)
-    for kernel, m in cases:
-        err = rel_err(models[kernel](q, k, v, m), ref(models[kernel], q, k, v, m))
-        assert err > 100 * tol[kernel], (bug, kernel, err)
+    for case, m in cases:
+        err = rel_err(models[case](q, k, v, m), ref(models[case], q, k, v, m))
+        assert err > 100 * tol[case[0]], (bug, case, err)

@@ -30,6 +30,7 @@ pytest.importorskip("triton")
 
 from protein_performer.model.favor import (  # noqa: E402
     FavorAttention,
+    FeatureMap,
     module,
     probe,
     triton_ops,  # noqa: E402
@@ -140,15 +141,15 @@ def test_favor_triton_direct_call_and_validation(causal):
     (d_v = 5, d = 16), and its errors."""
     q, k, v = (x.float() * 16**-0.25 for x in qkv(b=1, h=2, length=40, d=16))
     v = v[..., :5]
-    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
-    got = run(lambda *x: favor_triton(*x[:3], w, "softmax", causal, 1e-6, 16), q, k, v)
+    features = FeatureMap(16, 32, "softmax", seed=0)
+    got = run(lambda *x: favor_triton(*x[:3], features, causal, 16), q, k, v)
     from protein_performer.model.favor.scan import favor_scan
 
-    ref = run(lambda *x: favor_scan(*x[:3], w.double(), "softmax", causal, 1e-6, 16), q, k, v, dtype=torch.float64)
+    ref = run(lambda *x: favor_scan(*x[:3], features, causal, 16), q, k, v, dtype=torch.float64)
     assert got[0].shape == (1, 2, 40, 5)
     assert_within(got, ref, TOL32, "direct call")
-    with pytest.raises(ValueError, match="supports kind"):
-        favor_triton(q, k, v, w, "trig", True, 1e-3, 16)
+    with pytest.raises(ValueError, match="fused paths support the kernels"):
+        favor_triton(q, k, v, FeatureMap(16, 32, "softmax_trig"), True, 16)
 
 
 def test_triton_saves_no_feature_map():

@@ -79,7 +79,7 @@ def test_softmax_step_is_the_kv_cache_softmax():
         weights = torch.softmax(scores, dim=-1)
         expected = torch.einsum("bhk,bhkd->bhd", weights, v[:, :, : t + 1])
         torch.testing.assert_close(out[:, :, 0], expected, rtol=0, atol=1e-12)
-    assert state["k"].shape == (1, 2, 5, 8)
+    assert state.k.shape == (1, 2, 5, 8) and state.v.shape == (1, 2, 5, 8)
     with pytest.raises(RuntimeError, match="causal"):
         SoftmaxAttention(causal=False).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
 

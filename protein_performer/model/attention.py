@@ -7,6 +7,7 @@ Interface of every attention core in this package (the model swaps them freely):
 and, for causal token-by-token decoding (``PerformerLM.step``):
     init_state(batch, heads, dim_v, device, dtype) -> state      (nothing fed yet)
     step(q_t, k_t, v_t, state) -> (out_t (b, h, 1, d), state)     (equals the causal forward's last row)
+where the state is a frozen dataclass with ``nbytes()``: ``KVCache`` here, ``favor.FavorState``.
 q, k, v are (batch, heads, length, dim_head); key_padding_mask is bool (batch, length), True where
 the token is padding. Neither core has parameters, so weights move between exact and FAVOR+ models.
 """
@@ -14,10 +15,23 @@ the token is padding. Neither core has parameters, so weights move between exact
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The state of exact attention after t tokens: the keys and values k, v (b, h, t, d) (grows)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
 
 def check_key_padding_mask(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
@@ -110,14 +124,16 @@ class SoftmaxAttention(nn.Module):
         dim_v: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> dict:
+    ) -> KVCache:
         """An empty key/value cache: k and v (b, h, 0, d). It takes the dtype of the keys and values
         fed to :meth:`step` (``dtype`` only types the empty tensors)."""
         empty = torch.zeros(batch, heads, 0, dim_v, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone()}
+        return KVCache(empty, empty.clone())
 
     @torch.no_grad()
-    def step(self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+    def step(
+        self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: KVCache
+    ) -> tuple[torch.Tensor, KVCache]:
         """One causal step with the key/value cache: ``softmax(q_t K_{<=t}^T / sqrt(d)) V_{<=t}``.
 
         q_t, k_t, v_t: (b, h, 1, d) -> (out_t (b, h, 1, d), new cache with K, V (b, h, t + 1, d)).
@@ -125,9 +141,9 @@ class SoftmaxAttention(nn.Module):
         """
         if not self.causal:
             raise RuntimeError("step() is for causal attention; build SoftmaxAttention(causal=True)")
-        keys = torch.cat([state["k"].to(k_t.dtype), k_t], dim=2)  # (b, h, t+1, d)
-        values = torch.cat([state["v"].to(v_t.dtype), v_t], dim=2)
+        keys = torch.cat([state.k.to(k_t.dtype), k_t], dim=2)  # (b, h, t+1, d)
+        values = torch.cat([state.v.to(v_t.dtype), v_t], dim=2)
         dtype = torch.promote_types(q_t.dtype, torch.float32)
         scores = torch.einsum("bhqd,bhkd->bhqk", q_t.to(dtype), keys.to(dtype)) / math.sqrt(q_t.shape[-1])
         out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), values.to(dtype))
-        return out.to(v_t.dtype), {"k": keys, "v": values}
+        return out.to(v_t.dtype), KVCache(keys, values)

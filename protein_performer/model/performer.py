@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from protein_performer.model.attention import SoftmaxAttention
-from protein_performer.model.favor import FavorAttention
+from protein_performer.model.attention import KVCache, SoftmaxAttention
+from protein_performer.model.favor import FavorAttention, FavorState
 from protein_performer.model.rotary import apply_rotary, rotary_tables
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,14 @@ class MultiHeadAttention(nn.Module):
         v = self.split_heads(self.to_v(x))
         return self.merge_heads(self.kernel(q, k, v, key_padding_mask=key_padding_mask))  # kernel: (b, h, l, d)
 
-    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> dict:
+    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> FavorState | KVCache:
         """The kernel's empty causal state (FAVOR+: S, z, ...; exact: the key/value cache)."""
         return self.kernel.init_state(batch, self.heads, self.dim_head, device=device, dtype=dtype)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, position: int, state: dict) -> tuple[torch.Tensor, dict]:
+    def step(
+        self, x: torch.Tensor, position: int, state: FavorState | KVCache
+    ) -> tuple[torch.Tensor, FavorState | KVCache]:
         """One causal step: x (b, 1, dim) at ``position`` -> (output (b, 1, dim), new kernel state)."""
         q, k = self.queries_keys(x, start=position)
         out, state = self.kernel.step(q, k, self.split_heads(self.to_v(x)), state)  # out: (b, h, 1, d)
@@ -216,7 +218,9 @@ class Block(nn.Module):
         return x + self.dropout(self.ff(self.ln2(x)))
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, position: int, state: dict) -> tuple[torch.Tensor, dict]:
+    def step(
+        self, x: torch.Tensor, position: int, state: FavorState | KVCache
+    ) -> tuple[torch.Tensor, FavorState | KVCache]:
         """``forward`` on one position x (b, 1, dim) of a causal model, the attention through its state."""
         attended, state = self.attn.step(self.ln1(x), position, state)
         x = x + self.dropout(attended)
@@ -227,17 +231,17 @@ class Block(nn.Module):
 class RecurrentState:
     """What a causal model carries from token to token (:meth:`PerformerLM.step`).
 
-    ``position``: index of the next token to be fed (0 for an empty state). ``layers``: one dict
-    per block; FAVOR+ layers hold ``FavorAttention.init_state``'s S (b, h, m, d), z (b, h, m) and
-    stabilizer (constant size), exact layers hold the key/value cache k, v (b, h, t, d) (grows).
+    ``position``: index of the next token to be fed (0 for an empty state). ``layers``: one state
+    per block; FAVOR+ layers hold a ``FavorState`` (S (b, h, m, d), z (b, h, m), the stabilizer:
+    constant size), exact layers a ``KVCache`` (k, v (b, h, t, d): grows).
     """
 
     position: int = 0
-    layers: list[dict] = field(default_factory=list)
+    layers: list[FavorState | KVCache] = field(default_factory=list)
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors (constant in ``position`` for FAVOR+ layers)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values() if torch.is_tensor(t))
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 # ------------------------------------------------------------------------------------- model

@@ -2,17 +2,18 @@
 
     Att(Q, K, V) ~ D^-1 (Q' ((K')^T V)),  D = diag(Q' ((K')^T 1)),  Q' = phi(Q d^-1/4), K' = phi(K d^-1/4)
 
-One public entry, ``FavorAttention`` (``module.py``); the files are split the way kernel libraries
+One public entry, ``FavorAttention`` (``module.py``, a ``FeatureMap`` that attends); the files are split the way kernel libraries
 split them, each opening with the equations it implements:
 
     features.py        the projection W (orthogonal blocks) and the feature maps phi:
-                       softmax exp(w^T x - |x|^2/2) / sqrt(m), hyperbolic, trigonometric, relu(w^T x) + eps
+                       softmax exp(w^T x - |x|^2/2) / sqrt(m), hyperbolic, trigonometric, relu(w^T x) + eps;
+                       ``FeatureMap`` owns W and applies them for every path below
     causal.py          D^-1 (Q' ((K')^T V)) and the chunked causal product with its backward (batched)
     scan.py            the same with the features fused into a scan over blocks, recomputed in backward
     triton_kernels.py  the CUDA kernels (Triton) for the same, features fused; triton_ops.py runs them
     fla_backend.py     flash-linear-attention's chunked kernels on our feature maps (optional)
     probe.py           checks a fast path's output and gradients on the device before it is trusted
-    recurrent.py       decoding: the state (S, z, running stabilizer) and one step
+    recurrent.py       decoding: the state ``FavorState`` (S, z, running stabilizer) and one step
     reference.py       the O(L^2) explicit definitions that tests (and readers) check everything against
 
 Notation and shapes: b batch, h heads, l length, d head dim, m features, e value dim (+1 when a
@@ -30,8 +31,10 @@ Numerics:
 
 from protein_performer.model.favor.causal import causal_linear_attention, causal_product, linear_attention
 from protein_performer.model.favor.features import (
+    FUSED_KINDS,
     KERNELS,
     NORMS,
+    FeatureMap,
     causal_stabilizer,
     draw_projection,
     key_stabilizer,
@@ -42,11 +45,15 @@ from protein_performer.model.favor.features import (
     trig_kernel,
 )
 from protein_performer.model.favor.module import FavorAttention
+from protein_performer.model.favor.recurrent import FavorState
 
 __all__ = [
+    "FUSED_KINDS",
     "KERNELS",
     "NORMS",
     "FavorAttention",
+    "FavorState",
+    "FeatureMap",
     "causal_linear_attention",
     "causal_product",
     "causal_stabilizer",

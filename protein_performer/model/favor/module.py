@@ -1,31 +1,24 @@
-"""``FavorAttention``: the FAVOR+ module (features, attention, explicit matrix, recurrent step)."""
+"""``FavorAttention``: the FAVOR+ module, a ``FeatureMap`` that attends (the paths, the explicit
+matrix, the recurrent step)."""
 
 from __future__ import annotations
 
 import functools
-import logging
-from contextlib import nullcontext
 
 import torch
-from torch import nn
 
 from protein_performer.model.attention import check_key_padding_mask
 from protein_performer.model.favor import probe, recurrent
 from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
 from protein_performer.model.favor.features import (
-    KERNELS,
-    NORMS,
+    FUSED_KINDS,
+    FeatureMap,
     causal_stabilizer,
-    draw_projection,
-    per_key_features,
-    relu_kernel,
-    softmax_kernel,
-    trig_kernel,
+    no_autocast,
 )
+from protein_performer.model.favor.recurrent import FavorState
 from protein_performer.model.favor.scan import favor_scan
 from protein_performer.runtime import freed_memory_kept
-
-log = logging.getLogger("protein_performer.model.favor")
 
 IMPLS = ("auto", "scan", "batched", "triton", "fla")
 # CPU: the scan wins on long inputs, the batched path (fewer, larger ops) on short or few rows.
@@ -37,7 +30,6 @@ CPU_SCAN_MIN_ROWS = 16384  # batch x heads x length
 # After ``runtime.keep_freed_memory()`` the batched path's large temporaries cost no page faults, and
 # causal batched beats the scan (1 x 8 x 8192: 0.28x SDPA vs 0.30x); bidirectional the scan still wins
 # (0.078x vs 0.092x). So with the tuning, causal CPU attention stays batched.
-TRITON_KERNELS = ("softmax", "softmax_hyp", "relu")  # the kernels triton_kernels.py implements
 
 
 @functools.cache
@@ -56,21 +48,9 @@ def _fla_available() -> bool:
     return fla_available()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for half / bfloat16 / float32 inputs, float64 stays float64 (for gradcheck)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _fp32(device_type: str):
-    """Disable autocast so feature maps and sums stay float32."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        return nullcontext()
-
-
-class FavorAttention(nn.Module):
-    """FAVOR+ attention with the interface of ``attention.SoftmaxAttention``.
+class FavorAttention(FeatureMap):
+    """FAVOR+ attention with the interface of ``attention.SoftmaxAttention``: attention over the
+    features of its ``FeatureMap`` (the base class, which owns W; its ``kind`` is ``kernel``).
 
     Args:
         dim_head: d, the size of q, k, v per head.
@@ -106,8 +86,9 @@ class FavorAttention(nn.Module):
             tensors for all three, without the probe ("fla" for causal modules; where the forced
             path does not apply, "batched"). On the CPU explicit "triton" / "fla" run unprobed.
 
-    The projection W is a registered buffer (in state_dict, broadcast by DDP); the module has no
-    parameters, so an exact model's weights load into a FAVOR+ model with the same names.
+    The projection W is the ``FeatureMap``'s buffer ``projection`` (in state_dict, broadcast by DDP);
+    the module has no parameters, so an exact model's weights load into a FAVOR+ model with the same
+    names.
     """
 
     def __init__(
@@ -124,11 +105,10 @@ class FavorAttention(nn.Module):
         seed: int = 0,
         impl: str = "auto",
     ):
-        super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if impl == "triton" and kernel not in TRITON_KERNELS:
-            raise ValueError(f"impl='triton' supports the kernels {TRITON_KERNELS}, got {kernel!r}; use impl='auto'")
+        if impl == "triton" and kernel not in FUSED_KINDS:
+            raise ValueError(f"impl='triton' supports the kernels {FUSED_KINDS}, got {kernel!r}; use impl='auto'")
         if impl == "triton" and not triton_available():
             raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='auto'")
         if impl == "fla" and not causal:
@@ -138,70 +118,22 @@ class FavorAttention(nn.Module):
                 "impl='fla' needs flash-linear-attention: pip install 'fla-core>=0.6,<0.7'; use impl='auto'"
             )
         probe.forced_impl()  # a bad PROTEIN_PERFORMER_FAVOR_IMPL fails here, on any device
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        paired = kernel in ("softmax_hyp", "softmax_trig")
-        if paired and nb_features % 2:
-            raise ValueError(f"kernel {kernel!r} needs an even nb_features, got {nb_features}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.dim_head = dim_head
-        self.nb_features = nb_features
-        self.nb_directions = nb_features // 2 if paired else nb_features
-        self.kernel = kernel
-        self.orthogonal = orthogonal
+        super().__init__(dim_head, nb_features, kernel, orthogonal, norm=norm, eps=eps, seed=seed)
         self.causal = causal
-        self.norm = norm
-        self.eps = (1e-3 if kernel == "relu" else 1e-6) if eps is None else float(eps)
         self.chunk_size = chunk_size
-        self.seed = seed
         self.impl = impl
-        self.register_buffer("projection", self._draw(seed))
 
     def extra_repr(self) -> str:
         return (
-            f"dim_head={self.dim_head}, nb_features={self.nb_features}, kernel={self.kernel!r}, "
+            f"dim_head={self.dim_head}, nb_features={self.nb_features}, kernel={self.kind!r}, "
             f"orthogonal={self.orthogonal}, causal={self.causal}, norm={self.norm!r}, eps={self.eps}"
         )
 
-    def _draw(self, seed: int) -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        return draw_projection(self.nb_directions, self.dim_head, generator, self.orthogonal, self.norm)
-
-    @torch.no_grad()
-    def redraw(self, seed: int) -> None:
-        """Draw new random features from ``seed``: the same seed gives the same W everywhere."""
-        self.projection.copy_(self._draw(seed).to(self.projection.device, self.projection.dtype))
-        self.seed = int(seed)
-        log.debug("FAVOR+ features redrawn with seed %d", seed)
-
-    # ---------------------------------------------------------------------------- features
     def _check(self, x: torch.Tensor, name: str) -> None:
         if x.dim() != 4 or x.shape[-1] != self.dim_head:
             raise ValueError(f"{name} must be (batch, heads, length, {self.dim_head}), got {tuple(x.shape)}")
-
-    def features(
-        self,
-        x: torch.Tensor,
-        is_query: bool,
-        key_padding_mask: torch.Tensor | None = None,
-        stabilizer: torch.Tensor | None = None,
-        eps: float | None = None,
-    ) -> torch.Tensor:
-        """phi(x d^-1/4), (b, h, l, m), float32 (float64 for float64 input) also under autocast;
-        padded keys have all-zero features."""
-        dtype = _compute_dtype(x)
-        eps = self.eps if eps is None else eps
-        with _fp32(x.device.type):
-            x = x.to(dtype) * self.dim_head**-0.25
-            w = self.projection.to(dtype)
-            if self.kernel in ("softmax", "softmax_hyp"):
-                return softmax_kernel(x, w, is_query, key_padding_mask, eps, self.kernel == "softmax_hyp", stabilizer)
-            if self.kernel == "softmax_trig":
-                return trig_kernel(x, w, is_query, key_padding_mask, stabilizer)
-            return relu_kernel(x, w, is_query, key_padding_mask, eps)
 
     # ---------------------------------------------------------------------------- attention
     def forward(
@@ -222,22 +154,17 @@ class FavorAttention(nn.Module):
         if impl == "fla":
             return self._forward_fla(q, k, v, mask).to(out_dtype)
         if impl != "batched":
-            dtype = _compute_dtype(q)
-            with _fp32(q.device.type):
-                scale = self.dim_head**-0.25
-                xq, xk, w = q.to(dtype) * scale, k.to(dtype) * scale, self.projection.to(dtype)
-                if self.kernel == "softmax_hyp":
-                    w = torch.cat([w, -w], dim=0)
-                kind = "relu" if self.kernel == "relu" else "softmax"
+            with no_autocast(q.device.type):
+                xq, xk = self.scaled(q), self.scaled(k)
                 if impl == "triton":
                     from protein_performer.model.favor.triton_ops import favor_triton as run
                 else:
                     run = favor_scan
-                out = run(xq, xk, v.to(dtype), w, kind, self.causal, self.eps, self._chunk(impl), mask)
+                out = run(xq, xk, v.to(xq.dtype), self, self.causal, self._chunk(impl), mask)
             return out.to(out_dtype)
-        with _fp32(q.device.type):
+        with no_autocast(q.device.type):
             q_prime = self.features(q, True)
-            if self.causal and self.kernel != "relu":
+            if self.causal and self.kind != "relu":
                 k_prime, key_scale = self.causal_key_features(k, mask)
                 out = causal_linear_attention(
                     q_prime, k_prime, v.to(q_prime.dtype), self._chunk(impl), key_scale, self.feature_floor(), mask
@@ -253,10 +180,10 @@ class FavorAttention(nn.Module):
     def _forward_fla(self, q, k, v, mask):
         from protein_performer.model.favor.fla_backend import favor_causal_fla
 
-        with _fp32(q.device.type):
+        with no_autocast(q.device.type):
             q_prime = self.features(q, True)
             v = v.to(q_prime.dtype)
-            if self.kernel == "relu":  # no stabilizer: eps is part of the features
+            if self.kind == "relu":  # no stabilizer: eps is part of the features
                 return favor_causal_fla(q_prime, self.features(k, False, mask), v, key_padding_mask=mask)
             k_hat, key_scale = self.causal_key_features(k, mask)
             return favor_causal_fla(q_prime, k_hat, v, key_scale, self.feature_floor(), mask)
@@ -270,7 +197,7 @@ class FavorAttention(nn.Module):
         """The implementation ``forward`` uses for inputs like ``x`` (see ``impl``). On CUDA tensors
         (``probe.FAST_DEVICE_TYPES``) a fast path runs only after ``probe.fast_path_ok`` passed it for
         this configuration, or when ``PROTEIN_PERFORMER_FAVOR_IMPL`` forces it."""
-        if self.kernel == "softmax_trig":
+        if self.kind not in FUSED_KINDS:
             return "batched"
         if self.impl in ("batched", "scan"):
             return self.impl
@@ -289,7 +216,7 @@ class FavorAttention(nn.Module):
     def _runs(self, impl: str) -> bool:
         """Whether the fast path ``impl`` covers this module (kernel, direction) and imports."""
         if impl == "triton":
-            return self.kernel in TRITON_KERNELS and triton_available()
+            return self.kind in FUSED_KINDS and triton_available()
         return self.causal and _fla_available()
 
     def _cpu_impl(self, x: torch.Tensor) -> str:
@@ -299,25 +226,6 @@ class FavorAttention(nn.Module):
         if x.device.type == "cpu" and long_enough and not (self.causal and freed_memory_kept()):
             return "scan"
         return "batched"
-
-    def causal_key_features(
-        self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax-kernel key features at each key's own scale and the scales s (``per_key_features``),
-        float32 also under autocast: the key features seen by query i are phi_hat_j exp(s_j - c_i) + floor."""
-        dtype = _compute_dtype(k)
-        with _fp32(k.device.type):
-            x = k.to(dtype) * self.dim_head**-0.25
-            return per_key_features(x, self.projection.to(dtype), self.kernel, key_padding_mask)
-
-    def feature_floor(self) -> float:
-        """The eps floor of every key feature: ratio * eps for positive softmax features (ratio =
-        m^-1/2), eps for relu (inside its features), none for trigonometric features."""
-        if self.kernel == "softmax_trig":
-            return 0.0
-        if self.kernel in ("softmax", "softmax_hyp"):
-            return self.eps * self.nb_features**-0.5
-        return self.eps
 
     def attention_matrix(
         self,
@@ -338,9 +246,9 @@ class FavorAttention(nn.Module):
         b, h, length, _ = q.shape
         if block_rows is None:
             block_rows = max(1, length // (b * h))
-        with _fp32(q.device.type), torch.no_grad():
+        with no_autocast(q.device.type), torch.no_grad():
             q_prime = self.features(q, True)
-            scaled = self.causal and self.kernel != "relu"  # per-query stabilizer, as in forward
+            scaled = self.causal and self.kind != "relu"  # per-query stabilizer, as in forward
             if scaled:
                 k_prime, key_scale = self.causal_key_features(k, mask)
                 query_scale = causal_stabilizer(key_scale, mask)
@@ -369,16 +277,18 @@ class FavorAttention(nn.Module):
         dim_v: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> dict:
+    ) -> FavorState:
         """An empty causal state for ``step`` (``recurrent.init_state``)."""
         return recurrent.init_state(self, batch, heads, dim_v, device, dtype)
 
     @torch.no_grad()
-    def step(self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+    def step(
+        self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: FavorState
+    ) -> tuple[torch.Tensor, FavorState]:
         """One causal step: q_t, k_t, v_t (b, h, 1, d) -> (out_t (b, h, 1, d), new state); out_t equals
         the last row of ``forward`` run causally on all tokens given so far (``recurrent.step``)."""
         if not self.causal:
             raise RuntimeError("step() is for causal attention; build FavorAttention(causal=True)")
-        with _fp32(q_t.device.type):
+        with no_autocast(q_t.device.type):
             out, new_state = recurrent.step(self, q_t, k_t, v_t, state)
         return out.to(v_t.dtype), new_state

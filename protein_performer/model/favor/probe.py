@@ -106,7 +106,7 @@ def probe_chunk(impl: str, chunk: int) -> int:
 
 def probe_key(fa, impl: str, x: torch.Tensor) -> tuple:
     """What the probe's verdict depends on (the cache key)."""
-    return (impl, str(x.device), x.dtype, fa.dim_head, fa.nb_features, fa.kernel, fa.causal, fa._chunk(impl), fa.eps)
+    return (impl, str(x.device), x.dtype, fa.dim_head, fa.nb_features, fa.kind, fa.causal, fa._chunk(impl), fa.eps)
 
 
 @dataclass
@@ -129,13 +129,12 @@ def probe_inputs(fa, length: int, padded: bool, dtype: torch.dtype, device, seed
     g = torch.Generator().manual_seed(seed + length)
     b, h, d = 2, 2, fa.dim_head
     q, k, v, grad = (torch.randn(b, h, length, d, generator=g) for _ in range(4))
-    w = fa.projection.detach().double().cpu()
-    if fa.kernel == "relu":
+    w = fa.directions(torch.float64).detach().cpu()  # W, or [W; -W] for hyperbolic features
+    if fa.kind == "relu":
         q = (q + k) * 0.5**0.5  # q_i and k_i share features: no early causal denominator near 0
         for x in (q, k):
             _away_from_kinks(x, w, dtype, g)
     else:
-        w = torch.cat([w, -w]) if fa.kernel == "softmax_hyp" else w
         _jump(k, w, length // 2)
     mask = None
     if padded:
@@ -236,7 +235,7 @@ def fast_path_ok(fa, impl: str, x: torch.Tensor) -> bool:
 
     config = (
         f"{x.device}, {str(x.dtype).removeprefix('torch.')}, d {fa.dim_head}, m {fa.nb_features}, "
-        f"kernel {fa.kernel}, {'causal' if fa.causal else 'bidirectional'}, chunk {fa._chunk(impl)}"
+        f"kernel {fa.kind}, {'causal' if fa.causal else 'bidirectional'}, chunk {fa._chunk(impl)}"
     )
     try:
         finding = check_fast_path(fa, impl, x.device, x.dtype)

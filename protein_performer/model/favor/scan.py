@@ -1,6 +1,6 @@
 """Memory-lean FAVOR+ (the CPU path): features fused into a scan over chunks, recomputed in backward.
 
-``favor_scan(xq, xk, v, w, ...)`` computes the whole attention, feature maps included, in one
+``favor_scan(xq, xk, v, features, ...)`` computes the whole attention, feature maps included, in one
 autograd Function that walks the sequence in chunks of C positions with every (batch, head) of
 the chunk batched together. Every temporary is a (B, C, m) or (B, C, C) block (B = batch x
 heads), a few MiB, so nothing large is allocated and freed per call: glibc keeps such blocks in
@@ -11,7 +11,8 @@ Saved for backward: xq, xk, [v 1] (L x (d + 1) each), the output and its denomin
 causal attention the state entering each block ((L / R) m e numbers, e / R of one L x m map);
 no L x m feature tensor. Backward recomputes the features block by block, in reverse.
 
-Same numbers as ``features`` + ``causal`` (to float rounding), same stabilizer semantics:
+Same numbers as ``features`` + ``causal`` (to float rounding), same stabilizer semantics; the
+features a and b and their chain rule are ``FeatureMap.fused_*``:
 - queries: a_i = r (exp(w^T x_i - max_m w^T x_i) + eps), r = m^-1/2 (relu: relu(w^T x) + eps);
 - causal keys: b_j = r exp(w^T x_j - |x_j|^2/2 - s_j), s_j the max over features; key j is seen
   by query i as b_j exp(s_j - c_i) + f with c_i = max_{j' <= i} s_j' and the floor f = r eps.
@@ -34,10 +35,12 @@ own chain rule: dx = (da * (a - f)) W for queries, dx = (db * b) W - x rowsum(db
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-SOFTMAX, RELU = "softmax", "relu"
+if TYPE_CHECKING:
+    from protein_performer.model.favor.features import FeatureMap
 
 
 def _safe(x: torch.Tensor) -> torch.Tensor:
@@ -49,50 +52,6 @@ def _exp_le1(x: torch.Tensor) -> torch.Tensor:
     """exp(min(x, 0)) in place: the stabilizer's factors are <= 1 where they multiply real
     features; the clamp only touches factors of zero features (padding), keeping them finite."""
     return x.clamp_(max=0.0).exp_()
-
-
-class _Features:
-    """Query and key feature maps of one chunk, and their chain rule. x: (B, C, d), w: (m, d)."""
-
-    def __init__(self, kind: str, w: torch.Tensor, eps: float):
-        self.kind, self.w, self.eps = kind, w, eps
-        self.log_ratio = -0.5 * math.log(w.shape[0])
-        self.ratio = w.shape[0] ** -0.5
-        self.floor = self.ratio * eps if kind == SOFTMAX else 0.0
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.matmul(x, self.w.t())  # (B, C, m)
-        if self.kind == RELU:
-            return z.relu_().add_(self.eps)
-        z.sub_(z.amax(dim=-1, keepdim=True) - self.log_ratio)
-        return z.exp_().add_(self.floor)
-
-    def query_grad(self, x: torch.Tensor, a: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-        if self.kind == RELU:
-            dz = da.mul_(a > self.eps)  # a = relu(z) + eps
-        else:
-            dz = da.mul_(a.sub_(self.floor))  # d a / d z = a - f
-        return torch.matmul(dz, self.w)
-
-    def key(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b (B, C, m), s (B, C)): softmax features at each key's own scale s (no floor), or relu
-        features (s = 0). Padded keys get zero features."""
-        z = torch.matmul(x, self.w.t())
-        if self.kind == RELU:
-            b, s = z.relu_().add_(self.eps), z.new_zeros(z.shape[:-1])
-        else:
-            z.sub_(0.5 * (x * x).sum(dim=-1, keepdim=True))
-            s = z.amax(dim=-1)
-            b = z.sub_(s.unsqueeze(-1) - self.log_ratio).exp_()
-        if mask is not None:
-            b.masked_fill_(mask.unsqueeze(-1), 0.0)
-        return b, s
-
-    def key_grad(self, x: torch.Tensor, b: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
-        if self.kind == RELU:
-            return torch.matmul(db.mul_(b > self.eps), self.w)  # padded keys: b = 0
-        dz = db.mul_(b)  # d b / d z = b; z = w^T x - |x|^2/2
-        return torch.matmul(dz, self.w).sub_(x * dz.sum(dim=-1, keepdim=True))
 
 
 def _spans(length: int, chunk: int) -> list[tuple[int, int]]:
@@ -128,15 +87,14 @@ def _finish(o_ext: torch.Tensor, out: torch.Tensor, den: torch.Tensor, lo: int, 
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xq, xk, v, w, mask, kind, causal, chunk, eps):
-        feats = _Features(kind, w, eps)
+    def forward(ctx, xq, xk, v, w, mask, fm, causal, chunk):
         v_ext = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, L, e)
         if mask is not None:
             v_ext.masked_fill_(mask.unsqueeze(-1), 0.0)
         run = _causal_forward if causal else _bidirectional_forward
-        out, den, *extra = run(feats, xq, xk, v_ext, mask, chunk)
+        out, den, *extra = run(fm, w, xq, xk, v_ext, mask, chunk)
         ctx.save_for_backward(xq, xk, v_ext, w, out, den, *((mask,) if mask is not None else ()), *extra)
-        ctx.kind, ctx.causal, ctx.chunk, ctx.eps, ctx.has_mask = kind, causal, chunk, eps, mask is not None
+        ctx.fm, ctx.causal, ctx.chunk, ctx.has_mask = fm, causal, chunk, mask is not None
         ctx.mark_non_differentiable(den)
         return out, den
 
@@ -144,11 +102,11 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_den):
         xq, xk, v_ext, w, out, den, *rest = ctx.saved_tensors
         mask = rest.pop(0) if ctx.has_mask else None
-        feats = _Features(ctx.kind, w, ctx.eps)
+        fm = ctx.fm
         g = _Grad(grad_out, out, den)
         run = _causal_backward if ctx.causal else _bidirectional_backward
-        dxq, dxk, dv = run(feats, xq, xk, v_ext, mask, g, ctx.chunk, *rest)
-        return dxq, dxk, dv, None, None, None, None, None, None
+        dxq, dxk, dv = run(fm, w, xq, xk, v_ext, mask, g, ctx.chunk, *rest)
+        return dxq, dxk, dv, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------ causal
@@ -176,14 +134,14 @@ class _Block:
     cache (a (K + 1) x K decay matrix applied by bmm streams every state through memory twice).
     """
 
-    def __init__(self, feats, xq, xk, v_ext, mask, run_max, M_in, chunk, need_query=True):
+    def __init__(self, fm, w, xq, xk, v_ext, mask, run_max, M_in, chunk, need_query=True):
         B, R, e = v_ext.shape
         C = min(chunk, R)
         K = R // C
         self.B, self.K, self.C = B, K, C
-        self.softmax = feats.kind == SOFTMAX
-        self.a = feats.query(xq).view(B * K, C, -1) if need_query else None
-        b, s = feats.key(xk, mask)
+        self.softmax = fm.kind != "relu"
+        self.a = fm.fused_query(xq, w).view(B * K, C, -1) if need_query else None
+        b, s = fm.fused_key(xk, w, mask)
         self.b, self.s = b.view(B * K, C, -1), s
         self.v = v_ext.reshape(B * K, C, e)
         if not self.softmax:
@@ -253,9 +211,9 @@ def _suffix_states(V: torch.Tensor, rev: torch.Tensor, ratio: torch.Tensor | Non
     return R, _step(V[:, 0], R[:, 0], None if ratio is None else ratio[:, 0])
 
 
-def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
+def _causal_forward(fm, w, xq, xk, v_ext, mask, chunk):
     B, L, e = v_ext.shape
-    m, f, softmax = feats.w.shape[0], feats.floor, feats.kind == SOFTMAX
+    m, f, softmax = w.shape[0], fm.fused_floor(), fm.kind != "relu"
     rows = _block_rows(B, m, chunk, L)
     out, den = xq.new_empty(B, L, e - 1), xq.new_empty(B, L, 1)
     S = xq.new_zeros(B, m, e)  # sum_j b_j exp(s_j - M) [v_j 1]^T at scale M
@@ -269,7 +227,7 @@ def _causal_forward(feats, xq, xk, v_ext, mask, chunk):
         saved_S.append(S)
         saved_small.append(torch.cat([E[:, 0], M, run_max], dim=1))
         xq_b, xk_b, v_b, mask_b = _padded(xq, xk, v_ext, mask, lo, hi, pad)
-        blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
+        blk = _Block(fm, w, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
         S_t, S_next, Es = blk.states(S, E)
         K, C = blk.K, blk.C
         scores = torch.bmm(blk.a, blk.b.transpose(1, 2))  # (B K, C, C)
@@ -302,11 +260,11 @@ def _padded(xq, xk, v_ext, mask, lo, hi, pad):
     return (*parts, torch.nn.functional.pad(m, (0, pad), value=True))
 
 
-def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small):
+def _causal_backward(fm, w, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small):
     """Reverse pass over blocks; the incoming state of every block was saved by the forward pass
     ((L / R) x m x e numbers: e / R of one L x m feature map)."""
     B, L, e = v_ext.shape
-    m, f, softmax = feats.w.shape[0], feats.floor, feats.kind == SOFTMAX
+    m, f, softmax = w.shape[0], fm.fused_floor(), fm.kind != "relu"
     rows = _block_rows(B, m, chunk, L)
     spans = _spans(L, rows)
     dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), xq.new_empty(B, L, e - 1)
@@ -320,7 +278,7 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
         E, M, run_max = small[:, None, :e], small[:, e : e + 1], small[:, e + 1 :]
         xq_b, xk_b, v_b, mask_b = _padded(xq, xk, v_ext, mask, lo, hi, pad)
         g_b = g[lo:hi] if not pad else torch.nn.functional.pad(g[lo:hi], (0, 0, 0, pad))
-        blk = _Block(feats, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
+        blk = _Block(fm, w, xq_b, xk_b, v_b, mask_b, run_max, M, chunk)
         K, C = blk.K, blk.C
         S_t, _, Es = blk.states(S, E)
         E_t = Es[:, :K].reshape(B * K, 1, e)
@@ -350,8 +308,8 @@ def _causal_backward(feats, xq, xk, v_ext, mask, g, chunk, saved_S, saved_small)
             dvc = torch.bmm(scores.tril_().transpose(1, 2), gc).baddbmm_(b, R_t)
         del R_t, S_t, scores, h
         dv[:, lo:hi] = dvc.view(B, K * C, e)[:, :n, :-1]
-        dxq[:, lo:hi] = feats.query_grad(xq_b, a.view(B, K * C, m), da.view(B, K * C, m))[:, :n]
-        dxk[:, lo:hi] = feats.key_grad(xk_b, b.view(B, K * C, m), db.view(B, K * C, m))[:, :n]
+        dxq[:, lo:hi] = fm.fused_query_grad(xq_b, w, a.view(B, K * C, m), da.view(B, K * C, m))[:, :n]
+        dxk[:, lo:hi] = fm.fused_key_grad(xk_b, w, b.view(B, K * C, m), db.view(B, K * C, m))[:, :n]
     return dxq, dxk, _v_grad(dv, mask)
 
 
@@ -360,15 +318,15 @@ def _v_grad(dv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ bidirectional
-def _bidirectional_forward(feats, xq, xk, v_ext, mask, chunk):
+def _bidirectional_forward(fm, w, xq, xk, v_ext, mask, chunk):
     B, L, e = v_ext.shape
-    m, softmax = feats.w.shape[0], feats.kind == SOFTMAX
+    m, softmax = w.shape[0], fm.kind != "relu"
     rows = _block_rows(B, m, chunk, L)
     kv = xq.new_zeros(B, m, e)  # K'^T [V 1] without the floor, at scale M (online max over key chunks)
     run_max = xq.new_full((B, 1), float("-inf"))
     M = xq.new_zeros(B, 1)
     for lo, hi in _spans(L, rows):
-        b, s = feats.key(xk[:, lo:hi], None if mask is None else mask[:, lo:hi])
+        b, s = fm.fused_key(xk[:, lo:hi], w, None if mask is None else mask[:, lo:hi])
         vc = v_ext[:, lo:hi]
         if softmax:
             s_real = s if mask is None else s.masked_fill(mask[:, lo:hi], float("-inf"))
@@ -378,33 +336,33 @@ def _bidirectional_forward(feats, xq, xk, v_ext, mask, chunk):
             b.mul_(_exp_le1(s - M_new).unsqueeze(-1))
             M = M_new
         kv.baddbmm_(b.transpose(1, 2), vc)
-    kv_full = kv.add_(v_ext.sum(dim=1, keepdim=True), alpha=feats.floor) if softmax else kv
+    kv_full = kv.add_(v_ext.sum(dim=1, keepdim=True), alpha=fm.fused_floor()) if softmax else kv
     out, den = xq.new_empty(B, L, e - 1), xq.new_empty(B, L, 1)
     for lo, hi in _spans(L, rows):
-        _finish(torch.bmm(feats.query(xq[:, lo:hi]), kv_full), out, den, lo, hi)
+        _finish(torch.bmm(fm.fused_query(xq[:, lo:hi], w), kv_full), out, den, lo, hi)
     return out, den, kv_full, M
 
 
-def _bidirectional_backward(feats, xq, xk, v_ext, mask, g, chunk, kv_full, M):
+def _bidirectional_backward(fm, w, xq, xk, v_ext, mask, g, chunk, kv_full, M):
     B, L, e = v_ext.shape
-    m = feats.w.shape[0]
+    m = w.shape[0]
     rows = _block_rows(B, m, chunk, L)
     dxq, dxk, dv = torch.empty_like(xq), torch.empty_like(xk), xq.new_empty(B, L, e - 1)
     dkv = xq.new_zeros(B, m, e)  # d(K'^T [V 1]) = sum_i a_i G_i^T
     kv_t = kv_full.transpose(1, 2)
     for lo, hi in _spans(L, rows):
         x_q, gc = xq[:, lo:hi], g[lo:hi]
-        a = feats.query(x_q)
+        a = fm.fused_query(x_q, w)
         dkv.baddbmm_(a.transpose(1, 2), gc)
-        dxq[:, lo:hi] = feats.query_grad(x_q, a, torch.bmm(gc, kv_t))
-    floor_row = dkv.sum(dim=1, keepdim=True).mul_(feats.floor)  # (B, 1, e): the floor's part of d[V 1]
+        dxq[:, lo:hi] = fm.fused_query_grad(x_q, w, a, torch.bmm(gc, kv_t))
+    floor_row = dkv.sum(dim=1, keepdim=True).mul_(fm.fused_floor())  # (B, 1, e): the floor's part of d[V 1]
     for lo, hi in _spans(L, rows):
         x_k, vc = xk[:, lo:hi], v_ext[:, lo:hi]
-        b, s = feats.key(x_k, None if mask is None else mask[:, lo:hi])
-        if feats.kind == SOFTMAX:
+        b, s = fm.fused_key(x_k, w, None if mask is None else mask[:, lo:hi])
+        if fm.kind != "relu":
             b.mul_(_exp_le1(s - M).unsqueeze(-1))  # b exp(s - c): the features without the floor
         dv[:, lo:hi] = torch.baddbmm(floor_row[..., :-1], b, dkv[..., :-1])
-        dxk[:, lo:hi] = feats.key_grad(x_k, b, torch.bmm(vc, dkv.transpose(1, 2)))
+        dxk[:, lo:hi] = fm.fused_key_grad(x_k, w, b, torch.bmm(vc, dkv.transpose(1, 2)))
     return dxq, dxk, _v_grad(dv, mask)
 
 
@@ -413,21 +371,20 @@ def favor_scan(
     xq: torch.Tensor,
     xk: torch.Tensor,
     v: torch.Tensor,
-    w: torch.Tensor,
-    kind: str,
+    features: FeatureMap,
     causal: bool,
-    eps: float,
     chunk: int = 128,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FAVOR+ attention from scaled inputs: xq = q d^-1/4, xk = k d^-1/4, v, all (b, h, l, d) in the
-    compute dtype, and the feature directions w (m, d) ([W, -W] for hyperbolic features);
-    ``kind`` "softmax" (positive features, floor r eps) or "relu" (relu(w^T x) + eps).
-    Returns (b, h, l, d). The gradient flows to xq, xk and v (not to w: a buffer)."""
+    compute dtype, with the feature map ``features`` (a kernel in ``FUSED_KINDS``: positive softmax
+    features, floor r eps, or relu(w^T x) + eps). Returns (b, h, l, d). The gradient flows to xq,
+    xk and v (not to W: a buffer)."""
     b, h, length, d = xq.shape
     flat = lambda x: x.reshape(b * h, length, x.shape[-1])  # noqa: E731
     mask = None
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, :].expand(b, h, length).reshape(b * h, length)
-    out, _ = _Scan.apply(flat(xq), flat(xk), flat(v), w.detach(), mask, kind, causal, int(chunk), float(eps))
+    w = features.directions(xq.dtype).detach()
+    out, _ = _Scan.apply(flat(xq), flat(xk), flat(v), w, mask, features, causal, int(chunk))
     return out.reshape(b, h, length, v.shape[-1])

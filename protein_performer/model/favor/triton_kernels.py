@@ -1,9 +1,9 @@
 """FAVOR+ attention in Triton (the CUDA path): feature maps fused into chunked kernels.
 
-``favor_triton(xq, xk, v, w, kind, causal, eps, chunk, key_padding_mask)`` has the signature and
+``favor_triton(xq, xk, v, features, causal, chunk, key_padding_mask)`` has the signature and
 the numbers of ``scan.favor_scan`` (same stabilizer semantics, to float32 rounding; nothing is
-changed, the eps floor included), for ``kind == "softmax"`` (positive features; hyperbolic
-features pass w = [W, -W]) and ``kind == "relu"`` (relu(w^T x) + eps, no stabilizer). No L x m
+changed, the eps floor included), for the softmax kernels (positive features; hyperbolic
+features pass w = [W, -W], ``FeatureMap.directions``) and relu (relu(w^T x) + eps, no stabilizer). No L x m
 feature tensor ever exists in memory: every kernel recomputes the features of its rows from x and
 W (x: (B, L, d), W: (m, d)). Saved for backward: xq, xk, [v 1], the output, its denominator, the
 query feature sums A and the padding mask (O(L d)), plus (B, L) vectors (query max, key max,

@@ -1,5 +1,5 @@
 """Host side of the Triton FAVOR+ path: plans the launches of ``triton_kernels`` and wraps them in
-one autograd Function, ``favor_triton(xq, xk, v, w, kind, causal, eps, chunk, key_padding_mask)``,
+one autograd Function, ``favor_triton(xq, xk, v, features, causal, chunk, key_padding_mask)``,
 with the signature and numbers of ``scan.favor_scan`` (see ``triton_kernels`` for the equations
 each kernel computes and what is saved for backward).
 """
@@ -7,12 +7,16 @@ each kernel computes and what is saved for backward).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 from torch.autograd.function import once_differentiable
 
 from protein_performer.model.favor.triton_kernels import _backward, _forward, _rowmax, _rstates, _scan, _states
+
+if TYPE_CHECKING:
+    from protein_performer.model.favor.features import FeatureMap
 
 # tl.dot input precision: "ieee" (float32, the default), or to measure on a GPU "tf32x3" (three
 # tf32 products, about float32 accuracy, on tensor cores) or "tf32" (~1e-3 relative in the logits)
@@ -38,7 +42,7 @@ def _pow2(x: int, low: int = 16) -> int:
 class _Plan:
     """Sizes, block shapes and the per-row / per-chunk scales of one call."""
 
-    def __init__(self, xq, xk, v, w, pad, kind, causal, eps, chunk):
+    def __init__(self, xq, xk, v, w, pad, fm, causal, chunk):
         self.B, self.L, self.D = xq.shape
         self.M = w.shape[0]
         self.DV = v.shape[-1]
@@ -50,12 +54,12 @@ class _Plan:
         self.CH = _pow2(chunk)
         self.n = triton.cdiv(self.L, self.CH)
         self.causal = causal
-        self.relu = kind == RELU
+        self.relu = fm.kind == "relu"
         self.ratio = self.M**-0.5
         # softmax: floor f = r eps on every real key feature (and in the query features); relu: eps
         # is inside both feature maps (feps), no stabilizer (all scales 0)
-        self.floor = 0.0 if self.relu else self.ratio * eps
-        self.feps = eps if self.relu else 0.0
+        self.floor = fm.fused_floor()
+        self.feps = fm.eps if self.relu else 0.0
         B, L = self.B, self.L
         self.qmax = torch.zeros(B, L, device=xq.device, dtype=torch.float32)
         self.s = torch.zeros_like(self.qmax)
@@ -204,9 +208,9 @@ def _reverse_states(plan: _Plan, xq: torch.Tensor, g: torch.Tensor, w: torch.Ten
 
 class _FavorTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xq, xk, v, w, pad, kind, causal, eps, chunk):
+    def forward(ctx, xq, xk, v, w, pad, fm, causal, chunk):
         xq, xk, w = xq.contiguous(), xk.contiguous(), w.contiguous()
-        plan = _Plan(xq, xk, v, w, pad, kind, causal, eps, chunk)
+        plan = _Plan(xq, xk, v, w, pad, fm, causal, chunk)
         B, L, DV, E = plan.B, plan.L, plan.DV, plan.E
         v_ext = (
             torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).masked_fill_(pad.bool()[..., None], 0.0).contiguous()
@@ -313,37 +317,28 @@ class _FavorTriton(torch.autograd.Function):
             RELU=plan.relu,
             num_warps=NUM_WARPS,
         )
-        return dxq, dxk, dv, None, None, None, None, None, None
-
-
-SOFTMAX, RELU = "softmax", "relu"
-SUPPORTED_KINDS = (SOFTMAX, RELU)
+        return dxq, dxk, dv, None, None, None, None, None
 
 
 def favor_triton(
     xq: torch.Tensor,
     xk: torch.Tensor,
     v: torch.Tensor,
-    w: torch.Tensor,
-    kind: str,
+    features: FeatureMap,
     causal: bool,
-    eps: float,
     chunk: int = 64,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``scan.favor_scan`` in Triton kernels: xq = q d^-1/4, xk = k d^-1/4, v (b, h, l, d),
-    w (m, d) float32 ([W, -W] for hyperbolic features), kind "softmax" (positive features, floor r eps)
-    or "relu" (relu(w^T x) + eps). Returns (b, h, l, d) float32.
+    """``scan.favor_scan`` in Triton kernels: xq = q d^-1/4, xk = k d^-1/4, v (b, h, l, d), the
+    feature map ``features`` (a kernel in ``FUSED_KINDS``: positive softmax features, floor r eps,
+    or relu(w^T x) + eps; its directions in float32). Returns (b, h, l, d) float32.
     ``chunk`` is rounded up to a power of two (>= 16)."""
-    if kind not in SUPPORTED_KINDS:
-        raise ValueError(f"the Triton path supports kind {SUPPORTED_KINDS}, got {kind!r}")
+    w = features.directions(torch.float32).detach()  # raises for a kernel the Triton kernels lack
     b, h, length, d = xq.shape
     flat = lambda x: x.reshape(b * h, length, x.shape[-1]).float()  # noqa: E731
     if key_padding_mask is None:
         pad = torch.zeros(b * h, length, dtype=torch.int8, device=xq.device)
     else:
         pad = key_padding_mask[:, None, :].expand(b, h, length).reshape(b * h, length).to(torch.int8)
-    out = _FavorTriton.apply(
-        flat(xq), flat(xk), flat(v), w.detach().float(), pad.contiguous(), kind, bool(causal), float(eps), int(chunk)
-    )
+    out = _FavorTriton.apply(flat(xq), flat(xk), flat(v), w, pad.contiguous(), features, bool(causal), int(chunk))
     return out.reshape(b, h, length, v.shape[-1])

@@ -806,7 +806,7 @@ def studies_section(runs: list[dict]) -> list[str]:
         [
             "## Studies: the paper's claims at workstation scale (issue 6)",
             "",
-            "`python -m protein_performer.experiments.<study>` (`make studies`); each writes "
+            "`python -m protein_performer.studies.<study>` (`make studies`); each writes "
             "`results/studies/<study>.json` + `.png`. Full tables, commands and readings: "
             "[`results/studies.md`](results/studies.md), generated from those JSON files.",
             "",
@@ -819,7 +819,7 @@ def studies_section(runs: list[dict]) -> list[str]:
 def render_study(run: dict) -> str:
     """The study's own markdown section (the function its module uses), from the JSON alone."""
     name = study_name(run)
-    module = importlib.import_module(f"protein_performer.experiments.{run['study']}")
+    module = importlib.import_module(f"protein_performer.studies.{run['study']}")
     takes_name = len(inspect.signature(module.markdown).parameters) > 1
     text = module.markdown(run, name) if takes_name else module.markdown(run)
     lines = [line for line in text.rstrip().splitlines() if not line.startswith("Figure:")]

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protein_performer.errors import UserError, cli_errors
-from protein_performer.recipes.family_contacts.run import CONF, KORTEMME40, PFAM40, STAGES, RecipeSummary, run
+from protein_performer.recipes.family_contacts.run import KORTEMME40, PFAM40, STAGES, RecipeSummary, run
+from protein_performer.resources import CONF
 
 # top-level train keys passed through as Hydra overrides (groups and plain values of conf/train.yaml)
 TRAIN_KEYS = ("seed", "num_threads", "model", "data", "objective")

@@ -3,7 +3,7 @@
 Each study is one command that writes JSON + PNG into ``--out-dir`` (default ``./study_results``
 under the current directory, never the package) and its markdown section into ``--markdown``
 (default ``<out-dir>/studies.md``); ``make studies`` passes ``--out-dir benchmarks/results/studies
---markdown benchmarks/results/studies.md``:
+--markdown study_results/studies.md`` and then regenerates ``benchmarks/results/studies.md`` from the JSON:
 
     python -m protein_performer.studies.approximation   # 1. MSE vs number of features m
     python -m protein_performer.studies.speed           # 2. time / memory vs length L

@@ -86,7 +86,7 @@ def installed(tmp_path_factory) -> dict:
         ).stdout.strip()
     )
     (purelib / "_dependencies_of_the_test.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    # no PP_SHARED_DATA: an installed package has no shared data folder (the recipe names data= / structures=)
+    # no PP_SHARED_DATA: an installed package has no shared data folder (the recipe names input= / structures=)
     drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PP_SHARED_DATA")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PROTEIN_PERFORMER_TRACEBACK="0")

@@ -33,7 +33,7 @@ help:
 	@echo "make lint   - ruff check + ruff format --check (CI runs it before the tests)"
 	@echo "make bench  - run the benchmarks (see benchmarks/RESULTS.md)"
 	@echo "make results - regenerate benchmarks/RESULTS.md from benchmarks/results/*.json"
-	@echo "make studies - rerun the paper-claim studies (protein_performer/experiments)"
+	@echo "make studies - rerun the paper-claim studies (protein_performer/studies)"
 	@echo "make notebooks - rerun the notebooks on the recipe's (else the demo's) outputs and store them with outputs"
 	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (SHARED_DATA: \$$PP_SHARED_DATA, else ../shared/data), export, score contacts"
 	@echo "    over a finished OUT: ARGS=resume=true (complete: nothing to do) or ARGS=overwrite=true (rerun, replace when done)"
@@ -77,7 +77,7 @@ bench: $(STAMP)
 # study_results/); the results pages are then regenerated from the JSON
 studies: $(STAMP)
 	for s in causal_generation approximation speed compatibility redraw; do \
-		$(PY) -m protein_performer.experiments.$$s --out-dir benchmarks/results/studies \
+		$(PY) -m protein_performer.studies.$$s --out-dir benchmarks/results/studies \
 		    --markdown study_results/studies.md || exit 1; done
 	$(PY) benchmarks/report.py
 
@@ -95,8 +95,8 @@ ARGS        ?=
 RECIPE_ARGS_aligned   = experiment=family_contacts_aligned align=true
 RECIPE_ARGS_unaligned = experiment=family_contacts homologs=64
 family-contacts: $(STAMP)
-	$(PY) -m protein_performer.experiments.family_contacts family=$(FAMILY) output_dir=$(OUT) \
-	    data=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 \
+	$(PY) -m protein_performer.family_contacts family=$(FAMILY) output_dir=$(OUT) \
+	    input=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 \
 	    $(RECIPE_ARGS_$(RECIPE)) $(ARGS)
 
 clean:

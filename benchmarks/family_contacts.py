@@ -1,6 +1,6 @@
 """Which settings make attention maps of a family model trained for minutes on 2 CPU cores carry
 contacts (issue 12, item 3)? Each setting is one run of the recipe
-(``python -m protein_performer.experiments.family_contacts``) with Hydra overrides; its score is the
+(``python -m protein_performer.family_contacts``) with Hydra overrides; its score is the
 long-range P@L of the unsupervised mean-of-heads APC map on the family's kortemme40 chain, next to
 the same model at random init, and the ContactProbe curve (precision vs training minutes).
 
@@ -67,8 +67,9 @@ SETTINGS: dict[str, list[str]] = {
     # factored attention (experiment=family_contacts_aligned: 1 layer, 32 heads, queries and keys learned
     # per position) on the family aligned to the chain; no ``contacts`` stage: its maps are the family's
     "aligned_exact": [*ALIGNED, "model.attention=exact"],
-    "aligned_relu": [*ALIGNED, "model.attention=favor_relu"],
-    "aligned_softmax": [*ALIGNED, "model.attention=favor_softmax"],
+    # (model: factored is exact attention: the FAVOR+ twins name the m 64 they were measured with)
+    "aligned_relu": [*ALIGNED, "model.attention=favor_relu", "model.nb_features=64"],
+    "aligned_softmax": [*ALIGNED, "model.attention=favor_softmax", "model.nb_features=64"],
 }
 
 
@@ -106,7 +107,7 @@ def launch(
     mm, ss = divmod(int(round(minutes * 60)), 60)
     args = [
         "-m",
-        "protein_performer.experiments.family_contacts",
+        "protein_performer.family_contacts",
         f"family={family}",
         f"output_dir={out}",
         f"probe_every_s={probe_s}",
@@ -171,7 +172,7 @@ def run_head(family: str, setting: str, minutes: float, out_root: Path, threads:
     out = out_root / f"{family}_{setting}_{minutes:g}min"
     args = [
         "-m",
-        "protein_performer.experiments.family_contacts",
+        "protein_performer.family_contacts",
         f"family={family}",
         f"output_dir={out}",
         "stages=contacts",

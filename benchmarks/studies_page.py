@@ -1,5 +1,5 @@
 """The studies' part of RESULTS.md and the page benchmarks/results/studies.md, from the JSON files the
-studies (``python -m protein_performer.experiments.<study>``, ``make studies``) write into
+studies (``python -m protein_performer.studies.<study>``, ``make studies``) write into
 benchmarks/results/studies/. Their format is the studies' own (``machine`` is a dict with ``date_utc``);
 each section of the page is rendered by its study module's ``markdown()``.
 """
@@ -16,7 +16,7 @@ from _record import RESULTS, load, table
 STUDIES = ("causal_generation", "approximation", "speed", "compatibility", "redraw")
 HEADING = (
     "## Studies: the paper's claims at workstation scale (issue 6)\n\n"
-    "`python -m protein_performer.experiments.<study>` (`make studies`); each writes "
+    "`python -m protein_performer.studies.<study>` (`make studies`); each writes "
     "`results/studies/<study>.json` + `.png`. Full tables, commands and readings: "
     "[`results/studies.md`](results/studies.md), generated from those JSON files."
 )
@@ -101,7 +101,7 @@ def section(studies: list[dict]) -> str:
 def _render(run: dict) -> str:
     """The study's own markdown section (the function its module uses), from the JSON alone."""
     name = _name(run)
-    module = importlib.import_module(f"protein_performer.experiments.{run['study']}")
+    module = importlib.import_module(f"protein_performer.studies.{run['study']}")
     takes_name = len(inspect.signature(module.markdown).parameters) > 1
     text = module.markdown(run, name) if takes_name else module.markdown(run)
     lines = [line for line in text.rstrip().splitlines() if not line.startswith("Figure:")]

@@ -18,7 +18,7 @@ from protein_performer.cli import demo
 HYDRA_COMMANDS = ("ingest", "train", "export_attention", "contacts", "aa_similarity", "predict_contacts", "embed")
 
 
-@pytest.mark.parametrize("command", [*HYDRA_COMMANDS, "demo"])
+@pytest.mark.parametrize("command", [*HYDRA_COMMANDS, "demo", "family_contacts"])
 def test_python_m_module_is_only_the_main_hook(command, repo_root):
     """``protein_performer/<cmd>.py``: a docstring and ``if __name__ == "__main__"`` running
     ``protein_performer.cli.<cmd>.main``; importing it defines nothing (no second import path)."""
@@ -33,7 +33,7 @@ def test_python_m_module_is_only_the_main_hook(command, repo_root):
 
 def test_console_scripts_point_at_the_cli_mains(repo_root):
     scripts = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["scripts"]
-    assert sorted(scripts) == sorted("pp-" + c.replace("_", "-") for c in HYDRA_COMMANDS)
+    assert sorted(scripts) == sorted("pp-" + c.replace("_", "-") for c in (*HYDRA_COMMANDS, "family_contacts"))
     for name, target in scripts.items():
         module, func = target.split(":")
         assert module == "protein_performer.cli." + name.removeprefix("pp-").replace("-", "_"), name

@@ -184,3 +184,26 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
         progress=False,
     )
     return out
+
+
+def test_family_contacts_aligned_is_the_factored_model_with_no_favor_options(tmp_path):
+    """The recipe's aligned experiment takes model=factored (exact attention, queries and keys learned
+    per position) and sets none of the FAVOR+ options, which do nothing under exact attention."""
+    cfg = make_cfg(["experiment=family_contacts_aligned", "data.root=/nonexistent", f"run_dir={tmp_path}"])
+    m = cfg.model
+    assert (m.attention, m.qk, m.depth, m.heads, m.dim_head, m.dim, m.ff_dim) == (
+        "exact",
+        "position",
+        1,
+        32,
+        32,
+        128,
+        256,
+    )
+    assert (m.init, m.tie_embeddings, m.positions, m.dropout) == ("torch", False, "learned", 0.0)
+    for name in ("family_contacts", "family_contacts_aligned"):
+        raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+        attention = make_cfg([f"experiment={name}", "data.root=/x", f"run_dir={tmp_path}"]).model.attention
+        if attention == "exact":
+            assert "nb_features" not in raw.get("model", {}) and "favor_kwargs" not in raw.get("model", {}), name
+            assert "redraw" not in raw.get("callbacks", {}), name

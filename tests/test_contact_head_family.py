@@ -1,4 +1,4 @@
-"""The recipe's leave-family-out contact head (experiments.family_head): fitted only on other
+"""The recipe's leave-family-out contact head (recipes.family_contacts.head): fitted only on other
 families' chains, scored on the family's chain, equal to fitting it by hand; it finds planted contacts."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 
 from protein_performer.analysis.contact_head import training_subset
 from protein_performer.analysis.contacts import MIN_SEP, Protein, fit_logistic, precision_table
-from protein_performer.experiments.family_head import leave_family_out
+from protein_performer.recipes.family_contacts.head import leave_family_out
 
 
 def planted_protein(n: int, rng: np.random.Generator, L: int = 60, signal: float = 3.0) -> Protein:
@@ -71,7 +71,7 @@ def test_contacts_stage_on_a_small_structure_folder(tmp_path_factory, tmp_path):
     from protein_performer.analysis.contacts import load_proteins
     from protein_performer.analysis.export import load_model
     from protein_performer.analysis.structures import load_structures
-    from protein_performer.experiments.family_head import HeadPaths, contacts_stage
+    from protein_performer.recipes.family_contacts.head import HeadPaths, contacts_stage
 
     ckpt = trained_checkpoint(tmp_path_factory)
     structure = STRUCTURES / "1A8O.pdb"

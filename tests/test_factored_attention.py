@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.export import load_model
 from protein_performer.analysis.predict_contacts import predict_contacts
-from protein_performer.experiments import family_contacts as fc
-from protein_performer.experiments.family_data import GAP_RESIDUE, aligned_row
 from protein_performer.model.performer import PerformerLM
+from protein_performer.recipes.family_contacts.extract import extract_family, read_family_fasta
+from protein_performer.recipes.family_contacts.run import run
+from protein_performer.recipes.family_contacts.scoring import chain_residues
 
 
 def tiny(attention="exact", **kw):
@@ -98,24 +100,24 @@ def test_extract_family_aligned(tmp_path):
     members = ["MKTAYIAKQRQWWWISFVKSHFSRALEERLGLIEVQ", "AYIAKQRQISFVKSHFSRQLEE", target]
     fasta.write_text("".join(f">s{i}/1-9 PF99999\n{s}\n" for i, s in enumerate(members)))
     out = tmp_path / "family.fasta"
-    info = fc.extract_family(fasta, "PF99999", out, target, max_identity=1.0, align=True)
-    rows = fc.read_family_fasta(out)
+    info = extract_family(fasta, "PF99999", out, target, max_identity=1.0, align=True)
+    rows = read_family_fasta(out)
     mutant = target.replace("SRQLEE", "SRALEE")
     assert rows == [mutant, GAP_RESIDUE * 3 + target[3:25] + GAP_RESIDUE * 8, target]
     assert info["n_written"] == 3 and info["aligned_to"] == len(target)
     assert info["covered"] == pytest.approx((33 + 22 + 33) / 99, abs=1e-3)
     # with the hold-out, the chain and its near copies go (identity over the shorter sequence)
-    info = fc.extract_family(fasta, "PF99999", out, target, max_identity=0.9, align=True)
-    assert info["n_held_out"] == 3 and info["n_written"] == 0 and fc.read_family_fasta(out) == []
+    info = extract_family(fasta, "PF99999", out, target, max_identity=0.9, align=True)
+    assert info["n_held_out"] == 3 and info["n_written"] == 0 and read_family_fasta(out) == []
 
 
 @pytest.mark.slow
 def test_tiny_aligned_recipe(shared_data, tmp_path):
     out = tmp_path / "fam"
-    s = fc.run(
+    s = run(
         "PF00226",
         out,
-        data=shared_data / "pfam40_domains.fasta.gz",
+        input=shared_data / "pfam40_domains.fasta.gz",
         structures=shared_data / "structures" / "kortemme40",
         max_sequences=150,
         stages=("extract", "ingest", "train", "export", "score", "contacts"),
@@ -123,22 +125,20 @@ def test_tiny_aligned_recipe(shared_data, tmp_path):
         align=True,
         overrides=["trainer.max_steps=4", "trainer.max_time=null", "model.heads=4", "data.batch_size=8"],
     )
-    chain = fc.chain_residues(s["structure"])[0]
-    rows = fc.read_family_fasta(out / "family.fasta")
+    chain = chain_residues(s.record["structure"])[0]
+    rows = read_family_fasta(out / "family.fasta")
     assert len(rows) == 150 and {len(r) for r in rows} == {len(chain)}
-    assert s["train"]["global_step"] == 4 and s["experiment"] == "family_contacts_aligned" and s["align"]
-    assert set(s["scores"]["trained"]) == {"mean", "layer0"}
-    assert 0.0 <= s["headline"]["long_P@L"] <= 1.0
+    assert s.train["global_step"] == 4 and s.record["experiment"] == "family_contacts_aligned" and s.record["align"]
+    assert set(s.record["scores"]["trained"]) == {"mean", "layer0"}
+    assert 0.0 <= s.headline["long_P@L"] <= 1.0
     # the recipe is the measured setting (exact attention), and its head names the chain it aligned to
     loaded = load_model(out / "checkpoints" / "last.ckpt")
     assert loaded.model.config.attention == "exact" and loaded.model.config.qk == "position"
-    head = ContactHead.load(out / s["fitted_head"]["head"])
-    assert head.align_to == {"id": Path(s["structure"]).stem, "sequence": chain}
-    assert head.settings["kind"] == "mean" and s["fitted_head"]["kind"] == "mean"
-    assert (
-        "trained_mean" in s["fitted_head"]["contacts_report"] and "trained_mean" in s["fitted_head"]["leave_family_out"]
-    )
-    assert s["fitted_head"]["align_to"] == Path(s["structure"]).stem
+    head = ContactHead.load(out / s.fitted_head["head"])
+    assert head.align_to == {"id": Path(s.record["structure"]).stem, "sequence": chain}
+    assert head.settings["kind"] == "mean" and s.fitted_head["kind"] == "mean"
+    assert "trained_mean" in s.fitted_head["contacts_report"] and "trained_mean" in s.fitted_head["leave_family_out"]
+    assert s.fitted_head["align_to"] == Path(s.record["structure"]).stem
     # predict_contacts through the head aligns a family member onto the chain
     member = rows[0].replace("X", "")
     (pred,) = predict_contacts(loaded, head, [member])

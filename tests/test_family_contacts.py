@@ -9,11 +9,17 @@ import json
 import numpy as np
 import pytest
 
+from protein_performer.analysis.alignment import aligned_positions, identity
 from protein_performer.analysis.contacts import apc, precision_at_k, symmetrize
 from protein_performer.analysis.maps_io import MapsFile
 from protein_performer.analysis.structures import load_structures
+from protein_performer.cli.family_contacts import data_groups, parse
 from protein_performer.errors import UserError
-from protein_performer.experiments import family_contacts as fc
+from protein_performer.recipes.family_contacts import rerun
+from protein_performer.recipes.family_contacts.data import SpanCollator, mask_spans
+from protein_performer.recipes.family_contacts.extract import holdout_similar
+from protein_performer.recipes.family_contacts.run import STAGES, run
+from protein_performer.recipes.family_contacts.scoring import homolog_averaged_map, mean_apc_maps, score_map
 
 
 def _planted_contacts(L: int = 60, seed: int = 0) -> np.ndarray:
@@ -29,22 +35,22 @@ def test_score_map_on_planted_maps():
     true = _planted_contacts()
     L = true.shape[0]
     perfect = np.nan_to_num(true)
-    s = fc.score_map(perfect, true)
+    s = score_map(perfect, true)
     i, j = np.triu_indices(L, k=24)
     n_long = int(np.nansum(true[i, j]))
     assert n_long >= L  # so a perfect map fills its top L with contacts
     assert s["long"]["P@L"] == 1.0 and s["long"]["P@L/5"] == 1.0
     assert s["long_density"] == pytest.approx(n_long / np.isfinite(true[i, j]).sum())
     # a constant map scores exactly the density (ties count with their mean label)
-    assert fc.score_map(np.ones((L, L)), true)["long"]["P@L"] == pytest.approx(s["long_density"])
+    assert score_map(np.ones((L, L)), true)["long"]["P@L"] == pytest.approx(s["long_density"])
     # the inverted map ranks every non-contact first
-    assert fc.score_map(-perfect, true)["long"]["P@L"] == 0.0
+    assert score_map(-perfect, true)["long"]["P@L"] == 0.0
 
 
 def test_mean_apc_maps_is_the_mean_of_each_head():
     rng = np.random.default_rng(1)
     a = rng.random((3, 2, 10, 10))
-    m = fc.mean_apc_maps(a)
+    m = mean_apc_maps(a)
     assert set(m) == {"mean", "layer0", "layer1", "layer2"}
     np.testing.assert_allclose(m["mean"], (a[0, 0] + a[0, 1] + a[1, 0] + a[1, 1] + a[2, 0] + a[2, 1]) / 6)
     np.testing.assert_allclose(m["layer2"], (a[2, 0] + a[2, 1]) / 2)
@@ -56,12 +62,12 @@ def test_holdout_removes_the_test_chain_and_near_copies():
     n_diff = sum(a != b for a, b in zip(mutant, target))
     assert n_diff == 3
     other = "GSHMSLFDFFKNKGSAEDSDSKLAEAIEKAIEAAKKGDLEAAKKLLEEAIKLAKESGN"
-    assert fc.identity(target, target) == 1.0
-    assert fc.identity(mutant, target) == (len(target) - 3) / len(target)
-    kept, removed = fc.holdout_similar([("a x", target), ("b x", mutant), ("c x", other)], target, 0.9)
+    assert identity(target, target) == 1.0
+    assert identity(mutant, target) == (len(target) - 3) / len(target)
+    kept, removed = holdout_similar([("a x", target), ("b x", mutant), ("c x", other)], target, 0.9)
     assert [h for h, _ in kept] == ["c x"]
     assert [r["id"] for r in removed] == ["a", "b"]
-    kept, _ = fc.holdout_similar([("b x", mutant)], target, 0.99)
+    kept, _ = holdout_similar([("b x", mutant)], target, 0.99)
     assert len(kept) == 1
 
 
@@ -77,21 +83,48 @@ def test_shared_data_folder_is_the_variable_else_beside_the_checkout(monkeypatch
 
 
 def test_recipe_without_a_shared_data_default_names_the_option(tmp_path):
-    """An installed package without $PP_SHARED_DATA has no default data= / structures=."""
+    """An installed package without $PP_SHARED_DATA has no default input= / structures=."""
     with pytest.raises(UserError, match="give structures=<kortemme40 dir>"):
-        fc.run("PF00072", tmp_path / "out", data=None, structures=None)
-    with pytest.raises(UserError, match="give data=<pfam40_domains.fasta.gz>"):
-        fc.run("PF00072", tmp_path / "out", data=None, structures=tmp_path)
+        run("PF00072", tmp_path / "out", input=None, structures=None)
+    with pytest.raises(UserError, match="give input=<pfam40_domains.fasta.gz>"):
+        run("PF00072", tmp_path / "out", input=None, structures=tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_input_is_the_fasta_and_data_the_hydra_group():
+    """``input=`` names the FASTA; ``data=<group>`` goes to training; the old ``data=<file>`` is one
+    error naming ``input=`` (it no longer becomes a file path, nor a group Hydra cannot find)."""
+    opts, overrides = parse(["family=PF00072", "output_dir=o", "input=fam.fasta", "data=family", "model.dim=64"])
+    assert opts["input"] == "fam.fasta" and overrides == ["data=family", "model.dim=64"]
+    assert set(data_groups()) >= {"default", "family"}
+    with pytest.raises(UserError, match=r"FASTA is input=<pfam40_domains.fasta.gz>: give input=/d/pfam40.fasta.gz$"):
+        parse(["family=PF00072", "output_dir=o", "data=/d/pfam40.fasta.gz"])
+    with pytest.raises(UserError, match="expected key=value"):
+        parse(["family=PF00072", "output_dir=o", "fasta=x"])
+
+
+def test_resume_reads_a_run_that_recorded_the_fasta_as_data(tmp_path):
+    """A summary written before the option was named input= (settings["data"]) resumes as the same run;
+    another FASTA is refused, naming overwrite=true."""
+    out = tmp_path / "out"
+    out.mkdir()
+    current = rerun.settings([], "family_contacts", False, family="PF1", input=tmp_path / "a.fa", structures=tmp_path)
+    recorded = {("data" if k == "input" else k): v for k, v in current.items()}
+    seconds = {stage: 1.0 for stage in STAGES}
+    (out / "summary.json").write_text(json.dumps({"settings": recorded, "seconds": seconds}))
+    assert rerun.plan(out, STAGES, STAGES, current, resume=True, overwrite=False) is None
+    other = {**current, "input": str(tmp_path / "b.fa")}
+    with pytest.raises(UserError, match="other settings.*overwrite=true"):
+        rerun.plan(out, STAGES, STAGES, other, resume=True, overwrite=False)
 
 
 @pytest.mark.slow
 def test_tiny_end_to_end(shared_data, tmp_path):
     out = tmp_path / "fam"
-    s = fc.run(
+    s = run(
         "PF00226",
         out,
-        data=shared_data / "pfam40_domains.fasta.gz",
+        input=shared_data / "pfam40_domains.fasta.gz",
         structures=shared_data / "structures" / "kortemme40",
         max_sequences=200,
         probe_every_s=1000,
@@ -120,16 +153,16 @@ def test_tiny_end_to_end(shared_data, tmp_path):
         "probe.jsonl",
     ):
         assert (out / name).exists(), name
-    assert s["extract"]["n_family"] == 2635 and s["extract"]["n_written"] == 200
-    assert sum(s["shards"].values()) == 200
-    assert s["train"]["global_step"] == 6
-    assert json.loads((out / "summary.json").read_text())["headline"] == s["headline"]
-    ha = s["homolog_averaged"]
+    assert s.record["extract"]["n_family"] == 2635 and s.record["extract"]["n_written"] == 200
+    assert sum(s.record["shards"].values()) == 200
+    assert s.train["global_step"] == 6
+    assert json.loads((out / "summary.json").read_text())["headline"] == s.headline
+    ha = s.homolog_averaged
     assert ha["n_homologs"] == 3 and 0.0 <= ha["trained"]["long"]["P@L"] <= 1.0
-    assert ha["trained"]["long_density"] == s["headline"]["long_density"]
+    assert ha["trained"]["long_density"] == s.headline["long_density"]
 
     # recompute the headline from the exported maps: mean over layers x heads of apc(A + A^T)
-    chain = load_structures(s["structure"])[0][0]
+    chain = load_structures(s.record["structure"])[0][0]
     from protein_performer.analysis.contacts import contact_map
     from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence
 
@@ -146,15 +179,15 @@ def test_tiny_end_to_end(shared_data, tmp_path):
         mean = apc(symmetrize(rec.attentions.astype(np.float32))).astype(np.float64).mean((0, 1))
         for rng_name, lo, hi in (("long", 24, None), ("medium", 12, 23), ("short", 6, 11)):
             for k, f in (("P@L", 1.0), ("P@L/5", 0.2)):
-                assert s["scores"][key]["mean"][rng_name][k] == pytest.approx(
+                assert s.record["scores"][key]["mean"][rng_name][k] == pytest.approx(
                     precision_at_k(mean, true, lo, hi, f), abs=1e-12
                 ), (key, rng_name, k)
-        assert set(s["scores"][key]) == {"mean", "layer0", "layer1"}
+        assert set(s.record["scores"][key]) == {"mean", "layer0", "layer1"}
     # the in-training probe's last row scores the same model (float32 maps vs the export's float16:
     # a near-tie can swap, each swap moving P@L by 1/L)
-    probe = s["probe"]
+    probe = s.record["probe"]
     assert probe[0]["step"] == 0 and probe[-1]["step"] == 6
-    assert abs(probe[-1]["long_P@L"] - s["headline"]["long_P@L"]) <= 2 / len(chain.sequence) + 1e-12
+    assert abs(probe[-1]["long_P@L"] - s.headline["long_P@L"]) <= 2 / len(chain.sequence) + 1e-12
 
 
 def test_mask_spans_masks_runs_at_the_asked_rate():
@@ -166,9 +199,7 @@ def test_mask_spans_masks_runs_at_the_asked_rate():
     span, p, n = 5, 0.3, 1000
     fracs = []
     for seed in range(20):
-        out, y = fc.mask_spans(
-            tokens, np.random.default_rng(seed), p, span, tok.mask_id, tok.n_special, tok.residue_ids
-        )
+        out, y = mask_spans(tokens, np.random.default_rng(seed), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
         sel = y >= 0
         assert not sel[0] and not sel[-1]  # special tokens never targets
         np.testing.assert_array_equal(y[sel], tokens[sel])
@@ -182,20 +213,20 @@ def test_mask_spans_masks_runs_at_the_asked_rate():
     expected = 1 - (1 - p / span) ** span
     # sd of one sequence's fraction <= sqrt(span * expected / n) (runs of `span`); mean of 20: /sqrt(20)
     assert abs(np.mean(fracs) - expected) < 4 * np.sqrt(span * expected / n / 20)
-    a = fc.mask_spans(tokens, np.random.default_rng(3), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
-    b = fc.mask_spans(tokens, np.random.default_rng(3), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
+    a = mask_spans(tokens, np.random.default_rng(3), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
+    b = mask_spans(tokens, np.random.default_rng(3), p, span, tok.mask_id, tok.n_special, tok.residue_ids)
     np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_family_datamodule_span_collator():
-    c = fc.SpanCollator(objective="bid", max_length=64, mask_prob=0.3, seed=0, span=4)
+    c = SpanCollator(objective="bid", max_length=64, mask_prob=0.3, seed=0, span=4)
     item = np.arange(4, 24, dtype=np.uint8).repeat(3)[:60]
     batch = c([item, item], [0, 1], epoch=0)
     sel = (batch["targets"][0] >= 0).numpy()
     edges = np.flatnonzero(np.diff(np.concatenate([[0], sel.astype(int), [0]])))
     runs = edges[1::2] - edges[::2]
     assert runs.max() >= 4 and sel.sum() >= 4
-    plain = fc.SpanCollator(objective="bid", max_length=64, mask_prob=0.3, seed=0, span=1)
+    plain = SpanCollator(objective="bid", max_length=64, mask_prob=0.3, seed=0, span=1)
     from protein_performer.data.collate import Collator
 
     ref = Collator(objective="bid", max_length=64, mask_prob=0.3, seed=0)([item], [0])
@@ -205,7 +236,7 @@ def test_family_datamodule_span_collator():
 def test_aligned_positions_skip_an_insertion():
     target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
     seq = target[:10] + "WWW" + target[10:]  # 3 inserted residues
-    src, dst = fc.aligned_positions(seq, target)
+    src, dst = aligned_positions(seq, target)
     np.testing.assert_array_equal(dst, np.arange(len(target)))
     np.testing.assert_array_equal(src, np.r_[0:10, 13 : len(seq)])
 
@@ -227,10 +258,10 @@ def test_homolog_averaged_map_of_copies_is_the_chain_map():
     run_sequence(model, Tokenizer().encode(target), on_layer=lambda i, m: maps.append(m.numpy()))
     single = apc_maps(np.stack(maps)).astype(np.float64).mean((0, 1))
     with torch.no_grad():
-        avg = fc.homolog_averaged_map(model, target, [target, target])
+        avg = homolog_averaged_map(model, target, [target, target])
     np.testing.assert_allclose(avg, single, rtol=1e-6, atol=1e-9)
     # a homolog with an insertion only contributes on the target's positions: still defined everywhere
     with torch.no_grad():
-        avg2 = fc.homolog_averaged_map(model, target, [target[:10] + "WWW" + target[10:]])
+        avg2 = homolog_averaged_map(model, target, [target[:10] + "WWW" + target[10:]])
     assert np.isfinite(avg2).all() and avg2.shape == single.shape
     assert not np.allclose(avg2, single)

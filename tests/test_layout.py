@@ -1,7 +1,7 @@
 """The layout rules of docs/ARCHITECTURE.md, checked on the source (issue 13): every module of
 protein_performer/ and benchmarks/ fits in one head (<= 500 lines), no function is longer than 80 lines,
 the package has no import cycle, and the layers only import downwards (cli -> analysis / training /
-experiments -> model / data). Pure ``ast``: nothing is imported or run."""
+studies / recipes -> model / data). Pure ``ast``: nothing is imported or run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ BENCHMARKS = PACKAGE.parent / "benchmarks"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # lower layers never import upper ones; modules at the package root (errors, runtime) are below all
-LAYERS = {"cli": 3, "experiments": 2, "analysis": 2, "training": 2, "generation": 2, "model": 1, "data": 1}
+LAYERS = {"cli": 3, "studies": 2, "recipes": 2, "analysis": 2, "training": 2, "generation": 2, "model": 1, "data": 1}
 
 
 def modules() -> dict[str, Path]:
@@ -153,6 +153,7 @@ def test_layers_import_only_downwards():
                     "predict_contacts",
                     "embed",
                     "demo",
+                    "family_contacts",
                 }:
                     upward.append(f"{name} -> {target}")
     assert not upward, upward

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from killing import command_env, kill_after
 
-from protein_performer.experiments import compatibility, redraw, speed, study_cli
-from protein_performer.experiments import family_contacts as fc
+from protein_performer.cli.family_contacts import main as recipe_main
+from protein_performer.studies import compatibility, redraw, speed, study_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20261207  # the kill delays
@@ -65,7 +65,7 @@ TINY_SPEED = [
 
 
 def _speed_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "protein_performer.experiments.speed", *TINY_SPEED, "--out-dir", str(out), *extra]
+    return [sys.executable, "-m", "protein_performer.studies.speed", *TINY_SPEED, "--out-dir", str(out), *extra]
 
 
 def _speed_in_process(out: Path) -> None:
@@ -196,7 +196,7 @@ def _recipe_args(shared_data: Path, out: Path, *extra: str, stages: str = RECIPE
     return [
         f"family={FAMILY}",
         f"output_dir={out}",
-        f"data={shared_data / 'pfam40_domains.fasta.gz'}",
+        f"input={shared_data / 'pfam40_domains.fasta.gz'}",
         f"structures={shared_data / 'structures' / 'kortemme40'}",
         f"stages={stages}",
         *TINY_RECIPE,
@@ -209,10 +209,10 @@ def finished_recipe(shared_data, tmp_path_factory) -> tuple[Path, dict]:
     """A finished tiny recipe (in this process), made in two parts: extract, ingest and train; then
     ``resume=true`` for all five stages, which runs only export and score."""
     out = tmp_path_factory.mktemp("recipe") / FAMILY
-    fc.main(_recipe_args(shared_data, out, stages="extract,ingest,train"))
+    recipe_main(_recipe_args(shared_data, out, stages="extract,ingest,train"))
     first = {"seconds": json.loads((out / "summary.json").read_text())["seconds"], "files": _snapshot(out)}
     (out / "run.log").write_text("a file the recipe does not write\n")
-    fc.main(_recipe_args(shared_data, out, "resume=true"))
+    recipe_main(_recipe_args(shared_data, out, "resume=true"))
     return out, first
 
 
@@ -234,15 +234,15 @@ def test_recipe_plain_rerun_is_refused_and_resume_changes_nothing(finished_recip
     out = _copy(finished_recipe[0], tmp_path / FAMILY)
     before = _snapshot(out)
     with pytest.raises(SystemExit) as exit_info:
-        fc.main(_recipe_args(shared_data, out))
+        recipe_main(_recipe_args(shared_data, out))
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     assert "already holds a finished run" in err and "resume=true" in err and "overwrite=true" in err
     assert _snapshot(out) == before
-    fc.main(_recipe_args(shared_data, out, "resume=true"))  # returns: exit code 0
+    recipe_main(_recipe_args(shared_data, out, "resume=true"))  # returns: exit code 0
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == [FAMILY]
     with pytest.raises(SystemExit):  # resume with other settings: refused, naming overwrite=true
-        fc.main(_recipe_args(shared_data, out, "resume=true", "model.dim=32"))
+        recipe_main(_recipe_args(shared_data, out, "resume=true", "model.dim=32"))
     assert "other settings" in capsys.readouterr().err and _snapshot(out) == before
 
 
@@ -250,7 +250,7 @@ def test_recipe_plain_rerun_is_refused_and_resume_changes_nothing(finished_recip
 def test_killed_recipe_overwrite_leaves_the_finished_run(finished_recipe, shared_data, tmp_path):
     out = _copy(finished_recipe[0], tmp_path / FAMILY)
     old = _snapshot(out)
-    cmd = [sys.executable, "-m", "protein_performer.experiments.family_contacts"]
+    cmd = [sys.executable, "-m", "protein_performer.family_contacts"]
     cmd += _recipe_args(shared_data, out, "overwrite=true")
     rng = random.Random(SEED + 1)
     inode, kept = out.stat().st_ino, 0
@@ -272,7 +272,7 @@ def test_killed_recipe_overwrite_leaves_the_finished_run(finished_recipe, shared
             inode, old = out.stat().st_ino, now
     assert kept >= 2
     # a finished overwrite: the new run in place, the file the recipe does not own kept, nothing left beside
-    fc.main(_recipe_args(shared_data, out, "overwrite=true"))
+    recipe_main(_recipe_args(shared_data, out, "overwrite=true"))
     assert out.stat().st_ino != inode and (out / "run.log").read_text() == "a file the recipe does not write\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [FAMILY]
     assert set(_snapshot(out)) == set(old)

@@ -1,4 +1,4 @@
-"""The pieces of the issue-6 studies (protein_performer.experiments), on small real inputs.
+"""The pieces of the issue-6 studies (protein_performer.studies), on small real inputs.
 
 The long runs themselves are commands (see benchmarks/results/studies.md); these tests check the
 measurements they are built from.
@@ -12,15 +12,25 @@ import numpy as np
 import pytest
 import torch
 
-from protein_performer.experiments import approximation, causal_generation, common, compatibility, redraw, speed
 from protein_performer.model.attention import SoftmaxAttention
+from protein_performer.studies import (
+    approximation,
+    causal_generation,
+    compatibility,
+    pretrained,
+    redraw,
+    reports,
+    sequences,
+    small_training,
+    speed,
+)
 
 TINY = dict(vocab_size=29, max_len=64, dim=32, depth=2, heads=2, dim_head=16, ff_dim=64, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def seqs():
-    s, counts = common.load_sequences(common.SAMPLE, max_records=200)
+    s, counts = sequences.load_sequences(sequences.SAMPLE, max_records=200)
     assert counts["kept"] == 200 and counts["rejected_unknown_residue"] == 0
     return s
 
@@ -69,12 +79,12 @@ def test_sweep_reproduces_the_papers_orderings_on_synthetic_data():
 
 
 def test_capture_qkv_gives_the_models_own_attention(seqs):
-    model = common.build_model("exact", False, 0, **TINY)
+    model = small_training.build_model("exact", False, 0, **TINY)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(5.0)  # sharper attention than at initialisation
     tokens = torch.from_numpy(seqs[0][:40].astype(np.int64))[None].clone()
-    layers = common.capture_qkv(model, tokens)
+    layers = pretrained.capture_qkv(model, tokens)
     maps = model(tokens, return_attention=True)["attentions"]
     assert len(layers) == TINY["depth"]
     for (q, k, v), att in zip(layers, maps):
@@ -134,15 +144,17 @@ def test_speed_sweep_stops_at_the_time_cap(tmp_path):
 
 # ------------------------------------------------------------------------------------ studies 3, 4 and training
 def test_train_is_deterministic_learns_and_caches(seqs, tmp_path):
-    cfg = common.TrainConfig(objective="bid", max_length=48, batch_size=8, steps=8, lr=3e-3, warmup_steps=2, seed=3)
-    valid = common.eval_batches(seqs[:16], "bid", 48, 16)
-    a = common.build_model("favor_relu", False, 0, nb_features=16, **TINY)
-    before = common.evaluate(a, valid)
-    h1 = common.train(a, seqs[16:], cfg, progress=False)
-    b = common.build_model("favor_relu", False, 0, nb_features=16, **TINY)
-    h2 = common.train(b, seqs[16:], cfg, progress=False)
+    cfg = small_training.TrainConfig(
+        objective="bid", max_length=48, batch_size=8, steps=8, lr=3e-3, warmup_steps=2, seed=3
+    )
+    valid = sequences.eval_batches(seqs[:16], "bid", 48, 16)
+    a = small_training.build_model("favor_relu", False, 0, nb_features=16, **TINY)
+    before = small_training.evaluate(a, valid)
+    h1 = small_training.fit_small_model(a, seqs[16:], cfg, progress=False)
+    b = small_training.build_model("favor_relu", False, 0, nb_features=16, **TINY)
+    h2 = small_training.fit_small_model(b, seqs[16:], cfg, progress=False)
     assert [h["train_loss"] for h in h1] == [h["train_loss"] for h in h2]
-    after = common.evaluate(a, valid)
+    after = small_training.evaluate(a, valid)
     assert after["loss"] < before["loss"] - 0.05  # from ~log(29) = 3.37 towards the residue frequencies
     assert before["loss"] == pytest.approx(math.log(29), abs=0.1)
     # pretrained(): trains once, the second call loads the same weights from the cache
@@ -152,15 +164,15 @@ def test_train_is_deterministic_learns_and_caches(seqs, tmp_path):
             f">s{i}\n" + "".join("ACDEFGHIKLMNPQRSTVWY"[j % 20] for j in range(i, i + 60)) + "\n" for i in range(30)
         )
     )
-    m1, meta1 = common.pretrained("exact", "bid", TINY, cfg, fasta, cache_dir=tmp_path / "c", progress=False)
-    m2, meta2 = common.pretrained("exact", "bid", TINY, cfg, fasta, cache_dir=tmp_path / "c", progress=False)
+    m1, meta1 = pretrained.pretrained("exact", "bid", TINY, cfg, fasta, cache_dir=tmp_path / "c", progress=False)
+    m2, meta2 = pretrained.pretrained("exact", "bid", TINY, cfg, fasta, cache_dir=tmp_path / "c", progress=False)
     assert not meta1["cached"] and meta2["cached"]
     for (n, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(p1, p2), n
 
 
 def test_redraw_schedule_and_fresh_draw_eval(seqs):
-    model = common.build_model("favor_softmax", False, 0, nb_features=16, **TINY)
+    model = small_training.build_model("favor_softmax", False, 0, nb_features=16, **TINY)
     proj = lambda: model.blocks[0].attn.kernel.projection.clone()  # noqa: E731
     p0 = proj()
     fixed, every3 = redraw.redraw_schedule(0, 0), redraw.redraw_schedule(0, 3)
@@ -174,15 +186,15 @@ def test_redraw_schedule_and_fresh_draw_eval(seqs):
     assert not torch.equal(p3, p0)
     every3(4, model)
     assert torch.equal(proj(), p3)
-    valid = common.eval_batches(seqs[:8], "bid", 48, 8)
-    own = common.evaluate(model, valid)
+    valid = sequences.eval_batches(seqs[:8], "bid", 48, 8)
+    own = small_training.evaluate(model, valid)
     fresh = redraw.fresh_draw_eval(model, valid, seed=0, draws=2, device="cpu")
     assert len(fresh) == 2 and fresh[0]["loss"] != fresh[1]["loss"]
-    assert torch.equal(proj(), p3) and common.evaluate(model, valid)["loss"] == own["loss"]  # features restored
+    assert torch.equal(proj(), p3) and small_training.evaluate(model, valid)["loss"] == own["loss"]  # features restored
 
 
 def test_swap_keeps_every_weight_and_softmax_features_approximate_exact(seqs):
-    exact = common.build_model("exact", False, 0, **TINY).eval()
+    exact = small_training.build_model("exact", False, 0, **TINY).eval()
     tokens = torch.from_numpy(seqs[1][:60].astype(np.int64))[None].clone()
     ref = exact(tokens)["logits"]
     soft = compatibility.swap(exact, "favor_softmax", TINY, nb_features=1024, seed=1)
@@ -204,7 +216,7 @@ def test_generation_helpers(seqs):
     assert stream.shape == (1, 3000) and stream[0, 0] == 1
     n0 = len(seqs[0])
     assert stream[0, n0 + 1] == 2 and stream[0, n0 + 2] == 1  # eos then the next bos
-    model = common.build_model("favor_softmax", True, 0, nb_features=16, **TINY)
+    model = small_training.build_model("favor_softmax", True, 0, nb_features=16, **TINY)
     other = causal_generation.in_dtype(model)
     assert next(other.parameters()).dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
     assert [k.eps for _, k in other.attention_kernels()] == [k.eps for _, k in model.attention_kernels()]
@@ -214,9 +226,9 @@ def test_generation_helpers(seqs):
 
 def test_update_markdown_replaces_only_its_section(tmp_path):
     path = tmp_path / "studies.md"
-    common.update_markdown("a", "## A\none", path)
-    common.update_markdown("b", "## B\ntwo", path)
-    common.update_markdown("a", "## A\nthree", path)
+    reports.update_markdown("a", "## A\none", path)
+    reports.update_markdown("b", "## B\ntwo", path)
+    reports.update_markdown("a", "## A\nthree", path)
     text = path.read_text()
     assert text.count("<!-- study:a -->") == 1 and "three" in text and "one" not in text and "## B\ntwo" in text
     assert text.index("## A") < text.index("## B")

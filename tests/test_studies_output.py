@@ -6,13 +6,7 @@ import json
 from pathlib import Path
 
 import protein_performer
-from protein_performer.experiments import common, redraw, small_training, study_cli
-
-
-def test_common_reexports_and_the_loops_old_name():
-    assert common.train is common.fit_small_model is small_training.fit_small_model
-    for name in common.__all__:
-        assert hasattr(common, name), name
+from protein_performer.studies import redraw, study_cli
 
 
 def _write(args, tmp_path) -> None:

@@ -36,6 +36,7 @@ SCRIPTS = [
     "pp-aa-similarity",
     "pp-predict-contacts",
     "pp-embed",
+    "pp-family-contacts",
 ]
 TIMEOUT = 300
 
@@ -85,7 +86,7 @@ def installed(tmp_path_factory) -> dict:
         ).stdout.strip()
     )
     (purelib / "_dependencies_of_the_test.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    # no PP_SHARED_DATA: an installed package has no shared data folder (the recipe names data= / structures=)
+    # no PP_SHARED_DATA: an installed package has no shared data folder (the recipe names input= / structures=)
     drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PP_SHARED_DATA")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PROTEIN_PERFORMER_TRACEBACK="0")
@@ -205,15 +206,7 @@ def test_console_scripts_from_another_directory(installed, tmp_path):
     with h5py.File(work / "emb.h5", "r") as h5:
         assert h5.attrs["complete"]
     # the family recipe's pfam40 / kortemme40 data does not ship: a missing one names its option
-    fam = _run(
-        installed,
-        work,
-        "python",
-        "-m",
-        "protein_performer.experiments.family_contacts",
-        "family=PF00072",
-        "output_dir=fam",
-    )
+    fam = _run(installed, work, "pp-family-contacts", "family=PF00072", "output_dir=fam")
     assert fam.returncode == 1 and "structures=" in fam.stderr, fam.stderr[-2000:]
 
 

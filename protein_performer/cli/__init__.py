@@ -1,5 +1,5 @@
 """Thin Hydra entry points over the library, one module per command (the top of the layering:
-``cli`` -> ``analysis`` / ``training`` / ``experiments`` / ``data.ingest`` -> ``model``, ``data``).
+``cli`` -> ``analysis`` / ``training`` / ``studies`` / ``recipes`` / ``data.ingest`` -> ``model``, ``data``).
 
 Each module parses its config (``protein_performer/conf/<command>.yaml``), calls one library
 function, prints a summary and turns a user error into ``error: <msg>`` and exit code 1
@@ -15,4 +15,6 @@ mains directly; ``python -m protein_performer.<command>`` (a contract that stays
     predict_contacts  contact maps for any sequence            (protein_performer.analysis.predict_contacts)
     embed             one mean embedding per sequence          (protein_performer.analysis.embed)
     demo              every stage above on the embedded sample (``make demo``)
+    family_contacts   one Pfam family's model and its contacts (protein_performer.recipes.family_contacts;
+                      not Hydra: key=value options, then Hydra overrides for training)
 """

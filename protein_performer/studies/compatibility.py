@@ -1,6 +1,6 @@
 """Study 3: backward compatibility, an exact Transformer's weights in a Performer (paper Fig. 5 style).
 
-1. Train an exact-softmax BID Transformer on the Swiss-Prot sample (``common.exact_reference``,
+1. Train an exact-softmax BID Transformer on the Swiss-Prot sample (``pretrained.exact_reference``,
    the model study 1 takes its real queries and keys from; cached).
 2. Load its weights into a FAVOR+ softmax and a FAVOR+ ReLU model of the same shape
    (``PerformerLM.load_backbone``: every parameter is shared, only the random-feature buffers are
@@ -10,8 +10,8 @@
    exact model gets the same fine-tune as a control, so the gain from the extra steps alone is
    visible.
 
-    python -m protein_performer.experiments.compatibility                  # CPU, ~10 min
-    python -m protein_performer.experiments.compatibility --device cuda --pretrain-steps 5000 --finetune-steps 1000
+    python -m protein_performer.studies.compatibility                  # CPU, ~10 min
+    python -m protein_performer.studies.compatibility --device cuda --pretrain-steps 5000 --finetune-steps 1000
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protein_performer.experiments import common
+from protein_performer.studies import pretrained, reports, sequences, small_training, study_cli
 from protein_performer.training.utils import stable_seed
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ TARGETS = ("favor_softmax", "favor_relu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.study_parser(__doc__)
-    p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    common.add_device_args(p)
+    p = study_cli.study_parser(__doc__)
+    p.add_argument("--fasta", type=Path, default=sequences.SAMPLE)
+    study_cli.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-steps", type=int, default=300, help="training steps of the exact Transformer")
     p.add_argument("--finetune-steps", type=int, default=100)
@@ -51,14 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mask draws of the validation split pooled in every evaluation (more targets, less noise)",
     )
     p.add_argument("--tag", default="", help="suffix of the output files and of the markdown section")
-    p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    common.add_output_args(p)
-    return common.parse_study_args(p, argv)
+    p.add_argument("--cache-dir", type=Path, default=pretrained.DEFAULT_CACHE)
+    study_cli.add_output_args(p)
+    return study_cli.parse_study_args(p, argv)
 
 
 def swap(exact: torch.nn.Module, attention: str, shape: dict, nb_features: int, seed: int) -> torch.nn.Module:
     """A ``attention`` model of ``shape`` holding the exact model's weights (its own features from ``seed``)."""
-    model = common.build_model(attention, False, seed, nb_features=nb_features, favor_kwargs={"seed": seed}, **shape)
+    model = small_training.build_model(
+        attention, False, seed, nb_features=nb_features, favor_kwargs={"seed": seed}, **shape
+    )
     info = model.load_backbone(copy.deepcopy(exact.state_dict()))
     if info["unexpected"]:
         raise RuntimeError(f"unexpected keys after the swap: {info['unexpected'][:5]}")
@@ -66,19 +68,19 @@ def swap(exact: torch.nn.Module, attention: str, shape: dict, nb_features: int, 
 
 
 def run(args: argparse.Namespace) -> dict:
-    info, t0 = common.start_study(args)
-    exact, meta, shape, pre_cfg = common.exact_reference(
+    info, t0 = study_cli.start_study(args)
+    exact, meta, shape, pre_cfg = pretrained.exact_reference(
         args.pretrain_steps, args.seed, args.fasta, args.device, args.cache_dir, not args.no_progress
     )
-    train_seqs, valid_seqs, counts = common.load_split(
+    train_seqs, valid_seqs, counts = sequences.load_split(
         args.fasta, args.seed
     )  # the split the exact model was trained on
     valid = [
         b
         for mask_seed in range(args.eval_masks)
-        for b in common.eval_batches(valid_seqs, "bid", pre_cfg.max_length, 32, seed=mask_seed)
+        for b in sequences.eval_batches(valid_seqs, "bid", pre_cfg.max_length, 32, seed=mask_seed)
     ]
-    exact_metrics = common.evaluate(exact, valid, args.device)
+    exact_metrics = small_training.evaluate(exact, valid, args.device)
     log.info("exact Transformer: %s", exact_metrics)
 
     swapped = {}
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
             m = swap(exact, attention, shape, args.nb_features, stable_seed(args.seed, "swap", attention, d)).to(
                 args.device
             )
-            draws.append(common.evaluate(m, valid, args.device))
+            draws.append(small_training.evaluate(m, valid, args.device))
         swapped[attention] = {
             "draws": draws,
             "acc_mean": float(np.mean([x["acc"] for x in draws])),
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     # fine-tune (first draw's features, kept fixed), and the exact model as the control
-    ft_cfg = common.TrainConfig(
+    ft_cfg = small_training.TrainConfig(
         objective="bid",
         max_length=pre_cfg.max_length,
         batch_size=pre_cfg.batch_size,
@@ -119,13 +121,13 @@ def run(args: argparse.Namespace) -> dict:
             if attention == "exact"
             else swap(exact, attention, shape, args.nb_features, stable_seed(args.seed, "swap", attention, 0))
         )
-        hist = common.fit_small_model(
+        hist = small_training.fit_small_model(
             model,
             train_seqs,
             ft_cfg,
             args.device,
             eval_every=args.eval_every,
-            eval_fn=lambda m: common.evaluate(m, valid, args.device),
+            eval_fn=lambda m: small_training.evaluate(m, valid, args.device),
             progress=not args.no_progress,
             desc=f"fine-tune {attention}",
         )
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
         log.info("%s fine-tune: %s", attention, curves[attention][-1])
 
     result = {
-        **common.study_record(NAME, args, info),
+        **study_cli.study_record(NAME, args, info),
         "data": counts,
         "model": shape,
         "pretrain": {"config": vars(pre_cfg), **meta},
@@ -141,15 +143,15 @@ def run(args: argparse.Namespace) -> dict:
         "after_swap": swapped,
         "finetune": curves,
         "wall_s": time.perf_counter() - t0,
-        "command": common.study_command(NAME, args),
+        "command": study_cli.study_command(NAME, args),
     }
     name = NAME + args.tag
-    common.write_study(name, result, args, lambda path: plot(result, path), lambda r: markdown(r, name))
+    study_cli.write_study(name, result, args, lambda path: plot(result, path), lambda r: markdown(r, name))
     return result
 
 
 def plot(r: dict, path: Path) -> None:
-    plt = common.pyplot()
+    plt = reports.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for attention, style in zip((*TARGETS, "exact"), ("o-", "s-", "k--")):
         c = r["finetune"][attention]
@@ -161,7 +163,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title("Exact Transformer weights loaded into Performers")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    common.save_figure(fig, path, dpi=120)
+    reports.save_figure(fig, path, dpi=120)
 
 
 def markdown(r: dict, name: str = NAME) -> str:
@@ -205,7 +207,7 @@ def markdown(r: dict, name: str = NAME) -> str:
     return f"""## Study 3: backward compatibility (exact weights into Performers)
 
 Command: `{r["command"]}`
-Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Machine: {reports.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
 Exact BID Transformer: {r["model"]["depth"]} layers, dim {r["model"]["dim"]}, {r["model"]["heads"]} heads x {r["model"]["dim_head"]},
 trained {p["config"]["steps"]} steps (batch {p["config"]["batch_size"]} x {p["config"]["max_length"]}) on the Swiss-Prot sample
 ({"from the cache" if p.get("cached") else f"{p['train_s']:.0f} s"}); FAVOR+ m = {a["nb_features"]}; accuracy on the masked positions of
@@ -213,11 +215,11 @@ the validation split ({a.get("eval_masks", 1)} fixed mask draws pooled, {int(ex[
 accuracy about {100 * (ex["acc"] * (1 - ex["acc"]) / ex["targets"]) ** 0.5:.2f} points). After the swap: mean +- std over {a["swap_draws"]} feature draws. Fine-tune: {a["finetune_steps"]} steps,
 lr {a["lr"]}, fixed features; the exact model gets the same fine-tune as a control.
 
-{common.md_table(["model", "acc % (after swap)", "ppl", "change at swap (points)", f"acc % after {a['finetune_steps']} steps", "loss after"], rows)}
+{reports.md_table(["model", "acc % (after swap)", "ppl", "change at swap (points)", f"acc % after {a['finetune_steps']} steps", "loss after"], rows)}
 
 Accuracy (%) vs fine-tune steps:
 
-{common.md_table(["step", *TARGETS, "exact (control)"], curve_rows)}
+{reports.md_table(["step", *TARGETS, "exact (control)"], curve_rows)}
 
 {chr(10).join("- " + n + "." for n in notes)}
 The paper's claim: the swapped Performer loses accuracy at first and recovers it after a short fine-tune.
@@ -226,7 +228,7 @@ Figure: `studies/{name}.png`; data: `studies/{name}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.study_args(NAME, parse_args, argv)
+    args = study_cli.study_args(NAME, parse_args, argv)
     r = run(args)
     print(f"exact acc {r['exact']['acc']:.4f}")
     for attention in TARGETS:

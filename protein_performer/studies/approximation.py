@@ -20,8 +20,8 @@ keys and values captured with forward hooks from every head of a BID exact-softm
 sequences, cropped to the model's length). The same number of random directions m is used for
 both kinds, so trigonometric features have 2m entries (sin and cos), positive ones m.
 
-    python -m protein_performer.experiments.approximation            # CPU, a few minutes
-    python -m protein_performer.experiments.approximation --device cuda --real-steps 2000 --real-length 1024
+    python -m protein_performer.studies.approximation            # CPU, a few minutes
+    python -m protein_performer.studies.approximation --device cuda --real-steps 2000 --real-length 1024
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.experiments import common
 from protein_performer.model.attention import SoftmaxAttention
 from protein_performer.model.favor import FavorAttention
+from protein_performer.studies import pretrained, reports, sequences, study_cli
 from protein_performer.training.utils import stable_seed
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ METRICS = ("mse_attn", "mse_out", "mse_small", "relerr_small")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.study_parser(__doc__)
+    p = study_cli.study_parser(__doc__)
     p.add_argument("--length", type=int, default=4096, help="L of the synthetic set")
     p.add_argument("--dim", type=int, default=16, help="d, the head dimension of the synthetic set")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512], help="m values")
@@ -65,12 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--real-proteins", type=int, default=2, help="real proteins (the longest validation ones)")
     p.add_argument("--real-steps", type=int, default=300, help="training steps of the exact model")
-    p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    p.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE)
-    common.add_device_args(p)
+    p.add_argument("--fasta", type=Path, default=sequences.SAMPLE)
+    p.add_argument("--cache-dir", type=Path, default=pretrained.DEFAULT_CACHE)
+    study_cli.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
-    common.add_output_args(p)
-    return common.parse_study_args(p, argv)
+    study_cli.add_output_args(p)
+    return study_cli.parse_study_args(p, argv)
 
 
 def favor_module(kind: str, orthogonal: bool, dim: int, m: int, seed: int) -> FavorAttention:
@@ -173,20 +173,20 @@ def synthetic_data(length: int, dim: int, sigma: float, seed: int, device: str):
 
 
 def real_data(args) -> tuple[list, dict]:
-    """(q, k, v) of every layer of the trained exact model (``common.exact_reference``, shared with
+    """(q, k, v) of every layer of the trained exact model (``pretrained.exact_reference``, shared with
     study 3) on the longest validation proteins, each (proteins, heads, L, 16), and where they come from."""
     tok = Tokenizer()
-    model, meta, shape, cfg = common.exact_reference(
+    model, meta, shape, cfg = pretrained.exact_reference(
         args.real_steps, args.seed, args.fasta, args.device, args.cache_dir, not args.no_progress
     )
-    _, valid, _ = common.load_split(args.fasta, args.seed)
+    _, valid, _ = sequences.load_split(args.fasta, args.seed)
     order = sorted(range(len(valid)), key=lambda i: -len(valid[i]))[: args.real_proteins]
     length = min(args.real_length, shape["max_len"], min(len(valid[i]) for i in order) + tok.special_tokens(False))
     rows = []
     for i in order:
         rows.append(torch.from_numpy(tok.frame(valid[i], causal=False)[0][:length]))
     tokens = torch.stack(rows).to(args.device)
-    layers = common.capture_qkv(model, tokens)
+    layers = pretrained.capture_qkv(model, tokens)
     desc = {
         "model": shape,
         "train": vars(cfg),
@@ -199,7 +199,7 @@ def real_data(args) -> tuple[list, dict]:
 
 
 def plot(results: dict, features: list[int], path: Path) -> None:
-    plt = common.pyplot()
+    plt = reports.pyplot()
     sets = list(results)
     fig, axes = plt.subplots(len(sets), 3, figsize=(13, 3.6 * len(sets)), squeeze=False)
     styles = {
@@ -230,7 +230,7 @@ def plot(results: dict, features: list[int], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             if c == 0:
                 ax.legend(fontsize=7)
-    common.save_figure(fig, path)
+    reports.save_figure(fig, path)
 
 
 def claims(errors_by_cfg: dict, features: list[int]) -> dict:
@@ -251,7 +251,7 @@ def claims(errors_by_cfg: dict, features: list[int]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    info, t0 = common.start_study(args)
+    info, t0 = study_cli.start_study(args)
     results = {}
     for sigma in args.sigmas:
         data = synthetic_data(args.length, args.dim, sigma, args.seed, args.device)
@@ -275,12 +275,12 @@ def run(args: argparse.Namespace) -> dict:
             )
             results[f"real layer {i}"] = {"setup": desc, "errors": errs, "claims": claims(errs, args.features)}
     result = {
-        **common.study_record(NAME, args, info),
+        **study_cli.study_record(NAME, args, info),
         "results": results,
         "wall_s": time.perf_counter() - t0,
-        "command": common.study_command(NAME, args),
+        "command": study_cli.study_command(NAME, args),
     }
-    common.write_study(NAME, result, args, lambda path: plot(results, args.features, path), markdown)
+    study_cli.write_study(NAME, result, args, lambda path: plot(results, args.features, path), markdown)
     return result
 
 
@@ -291,7 +291,7 @@ def markdown(r: dict) -> str:
         f"""## Study 1: approximation error vs number of random features
 
 Command: `{r["command"]}`
-Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Machine: {reports.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
 Errors against exact softmax attention, mean over {a["samples"]} samples (fresh features each; std in the JSON).
 Same number m of random directions for both kinds (trigonometric: 2m entries, sin and cos).
 "small" = entries of the exact attention matrix in its lowest decile."""
@@ -322,7 +322,7 @@ Same number m of random directions for both kinds (trigonometric: 2m entries, si
         c = res["claims"]
         verdict = "; ".join(f"{k.replace('_', ' ')}: at {len(v['holds_at_m'])}/{len(feats)} m" for k, v in c.items())
         parts.append(
-            f"### {set_name}: {what}\n\n{common.md_table(header, rows)}\n\nClaims (mean over samples): {verdict}."
+            f"### {set_name}: {what}\n\n{reports.md_table(header, rows)}\n\nClaims (mean over samples): {verdict}."
         )
     parts.append(verdict_text(r))
     parts.append(f"Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.")
@@ -346,7 +346,7 @@ def verdict_text(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.study_args(NAME, parse_args, argv)
+    args = study_cli.study_args(NAME, parse_args, argv)
     result = run(args)
     for set_name, res in result["results"].items():
         print(set_name, {k: v["fraction"] for k, v in res["claims"].items()})

@@ -19,8 +19,8 @@ Each (core, L) runs in its own subprocess, so that peak memory is its own:
   out-of-memory error ends that core's sweep.
 Time: the fastest of ``--reps`` passes after one warm-up (the single pass when it takes > 3 s).
 
-    python -m protein_performer.experiments.speed                              # CPU, ~10 min
-    python -m protein_performer.experiments.speed --device cuda --max-length 65536 --time-cap 60
+    python -m protein_performer.studies.speed                              # CPU, ~10 min
+    python -m protein_performer.studies.speed --device cuda --max-length 65536 --time-cap 60
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protein_performer.experiments import common
+from protein_performer.studies import reports, small_training, study_cli
 
 log = logging.getLogger(__name__)
 NAME = "speed"
@@ -82,7 +82,7 @@ def build(
 ):
     """The study's model for one attention core (identity = the exact model with V passed through)."""
     attention = "exact" if core in ("identity", "exact_naive") else core
-    model = common.build_model(
+    model = small_training.build_model(
         attention,
         causal,
         seed,
@@ -147,10 +147,10 @@ def measure(core: str, length: int, args: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         try:
-            first = common.timer(fn, device)
+            first = reports.timer(fn, device)
             times = [first]
             if first < 3:
-                times += [common.timer(fn, device) for _ in range(args["reps"])]
+                times += [reports.timer(fn, device) for _ in range(args["reps"])]
                 times = times[1:]  # the first was the warm-up
         except torch.cuda.OutOfMemoryError as e:  # only raised on CUDA
             out[mode] = {"oom": True, "error": str(e).splitlines()[0]}
@@ -184,7 +184,7 @@ def run_child(core: str, length: int, args: argparse.Namespace, timeout: float) 
     """``measure`` in a fresh Python process (own peak memory, and a crash or OOM stays there)."""
     child_args = {k: getattr(args, k) for k in CHILD_KEYS}
     code = (
-        "import json, sys, torch; from protein_performer.experiments.speed import measure; "
+        "import json, sys, torch; from protein_performer.studies.speed import measure; "
         f"torch.set_num_threads({args.threads}); "
         f"print('RESULT ' + json.dumps(measure({core!r}, {length}, json.loads(sys.argv[1]))))"
     )
@@ -287,7 +287,7 @@ def largest(rows: list[dict]) -> dict[str, int]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    plt = common.pyplot()
+    plt = reports.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for core, style in zip(CORES, ("s-", "s:", "o-", "^-", "k--")):
         pts = [r for r in rows if r["core"] == core and "failed" not in r and "time_s" in r.get("forward_backward", {})]
@@ -303,12 +303,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    common.save_figure(fig, path)
+    reports.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.study_parser(__doc__)
-    common.add_device_args(p)
+    p = study_cli.study_parser(__doc__)
+    study_cli.add_device_args(p)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--cores", nargs="+", choices=CORES, default=list(CORES))
     p.add_argument("--min-length", type=int, default=512)
@@ -323,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ff-dim", type=int, default=1024)
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    common.add_output_args(p, progress=False)  # --no-progress comes last
+    study_cli.add_output_args(p, progress=False)  # --no-progress comes last
     p.add_argument(
         "--in-process",
         action=argparse.BooleanOptionalAction,
@@ -332,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. _cuda)")
     p.add_argument("--no-progress", action="store_true")
-    args = common.parse_study_args(p, argv)
+    args = study_cli.parse_study_args(p, argv)
     if args.in_process is None:  # resolved here, so that --resume compares the setting itself
         args.in_process = args.device.startswith("cuda")
     return args
@@ -341,22 +341,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     if args.in_process is None:
         args.in_process = args.device.startswith("cuda")
-    info, t0 = common.start_study(args)
+    info, t0 = study_cli.start_study(args)
     rows, meta = sweep(args, not args.no_progress)
     name = NAME + args.tag
     result = {
-        **common.study_record(NAME, args, info),
+        **study_cli.study_record(NAME, args, info),
         "rows": rows,
         **meta,
         "largest_length": largest(rows),
         "wall_s": time.perf_counter() - t0,
-        "command": common.study_command(NAME, args),
+        "command": study_cli.study_command(NAME, args),
     }
     title = (
         f"{args.depth} layers, d {args.dim}, {args.heads} heads, batch 1, {args.dtype}, "
         f"{'causal' if args.causal else 'bidirectional'}, {args.device}"
     )
-    common.write_study(name, result, args, lambda path: plot(rows, path, title), lambda r: markdown(r, name))
+    study_cli.write_study(name, result, args, lambda path: plot(rows, path, title), lambda r: markdown(r, name))
     return result
 
 
@@ -456,12 +456,12 @@ def markdown(r: dict, name: str) -> str:
     return f"""## Study 2: speed and memory vs length ({a["device"]}{", " + a["dtype"] if a["dtype"] != "fp32" else ""})
 
 Command: `{r["command"]}`
-Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Machine: {reports.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
 Model: {a["depth"]} layers, d {a["dim"]}, {a["heads"]} heads, d_ff {a["ff_dim"]}, m = {a["nb_features"]}, batch 1,
 {"causal" if a["causal"] else "bidirectional"}; memory cap {r["memory_cap_bytes"] / 2**30:.1f} GB, time cap {a["time_cap"]} s per fwd+bwd.
 Times: the fastest of {a["reps"]} passes after a warm-up. Peak memory: see the module docstring (CPU: resident set growth).
 
-{common.md_table(header, table)}
+{reports.md_table(header, table)}
 
 {stops}
 
@@ -476,7 +476,7 @@ Figure: `studies/{name}.png`; data: `studies/{name}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.study_args(NAME, parse_args, argv)
+    args = study_cli.study_args(NAME, parse_args, argv)
     result = run(args)
     print("largest L per core:", result["largest_length"])
     for core, why in result["stops"].items():

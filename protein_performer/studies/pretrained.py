@@ -1,6 +1,6 @@
 """Trained models the studies share, cached on disk, and a probe of their queries and keys.
 
-``pretrained`` trains a model with :func:`~protein_performer.experiments.small_training.fit_small_model`
+``pretrained`` trains a model with :func:`~protein_performer.studies.small_training.fit_small_model`
 once and caches its weights under a hash of everything that determines them; studies 1 and 3 use
 the same exact-softmax BID Transformer (``exact_reference``, head dim 16 as in the paper's
 approximation study). The cache lives in ``$XDG_CACHE_HOME/protein_performer/studies``.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from protein_performer.experiments.sequences import SAMPLE, eval_batches, load_split
-from protein_performer.experiments.small_training import TrainConfig, build_model, evaluate, fit_small_model
 from protein_performer.model.performer import PerformerLM
 from protein_performer.outputs import atomic_output
+from protein_performer.studies.sequences import SAMPLE, eval_batches, load_split
+from protein_performer.studies.small_training import TrainConfig, build_model, evaluate, fit_small_model
 
 log = logging.getLogger(__name__)
 

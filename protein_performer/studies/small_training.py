@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from protein_performer.data.collate import IGNORE_INDEX, Collator
-from protein_performer.experiments.sequences import to_device, train_batch
 from protein_performer.model.performer import PerformerLM
+from protein_performer.studies.sequences import to_device, train_batch
 from protein_performer.training.utils import stable_seed
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,3 @@ def fit_small_model(
         bar.set_postfix(loss=f"{row['train_loss']:.3f}")
     model.eval()
     return history
-
-
-train = fit_small_model  # the loop's old name (``common.train``), kept for existing callers

@@ -18,8 +18,8 @@ default feature floor eps too. (The paper's released code takes one max over the
 there later keys shift earlier outputs through eps: 8.6e-3 in logits at L = 8192 in this study
 before the change.)
 
-    python -m protein_performer.experiments.causal_generation                 # CPU, ~3 min
-    python -m protein_performer.experiments.causal_generation --device cuda --length 16384 --steps 2000
+    python -m protein_performer.studies.causal_generation                 # CPU, ~3 min
+    python -m protein_performer.studies.causal_generation --device cuda --length 16384 --steps 2000
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ import numpy as np
 import torch
 
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.experiments import common
 from protein_performer.generation import generate, generate_recompute, init_state, prefill, step
+from protein_performer.studies import reports, sequences, small_training, study_cli
 
 log = logging.getLogger(__name__)
 NAME = "causal_generation"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.study_parser(__doc__)
-    p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    common.add_device_args(p, threads_help="torch CPU threads")
+    p = study_cli.study_parser(__doc__)
+    p.add_argument("--fasta", type=Path, default=sequences.SAMPLE)
+    study_cli.add_device_args(p, threads_help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="training steps of the UNI model")
     p.add_argument("--max-length", type=int, default=256, help="training crop length")
@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--sample-tokens", type=int, default=120)
     p.add_argument("--temperature", type=float, default=1.0)
-    common.add_output_args(p)
-    return common.parse_study_args(p, argv)
+    study_cli.add_output_args(p)
+    return study_cli.parse_study_args(p, argv)
 
 
 def residue_mask(vocab_size: int) -> torch.Tensor:
@@ -136,14 +136,14 @@ def timing(model, exact, stream, points, reps, device, progress=True) -> list[di
     for p in points:
         nxt = stream[:, p - 1]
         row = {"prefix_length": p}
-        row["favor_recurrent_s"] = common.best_time(
+        row["favor_recurrent_s"] = reports.best_time(
             lambda nxt=nxt, p=p: step(model, nxt, states[("favor", p)]), reps, device
         )
-        row["favor_recompute_s"] = common.best_time(lambda p=p: model(stream[:, :p]), max(1, reps // 2), device)
-        row["exact_kv_cache_s"] = common.best_time(
+        row["favor_recompute_s"] = reports.best_time(lambda p=p: model(stream[:, :p]), max(1, reps // 2), device)
+        row["exact_kv_cache_s"] = reports.best_time(
             lambda nxt=nxt, p=p: step(exact, nxt, states[("exact", p)]), reps, device
         )
-        row["exact_recompute_s"] = common.best_time(lambda p=p: exact(stream[:, :p]), max(1, reps // 2), device)
+        row["exact_recompute_s"] = reports.best_time(lambda p=p: exact(stream[:, :p]), max(1, reps // 2), device)
         row["favor_state_bytes"] = states[("favor", p)].nbytes()
         row["exact_cache_bytes"] = states[("exact", p)].nbytes()
         row["speedup_recurrent_vs_recompute"] = row["favor_recompute_s"] / row["favor_recurrent_s"]
@@ -161,7 +161,7 @@ def composition(token_lists: list[list[int]]) -> np.ndarray:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = common.pyplot()
+    plt = reports.pyplot()
     x = [r["prefix_length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, style in (
@@ -176,12 +176,12 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Causal generation: time per token")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    common.save_figure(fig, path, dpi=120)
+    reports.save_figure(fig, path, dpi=120)
 
 
 def run(args: argparse.Namespace) -> dict:
-    info, t_start = common.start_study(args)
-    train_seqs, valid_seqs, counts = common.load_split(args.fasta, args.seed)
+    info, t_start = study_cli.start_study(args)
+    train_seqs, valid_seqs, counts = sequences.load_split(args.fasta, args.seed)
     max_len = max(args.length, args.max_length)
     shape = dict(
         vocab_size=Tokenizer().vocab_size,
@@ -194,15 +194,17 @@ def run(args: argparse.Namespace) -> dict:
         dropout=0.0,
         nb_features=args.nb_features,
     )
-    model = common.build_model("favor_softmax", True, args.seed, **shape)
-    cfg = common.TrainConfig(
+    model = small_training.build_model("favor_softmax", True, args.seed, **shape)
+    cfg = small_training.TrainConfig(
         objective="uni", max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, seed=args.seed
     )
-    valid = common.eval_batches(valid_seqs, "uni", args.max_length, 32)
-    before = common.evaluate(model, valid)
-    common.fit_small_model(model, train_seqs, cfg, args.device, progress=not args.no_progress, desc="UNI FAVOR+")
+    valid = sequences.eval_batches(valid_seqs, "uni", args.max_length, 32)
+    before = small_training.evaluate(model, valid)
+    small_training.fit_small_model(
+        model, train_seqs, cfg, args.device, progress=not args.no_progress, desc="UNI FAVOR+"
+    )
     model = model.cpu().eval() if args.device == "cpu" else model.eval()
-    after = common.evaluate(model, valid, args.device)
+    after = small_training.evaluate(model, valid, args.device)
     log.info("UNI model valid: before %s after %s", before, after)
 
     device = args.device
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     stream = token_stream(valid_seqs, args.length).to(device)
     eq = equality_checks(model, prompt, args.sample_tokens, args.temperature, allowed, args.seed, stream)
 
-    exact = common.build_model("exact", True, args.seed, **shape).to(device).eval()
+    exact = small_training.build_model("exact", True, args.seed, **shape).to(device).eval()
     exact.load_backbone(model.state_dict())
     rows = timing(model, exact, stream, args.timing_points, args.reps, device, not args.no_progress)
 
@@ -224,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
         samples.append(ids)
     comp_samples, comp_data = composition(samples), composition([s.tolist() for s in train_seqs])
     result = {
-        **common.study_record(NAME, args, info),
+        **study_cli.study_record(NAME, args, info),
         "data": counts,
         "model": shape,
         "valid_before_training": before,
@@ -233,10 +235,10 @@ def run(args: argparse.Namespace) -> dict:
         "timing": rows,
         "samples": [tok.decode(s) for s in samples],
         "composition_pearson_r": float(np.corrcoef(comp_samples, comp_data)[0, 1]),
-        "command": common.study_command(NAME, args),
+        "command": study_cli.study_command(NAME, args),
         "wall_s": time.perf_counter() - t_start,
     }
-    common.write_study(NAME, result, args, lambda path: plot(rows, path), markdown)
+    study_cli.write_study(NAME, result, args, lambda path: plot(rows, path), markdown)
     return result
 
 
@@ -314,18 +316,18 @@ def markdown(r: dict) -> str:
     return f"""## Study 5: causal generation with a recurrent state
 
 Command: `{r["command"]}`
-Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Machine: {reports.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
 Model: UNI (causal) FAVOR+ softmax, {m["depth"]} layers, dim {m["dim"]}, {m["heads"]} heads x {m["dim_head"]}, m = {m["nb_features"]},
 trained {a["steps"]} steps on crops of {a["max_length"]} of the Swiss-Prot sample ({r["data"]["kept"]} sequences):
 valid loss {r["valid_before_training"]["loss"]:.3f} -> {r["valid_after_training"]["loss"]:.3f}, accuracy {r["valid_after_training"]["acc"]:.3f}.
 
 Equality (same generator for both paths; {a["n_samples"]} samples x {a["sample_tokens"]} tokens, then one real stream of {eq["float32"]["stream_length"]} tokens):
 
-{common.md_table(["model", "same tokens", "max abs diff, sampled logits", "stream L", "max abs diff, last position", "max abs diff, any position", "max abs logit"], eq_rows)}
+{reports.md_table(["model", "same tokens", "max abs diff, sampled logits", "stream L", "max abs diff, last position", "max abs diff, any position", "max abs logit"], eq_rows)}
 
 Time per new token (ms, best of {a["reps"]} after a warm-up; the recurrent step and the cache continue from the state after L tokens; recompute = one full causal forward of the L-token prefix):
 
-{common.md_table(["L", "FAVOR+ recurrent", "FAVOR+ recompute", "exact KV cache", "exact recompute", "speedup recurrent vs recompute", "FAVOR+ state KiB", "exact cache KiB"], rows)}
+{reports.md_table(["L", "FAVOR+ recurrent", "FAVOR+ recompute", "exact KV cache", "exact recompute", "speedup recurrent vs recompute", "FAVOR+ state KiB", "exact cache KiB"], rows)}
 
 {chr(10).join(verdict)}
 
@@ -340,7 +342,7 @@ Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.study_args(NAME, parse_args, argv)
+    args = study_cli.study_args(NAME, parse_args, argv)
     result = run(args)
     last = result["timing"][-1]
     print(f"equality: {result['equality']}")

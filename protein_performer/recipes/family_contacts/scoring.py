@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from protein_performer.analysis.alignment import aligned_positions
 from protein_performer.errors import UserError
-from protein_performer.experiments.family_data import aligned_positions, read_family_fasta
+from protein_performer.recipes.family_contacts.extract import read_family_fasta
 
 LONG_RANGE = 24  # |i - j| >= 24: the long range of the contact density
 PLOT_MIN_SEP = 12  # the plot shows medium and long-range predictions
@@ -71,7 +72,7 @@ def plot_contacts(maps: str | Path, structure: str | Path, path: str | Path, tit
     """Top-L long+medium predictions of the mean APC map (upper triangle) over the true contacts."""
     from protein_performer.analysis.contacts import load_proteins
     from protein_performer.analysis.structures import load_structures
-    from protein_performer.experiments.common import pyplot, save_figure
+    from protein_performer.studies.reports import pyplot, save_figure
 
     chains, _ = load_structures(structure)
     protein = load_proteins(maps, chains)[0][0]

@@ -1,6 +1,6 @@
 """Span masking for the family-contacts recipe: BERT's 80/10/10 masking with the targets in runs of
 ``span`` residues (span starts ~ Bernoulli(mask_prob / span) over residue positions), as a Collator
-and a DataModule (``data._target_=protein_performer.experiments.family_contacts.FamilyDataModule
+and a DataModule (``data._target_=protein_performer.recipes.family_contacts.data.FamilyDataModule
 +data.span=5``)."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class SpanCollator(Collator):
 
 class FamilyDataModule(ProteinDataModule):
     """ProteinDataModule with ``span``-masking (``span=1``: the library's BERT masking).
-    ``data._target_=protein_performer.experiments.family_contacts.FamilyDataModule +data.span=5``"""
+    ``data._target_=protein_performer.recipes.family_contacts.data.FamilyDataModule +data.span=5``"""
 
     def __init__(self, *args, span: int = 1, **kwargs):
         super().__init__(*args, **kwargs)

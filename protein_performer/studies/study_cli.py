@@ -1,6 +1,6 @@
 """The frame of every study's command: common options, the start and the end of ``run``.
 
-Every study is ``python -m protein_performer.experiments.<NAME>``: ``parse_args`` (``study_parser``,
+Every study is ``python -m protein_performer.studies.<NAME>``: ``parse_args`` (``study_parser``,
 ``add_device_args``, ``add_output_args``, ``parse_study_args``), ``run(args)`` (``start_study`` ...
 ``write_study``), ``main`` (``study_args``). Results go to ``--out-dir`` (default
 ``./study_results``) and the markdown to ``--markdown`` (default ``<out-dir>/studies.md``);
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from protein_performer.experiments.reports import (
+from protein_performer.studies.reports import (
     MARKDOWN_NAME,
     default_out_dir,
     json_text,
@@ -101,7 +101,7 @@ def study_args(
     """``main``'s start: the parsed ``argv``, with ``command`` (the command line, for the report);
     logging set up. With ``--resume`` and a finished run of the same settings: ``SystemExit(0)``."""
     args = parse_args(argv)
-    args.command = command_line(f"protein_performer.experiments.{name}", argv)
+    args.command = command_line(f"protein_performer.studies.{name}", argv)
     setup_logging()
     if getattr(args, "resume", False) and finished(name, args):
         raise SystemExit(0)
@@ -163,7 +163,7 @@ def study_record(name: str, args: argparse.Namespace, info: dict) -> dict:
 
 def study_command(name: str, args: argparse.Namespace) -> str:
     """The command that ran the study (``study_args`` sets it; else the module's bare command)."""
-    return getattr(args, "command", f"python -m protein_performer.experiments.{name}")
+    return getattr(args, "command", f"python -m protein_performer.studies.{name}")
 
 
 def write_study(
@@ -172,8 +172,8 @@ def write_study(
     """``run``'s end: ``<out_dir>/<name>.png`` (``plot(path)``), the markdown section
     ``markdown(result)`` in ``args.markdown`` (default ``<out_dir>/studies.md``) and
     ``<name>.json``. All three are first written in full under hidden names beside their targets
-    (:func:`~protein_performer.experiments.reports.staged_name`), then swapped into place one after
-    the other (:func:`~protein_performer.experiments.reports.publish_together`), the JSON last: a
+    (:func:`~protein_performer.studies.reports.staged_name`), then swapped into place one after
+    the other (:func:`~protein_performer.studies.reports.publish_together`), the JSON last: a
     study killed at any moment before leaves the previous files byte-identical (and no partial
     file), and a ``<name>.json`` means the plot and the section of the same run are there too.
     Staged files of killed runs are removed here."""

@@ -52,7 +52,7 @@ OWNED = (
     SUMMARY,
 )
 # the options compared on resume=true (num_threads= among the overrides is no setting of the result)
-SETTINGS = ("family", "data", "structures", "max_identity", "max_sequences", "homologs", "probe_every_s")
+SETTINGS = ("family", "input", "structures", "max_identity", "max_sequences", "homologs", "probe_every_s")
 
 
 def owned(name: str) -> bool:
@@ -63,7 +63,7 @@ def owned(name: str) -> bool:
 
 def settings(overrides: Sequence[str], experiment: str, align: bool, **options) -> dict:
     """The settings a run records in its summary (paths resolved), as JSON holds them."""
-    record = {k: str(Path(v).resolve()) if k in ("data", "structures") else v for k, v in options.items()}
+    record = {k: str(Path(v).resolve()) if k in ("input", "structures") else v for k, v in options.items()}
     record.update(
         experiment=experiment,
         align=align,
@@ -113,6 +113,8 @@ def _check_settings(out: Path, summary: dict, current: dict) -> None:
     if recorded is None:  # a run from before the settings were recorded: what it did record
         recorded = {k: summary[k] for k in ("family", "experiment", "align") if k in summary}
         recorded["overrides"] = settings(summary.get("overrides", []), "", False)["overrides"]
+    # a run from before the FASTA option was named input= recorded it as data=
+    recorded = {"input" if k == "data" else k: v for k, v in recorded.items()}
     diff = [k for k in recorded if recorded[k] != current.get(k)]
     if diff:
         changes = "; ".join(f"{k}: {recorded[k]!r} -> {current.get(k)!r}" for k in diff)

@@ -11,14 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.alignment import (  # noqa: F401  (the recipe's names for them)
-    GAP_EXTEND,
-    GAP_OPEN,
-    GAP_RESIDUE,
-    aligned_positions,
-    aligned_row,
-    identity,
-)
+from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row, identity
 from protein_performer.errors import UserError
 from protein_performer.outputs import atomic_output
 
@@ -42,7 +35,7 @@ def read_family(fasta: str | Path, family: str) -> list[tuple[str, str]]:
     """``(header, sequence)`` of every record whose header's second word is ``family``."""
     fasta = Path(fasta)
     if not fasta.exists():
-        raise UserError(f"pfam40 FASTA not found: {fasta}; give data=<pfam40_domains.fasta.gz>")
+        raise UserError(f"pfam40 FASTA not found: {fasta}; give input=<pfam40_domains.fasta.gz>")
     out: list[tuple[str, str]] = []
     header, parts, keep = None, [], False
     opener = gzip.open if fasta.name.endswith(".gz") else open

@@ -11,8 +11,8 @@ mean and spread over ``--eval-draws`` fresh feature draws (a model trained again
 may have adapted to it); across seeds: mean, standard deviation, min and max of each arm, and the
 paired difference (redrawn - fixed) per seed.
 
-    python -m protein_performer.experiments.redraw                     # CPU, ~10 min
-    python -m protein_performer.experiments.redraw --device cuda --steps 3000 --seeds 0 1 2 3 4 --dim 256
+    python -m protein_performer.studies.redraw                     # CPU, ~10 min
+    python -m protein_performer.studies.redraw --device cuda --steps 3000 --seeds 0 1 2 3 4 --dim 256
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.experiments import common
+from protein_performer.studies import reports, sequences, small_training, study_cli
 from protein_performer.training.utils import stable_seed
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ NAME = "redraw"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.study_parser(__doc__)
-    p.add_argument("--fasta", type=Path, default=common.SAMPLE)
-    common.add_device_args(p)
+    p = study_cli.study_parser(__doc__)
+    p.add_argument("--fasta", type=Path, default=sequences.SAMPLE)
+    study_cli.add_device_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--redraw-every", type=int, default=10)
@@ -50,12 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim-head", type=int, default=16)
     p.add_argument("--nb-features", type=int, default=16)
-    common.add_output_args(p)
-    return common.parse_study_args(p, argv)
+    study_cli.add_output_args(p)
+    return study_cli.parse_study_args(p, argv)
 
 
 def redraw_schedule(seed: int, every: int):
-    """``on_step`` for ``common.fit_small_model``: redraw every layer at steps every, 2 every, ... (0 = never).
+    """``on_step`` for ``small_training.fit_small_model``: redraw every layer at steps every, 2 every, ... (0 = never).
     Step 0 keeps the initial draw, so both arms start from identical features."""
 
     def on_step(step: int, model: torch.nn.Module) -> None:
@@ -72,14 +72,14 @@ def fresh_draw_eval(model, batches, seed: int, draws: int, device: str) -> list[
     out = []
     for d in range(draws):
         model.redraw_features(lambda layer, d=d: stable_seed(seed, "eval-draw", d, layer))
-        out.append(common.evaluate(model, batches, device))
+        out.append(small_training.evaluate(model, batches, device))
     model.load_state_dict(saved, strict=False)
     return out
 
 
 def run(args: argparse.Namespace) -> dict:
-    info, t0 = common.start_study(args)
-    train_seqs, valid_seqs, counts = common.load_split(args.fasta, 0)  # one split for every seed
+    info, t0 = study_cli.start_study(args)
+    train_seqs, valid_seqs, counts = sequences.load_split(args.fasta, 0)  # one split for every seed
     shape = dict(
         vocab_size=Tokenizer().vocab_size,
         max_len=args.max_length,
@@ -93,12 +93,12 @@ def run(args: argparse.Namespace) -> dict:
     )
     runs = []
     for seed in args.seeds:
-        valid = common.eval_batches(valid_seqs, "bid", args.max_length, 32, seed=0)
+        valid = sequences.eval_batches(valid_seqs, "bid", args.max_length, 32, seed=0)
         for arm, every in (("fixed", 0), ("redrawn", args.redraw_every)):
-            model = common.build_model(
+            model = small_training.build_model(
                 "favor_softmax", False, seed, favor_kwargs={"seed": stable_seed(seed, "init-features")}, **shape
             )
-            cfg = common.TrainConfig(
+            cfg = small_training.TrainConfig(
                 objective="bid",
                 max_length=args.max_length,
                 batch_size=args.batch_size,
@@ -106,18 +106,18 @@ def run(args: argparse.Namespace) -> dict:
                 lr=args.lr,
                 seed=seed,
             )
-            history = common.fit_small_model(
+            history = small_training.fit_small_model(
                 model,
                 train_seqs,
                 cfg,
                 args.device,
                 on_step=redraw_schedule(seed, every),
                 eval_every=args.eval_every,
-                eval_fn=lambda m, valid=valid: common.evaluate(m, valid, args.device),
+                eval_fn=lambda m, valid=valid: small_training.evaluate(m, valid, args.device),
                 progress=not args.no_progress,
                 desc=f"seed {seed} {arm}",
             )
-            final = common.evaluate(model, valid, args.device)
+            final = small_training.evaluate(model, valid, args.device)
             fresh = fresh_draw_eval(model, valid, seed, args.eval_draws, args.device)
             row = {
                 "seed": seed,
@@ -142,15 +142,15 @@ def run(args: argparse.Namespace) -> dict:
             runs.append(row)
     summary = summarize(runs)
     result = {
-        **common.study_record(NAME, args, info),
+        **study_cli.study_record(NAME, args, info),
         "data": counts,
         "model": shape,
         "runs": runs,
         "summary": summary,
         "wall_s": time.perf_counter() - t0,
-        "command": common.study_command(NAME, args),
+        "command": study_cli.study_command(NAME, args),
     }
-    common.write_study(NAME, result, args, lambda path: plot(runs, path), markdown)
+    study_cli.write_study(NAME, result, args, lambda path: plot(runs, path), markdown)
     return result
 
 
@@ -186,7 +186,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    plt = common.pyplot()
+    plt = reports.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         color = "C0" if r["arm"] == "redrawn" else "C3"
@@ -224,7 +224,7 @@ def plot(runs: list[dict], path: Path) -> None:
     axes[1].set_ylabel("final validation loss")
     axes[1].legend(fontsize=8)
     axes[1].grid(True, alpha=0.3)
-    common.save_figure(fig, path)
+    reports.save_figure(fig, path)
 
 
 def markdown(r: dict) -> str:
@@ -273,15 +273,15 @@ def markdown(r: dict) -> str:
     return f"""## Study 4: fixed vs redrawn random features
 
 Command: `{r["command"]}`
-Machine: {common.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
+Machine: {reports.machine_line(r["machine"])}. Wall time {r["wall_s"]:.0f} s.
 BID FAVOR+ softmax, {a["depth"]} layers, dim {a["dim"]}, {a["heads"]} heads x {a["dim_head"]}, m = {a["nb_features"]},
 {a["steps"]} steps of batch {a["batch_size"]} x {a["max_length"]} on the Swiss-Prot sample (one 90/10 split), lr {a["lr"]};
 per seed both arms share the initial weights, the initial features and the data order; "redrawn" draws new features
 every {a["redraw_every"]} steps. Validation loss with the model's own final features, and over {a["eval_draws"]} fresh draws.
 
-{common.md_table(["seed", "arm", "valid loss", "valid acc", "fresh-draw loss mean", "fresh-draw loss std", "train loss (last 10)"], rows)}
+{reports.md_table(["seed", "arm", "valid loss", "valid acc", "fresh-draw loss mean", "fresh-draw loss std", "train loss (last 10)"], rows)}
 
-{common.md_table(["arm", "loss mean", "loss std", "loss min", "loss max", "acc mean", "fresh-draw loss mean"], arm_rows)}
+{reports.md_table(["arm", "loss mean", "loss std", "loss min", "loss max", "acc mean", "fresh-draw loss mean"], arm_rows)}
 
 {verdict}
 Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.
@@ -289,7 +289,7 @@ Figure: `studies/{NAME}.png`; data: `studies/{NAME}.json`.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.study_args(NAME, parse_args, argv)
+    args = study_cli.study_args(NAME, parse_args, argv)
     result = run(args)
     s = result["summary"]
     for arm in ("fixed", "redrawn"):

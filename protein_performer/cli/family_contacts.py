@@ -1,0 +1,144 @@
+"""``python -m protein_performer.family_contacts family=PFxxxxx output_dir=<OUT> [input=<pfam40 FASTA>]
+[structures=<dir>] [option=value ...] [<hydra override> ...]``: the family-contacts recipe
+(:mod:`protein_performer.recipes.family_contacts`: extract, ingest, train, export, score, contacts)
+for one Pfam family; prints the headline scores and where the summary and the contact head are.
+
+The recipe's own options are ``key=value``; every other ``key=value`` whose key is dotted (``model.dim=64``),
+starts with ``+`` or ``~``, or is one of :data:`TRAIN_KEYS` (``data=<group>``, ``model=<group>``, ...)
+goes to training as a Hydra override. The family's FASTA is ``input=``: ``data=`` is the Hydra data
+group, and ``data=<file>`` (the option's old name) is an error naming ``input=``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from protein_performer.errors import UserError, cli_errors
+from protein_performer.recipes.family_contacts.run import KORTEMME40, PFAM40, STAGES, RecipeSummary, run
+from protein_performer.resources import CONF
+
+# top-level train keys passed through as Hydra overrides (groups and plain values of conf/train.yaml)
+TRAIN_KEYS = ("seed", "num_threads", "model", "data", "objective")
+
+
+def data_groups() -> list[str]:
+    """The names ``data=<group>`` takes (``conf/data/*.yaml``)."""
+    return sorted(p.stem for p in (Path(CONF) / "data").glob("*.yaml"))
+
+
+def defaults() -> dict[str, str]:
+    """The recipe's options and their defaults, as the command line spells them."""
+    return {
+        "family": "",
+        "output_dir": "",
+        "input": "" if PFAM40 is None else str(PFAM40),
+        "structures": "" if KORTEMME40 is None else str(KORTEMME40),
+        "max_identity": "0.9",
+        "max_sequences": "",
+        "stages": ",".join(STAGES),
+        "probe_every_s": "",
+        "homologs": "0",
+        "experiment": "family_contacts",
+        "align": "false",
+        "resume": "false",
+        "overwrite": "false",
+    }
+
+
+def parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` arguments -> (the recipe's options, the Hydra overrides for training)."""
+    opts, overrides = defaults(), []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if "=" in arg and key in opts:
+            opts[key] = value
+        elif "=" in arg and key == "data" and value not in data_groups():
+            raise UserError(
+                f"family_contacts: data= is the Hydra data group ({', '.join(data_groups())}); the family's "
+                f"FASTA is input=<pfam40_domains.fasta.gz>: give input={value}"
+            )
+        elif "=" in arg and ("." in key or key.startswith(("+", "~")) or key in TRAIN_KEYS):
+            overrides.append(arg)
+        else:
+            raise UserError(
+                f"family_contacts: expected key=value with a key in {', '.join(opts)} or a Hydra "
+                f"override (group.key=value), got {arg!r}"
+            )
+    if not opts["family"] or not opts["output_dir"]:
+        raise UserError("family_contacts: give family=PFxxxxx and output_dir=<dir>")
+    return opts, overrides
+
+
+def flag(value: str, key: str) -> bool:
+    """``true`` / ``false`` (also 1 / 0, yes / no) of option ``key``."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise UserError(f"family_contacts: {key} must be true or false, got {value!r}")
+
+
+def report(s: RecipeSummary, output_dir: str) -> None:
+    """The headline lines of a run: the scores, the fitted head and where the summary is."""
+    h = s.headline
+    if h:
+        print(
+            f"{s.family}: mean-of-heads APC map, long-range P@L {h['long_P@L']:.3f} (P@L/5 "
+            f"{h['long_P@L/5']:.3f}); random init {h['random_long_P@L']:.3f}; contact density "
+            f"{h['long_density']:.3f}; valid acc {s.train.get('valid/acc')}"
+        )
+    ha = s.homolog_averaged
+    if ha:
+        print(
+            f"homolog-averaged map ({ha['n_homologs']} family members aligned onto the chain): long-range P@L "
+            f"{ha['trained']['long']['P@L']:.3f}; random init {ha['random_init']['long']['P@L']:.3f}"
+        )
+    head = s.fitted_head
+    fitted = head.get("leave_family_out")
+    if fitted:
+        print(
+            f"L1 logistic head fitted leave-family-out ({fitted['train_size']} chains of other families, "
+            f"{fitted['draws']} draws): long-range P@L {fitted['trained']['mean']['long']['P@L']:.3f}; "
+            f"random init {fitted['random_init']['mean']['long']['P@L']:.3f}"
+        )
+        kind = (
+            f"the calibrated mean of all maps, inputs aligned onto {head['align_to']}"
+            if head.get("kind") == "mean"
+            else "the L1 logistic regression"
+        )
+        print(f"head for predict_contacts ({kind}): {Path(output_dir) / head['head']}")
+    print(f"summary: {Path(output_dir) / 'summary.json'}")
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command: parse ``argv`` (default ``sys.argv[1:]``), run the recipe, print the headline."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts, overrides = parse(argv)
+    stages = [s for s in opts["stages"].split(",") if s]
+    if set(stages) - set(STAGES):
+        raise UserError(f"family_contacts: unknown stages {sorted(set(stages) - set(STAGES))}; choose from {STAGES}")
+    s = run(
+        opts["family"],
+        opts["output_dir"],
+        overrides,
+        input=opts["input"] or None,
+        structures=opts["structures"] or None,
+        max_identity=float(opts["max_identity"]),
+        max_sequences=int(opts["max_sequences"]) if opts["max_sequences"] else None,
+        stages=stages,
+        probe_every_s=float(opts["probe_every_s"]) if opts["probe_every_s"] else None,
+        homologs=int(opts["homologs"]),
+        experiment=opts["experiment"],
+        align=flag(opts["align"], "align"),
+        resume=flag(opts["resume"], "resume"),
+        overwrite=flag(opts["overwrite"], "overwrite"),
+    )
+    report(s, opts["output_dir"])

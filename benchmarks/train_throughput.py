@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from protein_performer.data.collate import mask_tokens
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 ATTENTIONS = {
@@ -171,7 +171,9 @@ def main(argv=None) -> int:
         models, opts, times = {}, {}, {a: [] for a in ATTENTIONS}
         for attention in ATTENTIONS:
             torch.manual_seed(args.seed)
-            models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).to(device).train()
+            models[attention] = (
+                PerformerLM(PerformerConfig(attention=attention, max_len=length, **MODEL)).to(device).train()
+            )
             opts[attention] = torch.optim.AdamW(
                 models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1
             )

@@ -1,8 +1,8 @@
 """The ingest configuration: defaults from conf/ingest.yaml, overrides, validation, and the work units.
 
-The resolved config is a plain dict with the keys of conf/ingest.yaml (paths made absolute, plus
-``units``); it is what the stages receive, what ``ingest_config.json`` fingerprints and what the
-manifest records, so it stays a dict (a JSON document) rather than a class.
+:func:`resolve_config` builds an :class:`IngestConfig` once (frozen; one field per key of
+conf/ingest.yaml, paths made absolute, plus ``units``); the stages read it by attribute.
+``ingest_config.json`` (the fingerprint) and the manifest record some of its fields as JSON.
 
 Work units cut the input for stage 1: whole files, or byte ranges ``[start, end)`` of one
 uncompressed file (``workers=N`` or ``part=i num_parts=n``); each is ``{"file", "start", "end"}``.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,43 @@ FINGERPRINT_KEYS = (
 _NOT_OPTIONS = ("hydra", "defaults")  # nodes of conf/ingest.yaml that are not ingest options
 
 
+@dataclass(frozen=True)
+class IngestConfig:
+    """The options of an ingest (the keys of conf/ingest.yaml, documented there), resolved and checked
+    by :func:`resolve_config`; ``units``: the work units of stage 1 (:func:`plan_units`).
+
+    In merge mode (``merge=true``) only ``output_dir``, ``workers`` and ``progress`` are read: the
+    rest comes from the output folder's ``ingest_config.json``.
+    """
+
+    input: list[str] | None
+    output_dir: str
+    fractions: dict[str, float]
+    seed: int
+    ood_families: list[str]
+    annotations: list[str] | None
+    min_length: int | None
+    max_length: int | None
+    strict: bool
+    shard_size: int
+    compression: str | None
+    compression_level: int | None
+    gzip_strategy: str
+    chunk_size: int
+    workers: int
+    part: int | None
+    num_parts: int | None
+    merge: bool
+    resume: bool
+    overwrite: bool
+    progress: bool
+    block_size: int
+    merge_memory_mb: float | None
+    fail_after_records: int | None  # test hooks: raise after this many records (stage 1) / shards (stage 3)
+    fail_after_shards: int | None
+    units: list[dict] = field(default_factory=list)  # {"file": index, "start": byte, "end": byte or None}
+
+
 def default_config() -> dict:
     """The defaults of conf/ingest.yaml (without the ``hydra`` node), as a plain dict.
 
@@ -55,7 +93,7 @@ def default_config() -> dict:
     return cfg
 
 
-def resolve_config(cfg: Any = None, **overrides) -> dict:
+def resolve_config(cfg: Any = None, **overrides) -> IngestConfig:
     """Defaults < ``cfg`` (dict or DictConfig) < ``overrides``; paths made absolute; checked."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -71,14 +109,14 @@ def resolve_config(cfg: Any = None, **overrides) -> dict:
         raise IngestError("output_dir is required: python -m protein_performer.ingest input=... output_dir=...")
     out["output_dir"] = str(Path(out["output_dir"]).expanduser().absolute())
     if out["merge"]:
-        return out
+        return IngestConfig(**out)
     out["input"] = _input_files(out["input"])
     out["annotations"] = _annotation_files(out["annotations"])
     out["ood_families"] = [_norm_family(f) for f in (out["ood_families"] or [])]
     out["fractions"] = _fractions(out["fractions"])
     _check_output_options(out)
     out["units"] = plan_units(out["input"], int(out["workers"]), out["num_parts"])
-    return out
+    return IngestConfig(**out)
 
 
 def _input_files(inputs: Any) -> list[str]:
@@ -171,6 +209,6 @@ def _byte_ranges(path: str, n: int) -> list[dict]:
     return [{"file": 0, "start": size * i // n, "end": size * (i + 1) // n} for i in range(n)]
 
 
-def fingerprint(cfg: dict) -> dict:
+def fingerprint(cfg: IngestConfig) -> dict:
     """The options that change the output (``ingest_config.json``)."""
-    return {k: cfg[k] for k in FINGERPRINT_KEYS}
+    return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}

@@ -17,6 +17,7 @@ import numpy as np
 from protein_performer.data.tokenizer import Tokenizer
 
 from .common import DUPLICATE_CODE, FORMAT_VERSION, REJECTS_NAME, SPLITS, TRAIN_CODE
+from .config import IngestConfig
 from .rejects import ID_CONFLICT
 from .write import UnitShards
 
@@ -98,11 +99,11 @@ def input_sources(paths: list[str]) -> list[dict]:
     return [file_source(p) for p in paths]
 
 
-def build_manifest(cfg: dict, fingerprint: dict, sources: list[dict], splits: dict, counts: Counts) -> dict:
+def build_manifest(cfg: IngestConfig, fingerprint: dict, sources: list[dict], splits: dict, counts: Counts) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "vocab": Tokenizer().vocab(),
-        "config": {k: cfg.get(k) for k in sorted(set(fingerprint) | _RUN_OPTIONS)},
+        "config": {k: getattr(cfg, k) for k in sorted(set(fingerprint) | _RUN_OPTIONS)},
         "sources": sources,
         "splits": splits,
         "n_records": counts.n_records,

@@ -34,6 +34,7 @@ from protein_performer.outputs import write_json
 
 from .annotations import load_ood_accessions, records_with_family_token
 from .common import REC, IngestError, SimulatedInterruption, unit_dir
+from .config import IngestConfig
 from .hashing import blake2b_128, id_keys, split_codes
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,11 @@ class _UnitFiles:
             fh.close()
 
 
-def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict:
+def run_unit(cfg: IngestConfig, u: int, resume: bool = False, position: int = 0) -> dict:
     """Stage 1 for work unit ``u``: parse, validate, tokenize and hash; write raw files + rejects."""
-    unit = cfg["units"][u]
-    path = cfg["input"][unit["file"]]
-    folder = unit_dir(Path(cfg["output_dir"]), u)
+    unit = cfg.units[u]
+    path = cfg.input[unit["file"]]
+    folder = unit_dir(Path(cfg.output_dir), u)
     done = folder / "done.json"
     if resume and done.is_file():
         log.info("unit %d (%s) already complete: skipped", u, path)
@@ -140,14 +141,14 @@ def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict
     table = token_table()
     ctx = BatchContext(
         path=path, unit=unit, progress=progress,
-        ood_accessions=load_ood_accessions(cfg["annotations"], cfg["ood_families"]),
-        ood_tokens={f.encode() for f in cfg["ood_families"] if f.startswith("PF")},
-        min_length=cfg["min_length"], max_length=cfg["max_length"], seed=cfg["seed"], fractions=cfg["fractions"],
-        strict=cfg["strict"],
+        ood_accessions=load_ood_accessions(cfg.annotations, cfg.ood_families),
+        ood_tokens={f.encode() for f in cfg.ood_families if f.startswith("PF")},
+        min_length=cfg.min_length, max_length=cfg.max_length, seed=cfg.seed, fractions=cfg.fractions,
+        strict=cfg.strict,
     )  # fmt: skip
     bar = tqdm(
-        desc=f"ingest {Path(path).name}" + (f" [{u}]" if len(cfg["units"]) > 1 else ""),
-        unit=" seq", unit_scale=True, disable=not cfg["progress"], position=position, leave=position == 0,
+        desc=f"ingest {Path(path).name}" + (f" [{u}]" if len(cfg.units) > 1 else ""),
+        unit=" seq", unit_scale=True, disable=not cfg.progress, position=position, leave=position == 0,
         initial=progress.n_records, mininterval=1.0,
     )  # fmt: skip
     try:
@@ -167,12 +168,14 @@ def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict
     return summary
 
 
-def _read_unit(cfg: dict, ctx: BatchContext, table: bytes, files: _UnitFiles, checkpoint_path: Path, bar) -> None:
+def _read_unit(
+    cfg: IngestConfig, ctx: BatchContext, table: bytes, files: _UnitFiles, checkpoint_path: Path, bar
+) -> None:
     """The block loop of stage 1: process, append, count, checkpoint."""
-    progress, fail_after = ctx.progress, cfg.get("fail_after_records")
+    progress, fail_after = ctx.progress, cfg.fail_after_records
     start_time, start_residues = time.perf_counter(), progress.n_residues
     batches = iter_batches(
-        ctx.path, start=progress.offset, end=ctx.unit["end"], line0=progress.line, block_size=cfg["block_size"],
+        ctx.path, start=progress.offset, end=ctx.unit["end"], line0=progress.line, block_size=cfg.block_size,
         table=table,
     )  # fmt: skip
     for batch in batches:

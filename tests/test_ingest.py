@@ -27,6 +27,7 @@ from protein_performer.data.ingest import (
     resolve_config,
     split_codes,
 )
+from protein_performer.data.ingest.config import WorkUnit
 from protein_performer.data.tokenizer import Tokenizer
 
 TOK = Tokenizer()
@@ -592,7 +593,7 @@ def test_config_is_resolved_once_into_a_frozen_dataclass(sample_fasta, repo_root
     cfg = resolve_config({"input": str(sample_fasta), "ood_families": ["PF00013.2", "RRM_1"]}, output_dir="rel")
     assert isinstance(cfg, IngestConfig) and cfg.input == [str(sample_fasta.absolute())]
     assert cfg.output_dir == str(Path("rel").absolute()) and cfg.ood_families == ["PF00013", "RRM_1"]
-    assert cfg.units == [{"file": 0, "start": 0, "end": None}] and cfg.annotations == []
+    assert cfg.units == [WorkUnit(file=0, start=0, end=None)] and cfg.annotations == []
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.workers = 2
     with pytest.raises(IngestError, match="unknown ingest option 'shards'; known options: annotations, "):

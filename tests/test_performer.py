@@ -141,8 +141,8 @@ def test_exact_weights_load_into_favor_model():
     before = {k: v.clone() for k, v in favor.state_dict().items()}
     result = favor.load_backbone(exact.state_dict())
     # only the random projections are missing, one per layer; nothing is unexpected
-    assert sorted(result["missing"]) == sorted(favor.feature_buffer_names())
-    assert len(result["missing"]) == SMALL["depth"] and result["unexpected"] == []
+    assert sorted(result.missing) == sorted(favor.feature_buffer_names())
+    assert len(result.missing) == SMALL["depth"] and result.unexpected == []
     exact_sd, favor_sd = exact.state_dict(), favor.state_dict()
     for k, v in exact_sd.items():
         assert torch.equal(favor_sd[k], v), k
@@ -151,7 +151,7 @@ def test_exact_weights_load_into_favor_model():
     # and back: a FAVOR+ model's weights load into an exact one (its projections are ignored)
     back = PerformerLM(PerformerConfig(attention="exact", **SMALL))
     result = back.load_backbone({"model." + k: v for k, v in favor.state_dict().items()})
-    assert result["missing"] == [] and len(result["unexpected"]) == SMALL["depth"]
+    assert result.missing == [] and len(result.unexpected) == SMALL["depth"]
     with pytest.raises(RuntimeError, match="do not fit"):
         PerformerLM(PerformerConfig(attention="exact", **dict(SMALL, depth=1))).load_backbone(exact.state_dict())
 

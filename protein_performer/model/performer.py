@@ -235,6 +235,15 @@ class RecurrentState:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values() if torch.is_tensor(t))
 
 
+@dataclass
+class BackboneKeys:
+    """What :meth:`PerformerLM.load_backbone` left aside: the feature-buffer keys this model has and
+    the weights lacked (``missing``: it keeps its own), and those the weights had and it lacks."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+
 # ------------------------------------------------------------------------------------- model
 class PerformerLM(nn.Module):
     """Protein language model of the architecture ``config``; UNI when ``config.causal``, BID (masked LM) otherwise.
@@ -394,12 +403,12 @@ class PerformerLM(nn.Module):
         return {f"blocks.{i}.attn.kernel.{n}" for i, k in self.attention_kernels() for n, _ in k.named_buffers()}
 
     # ---------------------------------------------------------------- weights
-    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> BackboneKeys:
         """Load the weights of a model of the same shape but maybe another attention kind.
 
         Every parameter must match; only the kernels' random-feature buffers may be missing
         (exact -> FAVOR+: this model keeps its own features) or unexpected (FAVOR+ -> exact).
-        Returns the missing and unexpected feature-buffer keys.
+        Returns those missing and unexpected feature-buffer keys.
         """
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
         result = self.load_state_dict(state_dict, strict=False)
@@ -416,7 +425,7 @@ class PerformerLM(nn.Module):
             len(result.missing_keys),
             len(result.unexpected_keys),
         )
-        return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+        return BackboneKeys(list(result.missing_keys), list(result.unexpected_keys))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

@@ -5,7 +5,8 @@ conf/ingest.yaml, paths made absolute, plus ``units``); the stages read it by at
 ``ingest_config.json`` (the fingerprint) and the manifest record some of its fields as JSON.
 
 Work units cut the input for stage 1: whole files, or byte ranges ``[start, end)`` of one
-uncompressed file (``workers=N`` or ``part=i num_parts=n``); each is ``{"file", "start", "end"}``.
+uncompressed file (``workers=N`` or ``part=i num_parts=n``): :class:`WorkUnit`, recorded in
+``ingest_config.json`` as ``{"file", "start", "end"}``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,16 @@ FINGERPRINT_KEYS = (
 )  # fmt: skip
 
 _NOT_OPTIONS = ("hydra", "defaults")  # nodes of conf/ingest.yaml that are not ingest options
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one stage-1 job reads: input file ``file`` (an index into ``input``), bytes ``[start, end)``
+    (``end`` None: to the end of the file)."""
+
+    file: int
+    start: int = 0
+    end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,11 @@ class IngestConfig:
     merge_memory_mb: float | None
     fail_after_records: int | None  # test hooks: raise after this many records (stage 1) / shards (stage 3)
     fail_after_shards: int | None
-    units: list[dict] = field(default_factory=list)  # {"file": index, "start": byte, "end": byte or None}
+    units: list[WorkUnit] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # the units of an ingest_config.json (merge) come as its JSON objects
+        object.__setattr__(self, "units", [u if isinstance(u, WorkUnit) else WorkUnit(**u) for u in self.units])
 
 
 def default_config() -> dict:
@@ -170,9 +185,9 @@ def _norm_family(family: Any) -> str:
     return family.split(".")[0] if re.fullmatch(r"PF\d{5}(\.\d+)?", family) else family
 
 
-def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[dict]:
-    """Cut the input into work units: {"file": index, "start": byte, "end": byte or None}."""
-    whole = [{"file": i, "start": 0, "end": None} for i in range(len(inputs))]
+def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[WorkUnit]:
+    """Cut the input into work units: whole files, or byte ranges of one uncompressed file."""
+    whole = [WorkUnit(i) for i in range(len(inputs))]
     if num_parts is not None:
         num_parts = int(num_parts)
         if num_parts < 1:
@@ -197,7 +212,7 @@ def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[d
     return whole
 
 
-def _byte_ranges(path: str, n: int) -> list[dict]:
+def _byte_ranges(path: str, n: int) -> list[WorkUnit]:
     if is_gzip(path):
         raise IngestError(
             f"{path} is gzip-compressed: byte ranges (part/num_parts, workers) need an uncompressed "
@@ -206,9 +221,11 @@ def _byte_ranges(path: str, n: int) -> list[dict]:
             "input='[part0.fasta.gz,part1.fasta.gz,...]' num_parts=<number of files>."
         )
     size = os.path.getsize(path)
-    return [{"file": 0, "start": size * i // n, "end": size * (i + 1) // n} for i in range(n)]
+    return [WorkUnit(0, size * i // n, size * (i + 1) // n) for i in range(n)]
 
 
 def fingerprint(cfg: IngestConfig) -> dict:
-    """The options that change the output (``ingest_config.json``)."""
-    return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    """The options that change the output (``ingest_config.json``: plain JSON values)."""
+    out = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    out["units"] = [asdict(u) for u in cfg.units]
+    return out

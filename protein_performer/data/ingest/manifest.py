@@ -18,6 +18,7 @@ from protein_performer.data.tokenizer import Tokenizer
 
 from .common import DUPLICATE_CODE, FORMAT_VERSION, REJECTS_NAME, SPLITS, TRAIN_CODE
 from .config import IngestConfig
+from .config import fingerprint as config_fingerprint
 from .rejects import ID_CONFLICT
 from .write import UnitShards
 
@@ -100,10 +101,12 @@ def input_sources(paths: list[str]) -> list[dict]:
 
 
 def build_manifest(cfg: IngestConfig, fingerprint: dict, sources: list[dict], splits: dict, counts: Counts) -> dict:
+    """manifest.json's content; ``fingerprint``: the output folder's ``ingest_config.json``."""
+    recorded = {**config_fingerprint(cfg), **{k: getattr(cfg, k) for k in _RUN_OPTIONS}}
     return {
         "format_version": FORMAT_VERSION,
         "vocab": Tokenizer().vocab(),
-        "config": {k: getattr(cfg, k) for k in sorted(set(fingerprint) | _RUN_OPTIONS)},
+        "config": {k: recorded.get(k) for k in sorted(set(fingerprint) | _RUN_OPTIONS)},
         "sources": sources,
         "splits": splits,
         "n_records": counts.n_records,

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 POSITION_QK_STD = 0.1  # initial scale of positional queries and keys (qk="position")
 
 ATTENTION_KINDS = ("favor_softmax", "favor_relu", "exact")
+FAVOR_KERNELS = {"favor_softmax": "softmax", "favor_relu": "relu"}  # attention -> FavorAttention's default kernel
 POSITION_KINDS = ("learned", "rotary")
 QK_KINDS = ("content", "position")  # queries and keys from the hidden states, or from the position alone
 INIT_KINDS = ("normal", "torch")  # N(0, 0.02) (GPT/BERT), or each layer's own PyTorch initialisation
@@ -105,7 +106,7 @@ def make_kernel(config: PerformerConfig, layer: int = 0) -> nn.Module:
         return SoftmaxAttention(causal=config.causal)
     kw = dict(config.favor_kwargs)
     kw["seed"] = int(kw.get("seed", 0)) + layer
-    kw.setdefault("kernel", "softmax" if config.attention == "favor_softmax" else "relu")
+    kw.setdefault("kernel", FAVOR_KERNELS[config.attention])
     return FavorAttention(config.dim_head, nb_features=config.nb_features, causal=config.causal, **kw)
 
 

@@ -5,6 +5,11 @@
     Block(x) = x + Dropout(Attn(LN(x)))           Attn: FAVOR+ softmax / FAVOR+ ReLU / exact softmax
              x + Dropout(FF(LN(x)))               FF: Linear(dim, ff_dim) -> GELU -> Dropout -> Linear
 
+The architecture is one :class:`PerformerConfig` (``PerformerLM(PerformerConfig(depth=4))``, as
+nanoGPT's ``GPT(config)``); the attention type is its ``attention`` field (``favor_softmax`` /
+``favor_relu`` / ``exact``), FAVOR+'s feature map is ``FavorAttention``'s ``kernel`` (from
+``favor_kwargs``, else the attention's: ``FAVOR_KERNELS``).
+
 Every attention kind has the same parameters (``to_q``, ``to_k``, ``to_v``, ``to_out`` per layer);
 the kernels (``attn.kernel``) hold buffers only (FAVOR+'s random projection), so the weights of an
 exact-attention model load into a FAVOR+ model of the same shape: the paper's backward-compatibility

@@ -100,13 +100,13 @@ def input_sources(paths: list[str]) -> list[dict]:
     return [file_source(p) for p in paths]
 
 
-def build_manifest(cfg: IngestConfig, fingerprint: dict, sources: list[dict], splits: dict, counts: Counts) -> dict:
-    """manifest.json's content; ``fingerprint``: the output folder's ``ingest_config.json``."""
+def build_manifest(cfg: IngestConfig, sources: list[dict], splits: dict, counts: Counts) -> dict:
+    """manifest.json's content."""
     recorded = {**config_fingerprint(cfg), **{k: getattr(cfg, k) for k in _RUN_OPTIONS}}
     return {
         "format_version": FORMAT_VERSION,
         "vocab": Tokenizer().vocab(),
-        "config": {k: recorded.get(k) for k in sorted(set(fingerprint) | _RUN_OPTIONS)},
+        "config": {k: recorded[k] for k in sorted(recorded)},
         "sources": sources,
         "splits": splits,
         "n_records": counts.n_records,
@@ -114,11 +114,11 @@ def build_manifest(cfg: IngestConfig, fingerprint: dict, sources: list[dict], sp
         "n_duplicates": counts.n_duplicates,
         "rejected": counts.rejected,
         "rejects_file": REJECTS_NAME,
-        "length_filter": {"min": fingerprint["min_length"], "max": fingerprint["max_length"]},
-        "ood_families": fingerprint["ood_families"],
-        "annotations": [file_source(p) for p in fingerprint["annotations"]],
+        "length_filter": {"min": cfg.min_length, "max": cfg.max_length},
+        "ood_families": cfg.ood_families,
+        "annotations": [file_source(p) for p in cfg.annotations],
         "split_hash": SPLIT_HASH,
         "dedup": DEDUP,
-        "fractions": fingerprint["fractions"],
-        "seed": fingerprint["seed"],
+        "fractions": cfg.fractions,
+        "seed": cfg.seed,
     }

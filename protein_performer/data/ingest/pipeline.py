@@ -128,10 +128,8 @@ def merge(
     config_path = out / CONFIG_NAME
     if not config_path.is_file():
         raise IngestError(f"{out}: no {CONFIG_NAME}; nothing to merge (run the parts first: part=i num_parts=n)")
-    fingerprint = json.loads(config_path.read_text())
-    recorded = {k: v for k, v in fingerprint.items() if k in FINGERPRINT_KEYS}
-    cfg = _cfg or IngestConfig(**{**default_config(), **recorded, "output_dir": str(out), "progress": progress})
-    n_units = len(fingerprint["units"])
+    cfg = _cfg or _recorded_config(out, progress)
+    n_units = len(cfg.units)
     missing = [u for u in range(n_units) if not (unit_dir(out, u) / "done.json").is_file()]
     if missing and (out / MANIFEST_NAME).is_file() and not (out / WORK_DIR).exists():
         return json.loads((out / MANIFEST_NAME).read_text())
@@ -144,16 +142,16 @@ def merge(
     start = time.perf_counter()
     final, conflicts = resolve(out, n_units, float(cfg.merge_memory_mb or 256))
     log.info("resolved dedup over %d records in %.2fs", sum(len(f) for f in final), time.perf_counter() - start)
-    rejects = collect_rejects(out, fingerprint, summaries, conflicts)
+    rejects = collect_rejects(out, cfg, summaries, conflicts)
     remove_partial_files(out)
     results = _write_shards(cfg, final, workers, _pool)
     counts = count_records(summaries, final, conflicts)
     write_rejects(out, rejects)
     if counts.n_unique == 0:  # nothing to train on: no manifest (no reader takes this for a dataset)
-        _no_valid_record(out, fingerprint, counts)
-    sources = _sources() if _sources is not None else input_sources(fingerprint["input"])
+        _no_valid_record(out, cfg, counts)
+    sources = _sources() if _sources is not None else input_sources(cfg.input)
     splits = split_summaries(results)
-    manifest = build_manifest(cfg, fingerprint, sources, splits, counts)
+    manifest = build_manifest(cfg, sources, splits, counts)
     if counts.n_records != counts.n_unique + counts.n_duplicates + sum(counts.rejected.values()):
         raise IngestError(f"internal error: counts do not add up in {out}: please report")
     write_json(out / MANIFEST_NAME, manifest, durable=False, indent=1)
@@ -164,6 +162,12 @@ def merge(
         {s: v["n_sequences"] for s, v in splits.items()},
     )  # fmt: skip
     return manifest
+
+
+def _recorded_config(out: Path, progress: bool) -> IngestConfig:
+    """The options the parts in ``out`` were run with (its ingest_config.json), the rest defaults."""
+    recorded = {k: v for k, v in json.loads((out / CONFIG_NAME).read_text()).items() if k in FINGERPRINT_KEYS}
+    return IngestConfig(**{**default_config(), **recorded, "output_dir": str(out), "progress": progress})
 
 
 def _write_shards(cfg: IngestConfig, final: list, workers: int, pool: Workers | None) -> list:
@@ -183,14 +187,14 @@ def _write_shards(cfg: IngestConfig, final: list, workers: int, pool: Workers | 
     return results
 
 
-def _no_valid_record(out: Path, fingerprint: dict, counts) -> None:
+def _no_valid_record(out: Path, cfg: IngestConfig, counts) -> None:
     """Every record was rejected: remove the work files and the config (not an interrupted ingest
     either: nothing to resume) and say why."""
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     (out / CONFIG_NAME).unlink(missing_ok=True)
     what = ", ".join(f"{v} {k}" for k, v in counts.rejected.items()) or "none"
     raise IngestError(
-        f"{', '.join(fingerprint['input'])}: no valid record: all {counts.n_records} records were rejected ({what}); "
+        f"{', '.join(cfg.input)}: no valid record: all {counts.n_records} records were rejected ({what}); "
         f"each is listed with its line in {out / REJECTS_NAME}. Check that this is a protein FASTA file and the "
         "min_length/max_length filter; no shards were written"
     )

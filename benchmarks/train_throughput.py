@@ -36,7 +36,7 @@ from _record import Floor, day, fmt, latest, record, source, table, write
 
 from protein_performer.data.collate import mask_tokens
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 ATTENTIONS = {
@@ -137,7 +137,9 @@ def time_steps(batch: dict, length: int, args, autocast, sync) -> tuple[dict, di
     models, opts, times, peaks = {}, {}, {a: [] for a in ATTENTIONS}, {}
     for attention in ATTENTIONS:
         torch.manual_seed(args.seed)
-        models[attention] = PerformerLM(attention=attention, max_len=length, **MODEL).to(device).train()
+        models[attention] = (
+            PerformerLM(PerformerConfig(attention=attention, max_len=length, **MODEL)).to(device).train()
+        )
         opts[attention] = torch.optim.AdamW(
             models[attention].parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1
         )

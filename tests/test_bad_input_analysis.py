@@ -27,7 +27,7 @@ from protein_performer.analysis.export import run_export
 from protein_performer.analysis.maps_io import write_maps
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import cli_errors
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / "data" / "structures" / "biopython"
@@ -63,7 +63,7 @@ def files(tmp_path_factory):
     """A tiny checkpoint (ProteinLM layout), a FASTA file, a complete maps.h5 of the 8 repo structures."""
     d = tmp_path_factory.mktemp("bad_input")
     torch.manual_seed(0)
-    model = PerformerLM(**TINY)
+    model = PerformerLM(PerformerConfig(**TINY))
     ckpt = d / "tiny.ckpt"
     torch.save(
         {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import one_thread, tiny_overrides
 
 from protein_performer.data.datamodule import BatchSampler, CollatedDataset, ProteinDataModule
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 from protein_performer.training.callbacks import feature_seed
 from protein_performer.training.utils import tensor_digest
 
@@ -102,7 +102,7 @@ def test_two_process_ddp_on_cpu(shard_root, tmp_path):
     # guaranteed). W is drawn in float64 (QR of 16 x 16 Gaussians: another summation order moves it by
     # ~n eps64 cond(G) |W| < 1e-10) and rounded to float32, so the two are at most one float32 ulp
     # (2^-23 relative) apart, or within 1e-9; features of another seed are O(1) apart.
-    ref = PerformerLM(**ckpt["hyper_parameters"]["model"])
+    ref = PerformerLM(PerformerConfig(**ckpt["hyper_parameters"]["model"]))
     last_redraw = (STEPS - 1) // REDRAW * REDRAW
     with one_thread():
         ref.redraw_features(lambda layer: feature_seed(SEED, last_redraw, layer))

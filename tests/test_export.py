@@ -32,7 +32,7 @@ from protein_performer.analysis.export import (
 )
 from protein_performer.analysis.maps_io import MapsFile, sanitize_name
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / "data" / "structures" / "biopython"
@@ -112,7 +112,7 @@ def tiny_model(attention: str, causal: bool, seed: int = 0, max_len: int = 128, 
         favor_kwargs={"seed": 7},
     )
     cfg.update(kw)
-    return PerformerLM(**cfg).eval()
+    return PerformerLM(PerformerConfig(**cfg)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +364,7 @@ def test_load_trained_checkpoint_and_export_is_deterministic(checkpoint, tmp_pat
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(state[k.removeprefix("model.")], v), k  # weights and the redrawn features
     # the step-2 redraw changed the features: the checkpoint's, not the initial draw, are used
-    fresh = PerformerLM(**loaded.config)
+    fresh = PerformerLM(PerformerConfig(**loaded.config))
     assert not torch.equal(fresh.blocks[0].attn.kernel.projection, state["blocks.0.attn.kernel.projection"])
     seqs = list(read_sequences(STRUCTURES))[:3]
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"

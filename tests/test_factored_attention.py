@@ -1,4 +1,4 @@
-"""Factored attention for family models (issue 12): ``PerformerLM(qk="position")`` takes every
+"""Factored attention for family models (issue 12): ``PerformerConfig(qk="position")`` takes every
 head's queries and keys from learned per-position vectors, so its maps are one pattern per head,
 the same for every sequence of a length; ``aligned_row`` writes a family member on the chain's
 columns; ``extract_family(align=True)`` and a tiny aligned recipe run on the shared data."""
@@ -14,7 +14,7 @@ from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row
 from protein_performer.analysis.contact_head import ContactHead
 from protein_performer.analysis.export import load_model
 from protein_performer.analysis.predict_contacts import predict_contacts
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 from protein_performer.recipes.family_contacts.extract import extract_family, read_family_fasta
 from protein_performer.recipes.family_contacts.run import run
 from protein_performer.recipes.family_contacts.scoring import chain_residues
@@ -23,17 +23,19 @@ from protein_performer.recipes.family_contacts.scoring import chain_residues
 def tiny(attention="exact", **kw):
     torch.manual_seed(0)
     return PerformerLM(
-        max_len=40,
-        dim=32,
-        depth=2,
-        heads=4,
-        dim_head=8,
-        ff_dim=64,
-        dropout=0.0,
-        attention=attention,
-        nb_features=16,
-        qk="position",
-        **kw,
+        PerformerConfig(
+            max_len=40,
+            dim=32,
+            depth=2,
+            heads=4,
+            dim_head=8,
+            ff_dim=64,
+            dropout=0.0,
+            attention=attention,
+            nb_features=16,
+            qk="position",
+            **kw,
+        )
     ).eval()
 
 
@@ -66,15 +68,17 @@ def test_position_queries_check_length_and_config():
     with pytest.raises(ValueError, match="max_len 40 of the"):
         tiny()(torch.randint(4, 24, (1, 41)))
     with pytest.raises(ValueError, match="qk must be one of"):
-        PerformerLM(max_len=8, dim=8, depth=1, heads=1, dim_head=8, ff_dim=8, qk="residues")
+        PerformerLM(PerformerConfig(max_len=8, dim=8, depth=1, heads=1, dim_head=8, ff_dim=8, qk="residues"))
     with pytest.raises(ValueError, match="init must be one of"):
-        PerformerLM(max_len=8, dim=8, depth=1, heads=1, dim_head=8, ff_dim=8, init="xavier")
+        PerformerLM(PerformerConfig(max_len=8, dim=8, depth=1, heads=1, dim_head=8, ff_dim=8, init="xavier"))
 
 
 def test_torch_init_keeps_pytorch_defaults():
-    normal = PerformerLM(max_len=8, dim=64, depth=1, heads=2, dim_head=8, ff_dim=16, tie_embeddings=False)
+    normal = PerformerLM(
+        PerformerConfig(max_len=8, dim=64, depth=1, heads=2, dim_head=8, ff_dim=16, tie_embeddings=False)
+    )
     default = PerformerLM(
-        max_len=8, dim=64, depth=1, heads=2, dim_head=8, ff_dim=16, tie_embeddings=False, init="torch"
+        PerformerConfig(max_len=8, dim=64, depth=1, heads=2, dim_head=8, ff_dim=16, tie_embeddings=False, init="torch")
     )
     # N(0, 0.02) vs nn.Embedding's N(0, 1): 29 x 64 draws, the sample std within a few percent
     assert normal.token_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)

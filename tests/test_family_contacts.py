@@ -247,11 +247,13 @@ def test_homolog_averaged_map_of_copies_is_the_chain_map():
     from protein_performer.analysis.export import run_sequence
     from protein_performer.analysis.maps_io import apc_maps
     from protein_performer.data.tokenizer import Tokenizer
-    from protein_performer.model.performer import PerformerLM
+    from protein_performer.model.performer import PerformerConfig, PerformerLM
 
     torch.manual_seed(0)
     model = PerformerLM(
-        vocab_size=29, max_len=64, dim=16, depth=2, heads=2, dim_head=8, ff_dim=32, dropout=0.0, attention="exact"
+        PerformerConfig(
+            vocab_size=29, max_len=64, dim=16, depth=2, heads=2, dim_head=8, ff_dim=32, dropout=0.0, attention="exact"
+        )
     ).eval()
     target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
     maps = []

@@ -26,7 +26,7 @@ from protein_performer.model.favor import (
     reference,
     softmax_logits,
 )
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 
 def gen(seed: int) -> torch.Generator:
@@ -450,11 +450,11 @@ def test_checkpoints_keep_loading(attention, kind):
     random features come back with them and the outputs agree."""
     shape = dict(vocab_size=25, dim=16, depth=2, heads=2, dim_head=8, nb_features=16, max_len=32)
     torch.manual_seed(0)
-    saved = PerformerLM(**shape, attention=attention, causal=True)
+    saved = PerformerLM(PerformerConfig(**shape, attention=attention, causal=True))
     saved.redraw_features(lambda i: 40 + i)
     state = saved.state_dict()
     assert [k for k in state if ".attn." in k] == SAVED_ATTENTION_KEYS
-    loaded = PerformerLM(**shape, attention=attention, causal=True)
+    loaded = PerformerLM(PerformerConfig(**shape, attention=attention, causal=True))
     loaded.load_state_dict(state, strict=True)
     kernel = loaded.blocks[1].attn.kernel
     assert isinstance(kernel, FeatureMap) and kernel.kind == kind

@@ -14,7 +14,7 @@ from protein_performer.generation import (
     sample_next,
     step,
 )
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 SHAPE = dict(vocab_size=29, max_len=128, dim=32, depth=2, heads=2, dim_head=16, ff_dim=64, dropout=0.0, nb_features=32)
 
@@ -25,7 +25,11 @@ def make(
     """A causal model in float64 whose matrices are scaled up, so attention is far from uniform."""
     torch.manual_seed(seed)
     kw = {} if eps is None else {"favor_kwargs": {"eps": eps}}
-    model = PerformerLM(attention=attention, causal=True, positions=positions, **SHAPE, **kw).double().eval()
+    model = (
+        PerformerLM(PerformerConfig(attention=attention, causal=True, positions=positions, **SHAPE, **kw))
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -79,7 +83,7 @@ def test_default_eps_matches_prefix_recompute_in_float32():
     the recomputation of every prefix of the generated tokens (generate_recompute's logits, fed the
     same tokens) gives the step's logits to float32 rounding."""
     torch.manual_seed(0)
-    model = PerformerLM(attention="favor_softmax", causal=True, **SHAPE).eval()
+    model = PerformerLM(PerformerConfig(attention="favor_softmax", causal=True, **SHAPE)).eval()
     prompt = tokens(2, 5)
     g1, l1 = generate(model, prompt, 30, 1.0, torch.Generator().manual_seed(0), return_logits=True)
     # fed the same tokens, not sampling again: the two float32 paths differ in their last bits (~1e-6),
@@ -108,7 +112,7 @@ def test_favor_state_size_is_constant_exact_cache_grows():
 
 
 def test_errors_and_sampling():
-    bid = PerformerLM(attention="favor_softmax", causal=False, **SHAPE)
+    bid = PerformerLM(PerformerConfig(attention="favor_softmax", causal=False, **SHAPE))
     with pytest.raises(ValueError, match="causal"):
         init_state(bid, 1)
     model = make("favor_relu")

@@ -16,6 +16,7 @@ import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from protein_performer.data.ingest import (
+    IngestConfig,
     IngestError,
     SimulatedInterruption,
     _first_occurrence,
@@ -23,8 +24,10 @@ from protein_performer.data.ingest import (
     ingest,
     merge,
     parse_header,
+    resolve_config,
     split_codes,
 )
+from protein_performer.data.ingest.config import WorkUnit
 from protein_performer.data.tokenizer import Tokenizer
 
 TOK = Tokenizer()
@@ -576,6 +579,33 @@ def test_other_config_refused_unless_overwrite(sample_fasta, tmp_path):
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(IngestError, match="not empty"):
         ingest(input=str(sample_fasta), output_dir=str(stranger), progress=False)
+
+
+def test_config_is_resolved_once_into_a_frozen_dataclass(sample_fasta, repo_root, tmp_path):
+    """resolve_config: one IngestConfig field per key of conf/ingest.yaml (plus the work units),
+    paths absolute, families normalised; frozen; bad options refused with the same messages."""
+    import dataclasses
+
+    import yaml
+
+    keys = set(yaml.safe_load((repo_root / "conf" / "ingest.yaml").read_text())) - {"hydra", "defaults"}
+    assert {f.name for f in dataclasses.fields(IngestConfig)} == keys | {"units"}
+    cfg = resolve_config({"input": str(sample_fasta), "ood_families": ["PF00013.2", "RRM_1"]}, output_dir="rel")
+    assert isinstance(cfg, IngestConfig) and cfg.input == [str(sample_fasta.absolute())]
+    assert cfg.output_dir == str(Path("rel").absolute()) and cfg.ood_families == ["PF00013", "RRM_1"]
+    assert cfg.units == [WorkUnit(file=0, start=0, end=None)] and cfg.annotations == []
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workers = 2
+    with pytest.raises(IngestError, match="unknown ingest option 'shards'; known options: annotations, "):
+        resolve_config(input=str(sample_fasta), output_dir=str(tmp_path), shards=3)
+    with pytest.raises(IngestError, match=r"fractions must give train, valid, test >= 0 summing to 1"):
+        resolve_config(
+            input=str(sample_fasta), output_dir=str(tmp_path), fractions={"train": 0.5, "valid": 0.1, "test": 0.1}
+        )
+    with pytest.raises(IngestError, match="min_length 9 > max_length 3"):
+        resolve_config(input=str(sample_fasta), output_dir=str(tmp_path), min_length=9, max_length=3)
+    merging = resolve_config(output_dir=str(tmp_path), merge=True)  # the rest comes from ingest_config.json
+    assert merging.merge and merging.input is None and merging.units == []
 
 
 # ----------------------------------------------------------------------------- entry point

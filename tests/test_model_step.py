@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from protein_performer.model.attention import SoftmaxAttention
-from protein_performer.model.performer import PerformerLM, RecurrentState
+from protein_performer.model.performer import PerformerConfig, PerformerLM, RecurrentState
 from protein_performer.model.rotary import apply_rotary, rotary_tables
 
 SHAPE = dict(vocab_size=29, max_len=64, dim=32, depth=2, heads=2, dim_head=16, ff_dim=64, dropout=0.0, nb_features=32)
@@ -16,7 +16,7 @@ SHAPE = dict(vocab_size=29, max_len=64, dim=32, depth=2, heads=2, dim_head=16, f
 def causal_model(attention: str, positions: str) -> PerformerLM:
     """float64, weights scaled up so that attention is far from uniform (the checks bite)."""
     torch.manual_seed(0)
-    model = PerformerLM(attention=attention, causal=True, positions=positions, **SHAPE).double().eval()
+    model = PerformerLM(PerformerConfig(attention=attention, causal=True, positions=positions, **SHAPE)).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -86,7 +86,7 @@ def test_softmax_step_is_the_kv_cache_softmax():
 
 def test_stepping_needs_a_causal_model_with_steppable_kernels():
     with pytest.raises(ValueError, match="causal"):
-        PerformerLM(attention="exact", causal=False, **SHAPE).init_state(1)
+        PerformerLM(PerformerConfig(attention="exact", causal=False, **SHAPE)).init_state(1)
     model = causal_model("exact", "learned")
     model.blocks[1].attn.kernel = torch.nn.Identity()
     with pytest.raises(TypeError, match="layer 1: cannot step a Identity"):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 from protein_performer.model.rotary import apply_rotary, rotary_tables
 from protein_performer.training.callbacks import feature_seed, redraw_model_features
 
@@ -39,7 +39,7 @@ def tokens_and_mask(b=2, length=24, pad_from=17, seed=0):
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_shapes_and_attention_maps(attention, causal):
     torch.manual_seed(0)
-    model = PerformerLM(attention=attention, causal=causal, **SMALL).eval()
+    model = PerformerLM(PerformerConfig(attention=attention, causal=causal, **SMALL)).eval()
     tokens, mask = tokens_and_mask()
     out = model(tokens, key_padding_mask=mask, return_attention=True)
     assert out["logits"].shape == (2, 24, 29)
@@ -64,7 +64,7 @@ def test_attention_maps_and_representations_are_the_forward_pass(attention, caus
     ``representations`` is the final LayerNorm's output (what embed computed by hand), and the LM
     head on it gives the logits."""
     torch.manual_seed(0)
-    model = PerformerLM(attention=attention, causal=causal, **{**SMALL, "depth": 3}).eval()
+    model = PerformerLM(PerformerConfig(attention=attention, causal=causal, **{**SMALL, "depth": 3})).eval()
     tokens, mask = tokens_and_mask()
     with torch.no_grad():
         full = model(tokens, key_padding_mask=mask, return_attention=True)
@@ -98,7 +98,7 @@ def test_attention_maps_and_representations_are_the_forward_pass(attention, caus
 @pytest.mark.parametrize("attention", ATTN)
 def test_causal_model_ignores_the_future(attention):
     torch.manual_seed(0)
-    model = PerformerLM(attention=attention, causal=True, **SMALL).eval()
+    model = PerformerLM(PerformerConfig(attention=attention, causal=True, **SMALL)).eval()
     tokens, _ = tokens_and_mask(b=1, length=20)
     changed = tokens.clone()
     changed[0, 12:] = (changed[0, 12:] - 4 + 5) % 25 + 4
@@ -111,7 +111,7 @@ def test_causal_model_ignores_the_future(attention):
 def test_padding_does_not_change_real_positions(attention):
     """An item padded to a longer batch gives the same logits on its real tokens."""
     torch.manual_seed(0)
-    model = PerformerLM(attention=attention, causal=False, **SMALL).eval()
+    model = PerformerLM(PerformerConfig(attention=attention, causal=False, **SMALL)).eval()
     tokens, _ = tokens_and_mask(b=1, length=15)
     padded = torch.cat([tokens, torch.zeros(1, 9, dtype=torch.long)], dim=1)
     mask = torch.zeros(1, 24, dtype=torch.bool)
@@ -125,8 +125,8 @@ def test_favor_softmax_approximates_exact_with_many_features():
     """Same weights, exact vs FAVOR+ softmax with m large: the logits agree to O(1/sqrt(m))."""
     torch.manual_seed(0)
     cfg = dict(SMALL, nb_features=4096)
-    exact = PerformerLM(attention="exact", **cfg).eval()
-    favor = PerformerLM(attention="favor_softmax", **cfg).eval()
+    exact = PerformerLM(PerformerConfig(attention="exact", **cfg)).eval()
+    favor = PerformerLM(PerformerConfig(attention="favor_softmax", **cfg)).eval()
     favor.load_backbone(exact.state_dict())
     tokens, mask = tokens_and_mask()
     le, lf = exact(tokens, mask)["logits"], favor(tokens, mask)["logits"]
@@ -136,29 +136,29 @@ def test_favor_softmax_approximates_exact_with_many_features():
 
 def test_exact_weights_load_into_favor_model():
     torch.manual_seed(0)
-    exact = PerformerLM(attention="exact", **SMALL)
-    favor = PerformerLM(attention="favor_relu", **SMALL)
+    exact = PerformerLM(PerformerConfig(attention="exact", **SMALL))
+    favor = PerformerLM(PerformerConfig(attention="favor_relu", **SMALL))
     before = {k: v.clone() for k, v in favor.state_dict().items()}
     result = favor.load_backbone(exact.state_dict())
     # only the random projections are missing, one per layer; nothing is unexpected
-    assert sorted(result["missing"]) == sorted(favor.feature_buffer_names())
-    assert len(result["missing"]) == SMALL["depth"] and result["unexpected"] == []
+    assert sorted(result.missing) == sorted(favor.feature_buffer_names())
+    assert len(result.missing) == SMALL["depth"] and result.unexpected == []
     exact_sd, favor_sd = exact.state_dict(), favor.state_dict()
     for k, v in exact_sd.items():
         assert torch.equal(favor_sd[k], v), k
     for k in favor.feature_buffer_names():  # the FAVOR+ model keeps its own features
         assert torch.equal(favor_sd[k], before[k])
     # and back: a FAVOR+ model's weights load into an exact one (its projections are ignored)
-    back = PerformerLM(attention="exact", **SMALL)
+    back = PerformerLM(PerformerConfig(attention="exact", **SMALL))
     result = back.load_backbone({"model." + k: v for k, v in favor.state_dict().items()})
-    assert result["missing"] == [] and len(result["unexpected"]) == SMALL["depth"]
+    assert result.missing == [] and len(result.unexpected) == SMALL["depth"]
     with pytest.raises(RuntimeError, match="do not fit"):
-        PerformerLM(attention="exact", **dict(SMALL, depth=1)).load_backbone(exact.state_dict())
+        PerformerLM(PerformerConfig(attention="exact", **dict(SMALL, depth=1))).load_backbone(exact.state_dict())
 
 
 def test_parameter_names_identical_across_attention_kinds():
     names = [
-        sorted(n for n, _ in PerformerLM(attention=a, causal=c, **SMALL).named_parameters())
+        sorted(n for n, _ in PerformerLM(PerformerConfig(attention=a, causal=c, **SMALL)).named_parameters())
         for a in ATTN
         for c in (False, True)
     ]
@@ -173,8 +173,8 @@ def test_checkpointing_gives_the_same_gradients(attention, causal):
     autograd included: loss and gradients equal those without checkpointing, dropout on."""
     cfg = dict(SMALL, dropout=0.1)
     torch.manual_seed(0)
-    plain = PerformerLM(attention=attention, causal=causal, **cfg).train()
-    ckpt = PerformerLM(attention=attention, causal=causal, checkpointing=True, **cfg).train()
+    plain = PerformerLM(PerformerConfig(attention=attention, causal=causal, **cfg)).train()
+    ckpt = PerformerLM(PerformerConfig(attention=attention, causal=causal, checkpointing=True, **cfg)).train()
     ckpt.load_state_dict(plain.state_dict())
     tokens, mask = tokens_and_mask()
     grads = []
@@ -198,20 +198,20 @@ def test_rotary_positions_are_relative():
     ks = apply_rotary(k.expand(1, 1, 16, 8), cos, sin)[0, 0]
     assert torch.allclose(qs[3] @ ks[1], qs[10] @ ks[8], atol=1e-5)
     assert torch.allclose(qs[0] @ ks[0], q @ k, atol=1e-5)
-    model = PerformerLM(attention="favor_relu", positions="rotary", **SMALL)
+    model = PerformerLM(PerformerConfig(attention="favor_relu", positions="rotary", **SMALL))
     assert model.pos_emb is None
     assert model(torch.randint(4, 29, (1, 100)))["logits"].shape == (1, 100, 29)  # no max_len limit
 
 
 def test_learned_positions_reject_too_long_input():
-    model = PerformerLM(attention="exact", **SMALL)
+    model = PerformerLM(PerformerConfig(attention="exact", **SMALL))
     with pytest.raises(ValueError, match="max_len"):
         model(torch.randint(4, 29, (1, SMALL["max_len"] + 1)))
 
 
 def test_tied_embeddings_and_parameter_count():
-    tied = PerformerLM(attention="exact", **SMALL)
-    untied = PerformerLM(attention="exact", tie_embeddings=False, **SMALL)
+    tied = PerformerLM(PerformerConfig(attention="exact", **SMALL))
+    untied = PerformerLM(PerformerConfig(attention="exact", tie_embeddings=False, **SMALL))
     assert tied.lm_head.weight is tied.token_emb.weight
     assert untied.num_parameters() - tied.num_parameters() == 29 * SMALL["dim"]
     d, f, depth = SMALL["dim"], SMALL["ff_dim"], SMALL["depth"]
@@ -224,15 +224,15 @@ def test_tied_embeddings_and_parameter_count():
 def test_paper_size_parameter_count():
     """36 x (d 512, d_ff 1024) + embeddings: the paper's protein model, about 76M parameters."""
     with torch.device("meta"):
-        model = PerformerLM(attention="exact")
+        model = PerformerLM(PerformerConfig(attention="exact"))
     per_block = 4 * (512 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 512 + 512) + 4 * 512
     assert model.num_parameters(exclude_embeddings=True) == 36 * per_block + 2 * 512 + 29
     assert math.isclose(model.num_parameters() / 1e6, 76.24, rel_tol=1e-3)
 
 
 def test_redraw_is_deterministic_per_step_and_layer():
-    a = PerformerLM(attention="favor_softmax", **SMALL)
-    b = PerformerLM(attention="favor_softmax", **dict(SMALL, favor_kwargs={"seed": 99}))
+    a = PerformerLM(PerformerConfig(attention="favor_softmax", **SMALL))
+    b = PerformerLM(PerformerConfig(attention="favor_softmax", **dict(SMALL, favor_kwargs={"seed": 99})))
     names = sorted(a.feature_buffer_names())
     sd_a, sd_b = a.state_dict(), b.state_dict()
     assert not torch.equal(sd_a[names[0]], sd_b[names[0]])  # different initial draws
@@ -247,6 +247,30 @@ def test_redraw_is_deterministic_per_step_and_layer():
     redraw_model_features(a, seed=7, step=4000)
     assert not torch.equal(a.state_dict()[names[0]], before)
     assert feature_seed(7, 3000, 0) == feature_seed(7, 3000, 0) != feature_seed(7, 3000, 1)
-    exact = PerformerLM(attention="exact", **SMALL)
+    exact = PerformerLM(PerformerConfig(attention="exact", **SMALL))
     redraw_model_features(exact, seed=7, step=0)  # no-op, no error
     assert exact.feature_buffer_names() == set()
+
+
+def test_config_is_checked_once_and_built_from_either_form():
+    """PerformerConfig checks its values when made; PerformerLM takes it, or its fields as keywords
+    (Hydra's ``_target_`` in conf/model), never both; both forms build the same model."""
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PerformerConfig(attention="linear")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        PerformerConfig(positions="sinusoidal")
+    with pytest.raises(ValueError, match="rotary positions need an even dim_head"):
+        PerformerConfig(positions="rotary", dim_head=7)
+    with pytest.raises(TypeError):
+        PerformerConfig(attention_kind="exact")
+    config = PerformerConfig(attention="favor_relu", causal=1, **SMALL)
+    assert config.causal is True and config.favor_kwargs == {}
+    with pytest.raises(TypeError, match="not both"):
+        PerformerLM(config, depth=1)
+    torch.manual_seed(0)
+    a = PerformerLM(config)
+    torch.manual_seed(0)
+    b = PerformerLM(attention="favor_relu", causal=True, **SMALL)
+    assert b.config == config
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # same draws, same order

@@ -23,7 +23,7 @@ from protein_performer.analysis.contact_head import (
 )
 from protein_performer.analysis.contacts import fit_logistic, load_proteins
 from protein_performer.analysis.export import load_model, run_export
-from protein_performer.analysis.predict_contacts import ContactsFile, predict_contacts
+from protein_performer.analysis.predict_contacts import ContactsFile, predict_contacts, reference_sequence
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import IncompleteOutputError, UserError
 
@@ -291,11 +291,11 @@ def test_align_to_maps_the_reference_frame_back(fitted):
     cols = np.r_[0:50, 58 : len(ref)]  # their reference columns
     np.testing.assert_array_equal(pred.contacts[np.ix_(want_aligned, want_aligned)], p_row.contacts[np.ix_(cols, cols)])
     assert not pred.contacts[20:26].any() and not pred.contacts[:, 20:26].any()
-    # the head's reference is the default; align_to="none" turns it off; the reference is the identity
+    # the head's reference is the default; align_to=False turns it off; the reference is the identity
     head = _aligned_head(fitted, ref)
     (by_head,) = predict_contacts(fitted["lm"], head, [("mine", seq)])
     np.testing.assert_array_equal(by_head.contacts, pred.contacts)
-    (off,) = predict_contacts(fitted["lm"], head, [("mine", seq)], align_to="none")
+    (off,) = predict_contacts(fitted["lm"], head, [("mine", seq)], align_to=False)
     assert off.aligned is None and not np.array_equal(off.contacts, pred.contacts)
     (same,) = predict_contacts(fitted["lm"], head, [ref])
     (raw,) = predict_contacts(fitted["lm"], plain, [ref])
@@ -307,6 +307,22 @@ def test_align_to_maps_the_reference_frame_back(fitted):
     assert long_pred.contacts.shape == (len(long_seq),) * 2 and len(long_pred.aligned) >= 0.9 * len(ref)
     with pytest.raises(UserError, match="align_to: the reference has"):
         next(predict_contacts(fitted["lm"], plain, [ref], align_to="A" * (max_res + 1)))
+    # one reading of align_to: None / True (the head's), False (none), a sequence or a FASTA file
+    assert reference_sequence(head) == reference_sequence(head, True) == ref == reference_sequence(plain, ref.lower())
+    assert reference_sequence(plain) is None and reference_sequence(head, False) is None
+    with pytest.raises(UserError, match="the contact head names no reference"):
+        reference_sequence(plain, True)
+    with pytest.raises(UserError, match="align_to: empty"):
+        reference_sequence(head, " ")
+
+
+def test_align_to_words_of_the_command_line():
+    """The command line's align_to= (as Hydra reads it) -> the library's: null / true / false kept,
+    the words none / false and an empty value are False (no reference), the rest a sequence or path."""
+    from protein_performer.cli.predict_contacts import _align_to
+
+    given = [None, True, False, "none", " None ", "FALSE", "", "MKTAYIAK", " ref.fasta "]
+    assert [_align_to(v) for v in given] == [None, True, False, False, False, False, False, "MKTAYIAK", "ref.fasta"]
 
 
 def test_align_to_head_file_and_cli(fitted, tmp_path):

@@ -41,7 +41,7 @@ from protein_performer.analysis.maps_io import MapsFile
 from protein_performer.analysis.predict_contacts import ContactsFile, run_predict_contacts
 from protein_performer.data.fasta import read_fasta
 from protein_performer.errors import UserError
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "swissprot_sample.fasta.gz"
@@ -155,7 +155,9 @@ def predict_contacts(work) -> Finished:
     """A checkpoint of the tiny model, a contact head made for it, 20 sequences with csv= and PNGs."""
     torch.manual_seed(0)
     ckpt = work / "tiny.ckpt"
-    torch.save({"state_dict": PerformerLM(**TINY).state_dict(), "hyper_parameters": {"model": TINY}}, ckpt)
+    torch.save(
+        {"state_dict": PerformerLM(PerformerConfig(**TINY)).state_dict(), "hyper_parameters": {"model": TINY}}, ckpt
+    )
     n = TINY["depth"] * TINY["heads"]
     weights = np.random.default_rng(0).normal(size=n)
     head = ContactHead(2, 2, weights, -2.0, np.zeros(n), np.ones(n), checkpoint_sha256=file_sha256(ckpt))

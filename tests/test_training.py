@@ -83,13 +83,58 @@ def test_lr_schedules():
 
 
 def test_objective_must_match_causality():
-    from protein_performer.model.performer import PerformerLM
+    from protein_performer.model.performer import PerformerConfig, PerformerLM
 
-    model = PerformerLM(depth=1, dim=16, heads=2, dim_head=8, ff_dim=16, nb_features=8, causal=False)
+    model = PerformerLM(PerformerConfig(depth=1, dim=16, heads=2, dim_head=8, ff_dim=16, nb_features=8, causal=False))
     with pytest.raises(ValueError, match="causal"):
         ProteinLM(model, objective="uni")
     with pytest.raises(ValueError, match="objective"):
         make_cfg(["objective=mlm"]).model.causal  # noqa: B018  (the resolver rejects it)
+
+
+# The model hyper-parameters as a checkpoint of the demo run stores them (hyper_parameters["model"]):
+# the 17 fields of PerformerConfig under their names, plain values; checkpoints written so load.
+SAVED_MODEL_HPARAMS = {
+    "vocab_size": 29, "max_len": 64, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "ff_dim": 32,
+    "dropout": 0.0, "attention": "favor_relu", "causal": False, "nb_features": 8, "positions": "learned",
+    "qk": "content", "init": "normal", "tie_embeddings": True, "checkpointing": False,
+    "favor_kwargs": {"orthogonal": True},
+}  # fmt: skip
+
+
+def test_checkpoint_hparams_keep_their_format_and_load(tmp_path):
+    """ProteinLM stores the model config as the plain dict above; a Lightning checkpoint holding it
+    loads back through ``ProteinLM.load_from_checkpoint`` and export's ``load_model`` into the same
+    model (same weights and features: logits equal to float32 rounding)."""
+    import pytorch_lightning as pl
+
+    from protein_performer.analysis.export_model import load_model
+    from protein_performer.model.performer import PerformerConfig, PerformerLM
+
+    module = ProteinLM(dict(SAVED_MODEL_HPARAMS), objective="bid")
+    assert module.hparams["model"] == SAVED_MODEL_HPARAMS
+    assert module.model.config == PerformerConfig(**SAVED_MODEL_HPARAMS)
+    built = ProteinLM(PerformerLM(PerformerConfig(**SAVED_MODEL_HPARAMS)), objective="bid")
+    assert built.hparams["model"] == SAVED_MODEL_HPARAMS
+    ckpt = tmp_path / "saved.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": {"model": dict(SAVED_MODEL_HPARAMS), "objective": "bid", "lr": 1e-3},
+            "pytorch-lightning_version": pl.__version__,
+            "global_step": 3,
+            "epoch": 0,
+        },
+        ckpt,
+    )
+    tokens = torch.randint(4, 29, (2, 20), generator=torch.Generator().manual_seed(0))
+    want = module.model.eval()(tokens)["logits"]
+    loaded = ProteinLM.load_from_checkpoint(ckpt, map_location="cpu")
+    assert loaded.model.config == module.model.config and loaded.hparams["model"] == SAVED_MODEL_HPARAMS
+    exported = load_model(ckpt)
+    assert exported.config == SAVED_MODEL_HPARAMS and exported.info["global_step"] == 3
+    for model in (loaded.model.eval(), exported.model):
+        torch.testing.assert_close(model(tokens)["logits"], want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- training runs
@@ -319,10 +364,10 @@ def test_wandb_offline_run_dir_and_redraw(shard_root, tmp_path, monkeypatch):
     assert {"model", "data", "trainer", "model_summary", "objective"} <= config
     assert (tmp_path / "wandb_run_id.txt").read_text() in runs[0].name
     # features: last redraw at step 4 with seed 11
-    from protein_performer.model.performer import PerformerLM
+    from protein_performer.model.performer import PerformerConfig, PerformerLM
 
     state = _final_state(tmp_path)["state_dict"]
-    ref = PerformerLM(**_final_state(tmp_path)["hyper_parameters"]["model"])
+    ref = PerformerLM(PerformerConfig(**_final_state(tmp_path)["hyper_parameters"]["model"]))
     with one_thread():  # drawn as in the run (a float64 QR), with its thread count: bit for bit
         ref.redraw_features(lambda i: feature_seed(11, 4, i))
     for name, buf in ref.state_dict().items():

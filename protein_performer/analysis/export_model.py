@@ -138,7 +138,7 @@ def _config_from_checkpoint(ckpt: dict, path: Path) -> dict:
 
 def _build(cfg: dict, source: Any) -> PerformerLM:
     try:
-        return PerformerLM(**cfg)
+        return PerformerLM(PerformerConfig(**cfg))
     except (ValueError, TypeError) as e:
         where = "model_config (dict)" if isinstance(source, dict) else str(source)
         raise ExportError(f"{where}: not a valid PerformerLM config ({first_line(e)})") from e

@@ -107,15 +107,19 @@ def contact_features(model, residues: np.ndarray) -> np.ndarray:
 
 def reference_sequence(head: ContactHead, align_to: str | bool | None = None) -> str | None:
     """The sequence inputs are aligned onto: ``align_to`` when it is one (a sequence, or a FASTA
-    file's first record), the head's reference when ``None``, none when ``False`` / ``"none"``."""
+    file's first record), the head's reference when ``None`` (``True``: the head must name one),
+    none when ``False``. The one place ``align_to`` is read; the command line's words for "none"
+    become ``False`` there (``cli/predict_contacts``)."""
     if align_to is None or align_to is True:
         ref = str(head.align_to.get("sequence", "")) if head.align_to else ""
         if align_to is True and not ref:
             raise UserError("align_to=true: the contact head names no reference; give align_to=<sequence or FASTA>")
         return ref or None
-    if align_to is False or str(align_to).strip().lower() in ("", "none", "false"):
+    if align_to is False:
         return None
     text = str(align_to).strip()
+    if not text:
+        raise UserError("align_to: empty; give a sequence or a FASTA file (False: no reference)")
     try:
         is_file = Path(text).is_file()
     except OSError:  # a sequence too long to be a file name

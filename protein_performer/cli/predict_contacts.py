@@ -16,8 +16,13 @@ from protein_performer.runtime import set_threads
 
 
 def _align_to(value) -> str | bool | None:
-    """Hydra reads align_to=true / false / null as YAML: keep those; anything else is a sequence or a file."""
-    return value if value is None or isinstance(value, bool) else str(value)
+    """``align_to=`` as the library takes it: Hydra reads null / true / false as YAML (kept); the words
+    ``none`` / ``false`` and an empty value mean no reference (``False``); anything else is a sequence
+    or a FASTA file."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    return False if text.lower() in ("", "none", "false") else text
 
 
 @hydra.main(config_path="../conf", config_name="predict_contacts", version_base="1.3")

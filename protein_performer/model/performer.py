@@ -5,6 +5,11 @@
     Block(x) = x + Dropout(Attn(LN(x)))           Attn: FAVOR+ softmax / FAVOR+ ReLU / exact softmax
              x + Dropout(FF(LN(x)))               FF: Linear(dim, ff_dim) -> GELU -> Dropout -> Linear
 
+The architecture is one :class:`PerformerConfig` (``PerformerLM(PerformerConfig(depth=4))``, as
+nanoGPT's ``GPT(config)``); the attention type is its ``attention`` field (``favor_softmax`` /
+``favor_relu`` / ``exact``), FAVOR+'s feature map is ``FavorAttention``'s ``kernel`` (from
+``favor_kwargs``, else the attention's: ``FAVOR_KERNELS``).
+
 Every attention kind has the same parameters (``to_q``, ``to_k``, ``to_v``, ``to_out`` per layer);
 the kernels (``attn.kernel``) hold buffers only (FAVOR+'s random projection), so the weights of an
 exact-attention model load into a FAVOR+ model of the same shape: the paper's backward-compatibility
@@ -47,14 +52,21 @@ log = logging.getLogger(__name__)
 POSITION_QK_STD = 0.1  # initial scale of positional queries and keys (qk="position")
 
 ATTENTION_KINDS = ("favor_softmax", "favor_relu", "exact")
+FAVOR_KERNELS = {"favor_softmax": "softmax", "favor_relu": "relu"}  # attention -> FavorAttention's default kernel
 POSITION_KINDS = ("learned", "rotary")
 QK_KINDS = ("content", "position")  # queries and keys from the hidden states, or from the position alone
 INIT_KINDS = ("normal", "torch")  # N(0, 0.02) (GPT/BERT), or each layer's own PyTorch initialisation
 
 
-@dataclass
+@dataclass(frozen=True)
 class PerformerConfig:
-    """The constructor arguments of :class:`PerformerLM` (defaults: the paper's 36-layer model)."""
+    """The architecture of a :class:`PerformerLM` (defaults: the paper's 36-layer model), checked when made.
+
+    ``favor_kwargs`` go to every ``FavorAttention`` (e.g. ``orthogonal``, ``eps``, ``seed``);
+    ``checkpointing`` recomputes each block in the backward pass (``torch.utils.checkpoint``,
+    non-reentrant) to trade compute for activation memory. ``asdict(config)`` is what a
+    Lightning checkpoint stores as ``hyper_parameters["model"]``.
+    """
 
     vocab_size: int = 29
     max_len: int = 1024
@@ -74,23 +86,33 @@ class PerformerConfig:
     checkpointing: bool = False
     favor_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "causal", bool(self.causal))
+        object.__setattr__(self, "favor_kwargs", dict(self.favor_kwargs or {}))
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.positions not in POSITION_KINDS:
+            raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
+        if self.init not in INIT_KINDS:
+            raise ValueError(f"init must be one of {INIT_KINDS}, got {self.init!r}")
+        if self.qk not in QK_KINDS:
+            raise ValueError(f"qk must be one of {QK_KINDS}, got {self.qk!r}")
+        if self.positions == "rotary" and self.dim_head % 2:
+            raise ValueError(f"rotary positions need an even dim_head, got {self.dim_head}")
 
-def make_kernel(
-    attention: str, dim_head: int, causal: bool, nb_features: int, favor_kwargs: dict | None, layer: int = 0
-) -> nn.Module:
+
+def make_kernel(config: PerformerConfig, layer: int = 0) -> nn.Module:
     """The attention kernel of one layer: ``FavorAttention`` or ``SoftmaxAttention``.
 
     FAVOR+ layers draw their first features from ``favor_kwargs["seed"] + layer`` (different in
     every layer); training then redraws them (``training.callbacks.FeatureRedraw``).
     """
-    if attention == "exact":
-        return SoftmaxAttention(causal=causal)
-    if attention in ("favor_softmax", "favor_relu"):
-        kw = dict(favor_kwargs or {})
-        kw["seed"] = int(kw.get("seed", 0)) + layer
-        kw.setdefault("kernel", "softmax" if attention == "favor_softmax" else "relu")
-        return FavorAttention(dim_head, nb_features=nb_features, causal=causal, **kw)
-    raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if config.attention == "exact":
+        return SoftmaxAttention(causal=config.causal)
+    kw = dict(config.favor_kwargs)
+    kw["seed"] = int(kw.get("seed", 0)) + layer
+    kw.setdefault("kernel", FAVOR_KERNELS[config.attention])
+    return FavorAttention(config.dim_head, nb_features=config.nb_features, causal=config.causal, **kw)
 
 
 # ------------------------------------------------------------------------------------- blocks
@@ -103,24 +125,14 @@ class MultiHeadAttention(nn.Module):
     from the residues. On sequences aligned to one family's columns it learns that family's contacts.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        dim_head: int,
-        kernel: nn.Module,
-        rotary: bool,
-        qk: str = "content",
-        max_len: int | None = None,
-    ):
+    def __init__(self, config: PerformerConfig, kernel: nn.Module):
         super().__init__()
-        self.heads, self.dim_head, self.rotary, self.qk = heads, dim_head, rotary, qk
+        dim, heads, dim_head = config.dim, config.heads, config.dim_head
+        self.heads, self.dim_head, self.rotary, self.qk = heads, dim_head, config.positions == "rotary", config.qk
         inner = heads * dim_head
-        if qk == "position":
-            if max_len is None:
-                raise ValueError("qk='position' needs max_len")
-            self.q_pos = nn.Parameter(torch.randn(heads, max_len, dim_head) * POSITION_QK_STD)
-            self.k_pos = nn.Parameter(torch.randn(heads, max_len, dim_head) * POSITION_QK_STD)
+        if self.qk == "position":
+            self.q_pos = nn.Parameter(torch.randn(heads, config.max_len, dim_head) * POSITION_QK_STD)
+            self.k_pos = nn.Parameter(torch.randn(heads, config.max_len, dim_head) * POSITION_QK_STD)
         else:
             self.to_q = nn.Linear(dim, inner)
             self.to_k = nn.Linear(dim, inner)
@@ -194,24 +206,13 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: ``x + drop(attn(ln1(x)))``, then ``x + drop(ff(ln2(x)))``."""
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        dim_head: int,
-        ff_dim: int,
-        dropout: float,
-        kernel: nn.Module,
-        rotary: bool,
-        qk: str = "content",
-        max_len: int | None = None,
-    ):
+    def __init__(self, config: PerformerConfig, kernel: nn.Module):
         super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, dim_head, kernel, rotary, qk, max_len)
-        self.ln2 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, ff_dim, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.ln1 = nn.LayerNorm(config.dim)
+        self.attn = MultiHeadAttention(config, kernel)
+        self.ln2 = nn.LayerNorm(config.dim)
+        self.ff = FeedForward(config.dim, config.ff_dim, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), key_padding_mask))
@@ -244,88 +245,42 @@ class RecurrentState:
         return sum(layer.nbytes() for layer in self.layers)
 
 
+@dataclass
+class BackboneKeys:
+    """What :meth:`PerformerLM.load_backbone` left aside: the feature-buffer keys this model has and
+    the weights lacked (``missing``: it keeps its own), and those the weights had and it lacks."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+
 # ------------------------------------------------------------------------------------- model
 class PerformerLM(nn.Module):
-    """Protein language model; UNI when ``causal=True``, BID (masked LM) otherwise.
+    """Protein language model of the architecture ``config``; UNI when ``config.causal``, BID (masked LM) otherwise.
 
-    Args mirror :class:`PerformerConfig`. ``favor_kwargs`` go to every ``FavorAttention``
-    (e.g. ``orthogonal``, ``eps``); ``checkpointing`` recomputes each block in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant) to trade compute for activation memory.
+    ``PerformerLM(PerformerConfig(depth=4, attention="exact"))``. The config's fields may instead be
+    given as keywords (never both): that is how Hydra builds it from ``conf/model``
+    (``_target_: protein_performer.model.performer.PerformerLM``, the config's fields as keys).
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 29,
-        max_len: int = 1024,
-        dim: int = 512,
-        depth: int = 36,
-        heads: int = 8,
-        dim_head: int = 64,
-        ff_dim: int = 1024,
-        dropout: float = 0.1,
-        attention: str = "favor_softmax",
-        causal: bool = False,
-        nb_features: int = 256,
-        positions: str = "learned",
-        qk: str = "content",
-        init: str = "normal",
-        tie_embeddings: bool = True,
-        checkpointing: bool = False,
-        favor_kwargs: dict | None = None,
-    ):
+    def __init__(self, config: PerformerConfig | None = None, **fields: Any):
         super().__init__()
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if positions not in POSITION_KINDS:
-            raise ValueError(f"positions must be one of {POSITION_KINDS}, got {positions!r}")
-        if init not in INIT_KINDS:
-            raise ValueError(f"init must be one of {INIT_KINDS}, got {init!r}")
-        if qk not in QK_KINDS:
-            raise ValueError(f"qk must be one of {QK_KINDS}, got {qk!r}")
-        if positions == "rotary" and dim_head % 2:
-            raise ValueError(f"rotary positions need an even dim_head, got {dim_head}")
-        self.config = PerformerConfig(
-            vocab_size=vocab_size,
-            max_len=max_len,
-            dim=dim,
-            depth=depth,
-            heads=heads,
-            dim_head=dim_head,
-            ff_dim=ff_dim,
-            dropout=dropout,
-            attention=attention,
-            causal=bool(causal),
-            nb_features=nb_features,
-            positions=positions,
-            qk=qk,
-            init=init,
-            tie_embeddings=tie_embeddings,
-            checkpointing=checkpointing,
-            favor_kwargs=dict(favor_kwargs or {}),
-        )
-        self.checkpointing = checkpointing
-        self.token_emb = nn.Embedding(vocab_size, dim)
-        self.pos_emb = nn.Embedding(max_len, dim) if positions == "learned" else None
-        self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                dim_head,
-                ff_dim,
-                dropout,
-                make_kernel(attention, dim_head, causal, nb_features, favor_kwargs, i),
-                positions == "rotary",
-                qk,
-                max_len,
+        if config is not None and fields:
+            raise TypeError(
+                f"PerformerLM takes a PerformerConfig or its fields as keywords, not both: {sorted(fields)}"
             )
-            for i in range(depth)
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.lm_head = nn.Linear(dim, vocab_size)
-        if init == "normal":
+        config = PerformerConfig(**fields) if config is None else config
+        self.config = config
+        self.checkpointing = config.checkpointing
+        self.token_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_emb = nn.Embedding(config.max_len, config.dim) if config.positions == "learned" else None
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, make_kernel(config, i)) for i in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size)
+        if config.init == "normal":
             self.apply(self._init_weights)
-        if tie_embeddings:
+        if config.tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
 
     @staticmethod
@@ -458,12 +413,12 @@ class PerformerLM(nn.Module):
         return {f"blocks.{i}.attn.kernel.{n}" for i, k in self.attention_kernels() for n, _ in k.named_buffers()}
 
     # ---------------------------------------------------------------- weights
-    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> BackboneKeys:
         """Load the weights of a model of the same shape but maybe another attention kind.
 
         Every parameter must match; only the kernels' random-feature buffers may be missing
         (exact -> FAVOR+: this model keeps its own features) or unexpected (FAVOR+ -> exact).
-        Returns the missing and unexpected feature-buffer keys.
+        Returns those missing and unexpected feature-buffer keys.
         """
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
         result = self.load_state_dict(state_dict, strict=False)
@@ -480,7 +435,7 @@ class PerformerLM(nn.Module):
             len(result.missing_keys),
             len(result.unexpected_keys),
         )
-        return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+        return BackboneKeys(list(result.missing_keys), list(result.unexpected_keys))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

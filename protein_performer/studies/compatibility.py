@@ -62,8 +62,8 @@ def swap(exact: torch.nn.Module, attention: str, shape: dict, nb_features: int, 
         attention, False, seed, nb_features=nb_features, favor_kwargs={"seed": seed}, **shape
     )
     info = model.load_backbone(copy.deepcopy(exact.state_dict()))
-    if info["unexpected"]:
-        raise RuntimeError(f"unexpected keys after the swap: {info['unexpected'][:5]}")
+    if info.unexpected:
+        raise RuntimeError(f"unexpected keys after the swap: {info.unexpected[:5]}")
     return model.eval()
 
 

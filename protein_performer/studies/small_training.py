@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from protein_performer.data.collate import IGNORE_INDEX, Collator
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 from protein_performer.studies.sequences import to_device, train_batch
 from protein_performer.training.utils import stable_seed
 
@@ -47,7 +47,7 @@ def build_model(attention: str, causal: bool, seed: int, **kw) -> PerformerLM:
     """A PerformerLM with its weights drawn from ``seed`` (the global RNG is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return PerformerLM(attention=attention, causal=causal, **kw)
+        return PerformerLM(PerformerConfig(attention=attention, causal=causal, **kw))
 
 
 @torch.no_grad()

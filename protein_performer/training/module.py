@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
@@ -39,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.model.performer import PerformerLM
+from protein_performer.model.performer import PerformerConfig, PerformerLM
 from protein_performer.training.utils import OBJECTIVES, stable_seed
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,12 @@ def unigram_baseline(train_freq: torch.Tensor, target_hist: torch.Tensor, object
 
 
 class ProteinLM(pl.LightningModule):
-    """Trains a :class:`PerformerLM` (passed built, or as its constructor kwargs) on UNI or BID."""
+    """Trains a :class:`PerformerLM` (passed built, as its :class:`PerformerConfig`, or as that config's
+    fields: what a checkpoint's ``hyper_parameters["model"]`` holds) on UNI or BID."""
 
     def __init__(
         self,
-        model: nn.Module | dict,
+        model: nn.Module | PerformerConfig | dict,
         objective: str = "bid",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -116,10 +118,10 @@ class ProteinLM(pl.LightningModule):
         if decay_filter not in ("all", "matrices"):
             raise ValueError(f"decay_filter must be 'all' or 'matrices', got {decay_filter!r}")
         if isinstance(model, nn.Module):
-            model_config = dict(vars(model.config)) if hasattr(model, "config") else None
+            model_config = asdict(model.config) if isinstance(getattr(model, "config", None), PerformerConfig) else None
         else:
-            model_config = dict(model)
-            model = PerformerLM(**model_config)
+            model = PerformerLM(model if isinstance(model, PerformerConfig) else PerformerConfig(**model))
+            model_config = asdict(model.config)
         causal = getattr(getattr(model, "config", None), "causal", None)
         if causal is not None and causal != (objective == "uni"):
             raise ValueError(

@@ -69,7 +69,7 @@ from .common import (
     IngestError,
     SimulatedInterruption,
 )
-from .config import FINGERPRINT_KEYS, PAPER_OOD_FAMILIES, default_config, plan_units, resolve_config
+from .config import FINGERPRINT_KEYS, PAPER_OOD_FAMILIES, IngestConfig, default_config, plan_units, resolve_config
 from .hashing import split_codes
 from .pipeline import ingest, merge
 from .read import BAD, STAR, parse_header, run_unit, token_table
@@ -86,7 +86,7 @@ _Workers = workers.Workers
 
 # the public names of the single-module version (its __all__ held the first line's)
 __all__ = [
-    "FastaFormatError", "IngestError", "PAPER_OOD_FAMILIES", "SimulatedInterruption", "ingest", "load_ood_accessions", "merge",
+    "FastaFormatError", "IngestConfig", "IngestError", "PAPER_OOD_FAMILIES", "SimulatedInterruption", "ingest", "load_ood_accessions", "merge",
     "parse_header", "plan_units", "resolve_config", "split_codes",
     "BAD", "CONFIG_NAME", "FINGERPRINT_KEYS", "FORMAT_VERSION", "HASH_SPLITS", "MANIFEST_NAME", "OOD_CODE", "REC",
     "REJECTS_NAME", "REJECT_REASONS", "SLURM_LOG_DIR", "STAR", "WORK_DIR", "default_config", "run_unit", "token_table",

@@ -1,11 +1,12 @@
 """The ingest configuration: defaults from conf/ingest.yaml, overrides, validation, and the work units.
 
-The resolved config is a plain dict with the keys of conf/ingest.yaml (paths made absolute, plus
-``units``); it is what the stages receive, what ``ingest_config.json`` fingerprints and what the
-manifest records, so it stays a dict (a JSON document) rather than a class.
+:func:`resolve_config` builds an :class:`IngestConfig` once (frozen; one field per key of
+conf/ingest.yaml, paths made absolute, plus ``units``); the stages read it by attribute.
+``ingest_config.json`` (the fingerprint) and the manifest record some of its fields as JSON.
 
 Work units cut the input for stage 1: whole files, or byte ranges ``[start, end)`` of one
-uncompressed file (``workers=N`` or ``part=i num_parts=n``); each is ``{"file", "start", "end"}``.
+uncompressed file (``workers=N`` or ``part=i num_parts=n``): :class:`WorkUnit`, recorded in
+``ingest_config.json`` as ``{"file", "start", "end"}``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,57 @@ FINGERPRINT_KEYS = (
 _NOT_OPTIONS = ("hydra", "defaults")  # nodes of conf/ingest.yaml that are not ingest options
 
 
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one stage-1 job reads: input file ``file`` (an index into ``input``), bytes ``[start, end)``
+    (``end`` None: to the end of the file)."""
+
+    file: int
+    start: int = 0
+    end: int | None = None
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """The options of an ingest (the keys of conf/ingest.yaml, documented there), resolved and checked
+    by :func:`resolve_config`; ``units``: the work units of stage 1 (:func:`plan_units`).
+
+    In merge mode (``merge=true``) only ``output_dir``, ``workers`` and ``progress`` are read: the
+    rest comes from the output folder's ``ingest_config.json``.
+    """
+
+    input: list[str] | None
+    output_dir: str
+    fractions: dict[str, float]
+    seed: int
+    ood_families: list[str]
+    annotations: list[str] | None
+    min_length: int | None
+    max_length: int | None
+    strict: bool
+    shard_size: int
+    compression: str | None
+    compression_level: int | None
+    gzip_strategy: str
+    chunk_size: int
+    workers: int
+    part: int | None
+    num_parts: int | None
+    merge: bool
+    resume: bool
+    overwrite: bool
+    progress: bool
+    block_size: int
+    merge_memory_mb: float | None
+    fail_after_records: int | None  # test hooks: raise after this many records (stage 1) / shards (stage 3)
+    fail_after_shards: int | None
+    units: list[WorkUnit] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # the units of an ingest_config.json (merge) come as its JSON objects
+        object.__setattr__(self, "units", [u if isinstance(u, WorkUnit) else WorkUnit(**u) for u in self.units])
+
+
 def default_config() -> dict:
     """The defaults of conf/ingest.yaml (without the ``hydra`` node), as a plain dict.
 
@@ -55,7 +108,7 @@ def default_config() -> dict:
     return cfg
 
 
-def resolve_config(cfg: Any = None, **overrides) -> dict:
+def resolve_config(cfg: Any = None, **overrides) -> IngestConfig:
     """Defaults < ``cfg`` (dict or DictConfig) < ``overrides``; paths made absolute; checked."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -71,14 +124,14 @@ def resolve_config(cfg: Any = None, **overrides) -> dict:
         raise IngestError("output_dir is required: python -m protein_performer.ingest input=... output_dir=...")
     out["output_dir"] = str(Path(out["output_dir"]).expanduser().absolute())
     if out["merge"]:
-        return out
+        return IngestConfig(**out)
     out["input"] = _input_files(out["input"])
     out["annotations"] = _annotation_files(out["annotations"])
     out["ood_families"] = [_norm_family(f) for f in (out["ood_families"] or [])]
     out["fractions"] = _fractions(out["fractions"])
     _check_output_options(out)
     out["units"] = plan_units(out["input"], int(out["workers"]), out["num_parts"])
-    return out
+    return IngestConfig(**out)
 
 
 def _input_files(inputs: Any) -> list[str]:
@@ -132,9 +185,9 @@ def _norm_family(family: Any) -> str:
     return family.split(".")[0] if re.fullmatch(r"PF\d{5}(\.\d+)?", family) else family
 
 
-def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[dict]:
-    """Cut the input into work units: {"file": index, "start": byte, "end": byte or None}."""
-    whole = [{"file": i, "start": 0, "end": None} for i in range(len(inputs))]
+def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[WorkUnit]:
+    """Cut the input into work units: whole files, or byte ranges of one uncompressed file."""
+    whole = [WorkUnit(i) for i in range(len(inputs))]
     if num_parts is not None:
         num_parts = int(num_parts)
         if num_parts < 1:
@@ -159,7 +212,7 @@ def plan_units(inputs: list[str], workers: int, num_parts: int | None) -> list[d
     return whole
 
 
-def _byte_ranges(path: str, n: int) -> list[dict]:
+def _byte_ranges(path: str, n: int) -> list[WorkUnit]:
     if is_gzip(path):
         raise IngestError(
             f"{path} is gzip-compressed: byte ranges (part/num_parts, workers) need an uncompressed "
@@ -168,9 +221,11 @@ def _byte_ranges(path: str, n: int) -> list[dict]:
             "input='[part0.fasta.gz,part1.fasta.gz,...]' num_parts=<number of files>."
         )
     size = os.path.getsize(path)
-    return [{"file": 0, "start": size * i // n, "end": size * (i + 1) // n} for i in range(n)]
+    return [WorkUnit(0, size * i // n, size * (i + 1) // n) for i in range(n)]
 
 
-def fingerprint(cfg: dict) -> dict:
-    """The options that change the output (``ingest_config.json``)."""
-    return {k: cfg[k] for k in FINGERPRINT_KEYS}
+def fingerprint(cfg: IngestConfig) -> dict:
+    """The options that change the output (``ingest_config.json``: plain JSON values)."""
+    out = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    out["units"] = [asdict(u) for u in cfg.units]
+    return out

@@ -17,6 +17,8 @@ import numpy as np
 from protein_performer.data.tokenizer import Tokenizer
 
 from .common import DUPLICATE_CODE, FORMAT_VERSION, REJECTS_NAME, SPLITS, TRAIN_CODE
+from .config import IngestConfig
+from .config import fingerprint as config_fingerprint
 from .rejects import ID_CONFLICT
 from .write import UnitShards
 
@@ -98,11 +100,13 @@ def input_sources(paths: list[str]) -> list[dict]:
     return [file_source(p) for p in paths]
 
 
-def build_manifest(cfg: dict, fingerprint: dict, sources: list[dict], splits: dict, counts: Counts) -> dict:
+def build_manifest(cfg: IngestConfig, sources: list[dict], splits: dict, counts: Counts) -> dict:
+    """manifest.json's content."""
+    recorded = {**config_fingerprint(cfg), **{k: getattr(cfg, k) for k in _RUN_OPTIONS}}
     return {
         "format_version": FORMAT_VERSION,
         "vocab": Tokenizer().vocab(),
-        "config": {k: cfg.get(k) for k in sorted(set(fingerprint) | _RUN_OPTIONS)},
+        "config": {k: recorded[k] for k in sorted(recorded)},
         "sources": sources,
         "splits": splits,
         "n_records": counts.n_records,
@@ -110,11 +114,11 @@ def build_manifest(cfg: dict, fingerprint: dict, sources: list[dict], splits: di
         "n_duplicates": counts.n_duplicates,
         "rejected": counts.rejected,
         "rejects_file": REJECTS_NAME,
-        "length_filter": {"min": fingerprint["min_length"], "max": fingerprint["max_length"]},
-        "ood_families": fingerprint["ood_families"],
-        "annotations": [file_source(p) for p in fingerprint["annotations"]],
+        "length_filter": {"min": cfg.min_length, "max": cfg.max_length},
+        "ood_families": cfg.ood_families,
+        "annotations": [file_source(p) for p in cfg.annotations],
         "split_hash": SPLIT_HASH,
         "dedup": DEDUP,
-        "fractions": fingerprint["fractions"],
-        "seed": fingerprint["seed"],
+        "fractions": cfg.fractions,
+        "seed": cfg.seed,
     }

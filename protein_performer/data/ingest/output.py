@@ -14,7 +14,7 @@ from pathlib import Path
 from protein_performer.outputs import remove_temporaries, write_json
 
 from .common import CONFIG_NAME, MANIFEST_NAME, REJECTS_NAME, SLURM_LOG_DIR, SPLITS, WORK_DIR, IngestError
-from .config import fingerprint
+from .config import IngestConfig, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +24,21 @@ OUR_NAMES = {MANIFEST_NAME, REJECTS_NAME, CONFIG_NAME, WORK_DIR, SLURM_LOG_DIR, 
 WRITTEN_NAMES = frozenset(OUR_NAMES - {SLURM_LOG_DIR})
 
 
-def rerun_of_finished(cfg: dict, parts_mode: bool) -> bool:
+def rerun_of_finished(cfg: IngestConfig, parts_mode: bool) -> bool:
     """True when ``output_dir`` holds a finished ingest (its manifest) that this run would replace:
     then the caller ingests into a staging folder (:func:`protein_performer.outputs.staged_directory`).
     Refused (the finished ingest untouched) without ``overwrite``, and for one part of a parallel
     ingest. False when there is no finished ingest, or when ``resume`` keeps it."""
-    out = Path(cfg["output_dir"])
+    out = Path(cfg.output_dir)
     manifest = out / MANIFEST_NAME
     if not manifest.is_file():
         return False
     config_path = out / CONFIG_NAME
     found, wanted = (json.loads(config_path.read_text()) if config_path.is_file() else {}), fingerprint(cfg)
     same = found == wanted
-    if cfg["resume"] and (same or not cfg["overwrite"]):
+    if cfg.resume and (same or not cfg.overwrite):
         return False  # resume: complete (same config) or refused by prepare_output (another one)
-    if not cfg["overwrite"] or parts_mode:
+    if not cfg.overwrite or parts_mode:
         n = json.loads(manifest.read_text()).get("n_unique", "?")
         raise IngestError(
             f"{out} holds a finished ingest ({n} sequences, {MANIFEST_NAME})"
@@ -85,10 +85,10 @@ def remove_partial_files(out: Path) -> None:
         log.info("removed %s (left by an interrupted run)", path)
 
 
-def prepare_output(cfg: dict, parts_mode: bool) -> None:
+def prepare_output(cfg: IngestConfig, parts_mode: bool) -> None:
     """Make ``output_dir`` ready: refuse a file, a foreign folder or another config (unless
     ``overwrite``), start afresh unless resuming, and record the config's fingerprint."""
-    out = Path(cfg["output_dir"])
+    out = Path(cfg.output_dir)
     for above in (out, *out.parents):  # a file where the directory (or one above it) should be
         if above.exists() and not above.is_dir():
             raise IngestError(
@@ -101,7 +101,7 @@ def prepare_output(cfg: dict, parts_mode: bool) -> None:
     if config_path.is_file():
         _reuse_or_clean(out, json.loads(config_path.read_text()), wanted, cfg, parts_mode)
     elif out.is_dir() and any(p.name not in OUR_NAMES for p in out.iterdir()):
-        if not cfg["overwrite"]:
+        if not cfg.overwrite:
             raise IngestError(
                 f"{out} is not empty and holds no {CONFIG_NAME}: refusing to write into it. "
                 "Choose an empty or new output_dir, or pass overwrite=true (only files an ingest writes are removed)."
@@ -116,11 +116,11 @@ def _differing(found: dict, wanted: dict) -> str:
     return ", ".join(sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)))
 
 
-def _reuse_or_clean(out: Path, found: dict, wanted: dict, cfg: dict, parts_mode: bool) -> None:
+def _reuse_or_clean(out: Path, found: dict, wanted: dict, cfg: IngestConfig, parts_mode: bool) -> None:
     """An output dir with an ingest config: keep it (same config, resuming or a part), replace it
     (another config and ``overwrite``), or refuse."""
     if found != wanted:
-        if not cfg["overwrite"] or parts_mode:
+        if not cfg.overwrite or parts_mode:
             raise IngestError(
                 f"{out} holds an ingest made with a different config (differs in: {_differing(found, wanted)}). "
                 "Choose another output_dir, or pass overwrite=true to replace it"
@@ -128,5 +128,5 @@ def _reuse_or_clean(out: Path, found: dict, wanted: dict, cfg: dict, parts_mode:
             )
         log.warning("overwrite=true: removing the previous ingest in %s", out)
         clean_output(out)
-    elif not cfg["resume"] and not parts_mode:
+    elif not cfg.resume and not parts_mode:
         clean_output(out)

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from .common import (
     IngestError,
     unit_dir,
 )
-from .config import default_config, resolve_config
+from .config import FINGERPRINT_KEYS, IngestConfig, default_config, resolve_config
 from .manifest import build_manifest, count_records, input_sources, split_summaries
 from .output import WRITTEN_NAMES, prepare_output, remove_partial_files, rerun_of_finished
 from .read import run_unit
@@ -49,7 +50,7 @@ def ingest(cfg: Any = None, **overrides) -> dict:
         if not _is_disk_full(e):
             raise
         raise IngestError(
-            f"{resolved['output_dir']}: no space left on the device (or the file size limit was reached) while "
+            f"{resolved.output_dir}: no space left on the device (or the file size limit was reached) while "
             f"ingesting ({' '.join(str(e).split())[:200]}). Nothing is marked complete: free space (the work files "
             "need about the size of the FASTA, the shards about half of it), then rerun the same command with resume=true"
         ) from e
@@ -65,39 +66,37 @@ def _is_disk_full(e: OSError) -> bool:
     )
 
 
-def _ingest(cfg: dict) -> dict:
-    if cfg["merge"]:
-        return merge(cfg["output_dir"], workers=int(cfg["workers"]), progress=cfg["progress"])
-    parts_mode = cfg["part"] is not None
-    out = Path(cfg["output_dir"])
+def _ingest(cfg: IngestConfig) -> dict:
+    if cfg.merge:
+        return merge(cfg.output_dir, workers=int(cfg.workers), progress=cfg.progress)
+    parts_mode = cfg.part is not None
+    out = Path(cfg.output_dir)
     if rerun_of_finished(cfg, parts_mode):
         with staged_directory(out, ours=WRITTEN_NAMES.__contains__) as stage:
-            return _ingest({**cfg, "output_dir": str(stage), "resume": False, "overwrite": False})
+            return _ingest(replace(cfg, output_dir=str(stage), resume=False, overwrite=False))
     prepare_output(cfg, parts_mode)
-    if cfg["resume"] and not parts_mode and (out / MANIFEST_NAME).is_file():
+    if cfg.resume and not parts_mode and (out / MANIFEST_NAME).is_file():
         return _already_complete(out)
     if parts_mode:
-        if cfg["num_parts"] is None:
+        if cfg.num_parts is None:
             raise IngestError("part=i needs num_parts=n (the total number of parts)")
-        part = int(cfg["part"])
-        if not 0 <= part < len(cfg["units"]):
-            raise IngestError(f"part={part} out of range for num_parts={cfg['num_parts']}")
-        return run_unit(cfg, part, resume=cfg["resume"])
-    workers = int(cfg["workers"])
-    jobs = [UnitJob(READ_STAGE, cfg, u, resume=cfg["resume"]) for u in range(len(cfg["units"]))]
+        part = int(cfg.part)
+        if not 0 <= part < len(cfg.units):
+            raise IngestError(f"part={part} out of range for num_parts={cfg.num_parts}")
+        return run_unit(cfg, part, resume=cfg.resume)
+    workers = int(cfg.workers)
+    jobs = [UnitJob(READ_STAGE, cfg, u, resume=cfg.resume) for u in range(len(cfg.units))]
     pool = Workers(workers, len(jobs))  # the same processes for stage 1 and stage 3
     # sha256 of the inputs for the manifest: queued behind the last stage-1 unit of a worker
     # process (the main process has its own unit), or in a thread after stage 1 with one worker.
     # Either way it runs while a core would otherwise wait for the other units or the serial
     # resolve step, instead of taking CPU from stage 1.
-    sources = pool.defer(input_sources, cfg["input"])
+    sources = pool.defer(input_sources, cfg.input)
     try:
         start = time.perf_counter()
         pool.map(jobs)
         log.info("stage 1 (%d units, %d workers): %.2fs", len(jobs), workers, time.perf_counter() - start)
-        return merge(
-            cfg["output_dir"], workers=workers, progress=cfg["progress"], _cfg=cfg, _pool=pool, _sources=sources
-        )
+        return merge(cfg.output_dir, workers=workers, progress=cfg.progress, _cfg=cfg, _pool=pool, _sources=sources)
     finally:
         pool.close()
 
@@ -120,7 +119,7 @@ def merge(
     output_dir: str | os.PathLike,
     workers: int = 1,
     progress: bool = True,
-    _cfg: dict | None = None,
+    _cfg: IngestConfig | None = None,
     _pool: Workers | None = None,
     _sources: Callable[[], list[dict]] | None = None,
 ) -> dict:
@@ -129,9 +128,8 @@ def merge(
     config_path = out / CONFIG_NAME
     if not config_path.is_file():
         raise IngestError(f"{out}: no {CONFIG_NAME}; nothing to merge (run the parts first: part=i num_parts=n)")
-    fingerprint = json.loads(config_path.read_text())
-    cfg = dict(_cfg) if _cfg else {**default_config(), **fingerprint, "output_dir": str(out), "progress": progress}
-    n_units = len(fingerprint["units"])
+    cfg = _cfg or _recorded_config(out, progress)
+    n_units = len(cfg.units)
     missing = [u for u in range(n_units) if not (unit_dir(out, u) / "done.json").is_file()]
     if missing and (out / MANIFEST_NAME).is_file() and not (out / WORK_DIR).exists():
         return json.loads((out / MANIFEST_NAME).read_text())
@@ -142,18 +140,18 @@ def merge(
         )
     summaries = [json.loads((unit_dir(out, u) / "done.json").read_text()) for u in range(n_units)]
     start = time.perf_counter()
-    final, conflicts = resolve(out, n_units, float(cfg.get("merge_memory_mb") or 256))
+    final, conflicts = resolve(out, n_units, float(cfg.merge_memory_mb or 256))
     log.info("resolved dedup over %d records in %.2fs", sum(len(f) for f in final), time.perf_counter() - start)
-    rejects = collect_rejects(out, fingerprint, summaries, conflicts)
+    rejects = collect_rejects(out, cfg, summaries, conflicts)
     remove_partial_files(out)
     results = _write_shards(cfg, final, workers, _pool)
     counts = count_records(summaries, final, conflicts)
     write_rejects(out, rejects)
     if counts.n_unique == 0:  # nothing to train on: no manifest (no reader takes this for a dataset)
-        _no_valid_record(out, fingerprint, counts)
-    sources = _sources() if _sources is not None else input_sources(fingerprint["input"])
+        _no_valid_record(out, cfg, counts)
+    sources = _sources() if _sources is not None else input_sources(cfg.input)
     splits = split_summaries(results)
-    manifest = build_manifest(cfg, fingerprint, sources, splits, counts)
+    manifest = build_manifest(cfg, sources, splits, counts)
     if counts.n_records != counts.n_unique + counts.n_duplicates + sum(counts.rejected.values()):
         raise IngestError(f"internal error: counts do not add up in {out}: please report")
     write_json(out / MANIFEST_NAME, manifest, durable=False, indent=1)
@@ -166,7 +164,13 @@ def merge(
     return manifest
 
 
-def _write_shards(cfg: dict, final: list, workers: int, pool: Workers | None) -> list:
+def _recorded_config(out: Path, progress: bool) -> IngestConfig:
+    """The options the parts in ``out`` were run with (its ingest_config.json), the rest defaults."""
+    recorded = {k: v for k, v in json.loads((out / CONFIG_NAME).read_text()).items() if k in FINGERPRINT_KEYS}
+    return IngestConfig(**{**default_config(), **recorded, "output_dir": str(out), "progress": progress})
+
+
+def _write_shards(cfg: IngestConfig, final: list, workers: int, pool: Workers | None) -> list:
     """Stage 3 over all units, on ``pool`` (then asked to stop) or on a pool of its own."""
     jobs = [UnitJob(WRITE_STAGE, cfg, u, final=final[u]) for u in range(len(final))]
     start = time.perf_counter()
@@ -183,14 +187,14 @@ def _write_shards(cfg: dict, final: list, workers: int, pool: Workers | None) ->
     return results
 
 
-def _no_valid_record(out: Path, fingerprint: dict, counts) -> None:
+def _no_valid_record(out: Path, cfg: IngestConfig, counts) -> None:
     """Every record was rejected: remove the work files and the config (not an interrupted ingest
     either: nothing to resume) and say why."""
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     (out / CONFIG_NAME).unlink(missing_ok=True)
     what = ", ".join(f"{v} {k}" for k, v in counts.rejected.items()) or "none"
     raise IngestError(
-        f"{', '.join(fingerprint['input'])}: no valid record: all {counts.n_records} records were rejected ({what}); "
+        f"{', '.join(cfg.input)}: no valid record: all {counts.n_records} records were rejected ({what}); "
         f"each is listed with its line in {out / REJECTS_NAME}. Check that this is a protein FASTA file and the "
         "min_length/max_length filter; no shards were written"
     )

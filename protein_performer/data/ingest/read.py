@@ -34,6 +34,7 @@ from protein_performer.outputs import write_json
 
 from .annotations import load_ood_accessions, records_with_family_token
 from .common import REC, IngestError, SimulatedInterruption, unit_dir
+from .config import IngestConfig, WorkUnit
 from .hashing import blake2b_128, id_keys, split_codes
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class BatchContext:
     """What validating and hashing a batch needs besides the batch."""
 
     path: str
-    unit: dict
+    unit: WorkUnit
     progress: UnitProgress  # (its first_offset makes a strict error's line absolute)
     ood_accessions: set[bytes]
     ood_tokens: set[bytes]
@@ -118,11 +119,11 @@ class _UnitFiles:
             fh.close()
 
 
-def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict:
+def run_unit(cfg: IngestConfig, u: int, resume: bool = False, position: int = 0) -> dict:
     """Stage 1 for work unit ``u``: parse, validate, tokenize and hash; write raw files + rejects."""
-    unit = cfg["units"][u]
-    path = cfg["input"][unit["file"]]
-    folder = unit_dir(Path(cfg["output_dir"]), u)
+    unit = cfg.units[u]
+    path = cfg.input[unit.file]
+    folder = unit_dir(Path(cfg.output_dir), u)
     done = folder / "done.json"
     if resume and done.is_file():
         log.info("unit %d (%s) already complete: skipped", u, path)
@@ -136,27 +137,27 @@ def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict
         progress = UnitProgress(**checkpoint)
         log.info("unit %d: resuming at byte %d (%d records done)", u, progress.offset, progress.n_records)
     else:
-        progress = UnitProgress(offset=unit["start"], sizes=files.sizes())
+        progress = UnitProgress(offset=unit.start, sizes=files.sizes())
     table = token_table()
     ctx = BatchContext(
         path=path, unit=unit, progress=progress,
-        ood_accessions=load_ood_accessions(cfg["annotations"], cfg["ood_families"]),
-        ood_tokens={f.encode() for f in cfg["ood_families"] if f.startswith("PF")},
-        min_length=cfg["min_length"], max_length=cfg["max_length"], seed=cfg["seed"], fractions=cfg["fractions"],
-        strict=cfg["strict"],
+        ood_accessions=load_ood_accessions(cfg.annotations, cfg.ood_families),
+        ood_tokens={f.encode() for f in cfg.ood_families if f.startswith("PF")},
+        min_length=cfg.min_length, max_length=cfg.max_length, seed=cfg.seed, fractions=cfg.fractions,
+        strict=cfg.strict,
     )  # fmt: skip
     bar = tqdm(
-        desc=f"ingest {Path(path).name}" + (f" [{u}]" if len(cfg["units"]) > 1 else ""),
-        unit=" seq", unit_scale=True, disable=not cfg["progress"], position=position, leave=position == 0,
+        desc=f"ingest {Path(path).name}" + (f" [{u}]" if len(cfg.units) > 1 else ""),
+        unit=" seq", unit_scale=True, disable=not cfg.progress, position=position, leave=position == 0,
         initial=progress.n_records, mininterval=1.0,
     )  # fmt: skip
     try:
         _read_unit(cfg, ctx, table, files, checkpoint_path, bar)
     except FastaFormatError as e:
-        if e.line is None or unit["start"] == 0:
+        if e.line is None or unit.start == 0:
             raise
         # a byte range counts its lines from its first record: make the line absolute
-        first = find_record_start(path, unit["start"])
+        first = find_record_start(path, unit.start)
         raise FastaFormatError(e.path, e.message, line=e.line + count_newlines(path, first)) from None
     finally:
         files.close()
@@ -167,12 +168,14 @@ def run_unit(cfg: dict, u: int, resume: bool = False, position: int = 0) -> dict
     return summary
 
 
-def _read_unit(cfg: dict, ctx: BatchContext, table: bytes, files: _UnitFiles, checkpoint_path: Path, bar) -> None:
+def _read_unit(
+    cfg: IngestConfig, ctx: BatchContext, table: bytes, files: _UnitFiles, checkpoint_path: Path, bar
+) -> None:
     """The block loop of stage 1: process, append, count, checkpoint."""
-    progress, fail_after = ctx.progress, cfg.get("fail_after_records")
+    progress, fail_after = ctx.progress, cfg.fail_after_records
     start_time, start_residues = time.perf_counter(), progress.n_residues
     batches = iter_batches(
-        ctx.path, start=progress.offset, end=ctx.unit["end"], line0=progress.line, block_size=cfg["block_size"],
+        ctx.path, start=progress.offset, end=ctx.unit.end, line0=progress.line, block_size=cfg.block_size,
         table=table,
     )  # fmt: skip
     for batch in batches:
@@ -195,14 +198,14 @@ def _read_unit(cfg: dict, ctx: BatchContext, table: bytes, files: _UnitFiles, ch
         bar.set_postfix_str(f"{(progress.n_residues - start_residues) / seconds / 1e6:.1f}M res/s", refresh=False)
 
 
-def _unit_summary(u: int, unit: dict, path: str, progress: UnitProgress) -> dict:
+def _unit_summary(u: int, unit: WorkUnit, path: str, progress: UnitProgress) -> dict:
     """done.json: the unit's counts, and ``line_base`` (lines before its first record; None: not
     counted, as it is only needed for rejects and reads the file up to the unit's start)."""
     line_base = 0
-    if unit["start"] > 0 and progress.first_offset is not None:
+    if unit.start > 0 and progress.first_offset is not None:
         line_base = count_newlines(path, progress.first_offset) if progress.rejected else None
     return {
-        "unit": u, "file": unit["file"], "path": path, "n_records": progress.n_records,
+        "unit": u, "file": unit.file, "path": path, "n_records": progress.n_records,
         "n_valid": progress.n_valid, "n_residues": progress.n_residues, "rejected": progress.rejected,
         "line_base": line_base,
     }  # fmt: skip
@@ -235,7 +238,7 @@ def tsv_field(text: str) -> str:
 
 def _reject_error(ctx: BatchContext, reject: Reject) -> IngestError:
     line = reject.line
-    if ctx.unit["start"] > 0:  # lines are counted from the unit's first record: make them absolute
+    if ctx.unit.start > 0:  # lines are counted from the unit's first record: make them absolute
         line = count_newlines(ctx.path, ctx.progress.first_offset) + line
     return IngestError(
         f"{ctx.path}:{line}: record {reject.record_id!r} rejected: {reject.reason} ({reject.detail}). Fix the record, "

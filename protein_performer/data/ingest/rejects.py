@@ -18,6 +18,7 @@ from protein_performer.data.fasta import count_newlines, decode_header
 from protein_performer.outputs import atomic_output
 
 from .common import REJECTS_NAME, IngestError, load_records, unit_dir
+from .config import IngestConfig
 from .read import tsv_field
 
 ID_CONFLICT = "duplicate_id_conflict"
@@ -38,8 +39,8 @@ class MergedReject(NamedTuple):
 class _LineBases:
     """The number of lines before each unit's first record (a unit counts its lines from there)."""
 
-    def __init__(self, out: Path, fingerprint: dict, summaries: list[dict]):
-        self.out, self.fingerprint, self.summaries = out, fingerprint, summaries
+    def __init__(self, out: Path, cfg: IngestConfig, summaries: list[dict]):
+        self.out, self.cfg, self.summaries = out, cfg, summaries
         self.bases: dict[int, int] = {}
 
     def __call__(self, u: int) -> int:
@@ -47,7 +48,7 @@ class _LineBases:
             base = self.summaries[u]["line_base"]
             if base is None:  # only counted when needed (it reads the file up to the unit's start)
                 first = json.loads((unit_dir(self.out, u) / "checkpoint.json").read_text())["first_offset"]
-                path = self.fingerprint["input"][self.fingerprint["units"][u]["file"]]
+                path = self.cfg.input[self.cfg.units[u].file]
                 base = count_newlines(path, first) if first else 0
             self.bases[u] = base
         return self.bases[u]
@@ -69,45 +70,43 @@ class _UnitIds:
         return tsv_field(decode_header(blob[starts[i] : starts[i + 1] - 1]))
 
 
-def collect_rejects(out: Path, fingerprint: dict, summaries: list[dict], conflicts: list[list[tuple[int, int]]]):
+def collect_rejects(out: Path, cfg: IngestConfig, summaries: list[dict], conflicts: list[list[tuple[int, int]]]):
     """The rows of rejects.tsv in input order: stage 1's, then the id conflicts, sorted by place."""
-    line_base = _LineBases(out, fingerprint, summaries)
-    rejects = _stage1_rejects(out, fingerprint, line_base)
+    line_base = _LineBases(out, cfg, summaries)
+    rejects = _stage1_rejects(out, cfg, line_base)
     if any(conflicts):
-        rejects += _conflict_rejects(out, fingerprint, conflicts, line_base)
+        rejects += _conflict_rejects(out, cfg, conflicts, line_base)
     rejects.sort(key=lambda r: (r.file_index, r.line))
     return rejects
 
 
-def _stage1_rejects(out: Path, fingerprint: dict, line_base: _LineBases) -> list[MergedReject]:
+def _stage1_rejects(out: Path, cfg: IngestConfig, line_base: _LineBases) -> list[MergedReject]:
     rejects = []
-    for u, unit in enumerate(fingerprint["units"]):
+    for u, unit in enumerate(cfg.units):
         with open(unit_dir(out, u) / "rejects.tsv", encoding="utf-8") as fh:
             for row in fh:
                 file_name, line, record_id, reason, detail = row.rstrip("\n").split("\t", 4)
-                rejects.append(
-                    MergedReject(unit["file"], int(line) + line_base(u), file_name, record_id, reason, detail)
-                )
+                rejects.append(MergedReject(unit.file, int(line) + line_base(u), file_name, record_id, reason, detail))
     return rejects
 
 
-def _conflict_rejects(out: Path, fingerprint: dict, conflicts, line_base: _LineBases) -> list[MergedReject]:
+def _conflict_rejects(out: Path, cfg: IngestConfig, conflicts, line_base: _LineBases) -> list[MergedReject]:
     """A row per id conflict, naming where the id was first seen (``strict``: an error instead)."""
-    inputs, units = fingerprint["input"], fingerprint["units"]
+    inputs, units = cfg.input, cfg.units
     records = [load_records(unit_dir(out, u)) for u in range(len(units))]
     base = np.concatenate([[0], np.cumsum(np.array([len(r) for r in records]))])
     id_of = _UnitIds(out, records)
     rejects = []
     for u, unit_conflicts in enumerate(conflicts):
-        file_index = units[u]["file"]
+        file_index = units[u].file
         for i, first_index in unit_conflicts:
             first_unit = int(np.searchsorted(base, first_index, side="right") - 1)
             first_line = int(records[first_unit]["line"][first_index - int(base[first_unit])]) + line_base(first_unit)
-            first_file = Path(inputs[units[first_unit]["file"]]).name
+            first_file = Path(inputs[units[first_unit].file]).name
             line = int(records[u]["line"][i]) + line_base(u)
             record_id = id_of(u, i)
             detail = f"id first seen with a different sequence at {first_file}:{first_line}"
-            if fingerprint["strict"]:
+            if cfg.strict:
                 raise IngestError(
                     f"{inputs[file_index]}:{line}: record {record_id!r} rejected: {ID_CONFLICT} "
                     f"({detail}). Fix the ids, or run with strict=false to skip and list such records."

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .common import IngestError
+from .config import IngestConfig
 from .read import run_unit
 from .write import write_unit_shards
 
@@ -34,7 +35,7 @@ class UnitJob:
     """One unit's stage 1 (``READ_STAGE``, ``resume``) or stage 3 (``WRITE_STAGE``, ``final`` codes)."""
 
     stage: str
-    cfg: dict
+    cfg: IngestConfig
     unit: int
     resume: bool = False
     final: np.ndarray | None = None

@@ -22,6 +22,7 @@ from protein_performer.data.shards import SPLITS, write_shard
 from protein_performer.data.tokenizer import Tokenizer
 
 from .common import WINDOW, SimulatedInterruption, load_records, unit_dir
+from .config import IngestConfig
 
 _READ_IDS_BELOW = 64 << 20  # ids.bin smaller than this is read, larger is memory-mapped
 
@@ -58,10 +59,10 @@ def _is_utf8(data: bytes) -> bool:
 class _ShardWriter:
     """The shards of one unit: pending rows per split, shards written so far, length histograms."""
 
-    def __init__(self, cfg: dict, u: int):
+    def __init__(self, cfg: IngestConfig, u: int):
         self.cfg = cfg
         self.unit = u
-        self.out = Path(cfg["output_dir"])
+        self.out = Path(cfg.output_dir)
         folder = unit_dir(self.out, u)
         tokens_path, ids_path = folder / "tokens.bin", folder / "ids.bin"
         # a plain ndarray view of the mapping: slicing it is cheap (a memmap slice is a Python object)
@@ -82,8 +83,8 @@ class _ShardWriter:
                 self.ids_map = self.ids = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self.ids_utf8 = False
         self.vocab = Tokenizer().vocab()
-        self.shard_size = int(cfg["shard_size"])
-        self.fail_after = cfg.get("fail_after_shards")
+        self.shard_size = int(cfg.shard_size)
+        self.fail_after = cfg.fail_after_shards
         self.pending: list[list[np.ndarray]] = [[] for _ in SPLITS]  # rows: token start, end, id start, end
         self.n_pending = [0] * len(SPLITS)
         self.hist = [np.zeros(0, np.int64) for _ in SPLITS]
@@ -110,7 +111,7 @@ class _ShardWriter:
 
     def _write(self, code: int, rows: np.ndarray) -> None:
         split = SPLITS[code]
-        rel = shard_name(split, self.unit, len(self.shards[split]), len(self.cfg["units"]))
+        rel = shard_name(split, self.unit, len(self.shards[split]), len(self.cfg.units))
         token_start, token_end, id_start, id_end = rows.T
         lengths = token_end - token_start
         self.shards[split].append({"path": rel, "n_sequences": int(rows.shape[0]), "n_residues": int(lengths.sum())})
@@ -130,9 +131,9 @@ class _ShardWriter:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         cfg = self.cfg
         write_shard(
-            path, tokens, offsets, ids, split, self.vocab, chunk_size=cfg["chunk_size"],
-            compression=cfg["compression"], compression_opts=cfg["compression_level"],
-            gzip_strategy=cfg["gzip_strategy"],
+            path, tokens, offsets, ids, split, self.vocab, chunk_size=cfg.chunk_size,
+            compression=cfg.compression, compression_opts=cfg.compression_level,
+            gzip_strategy=cfg.gzip_strategy,
         )  # fmt: skip
         self.written += 1
         if self.fail_after is not None and self.written >= self.fail_after:
@@ -143,11 +144,11 @@ class _ShardWriter:
             self.ids_map.close()
 
 
-def write_unit_shards(cfg: dict, u: int, final: np.ndarray) -> UnitShards:
+def write_unit_shards(cfg: IngestConfig, u: int, final: np.ndarray) -> UnitShards:
     """Stage 3 for unit ``u``: the kept records of each split, in input order, into shards of
     ``shard_size`` sequences. The unit's records are read in windows of ``WINDOW`` records (a
     split's pending shard carries over), so memory stays bounded whatever the unit's size."""
-    recs = load_records(unit_dir(Path(cfg["output_dir"]), u))
+    recs = load_records(unit_dir(Path(cfg.output_dir), u))
     writer = _ShardWriter(cfg, u)
     token_base = id_base = 0
     for start in range(0, len(recs), WINDOW):

@@ -107,21 +107,28 @@ def fit(
     q: int = Q,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Fit h and J by L-BFGS from zero; returns h (L, q), J (L, L, q, q) and ``{"iterations",
-    "loss", "seconds"}``."""
+    """Fit h and J by L-BFGS from zero (at most ``max_iter`` iterations, 2 ``max_iter`` loss
+    evaluations); returns h (L, q), J (L, L, q, q) and ``{"iterations", "evaluations", "loss",
+    "seconds"}``. The optimizer minimises the loss divided by N_eff = sum_n w_n: the same minimum,
+    but L-BFGS's first step and its stopping tolerances no longer depend on the alignment's size."""
     x = torch.as_tensor(np.asarray(states), dtype=torch.int64)
     wt = torch.as_tensor(np.asarray(weights), dtype=dtype)
+    scale = 1.0 / float(wt.sum())
     length = x.shape[1]
     h = torch.zeros(length, q, dtype=dtype, requires_grad=True)
     w = torch.zeros(length * q, length * q, dtype=dtype, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [h, w], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe", tolerance_change=1e-9
+        [h, w], max_iter=max_iter, max_eval=2 * max_iter, history_size=20, line_search_fn="strong_wolfe"
     )
+    evaluations = []
 
     def closure():
         opt.zero_grad()
-        loss = neg_pseudo_log_likelihood(h, w, x, wt, lambda_h, lambda_j)
+        loss = neg_pseudo_log_likelihood(h, w, x, wt, lambda_h, lambda_j) * scale
         loss.backward()
+        evaluations.append(float(loss.detach()))
+        if len(evaluations) % 10 == 0:
+            log.info("evaluation %d: loss / N_eff %.4f", len(evaluations), evaluations[-1])
         return loss
 
     start = time.perf_counter()
@@ -131,10 +138,11 @@ def fit(
         j = couplings(w, length, q)
     info = {
         "iterations": int(opt.state_dict()["state"][0]["n_iter"]),
+        "evaluations": len(evaluations),
         "loss": loss,
         "seconds": time.perf_counter() - start,
     }
-    log.info("L-BFGS: %(iterations)d iterations, loss %(loss).1f, %(seconds).1f s", info)
+    log.info("L-BFGS: %(iterations)d iterations, %(evaluations)d evaluations, loss %(loss).1f, %(seconds).1f s", info)
     return h.detach().numpy().astype(np.float64), j.permute(0, 2, 1, 3).numpy().astype(np.float64), info
 
 
@@ -220,6 +228,7 @@ def run_family(family: str, shared: Path, max_identity: float, max_sequences: in
         "L_query": int(true.shape[0]),
         "L_columns": len(aln.columns),
         "iterations": info["iterations"],
+        "evaluations": info["evaluations"],
         "long_P@L": table["long"]["P@L"],
         "long_P@L/5": table["long"]["P@L/5"],
         "long_density": table["long_density"],

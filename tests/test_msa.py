@@ -153,8 +153,9 @@ def test_weights_match_a_pair_loop_in_any_chunk_size():
         ("empty.a3m", "#A3M\n", None, r"empty.a3m: no record, so no query"),
         ("empty.sto", "# STOCKHOLM 1.0\n//\n", None, r"empty.sto: no record"),
         ("named.fasta", ">q\nMK\n>s\nMK\n", "x", r"named.fasta: no record 'x' to use as the query"),
-        ("letters.a3m", ">q\nMKLVA\n>s1\nMK\nL1A\n", None, r"letters.a3m: record 's1' \(header line 3\): invalid character '1' at column 4"),
+        ("letters.a3m", ">q\nMKLVA\n>s1\nMK\nL1A\n", None, r"letters.a3m: record 's1' \(header line 3\): invalid character '1' at position 4"),
         ("letters.sto", "# STOCKHOLM 1.0\nq MKLVA\ns1 MKJVA\n//\n", None, r"letters.sto: record 's1': invalid character 'J'"),
+        ("latin1.fasta", ">q\nMK\n>s\nM\u00e9\n", None, r"latin1.fasta: record 's' \(header line 3\): non-ASCII character at position 2"),
         ("headless.fasta", "MKLVA\n>q\nMKLVA\n", None, r"headless.fasta: line 1: sequence before"),
     ],
 )  # fmt: skip

@@ -101,20 +101,26 @@ def _encode(path: str, rid: str, line: int | None, text: str) -> np.ndarray:
     try:
         raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     except UnicodeEncodeError as e:
-        raise AlignmentError(f"{_where(path, rid, line)}: non-ASCII character at column {e.start + 1}") from None
+        raise AlignmentError(
+            f"{_where(path, rid, line)}: non-ASCII character at position {e.start + 1} of its aligned sequence"
+        ) from None
     codes = TABLE[raw]
     bad = np.flatnonzero(codes == _INVALID)
     if bad.size:
         char = chr(raw[bad[0]])
         raise AlignmentError(
-            f"{_where(path, rid, line)}: invalid character {char!r} at column {bad[0] + 1} "
+            f"{_where(path, rid, line)}: invalid character {char!r} at position {bad[0] + 1} of its aligned sequence "
             f"(allowed: the letters {RESIDUES} in either case, '-' and '.')"
         )
     return codes
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="ascii", errors="replace") if path.suffix == ".gz" else open(path)
+    """Text lines of a plain or gzipped file; a non-ASCII byte reads as U+FFFD, which :func:`_encode`
+    reports with its record."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="ascii", errors="replace")
+    return open(path, encoding="ascii", errors="replace")
 
 
 def _fasta_records(path: Path) -> list[tuple[str, str, int]]:

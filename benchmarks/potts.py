@@ -166,8 +166,8 @@ def family_alignment(family: str, shared: Path, max_identity: float, max_sequenc
     gaps) under its kortemme40 chain as the query; returns the :class:`Alignment`, the structure
     and the extraction's counts."""
     from protein_performer.analysis.alignment import GAP_RESIDUE
-    from protein_performer.experiments.family_data import extract_family, family_chain
-    from protein_performer.experiments.family_scoring import chain_residues
+    from protein_performer.recipes.family_contacts.extract import extract_family, family_chain
+    from protein_performer.recipes.family_contacts.scoring import chain_residues
     from protein_performer.recipes.family_contacts.msa import read_alignment
 
     structure = family_chain(shared / "structures" / "kortemme40", family)
@@ -201,7 +201,7 @@ def true_contacts(structure: Path) -> np.ndarray:
 
 def run_family(family: str, shared: Path, max_identity: float, max_sequences: int | None, max_iter: int) -> dict:
     """Extract, filter, reweight, fit and score one family; the result row with the wall times."""
-    from protein_performer.experiments.family_scoring import score_map
+    from protein_performer.recipes.family_contacts.scoring import score_map
     from protein_performer.recipes.family_contacts.msa import filter_gaps, sequence_weights
 
     times, start = {}, time.perf_counter()

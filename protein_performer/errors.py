@@ -7,7 +7,7 @@ which prints ``error: <message>`` on stderr and exits with :data:`EXIT_USER_ERRO
 traceback; any other exception is a bug and keeps its traceback.
 
 Domain errors (``FastaFormatError``, ``IngestError``, ``ShardFormatError``, ``StructureError``,
-``MapsFormatError`` in analysis.maps_io, ...) subclass :class:`UserError`, so library callers can catch them one by
+``MapsFormatError`` in analysis.maps, ...) subclass :class:`UserError`, so library callers can catch them one by
 one or all at once.
 """
 

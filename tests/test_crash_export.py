@@ -32,7 +32,7 @@ import pytest
 from killing import command_env, kill_after, run_cmd
 
 from protein_performer.analysis.export import ExportError, run_export
-from protein_performer.analysis.maps_io import MapsFile, write_maps
+from protein_performer.analysis.maps import MapsFile, write_maps
 from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
 from protein_performer.errors import IncompleteOutputError
 
@@ -215,7 +215,7 @@ def _write_and_kill_self(path: Path, n_records: int) -> None:
     """A writer process that adds records, flushes, and is SIGKILLed before it finishes."""
     code = (
         "import os, signal, numpy as np\n"
-        "from protein_performer.analysis.maps_io import MapsWriter\n"
+        "from protein_performer.analysis.maps import MapsWriter\n"
         f"w = MapsWriter({str(path)!r})\n"
         f"for n in range({n_records}):\n"
         "    w.add(f'r{n}', 'ACDEFGHIKLMNPQRSTVWY', np.full((1, 2, 20, 20), 0.05))\n"

@@ -22,7 +22,7 @@ from protein_performer.analysis.embed import (
     run_embed,
 )
 from protein_performer.analysis.export import load_model, run_export
-from protein_performer.analysis.maps_io import MapsFile
+from protein_performer.analysis.maps import MapsFile
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
 

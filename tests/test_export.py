@@ -30,7 +30,7 @@ from protein_performer.analysis.export import (
     run_export,
     run_sequence,
 )
-from protein_performer.analysis.maps_io import MapsFile, sanitize_name
+from protein_performer.analysis.maps import MapsFile, sanitize_name
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerLM
 

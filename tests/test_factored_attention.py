@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.contacts.head import ContactHead
+from protein_performer.analysis.contacts.predict import predict_contacts
 from protein_performer.analysis.export import load_model
-from protein_performer.analysis.predict_contacts import predict_contacts
 from protein_performer.experiments import family_contacts as fc
 from protein_performer.experiments.family_data import GAP_RESIDUE, aligned_row
 from protein_performer.model.performer import PerformerLM

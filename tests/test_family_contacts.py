@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from protein_performer.analysis.contacts import apc, precision_at_k, symmetrize
-from protein_performer.analysis.maps_io import MapsFile
+from protein_performer.analysis.maps import MapsFile
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import UserError
 from protein_performer.experiments import family_contacts as fc
@@ -214,7 +214,7 @@ def test_homolog_averaged_map_of_copies_is_the_chain_map():
     import torch
 
     from protein_performer.analysis.export import run_sequence
-    from protein_performer.analysis.maps_io import apc_maps
+    from protein_performer.analysis.maps import apc_maps
     from protein_performer.data.tokenizer import Tokenizer
     from protein_performer.model.performer import PerformerLM
 

@@ -34,11 +34,11 @@ import torch
 import yaml
 from conftest import one_thread
 
-from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.contacts.head import ContactHead
+from protein_performer.analysis.contacts.predict import ContactsFile, run_predict_contacts
 from protein_performer.analysis.embed import read_embeddings, run_embed
 from protein_performer.analysis.export import file_sha256, run_export
-from protein_performer.analysis.maps_io import MapsFile
-from protein_performer.analysis.predict_contacts import ContactsFile, run_predict_contacts
+from protein_performer.analysis.maps import MapsFile
 from protein_performer.data.fasta import read_fasta
 from protein_performer.errors import UserError
 from protein_performer.model.performer import PerformerLM
@@ -127,7 +127,7 @@ def export_attention(work) -> Finished:
 
     assert run()["records"] == 60
     args = ["checkpoint=random", f"input={fasta}", f"output={out}", *(f"{k}={v}" for k, v in opts.items())]
-    return Finished("export_attention", out, args, run, read, 60, "protein_performer.analysis.export_run")
+    return Finished("export_attention", out, args, run, read, 60, "protein_performer.analysis.export.run")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def predict_contacts(work) -> Finished:
     assert run()["records"] == 20 and len(list(png_dir.iterdir())) == 20
     args = [f"checkpoint={ckpt}", f"head={head_path}", f"input={fasta}", f"output={out}"]
     args += [f"csv={csv_path}", f"png_dir={png_dir}", "crop=start"]
-    module = "protein_performer.analysis.predict_contacts"
+    module = "protein_performer.analysis.contacts.predict"
     return Finished("predict_contacts", out, args, run, read, 20, module, [csv_path, png_dir])
 
 

@@ -110,7 +110,7 @@ def chain_residues(structure: str | Path) -> tuple[str, np.ndarray]:
 def _mean_apc_of(model, residues: np.ndarray) -> np.ndarray:
     """(layers, heads, L, L) APC maps of one tokenized sequence, the export's own maps path."""
     from protein_performer.analysis.export import run_sequence
-    from protein_performer.analysis.maps_io import apc_maps
+    from protein_performer.analysis.maps import apc_maps
 
     maps: list[np.ndarray] = []
     run_sequence(model, residues, on_layer=lambda i, m: maps.append(m.float().cpu().numpy()))

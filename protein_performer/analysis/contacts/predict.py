@@ -46,7 +46,7 @@ import torch
 
 from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
-from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.export import (
     ExportError,
     InputReport,
@@ -58,7 +58,7 @@ from protein_performer.analysis.export import (
     read_sequences,
     run_sequence,
 )
-from protein_performer.analysis.maps_io import apc_maps, sanitize_name
+from protein_performer.analysis.maps import apc_maps, sanitize_name
 from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError

@@ -19,8 +19,8 @@ Layout (``FORMAT_VERSION`` 1)::
         embeddings/per_token  float32 (L, dim)            optional: last layer, per residue
 
 Groups keep the order they were written in. Datasets are gzip-compressed, one chunk per (layer,
-all heads). :class:`~protein_performer.analysis.maps_reader.MapsFile` reads one group at a time
-(lazily); :func:`~protein_performer.analysis.maps_reader.read_maps` iterates over the records.
+all heads). :class:`~protein_performer.analysis.maps.reader.MapsFile` reads one group at a time
+(lazily); :func:`~protein_performer.analysis.maps.reader.read_maps` iterates over the records.
 
 Two root attributes were added to layout version 1 (readers of older files ignore nothing):
 

@@ -1,13 +1,13 @@
 """Export, the run: sequences through the model, one record at a time, into ``<output>.partial``
-(maps_io layout), renamed onto ``output`` when complete.
+(maps layout), renamed onto ``output`` when complete.
 
 Memory is bounded per sequence: sequences go through the model one at a time (no padding), and
 a forward pre-hook on each layer's attention hands that layer's maps (heads, L, L) to the
 record, which stores them (float16, plus ``apc(symmetrize(.))``) before the next layer runs.
 
-Crash safety: the partial file carries maps_io's ``incomplete`` marker, so ``output`` is either
+Crash safety: the partial file carries the maps format's ``incomplete`` marker, so ``output`` is either
 the previous file or the new complete one. After every record the partial file is flushed and a
-line is added to its journal (:mod:`export_journal`). ``resume=True`` continues a killed export:
+line is added to its journal (:mod:`~protein_performer.analysis.export.journal`). ``resume=True`` continues a killed export:
 the records the journal lists are checked against their CRC-32s and copied into a fresh partial
 file with the same HDF5 calls in the same order (it then replaces the old one), the input is read
 from the start with those records skipped, and the rest is computed. The result is byte-identical
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from protein_performer.analysis import rerun
-from protein_performer.analysis.export_inputs import (
+from protein_performer.analysis.export.inputs import (
     CROPS,
     InputReport,
     SequenceRecord,
@@ -43,7 +43,7 @@ from protein_performer.analysis.export_inputs import (
     parse_include,
     read_sequences,
 )
-from protein_performer.analysis.export_journal import (
+from protein_performer.analysis.export.journal import (
     RESUME_SUFFIX,
     ExportJournal,
     Interrupted,
@@ -51,8 +51,8 @@ from protein_performer.analysis.export_journal import (
     intact_record,
     partial_paths,
 )
-from protein_performer.analysis.export_model import ExportError, LoadedModel, load_model, run_sequence
-from protein_performer.analysis.export_output import (
+from protein_performer.analysis.export.model import ExportError, LoadedModel, load_model, run_sequence
+from protein_performer.analysis.export.output import (
     NoSpaceError,
     check_output,
     ensure_room,
@@ -60,8 +60,8 @@ from protein_performer.analysis.export_output import (
     record_bytes,
     space_problem,
 )
-from protein_performer.analysis.maps_format import INCOMPLETE_ATTR, MAP_DATASETS, MissingFileError, first_line
-from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter
+from protein_performer.analysis.maps.format import INCOMPLETE_ATTR, MAP_DATASETS, MissingFileError, first_line
+from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerLM
 from protein_performer.outputs import publish
@@ -305,7 +305,7 @@ def export_attention(
     input_key: Any = None,
     run_settings: dict | None = None,
 ) -> dict:
-    """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps_io layout).
+    """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps layout).
 
     ``sequences``: :class:`SequenceRecord` s or ``(id, sequence, source)`` tuples. ``include``:
     any of ``attentions`` (every layer x head, float16), ``apc`` (``apc(symmetrize(A))`` of each

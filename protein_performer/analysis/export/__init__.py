@@ -10,20 +10,20 @@ final LayerNorm, per residue and mean-pooled over the residues (ESM's ``extract.
 
 This module is the public import path; the code lives in:
 
-- :mod:`~protein_performer.analysis.export_model`: checkpoint -> :class:`LoadedModel`, and
+- :mod:`~protein_performer.analysis.export.model`: checkpoint -> :class:`LoadedModel`, and
   :func:`run_sequence` (one sequence, its maps one layer at a time);
-- :mod:`~protein_performer.analysis.export_inputs`: FASTA / structure input, crop, include;
-- :mod:`~protein_performer.analysis.export_run`: :func:`export_attention` and :func:`run_export`;
-- :mod:`~protein_performer.analysis.export_journal`: the partial file, its journal, ``resume``;
-- :mod:`~protein_performer.analysis.export_output`: output path and free-space checks.
+- :mod:`~protein_performer.analysis.export.inputs`: FASTA / structure input, crop, include;
+- :mod:`~protein_performer.analysis.export.run`: :func:`export_attention` and :func:`run_export`;
+- :mod:`~protein_performer.analysis.export.journal`: the partial file, its journal, ``resume``;
+- :mod:`~protein_performer.analysis.export.output`: output path and free-space checks.
 
-The file layout is :mod:`protein_performer.analysis.maps_io`'s; export adds the root attribute
+The file layout is :mod:`protein_performer.analysis.maps`'s; export adds the root attribute
 ``export`` (JSON: checkpoint, seed, input, include, crop, counts).
 """
 
 from __future__ import annotations
 
-from protein_performer.analysis.export_inputs import (
+from protein_performer.analysis.export.inputs import (
     CROPS,
     INCLUDE,
     InputReport,
@@ -34,8 +34,8 @@ from protein_performer.analysis.export_inputs import (
     parse_include,
     read_sequences,
 )
-from protein_performer.analysis.export_journal import ExportJournal, partial_paths
-from protein_performer.analysis.export_model import (
+from protein_performer.analysis.export.journal import ExportJournal, partial_paths
+from protein_performer.analysis.export.model import (
     RANDOM,
     ExportError,
     LoadedModel,
@@ -44,7 +44,7 @@ from protein_performer.analysis.export_model import (
     model_config_from,
     run_sequence,
 )
-from protein_performer.analysis.export_run import ExportCounts, export_attention, run_export
+from protein_performer.analysis.export.run import ExportCounts, export_attention, run_export
 
 __all__ = [
     "CROPS",

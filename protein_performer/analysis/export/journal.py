@@ -4,7 +4,7 @@ killed export left that ``resume=true`` can keep.
 ``<output>.partial.journal`` is JSON lines: the export's settings, then one line per input
 record handled, in input order, written after the record is flushed to the partial file:
 ``{"n", "id", "group", "checksum"}`` (stored; the CRC-32s of
-:func:`maps_format.record_checksum`) or ``{"n", "id", "skipped": true}`` (too long,
+:func:`~protein_performer.analysis.maps.format.record_checksum`) or ``{"n", "id", "skipped": true}`` (too long,
 ``crop=skip``). Each line is one ``write``; a line cut by a kill is ignored on reading.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import h5py
 
-from protein_performer.analysis.export_model import ExportError
-from protein_performer.analysis.maps_format import PARTIAL_SUFFIX, first_line, record_checksum
+from protein_performer.analysis.export.model import ExportError
+from protein_performer.analysis.maps.format import PARTIAL_SUFFIX, first_line, record_checksum
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protein_performer.analysis.maps_format import MissingFileError, first_line
+from protein_performer.analysis.maps.format import MissingFileError, first_line
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import UserError
 from protein_performer.model.performer import PerformerConfig, PerformerLM

@@ -1,6 +1,6 @@
 """maps.h5, the reader: :class:`MapsFile` opens a file, checks its header (layout version,
 vocabulary, completion marker) and reads one record group at a time; :func:`read_maps` iterates
-over the records. The layout is :mod:`protein_performer.analysis.maps_format`'s.
+over the records. The layout is :mod:`protein_performer.analysis.maps.format`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from protein_performer.analysis.maps_format import (
+from protein_performer.analysis.maps.format import (
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
     PARTIAL_SUFFIX,

@@ -31,9 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protein_performer.analysis.embed import _batch_tokens, length_batches, run_embed  # noqa: E402
-from protein_performer.analysis.export import crop_window, load_model  # noqa: E402
+from protein_performer.analysis.export import crop_window  # noqa: E402
 from protein_performer.data.fasta import read_fasta  # noqa: E402
 from protein_performer.data.tokenizer import Tokenizer  # noqa: E402
+from protein_performer.pretrained import load_model  # noqa: E402
 from protein_performer.resources import shared_data  # noqa: E402
 
 DEMO = {

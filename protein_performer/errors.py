@@ -34,6 +34,16 @@ class IncompleteOutputError(UserError):
     """A file that a command did not finish writing (the job was killed); rerun or resume it."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (h5py's run over many lines), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def cli_errors(fn: F) -> F:
     """Run ``fn``; a :class:`UserError` (or a full disk / permission problem) becomes one line
     ``error: ...`` on stderr and exit code 1. ``PROTEIN_PERFORMER_TRACEBACK=1`` re-raises instead."""

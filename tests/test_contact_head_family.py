@@ -69,9 +69,9 @@ def test_contacts_stage_on_a_small_structure_folder(tmp_path_factory, tmp_path):
 
     from protein_performer.analysis.contacts import load_proteins
     from protein_performer.analysis.contacts.head import ContactHead
-    from protein_performer.analysis.export import load_model
     from protein_performer.analysis.structures import load_structures
     from protein_performer.experiments.family_head import HeadPaths, contacts_stage
+    from protein_performer.pretrained import load_model
 
     ckpt = trained_checkpoint(tmp_path_factory)
     structure = STRUCTURES / "1A8O.pdb"

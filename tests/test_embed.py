@@ -21,10 +21,11 @@ from protein_performer.analysis.embed import (
     read_embeddings,
     run_embed,
 )
-from protein_performer.analysis.export import load_model, run_export
+from protein_performer.analysis.export import run_export
 from protein_performer.analysis.maps import MapsFile
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.pretrained import load_model
 
 
 def sample_fasta(path, n: int, max_len: int = 500):

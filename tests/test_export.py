@@ -25,7 +25,6 @@ from protein_performer.analysis.export import (
     SequenceRecord,
     crop_window,
     export_attention,
-    load_model,
     read_sequences,
     run_export,
     run_sequence,
@@ -33,6 +32,7 @@ from protein_performer.analysis.export import (
 from protein_performer.analysis.maps import MapsFile, sanitize_name
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerLM
+from protein_performer.pretrained import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / "data" / "structures" / "biopython"
@@ -389,6 +389,9 @@ def test_random_init_baseline(checkpoint):
     assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
     assert r1.sha256 == "" and r1.checkpoint == "random" and r1.seed == 3
     assert r1.config == load_model(checkpoint).config
+    model, tokenizer = load_model(checkpoint)  # as esm.pretrained: the model and its alphabet
+    assert isinstance(model, PerformerLM) and not model.training
+    assert tokenizer.vocab_size == model.config.vocab_size and tokenizer.decode(tokenizer.encode("MKV")) == "MKV"
     w = lambda m: m.model.blocks[0].attn.to_q.weight  # noqa: E731
     assert torch.equal(w(r1), w(r2)) and not torch.equal(w(r1), w(r3))
     with pytest.raises(ValueError, match="model_config"):

@@ -12,10 +12,10 @@ import torch
 
 from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.contacts.predict import predict_contacts
-from protein_performer.analysis.export import load_model
 from protein_performer.experiments import family_contacts as fc
 from protein_performer.experiments.family_data import GAP_RESIDUE, aligned_row
 from protein_performer.model.performer import PerformerLM
+from protein_performer.pretrained import load_model
 
 
 def tiny(attention="exact", **kw):

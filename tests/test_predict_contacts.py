@@ -23,9 +23,10 @@ from protein_performer.analysis.contacts.head import (
     training_subset,
 )
 from protein_performer.analysis.contacts.predict import ContactsFile, predict_contacts
-from protein_performer.analysis.export import load_model, run_export
+from protein_performer.analysis.export import run_export
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.pretrained import load_model
 
 
 @pytest.fixture(scope="module")

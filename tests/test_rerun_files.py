@@ -37,11 +37,12 @@ from conftest import one_thread
 from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.contacts.predict import ContactsFile, run_predict_contacts
 from protein_performer.analysis.embed import read_embeddings, run_embed
-from protein_performer.analysis.export import file_sha256, run_export
+from protein_performer.analysis.export import run_export
 from protein_performer.analysis.maps import MapsFile
 from protein_performer.data.fasta import read_fasta
 from protein_performer.errors import UserError
 from protein_performer.model.performer import PerformerLM
+from protein_performer.pretrained import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "swissprot_sample.fasta.gz"

@@ -39,18 +39,12 @@ import numpy as np
 import torch
 
 from protein_performer.analysis import rerun
-from protein_performer.analysis.export import (
-    InputReport,
-    LoadedModel,
-    SequenceRecord,
-    crop_window,
-    load_model,
-    read_sequences,
-)
+from protein_performer.analysis.export import InputReport, SequenceRecord, crop_window, read_sequences
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
 from protein_performer.outputs import publish
+from protein_performer.pretrained import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

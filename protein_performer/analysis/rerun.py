@@ -37,10 +37,9 @@ from typing import Any
 import h5py
 
 from protein_performer.analysis.export.inputs import input_key
-from protein_performer.analysis.export.model import RANDOM, file_sha256, model_config_from
-from protein_performer.analysis.maps.format import MissingFileError, first_line
-from protein_performer.errors import UserError
+from protein_performer.errors import MissingFileError, UserError, first_line
 from protein_performer.outputs import staged_directory
+from protein_performer.pretrained import RANDOM, file_sha256, model_config_from
 
 log = logging.getLogger(__name__)
 

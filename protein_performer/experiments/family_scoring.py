@@ -211,7 +211,7 @@ def score_homolog_averaged(ckpt: str | Path, structure: str | Path, fasta: str |
     ``fasta``, for the checkpoint and its random-init twin."""
     import torch
 
-    from protein_performer.analysis.export import load_model
+    from protein_performer.pretrained import load_model
 
     records = read_family_fasta(fasta)
     pick = np.random.default_rng(seed).choice(len(records), min(n, len(records)), replace=False)

@@ -48,21 +48,18 @@ from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
 from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.export import (
-    ExportError,
     InputReport,
-    LoadedModel,
     SequenceRecord,
     crop_window,
-    file_sha256,
-    load_model,
     read_sequences,
     run_sequence,
 )
 from protein_performer.analysis.maps import apc_maps, sanitize_name
-from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
+from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
 from protein_performer.outputs import atomic_output, publish, save_figure
+from protein_performer.pretrained import LoadedModel, file_sha256, load_model
 
 log = logging.getLogger(__name__)
 
@@ -462,6 +459,4 @@ __all__ = [
     "reference_sequence",
     "run_predict_contacts",
     "plot_prediction",
-    "partial_path",
-    "ExportError",
 ]

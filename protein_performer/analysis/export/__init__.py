@@ -10,7 +10,7 @@ final LayerNorm, per residue and mean-pooled over the residues (ESM's ``extract.
 
 This module is the public import path; the code lives in:
 
-- :mod:`~protein_performer.analysis.export.model`: checkpoint -> :class:`LoadedModel`, and
+- :mod:`~protein_performer.analysis.export.model`: :class:`ExportError` and
   :func:`run_sequence` (one sequence, its maps one layer at a time);
 - :mod:`~protein_performer.analysis.export.inputs`: FASTA / structure input, crop, include;
 - :mod:`~protein_performer.analysis.export.run`: :func:`export_attention` and :func:`run_export`;
@@ -35,34 +35,21 @@ from protein_performer.analysis.export.inputs import (
     read_sequences,
 )
 from protein_performer.analysis.export.journal import ExportJournal, partial_paths
-from protein_performer.analysis.export.model import (
-    RANDOM,
-    ExportError,
-    LoadedModel,
-    file_sha256,
-    load_model,
-    model_config_from,
-    run_sequence,
-)
+from protein_performer.analysis.export.model import ExportError, run_sequence
 from protein_performer.analysis.export.run import ExportCounts, export_attention, run_export
 
 __all__ = [
     "CROPS",
     "INCLUDE",
-    "RANDOM",
     "ExportCounts",
     "ExportError",
     "ExportJournal",
     "InputReport",
-    "LoadedModel",
     "SequenceRecord",
     "crop_window",
     "export_attention",
-    "file_sha256",
     "input_key",
     "is_structure_input",
-    "load_model",
-    "model_config_from",
     "parse_include",
     "partial_paths",
     "read_sequences",

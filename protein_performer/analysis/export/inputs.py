@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protein_performer.analysis.export.model import ExportError
-from protein_performer.analysis.maps.format import MissingFileError
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
+from protein_performer.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import h5py
 
 from protein_performer.analysis.export.model import ExportError
-from protein_performer.analysis.maps.format import PARTIAL_SUFFIX, first_line, record_checksum
+from protein_performer.analysis.maps.format import PARTIAL_SUFFIX, record_checksum
+from protein_performer.errors import first_line
 
 log = logging.getLogger(__name__)
 

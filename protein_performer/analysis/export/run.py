@@ -51,7 +51,7 @@ from protein_performer.analysis.export.journal import (
     intact_record,
     partial_paths,
 )
-from protein_performer.analysis.export.model import ExportError, LoadedModel, load_model, run_sequence
+from protein_performer.analysis.export.model import ExportError, run_sequence
 from protein_performer.analysis.export.output import (
     NoSpaceError,
     check_output,
@@ -60,11 +60,13 @@ from protein_performer.analysis.export.output import (
     record_bytes,
     space_problem,
 )
-from protein_performer.analysis.maps.format import INCOMPLETE_ATTR, MAP_DATASETS, MissingFileError, first_line
+from protein_performer.analysis.maps.format import INCOMPLETE_ATTR, MAP_DATASETS
 from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.errors import MissingFileError, first_line
 from protein_performer.model.performer import PerformerLM
 from protein_performer.outputs import publish
+from protein_performer.pretrained import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

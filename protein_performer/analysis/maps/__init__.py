@@ -22,7 +22,6 @@ from protein_performer.analysis.maps.format import (
     VOCAB_ATTR,
     MapsFormatError,
     MapsRecord,
-    MissingFileError,
     incomplete_message,
     record_checksum,
     sanitize_name,
@@ -31,6 +30,7 @@ from protein_performer.analysis.maps.format import (
 from protein_performer.analysis.maps.ops import apc_maps
 from protein_performer.analysis.maps.reader import MapsFile, read_maps
 from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter, write_maps
+from protein_performer.errors import MissingFileError
 
 __all__ = [
     "FORMAT_VERSION",

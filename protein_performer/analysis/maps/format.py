@@ -71,10 +71,6 @@ class MapsFormatError(UserError, ValueError):
     """A maps file that is not one (not HDF5, another layout version or vocabulary, corrupted)."""
 
 
-class MissingFileError(UserError, FileNotFoundError):
-    """A file or folder the user named does not exist."""
-
-
 def incomplete_message(path: str | Path) -> str:
     return (
         f"{path}: incomplete: the export was interrupted (the file was never finished); "
@@ -166,9 +162,3 @@ def json_or_empty(v: Any) -> dict:
     except (TypeError, ValueError):
         return {}
     return d if isinstance(d, dict) else {}
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (h5py's run over many lines), or its type."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

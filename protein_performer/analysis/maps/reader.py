@@ -19,14 +19,12 @@ from protein_performer.analysis.maps.format import (
     VOCAB_ATTR,
     MapsFormatError,
     MapsRecord,
-    MissingFileError,
     attr_str,
-    first_line,
     incomplete_message,
     json_or_empty,
 )
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.errors import IncompleteOutputError, MissingFileError, UserError, first_line
 
 __all__ = ["MapsFile", "read_maps"]
 

@@ -58,13 +58,15 @@ from protein_performer.analysis.maps import apc_maps, sanitize_name
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
-from protein_performer.outputs import atomic_output, publish, save_figure
+from protein_performer.outputs import atomic_output, save_figure
+from protein_performer.outputs_h5 import ResumableH5
 from protein_performer.pretrained import LoadedModel, file_sha256, load_model
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "complete"
+DONE_ATTR = "done"  # a record group's commit mark
 
 
 @dataclass
@@ -241,36 +243,11 @@ def _group_name(h5: h5py.File, rid: str, index: int) -> str:
     return name if name not in h5 else f"{name}~{index}"
 
 
-def _check_resumable(
-    part: Path, resume: bool, checkpoint_sha256: str, head_sha256: str, input: str, reference: str
-) -> str:
-    """The h5py mode for ``part``: ``a`` to resume a run started with the same checkpoint, head,
-    input and reference, ``w`` to start afresh; another run's partial file is refused."""
-    if not (part.exists() and resume):
-        return "w"
-    try:
-        with h5py.File(part, "r") as h5:
-            same = (
-                h5.attrs.get("checkpoint_sha256") == checkpoint_sha256
-                and h5.attrs.get("head_sha256") == head_sha256
-                and h5.attrs.get("input") == str(input)
-                and h5.attrs.get("align_to", "") == reference
-            )
-    except OSError:
-        same = False
-        log.warning("%s: unreadable (killed while its header was written); starting again", part)
-    if not same:
-        raise UserError(
-            f"{part}: was started with another checkpoint, head, input or align_to; rerun with overwrite=true"
-        )
-    return "a"
-
-
 def _records_done(h5: h5py.File) -> set[int]:
     """Input indices already predicted; a record killed mid-write has no 'done' mark: dropped, redone."""
     done: set[int] = set()
     for name in list(h5):
-        if not h5[name].attrs.get("done", False):
+        if not h5[name].attrs.get(DONE_ATTR, False):
             del h5[name]
         else:
             done.add(int(h5[name].attrs["index"]))
@@ -290,8 +267,7 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
         group.create_dataset("aligned", data=np.asarray(pred.aligned, dtype=np.int32))
     # the map reaches the file before the mark that says it is there: HDF5 writes what one flush
     # holds in no particular order, so a kill inside it must not leave 'done' on a half-written map
-    h5.flush()
-    group.attrs["done"] = True
+    ResumableH5.commit(h5, group, DONE_ATTR, True)
 
 
 def run_predict_contacts(
@@ -317,7 +293,8 @@ def run_predict_contacts(
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
-    out, part = check_run_paths(input, output, "predict_contacts", resume, overwrite)
+    run = check_run_paths(input, output, "predict_contacts", resume, overwrite)
+    out = run.output
     contact_head = ContactHead.load(head)
     head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
     head_sha = file_sha256(head_path)
@@ -334,18 +311,20 @@ def run_predict_contacts(
     def run_settings(sha: str | None = None) -> dict:
         return rerun.run_settings(checkpoint, model_config, 0, input, sha, **options)
 
-    if rerun.finished_output(out, part, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))):
+    if rerun.finished_output(
+        out, run.partial, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))
+    ):
         return _finished_summary(out, csv_path, png_dir, top, contact_head.min_sep)
     loaded = load_model(checkpoint, model_config, 0, device)
     cfg = loaded.model.config
     contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
-    mode = _check_resumable(part, resume, loaded.sha256, head_sha, input, reference)
-    part.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint_sha256": loaded.sha256, "head_sha256": head_sha, "input": str(input), "align_to": reference}
+    resumed = run.resumes(settings, lambda h5: {k: h5.attrs.get(k) for k in settings})
     report = InputReport()
     records = list(read_sequences(input, min_residues=min_residues, invalid=invalid, report=report))
-    with h5py.File(part, mode) as h5:
+    with run.open(resumed) as h5:
         done: set[int] = set()
-        if mode == "w":
+        if not resumed:
             h5.attrs.update(
                 {
                     "format_version": FORMAT_VERSION,
@@ -373,12 +352,10 @@ def run_predict_contacts(
                 _write_prediction(h5, rec, n, pred)
             if not preds:
                 report.failures.append({"source": rec.source, "reason": f"{rec.id}: too long, skipped (crop=skip)"})
-            h5.flush()
             bar.update(1)
         bar.close()
-        h5.attrs[rerun.SETTINGS_ATTR] = rerun.settings_json(run_settings(loaded.sha256))
-        h5.attrs[COMPLETE_ATTR] = True
-    publish(part, out)
+        run.complete(h5.attrs, run_settings(loaded.sha256), COMPLETE_ATTR)
+    run.publish()
     with ContactsFile(out) as cf:
         n_written = len(cf)
         if csv_path or png_dir:

@@ -65,7 +65,7 @@ from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import MissingFileError, first_line
 from protein_performer.model.performer import PerformerLM
-from protein_performer.outputs import publish
+from protein_performer.outputs_h5 import SETTINGS_ATTR, ResumableH5, settings_json
 from protein_performer.pretrained import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -95,17 +95,18 @@ class _ExportRun:
     """One export in progress: the writer and journal of the target file, the records kept from
     an interrupted export, the counts. :meth:`add` handles one input record."""
 
-    def __init__(self, lm: PerformerLM, output: Path, inc: tuple[str, ...], crop: str, interrupted: Interrupted):
+    def __init__(self, lm: PerformerLM, run: ResumableH5, inc: tuple[str, ...], crop: str, interrupted: Interrupted):
         cfg = lm.config
-        self.lm, self.output, self.inc, self.crop, self.interrupted = lm, output, inc, crop, interrupted
+        self.lm, self.run, self.output, self.inc, self.crop = lm, run, run.output, inc, crop
+        self.interrupted = interrupted
         self.causal = bool(cfg.causal)
         self.max_len = int(cfg.max_len)
         self.max_residues = self.max_len - Tokenizer.special_tokens(self.causal)
         self.depth, self.heads, self.dim = len(lm.blocks), int(cfg.heads), int(cfg.dim)
-        self.partial, self.journal_path = partial_paths(output)
+        self.partial, self.journal_path = partial_paths(self.output)
         resumed = interrupted.old is not None  # kept records are copied into a fresh file first
         self.target, self.target_journal = (
-            partial_paths(output.with_name(output.name + RESUME_SUFFIX))
+            partial_paths(self.output.with_name(self.output.name + RESUME_SUFFIX))
             if resumed
             else (self.partial, self.journal_path)
         )
@@ -223,7 +224,7 @@ class _ExportRun:
         the file and rename it onto ``output``."""
         self.caught_up()
         if settings is not None:
-            self.writer.set_attr(rerun.SETTINGS_ATTR, rerun.settings_json(settings))
+            self.writer.set_attr(SETTINGS_ATTR, settings_json(settings))
         self.writer.set_attr(
             "export",
             json.dumps(
@@ -232,7 +233,7 @@ class _ExportRun:
             ),
         )
         self.writer.close()
-        publish(self.partial, self.output)
+        self.run.publish()
         self.journal.close()
         self.journal_path.unlink(missing_ok=True)
 
@@ -338,7 +339,8 @@ def export_attention(
             {"meta": meta, "model_config": asdict(lm.config), "checkpoint_sha256": sha, "input": input_key}, default=str
         )
     )
-    run = _ExportRun(lm, output, inc, crop, find_interrupted(output, settings, resume, overwrite))
+    resumable = ResumableH5(output, "export", resume, overwrite, ExportError)
+    run = _ExportRun(lm, resumable, inc, crop, find_interrupted(resumable, settings))
     was_training = lm.training
     lm.eval()
     t0 = time.perf_counter()

@@ -18,7 +18,6 @@ from protein_performer.analysis.maps.format import (
     INCOMPLETE_ATTR,
     INCOMPLETE_VALUE,
     LAYOUT_ATTRS,
-    PARTIAL_SUFFIX,
     VOCAB_ATTR,
     MapsFormatError,
     MapsRecord,

@@ -59,7 +59,6 @@ INCOMPLETE_ATTR = "incomplete"
 INCOMPLETE_VALUE = "writing started and not finished"
 VOCAB_ATTR = "vocab"
 LAYOUT_ATTRS = ("format_version", "model_config", "checkpoint_sha256", "causal", INCOMPLETE_ATTR, VOCAB_ATTR)
-PARTIAL_SUFFIX = ".partial"  # export writes <output>.partial and renames it when complete
 RECORD_ATTRS = ("id", "sequence", "source")  # a record group's own attributes (others are extras)
 MAP_DATASETS = ("attentions", "apc")
 CHECKSUM_PARTS = ("record", "attentions", "apc", "mean", "per_token")

@@ -15,7 +15,6 @@ import numpy as np
 from protein_performer.analysis.maps.format import (
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
-    PARTIAL_SUFFIX,
     VOCAB_ATTR,
     MapsFormatError,
     MapsRecord,
@@ -25,6 +24,7 @@ from protein_performer.analysis.maps.format import (
 )
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, MissingFileError, UserError, first_line
+from protein_performer.outputs_h5 import PARTIAL_SUFFIX
 
 __all__ = ["MapsFile", "read_maps"]
 

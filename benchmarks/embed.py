@@ -135,7 +135,7 @@ def main() -> None:
                 progress=False,
             )
             rows["embed"].append(time.perf_counter() - t0)
-            assert s["sequences"] == n
+            assert s.sequences == n
             print(f"round {rep + 1}: forward {rows['forward'][-1]:.2f} s, embed {rows['embed'][-1]:.2f} s", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     result = {

@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
@@ -210,6 +210,19 @@ def _append_rows(h5: h5py.File, ids: list[str], lengths: np.ndarray, emb: np.nda
     return n_keep
 
 
+@dataclass
+class EmbedSummary:
+    """What :func:`run_embed` wrote."""
+
+    output: str
+    sequences: int  # rows in the file
+    new: int  # rows this run computed
+    seconds: float
+    sequences_per_s: float
+    input_failures: list[dict] = field(default_factory=list)  # records left out, with the reason
+    already_complete: bool = False  # resume=true over a finished output: nothing was done
+
+
 def run_embed(
     checkpoint: str,
     input: str,
@@ -225,8 +238,8 @@ def run_embed(
     progress: bool = True,
     model_config: str | None = None,
     seed: int = 0,
-) -> dict:
-    """What ``python -m protein_performer.embed`` does; returns a summary (sequences, seconds, seq/s)."""
+) -> EmbedSummary:
+    """What ``python -m protein_performer.embed`` does; returns its :class:`EmbedSummary`."""
     t0 = time.perf_counter()
     device = resolve_device(device)
     run = check_run_paths(input, output, "embed", resume, overwrite)
@@ -285,29 +298,16 @@ def run_embed(
         run.complete(h5.attrs, run_settings(loaded.sha256), COMPLETE_ATTR)
     run.publish()
     seconds = time.perf_counter() - t0
-    summary = {
-        "output": str(out),
-        "sequences": n_total,
-        "new": n_new,
-        "seconds": seconds,
-        "sequences_per_s": n_new / seconds if seconds > 0 else float("nan"),
-        "input_failures": report.failures,
-    }
+    summary = EmbedSummary(
+        str(out), n_total, n_new, seconds, n_new / seconds if seconds > 0 else float("nan"), report.failures
+    )
     log.info("%d embeddings (%d new) -> %s in %.1f s", n_total, n_new, out, seconds)
     return summary
 
 
-def _finished_summary(out: Path, seconds: float) -> dict:
+def _finished_summary(out: Path, seconds: float) -> EmbedSummary:
     """:func:`run_embed`'s summary of a finished file (``resume=true`` over it): nothing new."""
     with h5py.File(out, "r") as h5:
         n = int(h5["ids"].shape[0])
     log.info("%s is already complete (%d records); nothing to do", out, n)
-    return {
-        "output": str(out),
-        "sequences": n,
-        "new": 0,
-        "seconds": seconds,
-        "sequences_per_s": 0.0,
-        "input_failures": [],
-        "already_complete": True,
-    }
+    return EmbedSummary(str(out), n, 0, seconds, 0.0, [], already_complete=True)

@@ -41,10 +41,10 @@ def main(cfg: DictConfig) -> dict:
         progress=bool(cfg.progress),
         align_to=_align_to(cfg.get("align_to")),
     )
-    if summary.get("already_complete"):  # resume=true over a finished output: its log line said so
+    if summary.already_complete:  # resume=true over a finished output: its log line said so
         return summary
-    print(f"{summary['records']} contact maps -> {summary['output']}")
-    for f in summary["input_failures"]:
+    print(f"{summary.records} contact maps -> {summary.output}")
+    for f in summary.input_failures:
         print(f"  left out: {f['reason']}")
     return summary
 

@@ -270,6 +270,19 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
     ResumableH5.commit(h5, group, DONE_ATTR, True)
 
 
+@dataclass
+class PredictSummary:
+    """What :func:`run_predict_contacts` wrote."""
+
+    output: str
+    records: int  # contact maps in the file
+    input_failures: list[dict]  # records left out, with the reason
+    checkpoint_sha256: str
+    head: str  # the contact_head.json used
+    align_to: str  # the reference the maps are aligned to ("" for none)
+    already_complete: bool = False  # resume=true over a finished output: nothing was done
+
+
 def run_predict_contacts(
     checkpoint: str,
     head: str,
@@ -287,8 +300,8 @@ def run_predict_contacts(
     progress: bool = True,
     model_config: str | None = None,
     align_to: str | bool | None = None,
-) -> dict:
-    """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict.
+) -> PredictSummary:
+    """What ``python -m protein_performer.predict_contacts`` does. Returns its :class:`PredictSummary`.
     ``align_to``: see :func:`predict_contacts` (default: the head's reference, if it names one)."""
     from tqdm.auto import tqdm
 
@@ -361,17 +374,10 @@ def run_predict_contacts(
         if csv_path or png_dir:
             _write_extras(cf, csv_path, png_dir, top, contact_head.min_sep)
     log.info("%d contact maps -> %s", n_written, out)
-    return {
-        "output": str(out),
-        "records": n_written,
-        "input_failures": report.failures,
-        "checkpoint_sha256": loaded.sha256,
-        "head": str(head_path),
-        "align_to": reference,
-    }
+    return PredictSummary(str(out), n_written, report.failures, loaded.sha256, str(head_path), reference)
 
 
-def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> dict:
+def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> PredictSummary:
     """:func:`run_predict_contacts`'s summary of a finished file (``resume=true`` over it); a
     ``csv=`` / PNG that is missing (killed before it was written) is written from the file."""
     with ContactsFile(out) as cf:
@@ -379,7 +385,7 @@ def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top:
         attrs = {k: str(cf.attrs.get(k, "")) for k in ("checkpoint_sha256", "head", "align_to")}
         _write_extras(cf, csv_path, png_dir, top, min_sep, missing_only=True)
     log.info("%s is already complete (%d records); nothing to do", out, n)
-    return {"output": str(out), "records": n, "input_failures": [], **attrs, "already_complete": True}
+    return PredictSummary(str(out), n, [], **attrs, already_complete=True)
 
 
 def _write_extras(

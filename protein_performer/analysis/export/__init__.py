@@ -15,6 +15,7 @@ This module is the public import path; the code lives in:
 - :mod:`~protein_performer.analysis.export.inputs`: FASTA / structure input, crop, include;
 - :mod:`~protein_performer.analysis.export.run`: :func:`export_attention` and :func:`run_export`;
 - :mod:`~protein_performer.analysis.export.journal`: the partial file, its journal, ``resume``;
+- :mod:`~protein_performer.analysis.export.summary`: :class:`ExportCounts`, :class:`ExportSummary`;
 - :mod:`~protein_performer.analysis.export.output`: output path and free-space checks.
 
 The file layout is :mod:`protein_performer.analysis.maps`'s; export adds the root attribute
@@ -36,12 +37,14 @@ from protein_performer.analysis.export.inputs import (
 )
 from protein_performer.analysis.export.journal import ExportJournal, partial_paths
 from protein_performer.analysis.export.model import ExportError, run_sequence
-from protein_performer.analysis.export.run import ExportCounts, export_attention, run_export
+from protein_performer.analysis.export.run import export_attention, run_export
+from protein_performer.analysis.export.summary import ExportCounts, ExportSummary
 
 __all__ = [
     "CROPS",
     "INCLUDE",
     "ExportCounts",
+    "ExportSummary",
     "ExportError",
     "ExportJournal",
     "InputReport",

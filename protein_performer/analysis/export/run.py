@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from protein_performer.analysis.export.output import (
     record_bytes,
     space_problem,
 )
+from protein_performer.analysis.export.summary import ExportCounts, ExportSummary
 from protein_performer.analysis.maps.format import INCOMPLETE_ATTR, MAP_DATASETS
 from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
@@ -69,26 +70,6 @@ from protein_performer.outputs_h5 import SETTINGS_ATTR, ResumableH5, settings_js
 from protein_performer.pretrained import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportCounts:
-    """What an export did so far; :meth:`totals` goes into the file's ``export`` attribute."""
-
-    records: int = 0
-    cropped: int = 0
-    skipped_too_long: int = 0
-    residues: int = 0
-    skipped: list[str] = field(default_factory=list)  # ids of the records too long (crop=skip)
-    copied: int = 0  # records kept from an interrupted export
-
-    def totals(self) -> dict[str, int]:
-        return {
-            "records": self.records,
-            "cropped": self.cropped,
-            "skipped_too_long": self.skipped_too_long,
-            "residues": self.residues,
-        }
 
 
 class _ExportRun:
@@ -307,13 +288,13 @@ def export_attention(
     overwrite: bool = False,
     input_key: Any = None,
     run_settings: dict | None = None,
-) -> dict:
+) -> ExportSummary:
     """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps layout).
 
     ``sequences``: :class:`SequenceRecord` s or ``(id, sequence, source)`` tuples. ``include``:
     any of ``attentions`` (every layer x head, float16), ``apc`` (``apc(symmetrize(A))`` of each
     map, float16), ``mean`` and ``per_token`` (final-layer embeddings, float32). ``input_report``:
-    the reader's failures, stored in the ``export`` attribute. Returns a summary dict.
+    the reader's failures, stored in the ``export`` attribute. Returns an :class:`ExportSummary`.
     ``resume`` / ``overwrite`` / ``input_key`` (what identifies the input): an interrupted export,
     see the module docstring (crash safety). ``run_settings``: stored for a later ``resume=true``
     over the finished file (:mod:`protein_performer.analysis.rerun`; :func:`run_export` sets it).
@@ -366,7 +347,7 @@ def export_attention(
     return _summary(run, sha, time.perf_counter() - t0)
 
 
-def _summary(run: _ExportRun, sha: str, seconds: float) -> dict:
+def _summary(run: _ExportRun, sha: str, seconds: float) -> ExportSummary:
     counts = run.counts
     log.info(
         "exported %d sequences (%d residues, %d cropped, %d skipped; %d kept from an interrupted export) "
@@ -379,18 +360,18 @@ def _summary(run: _ExportRun, sha: str, seconds: float) -> dict:
         run.output,
         seconds,
     )
-    return {
-        "output": str(run.output),
+    return ExportSummary(
+        str(run.output),
         **counts.totals(),
-        "skipped": counts.skipped,
-        "seconds": round(seconds, 3),
-        "layers": run.depth,
-        "heads": run.heads,
-        "causal": run.causal,
-        "include": list(run.inc),
-        "checkpoint_sha256": sha,
-        "resumed_records": counts.copied,
-    }
+        skipped=counts.skipped,
+        seconds=round(seconds, 3),
+        layers=run.depth,
+        heads=run.heads,
+        causal=run.causal,
+        include=list(run.inc),
+        checkpoint_sha256=sha,
+        resumed_records=counts.copied,
+    )
 
 
 def run_export(
@@ -408,9 +389,9 @@ def run_export(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
-) -> dict:
+) -> ExportSummary:
     """What ``python -m protein_performer.export_attention`` does: load, read, export. Returns the
-    summary (with ``input_failures``: structure files / chains / FASTA records left out).
+    :class:`ExportSummary` (with ``input_failures``: structure files / chains / FASTA records left out).
     ``resume`` / ``overwrite``: an interrupted export (see :func:`export_attention`); ``resume``
     over a finished ``output`` made with the same settings returns its summary and does nothing
     (:mod:`protein_performer.analysis.rerun`)."""
@@ -437,7 +418,7 @@ def run_export(
         Path(output), partial, settings, resume, overwrite, lambda h5: INCOMPLETE_ATTR not in h5.attrs
     ):
         journal.unlink(missing_ok=True)  # a kill after the final rename can leave it
-        return _finished_summary(Path(output), time.perf_counter() - t0)
+        return ExportSummary.of_finished(Path(output), time.perf_counter() - t0)
     loaded = load_model(checkpoint, model_config, seed, device)
     report = InputReport()
     seqs = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
@@ -458,29 +439,5 @@ def run_export(
         input_key=input_key(input),
         run_settings=settings(loaded.sha256),
     )
-    summary["input_failures"] = report.failures
+    summary.input_failures = report.failures
     return summary
-
-
-def _finished_summary(output: Path, seconds: float) -> dict:
-    """:func:`run_export`'s summary of a finished export, read from its file (``resume=true`` over it)."""
-    with h5py.File(output, "r") as h5:
-        done = json.loads(h5.attrs.get("export", "{}"))
-        cfg = json.loads(h5.attrs.get("model_config", "{}"))
-        sha, causal = str(h5.attrs.get("checkpoint_sha256", "")), bool(h5.attrs.get("causal", False))
-    totals = ExportCounts(**{k: int(done.get(k, 0)) for k in ExportCounts().totals()}).totals()
-    log.info("%s is already complete (%d records); nothing to do", output, totals["records"])
-    return {
-        "output": str(output),
-        **totals,
-        "skipped": done.get("skipped", []),
-        "seconds": round(seconds, 3),
-        "layers": int(cfg.get("depth", 0)),
-        "heads": int(cfg.get("heads", 0)),
-        "causal": causal,
-        "include": done.get("include", []),
-        "checkpoint_sha256": sha,
-        "resumed_records": 0,
-        "input_failures": done.get("input_failures", []),
-        "already_complete": True,
-    }

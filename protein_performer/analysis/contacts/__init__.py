@@ -10,14 +10,16 @@
   proteins, or one train/test split). Baselines: the same pipeline on a random-init model's
   maps, and the single head with the best long-range P@L on the training proteins.
 
-This module is the public import path; the code lives in:
+The package's public names are imported from here; the code lives in:
 
 - :mod:`~protein_performer.analysis.maps.ops`: :func:`symmetrize`, :func:`apc`;
 - :mod:`~protein_performer.analysis.contacts.metrics`: :func:`contact_map`, :func:`precision_at_k`;
 - :mod:`~protein_performer.analysis.contacts.proteins`: :class:`Protein`, :func:`load_proteins`;
 - :mod:`~protein_performer.analysis.contacts.study`: the predictors and :func:`evaluate`;
 - :mod:`~protein_performer.analysis.contacts.report`: report files, table and plots;
-- :mod:`~protein_performer.analysis.contacts.run`: :func:`run_contacts` (the entry point's work).
+- :mod:`~protein_performer.analysis.contacts.run`: :func:`run_contacts` (the entry point's work);
+- :mod:`~protein_performer.analysis.contacts.head`: the saved contact head;
+  :mod:`~protein_performer.analysis.contacts.predict`: ``predict_contacts`` with it (imported from there).
 """
 
 from __future__ import annotations

@@ -8,13 +8,15 @@ every map is L x L (rows need not sum to 1: the mass on bos / eos is left out, a
 Embeddings (``include`` ``mean`` / ``per_token``): the final layer's representation after the
 final LayerNorm, per residue and mean-pooled over the residues (ESM's ``extract.py``).
 
-This module is the public import path; the code lives in:
+The package's public names are imported from here (the model comes from
+:func:`protein_performer.pretrained.load_model`); the code lives in:
 
 - :mod:`~protein_performer.analysis.export.model`: :class:`ExportError` and
   :func:`run_sequence` (one sequence, its maps one layer at a time);
 - :mod:`~protein_performer.analysis.export.inputs`: FASTA / structure input, crop, include;
 - :mod:`~protein_performer.analysis.export.run`: :func:`export_attention` and :func:`run_export`;
-- :mod:`~protein_performer.analysis.export.journal`: the partial file, its journal, ``resume``;
+- :mod:`~protein_performer.analysis.export.journal`: the partial file, its journal, ``resume``
+  (the protocol is :class:`protein_performer.outputs_h5.ResumableH5`'s);
 - :mod:`~protein_performer.analysis.export.summary`: :class:`ExportCounts`, :class:`ExportSummary`;
 - :mod:`~protein_performer.analysis.export.output`: output path and free-space checks.
 

@@ -30,9 +30,10 @@ sys.path.insert(0, str(REPO))
 from _record import Floor, day, newest, record, source, table, write  # noqa: E402
 
 from protein_performer.analysis.embed import _batch_tokens, length_batches, run_embed  # noqa: E402
-from protein_performer.analysis.export import crop_window, load_model  # noqa: E402
+from protein_performer.analysis.export import crop_window  # noqa: E402
 from protein_performer.data.fasta import read_fasta  # noqa: E402
 from protein_performer.data.tokenizer import Tokenizer  # noqa: E402
+from protein_performer.pretrained import load_model  # noqa: E402
 from protein_performer.resources import shared_data  # noqa: E402
 
 HEADING = "## Embedding-only export (issue 12): `benchmarks/embed.py`"
@@ -167,7 +168,7 @@ def main() -> None:
                 progress=False,
             )
             rows["embed"].append(time.perf_counter() - t0)
-            assert s["sequences"] == n
+            assert s.sequences == n
             print(f"round {rep + 1}: forward {rows['forward'][-1]:.2f} s, embed {rows['embed'][-1]:.2f} s", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     result = {

@@ -148,7 +148,7 @@ def fit(
 
 def contact_scores(j: np.ndarray, amino: int = AMINO) -> np.ndarray:
     """APC of the Frobenius norms ``|J_ij|`` over the 20 amino acids (gap state left out), (L, L)."""
-    from protein_performer.analysis.map_ops import apc
+    from protein_performer.analysis.maps.ops import apc
 
     norms = np.sqrt((j[:, :, :amino, :amino] ** 2).sum((2, 3)))
     return apc(norms.astype(np.float64))
@@ -167,8 +167,8 @@ def family_alignment(family: str, shared: Path, max_identity: float, max_sequenc
     and the extraction's counts."""
     from protein_performer.analysis.alignment import GAP_RESIDUE
     from protein_performer.recipes.family_contacts.extract import extract_family, family_chain
-    from protein_performer.recipes.family_contacts.scoring import chain_residues
     from protein_performer.recipes.family_contacts.msa import read_alignment
+    from protein_performer.recipes.family_contacts.scoring import chain_residues
 
     structure = family_chain(shared / "structures" / "kortemme40", family)
     target, _ = chain_residues(structure)
@@ -192,7 +192,7 @@ def family_alignment(family: str, shared: Path, max_identity: float, max_sequenc
 
 def true_contacts(structure: Path) -> np.ndarray:
     """The chain's contact map on its own sequence (the recipe's probe does the same)."""
-    from protein_performer.analysis.contact_metrics import contact_map
+    from protein_performer.analysis.contacts.metrics import contact_map
     from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
 
     chain = load_structures(structure)[0][0]
@@ -201,8 +201,8 @@ def true_contacts(structure: Path) -> np.ndarray:
 
 def run_family(family: str, shared: Path, max_identity: float, max_sequences: int | None, max_iter: int) -> dict:
     """Extract, filter, reweight, fit and score one family; the result row with the wall times."""
-    from protein_performer.recipes.family_contacts.scoring import score_map
     from protein_performer.recipes.family_contacts.msa import filter_gaps, sequence_weights
+    from protein_performer.recipes.family_contacts.scoring import score_map
 
     times, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

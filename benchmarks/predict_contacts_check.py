@@ -92,7 +92,7 @@ def write_fasta(structures: Path, path: Path) -> dict[str, str]:
 def score_predictions(predicted: Path, structures: Path) -> dict[str, float]:
     """Long-range P@L of every predicted map against its chain's structure."""
     from protein_performer.analysis.contacts import contact_map, precision_at_k
-    from protein_performer.analysis.predict_contacts import ContactsFile
+    from protein_performer.analysis.contacts.predict import ContactsFile
     from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
 
     chains = {c.name: c for c in load_structures(structures)[0]}

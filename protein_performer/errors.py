@@ -7,7 +7,7 @@ which prints ``error: <message>`` on stderr and exits with :data:`EXIT_USER_ERRO
 traceback; any other exception is a bug and keeps its traceback.
 
 Domain errors (``FastaFormatError``, ``IngestError``, ``ShardFormatError``, ``StructureError``,
-``MapsFormatError`` in analysis.maps_io, ...) subclass :class:`UserError`, so library callers can catch them one by
+``MapsFormatError`` in analysis.maps, ...) subclass :class:`UserError`, so library callers can catch them one by
 one or all at once.
 """
 
@@ -32,6 +32,16 @@ class UserError(Exception):
 
 class IncompleteOutputError(UserError):
     """A file that a command did not finish writing (the job was killed); rerun or resume it."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (h5py's run over many lines), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def cli_errors(fn: F) -> F:

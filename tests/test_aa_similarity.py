@@ -19,7 +19,7 @@ from protein_performer.analysis.aa_similarity import (
     blosum_correlation,
     plot_aa_similarity,
 )
-from protein_performer.analysis.maps_io import MapsRecord, write_maps
+from protein_performer.analysis.maps import MapsRecord, write_maps
 
 
 @pytest.fixture(scope="module")

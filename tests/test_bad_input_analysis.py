@@ -24,7 +24,7 @@ import torch
 from protein_performer.analysis.aa_similarity import run_aa_similarity
 from protein_performer.analysis.contacts import run_contacts
 from protein_performer.analysis.export import run_export
-from protein_performer.analysis.maps_io import write_maps
+from protein_performer.analysis.maps import write_maps
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import cli_errors
 from protein_performer.model.performer import PerformerConfig, PerformerLM
@@ -233,7 +233,7 @@ def test_export_on_a_disk_that_fills_up(files, tmp_path):
         )
         assert last.endswith("; free space and rerun with resume=true")
         assert same()
-        from protein_performer.analysis.maps_io import MapsFile
+        from protein_performer.analysis.maps import MapsFile
         from protein_performer.errors import IncompleteOutputError, UserError
 
         with pytest.raises((IncompleteOutputError, UserError)):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protein_performer.analysis.contact_head import training_subset
 from protein_performer.analysis.contacts import MIN_SEP, Protein, fit_logistic, precision_table
+from protein_performer.analysis.contacts.head import training_subset
 from protein_performer.recipes.family_contacts.head import leave_family_out
 
 
@@ -67,10 +67,10 @@ def test_contacts_stage_on_a_small_structure_folder(tmp_path_factory, tmp_path):
 
     from test_export import STRUCTURES, trained_checkpoint
 
-    from protein_performer.analysis.contact_head import ContactHead
     from protein_performer.analysis.contacts import load_proteins
-    from protein_performer.analysis.export import load_model
+    from protein_performer.analysis.contacts.head import ContactHead
     from protein_performer.analysis.structures import load_structures
+    from protein_performer.pretrained import load_model
     from protein_performer.recipes.family_contacts.head import HeadPaths, contacts_stage
 
     ckpt = trained_checkpoint(tmp_path_factory)

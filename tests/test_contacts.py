@@ -29,7 +29,7 @@ from protein_performer.analysis.contacts import (
     run_contacts,
     symmetrize,
 )
-from protein_performer.analysis.maps_io import write_maps
+from protein_performer.analysis.maps import write_maps
 from protein_performer.analysis.structures import (
     Chain,
     align_to_sequence,

@@ -32,7 +32,7 @@ import pytest
 from killing import command_env, kill_after, run_cmd
 
 from protein_performer.analysis.export import ExportError, run_export
-from protein_performer.analysis.maps_io import MapsFile, write_maps
+from protein_performer.analysis.maps import MapsFile, write_maps
 from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
 from protein_performer.errors import IncompleteOutputError
 
@@ -86,7 +86,7 @@ def _kept(stdout: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _export_in_process(work: Path, output: Path, **kw) -> dict:
+def _export_in_process(work: Path, output: Path, **kw):
     """The same export in this process (torch already imported: seconds saved per run), for the
     refusals (which write nothing) and for outputs compared with another export of this process."""
     import torch
@@ -215,7 +215,7 @@ def _write_and_kill_self(path: Path, n_records: int) -> None:
     """A writer process that adds records, flushes, and is SIGKILLed before it finishes."""
     code = (
         "import os, signal, numpy as np\n"
-        "from protein_performer.analysis.maps_io import MapsWriter\n"
+        "from protein_performer.analysis.maps import MapsWriter\n"
         f"w = MapsWriter({str(path)!r})\n"
         f"for n in range({n_records}):\n"
         "    w.add(f'r{n}', 'ACDEFGHIKLMNPQRSTVWY', np.full((1, 2, 20, 20), 0.05))\n"
@@ -338,7 +338,7 @@ def test_overwrite_discards_an_interrupted_export_and_resume_checks_the_settings
     work = tmp_path
     (work / "tiny.yaml").write_text(TINY)
     # every export here runs in this process, one thread: the overwrite and its reference alike
-    ref = _export_in_process(work, work / "ref" / "maps.h5")["output"]
+    ref = _export_in_process(work, work / "ref" / "maps.h5").output
     out = tmp_path / "maps.h5"
     partial = tmp_path / "maps.h5.partial"
     journal = tmp_path / "maps.h5.partial.journal"
@@ -353,5 +353,5 @@ def test_overwrite_discards_an_interrupted_export_and_resume_checks_the_settings
         _export_in_process(work, out, resume=True)
     assert partial.read_bytes().endswith(b"\0" * 100) and not out.exists()
     summary = _export_in_process(work, out, overwrite=True)
-    assert summary["records"] == N_SEQUENCES and summary["resumed_records"] == 0
+    assert summary.records == N_SEQUENCES and summary.resumed_records == 0
     assert out.read_bytes() == Path(ref).read_bytes() and not partial.exists() and not journal.exists()

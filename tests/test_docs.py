@@ -132,7 +132,7 @@ def test_every_test_named_in_the_docs_exists():
 def test_every_module_named_in_the_architecture_exists():
     text = ARCHITECTURE.read_text()
     missing = []
-    for folder, name in re.findall(r"`?(\w+)/(\w+)\.py`?", text):
+    for folder, name in re.findall(r"`?((?:\w+/)*\w+)/(\w+)\.py`?", text):
         candidates = [PACKAGE / folder / f"{name}.py", REPO / folder / f"{name}.py"]
         if folder != "tests" and not any(c.exists() for c in candidates):
             missing.append(f"{folder}/{name}.py")

@@ -21,10 +21,11 @@ from protein_performer.analysis.embed import (
     read_embeddings,
     run_embed,
 )
-from protein_performer.analysis.export import load_model, run_export
-from protein_performer.analysis.maps_io import MapsFile
+from protein_performer.analysis.export import run_export
+from protein_performer.analysis.maps import MapsFile
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.pretrained import load_model
 
 
 def sample_fasta(path, n: int, max_len: int = 500):
@@ -93,7 +94,7 @@ def test_embeddings_equal_export_mean(ckpt, tmp_path):
     run_export(str(ckpt), str(fasta), str(maps), include=["mean"], progress=False)
     out = tmp_path / "emb.h5"
     s = run_embed(str(ckpt), str(fasta), str(out), batch_tokens=3000, chunk=16, progress=False)
-    assert s["sequences"] == 40 and not (tmp_path / "emb.h5.partial").exists()
+    assert s.sequences == 40 and not (tmp_path / "emb.h5.partial").exists()
     emb = read_embeddings(out)
     with MapsFile(maps) as mf:
         ids = list(mf.ids)
@@ -215,7 +216,7 @@ def test_embed_resume_commit_marks(ckpt, tmp_path, monkeypatch, caplog):
     assert skipped >= 1, lengths  # the committed chunks hold records crop=skip leaves out
     opts = dict(chunk=8, batch_tokens=2000, crop="skip")
     ref = run_embed(str(ckpt), str(fasta), str(tmp_path / "ref.h5"), progress=False, **opts)
-    want = read_embeddings(ref["output"])
+    want = read_embeddings(ref.output)
     assert len(want["ids"]) == len(lengths) - sum(n > 598 for n in lengths)
 
     # stopped after two chunks: 16 records consumed, 16 - skipped rows written
@@ -225,7 +226,7 @@ def test_embed_resume_commit_marks(ckpt, tmp_path, monkeypatch, caplog):
         assert list(h5.attrs["progress"]) == [16, 16 - skipped]
         assert h5["ids"].shape == (16 - skipped,)
     got = run_embed(str(ckpt), str(fasta), str(out), progress=False, resume=True, **opts)
-    assert got["new"] == len(want["ids"]) - (16 - skipped)
+    assert got.new == len(want["ids"]) - (16 - skipped)
     _same_embeddings(read_embeddings(out), want)
 
     # rows appended past the mark (killed inside the next chunk's flush): cut back to the mark
@@ -247,5 +248,5 @@ def test_embed_resume_commit_marks(ckpt, tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="protein_performer.analysis.embed"):
         got = run_embed(str(ckpt), str(fasta), str(out), progress=False, resume=True, **opts)
     assert "starting again" in caplog.text
-    assert got["new"] == len(want["ids"])
+    assert got.new == len(want["ids"])
     _same_embeddings(read_embeddings(out), want)

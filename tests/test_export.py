@@ -25,14 +25,14 @@ from protein_performer.analysis.export import (
     SequenceRecord,
     crop_window,
     export_attention,
-    load_model,
     read_sequences,
     run_export,
     run_sequence,
 )
-from protein_performer.analysis.maps_io import MapsFile, sanitize_name
+from protein_performer.analysis.maps import MapsFile, sanitize_name
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerConfig, PerformerLM
+from protein_performer.pretrained import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / "data" / "structures" / "biopython"
@@ -170,7 +170,7 @@ def test_exported_maps_equal_the_reference_construction(attention, causal, real_
     reference = copy.deepcopy(model)  # the export must not change the model (no feature redraw)
     out = tmp_path / "maps.h5"
     summary = export_attention(model, real_sequences, out, progress=False)
-    assert summary["records"] == 3 and summary["causal"] is causal
+    assert summary.records == 3 and summary.causal is causal
     how = "softmax" if attention == "exact" else "identity"
     with MapsFile(out) as mf:
         assert mf.attrs["causal"] is causal
@@ -302,7 +302,7 @@ def test_sequences_longer_than_max_len(real_sequences, tmp_path):
     assert crop_window(L, 30, "center", "x") == (start, start + 30)
     out = tmp_path / "center.h5"
     summary = export_attention(model, [seq, ("short", "MKVLAAGIV", "")], out, crop="center", progress=False)
-    assert summary["cropped"] == 1 and summary["records"] == 2
+    assert summary.cropped == 1 and summary.records == 2
     with h5py.File(out) as h5:
         g = h5[sanitize_name(seq.id)]
         assert g.attrs["crop_start"] == start and g.attrs["full_length"] == L
@@ -316,16 +316,14 @@ def test_sequences_longer_than_max_len(real_sequences, tmp_path):
     summary = export_attention(
         model, [seq, ("short", "MKVLAAGIV", "")], tmp_path / "skip.h5", crop="skip", progress=False
     )
-    assert summary["skipped"] == [seq.id] and summary["records"] == 1
+    assert summary.skipped == [seq.id] and summary.records == 1
     with MapsFile(tmp_path / "skip.h5") as mf:
         assert mf.ids == ["short"]
     export_attention(model, [seq], tmp_path / "start.h5", crop="start", progress=False)
     with MapsFile(tmp_path / "start.h5") as mf:
         assert mf.read(seq.id).sequence == seq.sequence[:30]
     uni = tiny_model("favor_softmax", True, max_len=32)  # UNI: 31 residues + bos
-    with MapsFile(
-        Path(export_attention(uni, [seq], tmp_path / "uni.h5", crop="start", progress=False)["output"])
-    ) as mf:
+    with MapsFile(Path(export_attention(uni, [seq], tmp_path / "uni.h5", crop="start", progress=False).output)) as mf:
         assert len(mf.read(seq.id)) == 31
 
 
@@ -389,6 +387,9 @@ def test_random_init_baseline(checkpoint):
     assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
     assert r1.sha256 == "" and r1.checkpoint == "random" and r1.seed == 3
     assert r1.config == load_model(checkpoint).config
+    model, tokenizer = load_model(checkpoint)  # as esm.pretrained: the model and its alphabet
+    assert isinstance(model, PerformerLM) and not model.training
+    assert tokenizer.vocab_size == model.config.vocab_size and tokenizer.decode(tokenizer.encode("MKV")) == "MKV"
     w = lambda m: m.model.blocks[0].attn.to_q.weight  # noqa: E731
     assert torch.equal(w(r1), w(r2)) and not torch.equal(w(r1), w(r3))
     with pytest.raises(ValueError, match="model_config"):
@@ -460,5 +461,5 @@ def test_run_export_reports_structure_failures(checkpoint, tmp_path):
     (folder / "1A8O.pdb").write_bytes((STRUCTURES / "1A8O.pdb").read_bytes())
     (folder / "broken.pdb").write_text("this is not a PDB file\n")
     summary = run_export(str(checkpoint), str(folder), str(tmp_path / "m.h5"), progress=False)
-    assert summary["records"] == 1
-    assert any("broken.pdb" in f["source"] or "broken.pdb" in f["reason"] for f in summary["input_failures"])
+    assert summary.records == 1
+    assert any("broken.pdb" in f["source"] or "broken.pdb" in f["reason"] for f in summary.input_failures)

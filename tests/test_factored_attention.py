@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row
-from protein_performer.analysis.contact_head import ContactHead
-from protein_performer.analysis.export import load_model
-from protein_performer.analysis.predict_contacts import predict_contacts
+from protein_performer.analysis.contacts.head import ContactHead
+from protein_performer.analysis.contacts.predict import predict_contacts
 from protein_performer.model.performer import PerformerConfig, PerformerLM
+from protein_performer.pretrained import load_model
 from protein_performer.recipes.family_contacts.extract import extract_family, read_family_fasta
 from protein_performer.recipes.family_contacts.run import run
 from protein_performer.recipes.family_contacts.scoring import chain_residues

@@ -11,7 +11,7 @@ import pytest
 
 from protein_performer.analysis.alignment import aligned_positions, identity
 from protein_performer.analysis.contacts import apc, precision_at_k, symmetrize
-from protein_performer.analysis.maps_io import MapsFile
+from protein_performer.analysis.maps import MapsFile
 from protein_performer.analysis.structures import load_structures
 from protein_performer.cli.family_contacts import data_groups, parse
 from protein_performer.errors import UserError
@@ -245,7 +245,7 @@ def test_homolog_averaged_map_of_copies_is_the_chain_map():
     import torch
 
     from protein_performer.analysis.export import run_sequence
-    from protein_performer.analysis.maps_io import apc_maps
+    from protein_performer.analysis.maps import apc_maps
     from protein_performer.data.tokenizer import Tokenizer
     from protein_performer.model.performer import PerformerConfig, PerformerLM
 

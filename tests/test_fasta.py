@@ -195,10 +195,10 @@ def test_split_block_matches_reference_on_odd_blocks():
 def test_threaded_gzip_reader_returns_the_stream_in_order(sample_fasta, n):
     """read(n): at least n bytes (but the last), at most 2 n, the exact decompressed stream; seek
     skips forward; pieces larger than 2 n are handed out in parts."""
-    from protein_performer.data.fasta import _ThreadedGzipReader
+    from protein_performer.data.gzip_stream import ThreadedGzipReader
 
     want = gzip.decompress(sample_fasta.read_bytes())
-    reader = _ThreadedGzipReader(sample_fasta)
+    reader = ThreadedGzipReader(sample_fasta)
     try:
         reader.seek(12345)
         got = [want[:12345]]

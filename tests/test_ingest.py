@@ -19,8 +19,6 @@ from protein_performer.data.ingest import (
     IngestConfig,
     IngestError,
     SimulatedInterruption,
-    _first_occurrence,
-    _mix64,
     ingest,
     merge,
     parse_header,
@@ -28,6 +26,8 @@ from protein_performer.data.ingest import (
     split_codes,
 )
 from protein_performer.data.ingest.config import WorkUnit
+from protein_performer.data.ingest.hashing import mix64
+from protein_performer.data.ingest.resolve import first_occurrence
 from protein_performer.data.tokenizer import Tokenizer
 
 TOK = Tokenizer()
@@ -205,7 +205,7 @@ def test_split_hash_matches_pure_python_reference():
         for x, c in zip(h.tolist(), codes.tolist()):
             u = (mix(x ^ salt) >> 11) / 2**53
             assert c == (0 if u < 0.5 else 1 if u < 0.8 else 2)
-        assert int(_mix64(np.array([x], np.uint64))[0]) == mix(x)
+        assert int(mix64(np.array([x], np.uint64))[0]) == mix(x)
     # fractions are honoured within 5 binomial standard deviations
     n = h.size
     for code, p in enumerate((0.5, 0.3, 0.2)):
@@ -224,7 +224,7 @@ def test_first_occurrence_matches_brute_force():
         gidx = np.arange(n) * 3 + 5
         if _ % 2:  # entries need not come in gidx order
             gidx = rng.permutation(gidx)
-        order, is_first, first_pos, starts = _first_occurrence(key, gidx)
+        order, is_first, first_pos, starts = first_occurrence(key, gidx)
         ref = {}
         for i in np.argsort(gidx):
             ref.setdefault(tuple(key[i]), gidx[i])
@@ -322,13 +322,13 @@ def test_ood_from_header_family_token(shared_data, tmp_path):
 
 
 def test_family_tokens_are_found_in_the_right_headers():
-    from protein_performer.data.ingest import _records_with_family_token
+    from protein_performer.data.ingest.annotations import records_with_family_token
 
     headers = [b"sp|P1|A x", b"tr|Q2|B PF00013 PF12345.7", b"", b"PF00013", b"x PF0001", b"UniRef50_Q3 PF99999"]
-    assert _records_with_family_token(headers, {b"PF00013"}) == [1, 3]
-    assert _records_with_family_token(headers, {b"PF12345", b"PF99999"}) == [1, 5]
-    assert _records_with_family_token(headers, {b"PF00001"}) == []  # 'PF0001' is no 5-digit token
-    assert _records_with_family_token([b"no family"], {b"PF00013"}) == []
+    assert records_with_family_token(headers, {b"PF00013"}) == [1, 3]
+    assert records_with_family_token(headers, {b"PF12345", b"PF99999"}) == [1, 5]
+    assert records_with_family_token(headers, {b"PF00001"}) == []  # 'PF0001' is no 5-digit token
+    assert records_with_family_token([b"no family"], {b"PF00013"}) == []
 
 
 # ----------------------------------------------------------------------------- length filter
@@ -350,12 +350,12 @@ def test_length_filter(sample_fasta, tmp_path):
 # ----------------------------------------------------------------------------- id keys, compression
 def test_id_keys_are_equal_exactly_for_equal_ids():
     """The idh field: short ids packed as themselves, long ones hashed; never equal for two ids."""
-    from protein_performer.data.ingest import _id_keys
+    from protein_performer.data.ingest.hashing import id_keys
 
     ids = [b"", b"A", b"A\x00", b"P12345", b"P12345.2", b"A" * 15, b"A" * 16, b"A" * 17, b"B" * 15 + b"\x0f",
            b"UniRef100_A0A023GPI8", b"UniRef100_A0A023GPI9", "\u00e9t\u00e9".encode(), b"A" * 14 + b"\x0f"]  # fmt: skip
     ids = ids + ids[::-1]  # every id twice
-    keys = _id_keys(ids, np.array([len(i) for i in ids]))
+    keys = id_keys(ids, np.array([len(i) for i in ids]))
     assert keys.dtype == np.uint64 and keys.shape == (len(ids), 2)
     rows = {}
     for i, k in zip(ids, map(tuple, keys.tolist())):
@@ -363,9 +363,9 @@ def test_id_keys_are_equal_exactly_for_equal_ids():
     assert len(rows) == len(set(ids))
     # an id's key does not depend on the rest of its batch (batches of only short or only long ids)
     for i, k in zip(ids, keys.tolist()):
-        assert _id_keys([i], np.array([len(i)])).tolist() == [k]
+        assert id_keys([i], np.array([len(i)])).tolist() == [k]
     long_ids = [i for i in ids if len(i) > 15]
-    assert _id_keys(long_ids, np.array([len(i) for i in long_ids])).tolist() == [
+    assert id_keys(long_ids, np.array([len(i) for i in long_ids])).tolist() == [
         k for i, k in zip(ids, keys.tolist()) if len(i) > 15
     ]
 
@@ -677,13 +677,13 @@ def _unit_job_stub(args):
 
 
 def test_workers_do_not_block_on_a_busy_worker(monkeypatch):
-    """_Workers: a deferred job runs on the worker right after its last job; a large message to a
+    """Workers: a deferred job runs on the worker right after its last job; a large message to a
     busy worker (a big unit's final codes) does not hold up the caller's own job; results come
     back in job order."""
     import protein_performer.data.ingest as ing
 
     monkeypatch.setattr(ing.workers, "_unit_job", _unit_job_stub)
-    pool = ing._Workers(2, 2)
+    pool = ing.workers.Workers(2, 2)
     try:
         slept = pool.defer(_sleep_then_time, 0.5)
         assert [r[:2] for r in pool.map([("a", b""), ("b", b"")])] == [("a", 0), ("b", 0)]

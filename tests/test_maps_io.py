@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from protein_performer.analysis.contacts import apc, symmetrize
-from protein_performer.analysis.maps_io import (
+from protein_performer.analysis.maps import (
     FORMAT_VERSION,
     MapsFile,
     MapsWriter,

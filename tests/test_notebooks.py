@@ -148,7 +148,7 @@ def run_notebook(name: str, env: dict[str, str], monkeypatch, probe: str) -> dic
 
 
 def test_attention_maps_notebook(demo_out, monkeypatch):
-    from protein_performer.analysis.maps_io import MapsFile
+    from protein_performer.analysis.maps import MapsFile
 
     res = run_notebook(
         "attention_maps.ipynb",
@@ -204,7 +204,7 @@ def test_contacts_notebook(demo_out, monkeypatch):
 
 def test_aa_similarity_notebook(demo_out, monkeypatch):
     from protein_performer.analysis.aa_similarity import aa_attention_matrix, blosum_correlation
-    from protein_performer.analysis.maps_io import MapsFile
+    from protein_performer.analysis.maps import MapsFile
 
     res = run_notebook(
         "aa_similarity.ipynb",

@@ -15,17 +15,18 @@ import numpy as np
 import pytest
 from test_export import REPO, STRUCTURES, trained_checkpoint
 
-from protein_performer.analysis.contact_head import (
+from protein_performer.analysis.contacts import fit_logistic, load_proteins
+from protein_performer.analysis.contacts.head import (
     ContactHead,
     ContactHeadError,
     head_from_estimator,
     training_subset,
 )
-from protein_performer.analysis.contacts import fit_logistic, load_proteins
-from protein_performer.analysis.export import load_model, run_export
-from protein_performer.analysis.predict_contacts import ContactsFile, predict_contacts, reference_sequence
+from protein_performer.analysis.contacts.predict import ContactsFile, predict_contacts, reference_sequence
+from protein_performer.analysis.export import run_export
 from protein_performer.analysis.structures import load_structures
 from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.pretrained import load_model
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def float16_flip_bound(head: ContactHead, features: np.ndarray) -> np.ndarray:
 
 def test_head_equals_the_fitted_regression(fitted):
     """head.predict on the full APC stack == sklearn's predict_proba on the pair features."""
-    from protein_performer.analysis.maps_io import MapsFile
+    from protein_performer.analysis.maps import MapsFile
 
     head, est = fitted["head"], fitted["est"]
     assert np.count_nonzero(head.weights) > 0  # standardized: the L1 fit keeps some maps
@@ -365,8 +366,8 @@ def test_mean_head_ranks_by_the_mean_of_all_maps(fitted, tmp_path):
     """head_kind=mean: equal weights a / F and intercept b, so a pair's probability is
     sigmoid(a * mean_f x_f + b) (ranked as the report's unsupervised trained_mean), (a, b) fitted on
     the training chains, and predict_contacts gives the same numbers from the sequence."""
-    from protein_performer.analysis.contact_run import fit_contact_head, run_contacts
-    from protein_performer.analysis.contact_study import fit_mean_calibration, mean_of_heads
+    from protein_performer.analysis.contacts.run import fit_contact_head, run_contacts
+    from protein_performer.analysis.contacts.study import fit_mean_calibration, mean_of_heads
 
     proteins = fitted["proteins"]
     head = fit_contact_head(proteins, fitted["maps"], train_size=3, seed=0, kind="mean")

@@ -22,7 +22,7 @@ from killing import contents, kill_after, leftovers, module_cmd, run_cmd, snapsh
 
 from protein_performer.analysis.aa_similarity import run_aa_similarity
 from protein_performer.analysis.contacts import run_contacts
-from protein_performer.analysis.maps_io import write_maps
+from protein_performer.analysis.maps import write_maps
 from protein_performer.analysis.structures import load_structures
 from protein_performer.data.ingest import IngestError, ingest
 from protein_performer.data.shards import read_manifest

@@ -34,14 +34,15 @@ import torch
 import yaml
 from conftest import one_thread
 
-from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.contacts.head import ContactHead
+from protein_performer.analysis.contacts.predict import ContactsFile, run_predict_contacts
 from protein_performer.analysis.embed import read_embeddings, run_embed
-from protein_performer.analysis.export import file_sha256, run_export
-from protein_performer.analysis.maps_io import MapsFile
-from protein_performer.analysis.predict_contacts import ContactsFile, run_predict_contacts
+from protein_performer.analysis.export import run_export
+from protein_performer.analysis.maps import MapsFile
 from protein_performer.data.fasta import read_fasta
 from protein_performer.errors import UserError
 from protein_performer.model.performer import PerformerConfig, PerformerLM
+from protein_performer.pretrained import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "swissprot_sample.fasta.gz"
@@ -117,7 +118,7 @@ def export_attention(work) -> Finished:
     out = work / "export" / "maps.h5"
     opts = {"model_config": str(work / "tiny.yaml"), "crop": "start"}
 
-    def run(**kw) -> dict:
+    def run(**kw):
         with one_thread():
             return run_export("random", str(fasta), str(out), progress=False, **{**opts, **kw})
 
@@ -125,9 +126,9 @@ def export_attention(work) -> Finished:
         with MapsFile(path) as mf:
             return sum(r.attentions.shape[0] == TINY["depth"] for r in mf)
 
-    assert run()["records"] == 60
+    assert run().records == 60
     args = ["checkpoint=random", f"input={fasta}", f"output={out}", *(f"{k}={v}" for k, v in opts.items())]
-    return Finished("export_attention", out, args, run, read, 60, "protein_performer.analysis.export_run")
+    return Finished("export_attention", out, args, run, read, 60, "protein_performer.analysis.export.run")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def embed(work) -> Finished:
     out = work / "embed" / "embeddings.h5"
     opts = {"model_config": str(work / "tiny.yaml"), "crop": "start", "chunk": 8}
 
-    def run(**kw) -> dict:
+    def run(**kw):
         with one_thread():
             return run_embed("random", str(fasta), str(out), progress=False, **{**opts, **kw})
 
@@ -145,7 +146,7 @@ def embed(work) -> Finished:
         assert np.isfinite(emb["mean"]).all()
         return len(emb["ids"])
 
-    assert run()["sequences"] == 600
+    assert run().sequences == 600
     args = ["checkpoint=random", f"input={fasta}", f"output={out}", *(f"{k}={v}" for k, v in opts.items())]
     return Finished("embed", out, args, run, read, 600, "protein_performer.analysis.embed")
 
@@ -167,7 +168,7 @@ def predict_contacts(work) -> Finished:
     csv_path, png_dir = work / "contacts" / "top.csv", work / "contacts" / "png"
     opts = {"csv_path": str(csv_path), "png_dir": str(png_dir), "crop": "start"}
 
-    def run(**kw) -> dict:
+    def run(**kw):
         with one_thread():
             return run_predict_contacts(
                 str(ckpt), str(head_path), str(fasta), str(out), progress=False, **{**opts, **kw}
@@ -177,10 +178,10 @@ def predict_contacts(work) -> Finished:
         with ContactsFile(path) as cf:
             return sum(p.contacts.shape == (len(p.sequence),) * 2 for p in cf)
 
-    assert run()["records"] == 20 and len(list(png_dir.iterdir())) == 20
+    assert run().records == 20 and len(list(png_dir.iterdir())) == 20
     args = [f"checkpoint={ckpt}", f"head={head_path}", f"input={fasta}", f"output={out}"]
     args += [f"csv={csv_path}", f"png_dir={png_dir}", "crop=start"]
-    module = "protein_performer.analysis.predict_contacts"
+    module = "protein_performer.analysis.contacts.predict"
     return Finished("predict_contacts", out, args, run, read, 20, module, [csv_path, png_dir])
 
 
@@ -250,8 +251,8 @@ def test_resume_over_a_finished_output_does_nothing(command, request, work, monk
     monkeypatch.setattr(f"{done.module}.load_model", no_work)
     monkeypatch.setattr(f"{done.module}.read_sequences", no_work)
     summary = done.run(resume=True)
-    assert summary["already_complete"] and summary["output"] == str(done.output)
-    assert summary["sequences" if command == "embed" else "records"] == done.records
+    assert summary.already_complete and summary.output == str(done.output)
+    assert getattr(summary, "sequences" if command == "embed" else "records") == done.records
     assert done.snapshot() == before and not done.leftovers()
 
 
@@ -294,6 +295,6 @@ def test_resume_writes_missing_side_outputs_from_the_finished_file(predict_conta
     csv_path.unlink()
     png.unlink()
     monkeypatch.setattr(f"{done.module}.load_model", None)
-    assert done.run(resume=True)["already_complete"]
+    assert done.run(resume=True).already_complete
     assert csv_path.read_bytes() == want and png.stat().st_size > 0
     assert {k: v for k, v in done.snapshot().items() if k not in (str(csv_path), str(png))} == before

@@ -108,8 +108,8 @@ def test_checkpoint_hparams_keep_their_format_and_load(tmp_path):
     model (same weights and features: logits equal to float32 rounding)."""
     import pytorch_lightning as pl
 
-    from protein_performer.analysis.export_model import load_model
     from protein_performer.model.performer import PerformerConfig, PerformerLM
+    from protein_performer.pretrained import load_model
 
     module = ProteinLM(dict(SAVED_MODEL_HPARAMS), objective="bid")
     assert module.hparams["model"] == SAVED_MODEL_HPARAMS

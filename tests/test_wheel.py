@@ -23,9 +23,9 @@ from pathlib import Path
 import h5py
 import pytest
 
+from protein_performer.analysis.contacts.predict import ContactsFile
 from protein_performer.analysis.embed import read_embeddings
-from protein_performer.analysis.maps_reader import MapsFile
-from protein_performer.analysis.predict_contacts import ContactsFile
+from protein_performer.analysis.maps.reader import MapsFile
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from protein_performer import outputs
-from protein_performer.analysis.maps_io import MapsRecord
+from protein_performer.analysis.maps import MapsRecord
 from protein_performer.analysis.rerun import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.errors import UserError
 
@@ -197,7 +197,7 @@ def run_aa_similarity(
     ``aa_similarity.png``; returns the JSON content. A rerun replaces them only when all three are
     written; ``resume``: a finished run of the same maps and options is returned without work
     (see :mod:`~protein_performer.analysis.rerun`)."""
-    from protein_performer.analysis.maps_io import MapsFile
+    from protein_performer.analysis.maps import MapsFile
 
     out = Path(output_dir)
     check_output_dir(out)

@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
@@ -39,24 +39,21 @@ import numpy as np
 import torch
 
 from protein_performer.analysis import rerun
-from protein_performer.analysis.export import (
-    InputReport,
-    LoadedModel,
-    SequenceRecord,
-    crop_window,
-    load_model,
-    read_sequences,
-)
+from protein_performer.analysis.export import InputReport, SequenceRecord, crop_window, read_sequences
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import IncompleteOutputError, UserError
-from protein_performer.outputs import publish
+from protein_performer.outputs_h5 import ResumableH5
+from protein_performer.pretrained import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK = 4096  # sequences read, sorted and written at a time (one flush each)
 DEFAULT_BATCH_TOKENS = 16384  # padded tokens per forward pass
+DATASETS = ("ids", "lengths", "mean")
+PROGRESS_ATTR = "progress"  # the commit mark: (input records consumed, rows written)
+COMPLETE_ATTR = "complete"
 
 
 def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
@@ -161,7 +158,7 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UserError(f"{path}: embeddings file not found")
     with h5py.File(path, "r") as h5:
-        if not h5.attrs.get("complete", False):
+        if not h5.attrs.get(COMPLETE_ATTR, False):
             raise IncompleteOutputError(
                 f"{path}: incomplete: the embedding run was interrupted; rerun with resume=true"
             )
@@ -172,24 +169,22 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
         }
 
 
-def _resume_point(part: Path, settings: dict, resume: bool) -> tuple[int, int]:
+def _resume_point(run: ResumableH5, settings: dict) -> tuple[int, int]:
     """``(input records consumed, rows kept)`` of the last committed chunk, where a resumed run
-    continues; ``(0, 0)``: start afresh; ``(-1, 0)``: the partial file is unreadable (killed while
-    its header was written): start again."""
-    if not (part.exists() and resume):
+    continues; ``(0, 0)``: start afresh (nothing to resume, or no commit mark it can trust)."""
+    if not run.resumes(settings, lambda h5: {k: h5.attrs.get(k) for k in settings}):
         return 0, 0
     try:
-        with h5py.File(part, "r") as h5:
-            same = all(h5.attrs.get(k) == v for k, v in settings.items())
-            done, kept = (int(x) for x in h5.attrs.get("progress", (-1, -1)))
-            n_rows = min(h5[name].shape[0] for name in ("ids", "lengths", "mean"))
+        with h5py.File(run.partial, "r") as h5:
+            done, kept = (int(x) for x in h5.attrs.get(PROGRESS_ATTR, (-1, -1)))
+            n_rows = min(h5[name].shape[0] for name in DATASETS)
     except (OSError, KeyError):
-        return -1, 0  # killed while its header was written: start again
-    if not same:
-        raise UserError(f"{part}: was started with another checkpoint, input or crop; rerun with overwrite=true")
+        return 0, 0  # killed while its header was written: start again
     if kept < 0 or kept > n_rows:  # no commit mark it can trust: start again
-        log.warning("%s: no consistent progress mark (%d rows written, %d stored); starting again", part, kept, n_rows)
-        return -1, 0
+        log.warning(
+            "%s: no consistent progress mark (%d rows written, %d stored); starting again", run.partial, kept, n_rows
+        )
+        return 0, 0
     return done, kept
 
 
@@ -199,7 +194,7 @@ def _new_file(h5: h5py.File, settings: dict, checkpoint: str, chunk: int, dim: i
         h5.attrs[k] = v
     h5.attrs["format_version"] = FORMAT_VERSION
     h5.attrs["checkpoint"] = str(checkpoint)
-    h5.attrs["progress"] = np.zeros(2, dtype=np.int64)
+    h5.attrs[PROGRESS_ATTR] = np.zeros(2, dtype=np.int64)
     h5.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(chunk,))
     h5.create_dataset("lengths", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,))
     h5.create_dataset("mean", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(min(chunk, 1024), dim))
@@ -213,6 +208,19 @@ def _append_rows(h5: h5py.File, ids: list[str], lengths: np.ndarray, emb: np.nda
         h5[name].resize(n0 + n_keep, axis=0)
         h5[name][n0:] = data
     return n_keep
+
+
+@dataclass
+class EmbedSummary:
+    """What :func:`run_embed` wrote."""
+
+    output: str
+    sequences: int  # rows in the file
+    new: int  # rows this run computed
+    seconds: float
+    sequences_per_s: float
+    input_failures: list[dict] = field(default_factory=list)  # records left out, with the reason
+    already_complete: bool = False  # resume=true over a finished output: nothing was done
 
 
 def run_embed(
@@ -230,17 +238,20 @@ def run_embed(
     progress: bool = True,
     model_config: str | None = None,
     seed: int = 0,
-) -> dict:
-    """What ``python -m protein_performer.embed`` does; returns a summary (sequences, seconds, seq/s)."""
+) -> EmbedSummary:
+    """What ``python -m protein_performer.embed`` does; returns its :class:`EmbedSummary`."""
     t0 = time.perf_counter()
     device = resolve_device(device)
-    out, part = check_run_paths(input, output, "embed", resume, overwrite)
+    run = check_run_paths(input, output, "embed", resume, overwrite)
+    out = run.output
     options = {"command": "embed", "crop": crop, "chunk": int(chunk), "min_residues": min_residues, "invalid": invalid}
 
     def run_settings(sha: str | None = None) -> dict:
         return rerun.run_settings(checkpoint, model_config, seed, input, sha, **options)
 
-    if rerun.finished_output(out, part, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get("complete"))):
+    if rerun.finished_output(
+        out, run.partial, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))
+    ):
         return _finished_summary(out, time.perf_counter() - t0)
     loaded = load_model(checkpoint, model_config, seed, device)
     lm = loaded.model
@@ -251,20 +262,17 @@ def run_embed(
         "chunk": int(chunk),
         "model_config": json.dumps(asdict(lm.config), sort_keys=True),
     }
-    start_row, kept = _resume_point(part, settings, resume)
-    part.parent.mkdir(parents=True, exist_ok=True)
+    start_row, kept = _resume_point(run, settings)
     report = InputReport()
     t0 = time.perf_counter()
     n_new = 0
     from tqdm.auto import tqdm
 
-    mode = "a" if start_row > 0 else "w"
-    start_row = max(start_row, 0)
-    with h5py.File(part, mode) as h5:
-        if mode == "w":
+    with run.open(resumed=start_row > 0) as h5:
+        if start_row == 0:
             _new_file(h5, settings, checkpoint, chunk, int(lm.config.dim))
         else:
-            for name in ("ids", "lengths", "mean"):  # rows past the last committed chunk are dropped
+            for name in DATASETS:  # rows past the last committed chunk are dropped
                 h5[name].resize(kept, axis=0)
             log.info("resuming after %d sequences (%d embeddings)", start_row, kept)
         records = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
@@ -282,39 +290,24 @@ def run_embed(
                 )
             n_new += _append_rows(h5, ids, lengths, emb, keep)
             row += len(chunk_records)
-            h5.flush()  # the rows first, then the marks that count them (see the module docstring)
-            h5.attrs["progress"] = np.array([row, h5["ids"].shape[0]], dtype=np.int64)
-            h5.flush()
+            # the rows first, then the mark that counts them (see the module docstring)
+            run.commit(h5, h5, PROGRESS_ATTR, np.array([row, h5["ids"].shape[0]], dtype=np.int64))
             bar.update(len(chunk_records))
         bar.close()
         n_total = h5["ids"].shape[0]
-        h5.attrs[rerun.SETTINGS_ATTR] = rerun.settings_json(run_settings(loaded.sha256))
-        h5.attrs["complete"] = True
-    publish(part, out)
+        run.complete(h5.attrs, run_settings(loaded.sha256), COMPLETE_ATTR)
+    run.publish()
     seconds = time.perf_counter() - t0
-    summary = {
-        "output": str(out),
-        "sequences": n_total,
-        "new": n_new,
-        "seconds": seconds,
-        "sequences_per_s": n_new / seconds if seconds > 0 else float("nan"),
-        "input_failures": report.failures,
-    }
+    summary = EmbedSummary(
+        str(out), n_total, n_new, seconds, n_new / seconds if seconds > 0 else float("nan"), report.failures
+    )
     log.info("%d embeddings (%d new) -> %s in %.1f s", n_total, n_new, out, seconds)
     return summary
 
 
-def _finished_summary(out: Path, seconds: float) -> dict:
+def _finished_summary(out: Path, seconds: float) -> EmbedSummary:
     """:func:`run_embed`'s summary of a finished file (``resume=true`` over it): nothing new."""
     with h5py.File(out, "r") as h5:
         n = int(h5["ids"].shape[0])
     log.info("%s is already complete (%d records); nothing to do", out, n)
-    return {
-        "output": str(out),
-        "sequences": n,
-        "new": 0,
-        "seconds": seconds,
-        "sequences_per_s": 0.0,
-        "input_failures": [],
-        "already_complete": True,
-    }
+    return EmbedSummary(str(out), n, 0, seconds, 0.0, [], already_complete=True)

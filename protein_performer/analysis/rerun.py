@@ -36,15 +36,13 @@ from typing import Any
 
 import h5py
 
-from protein_performer.analysis.export_inputs import input_key
-from protein_performer.analysis.export_model import RANDOM, file_sha256, model_config_from
-from protein_performer.analysis.maps_format import MissingFileError, first_line
-from protein_performer.errors import UserError
+from protein_performer.analysis.export.inputs import input_key
+from protein_performer.errors import MissingFileError, UserError, first_line
 from protein_performer.outputs import staged_directory
+from protein_performer.outputs_h5 import SETTINGS_ATTR
+from protein_performer.pretrained import RANDOM, file_sha256, model_config_from
 
 log = logging.getLogger(__name__)
-
-SETTINGS_ATTR = "run_settings"
 
 
 def _model_config_key(model_config: Any) -> Any:
@@ -84,11 +82,6 @@ def run_settings(
         **options,
     }
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
-def settings_json(settings: dict) -> str:
-    """The ``run_settings`` attribute's value."""
-    return json.dumps(settings, sort_keys=True)
 
 
 def finished_output(

@@ -11,6 +11,7 @@ import torch
 
 from protein_performer.analysis.export import SequenceRecord
 from protein_performer.errors import UserError
+from protein_performer.outputs_h5 import ResumableH5
 
 
 def resolve_device(device: str) -> str:
@@ -20,29 +21,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def partial_path(output: str | Path) -> Path:
-    """Where a run writes ``output`` until it is complete."""
-    output = Path(output)
-    return output.with_name(output.name + ".partial")
-
-
-def check_run_paths(
-    input: str | Path, output: str | Path, command: str, resume: bool, overwrite: bool
-) -> tuple[Path, Path]:
-    """``(output, partial)`` after the checks every run makes first: the input exists, the output
-    is not a directory, and an interrupted run's partial file is only touched when asked to."""
+def check_run_paths(input: str | Path, output: str | Path, command: str, resume: bool, overwrite: bool) -> ResumableH5:
+    """The run's :class:`ResumableH5` after the checks every run makes first: the input exists,
+    the output is not a directory, and an interrupted run's partial file is only touched when asked to."""
     out = Path(output)
     if out.is_dir():
         raise UserError(f"{out}: is a directory; output= is the .h5 file {command} writes")
     if not Path(input).exists():
         raise UserError(f"{input}: input not found (a FASTA file or a folder of structures)")
-    part = partial_path(out)
-    if part.exists() and not (resume or overwrite):
-        raise UserError(
-            f"{part}: an interrupted {command} run is there; rerun with resume=true to continue it "
-            "or overwrite=true to start again"
-        )
-    return out, part
+    return ResumableH5(out, f"{command} run", resume, overwrite)
 
 
 def as_records(sequences: Iterable[str | tuple | SequenceRecord]) -> Iterator[SequenceRecord]:

@@ -12,7 +12,7 @@ mains directly; ``python -m protein_performer.<command>`` (a contract that stays
     export_attention  attention maps / embeddings -> maps.h5   (protein_performer.analysis.export)
     contacts          contact precision against structures     (protein_performer.analysis.contacts)
     aa_similarity     amino-acid attention vs BLOSUM62         (protein_performer.analysis.aa_similarity)
-    predict_contacts  contact maps for any sequence            (protein_performer.analysis.predict_contacts)
+    predict_contacts  contact maps for any sequence            (protein_performer.analysis.contacts.predict)
     embed             one mean embedding per sequence          (protein_performer.analysis.embed)
     demo              every stage above on the embedded sample (``make demo``)
     family_contacts   one Pfam family's model and its contacts (protein_performer.recipes.family_contacts;

@@ -34,13 +34,13 @@ def main(cfg: DictConfig) -> dict:
         model_config=cfg.model_config,
         seed=int(cfg.seed),
     )
-    if summary.get("already_complete"):  # resume=true over a finished output: its log line said so
+    if summary.already_complete:  # resume=true over a finished output: its log line said so
         return summary
     print(
-        f"{summary['sequences']} embeddings ({summary['new']} new) -> {summary['output']} in "
-        f"{summary['seconds']:.1f} s ({summary['sequences_per_s']:.1f} sequences/s)"
+        f"{summary.sequences} embeddings ({summary.new} new) -> {summary.output} in "
+        f"{summary.seconds:.1f} s ({summary.sequences_per_s:.1f} sequences/s)"
     )
-    for f in summary["input_failures"][:20]:
+    for f in summary.input_failures[:20]:
         print(f"  left out: {f['reason']}")
     return summary
 

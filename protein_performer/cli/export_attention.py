@@ -44,16 +44,16 @@ def main(cfg: DictConfig) -> dict:
         resume=bool(cfg.get("resume", False)),
         overwrite=bool(cfg.get("overwrite", False)),
     )
-    if summary.get("already_complete"):  # resume=true over a finished output: its log line said so
+    if summary.already_complete:  # resume=true over a finished output: its log line said so
         return summary
     print(
-        f"{summary['records']} sequences ({summary['residues']} residues; {summary['cropped']} cropped, "
-        f"{summary['skipped_too_long']} skipped as too long) -> {summary['output']} "
-        f"[{summary['layers']} layers x {summary['heads']} heads, {', '.join(summary['include'])}] "
-        f"in {summary['seconds']:.1f} s"
-        + (f" ({summary['resumed_records']} kept from the interrupted export)" if summary["resumed_records"] else "")
+        f"{summary.records} sequences ({summary.residues} residues; {summary.cropped} cropped, "
+        f"{summary.skipped_too_long} skipped as too long) -> {summary.output} "
+        f"[{summary.layers} layers x {summary.heads} heads, {', '.join(summary.include)}] "
+        f"in {summary.seconds:.1f} s"
+        + (f" ({summary.resumed_records} kept from the interrupted export)" if summary.resumed_records else "")
     )
-    for f in summary["input_failures"]:
+    for f in summary.input_failures:
         print(f"  left out: {f['reason']}")
     return summary
 

@@ -52,8 +52,6 @@ import numpy as np
 from protein_performer.data.gzip_stream import GZIP_MAGIC, ThreadedGzipReader, is_gzip, open_binary
 from protein_performer.errors import UserError
 
-_ThreadedGzipReader = ThreadedGzipReader  # its name when it lived here
-
 _WHITESPACE = b"\n\r \t\v\f"
 DEFAULT_BLOCK_SIZE = 1 << 20  # 1 MiB: a block's several passes stay in L2 (4 MiB was ~20% slower)
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 from protein_performer.data.fasta import FastaFormatError
 
-from . import annotations, common, hashing, resolve, workers
 from .annotations import load_ood_accessions
 from .common import (
     CONFIG_NAME,
@@ -74,15 +73,6 @@ from .hashing import split_codes
 from .pipeline import ingest, merge
 from .read import BAD, STAR, parse_header, run_unit, token_table
 from .write import write_unit_shards
-
-# private names of the single-module version that tests use
-_WINDOW = common.WINDOW
-_first_occurrence = resolve.first_occurrence
-_id_keys = hashing.id_keys
-_mix64 = hashing.mix64
-_records_with_family_token = annotations.records_with_family_token
-_unit_job = workers._unit_job
-_Workers = workers.Workers
 
 # the public names of the single-module version (its __all__ held the first line's)
 __all__ = [

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.contact_head import ESM_TRAIN_PROTEINS, training_subset
-from protein_performer.analysis.contact_study import mean_of_heads
 from protein_performer.analysis.contacts import K_FRACS, RANGES, Protein, fit_logistic, precision_table
+from protein_performer.analysis.contacts.head import ESM_TRAIN_PROTEINS, training_subset
+from protein_performer.analysis.contacts.study import mean_of_heads
 from protein_performer.errors import UserError
 
 log = logging.getLogger(__name__)

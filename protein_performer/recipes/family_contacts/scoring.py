@@ -111,7 +111,7 @@ def chain_residues(structure: str | Path) -> tuple[str, np.ndarray]:
 def _mean_apc_of(model, residues: np.ndarray) -> np.ndarray:
     """(layers, heads, L, L) APC maps of one tokenized sequence, the export's own maps path."""
     from protein_performer.analysis.export import run_sequence
-    from protein_performer.analysis.maps_io import apc_maps
+    from protein_performer.analysis.maps import apc_maps
 
     maps: list[np.ndarray] = []
     run_sequence(model, residues, on_layer=lambda i, m: maps.append(m.float().cpu().numpy()))
@@ -212,7 +212,7 @@ def score_homolog_averaged(ckpt: str | Path, structure: str | Path, fasta: str |
     ``fasta``, for the checkpoint and its random-init twin."""
     import torch
 
-    from protein_performer.analysis.export import load_model
+    from protein_performer.pretrained import load_model
 
     records = read_family_fasta(fasta)
     pick = np.random.default_rng(seed).choice(len(records), min(n, len(records)), replace=False)

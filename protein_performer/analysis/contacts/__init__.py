@@ -10,19 +10,21 @@
   proteins, or one train/test split). Baselines: the same pipeline on a random-init model's
   maps, and the single head with the best long-range P@L on the training proteins.
 
-This module is the public import path; the code lives in:
+The package's public names are imported from here; the code lives in:
 
-- :mod:`~protein_performer.analysis.map_ops`: :func:`symmetrize`, :func:`apc`;
-- :mod:`~protein_performer.analysis.contact_metrics`: :func:`contact_map`, :func:`precision_at_k`;
-- :mod:`~protein_performer.analysis.contact_proteins`: :class:`Protein`, :func:`load_proteins`;
-- :mod:`~protein_performer.analysis.contact_study`: the predictors and :func:`evaluate`;
-- :mod:`~protein_performer.analysis.contact_report`: report files, table and plots;
-- :mod:`~protein_performer.analysis.contact_run`: :func:`run_contacts` (the entry point's work).
+- :mod:`~protein_performer.analysis.maps.ops`: :func:`symmetrize`, :func:`apc`;
+- :mod:`~protein_performer.analysis.contacts.metrics`: :func:`contact_map`, :func:`precision_at_k`;
+- :mod:`~protein_performer.analysis.contacts.proteins`: :class:`Protein`, :func:`load_proteins`;
+- :mod:`~protein_performer.analysis.contacts.study`: the predictors and :func:`evaluate`;
+- :mod:`~protein_performer.analysis.contacts.report`: report files, table and plots;
+- :mod:`~protein_performer.analysis.contacts.run`: :func:`run_contacts` (the entry point's work);
+- :mod:`~protein_performer.analysis.contacts.head`: the saved contact head;
+  :mod:`~protein_performer.analysis.contacts.predict`: ``predict_contacts`` with it (imported from there).
 """
 
 from __future__ import annotations
 
-from protein_performer.analysis.contact_metrics import (
+from protein_performer.analysis.contacts.metrics import (
     K_FRACS,
     MIN_SEP,
     RANGES,
@@ -30,8 +32,8 @@ from protein_performer.analysis.contact_metrics import (
     precision_at_k,
     precision_table,
 )
-from protein_performer.analysis.contact_proteins import Protein, load_proteins, pair_features
-from protein_performer.analysis.contact_report import (
+from protein_performer.analysis.contacts.proteins import Protein, load_proteins, pair_features
+from protein_performer.analysis.contacts.report import (
     format_table,
     plot_contact_map,
     plot_precision_by_range,
@@ -39,9 +41,9 @@ from protein_performer.analysis.contact_report import (
     write_report_csv,
     write_report_json,
 )
-from protein_performer.analysis.contact_run import fit_contact_head, run_contacts
-from protein_performer.analysis.contact_study import best_head, coefficients, evaluate, fit_logistic, folds_for
-from protein_performer.analysis.map_ops import apc, symmetrize
+from protein_performer.analysis.contacts.run import fit_contact_head, run_contacts
+from protein_performer.analysis.contacts.study import best_head, coefficients, evaluate, fit_logistic, folds_for
+from protein_performer.analysis.maps.ops import apc, symmetrize
 
 __all__ = [
     "K_FRACS",

@@ -1,36 +1,35 @@
 """maps.h5: the attention maps (and embeddings) of a model for a set of sequences.
 
-The public face of the maps file, kept as the one import path (``from
-protein_performer.analysis.maps_io import MapsFile``). The code lives in:
+The maps file's package; its public names are imported from here (``from
+protein_performer.analysis.maps import MapsFile``). The code lives in:
 
-- :mod:`~protein_performer.analysis.maps_format`: the layout (documented there), constants,
+- :mod:`~protein_performer.analysis.maps.format`: the layout (documented there), constants,
   errors, :class:`MapsRecord`, :func:`sanitize_name` and the record checksums;
-- :mod:`~protein_performer.analysis.maps_writer`: :class:`MapsWriter`, :class:`LayerRecord`,
+- :mod:`~protein_performer.analysis.maps.writer`: :class:`MapsWriter`, :class:`LayerRecord`,
   :func:`write_maps`;
-- :mod:`~protein_performer.analysis.maps_reader`: :class:`MapsFile`, :func:`read_maps`;
-- :mod:`~protein_performer.analysis.map_ops`: :func:`apc_maps` (``apc(symmetrize(A))``).
+- :mod:`~protein_performer.analysis.maps.reader`: :class:`MapsFile`, :func:`read_maps`;
+- :mod:`~protein_performer.analysis.maps.ops`: :func:`apc_maps` (``apc(symmetrize(A))``).
 """
 
 from __future__ import annotations
 
-from protein_performer.analysis.map_ops import apc_maps
-from protein_performer.analysis.maps_format import (
+from protein_performer.analysis.maps.format import (
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
     INCOMPLETE_VALUE,
     LAYOUT_ATTRS,
-    PARTIAL_SUFFIX,
     VOCAB_ATTR,
     MapsFormatError,
     MapsRecord,
-    MissingFileError,
     incomplete_message,
     record_checksum,
     sanitize_name,
     vocab_json,
 )
-from protein_performer.analysis.maps_reader import MapsFile, read_maps
-from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter, write_maps
+from protein_performer.analysis.maps.ops import apc_maps
+from protein_performer.analysis.maps.reader import MapsFile, read_maps
+from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter, write_maps
+from protein_performer.errors import MissingFileError
 
 __all__ = [
     "FORMAT_VERSION",

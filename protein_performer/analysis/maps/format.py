@@ -19,8 +19,8 @@ Layout (``FORMAT_VERSION`` 1)::
         embeddings/per_token  float32 (L, dim)            optional: last layer, per residue
 
 Groups keep the order they were written in. Datasets are gzip-compressed, one chunk per (layer,
-all heads). :class:`~protein_performer.analysis.maps_reader.MapsFile` reads one group at a time
-(lazily); :func:`~protein_performer.analysis.maps_reader.read_maps` iterates over the records.
+all heads). :class:`~protein_performer.analysis.maps.reader.MapsFile` reads one group at a time
+(lazily); :func:`~protein_performer.analysis.maps.reader.read_maps` iterates over the records.
 
 Two root attributes were added to layout version 1 (readers of older files ignore nothing):
 
@@ -59,7 +59,6 @@ INCOMPLETE_ATTR = "incomplete"
 INCOMPLETE_VALUE = "writing started and not finished"
 VOCAB_ATTR = "vocab"
 LAYOUT_ATTRS = ("format_version", "model_config", "checkpoint_sha256", "causal", INCOMPLETE_ATTR, VOCAB_ATTR)
-PARTIAL_SUFFIX = ".partial"  # export writes <output>.partial and renames it when complete
 RECORD_ATTRS = ("id", "sequence", "source")  # a record group's own attributes (others are extras)
 MAP_DATASETS = ("attentions", "apc")
 CHECKSUM_PARTS = ("record", "attentions", "apc", "mean", "per_token")
@@ -69,10 +68,6 @@ _NAME_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 class MapsFormatError(UserError, ValueError):
     """A maps file that is not one (not HDF5, another layout version or vocabulary, corrupted)."""
-
-
-class MissingFileError(UserError, FileNotFoundError):
-    """A file or folder the user named does not exist."""
 
 
 def incomplete_message(path: str | Path) -> str:
@@ -166,9 +161,3 @@ def json_or_empty(v: Any) -> dict:
     except (TypeError, ValueError):
         return {}
     return d if isinstance(d, dict) else {}
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (h5py's run over many lines), or its type."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

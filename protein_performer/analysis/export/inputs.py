@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protein_performer.analysis.export_model import ExportError
-from protein_performer.analysis.maps_format import MissingFileError
+from protein_performer.analysis.export.model import ExportError
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
+from protein_performer.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Export, the run: sequences through the model, one record at a time, into ``<output>.partial``
-(maps_io layout), renamed onto ``output`` when complete.
+(maps layout), renamed onto ``output`` when complete.
 
 Memory is bounded per sequence: sequences go through the model one at a time (no padding), and
 a forward pre-hook on each layer's attention hands that layer's maps (heads, L, L) to the
 record, which stores them (float16, plus ``apc(symmetrize(.))``) before the next layer runs.
 
-Crash safety: the partial file carries maps_io's ``incomplete`` marker, so ``output`` is either
+Crash safety: the partial file carries the maps format's ``incomplete`` marker, so ``output`` is either
 the previous file or the new complete one. After every record the partial file is flushed and a
-line is added to its journal (:mod:`export_journal`). ``resume=True`` continues a killed export:
+line is added to its journal (:mod:`~protein_performer.analysis.export.journal`). ``resume=True`` continues a killed export:
 the records the journal lists are checked against their CRC-32s and copied into a fresh partial
 file with the same HDF5 calls in the same order (it then replaces the old one), the input is read
 from the start with those records skipped, and the rest is computed. The result is byte-identical
@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from protein_performer.analysis import rerun
-from protein_performer.analysis.export_inputs import (
+from protein_performer.analysis.export.inputs import (
     CROPS,
     InputReport,
     SequenceRecord,
@@ -43,7 +43,7 @@ from protein_performer.analysis.export_inputs import (
     parse_include,
     read_sequences,
 )
-from protein_performer.analysis.export_journal import (
+from protein_performer.analysis.export.journal import (
     RESUME_SUFFIX,
     ExportJournal,
     Interrupted,
@@ -51,8 +51,8 @@ from protein_performer.analysis.export_journal import (
     intact_record,
     partial_paths,
 )
-from protein_performer.analysis.export_model import ExportError, LoadedModel, load_model, run_sequence
-from protein_performer.analysis.export_output import (
+from protein_performer.analysis.export.model import ExportError, run_sequence
+from protein_performer.analysis.export.output import (
     NoSpaceError,
     check_output,
     ensure_room,
@@ -60,50 +60,34 @@ from protein_performer.analysis.export_output import (
     record_bytes,
     space_problem,
 )
-from protein_performer.analysis.maps_format import INCOMPLETE_ATTR, MAP_DATASETS, MissingFileError, first_line
-from protein_performer.analysis.maps_writer import LayerRecord, MapsWriter
+from protein_performer.analysis.export.summary import ExportCounts, ExportSummary
+from protein_performer.analysis.maps.format import INCOMPLETE_ATTR, MAP_DATASETS
+from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
+from protein_performer.errors import MissingFileError, first_line
 from protein_performer.model.performer import PerformerLM
-from protein_performer.outputs import publish
+from protein_performer.outputs_h5 import SETTINGS_ATTR, ResumableH5, settings_json
+from protein_performer.pretrained import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportCounts:
-    """What an export did so far; :meth:`totals` goes into the file's ``export`` attribute."""
-
-    records: int = 0
-    cropped: int = 0
-    skipped_too_long: int = 0
-    residues: int = 0
-    skipped: list[str] = field(default_factory=list)  # ids of the records too long (crop=skip)
-    copied: int = 0  # records kept from an interrupted export
-
-    def totals(self) -> dict[str, int]:
-        return {
-            "records": self.records,
-            "cropped": self.cropped,
-            "skipped_too_long": self.skipped_too_long,
-            "residues": self.residues,
-        }
 
 
 class _ExportRun:
     """One export in progress: the writer and journal of the target file, the records kept from
     an interrupted export, the counts. :meth:`add` handles one input record."""
 
-    def __init__(self, lm: PerformerLM, output: Path, inc: tuple[str, ...], crop: str, interrupted: Interrupted):
+    def __init__(self, lm: PerformerLM, run: ResumableH5, inc: tuple[str, ...], crop: str, interrupted: Interrupted):
         cfg = lm.config
-        self.lm, self.output, self.inc, self.crop, self.interrupted = lm, output, inc, crop, interrupted
+        self.lm, self.run, self.output, self.inc, self.crop = lm, run, run.output, inc, crop
+        self.interrupted = interrupted
         self.causal = bool(cfg.causal)
         self.max_len = int(cfg.max_len)
         self.max_residues = self.max_len - Tokenizer.special_tokens(self.causal)
         self.depth, self.heads, self.dim = len(lm.blocks), int(cfg.heads), int(cfg.dim)
-        self.partial, self.journal_path = partial_paths(output)
+        self.partial, self.journal_path = partial_paths(self.output)
         resumed = interrupted.old is not None  # kept records are copied into a fresh file first
         self.target, self.target_journal = (
-            partial_paths(output.with_name(output.name + RESUME_SUFFIX))
+            partial_paths(self.output.with_name(self.output.name + RESUME_SUFFIX))
             if resumed
             else (self.partial, self.journal_path)
         )
@@ -221,7 +205,7 @@ class _ExportRun:
         the file and rename it onto ``output``."""
         self.caught_up()
         if settings is not None:
-            self.writer.set_attr(rerun.SETTINGS_ATTR, rerun.settings_json(settings))
+            self.writer.set_attr(SETTINGS_ATTR, settings_json(settings))
         self.writer.set_attr(
             "export",
             json.dumps(
@@ -230,7 +214,7 @@ class _ExportRun:
             ),
         )
         self.writer.close()
-        publish(self.partial, self.output)
+        self.run.publish()
         self.journal.close()
         self.journal_path.unlink(missing_ok=True)
 
@@ -304,13 +288,13 @@ def export_attention(
     overwrite: bool = False,
     input_key: Any = None,
     run_settings: dict | None = None,
-) -> dict:
-    """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps_io layout).
+) -> ExportSummary:
+    """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps layout).
 
     ``sequences``: :class:`SequenceRecord` s or ``(id, sequence, source)`` tuples. ``include``:
     any of ``attentions`` (every layer x head, float16), ``apc`` (``apc(symmetrize(A))`` of each
     map, float16), ``mean`` and ``per_token`` (final-layer embeddings, float32). ``input_report``:
-    the reader's failures, stored in the ``export`` attribute. Returns a summary dict.
+    the reader's failures, stored in the ``export`` attribute. Returns an :class:`ExportSummary`.
     ``resume`` / ``overwrite`` / ``input_key`` (what identifies the input): an interrupted export,
     see the module docstring (crash safety). ``run_settings``: stored for a later ``resume=true``
     over the finished file (:mod:`protein_performer.analysis.rerun`; :func:`run_export` sets it).
@@ -336,7 +320,8 @@ def export_attention(
             {"meta": meta, "model_config": asdict(lm.config), "checkpoint_sha256": sha, "input": input_key}, default=str
         )
     )
-    run = _ExportRun(lm, output, inc, crop, find_interrupted(output, settings, resume, overwrite))
+    resumable = ResumableH5(output, "export", resume, overwrite, ExportError)
+    run = _ExportRun(lm, resumable, inc, crop, find_interrupted(resumable, settings))
     was_training = lm.training
     lm.eval()
     t0 = time.perf_counter()
@@ -362,7 +347,7 @@ def export_attention(
     return _summary(run, sha, time.perf_counter() - t0)
 
 
-def _summary(run: _ExportRun, sha: str, seconds: float) -> dict:
+def _summary(run: _ExportRun, sha: str, seconds: float) -> ExportSummary:
     counts = run.counts
     log.info(
         "exported %d sequences (%d residues, %d cropped, %d skipped; %d kept from an interrupted export) "
@@ -375,18 +360,18 @@ def _summary(run: _ExportRun, sha: str, seconds: float) -> dict:
         run.output,
         seconds,
     )
-    return {
-        "output": str(run.output),
+    return ExportSummary(
+        str(run.output),
         **counts.totals(),
-        "skipped": counts.skipped,
-        "seconds": round(seconds, 3),
-        "layers": run.depth,
-        "heads": run.heads,
-        "causal": run.causal,
-        "include": list(run.inc),
-        "checkpoint_sha256": sha,
-        "resumed_records": counts.copied,
-    }
+        skipped=counts.skipped,
+        seconds=round(seconds, 3),
+        layers=run.depth,
+        heads=run.heads,
+        causal=run.causal,
+        include=list(run.inc),
+        checkpoint_sha256=sha,
+        resumed_records=counts.copied,
+    )
 
 
 def run_export(
@@ -404,9 +389,9 @@ def run_export(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
-) -> dict:
+) -> ExportSummary:
     """What ``python -m protein_performer.export_attention`` does: load, read, export. Returns the
-    summary (with ``input_failures``: structure files / chains / FASTA records left out).
+    :class:`ExportSummary` (with ``input_failures``: structure files / chains / FASTA records left out).
     ``resume`` / ``overwrite``: an interrupted export (see :func:`export_attention`); ``resume``
     over a finished ``output`` made with the same settings returns its summary and does nothing
     (:mod:`protein_performer.analysis.rerun`)."""
@@ -433,7 +418,7 @@ def run_export(
         Path(output), partial, settings, resume, overwrite, lambda h5: INCOMPLETE_ATTR not in h5.attrs
     ):
         journal.unlink(missing_ok=True)  # a kill after the final rename can leave it
-        return _finished_summary(Path(output), time.perf_counter() - t0)
+        return ExportSummary.of_finished(Path(output), time.perf_counter() - t0)
     loaded = load_model(checkpoint, model_config, seed, device)
     report = InputReport()
     seqs = read_sequences(input, min_residues=min_residues, invalid=invalid, report=report)
@@ -454,29 +439,5 @@ def run_export(
         input_key=input_key(input),
         run_settings=settings(loaded.sha256),
     )
-    summary["input_failures"] = report.failures
+    summary.input_failures = report.failures
     return summary
-
-
-def _finished_summary(output: Path, seconds: float) -> dict:
-    """:func:`run_export`'s summary of a finished export, read from its file (``resume=true`` over it)."""
-    with h5py.File(output, "r") as h5:
-        done = json.loads(h5.attrs.get("export", "{}"))
-        cfg = json.loads(h5.attrs.get("model_config", "{}"))
-        sha, causal = str(h5.attrs.get("checkpoint_sha256", "")), bool(h5.attrs.get("causal", False))
-    totals = ExportCounts(**{k: int(done.get(k, 0)) for k in ExportCounts().totals()}).totals()
-    log.info("%s is already complete (%d records); nothing to do", output, totals["records"])
-    return {
-        "output": str(output),
-        **totals,
-        "skipped": done.get("skipped", []),
-        "seconds": round(seconds, 3),
-        "layers": int(cfg.get("depth", 0)),
-        "heads": int(cfg.get("heads", 0)),
-        "causal": causal,
-        "include": done.get("include", []),
-        "checkpoint_sha256": sha,
-        "resumed_records": 0,
-        "input_failures": done.get("input_failures", []),
-        "already_complete": True,
-    }

@@ -11,7 +11,7 @@ L1, C = 0.15; see :mod:`protein_performer.analysis.contacts`). The map is symmet
 than ``min_sep`` in sequence lie outside what the head was fitted on (their values are still given).
 
 The head is saved as JSON (``contact_head.json``, next to the contacts report) with the checkpoint's
-sha256, so that :mod:`protein_performer.analysis.predict_contacts` can refuse maps of another model.
+sha256, so that :mod:`protein_performer.analysis.contacts.predict` can refuse maps of another model.
 A head of a model trained on rows aligned to one reference chain (the family-contacts recipe's
 ``align=true``) carries that reference (``align_to``): ``predict_contacts`` then aligns every input
 onto it, since the model's positions are the reference's residues.

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.contact_metrics import MIN_SEP, contact_map
-from protein_performer.analysis.map_ops import apc, symmetrize
-from protein_performer.analysis.maps_format import MapsRecord
-from protein_performer.analysis.maps_reader import MapsFile
+from protein_performer.analysis.contacts.metrics import MIN_SEP, contact_map
+from protein_performer.analysis.maps.format import MapsRecord
+from protein_performer.analysis.maps.ops import apc, symmetrize
+from protein_performer.analysis.maps.reader import MapsFile
 from protein_performer.analysis.structures import (
     AlignmentMismatchError,
     Chain,

@@ -1,6 +1,6 @@
 """maps.h5, the reader: :class:`MapsFile` opens a file, checks its header (layout version,
 vocabulary, completion marker) and reads one record group at a time; :func:`read_maps` iterates
-over the records. The layout is :mod:`protein_performer.analysis.maps_format`'s.
+over the records. The layout is :mod:`protein_performer.analysis.maps.format`'s.
 """
 
 from __future__ import annotations
@@ -12,21 +12,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from protein_performer.analysis.maps_format import (
+from protein_performer.analysis.maps.format import (
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
-    PARTIAL_SUFFIX,
     VOCAB_ATTR,
     MapsFormatError,
     MapsRecord,
-    MissingFileError,
     attr_str,
-    first_line,
     incomplete_message,
     json_or_empty,
 )
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.errors import IncompleteOutputError, UserError
+from protein_performer.errors import IncompleteOutputError, MissingFileError, UserError, first_line
+from protein_performer.outputs_h5 import PARTIAL_SUFFIX
 
 __all__ = ["MapsFile", "read_maps"]
 

@@ -8,22 +8,25 @@ every map is L x L (rows need not sum to 1: the mass on bos / eos is left out, a
 Embeddings (``include`` ``mean`` / ``per_token``): the final layer's representation after the
 final LayerNorm, per residue and mean-pooled over the residues (ESM's ``extract.py``).
 
-This module is the public import path; the code lives in:
+The package's public names are imported from here (the model comes from
+:func:`protein_performer.pretrained.load_model`); the code lives in:
 
-- :mod:`~protein_performer.analysis.export_model`: checkpoint -> :class:`LoadedModel`, and
+- :mod:`~protein_performer.analysis.export.model`: :class:`ExportError` and
   :func:`run_sequence` (one sequence, its maps one layer at a time);
-- :mod:`~protein_performer.analysis.export_inputs`: FASTA / structure input, crop, include;
-- :mod:`~protein_performer.analysis.export_run`: :func:`export_attention` and :func:`run_export`;
-- :mod:`~protein_performer.analysis.export_journal`: the partial file, its journal, ``resume``;
-- :mod:`~protein_performer.analysis.export_output`: output path and free-space checks.
+- :mod:`~protein_performer.analysis.export.inputs`: FASTA / structure input, crop, include;
+- :mod:`~protein_performer.analysis.export.run`: :func:`export_attention` and :func:`run_export`;
+- :mod:`~protein_performer.analysis.export.journal`: the partial file, its journal, ``resume``
+  (the protocol is :class:`protein_performer.outputs_h5.ResumableH5`'s);
+- :mod:`~protein_performer.analysis.export.summary`: :class:`ExportCounts`, :class:`ExportSummary`;
+- :mod:`~protein_performer.analysis.export.output`: output path and free-space checks.
 
-The file layout is :mod:`protein_performer.analysis.maps_io`'s; export adds the root attribute
+The file layout is :mod:`protein_performer.analysis.maps`'s; export adds the root attribute
 ``export`` (JSON: checkpoint, seed, input, include, crop, counts).
 """
 
 from __future__ import annotations
 
-from protein_performer.analysis.export_inputs import (
+from protein_performer.analysis.export.inputs import (
     CROPS,
     INCLUDE,
     InputReport,
@@ -34,35 +37,24 @@ from protein_performer.analysis.export_inputs import (
     parse_include,
     read_sequences,
 )
-from protein_performer.analysis.export_journal import ExportJournal, partial_paths
-from protein_performer.analysis.export_model import (
-    RANDOM,
-    ExportError,
-    LoadedModel,
-    file_sha256,
-    load_model,
-    model_config_from,
-    run_sequence,
-)
-from protein_performer.analysis.export_run import ExportCounts, export_attention, run_export
+from protein_performer.analysis.export.journal import ExportJournal, partial_paths
+from protein_performer.analysis.export.model import ExportError, run_sequence
+from protein_performer.analysis.export.run import export_attention, run_export
+from protein_performer.analysis.export.summary import ExportCounts, ExportSummary
 
 __all__ = [
     "CROPS",
     "INCLUDE",
-    "RANDOM",
     "ExportCounts",
+    "ExportSummary",
     "ExportError",
     "ExportJournal",
     "InputReport",
-    "LoadedModel",
     "SequenceRecord",
     "crop_window",
     "export_attention",
-    "file_sha256",
     "input_key",
     "is_structure_input",
-    "load_model",
-    "model_config_from",
     "parse_include",
     "partial_paths",
     "read_sequences",

@@ -46,28 +46,27 @@ import torch
 
 from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
-from protein_performer.analysis.contact_head import ContactHead
+from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.export import (
-    ExportError,
     InputReport,
-    LoadedModel,
     SequenceRecord,
     crop_window,
-    file_sha256,
-    load_model,
     read_sequences,
     run_sequence,
 )
-from protein_performer.analysis.maps_io import apc_maps, sanitize_name
-from protein_performer.analysis.runs import as_records, check_run_paths, partial_path, resolve_device
+from protein_performer.analysis.maps import apc_maps, sanitize_name
+from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
-from protein_performer.outputs import atomic_output, publish, save_figure
+from protein_performer.outputs import atomic_output, save_figure
+from protein_performer.outputs_h5 import ResumableH5
+from protein_performer.pretrained import LoadedModel, file_sha256, load_model
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "complete"
+DONE_ATTR = "done"  # a record group's commit mark
 
 
 @dataclass
@@ -248,36 +247,11 @@ def _group_name(h5: h5py.File, rid: str, index: int) -> str:
     return name if name not in h5 else f"{name}~{index}"
 
 
-def _check_resumable(
-    part: Path, resume: bool, checkpoint_sha256: str, head_sha256: str, input: str, reference: str
-) -> str:
-    """The h5py mode for ``part``: ``a`` to resume a run started with the same checkpoint, head,
-    input and reference, ``w`` to start afresh; another run's partial file is refused."""
-    if not (part.exists() and resume):
-        return "w"
-    try:
-        with h5py.File(part, "r") as h5:
-            same = (
-                h5.attrs.get("checkpoint_sha256") == checkpoint_sha256
-                and h5.attrs.get("head_sha256") == head_sha256
-                and h5.attrs.get("input") == str(input)
-                and h5.attrs.get("align_to", "") == reference
-            )
-    except OSError:
-        same = False
-        log.warning("%s: unreadable (killed while its header was written); starting again", part)
-    if not same:
-        raise UserError(
-            f"{part}: was started with another checkpoint, head, input or align_to; rerun with overwrite=true"
-        )
-    return "a"
-
-
 def _records_done(h5: h5py.File) -> set[int]:
     """Input indices already predicted; a record killed mid-write has no 'done' mark: dropped, redone."""
     done: set[int] = set()
     for name in list(h5):
-        if not h5[name].attrs.get("done", False):
+        if not h5[name].attrs.get(DONE_ATTR, False):
             del h5[name]
         else:
             done.add(int(h5[name].attrs["index"]))
@@ -297,8 +271,20 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
         group.create_dataset("aligned", data=np.asarray(pred.aligned, dtype=np.int32))
     # the map reaches the file before the mark that says it is there: HDF5 writes what one flush
     # holds in no particular order, so a kill inside it must not leave 'done' on a half-written map
-    h5.flush()
-    group.attrs["done"] = True
+    ResumableH5.commit(h5, group, DONE_ATTR, True)
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`run_predict_contacts` wrote."""
+
+    output: str
+    records: int  # contact maps in the file
+    input_failures: list[dict]  # records left out, with the reason
+    checkpoint_sha256: str
+    head: str  # the contact_head.json used
+    align_to: str  # the reference the maps are aligned to ("" for none)
+    already_complete: bool = False  # resume=true over a finished output: nothing was done
 
 
 def run_predict_contacts(
@@ -318,13 +304,14 @@ def run_predict_contacts(
     progress: bool = True,
     model_config: str | None = None,
     align_to: str | bool | None = None,
-) -> dict:
-    """What ``python -m protein_performer.predict_contacts`` does. Returns a summary dict.
+) -> PredictSummary:
+    """What ``python -m protein_performer.predict_contacts`` does. Returns its :class:`PredictSummary`.
     ``align_to``: see :func:`predict_contacts` (default: the head's reference, if it names one)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
-    out, part = check_run_paths(input, output, "predict_contacts", resume, overwrite)
+    run = check_run_paths(input, output, "predict_contacts", resume, overwrite)
+    out = run.output
     contact_head = ContactHead.load(head)
     head_path = Path(head) / "contact_head.json" if Path(head).is_dir() else Path(head)
     head_sha = file_sha256(head_path)
@@ -341,18 +328,20 @@ def run_predict_contacts(
     def run_settings(sha: str | None = None) -> dict:
         return rerun.run_settings(checkpoint, model_config, 0, input, sha, **options)
 
-    if rerun.finished_output(out, part, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))):
+    if rerun.finished_output(
+        out, run.partial, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))
+    ):
         return _finished_summary(out, csv_path, png_dir, top, contact_head.min_sep)
     loaded = load_model(checkpoint, model_config, 0, device)
     cfg = loaded.model.config
     contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
-    mode = _check_resumable(part, resume, loaded.sha256, head_sha, input, reference)
-    part.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint_sha256": loaded.sha256, "head_sha256": head_sha, "input": str(input), "align_to": reference}
+    resumed = run.resumes(settings, lambda h5: {k: h5.attrs.get(k) for k in settings})
     report = InputReport()
     records = list(read_sequences(input, min_residues=min_residues, invalid=invalid, report=report))
-    with h5py.File(part, mode) as h5:
+    with run.open(resumed) as h5:
         done: set[int] = set()
-        if mode == "w":
+        if not resumed:
             h5.attrs.update(
                 {
                     "format_version": FORMAT_VERSION,
@@ -380,28 +369,19 @@ def run_predict_contacts(
                 _write_prediction(h5, rec, n, pred)
             if not preds:
                 report.failures.append({"source": rec.source, "reason": f"{rec.id}: too long, skipped (crop=skip)"})
-            h5.flush()
             bar.update(1)
         bar.close()
-        h5.attrs[rerun.SETTINGS_ATTR] = rerun.settings_json(run_settings(loaded.sha256))
-        h5.attrs[COMPLETE_ATTR] = True
-    publish(part, out)
+        run.complete(h5.attrs, run_settings(loaded.sha256), COMPLETE_ATTR)
+    run.publish()
     with ContactsFile(out) as cf:
         n_written = len(cf)
         if csv_path or png_dir:
             _write_extras(cf, csv_path, png_dir, top, contact_head.min_sep)
     log.info("%d contact maps -> %s", n_written, out)
-    return {
-        "output": str(out),
-        "records": n_written,
-        "input_failures": report.failures,
-        "checkpoint_sha256": loaded.sha256,
-        "head": str(head_path),
-        "align_to": reference,
-    }
+    return PredictSummary(str(out), n_written, report.failures, loaded.sha256, str(head_path), reference)
 
 
-def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> dict:
+def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top: float, min_sep: int) -> PredictSummary:
     """:func:`run_predict_contacts`'s summary of a finished file (``resume=true`` over it); a
     ``csv=`` / PNG that is missing (killed before it was written) is written from the file."""
     with ContactsFile(out) as cf:
@@ -409,7 +389,7 @@ def _finished_summary(out: Path, csv_path: str | None, png_dir: str | None, top:
         attrs = {k: str(cf.attrs.get(k, "")) for k in ("checkpoint_sha256", "head", "align_to")}
         _write_extras(cf, csv_path, png_dir, top, min_sep, missing_only=True)
     log.info("%s is already complete (%d records); nothing to do", out, n)
-    return {"output": str(out), "records": n, "input_failures": [], **attrs, "already_complete": True}
+    return PredictSummary(str(out), n, [], **attrs, already_complete=True)
 
 
 def _write_extras(
@@ -466,6 +446,4 @@ __all__ = [
     "reference_sequence",
     "run_predict_contacts",
     "plot_prediction",
-    "partial_path",
-    "ExportError",
 ]

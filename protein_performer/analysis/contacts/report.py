@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from protein_performer import outputs
-from protein_performer.analysis.contact_metrics import MIN_SEP, RANGES, precision_at_k
-from protein_performer.analysis.contact_proteins import Protein
+from protein_performer.analysis.contacts.metrics import MIN_SEP, RANGES, precision_at_k
+from protein_performer.analysis.contacts.proteins import Protein
 
 log = logging.getLogger(__name__)
 

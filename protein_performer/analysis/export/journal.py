@@ -4,7 +4,7 @@ killed export left that ``resume=true`` can keep.
 ``<output>.partial.journal`` is JSON lines: the export's settings, then one line per input
 record handled, in input order, written after the record is flushed to the partial file:
 ``{"n", "id", "group", "checksum"}`` (stored; the CRC-32s of
-:func:`maps_format.record_checksum`) or ``{"n", "id", "skipped": true}`` (too long,
+:func:`~protein_performer.analysis.maps.format.record_checksum`) or ``{"n", "id", "skipped": true}`` (too long,
 ``crop=skip``). Each line is one ``write``; a line cut by a kill is ignored on reading.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import h5py
 
-from protein_performer.analysis.export_model import ExportError
-from protein_performer.analysis.maps_format import PARTIAL_SUFFIX, first_line, record_checksum
+from protein_performer.analysis.maps.format import record_checksum
+from protein_performer.errors import first_line
+from protein_performer.outputs_h5 import ResumableH5, partial_path
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ RESUME_SUFFIX = ".resume"  # a resumed export copies the kept records into <outp
 def partial_paths(output: str | Path) -> tuple[Path, Path]:
     """``(<output>.partial, <output>.partial.journal)``: the file being written and its journal."""
     output = Path(output)
-    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    partial = partial_path(output)
     return partial, partial.with_name(partial.name + JOURNAL_SUFFIX)
 
 
@@ -52,9 +53,9 @@ class ExportJournal:
             self._fd = -1
 
     @staticmethod
-    def read(path: Path, settings: dict, partial: Path) -> list[dict]:
-        """The contiguous records ``n = 0, 1, ...`` a killed export finished (``[]`` when the
-        journal is missing or unreadable); :class:`ExportError` when it ran with other settings."""
+    def read(path: Path, settings: dict, run: ResumableH5) -> list[dict]:
+        """The contiguous records ``n = 0, 1, ...`` a killed export of ``run`` finished (``[]`` when
+        the journal is missing or unreadable); :class:`ExportError` when it ran with other settings."""
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
@@ -69,13 +70,7 @@ class ExportJournal:
         if not entries or not isinstance(entries[0], dict) or "settings" not in entries[0]:
             log.warning("%s: no journal header: the export starts from the beginning", path)
             return []
-        old = entries[0]["settings"]
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ExportError(
-                f"{partial}: the interrupted export ran with other settings ({', '.join(diff)} differ); "
-                "rerun with the same settings and resume=true, or with overwrite=true to start again"
-            )
+        run.check_settings(entries[0]["settings"], settings)
         done = []
         for e in entries[1:]:
             if not isinstance(e, dict) or e.get("n") != len(done):
@@ -105,22 +100,15 @@ class Interrupted:
             self.old = None
 
 
-def find_interrupted(output: Path, settings: dict, resume: bool, overwrite: bool) -> Interrupted:
-    """An interrupted export of ``output``: kept with ``resume``, discarded with ``overwrite``,
-    else refused (:class:`ExportError`)."""
-    partial, journal_path = partial_paths(output)
+def find_interrupted(run: ResumableH5, settings: dict) -> Interrupted:
+    """What an interrupted export of ``run.output`` left that ``resume`` keeps (``run`` refused it
+    already unless ``resume`` or ``overwrite``; with ``overwrite`` it is discarded)."""
+    partial, journal_path = partial_paths(run.output)
     done: list[dict] = []
     if partial.exists():
-        if resume:
-            done = ExportJournal.read(journal_path, settings, partial)
-        elif not overwrite:
-            raise ExportError(
-                f"{partial}: an interrupted export of {output} is there; rerun with resume=true to "
-                "continue it, or overwrite=true to start again"
-            )
-        else:
-            log.warning("overwrite=true: the interrupted export %s is discarded", partial)
-    elif resume:
+        if run.resume:
+            done = ExportJournal.read(journal_path, settings, run)
+    elif run.resume:
         log.info("resume=true: no interrupted export at %s, starting from the beginning", partial)
     if not done:
         return Interrupted()

@@ -1,28 +1,29 @@
-"""Export, the model side: a checkpoint (or a random init) -> :class:`LoadedModel`, and one
-sequence through it, its maps handed out one layer at a time (:func:`run_sequence`).
+"""Trained models where a user looks for them (as ``esm.pretrained``)::
 
-Model input per sequence of L residues ``s``: ``Tokenizer.frame`` (as in training): BID
-``[bos, s, eos]``, UNI ``[bos, s]`` (a UNI model never sees eos as input). The maps are
-``PerformerLM.attention_maps``: the model's own ``attention_matrix`` on the queries and keys of
-every layer (``model.eval()``, no redraw): for FAVOR+ ``D^-1 Q' (K')^T`` (causally masked for
-UNI), for the exact baseline ``softmax(Q K^T / sqrt(d))``. Rows and columns of the special tokens
-are dropped, so every map is L x L.
+    from protein_performer.pretrained import load_model
+    model, tokenizer = load_model("last.ckpt")               # a PerformerLM in eval mode, its Tokenizer
+    lm = load_model("random", model_config="last.ckpt", seed=0)  # random init: the contact baseline
+    lm.model, lm.tokenizer, lm.sha256, lm.config
+
+One loader for every command that reads a checkpoint (``export_attention``, ``embed``,
+``predict_contacts``, the family-contacts recipe): the architecture from the Lightning
+checkpoint's ``hyper_parameters["model"]`` (or ``model_config``), the weights and FAVOR+ features
+from its ``state_dict``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from protein_performer.analysis.maps_format import MissingFileError, first_line
 from protein_performer.data.tokenizer import Tokenizer
-from protein_performer.errors import UserError
+from protein_performer.errors import MissingFileError, UserError, first_line
 from protein_performer.model.performer import PerformerConfig, PerformerLM
 
 log = logging.getLogger(__name__)
@@ -30,27 +31,33 @@ log = logging.getLogger(__name__)
 RANDOM = "random"  # checkpoint=random: a random-init model (the contact baseline)
 
 
-class ExportError(UserError, ValueError):
-    """A bad checkpoint, input, output path or setting of the export (one line: file, what to do)."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or model config that cannot make a model (one line: the file, what to do)."""
 
 
-# ------------------------------------------------------------------------------ the model
 @dataclass
 class LoadedModel:
-    """A model ready for export and where it came from."""
+    """A model in eval mode, its tokenizer, and where it came from; unpacks as ``model, tokenizer``."""
 
     model: PerformerLM
     checkpoint: str  # the .ckpt path, or "random"
     sha256: str = ""  # of the checkpoint file ("" for random init)
     seed: int | None = None  # random init: the seed of the weights
     info: dict[str, Any] = field(default_factory=dict)  # objective, global_step, ... from the checkpoint
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
 
     @property
     def config(self) -> dict[str, Any]:
+        """The model's :class:`PerformerConfig` as a plain dict."""
         return asdict(self.model.config)
+
+    def __iter__(self) -> Iterator[PerformerLM | Tokenizer]:
+        """``model, tokenizer = load_model(...)`` (as ``esm.pretrained``)."""
+        return iter((self.model, self.tokenizer))
 
 
 def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(block):
@@ -66,7 +73,7 @@ def _torch_load(path: Path) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise ExportError(
+            raise CheckpointError(
                 f"{path}: not a readable PyTorch / Lightning checkpoint, or a truncated / corrupted one "
                 f"({first_line(e2)}); give the .ckpt that training wrote"
             ) from e2
@@ -99,7 +106,7 @@ def _check_config(cfg: dict, where: str) -> dict:
     known = {f.name for f in fields(PerformerConfig)}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ExportError(f"{where}: model config keys {unknown} are not PerformerLM arguments ({sorted(known)})")
+        raise CheckpointError(f"{where}: model config keys {unknown} are not PerformerLM arguments ({sorted(known)})")
     return cfg
 
 
@@ -118,7 +125,7 @@ def model_config_from(source: dict | str | Path) -> dict:
         if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
             cfg = cfg["model"]
         if not isinstance(cfg, dict):
-            raise ExportError(f"{path}: expected a mapping of PerformerLM arguments")
+            raise CheckpointError(f"{path}: expected a mapping of PerformerLM arguments")
         return _check_config(cfg, str(path))
     return _config_from_checkpoint(_torch_load(path), path)
 
@@ -129,7 +136,7 @@ def _config_from_checkpoint(ckpt: dict, path: Path) -> dict:
     if not isinstance(cfg, dict) and cfg is not None:
         cfg = _plain(cfg)
     if not isinstance(cfg, dict):
-        raise ExportError(
+        raise CheckpointError(
             f"{path}: the checkpoint stores no model config in hyper_parameters['model'] "
             "(train with protein_performer.training.ProteinLM, or pass model_config=)"
         )
@@ -141,7 +148,7 @@ def _build(cfg: dict, source: Any) -> PerformerLM:
         return PerformerLM(PerformerConfig(**cfg))
     except (ValueError, TypeError) as e:
         where = "model_config (dict)" if isinstance(source, dict) else str(source)
-        raise ExportError(f"{where}: not a valid PerformerLM config ({first_line(e)})") from e
+        raise CheckpointError(f"{where}: not a valid PerformerLM config ({first_line(e)})") from e
 
 
 def load_model(
@@ -150,7 +157,8 @@ def load_model(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """A :class:`PerformerLM` in eval mode, from a Lightning checkpoint of ``ProteinLM`` or random.
+    """A :class:`PerformerLM` in eval mode and its tokenizer (a :class:`LoadedModel`, which unpacks as
+    ``model, tokenizer``), from a Lightning checkpoint of ``ProteinLM`` or random.
 
     ``checkpoint``: a ``.ckpt`` path; the architecture comes from ``hyper_parameters["model"]``
     (``model_config`` overrides it when given) and the weights and FAVOR+ features from
@@ -165,7 +173,9 @@ def load_model(
         raise MissingFileError(f"checkpoint not found: {path}")
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ExportError(f"{path}: not a Lightning checkpoint (no 'state_dict'); give the .ckpt that training wrote")
+        raise CheckpointError(
+            f"{path}: not a Lightning checkpoint (no 'state_dict'); give the .ckpt that training wrote"
+        )
     cfg = _config_from_checkpoint(ckpt, path) if model_config is None else model_config_from(model_config)
     model = _build(cfg, model_config if model_config is not None else path)
     state = ckpt["state_dict"]
@@ -174,7 +184,7 @@ def load_model(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ExportError(
+        raise CheckpointError(
             f"{path}: weights do not fit the model config {cfg} ({_first_problem(e)}); give "
             "the model_config the checkpoint was trained with, or none (it is read from the "
             "checkpoint)"
@@ -194,7 +204,7 @@ def _random_model(model_config: dict | str | Path | None, seed: int, device: str
     """``checkpoint=random``: the architecture of ``model_config``, weights drawn from ``seed`` in a
     forked RNG (the global one is left as it was)."""
     if model_config is None:
-        raise ExportError(
+        raise CheckpointError(
             "checkpoint=random needs model_config= (a trained checkpoint, a YAML file or a dict) for the architecture"
         )
     cfg = model_config_from(model_config)
@@ -209,37 +219,3 @@ def _random_model(model_config: dict | str | Path | None, seed: int, device: str
         int(seed),
         {"source": str(model_config) if not isinstance(model_config, dict) else "dict"},
     )
-
-
-# ------------------------------------------------------------------------------ one sequence through it
-@torch.no_grad()
-def run_sequence(
-    model: PerformerLM,
-    residues: np.ndarray,
-    on_layer=None,
-    want_repr: bool = False,
-    device: str | torch.device | None = None,
-) -> torch.Tensor | None:
-    """Run one sequence (residue ids, no special tokens) through ``model``, framed by
-    :meth:`Tokenizer.frame`.
-
-    ``on_layer(layer, maps)`` is called once per layer, in order, with that layer's maps
-    ``(heads, L, L)`` float32 (special tokens dropped): :meth:`PerformerLM.attention_maps`, one
-    layer at a time. Returns the final representation ``(L, dim)`` (after the final LayerNorm,
-    :meth:`PerformerLM.representations`) when ``want_repr``, from the same pass.
-    """
-    if model.training:
-        raise RuntimeError("export needs model.eval(): maps come from the model's fixed features")
-    device = device if device is not None else next(model.parameters()).device
-    ids, keep = Tokenizer().frame(residues, bool(model.config.causal))
-    tokens = torch.as_tensor(ids, device=device)[None]  # (1, T)
-    if not want_repr:
-        for layer, maps in model.attention_maps(tokens, layers=None if on_layer is not None else ()):
-            on_layer(layer, maps[0, :, keep, keep])
-            del maps  # one layer's maps in memory: these are gone before the next layer's are made
-        return None
-    depth = len(model.blocks)
-    for layer, x in enumerate(model.hidden_states(tokens)):  # maps and representation in one pass
-        if on_layer is not None and layer < depth:
-            on_layer(layer, model.layer_attention(layer, x)[0, :, keep, keep])
-    return x[0, keep]

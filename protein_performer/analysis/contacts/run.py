@@ -11,22 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.analysis.contact_head import (
+from protein_performer.analysis.contacts.head import (
     ESM_TRAIN_PROTEINS,
     ContactHead,
     head_from_estimator,
     training_subset,
 )
-from protein_performer.analysis.contact_metrics import MIN_SEP, RANGES
-from protein_performer.analysis.contact_proteins import TRAINED, Protein, load_proteins
-from protein_performer.analysis.contact_report import (
+from protein_performer.analysis.contacts.metrics import MIN_SEP, RANGES
+from protein_performer.analysis.contacts.proteins import TRAINED, Protein, load_proteins
+from protein_performer.analysis.contacts.report import (
     plot_contact_map,
     plot_precision_by_range,
     write_report_csv,
     write_report_json,
 )
-from protein_performer.analysis.contact_study import evaluate, fit_logistic, fit_mean_calibration
-from protein_performer.analysis.maps_reader import MapsFile
+from protein_performer.analysis.contacts.study import evaluate, fit_logistic, fit_mean_calibration
+from protein_performer.analysis.maps.reader import MapsFile
 from protein_performer.analysis.rerun import check_output_dir, finished_report, input_stamp, jsonable, staged_output
 from protein_performer.analysis.structures import (
     STRUCTURE_SUFFIXES,

@@ -1,6 +1,6 @@
 """maps.h5, the writer: :class:`MapsWriter` (record by record, or one layer at a time through a
 :class:`LayerRecord`) and :func:`write_maps` for a list of records. The layout is
-:mod:`protein_performer.analysis.maps_format`'s; the APC maps are :func:`map_ops.apc_maps`.
+:mod:`protein_performer.analysis.maps.format`'s; the APC maps are :func:`~protein_performer.analysis.maps.ops.apc_maps`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from protein_performer.analysis.map_ops import apc_maps
-from protein_performer.analysis.maps_format import (
+from protein_performer.analysis.maps.format import (
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
     INCOMPLETE_VALUE,
@@ -30,6 +29,7 @@ from protein_performer.analysis.maps_format import (
     sanitize_name,
     vocab_json,
 )
+from protein_performer.analysis.maps.ops import apc_maps
 from protein_performer.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

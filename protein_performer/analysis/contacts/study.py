@@ -1,6 +1,6 @@
 """Contact study, the predictors and their cross-validated precision (ESM's unsupervised protocol).
 
-- Features of a pair: the layers x heads values of ``APC(A + A^T)`` (:mod:`contact_proteins`).
+- Features of a pair: the layers x heads values of ``APC(A + A^T)`` (:mod:`~protein_performer.analysis.contacts.proteins`).
 - Logistic: an L1 logistic regression (C = 0.15), ``p(contact) = sigmoid(w . x + b)``, fitted on
   the resolved pairs of training proteins (features standardized first), predicts the others.
 - Best head: the single map with the best mean long-range P@L on the training proteins.
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from protein_performer.analysis.contact_metrics import K_FRACS, RANGES, precision_table
-from protein_performer.analysis.contact_proteins import RANDOM_INIT, TRAINED, Protein
+from protein_performer.analysis.contacts.metrics import K_FRACS, RANGES, precision_table
+from protein_performer.analysis.contacts.proteins import RANDOM_INIT, TRAINED, Protein
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import resource
 from collections.abc import Sequence
 from pathlib import Path
 
-from protein_performer.analysis.export_model import ExportError
+from protein_performer.analysis.export.model import ExportError
 
 HDF5_METADATA_BYTES = 64 << 10
 DEFLATE_EXPANSION = 1.01

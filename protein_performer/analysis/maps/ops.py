@@ -1,4 +1,4 @@
-"""Pure map math on (..., L, L) attention stacks, below both ``contacts`` and ``maps_io``.
+"""Pure map math on (..., L, L) attention stacks, below both ``contacts`` and ``maps`` (reader, writer).
 
 - symmetrize: ``S = A + A^T`` over the last two axes.
 - apc (average product correction, Dunn et al. 2008, as in ESM):

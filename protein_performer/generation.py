@@ -35,11 +35,6 @@ from protein_performer.model.performer import PerformerLM, RecurrentState
 log = logging.getLogger(__name__)
 
 
-def check_causal(model: PerformerLM) -> None:
-    """Raise unless ``model`` is a causal PerformerLM whose kernels can step (FAVOR+ or exact)."""
-    model.check_can_step()
-
-
 def init_state(model: PerformerLM, batch: int, device: torch.device | str | None = None) -> RecurrentState:
     """An empty state for ``batch`` sequences (nothing fed yet): ``model.init_state``."""
     return model.init_state(batch, device)

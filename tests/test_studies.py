@@ -224,11 +224,10 @@ def test_generation_helpers(seqs):
     assert comp.sum() == pytest.approx(1.0) and comp[0] == pytest.approx(0.5)
 
 
-def test_update_markdown_replaces_only_its_section(tmp_path):
+def test_markdown_text_replaces_only_its_section(tmp_path):
     path = tmp_path / "studies.md"
-    reports.update_markdown("a", "## A\none", path)
-    reports.update_markdown("b", "## B\ntwo", path)
-    reports.update_markdown("a", "## A\nthree", path)
+    for name, section in (("a", "## A\none"), ("b", "## B\ntwo"), ("a", "## A\nthree")):
+        path.write_text(reports.markdown_text(name, section, path))
     text = path.read_text()
     assert text.count("<!-- study:a -->") == 1 and "three" in text and "one" not in text and "## B\ntwo" in text
     assert text.index("## A") < text.index("## B")

@@ -102,16 +102,6 @@ def markdown_text(name: str, section: str, path: Path) -> str:
     return pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
 
 
-def update_markdown(name: str, section: str, path: Path | None = None) -> Path:
-    """Replace (or append) the section between ``<!-- study:name -->`` markers in ``path``
-    (default ``<default_out_dir>/studies.md``), atomically."""
-    path = default_out_dir() / MARKDOWN_NAME if path is None else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    outputs.write_text(path, markdown_text(name, section, path))
-    log.info("updated section %r of %s", name, path)
-    return path
-
-
 def staged_name(path: Path) -> Path:
     """Where a study writes ``path`` before it publishes it (:func:`publish_together`): hidden,
     beside it, marked with this process's id, with the same suffix (a plot's format)."""

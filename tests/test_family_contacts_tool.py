@@ -170,6 +170,7 @@ def test_datamodule_reads_every_training_sequences_weight(tmp_path):
         ("none.a3m", "# nothing\n", "no record, so no query"),
         ("gappy.a3m", ">q\nACDEFGHIKL\n>a\n--------KL\n>b\n---------L\n", "empty after filtering"),
         ("ragged.sto", "# STOCKHOLM 1.0\nq ACDEFGHIKL\na ACDEF\n//\n", "ragged rows"),
+        ("homologs.fasta", ">q\nACDEFGHIKL\n>a\nACD*FGHIK\n", "record 'a': empty or not amino-acid letters"),
     ],
 )
 def test_a_bad_alignment_is_one_line_exit_1_and_nothing_written(tmp_path, capsys, name, text, message):
@@ -233,10 +234,16 @@ def test_tool_end_to_end_and_predict_contacts_gives_the_same_map(tmp_path, capsy
     contacts = _check_outputs(out, query)
     # predict_contacts stores float16: within half a float16 ulp of each probability (<= 2^-12 for p < 1)
     np.testing.assert_allclose(_predict_again(tmp_path, out, query), contacts, rtol=0, atol=2.0**-11)
-    # rerun semantics: refused without an option, complete with resume=true
-    with pytest.raises(SystemExit):
+    # rerun semantics (rerun.py): refused without an option (nothing changed), complete with
+    # resume=true, replaced by a whole new run with overwrite=true
+    before = (out / "summary.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
         main([f"input={path}", f"output_dir={out}", "minutes=1", *TINY])
+    assert e.value.code == 1 and "resume=true" in capsys.readouterr().err
     main([f"input={path}", f"output_dir={out}", "minutes=1", "resume=true", *TINY])
+    assert (out / "summary.json").read_bytes() == before
+    main([f"input={path}", f"output_dir={out}", "minutes=1", "overwrite=true", *TINY])
+    np.testing.assert_allclose(_check_outputs(out, query), contacts, rtol=0, atol=1e-6)  # seeded: the same run
 
 
 @pytest.mark.slow

@@ -128,16 +128,21 @@ def _homologs(input: Path, query: str | None) -> msa.Alignment:
     if sequence not in [s for _, s in records]:
         records = [(qid, sequence), *records]
     log.info("%s: aligning %d sequences onto the query %r (%d residues)", input, len(records), qid, len(sequence))
-    gap = msa.TABLE[ord("-")]
-    tokens = np.empty((len(records), len(sequence)), dtype=np.uint8)
-    for n, (rid, seq) in enumerate(records):
+    tok = Tokenizer()
+    for rid, seq in records:
         try:
-            codes = msa.TABLE[np.frombuffer(aligned_row(seq, sequence).encode("ascii"), dtype=np.uint8)]
-        except UnicodeEncodeError:
-            codes = np.array([255])
-        if (codes == 255).any():
-            raise msa.AlignmentError(f"{input}: record {rid!r}: a character outside the amino-acid letters")
-        tokens[n] = np.where(codes == msa.TABLE[ord(GAP_RESIDUE)], gap, codes)
+            valid = tok.encode(seq).size > 0
+        except UnknownResidueError:
+            valid = False
+        if not valid:
+            raise msa.AlignmentError(
+                f"{input}: record {rid!r}: empty or not amino-acid letters (allowed: {RESIDUES}, either case)"
+            )
+    gap, unknown = msa.TABLE[ord("-")], msa.TABLE[ord(GAP_RESIDUE)]
+    tokens = np.empty((len(records), len(sequence)), dtype=np.uint8)
+    for n, (_, seq) in enumerate(records):
+        codes = msa.TABLE[np.frombuffer(aligned_row(seq, sequence).encode("ascii"), dtype=np.uint8)]
+        tokens[n] = np.where(codes == unknown, gap, codes)  # X: no residue on that query position
     q = next(n for n, (_, s) in enumerate(records) if s == sequence)
     ids = [rid for rid, _ in records]
     return msa.Alignment(ids=ids, tokens=tokens, query=q, columns=np.arange(len(sequence)), path=str(input))
@@ -237,7 +242,7 @@ try:
             from tqdm.auto import tqdm
 
             self._t0 = time.time()
-            fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{remaining} left]"
+            fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{remaining} left{postfix}]"
             self._bar = tqdm(
                 total=round(self.seconds), desc="training", bar_format=fmt, disable=not trainer.is_global_zero
             )

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -206,18 +209,20 @@ def _check_outputs(out, query: str) -> np.ndarray:
 
 
 def _predict_again(tmp_path, out, query: str) -> np.ndarray:
-    """What ``python -m protein_performer.predict_contacts checkpoint=<OUT>/checkpoints/last.ckpt
-    head=<OUT>/contact_head.json input=<query FASTA>`` stores for the query (the function it runs)."""
-    from protein_performer.analysis.predict_contacts import run_predict_contacts
-
+    """``python -m protein_performer.predict_contacts`` with the run's checkpoint and head on the query:
+    the map it stores."""
     (tmp_path / "q.fasta").write_text(f">q\n{query}\n")
-    run_predict_contacts(
-        checkpoint=str(out / "checkpoints" / "last.ckpt"),
-        head=str(out / "contact_head.json"),
-        input=str(tmp_path / "q.fasta"),
-        output=str(tmp_path / "predicted.h5"),
-        progress=False,
-    )
+    args = [
+        f"checkpoint={out / 'checkpoints' / 'last.ckpt'}",
+        f"head={out / 'contact_head.json'}",
+        f"input={tmp_path / 'q.fasta'}",
+        f"output={tmp_path / 'predicted.h5'}",
+        "progress=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "protein_performer.predict_contacts", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     with h5py.File(tmp_path / "predicted.h5") as h5:
         return h5["q"]["contacts"][()].astype(np.float32)
 

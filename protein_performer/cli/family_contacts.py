@@ -3,6 +3,13 @@
 (:mod:`protein_performer.recipes.family_contacts`: extract, ingest, train, export, score, contacts)
 for one Pfam family; prints the headline scores and where the summary and the contact head are.
 
+``python -m protein_performer.family_contacts input=<a3m | sto | aligned FASTA | FASTA of homologs>
+[query=<record id | sequence | FASTA | pdb/cif>] output_dir=<OUT> [structure=<pdb/cif>] [minutes=10]``:
+the same on the user's own family (:mod:`protein_performer.recipes.family_contacts.tool`: prepare,
+ingest, train, contacts): the query's contact map in ``<OUT>/contacts.h5`` / ``.csv`` / ``.png`` and
+the head for ``predict_contacts``. This mode is chosen when ``query=`` is given, the input is an
+A3M / Stockholm file, or no ``family=`` is given.
+
 The recipe's own options are ``key=value``; every other ``key=value`` whose key is dotted (``model.dim=64``),
 starts with ``+`` or ``~``, or is one of :data:`TRAIN_KEYS` (``data=<group>``, ``model=<group>``, ...)
 goes to training as a Hydra override. The family's FASTA is ``input=``: ``data=`` is the Hydra data
@@ -17,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protein_performer.errors import UserError, cli_errors
+from protein_performer.recipes.family_contacts import tool
 from protein_performer.recipes.family_contacts.run import KORTEMME40, PFAM40, STAGES, RecipeSummary, run
 from protein_performer.resources import CONF
 
@@ -38,14 +46,23 @@ def defaults() -> dict[str, str]:
         "structures": "" if KORTEMME40 is None else str(KORTEMME40),
         "max_identity": "0.9",
         "max_sequences": "",
-        "stages": ",".join(STAGES),
+        "stages": "",
         "probe_every_s": "",
         "homologs": "0",
-        "experiment": "family_contacts",
+        "experiment": "",
         "align": "false",
         "resume": "false",
         "overwrite": "false",
+        "query": "",
+        "structure": "",
+        "minutes": "10",
     }
+
+
+def is_tool(opts: dict[str, str]) -> bool:
+    """Whether the options ask for the user's-own-family mode (see the module docstring)."""
+    own_input = opts["input"] != defaults()["input"]
+    return bool(opts["query"]) or tool.is_alignment_file(opts["input"]) or (own_input and not opts["family"])
 
 
 def parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -67,8 +84,16 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
                 f"family_contacts: expected key=value with a key in {', '.join(opts)} or a Hydra "
                 f"override (group.key=value), got {arg!r}"
             )
-    if not opts["family"] or not opts["output_dir"]:
-        raise UserError("family_contacts: give family=PFxxxxx and output_dir=<dir>")
+    if is_tool(opts) and opts["family"]:
+        raise UserError(
+            "family_contacts: family= trains on a shared Pfam family; input=<alignment or homologs> with query= "
+            "on your own family: give one or the other"
+        )
+    if not opts["output_dir"] or not (opts["family"] or is_tool(opts)):
+        raise UserError(
+            "family_contacts: give family=PFxxxxx and output_dir=<dir>, or input=<a3m | sto | FASTA> "
+            "[query=...] and output_dir=<dir>"
+        )
     return opts, overrides
 
 
@@ -113,6 +138,49 @@ def report(s: RecipeSummary, output_dir: str) -> None:
     print(f"summary: {Path(output_dir) / 'summary.json'}")
 
 
+def run_own(opts: dict[str, str], overrides: list[str], stages: list[str]) -> RecipeSummary:
+    """The user's-own-family mode (:func:`protein_performer.recipes.family_contacts.tool.run_tool`)."""
+    try:
+        minutes = float(opts["minutes"])
+    except ValueError:
+        raise UserError(f"family_contacts: minutes must be a number, got {opts['minutes']!r}") from None
+    return tool.run_tool(
+        opts["input"],
+        opts["output_dir"],
+        overrides,
+        query=opts["query"] or None,
+        structure=opts["structure"] or None,
+        minutes=minutes,
+        experiment=opts["experiment"] or tool.EXPERIMENT,
+        stages=stages,
+        resume=flag(opts["resume"], "resume"),
+        overwrite=flag(opts["overwrite"], "overwrite"),
+    )
+
+
+def report_tool(s: RecipeSummary, output_dir: str) -> None:
+    """The headline lines of a run on the user's own family: the query's map, the head, the scores."""
+    out = Path(output_dir)
+    prep = s.record.get("prepare") or {}
+    if prep:
+        print(
+            f"{s.family}: {prep['n_kept']} of {prep['n_sequences']} sequences (N_eff {prep['n_eff']}), "
+            f"{prep['n_columns_kept']} columns; query {prep['query_id']} ({prep['query_length']} residues)"
+        )
+    if s.record.get("contacts"):
+        print(f"contact map: {out / 'contacts.h5'} (top-L pairs: {out / 'contacts.csv'}, plot: {out / 'contacts.png'})")
+        print(
+            f"head for predict_contacts: {out / 'contact_head.json'} (checkpoint {out / 'checkpoints' / 'last.ckpt'})"
+        )
+    h = s.headline
+    if h:
+        print(
+            f"against {Path(s.record['scores']['structure']).name}: long-range P@L {h['long_P@L']:.3f} "
+            f"(P@L/5 {h['long_P@L/5']:.3f}); random init {h['random_long_P@L']:.3f}"
+        )
+    print(f"summary: {out / 'summary.json'}")
+
+
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> None:
     """The command: parse ``argv`` (default ``sys.argv[1:]``), run the recipe, print the headline."""
@@ -122,9 +190,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts, overrides = parse(argv)
-    stages = [s for s in opts["stages"].split(",") if s]
-    if set(stages) - set(STAGES):
-        raise UserError(f"family_contacts: unknown stages {sorted(set(stages) - set(STAGES))}; choose from {STAGES}")
+    known = tool.STAGES if is_tool(opts) else STAGES
+    stages = [s for s in opts["stages"].split(",") if s] or list(known)
+    if set(stages) - set(known):
+        raise UserError(f"family_contacts: unknown stages {sorted(set(stages) - set(known))}; choose from {known}")
+    if is_tool(opts):
+        report_tool(run_own(opts, overrides, stages), opts["output_dir"])
+        return
     s = run(
         opts["family"],
         opts["output_dir"],
@@ -136,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stages=stages,
         probe_every_s=float(opts["probe_every_s"]) if opts["probe_every_s"] else None,
         homologs=int(opts["homologs"]),
-        experiment=opts["experiment"],
+        experiment=opts["experiment"] or "family_contacts",
         align=flag(opts["align"], "align"),
         resume=flag(opts["resume"], "resume"),
         overwrite=flag(opts["overwrite"], "overwrite"),

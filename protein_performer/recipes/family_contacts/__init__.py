@@ -35,4 +35,8 @@ the chain, and the hold-out of near copies of the chain), ``data`` (the span-mas
 ``FamilyDataModule`` of ``conf/data/family.yaml``), ``scoring`` (the unsupervised scores, the
 probe, the plot), ``head`` (the fitted contact head), ``rerun`` (resume / overwrite) and ``run``
 (the pipeline, :func:`.run.run`). The command is :mod:`protein_performer.cli.family_contacts`.
+
+The user's own family (an A3M, Stockholm or FASTA file and a query instead of ``family=``) runs the
+stages prepare, ingest, train, contacts of :mod:`.tool` (:func:`.tool.run_tool`), reading the
+alignment with :mod:`.msa` and weighting the training sampler (:mod:`.data`).
 """

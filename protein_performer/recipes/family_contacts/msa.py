@@ -181,6 +181,19 @@ def _assemble(
     return Alignment(ids=list(ids), tokens=tokens, query=query, columns=columns, path=path)
 
 
+def fasta_is_aligned(path: str | Path) -> bool:
+    """Whether a FASTA file is an alignment: at least two records, all of one length, and a gap
+    (``-`` or ``.``) in one of them; otherwise it holds unaligned sequences (homologs to align)."""
+    records = _fasta_records(Path(path))
+    lengths = {len(text) for _, text, _ in records}
+    return len(records) > 1 and len(lengths) == 1 and any("-" in t or "." in t for _, t, _ in records)
+
+
+def fasta_sequences(path: str | Path) -> list[tuple[str, str]]:
+    """``(id, sequence)`` of every record of a FASTA file, gap characters removed, upper case."""
+    return [(rid, text.replace("-", "").replace(".", "").upper()) for rid, text, _ in _fasta_records(Path(path))]
+
+
 def read_a3m(path: str | Path, query: str | None = None) -> Alignment:
     """An A3M file: insertions (lowercase letters and ``.``) dropped, the query first unless named."""
     path = Path(path)

@@ -49,6 +49,10 @@ OWNED = (
     "contacts.png",
     "probe.jsonl",
     "kortemme40",
+    "weights.tsv",
+    "contacts.h5",
+    "contacts.csv",
+    "contact_head.json",
     SUMMARY,
 )
 # the options compared on resume=true (num_threads= among the overrides is no setting of the result)

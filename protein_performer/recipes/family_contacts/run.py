@@ -65,10 +65,10 @@ class RecipeSummary:
 
 @dataclass
 class RunPaths:
-    """The files of one recipe run under ``out``."""
+    """The files of one recipe run under ``out`` (``structure``: the chain it is scored on, if any)."""
 
     out: Path
-    structure: Path
+    structure: Path | None
 
     @property
     def fasta(self) -> Path:
@@ -99,7 +99,7 @@ class RunPaths:
         return self.out / "probe.jsonl"
 
 
-def _ingest_stage(paths: RunPaths) -> dict:
+def ingest_stage(paths: RunPaths) -> dict:
     """The family's FASTA into shards; returns the sequences per split."""
     from protein_performer.data.ingest import ingest
 
@@ -116,7 +116,7 @@ def _ingest_stage(paths: RunPaths) -> dict:
     return {k: v.get("n_sequences") for k, v in manifest.get("splits", {}).items()}
 
 
-def _train_stage(
+def train_stage(
     paths: RunPaths, overrides: Sequence[str], probe_every_s: float | None, summary: dict, experiment: str
 ) -> None:
     """Train ``experiment`` into ``paths.out`` (with the probe callback when asked)."""
@@ -270,8 +270,8 @@ def _run_stages(paths: RunPaths, todo: Sequence[str], summary: dict, overrides: 
                 ),
             ),
         ),
-        ("ingest", lambda: summary.__setitem__("shards", _ingest_stage(paths))),
-        ("train", lambda: _train_stage(paths, overrides, probe_every_s, summary, experiment)),
+        ("ingest", lambda: summary.__setitem__("shards", ingest_stage(paths))),
+        ("train", lambda: train_stage(paths, overrides, probe_every_s, summary, experiment)),
         ("export", lambda: _export_stage(paths)),
         ("score", lambda: _score_stage(paths, family, summary)),
         ("contacts", lambda: summary.__setitem__("fitted_head", _contacts_stage(paths, structures, align))),

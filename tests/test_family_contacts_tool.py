@@ -265,7 +265,7 @@ def test_tool_on_homologs_of_a_structure_scores_it(tmp_path):
     summary = read_summary(out)
     assert summary["prepare"]["format"] == "unaligned homologs" and summary["train"]["global_step"] == 6
     # the headline is the precision of the stored map's top pairs against the structure's contacts
-    from protein_performer.analysis.contact_metrics import contact_map, precision_at_k
+    from protein_performer.analysis.contacts.metrics import contact_map, precision_at_k
     from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
 
     chain = load_structures(STRUCTURE)[0][0]

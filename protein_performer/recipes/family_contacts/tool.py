@@ -265,8 +265,8 @@ def query_head(loaded, query_id: str, query: str):
     over layers and heads of the APC maps (the recipe's unsupervised score) and ``mu``, ``sigma``
     its mean and standard deviation over the query's pairs ``|i - j| >= 6``; it names the query as
     its reference (``align_to``), so ``predict_contacts`` reads any input in the query's frame."""
-    from protein_performer.analysis.contact_head import ContactHead
-    from protein_performer.analysis.predict_contacts import contact_features
+    from protein_performer.analysis.contacts.head import ContactHead
+    from protein_performer.analysis.contacts.predict import contact_features
 
     feats = contact_features(loaded, Tokenizer().encode(query)).astype(np.float64)
     n_layers, n_heads = feats.shape[:2]
@@ -292,7 +292,7 @@ def query_head(loaded, query_id: str, query: str):
 
 def write_contacts(out: Path, pred, head_path: Path) -> list[tuple[int, int, float]]:
     """``contacts.h5``, ``contacts.csv`` (top-L pairs) and ``contacts.png`` of one prediction."""
-    from protein_performer.analysis.predict_contacts import plot_prediction
+    from protein_performer.analysis.contacts.predict import plot_prediction
 
     L = len(pred.sequence)
     top = pred.top_pairs(L, MIN_SEP)
@@ -313,9 +313,9 @@ def score_structure(checkpoint: Path, contacts: np.ndarray, query: str, structur
     """The query's map (and the random-init twin's mean APC map) against ``structure``'s first
     chain, aligned onto the query: precision by range and P@L (:func:`.scoring.score_map`)."""
     from protein_performer.analysis.contacts import contact_map
-    from protein_performer.analysis.export import load_model
-    from protein_performer.analysis.predict_contacts import contact_features
+    from protein_performer.analysis.contacts.predict import contact_features
     from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
+    from protein_performer.pretrained import load_model
     from protein_performer.recipes.family_contacts.scoring import score_map
 
     chains, failures = load_structures(structure)
@@ -334,8 +334,8 @@ def score_structure(checkpoint: Path, contacts: np.ndarray, query: str, structur
 
 def contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, summary: dict) -> None:
     """The head, the query's map and its files, and the scores against ``structure``."""
-    from protein_performer.analysis.export import load_model
-    from protein_performer.analysis.predict_contacts import predict_contacts
+    from protein_performer.analysis.contacts.predict import predict_contacts
+    from protein_performer.pretrained import load_model
 
     loaded = load_model(str(paths.checkpoint))
     head = query_head(loaded, prepared.query_id, prepared.query)

@@ -10,7 +10,7 @@ largest entry). Exit 1 when one disagrees.
     TRITON_INTERPRET=1 python benchmarks/fla_check.py cpu 70   # CPU, Triton's interpreter
 
 ``interpreter_workarounds`` is what fla-core 0.6.0 with triton 3.9 needs in interpreter mode (the
-same two workarounds as tests/test_favor_fla.py; compiled kernels need neither).
+same two workarounds as tests/model/test_favor_fla.py; compiled kernels need neither).
 """
 
 from __future__ import annotations

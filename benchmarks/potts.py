@@ -34,15 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from _record import Floor, day, fmt, machine, now, record, source, table, write
 
 from protein_performer.data.tokenizer import STANDARD_AA, Tokenizer
 
@@ -237,8 +235,45 @@ def run_family(family: str, shared: Path, max_identity: float, max_sequences: in
     }
 
 
+HEADING = "## Potts model baseline (issue 21): `benchmarks/potts.py`"
+
+
+def section(rec: dict) -> str:
+    """RESULTS.md's part for the ``potts`` record: one row per family, as last fitted."""
+    rows = [
+        [
+            fam,
+            f"{r['n_sequences']} ({r['n_eff']:.0f})",
+            f"{r['L_columns']}/{r['L_query']}",
+            r["iterations"],
+            fmt(r["long_P@L"]),
+            fmt(r["long_P@L/5"]),
+            fmt(r["long_density"]),
+            f"{r['total_s']:.0f}",
+            day(r["date"]),
+        ]
+        for fam, r in sorted(rec["families"].items())
+    ]
+    header = ["family", "N (N_eff)", "columns / query L", "L-BFGS iterations", "long P@L", "long P@L/5"]
+    lines = [
+        "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, APC on Frobenius norms) on the recipe's aligned,",
+        "gap-filtered, reweighted rows of each family, scored against its kortemme40 chain by the recipe's code;",
+        f"command per family `python benchmarks/potts.py --family <PF> --max-iter <n>`; machine: {rec['machine']}.",
+        "",
+        *table([*header, "density", "wall s", "date"], rows),
+        "",
+        f"Source: {source(rec)}.",
+    ]
+    return "\n".join(lines)
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """No floor of its own: the family-contacts floors compare against these numbers."""
+    return []
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Fit and score the families named on the command line; print one row each, append to JSON."""
+    """Fit and score the families named on the command line; print one row each, update the record."""
     from protein_performer.resources import shared_data
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -249,14 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    results = json.loads(JSON.read_text()) if JSON.exists() else {"runs": []}
+    rec = json.loads(JSON.read_text()) if JSON.exists() else record("potts", {"families": {}})
     for family in args.family.split(","):
         row = run_family(family, args.data, args.max_identity, args.max_sequences, args.max_iter)
         row.update(
             command=f"python benchmarks/potts.py --family {family} --max-iter {args.max_iter}"
             + (f" --max-sequences {args.max_sequences}" if args.max_sequences else ""),
-            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
-            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            date=now(),
         )
         print(
             f"{family}: long P@L {row['long_P@L']:.3f} (P@L/5 {row['long_P@L/5']:.3f}, density "
@@ -265,9 +299,9 @@ def main(argv: list[str] | None = None) -> None:
             f"(extract {row['extract_s']:.0f}, weights {row['weights_s']:.0f}, fit {row['fit_s']:.0f})",
             flush=True,
         )
-        results["runs"].append(row)
-        JSON.parent.mkdir(parents=True, exist_ok=True)
-        JSON.write_text(json.dumps(results, indent=1) + "\n")
+        rec["families"][family] = row
+        rec.update(command=row["command"], machine=machine(), date=row["date"])
+        write(JSON, rec)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ benchmarks/_record.py (command, machine, date, and its own fields). This collect
 fields: each benchmark renders its part with its own ``section(record)`` and names the issues' floors
 with ``floors(records)`` (PASS / FAIL / NOT MEASURED); the page shows, per benchmark, the latest record
 of each configuration (the benchmark's ``key``; older runs stay in git history). Never edit the pages by
-hand: edit the JSON (or rerun the benchmark) and regenerate; tests/test_results_page.py checks that
+hand: edit the JSON (or rerun the benchmark) and regenerate; tests/benchmarks/test_results_page.py checks that
 they agree.
 """
 
@@ -39,6 +39,7 @@ SECTIONS = {
     "embed": "embed",
     "contacts_kortemme40": "contacts_kortemme40",
     "family_contacts": "family_contacts_section",
+    "potts": "potts",
     "predict_contacts_check": "predict_contacts_check",
 }
 INTRO = (

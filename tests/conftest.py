@@ -107,3 +107,12 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def single_thread():
+    """The test runs torch on one intra-op thread (:func:`one_thread`): tiny models, where two threads
+    wait on each other on a busy 2-core machine. A module takes it for all its tests with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_thread():
+        yield

@@ -108,7 +108,7 @@ class EpochProgressRepair(Callback):
     that epoch and begins the next one without counting it as ready/started (and without calling
     ``on_train_epoch_start``). Every checkpoint written during that epoch then says it has not
     begun, and a run resumed from one of those restarts the epoch's count wrongly and trains on
-    other batches than an uninterrupted run (the SIGKILL test in ``tests/test_crash_train.py``
+    other batches than an uninterrupted run (the SIGKILL test in ``tests/reliability/test_crash_train.py``
     found it: kill, resume at an epoch end, kill again, resume). During a training batch the
     running epoch is always started and not yet processed, so ``started == processed`` can only be
     that slip; counting the epoch restores what an uninterrupted run has at that point.

@@ -11,7 +11,7 @@ line is added to its journal (:mod:`~protein_performer.analysis.export.journal`)
 the records the journal lists are checked against their CRC-32s and copied into a fresh partial
 file with the same HDF5 calls in the same order (it then replaces the old one), the input is read
 from the start with those records skipped, and the rest is computed. The result is byte-identical
-to an uninterrupted export (tests/test_crash_export.py). A damaged record (killed mid-flush) is
+to an uninterrupted export (tests/reliability/test_crash_export.py). A damaged record (killed mid-flush) is
 recomputed from there on. The settings (model, checkpoint, include, crop, input) must be the
 same; without ``resume`` an interrupted export is refused unless ``overwrite=True``. A failure
 other than a bad input keeps the partial file for ``resume``.

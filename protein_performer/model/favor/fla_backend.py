@@ -44,7 +44,7 @@ How this differs from ``chunk_linear_attn(q, k, v, scale=1.0, normalize=True)`` 
   erasing it from every output; (4) any change of C rescales every operand, so outputs change at
   the rounding level of the kernels' dots (TF32 on GPU for float32 inputs: ~1e-3 relative).
   So a per-sequence max leaks future tokens into past outputs: through the eps floor by design,
-  through (2)-(4) numerically. In tests/test_favor_fla.py one later key that raises C by ~9 moves
+  through (2)-(4) numerically. In tests/model/test_favor_fla.py one later key that raises C by ~9 moves
   earlier outputs (values ~N(0, 1)) by up to 0.76 with eps = 1e-6 and still by 0.038 with eps = 0
   (through the 1e-10: q'.z of early queries falls to ~1e-8); ``favor_causal_fla`` moves them by 0.
 

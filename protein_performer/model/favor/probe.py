@@ -22,8 +22,8 @@ impl, device, dtype, d, m, kernel, causal, chunk, eps), and compares numbers, no
 - bound, per entry (``_compare``): max(``TOL_FACTOR`` u_dot max|ref|, ``CALIBRATION`` x the largest
   error of the float32 batched path on the same inputs) + u_store |ref|, per output / gradient.
 
-The first term is the derivation of the interpreter tests (tests/test_favor_triton.py,
-tests/test_favor_fla.py), kept here in one place: every output and gradient is a sum of at most
+The first term is the derivation of the interpreter tests (tests/model/test_favor_triton.py,
+tests/model/test_favor_fla.py), kept here in one place: every output and gradient is a sum of at most
 L m terms (< 10^5 here) of features exp(logit - max) (or relu(logit) + eps) whose logits are O(10).
 Each feature carries a relative error of about |logit| u and a blocked sum adds about log2(L m) u,
 so the error stays below 64 u of the largest entry (a 2x-3x margin), u the unit roundoff of the
@@ -35,7 +35,7 @@ summation alike; the float32 batched path (TF32 off) measures it, and a correct 
 small factor of it (seen: 4.2x for the scan at a small causal ReLU denominator, before q shared
 k's direction). Measured on the CPU (d = m = 16 over 30-60 projections, d = 64, m = 256 over 8):
 correct float32 paths (scan; Triton kernels interpreted) reach at most 0.63 of the bound; broken
-kernels off by 1e-4 reach > 20 (tests/test_favor_probe.py). The last term: every path computes
+kernels off by 1e-4 reach > 20 (tests/model/test_favor_probe.py). The last term: every path computes
 in float32 from the caller's inputs and rounds each result to the caller's dtype once, one rounding
 step of that dtype (eps: 2^-7 bfloat16, 2^-10 float16; 2^-23 float32) as in the float16 test.
 

@@ -6,7 +6,7 @@ with the softmax kernels' key features kept at the scale of the running stabiliz
 c_t = max_{j<=t} s_j: when c grows, S and z are multiplied by exp(c_old - c_new) <= 1. The eps floor
 f of every key feature is added at read time from sum_j v_j and the count t + 1, so it does not
 depend on the stabilizer's history. ``step`` reproduces the last row of the causal ``forward`` on
-all tokens so far (tests/test_favor.py::test_step_equals_causal_forward_on_prefix). Everything the
+all tokens so far (tests/model/test_favor.py::test_step_equals_causal_forward_on_prefix). Everything the
 step needs of the attention core is its ``FeatureMap``.
 """
 

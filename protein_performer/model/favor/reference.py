@@ -27,8 +27,8 @@ keys get exp(|k_j|^2/2 - c_i) with c_i the max of |k_j|^2/2 over the keys row i 
 sees no key gets 0.
 
 Every function is differentiable by autograd, so the fast paths (``causal.py``, ``scan.py``,
-``triton_kernels.py``) and their gradients are checked against these (tests/test_favor.py,
-tests/test_favor_reference.py, tests/test_attention_exact.py). Quadratic in L (the softmax keys
+``triton_kernels.py``) and their gradients are checked against these (tests/model/test_favor.py,
+tests/model/test_favor_reference.py, tests/model/test_attention_exact.py). Quadratic in L (the softmax keys
 are even (l, l, m)): for small inputs only.
 """
 

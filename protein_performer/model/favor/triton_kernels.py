@@ -31,7 +31,7 @@ state K'^T [V 1] (+ the floor) shared by every chunk (stride 0) and no intra-chu
 features: all scales 0 (every factor 1), f = 0, eps inside both feature maps.
 
 Not tuned (written without a GPU): block sizes and warps (``triton_ops``) are fixed guesses, checked only to
-compile for sm_90 within an A100's shared memory (tests/test_favor_triton.py compiles them with
+compile for sm_90 within an A100's shared memory (tests/model/test_favor_triton.py compiles them with
 triton's ptxas); dots run in IEEE float32 (``triton_ops.DOT_PRECISION``, environment variable
 PROTEIN_PERFORMER_TRITON_DOT: "tf32x3" or "tf32" trade accuracy of the logits for tensor-core
 speed; statically, ieee dots spill registers on sm_90, tf32x3 spill less in forward). Numbers tested on the CPU under ``TRITON_INTERPRET=1``.

@@ -138,10 +138,10 @@ class MultiHeadAttention(nn.Module):
         b, h, length, d = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, length, h * d))
 
-    def queries_keys(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: (b, h, l, d) of x (b, l, dim) at positions start.., rotated when the positions are rotary."""
+    def queries_keys(self, x: torch.Tensor, start: int = 0, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (b, h, l, d) of x (b, l, dim) at positions start.. (rotated if rotary); (1, h, l, d) if ``shared``."""
         if self.qk == "position":
-            b, length = x.shape[:2]
+            b, length = (1 if shared else x.shape[0]), x.shape[1]
             if start + length > self.q_pos.shape[1]:
                 raise ValueError(
                     f"sequence length {start + length} > max_len {self.q_pos.shape[1]} of the positional queries"
@@ -157,9 +157,10 @@ class MultiHeadAttention(nn.Module):
         return q, k
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k = self.queries_keys(x)
-        v = self.split_heads(self.to_v(x))
-        return self.merge_heads(self.kernel(q, k, v, key_padding_mask=key_padding_mask))  # kernel: (b, h, l, d)
+        shared = self.qk == "position" and isinstance(self.kernel, FavorAttention) and not self.kernel.causal
+        q, k = self.queries_keys(x, shared=shared)  # shared: (1, h, l, d), so Q' and K' are made once per batch
+        attend = self.kernel.shared_forward if shared else self.kernel  # kernel: (b, h, l, d)
+        return self.merge_heads(attend(q, k, self.split_heads(self.to_v(x)), key_padding_mask))
 
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> FavorState | KVCache:
         """The kernel's empty causal state (FAVOR+: S, z, ...; exact: the key/value cache)."""

@@ -56,30 +56,29 @@ def _fla_available() -> bool:
 def shared_linear_attention(
     q_prime: torch.Tensor,
     k_prime: torch.Tensor,
-    v: torch.Tensor,
+    v_t: torch.Tensor,
     mask: torch.Tensor | None = None,
     floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """D^-1 (Q' ((K')^T V)) with Q', K' (h, l, m) shared by every sequence of v (b, h, l, e) -> (b, h, l, e).
+    """D^-1 (Q' ((K')^T V)) with Q', K' (h, l, m) shared by every sequence; values and output head-major:
+    v_t (h, e, b, l) -> (h, e, b, l).
 
     ``mask`` (b, l), True at padding, leaves those keys out; ``floor`` (b or 1, h) is added to every
-    real key's features of that sequence and head. The sequences ride in the columns of one matmul
-    per head: (m, l) x (l, b e).
+    real key's features of that sequence and head. In this layout the sequences ride in the rows of
+    one matmul per head, (e b, l) x (l, m), with no copy of V or of the output.
     """
-    h, length, _ = k_prime.shape
-    b, e = v.shape[0], v.shape[-1]
+    h, e, b, length = v_t.shape
     keep = k_prime.new_ones(b, length) if mask is None else (~mask).to(k_prime.dtype)  # (b, l)
     if mask is not None:
-        v = v * keep[:, None, :, None]
-    kv = torch.matmul(k_prime.transpose(1, 2), v.permute(1, 2, 0, 3).reshape(h, length, b * e))  # (h, m, b e)
-    z = torch.matmul(k_prime.transpose(1, 2), keep.t())  # K'^T 1: (h, m, b)
+        v_t = v_t * keep
+    kv_t = torch.matmul(v_t.reshape(h, e * b, length), k_prime)  # (V^T K')_h: (h, e b, m)
+    z_t = torch.matmul(keep, k_prime)  # (K'^T 1)^T per sequence: (h, b, m)
     if floor is not None:  # the floor's share: f sum_j v_j and f (number of real keys)
-        kv = kv + (floor[..., None] * v.sum(dim=2)).transpose(0, 1).reshape(h, 1, b * e)
-        z = z + (floor * keep.sum(dim=1, keepdim=True)).t()[:, None, :]
-    den = torch.matmul(q_prime, z)  # (h, l, b)
+        kv_t = kv_t + (floor.t()[:, None, :] * v_t.sum(dim=-1)).reshape(h, e * b, 1)
+        z_t = z_t + (floor * keep.sum(dim=1, keepdim=True)).t()[..., None]
+    den = torch.matmul(z_t, q_prime.transpose(1, 2))  # (h, b, l)
     den = torch.where(den == 0, torch.ones_like(den), den)  # a sequence with no real key: zero output
-    out = torch.matmul(q_prime, kv).view(h, length, b, e) / den[..., None]
-    return out.permute(2, 0, 1, 3)
+    return torch.matmul(kv_t, q_prime.transpose(1, 2)).view(h, e, b, length) / den[:, None]
 
 
 class FavorAttention(FeatureMap):
@@ -212,25 +211,26 @@ class FavorAttention(FeatureMap):
         return out.to(out_dtype)
 
     def shared_forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self, q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Bidirectional ``forward`` for queries and keys shared by the batch (factored attention):
-        q, k (1, h, l, d), v (b, h, l, d) -> (b, h, l, d), ``forward(q.expand(b, ...), k.expand(b, ...), v)``.
+        """Bidirectional attention with queries and keys shared by the batch (factored attention):
+        q, k (1, h, l, d) and values head-major, v_t (h, d, b, l) -> the output head-major (h, d, b, l),
+        equal to ``forward(q.expand(b, ...), k.expand(b, ...), v)`` with v = v_t.permute(2, 0, 3, 1).
 
-        Q' and K' (h, l, m) are made once, not once per sequence; K'^T V of all sequences is one matmul
-        per head with the batch in its columns, and D = Q' (K'^T 1) one small one. Padded keys drop out
-        through zero rows of V and of the 1 instead of zero features. The keys' softmax stabilizer is
-        then c, the max over all keys, not c_b, the max over sequence b's real keys: the unshared
-        features are exp(c - c_b) (K'_c + f exp(c_b - c)), K'_c the features at c without the floor f,
-        and the factor exp(c - c_b) cancels in D^-1, so here the floor enters as f exp(c_b - c) <= f.
+        Q' and K' (h, l, m) are made once, not once per sequence (``shared_linear_attention``).
+        Padded keys drop out through zero rows of V and of the 1 instead of zero features. The keys'
+        softmax stabilizer is then c, the max over all keys, not c_b, the max over sequence b's real
+        keys: the unshared features are exp(c - c_b) (K'_c + f exp(c_b - c)), K'_c the features at c
+        without the floor f, and exp(c - c_b) cancels in D^-1, so here the floor is f exp(c_b - c).
         """
         if self.causal:
             raise ValueError("shared_forward is bidirectional; causal attention uses forward")
+        h, _, b, length = v_t.shape
         for name, x in (("q", q), ("k", k)):
             self._check(x, name)
-            if x.shape[0] != 1 or x.shape[2] != v.shape[2]:
-                raise ValueError(f"{name} must be (1, heads, {v.shape[2]}, {self.dim_head}), got {tuple(x.shape)}")
-        mask = check_key_padding_mask(key_padding_mask, v)
+            if x.shape[:3] != (1, h, length):
+                raise ValueError(f"{name} must be (1, {h}, {length}, {self.dim_head}), got {tuple(x.shape)}")
+        mask = check_key_padding_mask(key_padding_mask, v_t.permute(2, 0, 3, 1))
         if mask is not None and not mask.any():
             mask = None  # no padding (aligned rows): the cheaper path, the same numbers
         softmax = self.kind in ("softmax", "softmax_hyp")
@@ -241,10 +241,10 @@ class FavorAttention(FeatureMap):
             k_prime = self.features(k, False, stabilizer=c, eps=0.0 if softmax else None)[0]  # floor apart
             floor = None
             if softmax:
-                c_b = c if mask is None else key_stabilizer(scales.expand(v.shape[0], -1, -1, -1), mask)
+                c_b = c if mask is None else key_stabilizer(scales.expand(b, -1, -1, -1), mask)
                 floor = _scale(c_b - c)[..., 0, 0].mul_(self.feature_floor())  # f exp(c_b - c): (b or 1, h)
-            out = shared_linear_attention(q_prime, k_prime, v.to(q_prime.dtype), mask, floor)
-        return out.to(v.dtype)
+            out = shared_linear_attention(q_prime, k_prime, v_t.to(q_prime.dtype), mask, floor)
+        return out.to(v_t.dtype)
 
     def _forward_fla(self, q, k, v, mask):
         from protein_performer.model.favor.fla_backend import favor_causal_fla

@@ -14,8 +14,8 @@ result. The process keeps PyTorch's default threads unless ``--threads``.
 
 Accuracy of the maps against m (same shapes, L = the longest length): the mean total-variation
 distance between the rows of the FAVOR+ map and of its reference, for queries and keys drawn
-N(0, 1) per coordinate (logits q.k / sqrt(d) of std 1, peaked maps like a trained model's), over
-several draws of W: the reference is exact softmax for FAVOR+ softmax, and the same kernel with
+N(0, s^2) per coordinate (``--scales``; s = 1 gives logits q.k / sqrt(d) of std 1, peaked maps),
+over several draws of W: the reference is exact softmax for FAVOR+ softmax, and the same kernel with
 ``--reference-features`` features (the limit m -> infinity) for Performer-ReLU, which is not an
 estimator of softmax. Writes benchmarks/results/factored_speed.json.
 """
@@ -106,11 +106,11 @@ def time_length(length: int, features: list[int], steps: int, warmup: int) -> di
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def map_error(kind: str, m: int, length: int, draws: int, reference_m: int) -> float:
+def map_error(kind: str, m: int, length: int, scale: float, draws: int, reference_m: int) -> float:
     """Mean row total-variation distance of the FAVOR+ map from its reference (module docstring)."""
     heads, d = RECIPE["heads"], RECIPE["dim_head"]
     gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(1, heads, length, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    q, k = (scale * torch.randn(1, heads, length, d, generator=gen, dtype=torch.float64) for _ in range(2))
     if kind == "softmax":
         reference = SoftmaxAttention().attention_matrix(q, k)
     else:
@@ -130,7 +130,8 @@ def section(rec: dict) -> str:
         times = [rec["step_s"][n][name] for n in lengths]
         ratios = [rec["ratio_to_exact"][n][name] for n in lengths]
         body.append([name, *(f"{1e3 * t:.0f} ms ({r:.2f}x)" for t, r in zip(times, ratios))])
-    errors = [[m, *(fmt(rec["map_error"][kind][str(m)]) for kind in KINDS)] for m in rec["features"]]
+    scales = list(rec["map_error"])
+    errors = [[m, *(fmt(rec["map_error"][s][a][str(m)]) for s in scales for a in KINDS)] for m in rec["features"]]
     lines = [
         f"Command: `{rec['command']}`  ",
         f"Machine: {rec['machine']}; {day(rec['date'])}, {rec['threads']} threads. The recipe's model "
@@ -139,10 +140,10 @@ def section(rec: dict) -> str:
         "",
         *table(["attention", *(f"L = {n}" for n in lengths)], body),
         "",
-        f"Map error (mean row total variation, L = {rec['map_length']}, q, k ~ N(0, 1), "
+        f"Map error (mean row total variation, L = {rec['map_length']}, q, k ~ N(0, s^2), "
         f"{rec['map_draws']} draws of W; softmax vs exact, ReLU vs m = {rec['reference_features']}):",
         "",
-        *table(["m", *KINDS], errors),
+        *table(["m", *(f"{a}, s = {s}" for s in scales for a in KINDS)], errors),
     ]
     return "\n".join(lines)
 
@@ -164,10 +165,11 @@ def main() -> None:
     ap.add_argument("--features", type=int, nargs="+", default=[32, 64, 128], help="the m of the FAVOR+ rows")
     ap.add_argument("--recipe-features", type=int, default=64, help="the m the floor reads")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="default: PyTorch's")
     ap.add_argument("--draws", type=int, default=5, help="draws of W for the map error")
     ap.add_argument("--reference-features", type=int, default=4096)
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0], help="std of q, k for the map error")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "factored_speed.json"))
     args = ap.parse_args()
     if args.threads:
@@ -177,11 +179,17 @@ def main() -> None:
         medians = time_length(length, args.features, args.steps, args.warmup)
         step_s[str(length)] = medians
         ratios[str(length)] = {name: t / medians["exact"] for name, t in medians.items()}
-        print(f"L={length}: " + ", ".join(f"{n} {1e3 * t:.0f} ms ({ratios[str(length)][n]:.2f}x)" for n, t in medians.items()))
+        print(
+            f"L={length}: "
+            + ", ".join(f"{n} {1e3 * t:.0f} ms ({ratios[str(length)][n]:.2f}x)" for n, t in medians.items())
+        )
     map_length = max(args.lengths)
     errors = {
-        attention: {str(m): map_error(kind, m, map_length, args.draws, args.reference_features) for m in args.features}
-        for attention, kind in KINDS.items()
+        str(s): {
+            a: {str(m): map_error(kind, m, map_length, s, args.draws, args.reference_features) for m in args.features}
+            for a, kind in KINDS.items()
+        }
+        for s in args.scales
     }
     print("map error:", errors)
     fields = {

@@ -39,6 +39,7 @@ SECTIONS = {
     "embed": "embed",
     "contacts_kortemme40": "contacts_kortemme40",
     "family_contacts": "family_contacts_section",
+    "factored_speed": "factored_speed",
     "predict_contacts_check": "predict_contacts_check",
 }
 INTRO = (

@@ -60,7 +60,10 @@ def _padding(batch: int, length: int) -> torch.Tensor:
 @pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "relu"])
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_factored_favor_shares_the_features_and_equals_the_per_sequence_path(kernel, positions, padded, monkeypatch):
+@pytest.mark.parametrize("features", [8, 32])  # l = 12, d = 4, b = 5: m = 8 takes V^T K' first, m = 32 Q' K'^T
+def test_factored_favor_shares_the_features_and_equals_the_per_sequence_path(
+    kernel, positions, padded, features, monkeypatch
+):
     """qk="position" FAVOR+ makes Q' and K' once per batch (FavorAttention.shared_forward); its output and
     gradients equal the per-sequence path (the kernel's forward on q, k expanded over the batch).
 
@@ -78,7 +81,7 @@ def test_factored_favor_shares_the_features_and_equals_the_per_sequence_path(ker
         ff_dim=8,
         dropout=0.0,
         attention=attention,
-        nb_features=8,
+        nb_features=features,
         qk="position",
         positions=positions,
         favor_kwargs={"eps": 0.1, "kernel": kernel},

@@ -65,20 +65,31 @@ def shared_linear_attention(
 
     ``mask`` (b, l), True at padding, leaves those keys out; ``floor`` (b or 1, h) is added to every
     real key's features of that sequence and head. In this layout the sequences ride in the rows of
-    one matmul per head, (e b, l) x (l, m), with no copy of V or of the output.
+    one matmul per head with no copy of V or of the output. The product is taken in the cheaper
+    order: V^T K' then (V^T K') Q'^T, 2 e b l m multiply-adds per head, or, for short sequences
+    (l < ~2m), the shared map K' Q'^T (l x l, once) then V^T (K' Q'^T), l^2 m + e b l^2: the same sums.
     """
     h, e, b, length = v_t.shape
+    m = k_prime.shape[-1]
     keep = k_prime.new_ones(b, length) if mask is None else (~mask).to(k_prime.dtype)  # (b, l)
     if mask is not None:
         v_t = v_t * keep
-    kv_t = torch.matmul(v_t.reshape(h, e * b, length), k_prime)  # (V^T K')_h: (h, e b, m)
-    z_t = torch.matmul(keep, k_prime)  # (K'^T 1)^T per sequence: (h, b, m)
-    if floor is not None:  # the floor's share: f sum_j v_j and f (number of real keys)
-        kv_t = kv_t + (floor.t()[:, None, :] * v_t.sum(dim=-1)).reshape(h, e * b, 1)
-        z_t = z_t + (floor * keep.sum(dim=1, keepdim=True)).t()[..., None]
-    den = torch.matmul(z_t, q_prime.transpose(1, 2))  # (h, b, l)
+    if floor is not None and floor.shape[0] == 1:  # one floor for every sequence: part of the shared K'
+        k_prime, floor = k_prime + floor.t()[..., None], None
+    if length * (m + e * b) < 2 * e * b * m:
+        right = torch.matmul(k_prime, q_prime.transpose(1, 2))  # (Q' K'^T)^T: (h, l, l)
+        left, ones = v_t.reshape(h, e * b, length), keep
+    else:
+        right = q_prime.transpose(1, 2)  # (h, m, l)
+        left = torch.matmul(v_t.reshape(h, e * b, length), k_prime)  # (V^T K')_h: (h, e b, m)
+        ones = torch.matmul(keep, k_prime)  # (K'^T 1)^T per sequence: (h, b, m)
+    num, den = torch.matmul(left, right).view(h, e, b, length), torch.matmul(ones, right)  # den: (h, b, l)
+    if floor is not None:  # each sequence's floor f_b: + f_b (sum_m Q'_im) (sum_j v_j), and f_b n_b in D
+        rows, floor = q_prime.sum(dim=-1)[:, None, :], floor.t()  # (h, 1, l), (h, b)
+        num = num + (floor[:, None, :] * v_t.sum(dim=-1))[..., None] * rows[:, None]
+        den = den + (floor * keep.sum(dim=1))[..., None] * rows
     den = torch.where(den == 0, torch.ones_like(den), den)  # a sequence with no real key: zero output
-    return torch.matmul(kv_t, q_prime.transpose(1, 2)).view(h, e, b, length) / den[:, None]
+    return num / den[:, None]
 
 
 class FavorAttention(FeatureMap):
@@ -217,7 +228,8 @@ class FavorAttention(FeatureMap):
         q, k (1, h, l, d) and values head-major, v_t (h, d, b, l) -> the output head-major (h, d, b, l),
         equal to ``forward(q.expand(b, ...), k.expand(b, ...), v)`` with v = v_t.permute(2, 0, 3, 1).
 
-        Q' and K' (h, l, m) are made once, not once per sequence (``shared_linear_attention``).
+        Q' and K' (h, l, m) are made once, not once per sequence (``shared_linear_attention``, the
+        same matmuls on every device: ``impl`` does not apply).
         Padded keys drop out through zero rows of V and of the 1 instead of zero features. The keys'
         softmax stabilizer is then c, the max over all keys, not c_b, the max over sequence b's real
         keys: the unshared features are exp(c - c_b) (K'_c + f exp(c_b - c)), K'_c the features at c

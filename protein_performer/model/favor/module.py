@@ -53,6 +53,11 @@ def _fla_available() -> bool:
     return fla_available()
 
 
+def _nonzero(den: torch.Tensor) -> torch.Tensor:
+    """D with its zeros (a query with no real key at all) set to 1: a zero output instead of NaN."""
+    return torch.where(den == 0, torch.ones_like(den), den)
+
+
 def shared_linear_attention(
     q_prime: torch.Tensor,
     k_prime: torch.Tensor,
@@ -71,7 +76,7 @@ def shared_linear_attention(
     """
     h, e, b, length = v_t.shape
     m = k_prime.shape[-1]
-    keep = k_prime.new_ones(b, length) if mask is None else (~mask).to(k_prime.dtype)  # (b, l)
+    keep = k_prime.new_ones(1, length) if mask is None else (~mask).to(k_prime.dtype)  # (1 or b, l)
     if mask is not None:
         v_t = v_t * keep
     if floor is not None and floor.shape[0] == 1:  # one floor for every sequence: part of the shared K'
@@ -82,14 +87,16 @@ def shared_linear_attention(
     else:
         right = q_prime.transpose(1, 2)  # (h, m, l)
         left = torch.matmul(v_t.reshape(h, e * b, length), k_prime)  # (V^T K')_h: (h, e b, m)
-        ones = torch.matmul(keep, k_prime)  # (K'^T 1)^T per sequence: (h, b, m)
-    num, den = torch.matmul(left, right).view(h, e, b, length), torch.matmul(ones, right)  # den: (h, b, l)
+        ones = torch.matmul(keep, k_prime)  # (K'^T 1)^T: (h, 1 or b, m)
+    den = torch.matmul(ones, right)  # D: (h, 1 or b, l)
+    if mask is None:  # D is the same for every sequence: D^-1 goes into the shared factor
+        return torch.matmul(left, right / _nonzero(den)).view(h, e, b, length)
+    num = torch.matmul(left, right).view(h, e, b, length)
     if floor is not None:  # each sequence's floor f_b: + f_b (sum_m Q'_im) (sum_j v_j), and f_b n_b in D
         rows, floor = q_prime.sum(dim=-1)[:, None, :], floor.t()  # (h, 1, l), (h, b)
         num = num + (floor[:, None, :] * v_t.sum(dim=-1))[..., None] * rows[:, None]
         den = den + (floor * keep.sum(dim=1))[..., None] * rows
-    den = torch.where(den == 0, torch.ones_like(den), den)  # a sequence with no real key: zero output
-    return num / den[:, None]
+    return num / _nonzero(den)[:, None]
 
 
 class FavorAttention(FeatureMap):

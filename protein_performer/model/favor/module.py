@@ -73,6 +73,7 @@ def shared_linear_attention(
     one matmul per head with no copy of V or of the output. The product is taken in the cheaper
     order: V^T K' then (V^T K') Q'^T, 2 e b l m multiply-adds per head, or, for short sequences
     (l < ~2m), the shared map K' Q'^T (l x l, once) then V^T (K' Q'^T), l^2 m + e b l^2: the same sums.
+    Without padding D is the same for every sequence and D^-1 scales the shared factor instead.
     """
     h, e, b, length = v_t.shape
     m = k_prime.shape[-1]

@@ -8,9 +8,9 @@ layer, dim 128, 32 heads of 32, ff 256, queries and keys learned per position (`
 masked-LM cross-entropy, backward and the optimizer step on a batch of random residues with an
 all-False padding mask (aligned rows all have the chain's length), as the trainer runs it. Rows:
 exact attention, then FAVOR+ softmax and Performer-ReLU at each m (``nb_features``); every model is
-built in the same process and the steps go round-robin (one step of each row per round, after
-warm-up), so all rows see the same load; the median over rounds, and its ratio to exact's, is the
-result. The process keeps PyTorch's default threads unless ``--threads``.
+built in the same process and the steps go round-robin (one step of each row per round, each round
+starting one row later, after warm-up), so all rows see the same load; the median over rounds, and
+its ratio to exact's, is the result. The process keeps PyTorch's default threads unless ``--threads``.
 
 Accuracy of the maps against m (same shapes, L = the longest length): the mean total-variation
 distance between the rows of the FAVOR+ map and of its reference, for queries and keys drawn
@@ -95,12 +95,14 @@ class Trainer:
 
 
 def time_length(length: int, features: list[int], steps: int, warmup: int) -> dict[str, float]:
-    """Median step seconds of every row at one length, the rows stepped round-robin."""
+    """Median step seconds of every row at one length, the rows stepped round-robin (rotating order)."""
     trainers = {label(a, m): Trainer(a, m, length) for a, m in rows(features)}
     times: dict[str, list[float]] = {name: [] for name in trainers}
+    names = list(trainers)
     for round_ in range(warmup + steps):
-        for name, trainer in trainers.items():
-            seconds = trainer.step()
+        for i in range(len(names)):  # each round starts one row later: no row always follows the same one
+            name = names[(round_ + i) % len(names)]
+            seconds = trainers[name].step()
             if round_ >= warmup:
                 times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -34,14 +34,14 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _record import Floor, day, fmt, newest, record, source, table, write  # noqa: E402
+from _record import Floor, day, fmt, newest, record, source, write  # noqa: E402
 
 from protein_performer.data.tokenizer import Tokenizer  # noqa: E402
 from protein_performer.model.attention import SoftmaxAttention  # noqa: E402
 from protein_performer.model.favor import FavorAttention  # noqa: E402
 from protein_performer.model.performer import PerformerLM  # noqa: E402
 
-HEADING = "## Factored attention, one training step (issue 21): `benchmarks/factored_speed.py`"
+HEADING = ""  # two lines under the family-contacts part (after predict_contacts_check)
 RECIPE = {  # conf/experiment/family_contacts_aligned.yaml
     "vocab_size": 29,
     "max_len": 160,
@@ -125,29 +125,30 @@ def map_error(kind: str, m: int, length: int, scale: float, draws: int, referenc
 
 
 def section(rec: dict) -> str:
-    """RESULTS.md's part: step time per row and length, the ratio to exact, and the maps' error per m."""
+    """Two lines under the family-contacts part of RESULTS.md: each row's step time as a ratio to exact's
+    per length, and the maps' error per m."""
     lengths = [str(n) for n in rec["lengths"]]
-    body = []
-    for name in rec["rows"]:
-        times = [rec["step_s"][n][name] for n in lengths]
-        ratios = [rec["ratio_to_exact"][n][name] for n in lengths]
-        body.append([name, *(f"{1e3 * t:.0f} ms ({r:.2f}x)" for t, r in zip(times, ratios))])
-    scales = list(rec["map_error"])
-    errors = [[m, *(fmt(rec["map_error"][s][a][str(m)]) for s in scales for a in KINDS)] for m in rec["features"]]
-    lines = [
-        f"Command: `{rec['command']}`  ",
-        f"Machine: {rec['machine']}; {day(rec['date'])}, {rec['threads']} threads. The recipe's model "
-        f"(1 x 128, 32 heads of 32, qk=position), batch {rec['batch']}, median of {rec['steps']} "
-        f"round-robin steps after {rec['warmup']} of warm-up (time, ratio to exact). Data: {source(rec)}",
-        "",
-        *table(["attention", *(f"L = {n}" for n in lengths)], body),
-        "",
-        f"Map error (mean row total variation, L = {rec['map_length']}, q, k ~ N(0, s^2), "
-        f"{rec['map_draws']} draws of W; softmax vs exact, ReLU vs m = {rec['reference_features']}):",
-        "",
-        *table(["m", *(f"{a}, s = {s}" for s in scales for a in KINDS)], errors),
-    ]
-    return "\n".join(lines)
+    ratios = "; ".join(
+        name + " " + ", ".join(f"{rec['ratio_to_exact'][n][name]:.2f}" for n in lengths)
+        for name in rec["rows"]
+        if name != "exact"
+    )
+    exact = ", ".join(f"{1e3 * rec['step_s'][n]['exact']:.0f}" for n in lengths)
+    ms = ", ".join(str(m) for m in rec["features"])
+    errors = "; ".join(
+        f"{a} s = {s} " + ", ".join(fmt(rec["map_error"][s][a][str(m)]) for m in rec["features"])
+        for s in rec["map_error"]
+        for a in KINDS
+    )
+    return (
+        f"- Factored attention (issue 21), one training step of the aligned recipe's model (`{rec['command']}`, "
+        f"{rec['machine']}, {rec['threads']} threads, batch {rec['batch']}, median of {rec['steps']} round-robin "
+        f"steps; {source(rec)}, {day(rec['date'])}): time / exact's at L = {', '.join(lengths)}: {ratios} "
+        f"(exact {exact} ms).\n"
+        f"- Its maps' error (mean row total variation, L = {rec['map_length']}, q, k ~ N(0, s^2), "
+        f"{rec['map_draws']} draws of W; softmax vs exact, ReLU vs m = {rec['reference_features']}) at m = {ms}: "
+        f"{errors}."
+    )
 
 
 def floors(records: list[dict]) -> list[Floor]:

@@ -150,17 +150,14 @@ class MultiHeadAttention(nn.Module):
         b, h, length, d = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, length, h * d))
 
-    def queries_keys(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: (b, h, l, d) of x (b, l, dim) at positions start.., rotated when the positions are rotary."""
+    def queries_keys(self, x: torch.Tensor, start: int = 0, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (b, h, l, d) of x (b, l, dim) at positions start.. (rotated if rotary); (1, h, l, d) if ``shared``."""
         if self.qk == "position":
-            b, length = x.shape[:2]
-            if start + length > self.q_pos.shape[1]:
-                raise ValueError(
-                    f"sequence length {start + length} > max_len {self.q_pos.shape[1]} of the positional queries"
-                )
+            b, length = (1 if shared else x.shape[0]), x.shape[1]
+            if start + length > (max_len := self.q_pos.shape[1]):
+                raise ValueError(f"sequence length {start + length} > max_len {max_len} of the positional queries")
             rows = slice(start, start + length)
-            q = self.q_pos[None, :, rows].to(x.dtype).expand(b, -1, -1, -1)
-            k = self.k_pos[None, :, rows].to(x.dtype).expand(b, -1, -1, -1)
+            q, k = (p[None, :, rows].to(x.dtype).expand(b, -1, -1, -1) for p in (self.q_pos, self.k_pos))
         else:
             q, k = self.split_heads(self.to_q(x)), self.split_heads(self.to_k(x))
         if self.rotary:
@@ -169,9 +166,13 @@ class MultiHeadAttention(nn.Module):
         return q, k
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k = self.queries_keys(x)
-        v = self.split_heads(self.to_v(x))
-        return self.merge_heads(self.kernel(q, k, v, key_padding_mask=key_padding_mask))  # kernel: (b, h, l, d)
+        if not (self.qk == "position" and isinstance(self.kernel, FavorAttention) and not self.kernel.causal):
+            q, k = self.queries_keys(x)
+            return self.merge_heads(self.kernel(q, k, self.split_heads(self.to_v(x)), key_padding_mask))
+        (b, length, _), (q, k) = x.shape, self.queries_keys(x, shared=True)  # factored FAVOR+: Q', K' once
+        v_t = torch.addmm(self.to_v.bias[:, None], self.to_v.weight, x.reshape(b * length, -1).t())  # head-major
+        out_t = self.kernel.shared_forward(q, k, v_t.view(self.heads, self.dim_head, b, length), key_padding_mask)
+        return F.linear(out_t.reshape(-1, b * length).t(), self.to_out.weight, self.to_out.bias).view(b, length, -1)
 
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> FavorState | KVCache:
         """The kernel's empty causal state (FAVOR+: S, z, ...; exact: the key/value cache)."""

@@ -54,6 +54,76 @@ def test_position_maps_do_not_depend_on_the_residues(attention):
         torch.testing.assert_close(m.sum(-1), torch.ones_like(m.sum(-1)), rtol=1e-5, atol=1e-5)
 
 
+def _padding(batch: int, length: int) -> torch.Tensor:
+    """Padding at the end, at the start, none, and a sequence that is padding only."""
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[1, length - 4 :], mask[2, :3], mask[4] = True, True, True
+    return mask
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "relu"])
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("features", [8, 32])  # l = 12, d = 4, b = 5: m = 8 takes V^T K' first, m = 32 Q' K'^T
+def test_factored_favor_shares_the_features_and_equals_the_per_sequence_path(
+    kernel, positions, padded, features, monkeypatch
+):
+    """qk="position" FAVOR+ makes Q' and K' once per batch (FavorAttention.shared_forward); its output and
+    gradients equal the per-sequence path (the kernel's forward on q, k expanded over the batch).
+
+    float64: both are ratios of sums of <= l m positive terms, so they agree to ~(l + m) u ~ 1e-14
+    relative; 1e-10 leaves margin. eps = 0.1 makes the floor count: a floor not rescaled to the
+    shared stabilizer, or a padded key left in, moves the output by > 1e-3 relative."""
+    torch.manual_seed(0)
+    attention = "favor_relu" if kernel == "relu" else "favor_softmax"
+    model = PerformerLM(
+        max_len=20,
+        dim=16,
+        depth=1,
+        heads=3,
+        dim_head=4,
+        ff_dim=8,
+        dropout=0.0,
+        attention=attention,
+        nb_features=features,
+        qk="position",
+        positions=positions,
+        favor_kwargs={"eps": 0.1, "kernel": kernel},
+    ).double()
+    attn = model.blocks[0].attn
+    with torch.no_grad():  # spread the keys' scales, so that each sequence's own stabilizer differs
+        attn.k_pos.mul_(torch.linspace(1.0, 30.0, 20, dtype=torch.float64)[:, None])
+    x = torch.randn(5, 12, 16, dtype=torch.float64)
+    mask = _padding(5, 12) if padded else torch.zeros(5, 12, dtype=torch.bool)
+    q, k = attn.queries_keys(x)
+    expected = attn.merge_heads(attn.kernel(q, k, attn.split_heads(attn.to_v(x)), mask))
+    expected_grads = torch.autograd.grad(expected.sin().sum(), list(attn.parameters()))
+
+    def per_sequence(*args, **kwargs):
+        raise AssertionError("factored FAVOR+ went through the per-sequence path")
+
+    monkeypatch.setattr(type(attn.kernel), "forward", per_sequence)
+    out = attn(x, mask)
+    grads = torch.autograd.grad(out.sin().sum(), list(attn.parameters()))
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10 * scale)
+    if padded:
+        assert out[4].abs().max() == 0  # no real key: zero output, as the per-sequence path gives
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+def test_shared_forward_checks_its_inputs():
+    from protein_performer.model.favor import FavorAttention
+
+    attn = FavorAttention(4, 8)
+    q = k = torch.randn(1, 3, 6, 4)
+    with pytest.raises(ValueError, match="must be \\(1, 3, 6, 4\\)"):
+        attn.shared_forward(q.expand(2, -1, -1, -1), k, torch.randn(3, 4, 2, 6))
+    with pytest.raises(ValueError, match="bidirectional"):
+        FavorAttention(4, 8, causal=True).shared_forward(q, k, torch.randn(3, 4, 2, 6))
+
+
 def test_position_queries_are_parameters_that_learn():
     model = tiny().train()
     attn = model.blocks[0].attn

@@ -9,11 +9,16 @@ import torch
 
 from protein_performer.model.attention import check_key_padding_mask
 from protein_performer.model.favor import probe, recurrent
-from protein_performer.model.favor.causal import _scale, causal_linear_attention, linear_attention
+from protein_performer.model.favor.causal import (
+    _scale,
+    causal_linear_attention,
+    linear_attention,
+)
 from protein_performer.model.favor.features import (
     FUSED_KINDS,
     FeatureMap,
     causal_stabilizer,
+    key_stabilizer,
     no_autocast,
 )
 from protein_performer.model.favor.recurrent import FavorState
@@ -46,6 +51,53 @@ def _fla_available() -> bool:
     from protein_performer.model.favor.fla_backend import fla_available
 
     return fla_available()
+
+
+def _nonzero(den: torch.Tensor) -> torch.Tensor:
+    """D with its zeros (a query with no real key at all) set to 1: a zero output instead of NaN."""
+    return torch.where(den == 0, torch.ones_like(den), den)
+
+
+def shared_linear_attention(
+    q_prime: torch.Tensor,
+    k_prime: torch.Tensor,
+    v_t: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D^-1 (Q' ((K')^T V)) with Q', K' (h, l, m) shared by every sequence; values and output head-major:
+    v_t (h, e, b, l) -> (h, e, b, l).
+
+    ``mask`` (b, l), True at padding, leaves those keys out; ``floor`` (b or 1, h) is added to every
+    real key's features of that sequence and head. In this layout the sequences ride in the rows of
+    one matmul per head with no copy of V or of the output. The product is taken in the cheaper
+    order: V^T K' then (V^T K') Q'^T, 2 e b l m multiply-adds per head, or, for short sequences
+    (l < ~2m), the shared map K' Q'^T (l x l, once) then V^T (K' Q'^T), l^2 m + e b l^2: the same sums.
+    Without padding D is the same for every sequence and D^-1 scales the shared factor instead.
+    """
+    h, e, b, length = v_t.shape
+    m = k_prime.shape[-1]
+    keep = k_prime.new_ones(1, length) if mask is None else (~mask).to(k_prime.dtype)  # (1 or b, l)
+    if mask is not None:
+        v_t = v_t * keep
+    if floor is not None and floor.shape[0] == 1:  # one floor for every sequence: part of the shared K'
+        k_prime, floor = k_prime + floor.t()[..., None], None
+    if length * (m + e * b) < 2 * e * b * m:
+        right = torch.matmul(k_prime, q_prime.transpose(1, 2))  # (Q' K'^T)^T: (h, l, l)
+        left, ones = v_t.reshape(h, e * b, length), keep
+    else:
+        right = q_prime.transpose(1, 2)  # (h, m, l)
+        left = torch.matmul(v_t.reshape(h, e * b, length), k_prime)  # (V^T K')_h: (h, e b, m)
+        ones = torch.matmul(keep, k_prime)  # (K'^T 1)^T: (h, 1 or b, m)
+    den = torch.matmul(ones, right)  # D: (h, 1 or b, l)
+    if mask is None:  # D is the same for every sequence: D^-1 goes into the shared factor
+        return torch.matmul(left, right / _nonzero(den)).view(h, e, b, length)
+    num = torch.matmul(left, right).view(h, e, b, length)
+    if floor is not None:  # each sequence's floor f_b: + f_b (sum_m Q'_im) (sum_j v_j), and f_b n_b in D
+        rows, floor = q_prime.sum(dim=-1)[:, None, :], floor.t()  # (h, 1, l), (h, b)
+        num = num + (floor[:, None, :] * v_t.sum(dim=-1))[..., None] * rows[:, None]
+        den = den + (floor * keep.sum(dim=1))[..., None] * rows
+    return num / _nonzero(den)[:, None]
 
 
 class FavorAttention(FeatureMap):
@@ -176,6 +228,43 @@ class FavorAttention(FeatureMap):
             else:
                 out = linear_attention(q_prime, self.features(k, False, mask), v.to(q_prime.dtype))
         return out.to(out_dtype)
+
+    def shared_forward(
+        self, q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bidirectional attention with queries and keys shared by the batch (factored attention):
+        q, k (1, h, l, d) and values head-major, v_t (h, d, b, l) -> the output head-major (h, d, b, l),
+        equal to ``forward(q.expand(b, ...), k.expand(b, ...), v)`` with v = v_t.permute(2, 0, 3, 1).
+
+        Q' and K' (h, l, m) are made once, not once per sequence (``shared_linear_attention``, the
+        same matmuls on every device: ``impl`` does not apply).
+        Padded keys drop out through zero rows of V and of the 1 instead of zero features. The keys'
+        softmax stabilizer is then c, the max over all keys, not c_b, the max over sequence b's real
+        keys: the unshared features are exp(c - c_b) (K'_c + f exp(c_b - c)), K'_c the features at c
+        without the floor f, and exp(c - c_b) cancels in D^-1, so here the floor is f exp(c_b - c).
+        """
+        if self.causal:
+            raise ValueError("shared_forward is bidirectional; causal attention uses forward")
+        h, _, b, length = v_t.shape
+        for name, x in (("q", q), ("k", k)):
+            self._check(x, name)
+            if x.shape[:3] != (1, h, length):
+                raise ValueError(f"{name} must be (1, {h}, {length}, {self.dim_head}), got {tuple(x.shape)}")
+        mask = check_key_padding_mask(key_padding_mask, v_t.permute(2, 0, 3, 1))
+        if mask is not None and not mask.any():
+            mask = None  # no padding (aligned rows): the cheaper path, the same numbers
+        softmax = self.kind in ("softmax", "softmax_hyp")
+        with no_autocast(q.device.type):
+            q_prime = self.features(q, True)[0]  # (h, l, m)
+            scales = self.key_scales(k)[..., None]  # (1, h, l, 1): each key's own scale, detached
+            c = key_stabilizer(scales)  # (1, h, 1, 1)
+            k_prime = self.features(k, False, stabilizer=c, eps=0.0 if softmax else None)[0]  # floor apart
+            floor = None
+            if softmax:
+                c_b = c if mask is None else key_stabilizer(scales.expand(b, -1, -1, -1), mask)
+                floor = _scale(c_b - c)[..., 0, 0].mul_(self.feature_floor())  # f exp(c_b - c): (b or 1, h)
+            out = shared_linear_attention(q_prime, k_prime, v_t.to(q_prime.dtype), mask, floor)
+        return out.to(v_t.dtype)
 
     def _forward_fla(self, q, k, v, mask):
         from protein_performer.model.favor.fla_backend import favor_causal_fla

@@ -186,13 +186,15 @@ def shard_root(tmp_path_factory, repo_root) -> Path:
     return out
 
 
-def test_family_contacts_aligned_is_the_factored_model_with_no_favor_options(tmp_path):
-    """The recipe's aligned experiment takes model=factored (exact attention, queries and keys learned
-    per position) and sets none of the FAVOR+ options, which do nothing under exact attention."""
+def test_family_contacts_aligned_is_the_factored_model_with_performer_attention(tmp_path):
+    """The recipe's aligned experiment takes model=factored (queries and keys learned per position) with
+    Performer-ReLU attention (m 64) by default; an experiment on exact attention sets none of the FAVOR+
+    options, which would do nothing there."""
     cfg = make_cfg(["experiment=family_contacts_aligned", "data.root=/nonexistent", f"run_dir={tmp_path}"])
     m = cfg.model
+    assert m.nb_features == 64
     assert (m.attention, m.qk, m.depth, m.heads, m.dim_head, m.dim, m.ff_dim) == (
-        "exact",
+        "favor_relu",
         "position",
         1,
         32,

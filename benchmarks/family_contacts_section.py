@@ -12,7 +12,9 @@ from family_contacts import FLOOR_FAMILIES as FIVE_FAMILIES
 
 HEADING = "## Family-level contacts (issue 12): `benchmarks/family_contacts.py`"
 COMMAND = "python benchmarks/family_contacts.py"
-RECIPE_SETTING = "aligned_relu"  # what `make family-contacts` runs: factored Performer-ReLU attention on the aligned family
+RECIPE_SETTING = (
+    "aligned_relu"  # what `make family-contacts` runs: factored Performer-ReLU attention on the aligned family
+)
 RECIPE_MINUTES = 10  # ... for this long
 # (setting, minutes) summed up, one line each when run on all five (every run: family_contacts.md):
 # the recipe, FAVOR+ in its place at equal budget, and the content-attention model

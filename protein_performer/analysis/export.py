@@ -45,6 +45,7 @@ from protein_performer.analysis.export_model import (
     run_sequence,
 )
 from protein_performer.analysis.export_run import ExportCounts, export_attention, run_export
+from protein_performer.analysis.export_tiles import MapSelection
 
 __all__ = [
     "CROPS",
@@ -55,6 +56,7 @@ __all__ = [
     "ExportJournal",
     "InputReport",
     "LoadedModel",
+    "MapSelection",
     "SequenceRecord",
     "crop_window",
     "export_attention",

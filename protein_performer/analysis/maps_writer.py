@@ -17,6 +17,7 @@ import numpy as np
 
 from protein_performer.analysis.map_ops import apc_maps
 from protein_performer.analysis.maps_format import (
+    EXTRA_DATASETS,
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
     INCOMPLETE_VALUE,
@@ -26,6 +27,7 @@ from protein_performer.analysis.maps_format import (
     MapsRecord,
     attr_str,
     checksum_str,
+    extra_spec,
     new_checksum,
     sanitize_name,
     vocab_json,
@@ -155,11 +157,14 @@ class MapsWriter:
         mean: np.ndarray | None = None,
         per_token: np.ndarray | None = None,
         attrs: dict[str, Any] | None = None,
+        extras: dict[str, dict] | None = None,
     ) -> LayerRecord:
         """Start a record whose maps are handed over one layer at a time, in order, with
         :meth:`LayerRecord.write_layer` (for a producer that calls back per layer; an iterable of
         layers goes to :meth:`add_layers`). ``attentions`` / ``apc`` pick the datasets stored (neither:
-        a record of tokens and embeddings only); ``attrs`` are extra attributes of the record's group.
+        a record of tokens and embeddings only); ``attrs`` are extra attributes of the record's group;
+        ``extras`` the tiled datasets (:data:`maps_format.EXTRA_DATASETS`: name -> shape, dtype,
+        chunks, compress), filled with :meth:`LayerRecord.write_extra`.
         Use the record as a context manager: leaving it checks that all ``n_layers`` were written,
         and on any error the record is dropped (no half-written record stays behind)."""
         grp = self._new_group(record_id, sequence, tokens, source, mean, per_token)
@@ -171,6 +176,13 @@ class MapsWriter:
             datasets = {
                 what: grp.create_dataset(what, **kw) for what, on in (("attentions", attentions), ("apc", apc)) if on
             }
+            for name, spec in (extras or {}).items():
+                comp = self._comp if spec.get("compress") else {}
+                ds = grp.create_dataset(
+                    name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec.get("chunks"), **comp
+                )
+                for key in sorted(spec.get("attrs", {})):
+                    ds.attrs[key] = spec["attrs"][key]
         except BaseException:
             self.discard(grp.name)
             raise
@@ -246,6 +258,12 @@ class MapsWriter:
         extra = {k: src.attrs[k] for k in sorted(src.attrs) if k not in RECORD_ATTRS}
         stored = [w for w in ("attentions", "apc") if w in src]
         n_layers, n_heads = src[stored[0]].shape[:2] if stored else (0, 0)
+        extras = {name: extra_spec(src[name]) for name in EXTRA_DATASETS if name in src}
+        if not stored and "contacts/pairs" in src:
+            n_layers, n_heads = src["contacts/pairs"].shape[:2]
+        per_layer = "apc_mean" in src and attr_str(src["apc_mean"].attrs.get("reduce", "layer")) == "layer"
+        if not stored and per_layer:
+            n_layers = src["apc_mean"].shape[0]
         with self.begin_layers(
             attr_str(src.attrs["id"]),
             attr_str(src.attrs["sequence"]),
@@ -256,9 +274,17 @@ class MapsWriter:
             attentions="attentions" in src,
             apc="apc" in src,
             attrs=extra,
+            extras=extras,
         ) as record:
-            for n in range(n_layers):
+            for n in range(n_layers):  # the order export writes in (maps_format: tiled datasets)
+                if per_layer:
+                    record.copy_extra(src["apc_mean"], n)
                 record.write_stored_layer(*(src[w][n] if w in src else None for w in ("attentions", "apc")))
+            if "apc_mean" in src and not per_layer:
+                record.copy_extra(src["apc_mean"], 0)
+            for name in ("contacts/pairs", "contacts/values"):
+                if name in src:
+                    record.write_extra(name, (), src[name][()])
             if "embeddings" in src:
                 emb = src["embeddings"]
                 record.add_embeddings(
@@ -354,6 +380,21 @@ class LayerRecord:
             self._datasets[what][n] = arr
             self._crc[what] = zlib.crc32(arr.tobytes(), self._crc[what])
         self.layers_written = n + 1
+
+    def write_extra(self, name: str, where: tuple, arr: np.ndarray) -> None:
+        """Store ``arr`` at ``where`` of the tiled dataset ``name`` (from ``begin_layers(extras=)``);
+        written in C order (layer by layer, rows in order), so the CRC-32 streams with the data."""
+        ds = self._grp[name]
+        arr = np.ascontiguousarray(arr, dtype=ds.dtype)
+        ds[where] = arr
+        self._crc[name] = zlib.crc32(arr.tobytes(), self._crc.get(name, 0))
+
+    def copy_extra(self, src: h5py.Dataset, n: int) -> None:
+        """Copy ``src[n]`` (an ``apc_mean`` of another file) into this record's, by chunks of rows."""
+        rows = src.chunks[1] if src.chunks else src.shape[1]
+        for i0 in range(0, src.shape[1], rows):
+            i1 = min(i0 + rows, src.shape[1])
+            self.write_extra(src.name.rsplit("/", 1)[-1], (n, slice(i0, i1)), src[n, i0:i1])
 
     def add_embeddings(self, mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> None:
         """The record's embeddings, where they are known only after its maps (same checks and

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from protein_performer.analysis import export_tiles
 from protein_performer.analysis.export import MapSelection, SequenceRecord, export_attention
 from protein_performer.analysis.map_ops import apc_maps
 from protein_performer.analysis.maps_format import record_checksum
@@ -77,7 +78,9 @@ def test_selected_layers_heads_apc_mean_and_contacts_equal_the_dense_ones(tmp_pa
                     np.testing.assert_allclose(values[li, hi], best, rtol=1e-5, atol=1e-6)
 
 
-def test_reduce_all_is_the_mean_over_layers_and_heads(tmp_path):
+@pytest.mark.parametrize("sum_max_bytes", [256 << 20, 0], ids=["summed", "features-held"])
+def test_reduce_all_is_the_mean_over_layers_and_heads(tmp_path, monkeypatch, sum_max_bytes):
+    monkeypatch.setattr(export_tiles, "SUM_MAX_BYTES", sum_max_bytes)
     model = _model()
     out = tmp_path / "maps.h5"
     export_attention(
@@ -149,3 +152,15 @@ def test_command_line_selection(tmp_path):
         assert g["apc_mean"].shape == (1, L, L) and g["contacts/pairs"].shape == (2, 1, round(0.25 * L), 2)
         assert list(g.attrs["map_layers"]) == [1, 2] and list(g.attrs["map_heads"]) == [2]
         assert '"selection"' in h5.attrs["export"]
+
+
+def test_rotary_models_export_sequences_longer_than_max_len_whole(tmp_path):
+    torch.manual_seed(0)
+    model = PerformerLM(
+        max_len=16, dim=32, depth=2, heads=2, dim_head=8, ff_dim=48, nb_features=16, positions="rotary", causal=True
+    ).eval()
+    out = tmp_path / "maps.h5"
+    export_attention(model, SEQS[:1], out, include=["apc_mean"], progress=False)
+    with MapsFile(out) as mf:
+        rec = mf.read("a")
+        _close16(rec.apc_mean, apc_maps(_dense(model, SEQS[0].sequence)).mean(1))

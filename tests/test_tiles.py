@@ -153,3 +153,21 @@ def test_bad_features_are_refused():
         tiles.LayerFeatures("favor", False, q, q, slice(3, 3))
     with pytest.raises(ValueError, match="tile"):
         list(tiles.tile_ranges(5, 0))
+
+
+def test_top_pairs_of_a_batch_of_maps_are_each_maps_own(layers):
+    dense, feats = layers[0]
+    apc = apc_maps(dense)
+    lt = tiles.LayerTiles(feats, tile=13)
+    batch = tiles.TopPairs(20, 3, batch=apc.shape[0])
+    singles = [tiles.TopPairs(20, 3) for _ in apc]
+    for i0, i1 in tiles.tile_ranges(L, 13):
+        rows = lt.apc_rows(i0, i1)
+        batch.add(i0, rows)
+        for t, r in zip(singles, rows):
+            t.add(i0, r)
+    for (bi, bj, bv), t, m in zip(batch.result(), singles, apc):
+        si, sj, sv = t.result()
+        np.testing.assert_array_equal(bv, sv)
+        assert list(zip(bi, bj)) == list(zip(si, sj))
+        np.testing.assert_allclose(bv, _dense_top(m.astype(np.float64), 20, 3)[2], rtol=RTOL, atol=ATOL)

@@ -114,6 +114,8 @@ class _ExportRun:
         self.causal = bool(cfg.causal)
         self.max_len = int(cfg.max_len)
         self.max_residues = self.max_len - Tokenizer.special_tokens(self.causal)
+        if cfg.positions == "rotary" and cfg.qk == "content":  # no learned positions: any length runs whole
+            self.max_residues = np.iinfo(np.int64).max
         self.depth, self.heads, self.dim = len(lm.blocks), int(cfg.heads), int(cfg.dim)
         self.partial, self.journal_path = partial_paths(output)
         resumed = interrupted.old is not None  # kept records are copied into a fresh file first

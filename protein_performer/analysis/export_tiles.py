@@ -7,7 +7,8 @@ What a record stores (maps.h5 layout: :mod:`protein_performer.analysis.maps_form
   written as today (one chunk per layer);
 - ``apc_mean`` (float16 (n, L, L), chunked by ``tile`` rows): the mean over the selected heads of
   the APC maps, per selected layer (``reduce="layer"``, n = layers) or also over the layers
-  (``reduce="all"``, n = 1; the layers' features are then held until the last one is done);
+  (``reduce="all"``, n = 1: summed in a float32 (L, L) array up to ``SUM_MAX_BYTES``, above it
+  every selected layer's features are held until the last one is done);
 - ``contacts/pairs`` int32 (layers, heads, k, 2) and ``contacts/values`` float32 (layers, heads,
   k): the top k = round(``top`` x L) pairs (i < j, j - i >= ``min_sep``) of every selected APC
   map, by value.
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 REDUCE = ("layer", "all")
 TILED = ("apc_mean", "contacts")  # include options that only the tiled path writes
+# reduce=all: the layers' head-mean APC maps are summed in one float32 (L, L) array up to this size
+# (L <= 8192); longer sequences hold every selected layer's features instead and sum at the end
+SUM_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -136,26 +140,30 @@ def _features(lm: PerformerLM, layer: int, x: torch.Tensor, res: slice, heads: l
     return feats if len(heads) == attn.heads else feats.select(heads)
 
 
-def _layer_tiles(record: LayerRecord, n: int, lt: tiles.LayerTiles, inc: tuple[str, ...], sel: MapSelection, top):
+def _layer_tiles(record: LayerRecord, n: int, lt: tiles.LayerTiles, inc: tuple[str, ...], sel: MapSelection, out):
     """Layer ``n`` of the selection: dense maps (assembled in float16), its head-mean APC rows
-    (``reduce="layer"``), its top pairs (appended to ``top``)."""
+    (written with ``reduce="layer"``, added to ``out["sum"]`` with ``reduce="all"`` when there is one),
+    its top pairs (appended to ``out["top"]``)."""
     h, L = lt.heads, lt.length
     dense = {w: np.empty((h, L, L), dtype=np.float16) for w in ("attentions", "apc") if w in inc}
-    per_head = [tiles.TopPairs(sel.k(L), sel.min_sep) for _ in range(h)] if "contacts" in inc else []
+    top = tiles.TopPairs(sel.k(L), sel.min_sep, batch=h) if "contacts" in inc else None
     for i0, i1 in tiles.tile_ranges(L, sel.tile):
         if "attentions" in dense:
             dense["attentions"][:, i0:i1] = lt.map_rows(i0, i1).cpu().numpy()
-        if not ("apc" in dense or per_head or "apc_mean" in inc):
+        if not ("apc" in dense or top is not None or "apc_mean" in inc):
             continue
         apc = lt.apc_rows(i0, i1)
         if "apc" in dense:
             dense["apc"][:, i0:i1] = apc.cpu().numpy()
-        for t, rows in zip(per_head, apc):
-            t.add(i0, rows)
+        if top is not None:
+            top.add(i0, apc)
         if "apc_mean" in inc and sel.reduce == "layer":
             record.write_extra("apc_mean", (n, slice(i0, i1)), apc.mean(0).cpu().numpy())
+        elif out.get("sum") is not None:
+            out["sum"][i0:i1] += apc.mean(0)
     record.write_stored_layer(dense.get("attentions"), dense.get("apc"))  # counts the layer also without maps
-    top.append([t.result() for t in per_head])
+    if top is not None:
+        out["top"].append(top.result())
 
 
 def write_tiled_record(
@@ -167,24 +175,27 @@ def write_tiled_record(
     layers, heads = sel.resolve(len(lm.blocks), int(lm.config.heads))
     want_repr = "mean" in inc or "per_token" in inc
     ids, res = Tokenizer().frame(residues, bool(lm.config.causal))
-    held, top, rep = [], [], None
+    L = len(residues)
+    all_mean = "apc_mean" in inc and sel.reduce == "all"
+    out = {"top": [], "sum": torch.zeros(L, L) if all_mean and 4 * L * L <= SUM_MAX_BYTES else None}
+    held, rep = [], None  # reduce=all without a sum: every layer's features, the mean made at the end
     with torch.no_grad():
         for layer, x in enumerate(lm.hidden_states(torch.as_tensor(ids)[None])):
             if layer == len(lm.blocks):
                 rep = x[0, res]
             elif layer in layers:
                 lt = tiles.LayerTiles(_features(lm, layer, x, res, heads), sel.tile)
-                _layer_tiles(record, layers.index(layer), lt, inc, sel, top)
-                if "apc_mean" in inc and sel.reduce == "all":
+                _layer_tiles(record, layers.index(layer), lt, inc, sel, out)
+                if all_mean and out["sum"] is None:
                     held.append(lt)
             if layer >= layers[-1] and not want_repr:
                 break
-        for i0, i1 in tiles.tile_ranges(len(residues), sel.tile) if held else ():
-            mean = torch.stack([lt.apc_mean_rows(i0, i1) for lt in held]).mean(0)
-            record.write_extra("apc_mean", (0, slice(i0, i1)), mean.cpu().numpy())
+        for i0, i1 in tiles.tile_ranges(L, sel.tile) if all_mean else ():
+            rows = out["sum"][i0:i1] if out["sum"] is not None else sum(lt.apc_mean_rows(i0, i1) for lt in held)
+            record.write_extra("apc_mean", (0, slice(i0, i1)), (rows / len(layers)).cpu().numpy())
     if "contacts" in inc:
-        pairs = np.array([[np.stack([i, j], -1) for i, j, _ in per] for per in top], dtype=np.int32)
-        values = np.array([[v for _, _, v in per] for per in top], dtype=np.float32)
+        pairs = np.array([[np.stack([i, j], -1) for i, j, _ in per] for per in out["top"]], dtype=np.int32)
+        values = np.array([[v for _, _, v in per] for per in out["top"]], dtype=np.float32)
         record.write_extra("contacts/pairs", (), pairs)
         record.write_extra("contacts/values", (), values)
     return rep

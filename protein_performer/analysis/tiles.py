@@ -271,40 +271,45 @@ class LayerTiles:
 
 
 class TopPairs:
-    """The ``k`` largest values of one L x L map over pairs i < j with j - i >= ``min_sep``, fed as
-    row tiles (:meth:`add`); memory O(k + tile)."""
+    """The ``k`` largest values of an L x L map over pairs i < j with j - i >= ``min_sep``, fed as
+    row tiles (:meth:`add`); memory O(k + tile). ``batch``: that many maps at once (tiles (batch,
+    r, L), e.g. every head of a layer), None: one map (tiles (r, L))."""
 
-    def __init__(self, k: int, min_sep: int = 1):
+    def __init__(self, k: int, min_sep: int = 1, batch: int | None = None):
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        self.k, self.min_sep = int(k), max(1, int(min_sep))
-        self.values = torch.empty(0, dtype=torch.float64)
-        self.rows = torch.empty(0, dtype=torch.long)
-        self.cols = torch.empty(0, dtype=torch.long)
+        self.k, self.min_sep, self.batch = int(k), max(1, int(min_sep)), batch
+        n = 1 if batch is None else int(batch)
+        self.values = torch.empty(n, 0, dtype=torch.float64)
+        self.rows = torch.empty(n, 0, dtype=torch.long)
+        self.cols = torch.empty(n, 0, dtype=torch.long)
 
     def add(self, i0: int, tile: torch.Tensor) -> None:
-        """Merge the rows i0.. of the map (``tile``: (r, L)) into the running top k."""
-        r, length = tile.shape
-        i = torch.arange(i0, i0 + r, device=tile.device)[:, None]
-        j = torch.arange(length, device=tile.device)[None, :]
-        ok = (j - i) >= self.min_sep
-        vals = tile.to(torch.float64).masked_fill(~ok, float("-inf")).reshape(-1)
+        """Merge the rows i0.. of the map(s) into the running top k."""
+        t = tile[None] if self.batch is None else tile
+        _, r, length = t.shape
+        i = torch.arange(i0, i0 + r, device=t.device)[:, None]
+        ok = (torch.arange(length, device=t.device)[None, :] - i) >= self.min_sep
         n = min(self.k, int(ok.sum()))
         if n == 0:
             return
-        top = torch.topk(vals, n).indices
-        self.values = torch.cat([self.values, vals[top].cpu()])
-        self.rows = torch.cat([self.rows, (top // length + i0).cpu()])
-        self.cols = torch.cat([self.cols, (top % length).cpu()])
-        if len(self.values) > self.k:
-            keep = torch.topk(self.values, self.k).indices
-            self.values, self.rows, self.cols = self.values[keep], self.rows[keep], self.cols[keep]
+        top = torch.topk(t.masked_fill(~ok, float("-inf")).reshape(len(t), -1), n, dim=-1)
+        idx = top.indices.cpu()
+        self.values = torch.cat([self.values, top.values.cpu().to(torch.float64)], 1)
+        self.rows = torch.cat([self.rows, idx // length + i0], 1)
+        self.cols = torch.cat([self.cols, idx % length], 1)
+        if self.values.shape[1] > self.k:
+            keep = torch.topk(self.values, self.k, dim=-1).indices
+            self.values, self.rows, self.cols = (x.gather(1, keep) for x in (self.values, self.rows, self.cols))
 
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(i, j, value)`` sorted by value (largest first), ties by (i, j)."""
-        v, i, j = self.values.numpy(), self.rows.numpy(), self.cols.numpy()
-        order = np.lexsort((j, i, -v))
-        return i[order].astype(np.int64), j[order].astype(np.int64), v[order]
+    def result(self):
+        """``(i, j, value)`` sorted by value (largest first), ties by (i, j); a list of them, one
+        per map, with ``batch``."""
+        out = []
+        for v, i, j in zip(self.values.numpy(), self.rows.numpy(), self.cols.numpy()):
+            order = np.lexsort((j, i, -v))
+            out.append((i[order].astype(np.int64), j[order].astype(np.int64), v[order]))
+        return out[0] if self.batch is None else out
 
 
 class ContactLogits:

@@ -60,7 +60,7 @@ from protein_performer.analysis.export_output import (
     record_bytes,
     space_problem,
 )
-from protein_performer.analysis.export_tiles import MapSelection, extra_bytes, extras, selection_attrs, write_record
+from protein_performer.analysis.export_tiles import MapSelection, dense_rows, extra_bytes, extras, write_record
 from protein_performer.analysis.maps_format import (
     EXTRA_DATASETS,
     INCOMPLETE_ATTR,
@@ -226,8 +226,9 @@ class _ExportRun:
             source=rec.source,
             attentions="attentions" in self.inc,
             apc="apc" in self.inc,
-            attrs={**attrs, **selection_attrs(self.sel, self.depth, self.heads)} or None,
+            attrs={**attrs, **self.sel.record_attrs(self.depth, self.heads)} or None,
             extras=tiled,
+            rows=dense_rows(self.inc, self.sel, len(heads), len(residues)),
         ) as record:
             write_record(self.lm, record, residues, self.inc, self.sel)
         self.writer.flush()

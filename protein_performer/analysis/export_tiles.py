@@ -3,8 +3,9 @@
 
 What a record stores (maps.h5 layout: :mod:`protein_performer.analysis.maps_format`):
 
-- ``attentions`` / ``apc`` (dense, float16): each layer assembled from tiles in float16, then
-  written as today (one chunk per layer);
+- ``attentions`` / ``apc`` (dense, float16): each layer assembled from tiles in float16 and written
+  as one chunk, or, above ``DENSE_LAYER_MAX_BYTES`` per layer, chunked by ``tile`` rows and written
+  band by band as the tiles come;
 - ``apc_mean`` (float16 (n, L, L), chunked by ``tile`` rows): the mean over the selected heads of
   the APC maps, per selected layer (``reduce="layer"``, n = layers) or also over the layers
   (``reduce="all"``, n = 1: summed in a float32 (L, L) array up to ``SUM_MAX_BYTES``, above it
@@ -38,6 +39,9 @@ TILED = ("apc_mean", "contacts")  # include options that only the tiled path wri
 # reduce=all: the layers' head-mean APC maps are summed in one float32 (L, L) array up to this size
 # (L <= 8192); longer sequences hold every selected layer's features instead and sum at the end
 SUM_MAX_BYTES = 256 << 20
+# dense maps (attentions / apc) of one layer above this size are chunked by ``tile`` rows and written
+# band by band (never a whole layer in memory); below it one chunk per layer, as always
+DENSE_LAYER_MAX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,16 @@ class MapSelection:
             out.append(idx)
         return out[0], out[1]
 
+    def record_attrs(self, depth: int, n_heads: int) -> dict:
+        """The record's ``map_layers`` / ``map_heads`` attributes where the selection is not all of them."""
+        layers, heads = self.resolve(depth, n_heads)
+        out = {}
+        if len(layers) != depth:
+            out["map_layers"] = np.asarray(layers, dtype=np.int32)
+        if len(heads) != n_heads:
+            out["map_heads"] = np.asarray(heads, dtype=np.int32)
+        return out
+
     def k(self, length: int) -> int:
         """Pairs kept per map: round(top x L), at most the pairs with j - i >= min_sep."""
         pairs = max(0, length - self.min_sep) * max(0, length - self.min_sep + 1) // 2
@@ -120,17 +134,6 @@ def extra_bytes(specs: dict) -> int:
     return sum(int(np.prod(kw["shape"])) * np.dtype(kw["dtype"]).itemsize for kw in specs.values())
 
 
-def selection_attrs(sel: MapSelection, depth: int, n_heads: int) -> dict:
-    """The record's ``map_layers`` / ``map_heads`` attributes where the selection is not all of them."""
-    layers, heads = sel.resolve(depth, n_heads)
-    out = {}
-    if len(layers) != depth:
-        out["map_layers"] = np.asarray(layers, dtype=np.int32)
-    if len(heads) != n_heads:
-        out["map_heads"] = np.asarray(heads, dtype=np.int32)
-    return out
-
-
 def _features(lm: PerformerLM, layer: int, x: torch.Tensor, res: slice, heads: list[int]) -> tiles.LayerFeatures:
     """The layer's :class:`tiles.LayerFeatures` for the one sequence in ``x`` (1, T, dim)."""
     attn = lm.blocks[layer].attn
@@ -140,28 +143,41 @@ def _features(lm: PerformerLM, layer: int, x: torch.Tensor, res: slice, heads: l
     return feats if len(heads) == attn.heads else feats.select(heads)
 
 
+def dense_rows(inc: tuple[str, ...], sel: MapSelection, n_heads: int, length: int) -> int | None:
+    """Rows per chunk of the dense maps: ``tile`` where one layer's maps would pass
+    ``DENSE_LAYER_MAX_BYTES`` (they are then written band by band), None (one chunk per layer) below."""
+    dense = "attentions" in inc or "apc" in inc
+    big = 2 * n_heads * length * length > DENSE_LAYER_MAX_BYTES
+    return sel.tile if dense and big and sel.tile < length else None
+
+
 def _layer_tiles(record: LayerRecord, n: int, lt: tiles.LayerTiles, inc: tuple[str, ...], sel: MapSelection, out):
-    """Layer ``n`` of the selection: dense maps (assembled in float16), its head-mean APC rows
-    (written with ``reduce="layer"``, added to ``out["sum"]`` with ``reduce="all"`` when there is one),
-    its top pairs (appended to ``out["top"]``)."""
+    """Layer ``n`` of the selection: dense maps (band by band into the file when the record is
+    chunked by rows, else assembled in float16), its head-mean APC rows (written with
+    ``reduce="layer"``, added to ``out["sum"]`` with ``reduce="all"`` when there is one), its top
+    pairs (appended to ``out["top"]``)."""
     h, L = lt.heads, lt.length
-    dense = {w: np.empty((h, L, L), dtype=np.float16) for w in ("attentions", "apc") if w in inc}
+    by_rows = record.band < L
+    want = [w for w in ("attentions", "apc") if w in inc]
+    dense = {w: np.empty((h, L, L), dtype=np.float16) for w in want} if not by_rows else {}
     top = tiles.TopPairs(sel.k(L), sel.min_sep, batch=h) if "contacts" in inc else None
-    for i0, i1 in tiles.tile_ranges(L, sel.tile):
-        if "attentions" in dense:
-            dense["attentions"][:, i0:i1] = lt.map_rows(i0, i1).cpu().numpy()
-        if not ("apc" in dense or top is not None or "apc_mean" in inc):
-            continue
-        apc = lt.apc_rows(i0, i1)
-        if "apc" in dense:
-            dense["apc"][:, i0:i1] = apc.cpu().numpy()
+    for i0, i1 in tiles.tile_ranges(L, record.band if by_rows else sel.tile):
+        rows = {"attentions": lt.map_rows(i0, i1).cpu().numpy()} if "attentions" in inc else {}
+        apc = lt.apc_rows(i0, i1) if ("apc" in inc or top is not None or "apc_mean" in inc) else None
+        if "apc" in inc:
+            rows["apc"] = apc.cpu().numpy()
         if top is not None:
             top.add(i0, apc)
         if "apc_mean" in inc and sel.reduce == "layer":
             record.write_extra("apc_mean", (n, slice(i0, i1)), apc.mean(0).cpu().numpy())
         elif out.get("sum") is not None:
             out["sum"][i0:i1] += apc.mean(0)
-    record.write_stored_layer(dense.get("attentions"), dense.get("apc"))  # counts the layer also without maps
+        if by_rows:
+            record.write_rows(i0, rows.get("attentions"), rows.get("apc"))
+        for w, arr in rows.items() if not by_rows else ():
+            dense[w][:, i0:i1] = arr
+    if not by_rows:
+        record.write_stored_layer(dense.get("attentions"), dense.get("apc"))  # counts the layer also without maps
     if top is not None:
         out["top"].append(top.result())
 

@@ -25,7 +25,8 @@ Layout (``FORMAT_VERSION`` 1)::
         embeddings/per_token  float32 (L, dim)            optional: last layer, per residue
 
 Groups keep the order they were written in. Datasets are gzip-compressed, one chunk per (layer,
-all heads); ``apc_mean`` one per (row, tile of rows). Export's map selection (``layers=``,
+all heads), for long sequences per (layer, all heads, band of rows); ``apc_mean`` one per (layer,
+band of rows). Export's map selection (``layers=``,
 ``heads=``, :mod:`protein_performer.analysis.export_tiles`): ``attentions`` / ``apc`` then hold the
 selected layers x heads, in order, named by the group attributes ``map_layers`` / ``map_heads``
 (absent: all); the tiled datasets (``EXTRA_DATASETS``, written in row tiles from the layers'
@@ -47,7 +48,8 @@ Two root attributes were added to layout version 1 (readers of older files ignor
   under their final name after a complete write (export renames a finished ``.partial``).
 
 Record checksum (export's resume): CRC-32s of the attributes + tokens, the attention maps (layer
-by layer), the APC maps, the mean and the per-token embeddings, as ``crc32:<5 x 8 hex>``, then one
+by layer, each layer band by band of its chunks' rows: the whole layer when it is one chunk), the
+APC maps, the mean and the per-token embeddings, as ``crc32:<5 x 8 hex>``, then one
 more ``:<8 hex>`` per tiled dataset the record holds (in ``EXTRA_DATASETS`` order).
 """
 
@@ -144,6 +146,12 @@ def checksum_str(crc: dict[str, int]) -> str:
     return "crc32:" + ":".join(f"{crc[k]:08x}" for k in CHECKSUM_PARTS + EXTRA_DATASETS if k in crc)
 
 
+def row_band(ds: h5py.Dataset) -> int:
+    """Rows per chunk of a dense map dataset (layers, heads, L, L): L for one chunk per layer, fewer
+    for a long sequence's maps written in row tiles."""
+    return max(1, ds.chunks[2] if ds.chunks else ds.shape[2])
+
+
 def extra_spec(ds: h5py.Dataset) -> dict:
     """How a tiled dataset was created (``MapsWriter.begin_layers``' ``extras`` entry)."""
     attrs = {k: ds.attrs[k] for k in ds.attrs}
@@ -169,9 +177,11 @@ def record_checksum(grp: h5py.Group) -> str:
     crc = new_checksum(grp)
     for what in MAP_DATASETS:
         if what in grp:
-            ds = grp[what]
+            ds, band = grp[what], row_band(grp[what])
             for n in range(ds.shape[0]):
-                crc[what] = zlib.crc32(np.ascontiguousarray(ds[n], dtype=np.float16).tobytes(), crc[what])
+                for i0 in range(0, ds.shape[2], band):
+                    block = np.ascontiguousarray(ds[n, :, i0 : i0 + band], dtype=np.float16)
+                    crc[what] = zlib.crc32(block.tobytes(), crc[what])
     if "embeddings" in grp:
         for what in ("mean", "per_token"):
             if what in grp["embeddings"]:

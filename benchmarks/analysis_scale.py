@@ -15,8 +15,9 @@ Modes: ``forward`` (``model(tokens)``, no grad), ``dense`` (export include=[atte
 ``apc_mean`` (include=[apc_mean] reduce=all), ``contacts`` (include=[apc_mean,contacts] reduce=all,
 the issue's 36-layer setting), ``predict`` (predict_contacts, top-L pairs, a random contact head),
 ``embed`` (the final representation's mean, the pass ``embed`` makes). The sequence is a random
-one of L residues (seed 0). Writes JSON (default benchmarks/results/analysis_scale.json) and prints
-a table with each mode's time / forward time.
+one of L residues (seed 0). Writes one record (benchmarks/_record.py; default
+benchmarks/results/analysis_scale_<model>_L<longest length>.json) and prints its RESULTS.md section
+(each mode's time / forward time); ``floors()`` reads issue 20's numbers from the records.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _record import RESULTS, Floor, day, fmt, newest, record, source, table, when, write  # noqa: E402
 
 from protein_performer.analysis.contacts.head import ContactHead  # noqa: E402
 from protein_performer.analysis.contacts.predict import predict_contacts  # noqa: E402
@@ -117,19 +118,106 @@ def measure(mode: str, model_name: str, length: int, tile: int, workdir: Path, t
     return {"mode": mode, "length": length, **res, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| L | mode | time (s) | / forward | output (MB) | peak RSS (MB) |", "|---|---|---|---|---|---|"]
-    fwd = {r["length"]: r["seconds"] for r in rows if r["mode"] == "forward" and "seconds" in r}
-    for r in rows:
+HEADING = "## Attention analysis against length (issue 20): `benchmarks/analysis_scale.py`"
+PAPER_L = (900, 1100)  # "L ~ 1,000" for the paper model's floors
+LONG_MB = 2048.0  # peak RSS floor at L 16,384 (plus the dense output's own size)
+COMMANDS = {
+    "paper": "python benchmarks/analysis_scale.py --model paper --lengths 1000 --modes forward,contacts",
+    "long": "python benchmarks/analysis_scale.py --model long --lengths 16384,32768",
+    "predict": "python benchmarks/analysis_scale.py --model long --lengths 35000 --modes forward,predict",
+}
+
+
+def key(rec: dict) -> tuple:
+    """One configuration per model and set of lengths."""
+    return rec["model"], tuple(sorted({r["length"] for r in rec["rows"]}))
+
+
+def section(rec: dict) -> str:
+    """RESULTS.md's part for an ``analysis_scale`` record: every mode's time, time / forward, output and peak RSS."""
+    fwd = {r["length"]: r["seconds"] for r in rec["rows"] if r["mode"] == "forward" and "seconds" in r}
+    body = []
+    for r in rec["rows"]:
         if "error" in r:
-            lines.append(f"| {r['length']} | {r['mode']} | {r['error']} | | | |")
+            body.append([r["length"], r["mode"], r["error"], "", "", ""])
             continue
-        ratio = r["seconds"] / fwd[r["length"]] if r["length"] in fwd else float("nan")
-        lines.append(
-            f"| {r['length']} | {r['mode']} | {r['seconds']:.2f} | {ratio:.2f} | {r['bytes'] / 1e6:.2f} | "
-            f"{r['peak_rss_mb']:.0f} |"
+        ratio = r["seconds"] / fwd[r["length"]] if r["length"] in fwd else None
+        body.append(
+            [
+                r["length"],
+                r["mode"],
+                fmt(r["seconds"], 2),
+                fmt(ratio, 2),
+                fmt(r["bytes"] / 1e6, 2),
+                f"{r['peak_rss_mb']:.0f}",
+            ]
         )
-    return "\n".join(lines)
+    m = rec["model_config"]
+    lines = [
+        f"Command: `{rec['command']}`  ",
+        f"Machine: {rec['machine']}; {day(rec['date'])}. Model `{rec['model']}`: {m['attention']} {m['depth']} x "
+        f"{m['dim']}, {m['heads']} heads, causal {m['causal']}; tile {rec['tile']}. Data: {source(rec)}",
+        "",
+    ]
+    return "\n".join(lines + table(["L", "mode", "time (s)", "/ forward", "output (MB)", "peak RSS (MB)"], body))
+
+
+def _rows(records: list[dict], model: str, mode: str, lo: int, hi: int) -> tuple[dict | None, dict | None]:
+    """The newest record of ``model`` with a measured ``mode`` row at a length in [lo, hi], and that row."""
+    ok = [rec for rec in records if rec["model"] == model]
+    for rec in sorted(ok, key=lambda rec: when(rec["date"]), reverse=True):
+        for r in rec["rows"]:
+            if r["mode"] == mode and lo <= r["length"] <= hi and "seconds" in r:
+                return rec, r
+    return (newest(ok), None) if ok else (None, None)
+
+
+def _forward(rec: dict, length: int) -> float | None:
+    return next((r["seconds"] for r in rec["rows"] if r["mode"] == "forward" and r["length"] == length), None)
+
+
+def _long_rss(records: list[dict], length: int) -> tuple[dict | None, dict[str, float]]:
+    """The newest long-model record at ``length`` and each analysis mode's peak RSS (MB) there, the
+    dense mode's less its output's size."""
+    rec, _ = _rows(records, "long", "forward", length, length)
+    rec = rec or newest([r for r in records if r["model"] == "long"])
+    rss = {}
+    for r in rec["rows"] if rec else ():
+        if r["length"] == length and r["mode"] != "forward" and "peak_rss_mb" in r:
+            rss[r["mode"]] = r["peak_rss_mb"] - (r["bytes"] / 2**20 if r["mode"] == "dense" else 0.0)
+    return rec, rss
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """Issue 20: the paper model's contacts export at L ~ 1,000 (time / forward, MB per sequence), the
+    long model's peak RSS at L 16,384 and its growth to 32,768, predict_contacts at L 35,000."""
+    rec, row = _rows(records, "paper", "contacts", *PAPER_L)
+    fwd = _forward(rec, row["length"]) if row else None
+    paper = "36-layer paper model, L ~ 1,000, include=[apc_mean,contacts] reduce=all"
+    out = [
+        Floor("20", f"{paper}: time / bare forward", 5.0, True, row["seconds"] / fwd if fwd else None, rec),
+        Floor("20", f"{paper}: output MB per sequence", 10.0, True, row["bytes"] / 1e6 if row else None, rec),
+    ]
+    rec16, rss16 = _long_rss(records, 16384)
+    rec32, rss32 = _long_rss(records, 32768)
+    growth = [rss32[m] / rss16[m] for m in rss16 if m in rss32 and m != "dense"]
+    out += [
+        Floor("20", "long model, L 16,384: peak RSS MB of export / predict / embed (dense: less its output)",
+              LONG_MB, True, max(rss16.values()) if rss16 else None, rec16),
+        Floor("20", "long model: peak RSS(32,768) / RSS(16,384), non-dense modes", 2.2, True,
+              max(growth) if growth else None, rec32),
+    ]  # fmt: skip
+    rec35, row35 = _rows(records, "long", "predict", 35000, 35000)
+    out += [
+        Floor("20", "predict_contacts, L 35,000, top pairs: minutes", 30.0, True,
+              row35["seconds"] / 60 if row35 else None, rec35),
+        Floor("20", "predict_contacts, L 35,000, top pairs: peak RSS GB", 4.0, True,
+              row35["peak_rss_mb"] / 1024 if row35 else None, rec35),
+    ]  # fmt: skip
+    commands = [COMMANDS["paper"]] * 2 + [COMMANDS["long"]] * 2 + [COMMANDS["predict"]] * 2
+    for f, cmd in zip(out, commands):
+        f.command = cmd
+    return out
 
 
 def main() -> None:
@@ -139,7 +227,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "analysis_scale.json"))
+    ap.add_argument("--out", help="the record (default benchmarks/results/analysis_scale_<model>_L<longest>.json)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -157,19 +245,16 @@ def main() -> None:
             for mode in ["forward"] + [m for m in modes if m != "forward"]:
                 rows.append(measure(mode, args.model, length, args.tile, Path(tmp), args.timeout))
                 print(json.dumps(rows[-1]), flush=True)
-    print(table(rows))
-    result = {
-        "benchmark": "analysis_scale",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+    fields = {
         "model": args.model,
         "model_config": MODELS[args.model],
         "tile": args.tile,
-        "rows": rows,
+        "threads": torch.get_num_threads(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out}")
+    rec = record("analysis_scale", {**fields, "rows": rows})
+    out = Path(args.out or RESULTS / f"analysis_scale_{args.model}_L{max(lengths)}.json")
+    print(section({**rec, "_path": out.name}))
+    print(f"-> {write(out, rec)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ on the CPU. ``make long-protein`` runs it (LENGTH=35000 LONG_OUT=long_protein_ou
   time and peak RSS are recorded;
 - from its maps.h5: ``mean_embedding.npy``, ``top_contacts.csv`` (the top-L pairs, j - i >= 6, of
   the layer's head-mean APC map, streamed by rows), ``apc_mean.png`` (the map max-pooled to at most
-  1000 x 1000 pixels, read by rows) and ``summary.json``.
+  1000 x 1000 pixels, read by rows) and ``summary.json``; the same numbers as a benchmark record,
+  ``benchmarks/results/long_protein.json`` (``--record``; RESULTS.md shows it).
 
 Disk: the head-mean map is stored in float16, 2 L^2 bytes (2.4 GB at L = 35,000).
 """
@@ -37,6 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _record import RESULTS, Floor, day, record, source, write  # noqa: E402
+
 from protein_performer.analysis.maps.tiles import TopPairs  # noqa: E402
 from protein_performer.data.fasta import read_fasta  # noqa: E402
 from protein_performer.resources import shared_data  # noqa: E402
@@ -46,6 +49,29 @@ MODEL = {
     "attention": "favor_relu", "causal": True, "positions": "rotary", "dropout": 0.0,
 }  # fmt: skip
 STANDARD = set(b"ACDEFGHIKLMNPQRSTVWY")
+HEADING = "## A long protein on the CPU (issue 20): `make long-protein` (`benchmarks/long_protein.py`)"
+
+
+def section(rec: dict) -> str:
+    """RESULTS.md's part for a ``long_protein`` record: the protein, the export's time, peak RSS and file size."""
+    m = rec["model"]
+    return "\n".join(
+        [
+            f"Command: `{rec['command']}`  ",
+            f"Machine: {rec['machine']}; {day(rec['date'])}, {rec['threads']} threads. Data: {source(rec)}",
+            "",
+            f"- `{rec['id']}`, L = {rec['length']:,}, {m['attention']} {m['depth']} x {m['dim']} ({m['positions']} "
+            f"positions, random init): `export_attention include=[mean,apc_mean,contacts] layers=[{rec['layer']}]` "
+            f"in {rec['seconds'] / 60:.1f} min, peak RSS {rec['peak_rss_mb'] / 1024:.2f} GB, maps.h5 "
+            f"{rec['maps_h5_bytes'] / 1e9:.2f} GB (the head-mean map in float16: 2 L^2 bytes).",
+        ]
+    )
+
+
+def floors(records: list[dict]) -> list[Floor]:
+    """None: issue 20 asks the example to run on a workstation and names no number for it (the
+    35,000-residue predict_contacts floors are benchmarks/analysis_scale.py's)."""
+    return []
 
 
 def fasta_sources() -> list[Path]:
@@ -82,7 +108,11 @@ def run_export(out: Path, layer: int, threads: int) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"export failed (exit {os.waitstatus_to_exitcode(status)})")
-    return {"command": " ".join(cmd[1:]), "seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {
+        "export_command": " ".join(cmd[1:]),
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
 
 
 def top_contacts(ds: h5py.Dataset, k: int, min_sep: int = 6, rows: int = 512):
@@ -134,6 +164,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=MODEL["depth"] - 1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="long_protein_out")
+    ap.add_argument("--record", default=str(RESULTS / "long_protein.json"), help="the benchmark record ('' for none)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +188,8 @@ def main() -> None:
     summary = {"id": rid, "length": L, "layer": args.layer, "model": MODEL, **run}
     summary["maps_h5_bytes"] = (out / "maps.h5").stat().st_size
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if args.record:
+        write(Path(args.record), record("long_protein", {**summary, "threads": args.threads}))
     print(json.dumps({k: v for k, v in summary.items() if k != "model"}, indent=1))
 
 

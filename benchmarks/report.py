@@ -41,6 +41,8 @@ SECTIONS = {
     "family_contacts": "family_contacts_section",
     "potts": "potts",
     "predict_contacts_check": "predict_contacts_check",
+    "analysis_scale": "analysis_scale",
+    "long_protein": "long_protein",
 }
 INTRO = (
     "Current numbers only: for every benchmark the latest run of each configuration, with its command, "

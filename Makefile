@@ -23,7 +23,7 @@ OUT         ?= family_contacts_out/$(FAMILY)
 # protein_performer/resources.py (shared_data)
 SHARED_DATA ?= $(or $(PP_SHARED_DATA),../shared/data)
 
-.PHONY: all venv demo test test-fast lint results bench studies notebooks family-contacts clean help
+.PHONY: all venv demo test test-fast lint results bench studies notebooks family-contacts long-protein clean help
 
 all: help
 
@@ -37,6 +37,8 @@ help:
 	@echo "make notebooks - rerun the notebooks on the recipe's (else the demo's) outputs and store them with outputs"
 	@echo "make family-contacts FAMILY=PF00072 OUT=<dir> - train on one Pfam family (SHARED_DATA: \$$PP_SHARED_DATA, else ../shared/data), export, score contacts"
 	@echo "    over a finished OUT: ARGS=resume=true (complete: nothing to do) or ARGS=overwrite=true (rerun, replace when done)"
+	@echo "make long-protein LENGTH=35000 LONG_OUT=<dir> - a 35,000-residue protein through a random-init long-context model on the CPU:"
+	@echo "    mean embedding, top-L contacts, a PNG of one layer's head-mean APC map (benchmarks/long_protein.py)"
 
 venv: $(STAMP)
 
@@ -98,6 +100,13 @@ family-contacts: $(STAMP)
 	$(PY) -m protein_performer.family_contacts family=$(FAMILY) output_dir=$(OUT) \
 	    input=$(SHARED_DATA)/pfam40_domains.fasta.gz structures=$(SHARED_DATA)/structures/kortemme40 \
 	    $(RECIPE_ARGS_$(RECIPE)) $(ARGS)
+
+# a protein of LENGTH residues (Swiss-Prot records joined) through the trembl_concat_8192 shape with
+# rotary positions, random init: every map in tiles, memory linear in L (~2.4 GB of disk at 35,000)
+LENGTH      ?= 35000
+LONG_OUT    ?= long_protein_out
+long-protein: $(STAMP)
+	PP_SHARED_DATA=$(SHARED_DATA) $(PY) benchmarks/long_protein.py --length $(LENGTH) --out $(LONG_OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

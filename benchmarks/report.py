@@ -42,6 +42,8 @@ SECTIONS = {
     "predict_contacts_check": "predict_contacts_check",  # no heading: a line under family_contacts
     "factored_speed": "factored_speed",
     "potts": "potts",
+    "analysis_scale": "analysis_scale",
+    "long_protein": "long_protein",
 }
 INTRO = (
     "Current numbers only: for every benchmark the latest run of each configuration, with its command, "

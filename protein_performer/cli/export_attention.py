@@ -1,5 +1,6 @@
 """``python -m protein_performer.export_attention checkpoint=<ckpt|random> input=<fasta|structure dir>
-output=<maps.h5> [include=[attentions,apc,mean,per_token]] [crop=error|skip|start|center]
+output=<maps.h5> [include=[attentions,apc,mean,per_token,apc_mean,contacts]] [layers=[..]] [heads=[..]]
+[reduce=layer|all] [top=1.0] [min_sep=6] [tile=256] [crop=error|skip|start|center]
 [max_sequences=N] [model_config=<ckpt|yaml>] [seed=0] [resume=true] [overwrite=true]``: the
 attention maps (and embeddings) of a model, written to one HDF5 file (see
 :mod:`protein_performer.analysis.export`). A killed export leaves ``<output>.partial`` (+ journal);
@@ -16,6 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from protein_performer.analysis.export import run_export
 from protein_performer.errors import cli_errors
 from protein_performer.runtime import keep_freed_memory, set_threads
+
+
+def _selection(cfg: DictConfig) -> dict:
+    """The map selection options of the config (layers, heads: a list, one number or null)."""
+    sel = {}
+    for key in ("layers", "heads"):
+        v = cfg.get(key)
+        sel[key] = None if v is None else (list(v) if OmegaConf.is_list(v) else [int(v)])
+    for key in ("reduce", "top", "min_sep", "tile"):
+        if cfg.get(key) is not None:
+            sel[key] = cfg[key]
+    return sel
 
 
 @hydra.main(config_path="../conf", config_name="export_attention", version_base="1.3")
@@ -43,6 +56,7 @@ def main(cfg: DictConfig) -> dict:
         progress=bool(cfg.progress),
         resume=bool(cfg.get("resume", False)),
         overwrite=bool(cfg.get("overwrite", False)),
+        selection=_selection(cfg),
     )
     if summary.already_complete:  # resume=true over a finished output: its log line said so
         return summary

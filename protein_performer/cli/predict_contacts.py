@@ -1,5 +1,5 @@
 """``python -m protein_performer.predict_contacts checkpoint=<ckpt> head=<contact_head.json> input=<fasta>
-output=<contacts.h5> [csv=<top.csv>] [png_dir=<dir>] [align_to=<sequence|fasta|none>] [resume=true]``: contact probabilities for any
+output=<contacts.h5> [csv=<top.csv>] [png_dir=<dir>] [align_to=<sequence|fasta|none>] [dense_max=4096] [resume=true]``: contact probabilities for any
 sequence, from a model's attention maps through the contact head that ``contacts`` fitted for the
 same checkpoint (see :mod:`protein_performer.analysis.contacts.predict`). A rerun leaves the finished
 output as it was until the new one replaces it; ``resume=true`` continues a killed run, and over a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from protein_performer.analysis.contacts.predict import run_predict_contacts
+from protein_performer.analysis.contacts.predict import DENSE_MAX, run_predict_contacts
 from protein_performer.errors import cli_errors
 from protein_performer.runtime import set_threads
 
@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> dict:
         device=str(cfg.device),
         progress=bool(cfg.progress),
         align_to=_align_to(cfg.get("align_to")),
+        dense_max=None if (dm := cfg.get("dense_max", DENSE_MAX)) is None else int(dm),
     )
     if summary.already_complete:  # resume=true over a finished output: its log line said so
         return summary

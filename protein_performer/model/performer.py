@@ -347,20 +347,25 @@ class PerformerLM(nn.Module):
         """(b, l, dim): the final representation (after the last LayerNorm) without the LM head."""
         return deque(self.hidden_states(tokens, key_padding_mask), maxlen=1)[0]  # one layer held at a time
 
+    def layer_inputs(
+        self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, layers: Iterable[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(layer, hidden states entering it)`` for ``layers`` (default: all), in order; no block after the last."""
+        wanted = sorted({int(i) for i in (range(len(self.blocks)) if layers is None else layers)})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self.blocks):
+            raise ValueError(f"layers {wanted} outside 0..{len(self.blocks) - 1}")
+        for layer, x in zip(range(wanted[-1] + 1 if wanted else 0), self.hidden_states(tokens, key_padding_mask)):
+            if layer in wanted:
+                yield layer, x
+
     @torch.no_grad()
     def attention_maps(
         self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, layers: Iterable[int] | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(layer, maps (b, h, l, l) float32)`` for ``layers`` (default: all), in order and one
-        layer at a time (the maps of ``forward(return_attention=True)``, never all held at once);
-        blocks after the last one asked for are not run."""
-        depth = len(self.blocks)
-        wanted = sorted({int(i) for i in (range(depth) if layers is None else layers)})
-        if wanted and not 0 <= wanted[0] <= wanted[-1] < depth:
-            raise ValueError(f"layers {wanted} outside 0..{depth - 1}")
-        for layer, x in zip(range(wanted[-1] + 1 if wanted else 0), self.hidden_states(tokens, key_padding_mask)):
-            if layer in wanted:
-                yield layer, self.layer_attention(layer, x, key_padding_mask)
+        layer at a time (the maps of ``forward(return_attention=True)``; features: ``layer_features``)."""
+        for layer, x in self.layer_inputs(tokens, key_padding_mask, layers):
+            yield layer, self.layer_attention(layer, x, key_padding_mask)
 
     # ---------------------------------------------------------------- token by token (causal)
     def check_can_step(self) -> None:

@@ -6,7 +6,11 @@
 
 The features are exactly those the ``contacts`` step fits on: every layer's maps (the layer's
 ``attention_matrix``, special tokens dropped), symmetrized, APC-corrected and rounded to float16
-as ``export_attention`` stores them.
+as ``export_attention`` stores them, computed in row tiles from the layers' features
+(:mod:`~protein_performer.analysis.contacts.tiles`: no layers x heads x L x L stack). Sequences
+longer than ``dense_max`` get their top pairs only (``top`` x L of them), never an L x L map; a
+model with rotary positions reads sequences of any length whole (``crop`` applies to learned
+positions).
 
 A model trained on rows aligned to one reference chain (the family-contacts recipe's
 ``align=true``: its positions are the reference's residues) predicts through that frame: each
@@ -22,7 +26,9 @@ Output file (:func:`run_predict_contacts`), HDF5::
                                   align_to (the reference sequence, "" for none),
                                   complete (absent while the file is being written: ``<output>.partial``)
     /<sanitized id>/       attrs: id, sequence, index (0-based position in the input), done
-        contacts           float16 (L, L), symmetric, 0 on the diagonal
+        contacts           float16 (L, L), symmetric, 0 on the diagonal (L <= dense_max), or for longer ones
+        top_pairs          int32 (k, 2): the k = top x L most probable pairs (i, j), 0-based, j - i >= min_sep
+        top_probabilities  float32 (k,): their probabilities, largest first
         aligned            int32 (n,): the input residues (0-based) on the reference (with align_to only)
 
 The file is written as ``<output>.partial`` and renamed when complete (a rerun leaves the finished
@@ -47,6 +53,8 @@ import torch
 from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
 from protein_performer.analysis.contacts.head import ContactHead
+from protein_performer.analysis.contacts.plot import plot_prediction
+from protein_performer.analysis.contacts.tiles import dense_probabilities, layer_tiles, top_probabilities
 from protein_performer.analysis.export import (
     InputReport,
     SequenceRecord,
@@ -58,7 +66,7 @@ from protein_performer.analysis.maps import apc_maps, sanitize_name
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
 from protein_performer.errors import IncompleteOutputError, UserError
-from protein_performer.outputs import atomic_output, save_figure
+from protein_performer.outputs import atomic_output
 from protein_performer.outputs_h5 import ResumableH5
 from protein_performer.pretrained import LoadedModel, file_sha256, load_model
 
@@ -67,21 +75,27 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "complete"
 DONE_ATTR = "done"  # a record group's commit mark
+DENSE_MAX = 4096  # longer sequences: top pairs only (an L x L float16 map is 32 MB at 4096)
 
 
 @dataclass
 class ContactPrediction:
     id: str
     sequence: str
-    contacts: np.ndarray  # (L, L) float32 probabilities
+    contacts: np.ndarray | None  # (L, L) float32 probabilities (None: top pairs only)
     start: int = 0  # residues [start, start + L) of the input sequence (crop)
     aligned: np.ndarray | None = None  # with align_to: the input residues (0-based) on the reference
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (i, j, p), 0-based, without ``contacts``
 
     def top_pairs(self, k: int | None = None, min_sep: int = 6) -> list[tuple[int, int, float]]:
         """The ``k`` (default L) most probable pairs ``i < j`` with ``j - i >= min_sep``, as 1-based
         positions of the input sequence with their probability, most probable first."""
-        L = len(self.contacts)
+        L = len(self.sequence)
         k = L if k is None else int(k)
+        if self.contacts is None:  # stored most probable first (min_sep: the head's)
+            i, j, p = self.pairs
+            order = np.flatnonzero(j - i >= min_sep)[:k]
+            return [(int(i[o]) + 1 + self.start, int(j[o]) + 1 + self.start, float(p[o])) for o in order]
         i, j = np.triu_indices(L, k=min_sep)
         p = self.contacts[i, j]
         order = np.argsort(-p, kind="stable")[:k]
@@ -138,13 +152,16 @@ def predict_contacts(
     crop: str = "error",
     check_checkpoint: bool = True,
     align_to: str | bool | None = None,
+    dense_max: int | None = DENSE_MAX,
+    top: float = 1.0,
 ) -> Iterator[ContactPrediction]:
     """Contact probabilities for each sequence (a string, an ``(id, sequence)`` pair or a
     :class:`SequenceRecord`), in input order. ``crop``: what to do with a sequence longer than the
     model's positions allow (``error`` | ``skip`` | ``start`` | ``center``; see export's ``crop``).
     ``check_checkpoint``: refuse a head fitted on another checkpoint (needs a :class:`LoadedModel`).
     ``align_to``: the reference whose residues the model's positions are (see the module
-    docstring; default: the head's, if it names one); with it ``crop`` does not apply."""
+    docstring; default: the head's, if it names one); with it ``crop`` does not apply. Sequences
+    longer than ``dense_max`` (None: no limit) get ``top`` x L pairs instead of the map."""
     lm = _model_of(model)
     cfg = lm.config
     if check_checkpoint and isinstance(model, LoadedModel):
@@ -153,6 +170,8 @@ def predict_contacts(
         head.check_model(head.checkpoint_sha256, cfg.depth, cfg.heads)
     tok = Tokenizer()
     max_residues = int(cfg.max_len) - tok.special_tokens(bool(cfg.causal))
+    if cfg.positions == "rotary" and cfg.qk == "content":  # nothing in the model is tied to a length
+        max_residues = np.iinfo(np.int64).max
     reference = reference_sequence(head, align_to)
     if reference is not None:
         try:
@@ -176,8 +195,12 @@ def predict_contacts(
             log.warning("record %s: %d residues > %d, skipped (crop=skip)", rec.id, len(residues), max_residues)
             continue
         a, b = window
-        feats = contact_features(lm, residues[a:b])
-        yield ContactPrediction(rec.id, rec.sequence[a:b], head.predict(feats), a)
+        lts = layer_tiles(lm, residues[a:b])
+        if dense_max is None or b - a <= dense_max:
+            yield ContactPrediction(rec.id, rec.sequence[a:b], dense_probabilities(head, lts), a)
+        else:
+            pairs = top_probabilities(head, lts, max(1, int((b - a) * top)), head.min_sep)
+            yield ContactPrediction(rec.id, rec.sequence[a:b], None, a, pairs=pairs)
 
 
 def _predict_aligned(lm, head: ContactHead, rec: SequenceRecord, reference: str, tok: Tokenizer) -> ContactPrediction:
@@ -186,7 +209,7 @@ def _predict_aligned(lm, head: ContactHead, rec: SequenceRecord, reference: str,
     src, dst = aligned_positions(seq, reference)
     row = np.full(len(reference), tok.encode("X")[0], dtype=np.int64)
     row[dst] = tok.encode(seq)[src]
-    p_ref = head.predict(contact_features(lm, row))
+    p_ref = dense_probabilities(head, layer_tiles(lm, row))
     p = np.zeros((len(seq), len(seq)), dtype=np.float32)
     p[np.ix_(src, src)] = p_ref[np.ix_(dst, dst)]
     return ContactPrediction(rec.id, rec.sequence, p, 0, src.astype(np.int32))
@@ -219,9 +242,10 @@ class ContactsFile:
             yield ContactPrediction(
                 str(g.attrs["id"]),
                 str(g.attrs["sequence"]),
-                g["contacts"][()].astype(np.float32),
+                g["contacts"][()].astype(np.float32) if "contacts" in g else None,
                 int(g.attrs.get("start", 0)),
                 g["aligned"][()] if "aligned" in g else None,
+                None if "contacts" in g else (*g["top_pairs"][()].T, g["top_probabilities"][()]),
             )
 
     def __len__(self) -> int:
@@ -264,9 +288,14 @@ def _write_prediction(h5: h5py.File, rec: SequenceRecord, index: int, pred: Cont
     group.attrs["sequence"] = pred.sequence
     group.attrs["index"] = index
     group.attrs["start"] = pred.start
-    group.create_dataset(
-        "contacts", data=pred.contacts.astype(np.float16), compression="gzip", compression_opts=1, shuffle=True
-    )
+    if pred.contacts is not None:
+        group.create_dataset(
+            "contacts", data=pred.contacts.astype(np.float16), compression="gzip", compression_opts=1, shuffle=True
+        )
+    else:
+        i, j, p = pred.pairs
+        group.create_dataset("top_pairs", data=np.stack([i, j], -1).astype(np.int32), compression="gzip")
+        group.create_dataset("top_probabilities", data=np.asarray(p, dtype=np.float32))
     if pred.aligned is not None:
         group.create_dataset("aligned", data=np.asarray(pred.aligned, dtype=np.int32))
     # the map reaches the file before the mark that says it is there: HDF5 writes what one flush
@@ -304,9 +333,11 @@ def run_predict_contacts(
     progress: bool = True,
     model_config: str | None = None,
     align_to: str | bool | None = None,
+    dense_max: int | None = DENSE_MAX,
 ) -> PredictSummary:
     """What ``python -m protein_performer.predict_contacts`` does. Returns its :class:`PredictSummary`.
-    ``align_to``: see :func:`predict_contacts` (default: the head's reference, if it names one)."""
+    ``align_to``, ``dense_max``: see :func:`predict_contacts` (default: the head's reference, if it
+    names one; sequences above ``dense_max`` residues get their top pairs, ``top`` x L of them)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
@@ -323,6 +354,7 @@ def run_predict_contacts(
         "crop": crop,
         "min_residues": min_residues,
         "invalid": invalid,
+        **({} if dense_max == DENSE_MAX else {"dense_max": dense_max, "top": top}),
     }
 
     def run_settings(sha: str | None = None) -> dict:
@@ -358,13 +390,10 @@ def run_predict_contacts(
             if done:
                 log.info("resuming: %d of %d records already predicted", len(done), len(records))
         bar = tqdm(total=len(records), initial=len(done), disable=not progress, unit="seq", desc="contacts")
+        predict_kw = dict(crop=crop, check_checkpoint=False, align_to=reference or False, dense_max=dense_max, top=top)
         # one at a time, in input order, so that a resumed file holds the same groups
         for n, rec in ((n, r) for n, r in enumerate(records) if n not in done):
-            preds = list(
-                predict_contacts(
-                    loaded, contact_head, [rec], crop=crop, check_checkpoint=False, align_to=reference or False
-                )
-            )
+            preds = list(predict_contacts(loaded, contact_head, [rec], **predict_kw))
             for pred in preds:
                 _write_prediction(h5, rec, n, pred)
             if not preds:
@@ -403,7 +432,7 @@ def _write_extras(
             w = csv.writer(fh)
             w.writerow(["id", "i", "j", "probability"])
             for pred in cf:
-                k = max(1, int(len(pred.contacts) * top))
+                k = max(1, int(len(pred.sequence) * top))
                 for i, j, p in pred.top_pairs(k, min_sep):
                     w.writerow([pred.id, i, j, f"{p:.4f}"])
     if png_dir:
@@ -413,31 +442,6 @@ def _write_extras(
                 plot_prediction(pred, Path(png_dir) / f"{sanitize_name(pred.id)}.png", min_sep)
 
 
-def plot_prediction(pred: ContactPrediction, path: str | Path, min_sep: int = 6) -> None:
-    """PNG: the contact probabilities (upper triangle) and the top-L pairs (lower triangle)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    L = len(pred.contacts)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    upper = np.triu(pred.contacts, k=1)
-    ax.imshow(np.where(upper > 0, upper, np.nan), cmap="Blues", vmin=0, vmax=1, origin="upper")
-    pairs = pred.top_pairs(L, min_sep)
-    if pairs:
-        ii = [j - 1 - pred.start for _, j, _ in pairs]
-        jj = [i - 1 - pred.start for i, _, _ in pairs]
-        ax.scatter(jj, ii, s=6, c="tab:red", label=f"top-L pairs (|i-j| >= {min_sep})")
-        ax.legend(loc="lower left", fontsize=7)
-    ax.set_title(f"{pred.id} (L = {L})", fontsize=9)
-    ax.set_xlabel("residue")
-    ax.set_ylabel("residue")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
-
-
 __all__ = [
     "ContactPrediction",
     "ContactsFile",
@@ -445,5 +449,4 @@ __all__ = [
     "predict_contacts",
     "reference_sequence",
     "run_predict_contacts",
-    "plot_prediction",
 ]

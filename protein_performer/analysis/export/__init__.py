@@ -18,7 +18,10 @@ The package's public names are imported from here (the model comes from
 - :mod:`~protein_performer.analysis.export.journal`: the partial file, its journal, ``resume``
   (the protocol is :class:`protein_performer.outputs_h5.ResumableH5`'s);
 - :mod:`~protein_performer.analysis.export.summary`: :class:`ExportCounts`, :class:`ExportSummary`;
-- :mod:`~protein_performer.analysis.export.output`: output path and free-space checks.
+- :mod:`~protein_performer.analysis.export.output`: output path and free-space checks;
+- :mod:`~protein_performer.analysis.export.tiles`: :class:`MapSelection` (``layers`` / ``heads`` /
+  ``reduce`` / ``top`` / ``min_sep`` / ``tile``) and one sequence's maps from tiles of each layer's
+  features.
 
 The file layout is :mod:`protein_performer.analysis.maps`'s; export adds the root attribute
 ``export`` (JSON: checkpoint, seed, input, include, crop, counts).
@@ -41,6 +44,7 @@ from protein_performer.analysis.export.journal import ExportJournal, partial_pat
 from protein_performer.analysis.export.model import ExportError, run_sequence
 from protein_performer.analysis.export.run import export_attention, run_export
 from protein_performer.analysis.export.summary import ExportCounts, ExportSummary
+from protein_performer.analysis.export.tiles import MapSelection
 
 __all__ = [
     "CROPS",
@@ -50,6 +54,7 @@ __all__ = [
     "ExportError",
     "ExportJournal",
     "InputReport",
+    "MapSelection",
     "SequenceRecord",
     "crop_window",
     "export_attention",

@@ -20,7 +20,7 @@ from protein_performer.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 
-INCLUDE = ("attentions", "apc", "mean", "per_token")
+INCLUDE = ("attentions", "apc", "mean", "per_token", "apc_mean", "contacts")
 CROPS = ("error", "skip", "start", "center")
 INVALID = ("error", "skip")  # a bad FASTA record: raise, or count it and go on
 

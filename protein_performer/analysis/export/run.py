@@ -2,8 +2,8 @@
 (maps layout), renamed onto ``output`` when complete.
 
 Memory is bounded per sequence: sequences go through the model one at a time (no padding), and
-a forward pre-hook on each layer's attention hands that layer's maps (heads, L, L) to the
-record, which stores them (float16, plus ``apc(symmetrize(.))``) before the next layer runs.
+each layer's maps are computed in row tiles from its features (:mod:`~protein_performer.analysis.export.tiles`: the selected
+layers and heads, dense maps, head-mean APC maps, top pairs) before the next layer runs.
 
 Crash safety: the partial file carries the maps format's ``incomplete`` marker, so ``output`` is either
 the previous file or the new complete one. After every record the partial file is flushed and a
@@ -51,7 +51,7 @@ from protein_performer.analysis.export.journal import (
     intact_record,
     partial_paths,
 )
-from protein_performer.analysis.export.model import ExportError, run_sequence
+from protein_performer.analysis.export.model import ExportError
 from protein_performer.analysis.export.output import (
     NoSpaceError,
     check_output,
@@ -61,8 +61,9 @@ from protein_performer.analysis.export.output import (
     space_problem,
 )
 from protein_performer.analysis.export.summary import ExportCounts, ExportSummary
-from protein_performer.analysis.maps.format import INCOMPLETE_ATTR, MAP_DATASETS
-from protein_performer.analysis.maps.writer import LayerRecord, MapsWriter
+from protein_performer.analysis.export.tiles import MapSelection, dense_rows, extra_bytes, extras, write_record
+from protein_performer.analysis.maps.format import EXTRA_DATASETS, INCOMPLETE_ATTR, MAP_DATASETS
+from protein_performer.analysis.maps.writer import MapsWriter
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.errors import MissingFileError, first_line
 from protein_performer.model.performer import PerformerLM
@@ -76,13 +77,23 @@ class _ExportRun:
     """One export in progress: the writer and journal of the target file, the records kept from
     an interrupted export, the counts. :meth:`add` handles one input record."""
 
-    def __init__(self, lm: PerformerLM, run: ResumableH5, inc: tuple[str, ...], crop: str, interrupted: Interrupted):
+    def __init__(
+        self,
+        lm: PerformerLM,
+        run: ResumableH5,
+        inc: tuple[str, ...],
+        crop: str,
+        interrupted: Interrupted,
+        sel: MapSelection,
+    ):
         cfg = lm.config
         self.lm, self.run, self.output, self.inc, self.crop = lm, run, run.output, inc, crop
-        self.interrupted = interrupted
+        self.interrupted, self.sel = interrupted, sel
         self.causal = bool(cfg.causal)
         self.max_len = int(cfg.max_len)
         self.max_residues = self.max_len - Tokenizer.special_tokens(self.causal)
+        if cfg.positions == "rotary" and cfg.qk == "content":  # no learned positions: any length runs whole
+            self.max_residues = np.iinfo(np.int64).max
         self.depth, self.heads, self.dim = len(lm.blocks), int(cfg.heads), int(cfg.dim)
         self.partial, self.journal_path = partial_paths(self.output)
         resumed = interrupted.old is not None  # kept records are copied into a fresh file first
@@ -138,7 +149,8 @@ class _ExportRun:
         ensure_room(
             self.target,
             self.output,
-            record_bytes(n_maps, self.depth, self.heads, len(src["tokens"]), self.dim, self.inc),
+            record_bytes(n_maps, self.depth, self.heads, len(src["tokens"]), self.dim, self.inc)
+            + extra_bytes({w: {"shape": src[w].shape, "dtype": src[w].dtype} for w in EXTRA_DATASETS if w in src}),
         )
         copy = self.writer.copy_record(src)
         self.writer.flush()
@@ -177,22 +189,26 @@ class _ExportRun:
         residues = residues[start:stop]
         cropped = stop - start != full_length
         n_maps = ("attentions" in self.inc) + ("apc" in self.inc)
-        ensure_room(
-            self.target, self.output, record_bytes(n_maps, self.depth, self.heads, len(residues), self.dim, self.inc)
-        )
+        layers, heads = self.sel.resolve(self.depth, self.heads)
+        tiled = extras(self.inc, self.sel, layers, heads, len(residues))
+        need = record_bytes(n_maps, len(layers), len(heads), len(residues), self.dim, self.inc) + extra_bytes(tiled)
+        ensure_room(self.target, self.output, need)
+        attrs = {"crop_start": start, "full_length": full_length} if cropped else {}
         # the record is dropped on any error: no half-written record stays behind
         with self.writer.begin_layers(
             rec.id,
             self.tok.decode(residues),
-            self.depth,
-            self.heads,
+            len(layers),
+            len(heads),
             tokens=residues.astype(np.uint8),
             source=rec.source,
             attentions="attentions" in self.inc,
             apc="apc" in self.inc,
-            attrs={"crop_start": start, "full_length": full_length} if cropped else None,
+            attrs={**attrs, **self.sel.record_attrs(self.depth, self.heads)} or None,
+            extras=tiled,
+            rows=dense_rows(self.inc, self.sel, len(heads), len(residues)),
         ) as record:
-            _write_record(self.lm, record, residues, self.inc)
+            write_record(self.lm, record, residues, self.inc, self.sel)
         self.writer.flush()
         self.journal.add({"n": n, "id": rec.id, "group": record.name, "checksum": record.checksum})
         self.counts.cropped += int(cropped)
@@ -244,23 +260,6 @@ class _ExportRun:
         return None
 
 
-def _write_record(lm: PerformerLM, record: LayerRecord, residues: np.ndarray, inc: tuple[str, ...]) -> None:
-    """Run one sequence through ``lm``, handing each layer's maps to ``record`` as the layer's hook
-    produces them (one layer in memory), then the final-layer embeddings."""
-
-    def on_layer(layer: int, maps: torch.Tensor) -> None:
-        record.write_layer(maps.float().cpu().numpy())  # (h, L, L); run_sequence hands out layers 0, 1, ... in order
-
-    want_maps = "attentions" in inc or "apc" in inc
-    want_repr = "mean" in inc or "per_token" in inc
-    rep = run_sequence(lm, residues, on_layer if want_maps else None, want_repr)
-    if want_repr:
-        rep = rep.float().cpu().numpy()  # (L, dim)
-        record.add_embeddings(
-            mean=rep.mean(0) if "mean" in inc else None, per_token=rep if "per_token" in inc else None
-        )
-
-
 def _progress_bar(sequences: Iterable, max_sequences: int | None, progress: bool):
     """A tqdm bar over the records to export (None without tqdm)."""
     try:
@@ -288,13 +287,17 @@ def export_attention(
     overwrite: bool = False,
     input_key: Any = None,
     run_settings: dict | None = None,
+    selection: MapSelection | dict | None = None,
 ) -> ExportSummary:
     """Write the maps (and embeddings) of ``sequences`` to the HDF5 file ``output`` (maps layout).
 
     ``sequences``: :class:`SequenceRecord` s or ``(id, sequence, source)`` tuples. ``include``:
     any of ``attentions`` (every layer x head, float16), ``apc`` (``apc(symmetrize(A))`` of each
-    map, float16), ``mean`` and ``per_token`` (final-layer embeddings, float32). ``input_report``:
-    the reader's failures, stored in the ``export`` attribute. Returns an :class:`ExportSummary`.
+    map, float16), ``mean`` and ``per_token`` (final-layer embeddings, float32), ``apc_mean`` and
+    ``contacts`` (:mod:`~protein_performer.analysis.export.tiles`); ``selection``: their layers,
+    heads, reduction and number of pairs (:class:`~protein_performer.analysis.export.tiles.MapSelection`,
+    default: all layers and heads). ``input_report``: the reader's failures, stored in the
+    ``export`` attribute. Returns an :class:`ExportSummary`.
     ``resume`` / ``overwrite`` / ``input_key`` (what identifies the input): an interrupted export,
     see the module docstring (crash safety). ``run_settings``: stored for a later ``resume=true``
     over the finished file (:mod:`protein_performer.analysis.rerun`; :func:`run_export` sets it).
@@ -303,6 +306,8 @@ def export_attention(
     lm: PerformerLM = loaded.model if loaded else model
     sha = checkpoint_sha256 or (loaded.sha256 if loaded else "")
     inc = parse_include(include)
+    sel = MapSelection.of(selection)
+    sel.resolve(len(lm.blocks), int(lm.config.heads))  # refused before any work
     if crop not in CROPS:
         raise ExportError(f"crop must be one of {CROPS}, got {crop!r}")
     output = Path(output)
@@ -313,6 +318,7 @@ def export_attention(
         **(loaded.info if loaded else {}),
         "include": list(inc),
         "crop": crop,
+        **({} if sel.is_default() else {"selection": sel.as_dict()}),
         **(metadata or {}),
     }
     settings = json.loads(
@@ -321,7 +327,7 @@ def export_attention(
         )
     )
     resumable = ResumableH5(output, "export", resume, overwrite, ExportError)
-    run = _ExportRun(lm, resumable, inc, crop, find_interrupted(resumable, settings))
+    run = _ExportRun(lm, resumable, inc, crop, find_interrupted(resumable, settings), sel)
     was_training = lm.training
     lm.eval()
     t0 = time.perf_counter()
@@ -389,6 +395,7 @@ def run_export(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    selection: MapSelection | dict | None = None,
 ) -> ExportSummary:
     """What ``python -m protein_performer.export_attention`` does: load, read, export. Returns the
     :class:`ExportSummary` (with ``input_failures``: structure files / chains / FASTA records left out).
@@ -408,6 +415,7 @@ def run_export(
         "max_sequences": max_sequences,
         "min_residues": int(min_residues),
         "invalid": invalid,
+        **({} if MapSelection.of(selection).is_default() else {"selection": MapSelection.of(selection).as_dict()}),
     }
 
     def settings(sha: str | None = None) -> dict:
@@ -438,6 +446,7 @@ def run_export(
         overwrite=overwrite,
         input_key=input_key(input),
         run_settings=settings(loaded.sha256),
+        selection=selection,
     )
     summary.input_failures = report.failures
     return summary

@@ -8,7 +8,9 @@ protein_performer.analysis.maps import MapsFile``). The code lives in:
 - :mod:`~protein_performer.analysis.maps.writer`: :class:`MapsWriter`, :class:`LayerRecord`,
   :func:`write_maps`;
 - :mod:`~protein_performer.analysis.maps.reader`: :class:`MapsFile`, :func:`read_maps`;
-- :mod:`~protein_performer.analysis.maps.ops`: :func:`apc_maps` (``apc(symmetrize(A))``).
+- :mod:`~protein_performer.analysis.maps.ops`: :func:`apc_maps` (``apc(symmetrize(A))``);
+- :mod:`~protein_performer.analysis.maps.tiles`: the same maps and their sums, APC, head means and
+  top pairs computed in row tiles from one layer's features (never an L x L x heads stack).
 """
 
 from __future__ import annotations

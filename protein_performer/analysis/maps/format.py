@@ -15,12 +15,25 @@ Layout (``FORMAT_VERSION`` 1)::
         attentions       float16 (layers, heads, L, L)    row i = attention of residue i; special
                                                           tokens dropped (rows need not sum to 1)
         apc              float16 (layers, heads, L, L)    optional: apc(symmetrize(attentions))
+        apc_mean         float16 (n, L, L)                optional: mean over the heads of the APC
+                                                          maps, per layer (attr reduce "layer", n =
+                                                          layers) or over all layers too ("all", n = 1)
+        contacts/pairs   int32 (layers, heads, k, 2)      optional: the top k (i, j) pairs (i < j,
+                                                          j - i >= attr min_sep) of every APC map
+        contacts/values  float32 (layers, heads, k)       their APC values, largest first
         embeddings/mean       float32 (dim,)              optional: mean over residues, last layer
         embeddings/per_token  float32 (L, dim)            optional: last layer, per residue
 
 Groups keep the order they were written in. Datasets are gzip-compressed, one chunk per (layer,
-all heads). :class:`~protein_performer.analysis.maps.reader.MapsFile` reads one group at a time
-(lazily); :func:`~protein_performer.analysis.maps.reader.read_maps` iterates over the records.
+all heads), for long sequences per (layer, all heads, band of rows); ``apc_mean`` one per (layer,
+band of rows). Export's map selection (``layers=``, ``heads=``,
+:mod:`protein_performer.analysis.export.tiles`): ``attentions`` / ``apc`` then hold the selected
+layers x heads, in order, named by the group attributes ``map_layers`` / ``map_heads`` (absent:
+all); the tiled datasets (``EXTRA_DATASETS``, written in row tiles from the layers' features, in
+this order: ``apc_mean`` of each layer before its dense maps when reduced per layer, after the last
+layer otherwise, then ``contacts``) carry ``layers`` and ``heads`` attributes.
+:class:`~protein_performer.analysis.maps.reader.MapsFile` reads one group at a time (lazily);
+:func:`~protein_performer.analysis.maps.reader.read_maps` iterates over the records.
 
 Two root attributes were added to layout version 1 (readers of older files ignore nothing):
 
@@ -36,7 +49,9 @@ Two root attributes were added to layout version 1 (readers of older files ignor
   under their final name after a complete write (export renames a finished ``.partial``).
 
 Record checksum (export's resume): CRC-32s of the attributes + tokens, the attention maps (layer
-by layer), the APC maps, the mean and the per-token embeddings, as ``crc32:<5 x 8 hex>``.
+by layer, each layer band by band of its chunks' rows: the whole layer when it is one chunk), the
+APC maps, the mean and the per-token embeddings, as ``crc32:<5 x 8 hex>``, then one
+more ``:<8 hex>`` per tiled dataset the record holds (in ``EXTRA_DATASETS`` order).
 """
 
 from __future__ import annotations
@@ -62,6 +77,7 @@ LAYOUT_ATTRS = ("format_version", "model_config", "checkpoint_sha256", "causal",
 RECORD_ATTRS = ("id", "sequence", "source")  # a record group's own attributes (others are extras)
 MAP_DATASETS = ("attentions", "apc")
 CHECKSUM_PARTS = ("record", "attentions", "apc", "mean", "per_token")
+EXTRA_DATASETS = ("apc_mean", "contacts/pairs", "contacts/values")  # written in row tiles (export.tiles)
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -100,6 +116,8 @@ class MapsRecord:
     apc: np.ndarray | None = None  # (layers, heads, L, L) float16
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     group: str = ""
+    apc_mean: np.ndarray | None = None  # (n, L, L) float16
+    contacts: dict[str, np.ndarray] = field(default_factory=dict)  # pairs (layers, heads, k, 2), values
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -121,7 +139,31 @@ def record_head_crc(grp: h5py.Group) -> int:
 
 
 def checksum_str(crc: dict[str, int]) -> str:
-    return "crc32:" + ":".join(f"{crc[k]:08x}" for k in CHECKSUM_PARTS)
+    return "crc32:" + ":".join(f"{crc[k]:08x}" for k in CHECKSUM_PARTS + EXTRA_DATASETS if k in crc)
+
+
+def row_band(ds: h5py.Dataset) -> int:
+    """Rows per chunk of a dense map dataset (layers, heads, L, L): L for one chunk per layer, fewer
+    for a long sequence's maps written in row tiles."""
+    return max(1, ds.chunks[2] if ds.chunks else ds.shape[2])
+
+
+def extra_spec(ds: h5py.Dataset) -> dict:
+    """How a tiled dataset was created (``MapsWriter.begin_layers``' ``extras`` entry)."""
+    attrs = {k: ds.attrs[k] for k in ds.attrs}
+    return dict(shape=ds.shape, dtype=ds.dtype, chunks=ds.chunks, compress=ds.compression is not None, attrs=attrs)
+
+
+def _dataset_crc(ds: h5py.Dataset) -> int:
+    """CRC-32 of a dataset's bytes in C order, read by chunks of rows (never the whole of a big one)."""
+    crc = 0
+    if ds.ndim < 3:
+        return zlib.crc32(np.ascontiguousarray(ds[()]).tobytes())
+    rows = ds.chunks[1] if ds.chunks else ds.shape[1]
+    for n in range(ds.shape[0]):
+        for i0 in range(0, ds.shape[1], rows):
+            crc = zlib.crc32(np.ascontiguousarray(ds[n, i0 : i0 + rows]).tobytes(), crc)
+    return crc
 
 
 def record_checksum(grp: h5py.Group) -> str:
@@ -131,14 +173,19 @@ def record_checksum(grp: h5py.Group) -> str:
     crc = new_checksum(grp)
     for what in MAP_DATASETS:
         if what in grp:
-            ds = grp[what]
+            ds, band = grp[what], row_band(grp[what])
             for n in range(ds.shape[0]):
-                crc[what] = zlib.crc32(np.ascontiguousarray(ds[n], dtype=np.float16).tobytes(), crc[what])
+                for i0 in range(0, ds.shape[2], band):
+                    block = np.ascontiguousarray(ds[n, :, i0 : i0 + band], dtype=np.float16)
+                    crc[what] = zlib.crc32(block.tobytes(), crc[what])
     if "embeddings" in grp:
         for what in ("mean", "per_token"):
             if what in grp["embeddings"]:
                 arr = np.ascontiguousarray(grp["embeddings"][what][()], dtype=np.float32)
                 crc[what] = zlib.crc32(arr.tobytes())
+    for what in EXTRA_DATASETS:
+        if what in grp:
+            crc[what] = _dataset_crc(grp[what])
     return checksum_str(crc)
 
 

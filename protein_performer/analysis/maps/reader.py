@@ -28,7 +28,7 @@ from protein_performer.outputs_h5 import PARTIAL_SUFFIX
 
 __all__ = ["MapsFile", "read_maps"]
 
-ALL_PARTS = ("attentions", "apc", "embeddings")  # what a record holds besides its ids
+ALL_PARTS = ("attentions", "apc", "embeddings", "apc_mean", "contacts")  # what a record holds besides its ids
 _TOKENIZER = Tokenizer(unknown="X")
 
 
@@ -157,6 +157,10 @@ class MapsFile:
                         f"{self.path} group {name}: {what} shape {ds.shape} does not fit the sequence length {L}"
                     )
                 setattr(rec, what, ds[sel])
+        if "apc_mean" in load and "apc_mean" in g:
+            rec.apc_mean = g["apc_mean"][()]
+        if "contacts" in load and "contacts" in g:
+            rec.contacts = {k: v[()] for k, v in g["contacts"].items()}
         if "embeddings" in load and "embeddings" in g:
             rec.embeddings = {k: v[()] for k, v in g["embeddings"].items()}
         return rec

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from protein_performer.analysis.maps.format import (
+    EXTRA_DATASETS,
     FORMAT_VERSION,
     INCOMPLETE_ATTR,
     INCOMPLETE_VALUE,
@@ -25,7 +26,9 @@ from protein_performer.analysis.maps.format import (
     MapsRecord,
     attr_str,
     checksum_str,
+    extra_spec,
     new_checksum,
+    row_band,
     sanitize_name,
     vocab_json,
 )
@@ -155,11 +158,16 @@ class MapsWriter:
         mean: np.ndarray | None = None,
         per_token: np.ndarray | None = None,
         attrs: dict[str, Any] | None = None,
+        extras: dict[str, dict] | None = None,
+        rows: int | None = None,
     ) -> LayerRecord:
         """Start a record whose maps are handed over one layer at a time, in order, with
         :meth:`LayerRecord.write_layer` (for a producer that calls back per layer; an iterable of
         layers goes to :meth:`add_layers`). ``attentions`` / ``apc`` pick the datasets stored (neither:
-        a record of tokens and embeddings only); ``attrs`` are extra attributes of the record's group.
+        a record of tokens and embeddings only); ``attrs`` are extra attributes of the record's group;
+        ``extras`` the tiled datasets (:data:`~protein_performer.analysis.maps.format.EXTRA_DATASETS`: name -> shape, dtype,
+        chunks, compress), filled with :meth:`LayerRecord.write_extra`; ``rows``: the dense maps
+        chunked by that many rows, written band by band with :meth:`LayerRecord.write_rows`.
         Use the record as a context manager: leaving it checks that all ``n_layers`` were written,
         and on any error the record is dropped (no half-written record stays behind)."""
         grp = self._new_group(record_id, sequence, tokens, source, mean, per_token)
@@ -167,14 +175,22 @@ class MapsWriter:
             for key, value in (attrs or {}).items():
                 grp.attrs[key] = value
             L = len(sequence)
-            kw = dict(shape=(n_layers, n_heads, L, L), dtype=np.float16, chunks=(1, n_heads, L, L), **self._comp)
+            band = L if rows is None else max(1, min(int(rows), L))
+            kw = dict(shape=(n_layers, n_heads, L, L), dtype=np.float16, chunks=(1, n_heads, band, L), **self._comp)
             datasets = {
                 what: grp.create_dataset(what, **kw) for what, on in (("attentions", attentions), ("apc", apc)) if on
             }
+            for name, spec in (extras or {}).items():
+                comp = self._comp if spec.get("compress") else {}
+                ds = grp.create_dataset(
+                    name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec.get("chunks"), **comp
+                )
+                for key in sorted(spec.get("attrs", {})):
+                    ds.attrs[key] = spec["attrs"][key]
         except BaseException:
             self.discard(grp.name)
             raise
-        return LayerRecord(self, grp, record_id, L, n_layers, n_heads, datasets)
+        return LayerRecord(self, grp, record_id, L, n_layers, n_heads, datasets, band)
 
     def discard(self, name: str) -> None:
         """Drop the record ``name`` (a group name :meth:`add` / :meth:`begin_layers` returned)."""
@@ -246,6 +262,14 @@ class MapsWriter:
         extra = {k: src.attrs[k] for k in sorted(src.attrs) if k not in RECORD_ATTRS}
         stored = [w for w in ("attentions", "apc") if w in src]
         n_layers, n_heads = src[stored[0]].shape[:2] if stored else (0, 0)
+        extras = {name: extra_spec(src[name]) for name in EXTRA_DATASETS if name in src}
+        if not stored and "contacts/pairs" in src:
+            n_layers, n_heads = src["contacts/pairs"].shape[:2]
+        per_layer = "apc_mean" in src and attr_str(src["apc_mean"].attrs.get("reduce", "layer")) == "layer"
+        if not stored and per_layer:
+            n_layers = src["apc_mean"].shape[0]
+        band = row_band(src[stored[0]]) if stored else None
+        L = len(src["tokens"])
         with self.begin_layers(
             attr_str(src.attrs["id"]),
             attr_str(src.attrs["sequence"]),
@@ -256,9 +280,27 @@ class MapsWriter:
             attentions="attentions" in src,
             apc="apc" in src,
             attrs=extra,
+            extras=extras,
+            rows=band if band is not None and band < L else None,
         ) as record:
-            for n in range(n_layers):
+            for n in range(n_layers):  # the order export writes in (maps.format: tiled datasets)
+                if record.band < L:  # band by band: the head-mean rows, then the maps' rows
+                    for i0 in range(0, L, record.band):
+                        if per_layer:
+                            record.copy_extra(src["apc_mean"], n, slice(i0, i0 + record.band))
+                        record.write_rows(
+                            i0,
+                            *(src[w][n, :, i0 : i0 + record.band] if w in src else None for w in ("attentions", "apc")),
+                        )
+                    continue
+                if per_layer:
+                    record.copy_extra(src["apc_mean"], n)
                 record.write_stored_layer(*(src[w][n] if w in src else None for w in ("attentions", "apc")))
+            if "apc_mean" in src and not per_layer:
+                record.copy_extra(src["apc_mean"], 0)
+            for name in ("contacts/pairs", "contacts/values"):
+                if name in src:
+                    record.write_extra(name, (), src[name][()])
             if "embeddings" in src:
                 emb = src["embeddings"]
                 record.add_embeddings(
@@ -310,6 +352,7 @@ class LayerRecord:
         n_layers: int,
         n_heads: int,
         datasets: dict[str, h5py.Dataset],
+        band: int | None = None,
     ):
         self.name = grp.name.lstrip("/")  # the group name, as MapsWriter.add returns it
         self.record_id = record_id
@@ -317,6 +360,8 @@ class LayerRecord:
         self.layers_written = 0
         self._writer, self._grp, self._datasets = writer, grp, datasets
         self._crc = new_checksum(grp)
+        self.band = length if band is None else band  # rows per chunk of the dense maps
+        self._next_row = 0
 
     @property
     def checksum(self) -> str:
@@ -352,8 +397,43 @@ class LayerRecord:
                     f"layers of ({self.n_heads}, {L}, {L})"
                 )
             self._datasets[what][n] = arr
-            self._crc[what] = zlib.crc32(arr.tobytes(), self._crc[what])
+            for i0 in range(0, L, self.band):  # the CRC runs band by band (maps.format: record checksum)
+                self._crc[what] = zlib.crc32(arr[:, i0 : i0 + self.band].tobytes(), self._crc[what])
         self.layers_written = n + 1
+
+    def write_rows(self, i0: int, attentions: np.ndarray | None, apc: np.ndarray | None) -> None:
+        """Store the next band of rows i0.. of the current layer (float16 (heads, rows, L), one
+        chunk's rows: ``begin_layers(rows=)``); the layer is complete with its last band."""
+        n, L = self.layers_written, self.length
+        rows = min(self.band, L - i0)
+        if i0 != self._next_row or n >= self.n_layers:
+            raise ValueError(f"{self.record_id}: layer {n} rows {i0}.. out of order (next: {self._next_row})")
+        for what, arr in (("attentions", attentions), ("apc", apc)):
+            if what in self._datasets:
+                arr = np.ascontiguousarray(arr, dtype=np.float16)
+                if arr.shape != (self.n_heads, rows, L):
+                    raise ValueError(f"{self.record_id}: {what} rows shape {arr.shape} != {(self.n_heads, rows, L)}")
+                self._datasets[what][n, :, i0 : i0 + rows] = arr
+                self._crc[what] = zlib.crc32(arr.tobytes(), self._crc[what])
+        self._next_row = i0 + rows
+        if self._next_row == L:
+            self._next_row, self.layers_written = 0, n + 1
+
+    def write_extra(self, name: str, where: tuple, arr: np.ndarray) -> None:
+        """Store ``arr`` at ``where`` of the tiled dataset ``name`` (from ``begin_layers(extras=)``);
+        written in C order (layer by layer, rows in order), so the CRC-32 streams with the data."""
+        ds = self._grp[name]
+        arr = np.ascontiguousarray(arr, dtype=ds.dtype)
+        ds[where] = arr
+        self._crc[name] = zlib.crc32(arr.tobytes(), self._crc.get(name, 0))
+
+    def copy_extra(self, src: h5py.Dataset, n: int, where: slice = slice(None)) -> None:
+        """Copy ``src[n, where]`` (an ``apc_mean`` of another file) into this record's, by chunks of rows."""
+        rows = src.chunks[1] if src.chunks else src.shape[1]
+        start, stop, _ = where.indices(src.shape[1])
+        for i0 in range(start, stop, rows):
+            i1 = min(i0 + rows, stop)
+            self.write_extra(src.name.rsplit("/", 1)[-1], (n, slice(i0, i1)), src[n, i0:i1])
 
     def add_embeddings(self, mean: np.ndarray | None = None, per_token: np.ndarray | None = None) -> None:
         """The record's embeddings, where they are known only after its maps (same checks and

@@ -292,7 +292,7 @@ def query_head(loaded, query_id: str, query: str):
 
 def write_contacts(out: Path, pred, head_path: Path) -> list[tuple[int, int, float]]:
     """``contacts.h5``, ``contacts.csv`` (top-L pairs) and ``contacts.png`` of one prediction."""
-    from protein_performer.analysis.contacts.predict import plot_prediction
+    from protein_performer.analysis.contacts.plot import plot_prediction
 
     L = len(pred.sequence)
     top = pred.top_pairs(L, MIN_SEP)

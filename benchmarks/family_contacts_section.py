@@ -49,11 +49,11 @@ def _latest_runs(rec: dict) -> list[dict]:
 
 
 def _row(r: dict) -> list:
-    head, homolog = r["headline"], r.get("homolog_averaged", {})
+    head, homolog = r["headline"], (r.get("homolog_averaged") or {})
     homolog_text = "-"
     if homolog:
         homolog_text = f"{fmt(homolog['trained']['long']['P@L'])} ({fmt(homolog['random_init']['long']['P@L'])})"
-    fitted = r.get("fitted_head", {}).get("leave_family_out")
+    fitted = (r.get("fitted_head") or {}).get("leave_family_out")
     fitted_text = "-"
     if fitted:
         fitted_text = (
@@ -159,7 +159,7 @@ def _more_compute(runs: list[dict], shown: list[dict]) -> list[str]:
             and r.get("cpu_s", 0) > latest_run.get("cpu_s", 0) > 0
         ]
         for r in sorted(older, key=lambda r: r["date"]):
-            homolog = r.get("homolog_averaged", {}).get("trained", {}).get("long", {}).get("P@L")
+            homolog = (r.get("homolog_averaged") or {}).get("trained", {}).get("long", {}).get("P@L")
             notes.append(
                 f"{r['family']} {r['setting']} {day(r['date'])}, {r['minutes']:g} min, {r.get('cpu_s'):.0f} CPU s, "
                 f"{r['train']['global_step']} steps: long P@L {fmt(r['headline']['long_P@L'])}"

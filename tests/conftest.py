@@ -116,3 +116,22 @@ def single_thread():
     ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
     with one_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory) -> Path:
+    """The embedded Swiss-Prot sample ingested for real, once per session: train / valid / test and the
+    OOD split of two held-out Pfam families (RRM_1, globins4). Tests read it and never write into it."""
+    from protein_performer.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("shards")
+    ingest(
+        input=str(REPO / "data" / "swissprot_sample.fasta.gz"),
+        output_dir=str(out),
+        annotations=str(REPO / "data" / "swissprot_sample.pfam_hits.tsv"),
+        ood_families=["RRM_1", "globins4"],
+        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
+        workers=1,
+        progress=False,
+    )
+    return out

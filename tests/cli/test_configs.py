@@ -170,22 +170,6 @@ def test_paper_run_takes_one_training_step_on_cpu(experiment, tmp_path, shard_ro
     assert metrics["train/grad_norm"] > 0
 
 
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory, repo_root) -> Path:
-    """The embedded Swiss-Prot sample, ingested for real (as in test_training.py)."""
-    from protein_performer.data.ingest import ingest
-
-    out = tmp_path_factory.mktemp("shards")
-    ingest(
-        input=str(repo_root / "data" / "swissprot_sample.fasta.gz"),
-        output_dir=str(out),
-        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
-        workers=1,
-        progress=False,
-    )
-    return out
-
-
 def test_family_contacts_aligned_is_the_factored_model_with_performer_attention(tmp_path):
     """The recipe's aligned experiment takes model=factored (queries and keys learned per position) with
     Performer-ReLU attention (m 64) by default; an experiment on exact attention sets none of the FAVOR+

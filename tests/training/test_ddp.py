@@ -29,23 +29,6 @@ STEPS, REDRAW, SEED, EVAL_BS = 4, 3, 5, 7
 NEAR_TIE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory, repo_root) -> Path:
-    from protein_performer.data.ingest import ingest
-
-    out = tmp_path_factory.mktemp("shards")
-    ingest(
-        input=str(repo_root / "data" / "swissprot_sample.fasta.gz"),
-        output_dir=str(out),
-        annotations=str(repo_root / "data" / "swissprot_sample.pfam_hits.tsv"),
-        ood_families=["RRM_1", "globins4"],
-        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
-        workers=1,
-        progress=False,
-    )
-    return out
-
-
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(shard_root, tmp_path):
     run_dir, audit = tmp_path / "run", tmp_path / "audit"

@@ -15,28 +15,11 @@ import torch.nn.functional as F
 from conftest import one_thread, tiny_overrides
 from hydra import compose, initialize_config_dir
 
-from protein_performer.data.ingest import ingest
 from protein_performer.training.callbacks import feature_seed
 from protein_performer.training.module import ProteinLM, lr_lambda, unigram_baseline
 from protein_performer.training.train import train
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-@pytest.fixture(scope="session")
-def shard_root(tmp_path_factory, repo_root) -> Path:
-    """The embedded Swiss-Prot sample ingested for real: train / valid / test + OOD (RRM_1, globins4)."""
-    out = tmp_path_factory.mktemp("shards")
-    ingest(
-        input=str(repo_root / "data" / "swissprot_sample.fasta.gz"),
-        output_dir=str(out),
-        annotations=str(repo_root / "data" / "swissprot_sample.pfam_hits.tsv"),
-        ood_families=["RRM_1", "globins4"],
-        fractions={"train": 0.8, "valid": 0.1, "test": 0.1},
-        workers=1,
-        progress=False,
-    )
-    return out
 
 
 def make_cfg(overrides: list[str]):

@@ -205,9 +205,13 @@ def test_tiny_aligned_recipe(shared_data, tmp_path):
     assert s.train["global_step"] == 4 and s.record["experiment"] == "family_contacts_aligned" and s.record["align"]
     assert set(s.record["scores"]["trained"]) == {"mean", "layer0"}
     assert 0.0 <= s.headline["long_P@L"] <= 1.0
-    # the recipe is the measured setting (exact attention), and its head names the chain it aligned to
+    # the recipe is the measured setting (Performer-ReLU, m 64), and its head names the chain it aligned to
     loaded = load_model(out / "checkpoints" / "last.ckpt")
-    assert loaded.model.config.attention == "exact" and loaded.model.config.qk == "position"
+    assert (loaded.model.config.attention, loaded.model.config.nb_features, loaded.model.config.qk) == (
+        "favor_relu",
+        64,
+        "position",
+    )
     head = ContactHead.load(out / s.fitted_head["head"])
     assert head.align_to == {"id": Path(s.record["structure"]).stem, "sequence": chain}
     assert head.settings["kind"] == "mean" and s.fitted_head["kind"] == "mean"

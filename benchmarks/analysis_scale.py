@@ -11,7 +11,9 @@ Models (random init, seed 0; the speed and memory do not depend on the weights):
 - ``long``: the ``trembl_concat_8192`` shape (6 layers, d 512, 8 heads, m 256, Performer-ReLU,
   causal) with rotary positions, so any length runs whole.
 
-Modes: ``forward`` (``model(tokens)``, no grad), ``dense`` (export include=[attentions,apc]),
+Modes: ``forward`` (``model(tokens)``, no grad), ``dense`` (export include=[attentions,apc] of one
+map, ``layers=[0] heads=[0]``: every head of every layer would be 2 x layers x heads x L^2 x 2 bytes,
+206 GB at L 32,768),
 ``apc_mean`` (include=[apc_mean] reduce=all), ``contacts`` (include=[apc_mean,contacts] reduce=all,
 the issue's 36-layer setting), ``predict`` (predict_contacts, top-L pairs, a random contact head),
 ``embed`` (the final representation's mean, the pass ``embed`` makes). The sequence is a random
@@ -52,7 +54,7 @@ MODELS = {
 }
 MODES = ("forward", "dense", "apc_mean", "contacts", "predict", "embed")
 EXPORTS = {
-    "dense": (["attentions", "apc"], {}),
+    "dense": (["attentions", "apc"], {"layers": [0], "heads": [0]}),
     "apc_mean": (["apc_mean"], {"reduce": "all"}),
     "contacts": (["apc_mean", "contacts"], {"reduce": "all"}),
 }

@@ -20,8 +20,14 @@ from protein_performer.analysis.contacts.predict import (
     contact_features,
     predict_contacts,
 )
-from protein_performer.analysis.contacts.tiles import dense_probabilities, layer_tiles, top_probabilities
+from protein_performer.analysis.contacts.tiles import (
+    dense_probabilities,
+    iter_layer_tiles,
+    layer_tiles,
+    top_probabilities,
+)
 from protein_performer.analysis.export import SequenceRecord
+from protein_performer.analysis.maps import accumulate
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.performer import PerformerConfig, PerformerLM
 
@@ -73,6 +79,22 @@ def test_streamed_top_pairs_equal_the_dense_maps_top_pairs():
     np.testing.assert_allclose(p, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(dense[i, j], p, rtol=0, atol=1e-6)
     assert np.all(j - i >= 6) and len(p) == len(SEQ)
+
+
+@pytest.mark.parametrize("attention,causal", [("favor_relu", False), ("favor_softmax", True), ("exact", True)])
+def test_top_pairs_one_layer_at_a_time_with_the_logits_on_disk(monkeypatch, attention, causal):
+    """The long-sequence path: layers consumed one by one (iter_layer_tiles), the logits summed in a
+    spilled float32 TileSum: the same pairs and probabilities as the dense map, to float32 rounding."""
+    monkeypatch.setattr(accumulate, "MAX_BYTES", 0)
+    model, head = _model(attention, causal), _head(seed=3)
+    residues = Tokenizer().encode(SEQ)
+    dense = dense_probabilities(head, layer_tiles(model, residues, tile=11))
+    i, j, p = top_probabilities(head, iter_layer_tiles(model, residues, tile=11), len(SEQ), 6, tile=11)
+    iu, ju = np.triu_indices(len(SEQ), k=6)
+    want = np.sort(dense[iu, ju])[::-1][: len(SEQ)]
+    np.testing.assert_allclose(p, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dense[i, j], p, rtol=0, atol=1e-5)
+    assert np.all(j - i >= 6) and len(p) == len(SEQ) and np.all(np.diff(p) <= 0)
 
 
 def test_long_sequences_are_written_as_top_pairs(tmp_path):

@@ -75,21 +75,33 @@ def test_selected_layers_heads_apc_mean_and_contacts_equal_the_dense_ones(tmp_pa
                     np.testing.assert_allclose(values[li, hi], best, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("sum_max_bytes", [256 << 20, 0], ids=["summed", "features-held"])
-def test_reduce_all_is_the_mean_over_layers_and_heads(tmp_path, monkeypatch, sum_max_bytes):
+@pytest.mark.parametrize("attention,causal", [("favor_softmax", False), ("favor_relu", True), ("exact", True)])
+@pytest.mark.parametrize("sum_max_bytes", [256 << 20, 0], ids=["in-memory", "spilled"])
+def test_reduce_all_is_the_mean_over_layers_and_heads(tmp_path, monkeypatch, sum_max_bytes, attention, causal):
+    """Without dense maps the tiles are the upper part of the rows (the sum mirrored, on disk when
+    above SUM_MAX_BYTES): the same mean map and the same top pairs as the dense maps."""
     monkeypatch.setattr(export_tiles, "SUM_MAX_BYTES", sum_max_bytes)
-    model = _model()
+    model = _model(attention, causal)
     out = tmp_path / "maps.h5"
-    export_attention(
-        model, SEQS, out, include=["apc_mean", "mean"], progress=False, selection={"reduce": "all", "tile": 16}
-    )
+    sel = {"reduce": "all", "tile": 16, "min_sep": 3}
+    export_attention(model, SEQS, out, include=["apc_mean", "contacts", "mean"], progress=False, selection=sel)
     with MapsFile(out) as mf:
         for s in SEQS:
             rec = mf.read(s.id)
             L = len(s.sequence)
+            apc = apc_maps(_dense(model, s.sequence))
             assert rec.attentions is None and rec.apc is None and rec.apc_mean.shape == (1, L, L)
-            _close16(rec.apc_mean[0], apc_maps(_dense(model, s.sequence)).mean((0, 1)))
+            _close16(rec.apc_mean[0], apc.mean((0, 1)))
             assert set(rec.embeddings) == {"mean"}
+            iu, ju = np.triu_indices(L, k=3)
+            for li in range(apc.shape[0]):
+                for hi in range(apc.shape[1]):
+                    i, j = rec.contacts["pairs"][li, hi].T
+                    values = rec.contacts["values"][li, hi]
+                    assert len(values) == L and np.all(j - i >= 3) and np.all(np.diff(values) <= 0)
+                    np.testing.assert_allclose(values, apc[li, hi][i, j], rtol=1e-5, atol=1e-6)
+                    best = np.sort(apc[li, hi][iu, ju])[::-1][:L]
+                    np.testing.assert_allclose(values, best, rtol=1e-5, atol=1e-6)
 
 
 def test_records_with_tiled_datasets_copy_byte_for_byte(tmp_path):

@@ -79,6 +79,20 @@ def test_maps_sums_sym_apc_equal_the_dense_ones(layers, tile):
         np.testing.assert_allclose(_stack(lt.apc_mean_rows, L, tile), apc.mean(0), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("tile", [16, 7, 70])
+def test_upper_tiles_are_the_rows_from_the_diagonal_tile_on(layers, tile):
+    """apc_upper / sym_upper (the pairs i <= j, computed from A^T and the diagonal block when causal)
+    are the dense APC(S) / S rows i0..i1 from column i0 on."""
+    for dense, feats in layers:
+        lt = tiles.LayerTiles(feats, tile=tile)
+        sym, apc = symmetrize(dense), apc_maps(dense)
+        for i0, i1 in tiles.tile_ranges(L, tile):
+            got = lt.sym_upper(i0, i1)
+            assert got.shape == (dense.shape[0], i1 - i0, L - i0)
+            np.testing.assert_allclose(got.numpy(), sym[:, i0:i1, i0:], rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(lt.apc_upper(i0, i1).numpy(), apc[:, i0:i1, i0:], rtol=RTOL, atol=ATOL)
+
+
 def test_residue_maps_are_not_stochastic_but_sums_see_the_special_tokens(layers):
     """The normaliser runs over all tokens: the residue rows sum to less than 1 (so the test above
     checks the special tokens are in D), and the columns are not all equal."""
@@ -100,14 +114,18 @@ def _dense_top(m: np.ndarray, k: int, min_sep: int):
     return i[order], j[order], m[i, j][order]
 
 
+@pytest.mark.parametrize("upper", [False, True], ids=["rows", "upper"])
 @pytest.mark.parametrize("k,min_sep,tile", [(L, 6, 16), (5, 1, 7), (3000, 6, 33)])
-def test_top_pairs_streamed_equal_the_dense_top_pairs(layers, k, min_sep, tile):
+def test_top_pairs_streamed_equal_the_dense_top_pairs(layers, k, min_sep, tile, upper):
     dense, feats = layers[0]
     target = apc_maps(dense).mean(0).astype(np.float64)
     lt = tiles.LayerTiles(feats, tile=tile)
     top = tiles.TopPairs(k, min_sep)
     for i0, i1 in tiles.tile_ranges(L, tile):
-        top.add(i0, lt.apc_mean_rows(i0, i1))
+        if upper:  # the tile's columns start at i0
+            top.add(i0, lt.apc_upper(i0, i1).mean(0), col0=i0)
+        else:
+            top.add(i0, lt.apc_mean_rows(i0, i1))
     i, j, v = top.result()
     di, dj, dv = _dense_top(target, k, min_sep)
     assert len(v) == len(dv) == min(k, (L - min_sep) * (L - min_sep + 1) // 2)
@@ -132,6 +150,10 @@ def test_contact_logits_equal_the_weighted_sum_of_float16_apc_maps(layers):
     tol = 2.0**-10 * np.abs(dense).astype(np.float64).max() * np.abs(w).sum()
     np.testing.assert_allclose(got, expect, rtol=0, atol=tol)
     assert np.mean(np.abs(got - expect) < 1e-6) > 0.99  # the flips are rare: elsewhere float32 rounding
+    for i0, i1 in tiles.tile_ranges(L, 13):  # one layer's term, the upper part of the rows
+        part = logits.layer_part(1, lts[1], i0, i1, upper=True).numpy()
+        want = np.tensordot(w[1], dense[1][:, i0:i1, i0:].astype(np.float32), axes=(0, 0))
+        np.testing.assert_allclose(part, want, rtol=0, atol=tol)
 
 
 def test_rotary_long_causal_softmax_scan_spans_many_chunks(monkeypatch):
@@ -143,6 +165,8 @@ def test_rotary_long_causal_softmax_scan_spans_many_chunks(monkeypatch):
     lt = tiles.LayerTiles(feats, tile=32)
     np.testing.assert_allclose(lt.col_sums.numpy(), dense.astype(np.float64).sum(-2), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(_stack(lt.apc_rows, L, 32), apc_maps(dense), rtol=RTOL, atol=ATOL)
+    for i0, i1 in tiles.tile_ranges(L, 32):
+        np.testing.assert_allclose(lt.apc_upper(i0, i1).numpy(), apc_maps(dense)[:, i0:i1, i0:], rtol=RTOL, atol=ATOL)
 
 
 def test_bad_features_are_refused():

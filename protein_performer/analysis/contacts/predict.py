@@ -54,7 +54,12 @@ from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
 from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.contacts.plot import plot_prediction
-from protein_performer.analysis.contacts.tiles import dense_probabilities, layer_tiles, top_probabilities
+from protein_performer.analysis.contacts.tiles import (
+    dense_probabilities,
+    iter_layer_tiles,
+    layer_tiles,
+    top_probabilities,
+)
 from protein_performer.analysis.export import (
     InputReport,
     SequenceRecord,
@@ -195,10 +200,11 @@ def predict_contacts(
             log.warning("record %s: %d residues > %d, skipped (crop=skip)", rec.id, len(residues), max_residues)
             continue
         a, b = window
-        lts = layer_tiles(lm, residues[a:b])
         if dense_max is None or b - a <= dense_max:
-            yield ContactPrediction(rec.id, rec.sequence[a:b], dense_probabilities(head, lts), a)
+            p = dense_probabilities(head, layer_tiles(lm, residues[a:b]))
+            yield ContactPrediction(rec.id, rec.sequence[a:b], p, a)
         else:
+            lts = iter_layer_tiles(lm, residues[a:b])
             pairs = top_probabilities(head, lts, max(1, int((b - a) * top)), head.min_sep)
             yield ContactPrediction(rec.id, rec.sequence[a:b], None, a, pairs=pairs)
 

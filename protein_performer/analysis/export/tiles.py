@@ -8,11 +8,15 @@ What a record stores (maps.h5 layout: :mod:`protein_performer.analysis.maps.form
   band by band as the tiles come;
 - ``apc_mean`` (float16 (n, L, L), chunked by ``tile`` rows): the mean over the selected heads of
   the APC maps, per selected layer (``reduce="layer"``, n = layers) or also over the layers
-  (``reduce="all"``, n = 1: summed in a float32 (L, L) array up to ``SUM_MAX_BYTES``, above it
-  every selected layer's features are held until the last one is done);
+  (``reduce="all"``, n = 1: summed in a float32 (L, L) :class:`~protein_performer.analysis.maps.accumulate.TileSum`,
+  in memory up to ``SUM_MAX_BYTES``, on disk in the temporary directory above it);
 - ``contacts/pairs`` int32 (layers, heads, k, 2) and ``contacts/values`` float32 (layers, heads,
   k): the top k = round(``top`` x L) pairs (i < j, j - i >= ``min_sep``) of every selected APC
   map, by value.
+
+Without dense maps and per-layer means (e.g. ``include=[apc_mean,contacts] reduce=all``) the tiles
+are the upper part of the rows only (:meth:`LayerTiles.apc_upper`: the pairs i <= j, the sum
+mirrored), half the work (a quarter for causal models).
 
 :class:`MapSelection` holds the options (``layers``, ``heads``: None for all).
 """
@@ -27,6 +31,7 @@ import torch
 
 from protein_performer.analysis.export.model import ExportError, run_sequence
 from protein_performer.analysis.maps import tiles
+from protein_performer.analysis.maps.accumulate import TileSum
 from protein_performer.analysis.maps.writer import LayerRecord
 from protein_performer.data.tokenizer import Tokenizer
 from protein_performer.model.layer_features import kernel_features
@@ -36,8 +41,8 @@ log = logging.getLogger(__name__)
 
 REDUCE = ("layer", "all")
 TILED = ("apc_mean", "contacts")  # include options that only the tiled path writes
-# reduce=all: the layers' head-mean APC maps are summed in one float32 (L, L) array up to this size
-# (L <= 8192); longer sequences hold every selected layer's features instead and sum at the end
+# reduce=all: the layers' head-mean APC maps are summed in one float32 (L, L) array in memory up to
+# this size (L <= 8192), in a temporary file above it
 SUM_MAX_BYTES = 256 << 20
 # dense maps (attentions / apc) of one layer above this size are chunked by ``tile`` rows and written
 # band by band (never a whole layer in memory); below it one chunk per layer, as always
@@ -154,14 +159,23 @@ def dense_rows(inc: tuple[str, ...], sel: MapSelection, n_heads: int, length: in
 def _layer_tiles(record: LayerRecord, n: int, lt: tiles.LayerTiles, inc: tuple[str, ...], sel: MapSelection, out):
     """Layer ``n`` of the selection: dense maps (band by band into the file when the record is
     chunked by rows, else assembled in float16), its head-mean APC rows (written with
-    ``reduce="layer"``, added to ``out["sum"]`` with ``reduce="all"`` when there is one), its top
-    pairs (appended to ``out["top"]``)."""
+    ``reduce="layer"``, added to ``out["sum"]`` with ``reduce="all"``), its top pairs (appended
+    to ``out["top"]``). Without dense maps or per-layer means only the upper part of each row tile
+    is computed."""
     h, L = lt.heads, lt.length
     by_rows = record.band < L
     want = [w for w in ("attentions", "apc") if w in inc]
     dense = {w: np.empty((h, L, L), dtype=np.float16) for w in want} if not by_rows else {}
     top = tiles.TopPairs(sel.k(L), sel.min_sep, batch=h) if "contacts" in inc else None
+    upper = not want and not ("apc_mean" in inc and sel.reduce == "layer")
     for i0, i1 in tiles.tile_ranges(L, record.band if by_rows else sel.tile):
+        if upper:
+            apc = lt.apc_upper(i0, i1)
+            if top is not None:
+                top.add(i0, apc, col0=i0)
+            if out.get("sum") is not None:
+                out["sum"].add_upper(i0, i1, apc.mean(0))
+            continue
         rows = {"attentions": lt.map_rows(i0, i1).cpu().numpy()} if "attentions" in inc else {}
         apc = lt.apc_rows(i0, i1) if ("apc" in inc or top is not None or "apc_mean" in inc) else None
         if "apc" in inc:
@@ -171,7 +185,7 @@ def _layer_tiles(record: LayerRecord, n: int, lt: tiles.LayerTiles, inc: tuple[s
         if "apc_mean" in inc and sel.reduce == "layer":
             record.write_extra("apc_mean", (n, slice(i0, i1)), apc.mean(0).cpu().numpy())
         elif out.get("sum") is not None:
-            out["sum"][i0:i1] += apc.mean(0)
+            out["sum"].add_rows(i0, i1, apc.mean(0))
         if by_rows:
             record.write_rows(i0, rows.get("attentions"), rows.get("apc"))
         for w, arr in rows.items() if not by_rows else ():
@@ -186,29 +200,29 @@ def write_tiled_record(
     lm: PerformerLM, record: LayerRecord, residues: np.ndarray, inc: tuple[str, ...], sel: MapSelection
 ) -> torch.Tensor | None:
     """Run one sequence through ``lm`` and write the record's maps from tiles (one layer's features
-    at a time; all selected layers' for ``reduce="all"``). Returns the final representation (L, dim)
-    when ``mean`` / ``per_token`` are asked for."""
+    at a time). Returns the final representation (L, dim) when ``mean`` / ``per_token`` are asked for."""
     layers, heads = sel.resolve(len(lm.blocks), int(lm.config.heads))
     want_repr = "mean" in inc or "per_token" in inc
     ids, res = Tokenizer().frame(residues, bool(lm.config.causal))
     L = len(residues)
     all_mean = "apc_mean" in inc and sel.reduce == "all"
-    out = {"top": [], "sum": torch.zeros(L, L) if all_mean and 4 * L * L <= SUM_MAX_BYTES else None}
-    held, rep = [], None  # reduce=all without a sum: every layer's features, the mean made at the end
-    with torch.no_grad():
-        for layer, x in enumerate(lm.hidden_states(torch.as_tensor(ids)[None])):
-            if layer == len(lm.blocks):
-                rep = x[0, res]
-            elif layer in layers:
-                lt = tiles.LayerTiles(_features(lm, layer, x, res, heads), sel.tile)
-                _layer_tiles(record, layers.index(layer), lt, inc, sel, out)
-                if all_mean and out["sum"] is None:
-                    held.append(lt)
-            if layer >= layers[-1] and not want_repr:
-                break
+    out = {"top": [], "sum": TileSum(L, sel.tile, max_bytes=SUM_MAX_BYTES) if all_mean else None}
+    rep = None
+    try:
+        with torch.no_grad():
+            for layer, x in enumerate(lm.hidden_states(torch.as_tensor(ids)[None])):
+                if layer == len(lm.blocks):
+                    rep = x[0, res]
+                elif layer in layers:
+                    lt = tiles.LayerTiles(_features(lm, layer, x, res, heads), sel.tile)
+                    _layer_tiles(record, layers.index(layer), lt, inc, sel, out)
+                if layer >= layers[-1] and not want_repr:
+                    break
         for i0, i1 in tiles.tile_ranges(L, sel.tile) if all_mean else ():
-            rows = out["sum"][i0:i1] if out["sum"] is not None else sum(lt.apc_mean_rows(i0, i1) for lt in held)
-            record.write_extra("apc_mean", (0, slice(i0, i1)), (rows / len(layers)).cpu().numpy())
+            record.write_extra("apc_mean", (0, slice(i0, i1)), out["sum"].rows(i0, i1) / len(layers))
+    finally:
+        if out["sum"] is not None:
+            out["sum"].close()
     if "contacts" in inc:
         pairs = np.array([[np.stack([i, j], -1) for i, j, _ in per] for per in out["top"]], dtype=np.int32)
         values = np.array([[v for _, _, v in per] for per in out["top"]], dtype=np.float32)

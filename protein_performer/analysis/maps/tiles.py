@@ -139,6 +139,30 @@ class LayerTiles:
             out = out.masked_fill(~_causal_mask(rows, cols), 0.0)
         return out
 
+    def _num_t(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(h, k, q): ``_num(queries, keys)`` transposed, computed in that layout (no copy)."""
+        f = self.f
+        kb, qb = f.k[:, keys], f.q[:, queries]
+        if f.kind == "exact":
+            scores = torch.einsum("hkd,hqd->hkq", kb, qb) * f.scale - self.norm[:, None, queries]
+            out = scores.exp()
+        else:
+            out = torch.einsum("hkm,hqm->hkq", kb, qb)
+            if self._c is not None:
+                ratio = f.key_scale[:, keys, None] - self._c[:, None, queries]
+                out = out * ratio.clamp(max=0.0).exp() + qb.sum(-1)[:, None, :] * f.floor
+        if f.causal:
+            out = out.masked_fill(~_causal_mask(queries, keys).T, 0.0)
+        return out
+
+    def _normalised(self, block: torch.Tensor, queries: torch.Tensor, axis: int) -> torch.Tensor:
+        """``block`` divided by D of its queries (along ``axis``: 1 rows, 2 columns); exact blocks are A already."""
+        if self.f.kind == "exact":
+            return block
+        den = self.norm[:, queries]
+        den = torch.where(den == 0, torch.ones_like(den), den)
+        return block / (den[:, :, None] if axis == 1 else den[:, None, :])
+
     def _scan_rows(self, key_weight: torch.Tensor) -> torch.Tensor:
         """(h, T): ``sum_{j <= i} w_j num_ij`` for every query i (causal), in chunks of keys;
         ``key_weight`` (T,) (1 for all tokens: D; 1 on the residues: the residue row sums)."""
@@ -269,6 +293,23 @@ class LayerTiles:
         """(r, L): the mean over the heads of the APC tiles."""
         return self.apc_rows(i0, i1).mean(0)
 
+    def sym_upper(self, i0: int, i1: int) -> torch.Tensor:
+        """(h, r, L - i0): rows i0..i1 of S = A + A^T from column i0 on (the upper part that every
+        pair i <= j lies in): half the work of :meth:`sym_rows`, a quarter when causal (A^T is 0
+        left of the diagonal there, A right of it)."""
+        res = self._res
+        out = self._normalised(self._num_t(res[i0:i1], res[i0:]), res[i0:], axis=2)  # A[i0:, i0:i1]^T
+        if self.f.causal:
+            diag = self._normalised(self._num(res[i0:i1], res[i0:i1]), res[i0:i1], axis=1)
+            out[:, :, : i1 - i0] += diag
+            return out
+        return out + self._normalised(self._num(res[i0:i1], res[i0:]), res[i0:i1], axis=1)
+
+    def apc_upper(self, i0: int, i1: int) -> torch.Tensor:
+        """(h, r, L - i0): rows i0..i1 of APC(S) from column i0 on."""
+        rs = self.sym_sums
+        return self.sym_upper(i0, i1) - rs[:, i0:i1, None] * rs[:, None, i0:] / self.total[:, :, None]
+
 
 class TopPairs:
     """The ``k`` largest values of an L x L map over pairs i < j with j - i >= ``min_sep``, fed as
@@ -284,12 +325,13 @@ class TopPairs:
         self.rows = torch.empty(n, 0, dtype=torch.long)
         self.cols = torch.empty(n, 0, dtype=torch.long)
 
-    def add(self, i0: int, tile: torch.Tensor) -> None:
-        """Merge the rows i0.. of the map(s) into the running top k."""
+    def add(self, i0: int, tile: torch.Tensor, col0: int = 0) -> None:
+        """Merge the rows i0.. of the map(s) into the running top k; the tile's columns start at
+        ``col0`` (e.g. ``i0`` for :meth:`LayerTiles.apc_upper` tiles)."""
         t = tile[None] if self.batch is None else tile
         _, r, length = t.shape
         i = torch.arange(i0, i0 + r, device=t.device)[:, None]
-        ok = (torch.arange(length, device=t.device)[None, :] - i) >= self.min_sep
+        ok = (torch.arange(col0, col0 + length, device=t.device)[None, :] - i) >= self.min_sep
         n = min(self.k, int(ok.sum()))
         if n == 0:
             return
@@ -297,7 +339,7 @@ class TopPairs:
         idx = top.indices.cpu()
         self.values = torch.cat([self.values, top.values.cpu().to(torch.float64)], 1)
         self.rows = torch.cat([self.rows, idx // length + i0], 1)
-        self.cols = torch.cat([self.cols, idx % length], 1)
+        self.cols = torch.cat([self.cols, idx % length + col0], 1)
         if self.values.shape[1] > self.k:
             keep = torch.topk(self.values, self.k, dim=-1).indices
             self.values, self.rows, self.cols = (x.gather(1, keep) for x in (self.values, self.rows, self.cols))
@@ -328,10 +370,15 @@ class ContactLogits:
         if len(layer_tiles) != self.weights.shape[0]:
             raise ValueError(f"{len(layer_tiles)} layers given, the weights have {self.weights.shape[0]}")
         out = None
-        for w, lt in zip(self.weights, layer_tiles):
-            apc = lt.apc_rows(i0, i1)
-            if self.round_to is not None:
-                apc = apc.to(self.round_to)
-            part = torch.einsum("h,hrl->rl", w, apc.to(torch.float32).to(torch.float64))
+        for layer, lt in enumerate(layer_tiles):
+            part = self.layer_part(layer, lt, i0, i1)
             out = part if out is None else out + part
         return out + self.bias
+
+    def layer_part(self, layer: int, lt: LayerTiles, i0: int, i1: int, upper: bool = False) -> torch.Tensor:
+        """(r, L) float64: layer ``layer``'s term of the logits of rows i0..i1 (no bias), from
+        column i0 on (r, L - i0) with ``upper``."""
+        apc = lt.apc_upper(i0, i1) if upper else lt.apc_rows(i0, i1)
+        if self.round_to is not None:
+            apc = apc.to(self.round_to)
+        return torch.einsum("h,hrl->rl", self.weights[layer], apc.to(torch.float32).to(torch.float64))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _record import Floor, day, fmt, machine, now, record, source, table, write
+from _record import RESULTS, Floor, day, fmt, load, machine, now, record, source, table, when, write
 
 from protein_performer.data.tokenizer import STANDARD_AA, Tokenizer
 
@@ -236,10 +236,37 @@ def run_family(family: str, shared: Path, max_identity: float, max_sequences: in
 
 
 HEADING = "## Potts model baseline (issue 21): `benchmarks/potts.py`"
+# issue 21's floor families (issue 12's five largest kortemme40 families) and the recipe runs compared
+FLOOR_FAMILIES = ("PF00072", "PF00550", "PF00486", "PF00076", "PF00226")
+PERFORMER, EXACT = "aligned_relu", "aligned_exact"  # benchmarks/family_contacts.py settings
+MAX_MINUTES = 15.0
+
+
+def recipe_runs() -> dict[tuple[str, str], dict]:
+    """The latest benchmarks/family_contacts.py run of each (family, setting) of at most
+    ``MAX_MINUTES`` with a score, from its record (empty when there is none)."""
+    path = RESULTS / "family_contacts.json"
+    if not path.exists():
+        return {}
+    out: dict[tuple[str, str], dict] = {}
+    for r in load(path).get("runs", []):
+        if r.get("headline") and r["minutes"] <= MAX_MINUTES:
+            k = (r["family"], r["setting"])
+            if k not in out or when(r["date"]) >= when(out[k]["date"]):
+                out[k] = r
+    return out
+
+
+def _recipe_cell(run: dict | None) -> str:
+    if not run:
+        return "-"
+    steps = (run.get("train") or {}).get("global_step", "?")
+    return f"{run['headline']['long_P@L']:.3f} ({run['minutes']:g} min, {steps} steps, {day(run['date'])[:10]})"
 
 
 def section(rec: dict) -> str:
-    """RESULTS.md's part for the ``potts`` record: one row per family, as last fitted."""
+    """RESULTS.md's part for the ``potts`` record: one row per family, as last fitted, then the
+    comparison with the recipe's latest runs on the same families."""
     rows = [
         [
             fam,
@@ -255,6 +282,24 @@ def section(rec: dict) -> str:
         for fam, r in sorted(rec["families"].items())
     ]
     header = ["family", "N (N_eff)", "columns / query L", "L-BFGS iterations", "long P@L", "long P@L/5"]
+    runs = recipe_runs()
+    compare = []
+    for fam, r in sorted(rec["families"].items()):
+        perf, exact = runs.get((fam, PERFORMER)), runs.get((fam, EXACT))
+        rand = fmt(perf["headline"]["random_long_P@L"]) if perf else "-"
+        ratio = fmt(perf["headline"]["long_P@L"] / r["long_P@L"], 2) if perf and r["long_P@L"] else "-"
+        coupling = fmt((perf or {}).get("couplings", {}).get("long_P@L"))
+        compare.append(
+            [
+                fam,
+                _recipe_cell(perf),
+                coupling,
+                _recipe_cell(exact),
+                f"{r['long_P@L']:.3f} ({r['total_s']:.0f} s)",
+                rand,
+                ratio,
+            ]
+        )
     lines = [
         "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, APC on Frobenius norms) on the recipe's aligned,",
         "gap-filtered, reweighted rows of each family, scored against its kortemme40 chain by the recipe's code;",
@@ -262,14 +307,51 @@ def section(rec: dict) -> str:
         "",
         *table([*header, "density", "wall s", "date"], rows),
         "",
+        "Against the recipe on the same families (long P@L; the recipe's latest run of at most "
+        f"{MAX_MINUTES:g} minutes on 2 cores from [`family_contacts.json`](results/family_contacts.json), "
+        f"Performer = `{PERFORMER}`, exact = `{EXACT}`; random init of the Performer run):",
+        "",
+        *table(
+            [
+                "family",
+                "recipe, Performer",
+                "same model, couplings",
+                "recipe, exact",
+                "Potts (wall)",
+                "random init",
+                "Performer / Potts",
+            ],
+            compare,
+        ),  # fmt: skip
+        "",
+        "'same model, couplings': the Performer run's checkpoint read as a Potts model, Frobenius norms of "
+        "sum_h A_h(i, j) U W_O^h W_V^h E over the amino acids, APC (`benchmarks/couplings.py`; Bhattacharya "
+        "et al. 2020); the recipe's own map is the mean APC of the heads.",
+        "",
         f"Source: {source(rec)}.",
     ]
     return "\n".join(lines)
 
 
 def floors(records: list[dict]) -> list[Floor]:
-    """No floor of its own: the family-contacts floors compare against these numbers."""
-    return []
+    """Issue 21: the recipe's Performer on the five families, mean long P@L and its ratio to the
+    Potts model's mean on the same families (each family's latest run, at most 15 minutes)."""
+    rec = max(records, key=lambda r: when(r["date"])) if records else None
+    runs = recipe_runs() if rec else {}  # no Potts fit: nothing to compare with
+    perf = [runs.get((f, PERFORMER)) for f in FLOOR_FAMILIES]
+    potts = [(rec or {}).get("families", {}).get(f) for f in FLOOR_FAMILIES]
+    mean = sum(r["headline"]["long_P@L"] for r in perf) / len(perf) if rec and all(perf) else None
+    potts_mean = sum(r["long_P@L"] for r in potts) / len(potts) if all(potts) else None
+    what = f"five families, recipe Performer ({PERFORMER}, <= {MAX_MINUTES:g} min, latest run each)"
+    cmd = f"python benchmarks/family_contacts.py --family {','.join(FLOOR_FAMILIES)} --settings {PERFORMER}"
+    out = [
+        Floor("21", f"{what}: mean long P@L", 0.25, False, mean, rec),
+        Floor("21", "same / the Potts model's mean long P@L on the same alignments", 0.8, False,
+              mean / potts_mean if mean is not None and potts_mean else None, rec),
+    ]  # fmt: skip
+    for f in out:
+        f.command = cmd
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

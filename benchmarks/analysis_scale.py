@@ -160,6 +160,10 @@ def section(rec: dict) -> str:
         f"Machine: {rec['machine']}; {day(rec['date'])}. Model `{rec['model']}`: {m['attention']} {m['depth']} x "
         f"{m['dim']}, {m['heads']} heads, causal {m['causal']}; tile {rec['tile']}. Data: {source(rec)}",
         "",
+        "Modes: `dense` export include=[attentions,apc] layers=[0] heads=[0] (one map); `apc_mean` "
+        "include=[apc_mean] reduce=all; `contacts` include=[apc_mean,contacts] reduce=all; `predict` "
+        "predict_contacts, top-L pairs; `embed` the mean embedding. Each in its own process (peak RSS of that process).",
+        "",
     ]
     return "\n".join(lines + table(["L", "mode", "time (s)", "/ forward", "output (MB)", "peak RSS (MB)"], body))
 

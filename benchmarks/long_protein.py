@@ -9,7 +9,7 @@ on the CPU. ``make long-protein`` runs it (LENGTH=35000 LONG_OUT=long_protein_ou
   shared FASTA files instead);
 - the model: the ``trembl_concat_8192`` shape (6 layers, d 512, 8 heads, m 256, Performer-ReLU,
   causal) with rotary positions, so the protein runs whole; random init (seed 0);
-- one command: ``export_attention checkpoint=random include=[mean,apc_mean,contacts] layers=[..]``
+- one command: ``export_attention checkpoint=random include=[mean,apc_mean,contacts] layers=[..] reduce=all``
   (every map in row tiles from the layer's features: memory linear in L), in a subprocess whose
   time and peak RSS are recorded;
 - from its maps.h5: ``mean_embedding.npy``, ``top_contacts.csv`` (the top-L pairs, j - i >= 6, of
@@ -61,7 +61,7 @@ def section(rec: dict) -> str:
             f"Machine: {rec['machine']}; {day(rec['date'])}, {rec['threads']} threads. Data: {source(rec)}",
             "",
             f"- `{rec['id']}`, L = {rec['length']:,}, {m['attention']} {m['depth']} x {m['dim']} ({m['positions']} "
-            f"positions, random init): `export_attention include=[mean,apc_mean,contacts] layers=[{rec['layer']}]` "
+            f"positions, random init): `export_attention include=[mean,apc_mean,contacts] layers=[{rec['layer']}] reduce=all` "
             f"in {rec['seconds'] / 60:.1f} min, peak RSS {rec['peak_rss_mb'] / 1024:.2f} GB, maps.h5 "
             f"{rec['maps_h5_bytes'] / 1e9:.2f} GB (the head-mean map in float16: 2 L^2 bytes).",
         ]
@@ -100,7 +100,8 @@ def run_export(out: Path, layer: int, threads: int) -> dict:
     """The export command in a subprocess: seconds and its own peak RSS (os.wait4)."""
     cmd = [sys.executable, "-m", "protein_performer.export_attention", "checkpoint=random"]
     cmd += [f"model_config={out / 'model.yaml'}", f"input={out / 'protein.fasta'}", f"output={out / 'maps.h5'}"]
-    cmd += ["include=[mean,apc_mean,contacts]", f"layers=[{layer}]", "reduce=layer", "top=1.0", "min_residues=1"]
+    # reduce=all of one layer is its head mean; it takes the pairs-i<=j tiles and sums on disk above L 8192
+    cmd += ["include=[mean,apc_mean,contacts]", f"layers=[{layer}]", "reduce=all", "top=1.0", "min_residues=1"]
     cmd += ["progress=false", f"num_threads={threads}", "overwrite=true"]
     print(" ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()

@@ -162,22 +162,12 @@ def collect(meta: dict, rc: int, wall: float, parallel: int) -> dict:
         row["layers_long_P@L"] = {k: v["long"]["P@L"] for k, v in sc.get("trained", {}).items()}
         row["random_layers_long_P@L"] = {k: v["long"]["P@L"] for k, v in sc.get("random_init", {}).items()}
         row["trained_scores"] = sc.get("trained", {}).get("mean")
-        if "align=true" in meta["overrides"]:  # factored attention: also its coupling reading
-            row["couplings"] = coupling_scores(out)
+        if "couplings_long_P@L" in (s.get("headline") or {}):  # one layer of factored attention
+            c = sc["couplings"]["long"]
+            row["couplings"] = {"long_P@L": c["P@L"], "long_P@L/5": c["P@L/5"]}
     else:
         row["error"] = (out / "run.log").read_text()[-2000:] if (out / "run.log").exists() else "no log"
     return row
-
-
-def coupling_scores(run_dir: Path) -> dict:
-    """Long-range P@L (and P@L/5) of the run's coupling reading (benchmarks/couplings.py), or the error."""
-    from couplings import run_scores
-
-    try:
-        c = run_scores(run_dir)["couplings"]["long"]
-    except (OSError, KeyError, ValueError) as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {"long_P@L": c["P@L"], "long_P@L/5": c["P@L/5"]}
 
 
 def run_head(family: str, setting: str, minutes: float, out_root: Path, threads: int) -> None:

@@ -341,6 +341,8 @@ def floors(records: list[dict]) -> list[Floor]:
     perf = [runs.get((f, PERFORMER)) for f in FLOOR_FAMILIES]
     potts = [(rec or {}).get("families", {}).get(f) for f in FLOOR_FAMILIES]
     mean = sum(r["headline"]["long_P@L"] for r in perf) / len(perf) if rec and all(perf) else None
+    read = [(r or {}).get("couplings", {}).get("long_P@L") for r in perf]
+    couplings = sum(read) / len(read) if rec and None not in read else None
     potts_mean = sum(r["long_P@L"] for r in potts) / len(potts) if all(potts) else None
     what = f"five families, recipe Performer ({PERFORMER}, <= {MAX_MINUTES:g} min, latest run each)"
     cmd = f"python benchmarks/family_contacts.py --family {','.join(FLOOR_FAMILIES)} --settings {PERFORMER}"
@@ -348,6 +350,10 @@ def floors(records: list[dict]) -> list[Floor]:
         Floor("21", f"{what}: mean long P@L", 0.25, False, mean, rec),
         Floor("21", "same / the Potts model's mean long P@L on the same alignments", 0.8, False,
               mean / potts_mean if mean is not None and potts_mean else None, rec),
+        Floor("21", "same runs, the model read as Potts couplings (scores.couplings): mean long P@L", 0.25, False,
+              couplings, rec),
+        Floor("21", "same (couplings) / the Potts model's mean long P@L", 0.8, False,
+              couplings / potts_mean if couplings is not None and potts_mean else None, rec),
     ]  # fmt: skip
     for f in out:
         f.command = cmd

@@ -205,6 +205,9 @@ def test_tiny_aligned_recipe(shared_data, tmp_path):
     assert s.train["global_step"] == 4 and s.record["experiment"] == "family_contacts_aligned" and s.record["align"]
     assert set(s.record["scores"]["trained"]) == {"mean", "layer0"}
     assert 0.0 <= s.headline["long_P@L"] <= 1.0
+    # one layer of factored attention: also scored as Potts couplings (recipes/family_contacts/couplings.py)
+    assert s.headline["couplings_long_P@L"] == s.record["scores"]["couplings"]["long"]["P@L"]
+    assert 0.0 <= s.headline["couplings_long_P@L"] <= 1.0
     # the recipe is the measured setting (Performer-ReLU, m 64), and its head names the chain it aligned to
     loaded = load_model(out / "checkpoints" / "last.ckpt")
     assert (loaded.model.config.attention, loaded.model.config.nb_features, loaded.model.config.qk) == (

@@ -167,6 +167,10 @@ def _score_stage(paths: RunPaths, family: str, summary: dict) -> None:
         "random_long_P@L": random_init["long"]["P@L"],
         "long_density": trained["long_density"],
     }
+    couplings = _coupling_scores(paths)
+    if couplings is not None:  # one layer of factored attention: its reading as Potts couplings too
+        scores["couplings"] = couplings
+        summary["headline"]["couplings_long_P@L"] = couplings["long"]["P@L"]
     plot_contacts(
         paths.maps,
         paths.structure,
@@ -174,6 +178,16 @@ def _score_stage(paths: RunPaths, family: str, summary: dict) -> None:
         f"{family} ({paths.structure.stem}): mean APC map\nlong P@L {trained['long']['P@L']:.2f} "
         f"(random init {random_init['long']['P@L']:.2f})",
     )
+
+
+def _coupling_scores(paths: RunPaths) -> dict | None:
+    """The checkpoint's coupling map scored on the chain (:mod:`.couplings`), None for models it
+    does not read (more than one layer, or content queries and keys)."""
+    from protein_performer.pretrained import load_model
+    from protein_performer.recipes.family_contacts.couplings import reads_as_couplings, score_couplings
+
+    model = load_model(str(paths.checkpoint)).model
+    return score_couplings(model, paths.maps, paths.structure) if reads_as_couplings(model) else None
 
 
 def _contacts_stage(paths: RunPaths, structures: str | Path, align: bool) -> dict:

@@ -120,7 +120,12 @@ def measure(mode: str, model_name: str, length: int, tile: int, workdir: Path, t
     return {"mode": mode, "length": length, **res, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-HEADING = "## Attention analysis against length (issue 20): `benchmarks/analysis_scale.py`"
+HEADING = (
+    "## Attention analysis against length (issue 20): `benchmarks/analysis_scale.py`\n\n"
+    "Per mode: time / the bare forward's at the same L, peak RSS of its own process, output size. `dense`: export "
+    "include=[attentions,apc] layers=[0] heads=[0] (one map); `apc_mean`: include=[apc_mean] reduce=all; `contacts`: "
+    "include=[apc_mean,contacts] reduce=all; `predict`: predict_contacts, top-L pairs; `embed`: the mean embedding."
+)
 PAPER_L = (900, 1100)  # "L ~ 1,000" for the paper model's floors
 LONG_MB = 2048.0  # peak RSS floor at L 16,384 (plus the dense output's own size)
 COMMANDS = {
@@ -136,36 +141,31 @@ def key(rec: dict) -> tuple:
 
 
 def section(rec: dict) -> str:
-    """RESULTS.md's part for an ``analysis_scale`` record: every mode's time, time / forward, output and peak RSS."""
-    fwd = {r["length"]: r["seconds"] for r in rec["rows"] if r["mode"] == "forward" and "seconds" in r}
+    """RESULTS.md's part for an ``analysis_scale`` record: one row per L, per mode its time / the
+    forward's, peak RSS and output size (the forward's own seconds and RSS in the first column)."""
+    modes = [m for m in MODES if m != "forward" and any(r["mode"] == m for r in rec["rows"])]
     body = []
-    for r in rec["rows"]:
-        if "error" in r:
-            body.append([r["length"], r["mode"], r["error"], "", "", ""])
-            continue
-        ratio = r["seconds"] / fwd[r["length"]] if r["length"] in fwd else None
-        body.append(
-            [
-                r["length"],
-                r["mode"],
-                fmt(r["seconds"], 2),
-                fmt(ratio, 2),
-                fmt(r["bytes"] / 1e6, 2),
-                f"{r['peak_rss_mb']:.0f}",
-            ]
-        )
+    for length in sorted({r["length"] for r in rec["rows"]}):
+        at = {r["mode"]: r for r in rec["rows"] if r["length"] == length}
+        fwd = at.get("forward", {})
+        row = [f"{length:,}", f"{fmt(fwd.get('seconds'), 2)} s, {fwd.get('peak_rss_mb', 0):.0f} MB" if fwd else "-"]
+        for mode in modes:
+            r = at.get(mode)
+            if r is None or "error" in r:
+                row.append(r["error"] if r else "-")
+                continue
+            ratio = f"{r['seconds'] / fwd['seconds']:.1f}x" if fwd.get("seconds") else f"{r['seconds']:.1f} s"
+            out = f", {r['bytes'] / 1e6:.1f} MB out" if r["bytes"] else ""
+            row.append(f"{ratio}, {r['peak_rss_mb']:.0f} MB{out}")
+        body.append(row)
     m = rec["model_config"]
     lines = [
-        f"Command: `{rec['command']}`  ",
-        f"Machine: {rec['machine']}; {day(rec['date'])}. Model `{rec['model']}`: {m['attention']} {m['depth']} x "
+        f"Command: `{rec['command']}`; machine: {rec['machine']}; {day(rec['date'])}. Model `{rec['model']}`: "
+        f"{m['attention']} {m['depth']} x "
         f"{m['dim']}, {m['heads']} heads, causal {m['causal']}; tile {rec['tile']}. Data: {source(rec)}",
         "",
-        "Modes: `dense` export include=[attentions,apc] layers=[0] heads=[0] (one map); `apc_mean` "
-        "include=[apc_mean] reduce=all; `contacts` include=[apc_mean,contacts] reduce=all; `predict` "
-        "predict_contacts, top-L pairs; `embed` the mean embedding. Each in its own process (peak RSS of that process).",
-        "",
     ]
-    return "\n".join(lines + table(["L", "mode", "time (s)", "/ forward", "output (MB)", "peak RSS (MB)"], body))
+    return "\n".join(lines + table(["L", "forward", *modes], body))
 
 
 def _rows(records: list[dict], model: str, mode: str, lo: int, hi: int) -> tuple[dict | None, dict | None]:

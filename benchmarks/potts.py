@@ -265,70 +265,38 @@ def _recipe_cell(run: dict | None) -> str:
 
 
 def section(rec: dict) -> str:
-    """RESULTS.md's part for the ``potts`` record: one row per family, as last fitted, then the
-    comparison with the recipe's latest runs on the same families."""
-    rows = [
-        [
-            fam,
-            f"{r['n_sequences']} ({r['n_eff']:.0f})",
-            f"{r['L_columns']}/{r['L_query']}",
-            r["iterations"],
-            fmt(r["long_P@L"]),
-            fmt(r["long_P@L/5"]),
-            fmt(r["long_density"]),
-            f"{r['total_s']:.0f}",
-            day(r["date"]),
-        ]
-        for fam, r in sorted(rec["families"].items())
-    ]
-    header = ["family", "N (N_eff)", "columns / query L", "L-BFGS iterations", "long P@L", "long P@L/5"]
+    """RESULTS.md's part for the ``potts`` record: one row per family as last fitted, beside the
+    recipe's latest runs on the same family."""
     runs = recipe_runs()
-    compare = []
+    rows = []
     for fam, r in sorted(rec["families"].items()):
         perf, exact = runs.get((fam, PERFORMER)), runs.get((fam, EXACT))
-        rand = fmt(perf["headline"]["random_long_P@L"]) if perf else "-"
         ratio = fmt(perf["headline"]["long_P@L"] / r["long_P@L"], 2) if perf and r["long_P@L"] else "-"
-        coupling = fmt((perf or {}).get("couplings", {}).get("long_P@L"))
-        compare.append(
+        rows.append(
             [
                 fam,
+                f"{r['n_sequences']} ({r['n_eff']:.0f})",
+                f"{r['L_columns']}/{r['L_query']}",
+                f"**{r['long_P@L']:.3f}** ({r['total_s']:.0f} s, {day(r['date'])[:10]})",
                 _recipe_cell(perf),
-                coupling,
+                fmt((perf or {}).get("couplings", {}).get("long_P@L")),
                 _recipe_cell(exact),
-                f"{r['long_P@L']:.3f} ({r['total_s']:.0f} s)",
-                rand,
+                fmt(perf["headline"]["random_long_P@L"]) if perf else "-",
                 ratio,
             ]
         )
+    header = ["family", "N (N_eff)", "columns / query L", "Potts long P@L (wall)", "recipe, Performer",
+              "same, couplings", "recipe, exact", "random init", "Performer / Potts"]  # fmt: skip
     lines = [
-        "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, APC on Frobenius norms) on the recipe's aligned,",
-        "gap-filtered, reweighted rows of each family, scored against its kortemme40 chain by the recipe's code;",
-        f"command per family `python benchmarks/potts.py --family <PF> --max-iter <n>`; machine: {rec['machine']}.",
+        "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, 100 L-BFGS iterations, APC on Frobenius norms) on the "
+        "recipe's aligned, gap-filtered, reweighted rows of each family, scored against its kortemme40 chain by the "
+        f"recipe's code (`python benchmarks/potts.py --family <PF>`; {rec['machine']}), beside the recipe's latest run "
+        f"of at most {MAX_MINUTES:g} minutes on 2 cores ([`family_contacts.json`](results/family_contacts.json); "
+        f"Performer = `{PERFORMER}`, exact = `{EXACT}`). 'same, couplings': the Performer run's model read as Potts "
+        "couplings (`scores.couplings`: Frobenius norms of sum_h A_h(i, j) U W_O^h W_V^h E, APC; Bhattacharya et al. "
+        f"2020). Long-range P@L throughout. Source: {source(rec)}.",
         "",
-        *table([*header, "density", "wall s", "date"], rows),
-        "",
-        "Against the recipe on the same families (long P@L; the recipe's latest run of at most "
-        f"{MAX_MINUTES:g} minutes on 2 cores from [`family_contacts.json`](results/family_contacts.json), "
-        f"Performer = `{PERFORMER}`, exact = `{EXACT}`; random init of the Performer run):",
-        "",
-        *table(
-            [
-                "family",
-                "recipe, Performer",
-                "same model, couplings",
-                "recipe, exact",
-                "Potts (wall)",
-                "random init",
-                "Performer / Potts",
-            ],
-            compare,
-        ),  # fmt: skip
-        "",
-        "'same model, couplings': the Performer run's checkpoint read as a Potts model, Frobenius norms of "
-        "sum_h A_h(i, j) U W_O^h W_V^h E over the amino acids, APC (`benchmarks/couplings.py`; Bhattacharya "
-        "et al. 2020); the recipe's own map is the mean APC of the heads.",
-        "",
-        f"Source: {source(rec)}.",
+        *table(header, rows),
     ]
     return "\n".join(lines)
 

@@ -57,7 +57,7 @@ def section(rec: dict) -> str:
     m = rec["model"]
     return "\n".join(
         [
-            f"Command: `{rec['command']}`  ",
+            f"Command: `{rec['command']}`; "
             f"Machine: {rec['machine']}; {day(rec['date'])}, {rec['threads']} threads. Data: {source(rec)}",
             "",
             f"- `{rec['id']}`, L = {rec['length']:,}, {m['attention']} {m['depth']} x {m['dim']} ({m['positions']} "

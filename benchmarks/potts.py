@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,29 +44,17 @@ import numpy as np
 import torch
 from _record import RESULTS, Floor, day, fmt, load, machine, now, record, source, table, when, write
 
-from protein_performer.data.tokenizer import STANDARD_AA, Tokenizer
+from protein_performer.recipes.family_contacts.attention_potts import (  # the states and L2 terms they share
+    AMINO,
+    LAMBDA_H,
+    Q,
+    pair_penalty,
+    potts_states,
+)
 
 log = logging.getLogger("potts")
 REPO = Path(__file__).resolve().parents[1]
 JSON = REPO / "benchmarks" / "results" / "potts.json"
-Q = 21  # states: 20 amino acids + gap
-AMINO = 20
-LAMBDA_H = 0.01
-LAMBDA_J = 0.01  # times (L - 1)(q - 1)
-
-
-def potts_states(tokens: np.ndarray) -> np.ndarray:
-    """(N, L) int64 states 0-20 from alignment tokens: the 20 amino acids in ``STANDARD_AA`` order,
-    20 for the gap and for B O U X Z."""
-    tokens = np.asarray(tokens).astype(np.int64)
-    first = Tokenizer.mask_id + 1
-    aa = (tokens >= first) & (tokens < first + len(STANDARD_AA))
-    return np.where(aa, tokens - first, AMINO)
-
-
-def pair_penalty(length: int, q: int = Q, scale: float = LAMBDA_J) -> float:
-    """lambda_J = scale (L - 1)(q - 1), GREMLIN's convention."""
-    return scale * (length - 1) * (q - 1)
 
 
 def couplings(w: torch.Tensor, length: int, q: int = Q) -> torch.Tensor:
@@ -197,15 +187,56 @@ def true_contacts(structure: Path) -> np.ndarray:
     return contact_map(coords_on_sequence(chain, align_to_sequence(chain, chain.sequence)))
 
 
-def run_family(family: str, shared: Path, max_identity: float, max_sequences: int | None, max_iter: int) -> dict:
-    """Extract, filter, reweight, fit and score one family; the result row with the wall times."""
+def run_tool(aligned: Path, structure: Path, minutes: float, threads: int, out: Path) -> dict:
+    """``python -m protein_performer.family_contacts`` (its default model, attention-Potts) on the
+    aligned FASTA that the Potts model is fitted on, as a user runs it: its headline and wall time."""
+    cmd = [
+        sys.executable, "-m", "protein_performer.family_contacts", f"input={aligned}", f"structure={structure}",
+        f"output_dir={out}", f"minutes={minutes:g}", f"num_threads={threads}",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"family_contacts failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "command": f"python -m protein_performer.family_contacts input=<aligned FASTA> structure=<chain> "
+        f"output_dir=<OUT> minutes={minutes:g} num_threads={threads}",
+        "minutes": minutes,
+        "threads": threads,
+        **{k: summary["headline"][k] for k in ("long_P@L", "long_P@L/5", "random_long_P@L")},
+        "steps": summary["train"]["steps"],
+        "model": summary["train"]["model"],
+        "n_sequences": summary["prepare"]["n_kept"],
+        "L_columns": summary["prepare"]["n_columns_kept"],
+        "wall_s": round(wall, 1),
+        "stage_s": summary["seconds"],
+    }
+
+
+def run_family(
+    family: str,
+    shared: Path,
+    max_identity: float,
+    max_sequences: int | None,
+    max_iter: int,
+    tool_minutes: float | None = None,
+    threads: int = 2,
+) -> dict:
+    """Extract, filter, reweight, fit and score one family; the result row with the wall times; with
+    ``tool_minutes`` the family-contacts tool on the same alignment first (its row under ``tool``)."""
     from protein_performer.recipes.family_contacts.msa import filter_gaps, sequence_weights
     from protein_performer.recipes.family_contacts.scoring import score_map
 
-    times, start = {}, time.perf_counter()
+    times, start, tool = {}, time.perf_counter(), None
     with tempfile.TemporaryDirectory() as tmp:
         aln, structure, counts = family_alignment(family, shared, max_identity, max_sequences, Path(tmp))
-    times["extract_s"] = time.perf_counter() - start
+        times["extract_s"] = time.perf_counter() - start
+        if tool_minutes:
+            tool = run_tool(Path(tmp) / "aligned.fasta", structure, tool_minutes, threads, Path(tmp) / "out")
+            log.info("%s: family_contacts long P@L %.3f in %.0f s", family, tool["long_P@L"], tool["wall_s"])
+    start = time.perf_counter() - times["extract_s"]
     aln = filter_gaps(aln)
     t = time.perf_counter()
     weights = sequence_weights(aln.tokens)
@@ -232,6 +263,7 @@ def run_family(family: str, shared: Path, max_identity: float, max_sequences: in
         "long_density": table["long_density"],
         "scores": table,
         **{k: round(v, 1) for k, v in times.items()},
+        **({"tool": tool} if tool else {}),
     }
 
 
@@ -264,37 +296,48 @@ def _recipe_cell(run: dict | None) -> str:
     return f"{run['headline']['long_P@L']:.3f} ({run['minutes']:g} min, {steps} steps, {day(run['date'])[:10]})"
 
 
+def _tool_cell(t: dict | None) -> str:
+    if not t:
+        return "-"
+    return f"**{t['long_P@L']:.3f}** ({t['minutes']:g} min, {t['steps']} steps, {t['wall_s']:.0f} s)"
+
+
 def section(rec: dict) -> str:
-    """RESULTS.md's part for the ``potts`` record: one row per family as last fitted, beside the
-    recipe's latest runs on the same family."""
+    """RESULTS.md's part for the ``potts`` record: one row per family as last fitted, the
+    family-contacts tool's run on the same alignment beside it, and the LM recipe's latest runs."""
     runs = recipe_runs()
     rows = []
     for fam, r in sorted(rec["families"].items()):
-        perf, exact = runs.get((fam, PERFORMER)), runs.get((fam, EXACT))
-        ratio = fmt(perf["headline"]["long_P@L"] / r["long_P@L"], 2) if perf and r["long_P@L"] else "-"
+        perf, exact, tool = runs.get((fam, PERFORMER)), runs.get((fam, EXACT)), r.get("tool")
+        ratio = fmt(tool["long_P@L"] / r["long_P@L"], 2) if tool and r["long_P@L"] else "-"
         rows.append(
             [
                 fam,
                 f"{r['n_sequences']} ({r['n_eff']:.0f})",
                 f"{r['L_columns']}/{r['L_query']}",
-                f"**{r['long_P@L']:.3f}** ({r['total_s']:.0f} s, {day(r['date'])[:10]})",
-                _recipe_cell(perf),
-                fmt((perf or {}).get("couplings", {}).get("long_P@L")),
-                _recipe_cell(exact),
-                fmt(perf["headline"]["random_long_P@L"]) if perf else "-",
+                f"**{r['long_P@L']:.3f}** ({r['total_s']:.0f} s)",
+                _tool_cell(tool),
+                fmt(tool["random_long_P@L"]) if tool else "-",
                 ratio,
+                _recipe_cell(perf),
+                _recipe_cell(exact),
             ]
         )
-    header = ["family", "N (N_eff)", "columns / query L", "Potts long P@L (wall)", "recipe, Performer",
-              "same, couplings", "recipe, exact", "random init", "Performer / Potts"]  # fmt: skip
+    header = ["family", "N (N_eff)", "columns / query L", "Potts long P@L (wall)",
+              "family_contacts: attention-Potts, Performer-ReLU (budget, steps, wall)", "random init",
+              "tool / Potts", "LM recipe, Performer", "LM recipe, exact"]  # fmt: skip
+    days = sorted({day(r["date"])[:10] for r in rec["families"].values()})
     lines = [
-        "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, 100 L-BFGS iterations, APC on Frobenius norms) on the "
-        "recipe's aligned, gap-filtered, reweighted rows of each family, scored against its kortemme40 chain by the "
-        f"recipe's code (`python benchmarks/potts.py --family <PF>`; {rec['machine']}), beside the recipe's latest run "
-        f"of at most {MAX_MINUTES:g} minutes on 2 cores ([`family_contacts.json`](results/family_contacts.json); "
-        f"Performer = `{PERFORMER}`, exact = `{EXACT}`). 'same, couplings': the Performer run's model read as Potts "
-        "couplings (`scores.couplings`: Frobenius norms of sum_h A_h(i, j) U W_O^h W_V^h E, APC; Bhattacharya et al. "
-        f"2020). Long-range P@L throughout. Source: {source(rec)}.",
+        "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, 100 L-BFGS iterations, APC on Frobenius norms) and "
+        "the family-contacts tool's default model (attention-Potts: a Potts model whose couplings are 128 heads of "
+        "Performer-ReLU attention over the columns, pseudo-likelihood, same L2; "
+        "`protein_performer/recipes/family_contacts/attention_potts.py`) on the same aligned, gap-filtered, "
+        "reweighted rows of each family (the domains aligned to its kortemme40 chain, >= 90% identical ones held "
+        "out), scored against the chain by the same code, in the same run: `python benchmarks/potts.py --family "
+        f"<PF,...> --tool-minutes 3 --threads 2` ({rec['machine']}; {', '.join(days)}). Beside them the LM "
+        f"recipe's latest runs of at most {MAX_MINUTES:g} minutes ([`family_contacts.json`](results/family_contacts.json); "
+        f"one layer of factored attention trained as a masked LM, mean APC map; Performer = `{PERFORMER}`, exact = "
+        f"`{EXACT}`). Long-range P@L throughout. Source: {source(rec)}.",
         "",
         *table(header, rows),
     ]
@@ -302,26 +345,22 @@ def section(rec: dict) -> str:
 
 
 def floors(records: list[dict]) -> list[Floor]:
-    """Issue 21: the recipe's Performer on the five families, mean long P@L and its ratio to the
-    Potts model's mean on the same families (each family's latest run, at most 15 minutes)."""
+    """Issue 21: the family-contacts tool (attention-Potts, Performer-ReLU) on the five families:
+    mean long P@L, its ratio to the Potts model's mean on the same alignments, the longest wall time."""
     rec = max(records, key=lambda r: when(r["date"])) if records else None
-    runs = recipe_runs() if rec else {}  # no Potts fit: nothing to compare with
-    perf = [runs.get((f, PERFORMER)) for f in FLOOR_FAMILIES]
-    potts = [(rec or {}).get("families", {}).get(f) for f in FLOOR_FAMILIES]
-    mean = sum(r["headline"]["long_P@L"] for r in perf) / len(perf) if rec and all(perf) else None
-    read = [(r or {}).get("couplings", {}).get("long_P@L") for r in perf]
-    couplings = sum(read) / len(read) if rec and None not in read else None
-    potts_mean = sum(r["long_P@L"] for r in potts) / len(potts) if all(potts) else None
-    what = f"five families, recipe Performer ({PERFORMER}, <= {MAX_MINUTES:g} min, latest run each)"
-    cmd = f"python benchmarks/family_contacts.py --family {','.join(FLOOR_FAMILIES)} --settings {PERFORMER}"
+    fams = [(rec or {}).get("families", {}).get(f) for f in FLOOR_FAMILIES]
+    tools = [(r or {}).get("tool") for r in fams]
+    ok = rec is not None and all(tools)
+    mean = sum(t["long_P@L"] for t in tools) / len(tools) if ok else None
+    potts_mean = sum(r["long_P@L"] for r in fams) / len(fams) if ok else None
+    wall = max(t["wall_s"] for t in tools) / 60 if ok else None
+    what = "five families, family_contacts (attention-Potts, Performer-ReLU)"
+    cmd = f"python benchmarks/potts.py --family {','.join(FLOOR_FAMILIES)} --tool-minutes 3 --threads 2"
     out = [
         Floor("21", f"{what}: mean long P@L", 0.25, False, mean, rec),
-        Floor("21", "same / the Potts model's mean long P@L on the same alignments", 0.8, False,
-              mean / potts_mean if mean is not None and potts_mean else None, rec),
-        Floor("21", "same runs, the model read as Potts couplings (scores.couplings): mean long P@L", 0.25, False,
-              couplings, rec),
-        Floor("21", "same (couplings) / the Potts model's mean long P@L", 0.8, False,
-              couplings / potts_mean if couplings is not None and potts_mean else None, rec),
+        Floor("21", "same / the Potts model's mean long P@L on the same alignments (same run)", 0.8, False,
+              mean / potts_mean if ok and potts_mean else None, rec),
+        Floor("21", "same: the longest run, wall minutes on 2 cores", MAX_MINUTES, True, wall, rec),
     ]  # fmt: skip
     for f in out:
         f.command = cmd
@@ -338,16 +377,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-identity", type=float, default=0.9, help="hold out domains this close to the chain")
     parser.add_argument("--max-sequences", type=int, default=None, help="subsample the family (seed 0)")
     parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations")
+    parser.add_argument("--tool-minutes", type=float, default=None, help="also run family_contacts this long")
+    parser.add_argument("--threads", type=int, default=2, help="family_contacts' num_threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rec = json.loads(JSON.read_text()) if JSON.exists() else record("potts", {"families": {}})
     for family in args.family.split(","):
-        row = run_family(family, args.data, args.max_identity, args.max_sequences, args.max_iter)
+        row = run_family(
+            family, args.data, args.max_identity, args.max_sequences, args.max_iter, args.tool_minutes, args.threads
+        )
         row.update(
             command=f"python benchmarks/potts.py --family {family} --max-iter {args.max_iter}"
-            + (f" --max-sequences {args.max_sequences}" if args.max_sequences else ""),
+            + (f" --max-sequences {args.max_sequences}" if args.max_sequences else "")
+            + (f" --tool-minutes {args.tool_minutes:g} --threads {args.threads}" if args.tool_minutes else ""),
             date=now(),
         )
+        if "tool" not in row and "tool" in rec["families"].get(family, {}):
+            row["tool"] = rec["families"][family]["tool"]  # the tool's last run on this family stays
+        if row.get("tool"):
+            t = row["tool"]
+            print(
+                f"{family}: family_contacts (attention-Potts, {t['minutes']:g} min, {t['steps']} steps) long P@L "
+                f"{t['long_P@L']:.3f} (random init {t['random_long_P@L']:.3f}), wall {t['wall_s']:.0f} s, "
+                f"{t['long_P@L'] / row['long_P@L'] if row['long_P@L'] else float('nan'):.2f}x Potts",
+                flush=True,
+            )
         print(
             f"{family}: long P@L {row['long_P@L']:.3f} (P@L/5 {row['long_P@L/5']:.3f}, density "
             f"{row['long_density']:.3f}), N {row['n_sequences']} (N_eff {row['n_eff']}), L {row['L_columns']}"

@@ -55,7 +55,8 @@ def defaults() -> dict[str, str]:
         "overwrite": "false",
         "query": "",
         "structure": "",
-        "minutes": "10",
+        "minutes": "",
+        "method": "attention_potts",
     }
 
 
@@ -141,7 +142,7 @@ def report(s: RecipeSummary, output_dir: str) -> None:
 def run_own(opts: dict[str, str], overrides: list[str], stages: list[str]) -> RecipeSummary:
     """The user's-own-family mode (:func:`protein_performer.recipes.family_contacts.tool.run_tool`)."""
     try:
-        minutes = float(opts["minutes"])
+        minutes = float(opts["minutes"] or tool.DEFAULT_MINUTES[opts["method"]])
     except ValueError:
         raise UserError(f"family_contacts: minutes must be a number, got {opts['minutes']!r}") from None
     return tool.run_tool(
@@ -155,6 +156,7 @@ def run_own(opts: dict[str, str], overrides: list[str], stages: list[str]) -> Re
         stages=stages,
         resume=flag(opts["resume"], "resume"),
         overwrite=flag(opts["overwrite"], "overwrite"),
+        method=opts["method"],
     )
 
 
@@ -169,9 +171,12 @@ def report_tool(s: RecipeSummary, output_dir: str) -> None:
         )
     if s.record.get("contacts"):
         print(f"contact map: {out / 'contacts.h5'} (top-L pairs: {out / 'contacts.csv'}, plot: {out / 'contacts.png'})")
-        print(
-            f"head for predict_contacts: {out / 'contact_head.json'} (checkpoint {out / 'checkpoints' / 'last.ckpt'})"
-        )
+        if (out / "contact_head.json").is_file():
+            print(
+                f"head for predict_contacts: {out / 'contact_head.json'} (checkpoint {out / 'checkpoints' / 'last.ckpt'})"
+            )
+        else:
+            print(f"attention-Potts model: {out / 'checkpoints' / 'last.ckpt'}")
     h = s.headline
     if h:
         print(
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts, overrides = parse(argv)
-    known = tool.STAGES if is_tool(opts) else STAGES
+    known = tool.stages_of(opts["method"]) if is_tool(opts) else STAGES
     stages = [s for s in opts["stages"].split(",") if s] or list(known)
     if set(stages) - set(known):
         raise UserError(f"family_contacts: unknown stages {sorted(set(stages) - set(known))}; choose from {known}")

@@ -24,6 +24,7 @@ AA = "ACDEFGHIKLMNPQRSTVWY"
 STRUCTURE = PACKAGE / "sample_data" / "structures" / "biopython" / "1A8O.pdb"
 # a tiny model and a few steps (tests/recipes/test_family_contacts.py's tiny recipe, one factored layer)
 TINY = [
+    "method=lm",
     "trainer.max_steps=6",
     "model.heads=4",
     "model.dim=32",

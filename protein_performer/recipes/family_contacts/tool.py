@@ -51,13 +51,36 @@ from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row
 from protein_performer.data.tokenizer import RESIDUES, Tokenizer, UnknownResidueError
 from protein_performer.errors import UserError
 from protein_performer.outputs import atomic_output
-from protein_performer.recipes.family_contacts import msa, rerun
+from protein_performer.recipes.family_contacts import attention_potts, msa, rerun
 from protein_performer.recipes.family_contacts.run import RecipeSummary, RunPaths, ingest_stage, train_stage
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "ingest", "train", "contacts")
+POTTS_STAGES = ("prepare", "train", "contacts")  # method=attention_potts: no shards, the rows are fitted in memory
+METHODS = ("attention_potts", "lm")
+DEFAULT_MINUTES = {"attention_potts": 3.0, "lm": 10.0}  # the budgets measured in benchmarks/RESULTS.md
 EXPERIMENT = "family_contacts_aligned"
+# method=attention_potts: the overrides it takes (``model.<field>`` of AttentionPottsConfig, and the fit's)
+POTTS_KEYS = {
+    "model.attention": ("config", "attention", str),
+    "model.heads": ("config", "heads", int),
+    "model.dim_head": ("config", "dim_head", int),
+    "model.nb_features": ("config", "nb_features", int),
+    "seed": ("config", "seed", int),
+    "module.lr": ("fit", "lr", float),
+    "data.batch_size": ("fit", "batch_size", int),
+    "trainer.max_steps": ("fit", "max_steps", int),
+}
+
+
+def stages_of(method: str) -> tuple[str, ...]:
+    """The stages of a tool run with ``method``."""
+    if method not in METHODS:
+        raise UserError(f"family_contacts: method must be one of {', '.join(METHODS)}, got {method!r}")
+    return POTTS_STAGES if method == "attention_potts" else STAGES
+
+
 MIN_SEP = 6  # contacts.csv and the head: pairs with |i - j| >= 6
 Z_INTERCEPT = -3.0  # the head's logit is z - 3: a pair 3 standard deviations above the mean gets 0.5
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
@@ -80,6 +103,8 @@ class Prepared:
     rows: list[str]
     weights: np.ndarray
     stats: dict
+    states: np.ndarray | None = None  # (rows, kept columns) Potts states 0-20 (attention_potts.potts_states)
+    positions: np.ndarray | None = None  # the query position (0-based) of each kept column
 
 
 def read_query(query: str) -> tuple[str, str]:
@@ -182,7 +207,8 @@ def prepare(
         "n_eff": round(float(weights.sum()), 2),
         "query_length": len(query_sequence),
     }
-    return Prepared(kept.ids[kept.query], query_sequence, kept.ids, rows, weights, stats)
+    states = attention_potts.potts_states(kept.tokens)
+    return Prepared(kept.ids[kept.query], query_sequence, kept.ids, rows, weights, stats, states, positions)
 
 
 def write_prepared(prepared: Prepared, paths: RunPaths) -> dict:
@@ -312,23 +338,40 @@ def write_contacts(out: Path, pred, head_path: Path) -> list[tuple[int, int, flo
 def score_structure(checkpoint: Path, contacts: np.ndarray, query: str, structure: str | Path) -> dict:
     """The query's map (and the random-init twin's mean APC map) against ``structure``'s first
     chain, aligned onto the query: precision by range and P@L (:func:`.scoring.score_map`)."""
-    from protein_performer.analysis.contacts import contact_map
     from protein_performer.analysis.contacts.predict import contact_features
-    from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
     from protein_performer.pretrained import load_model
+
+    random_init = load_model("random", model_config=str(checkpoint))
+    random_map = contact_features(random_init, Tokenizer().encode(query)).astype(np.float64).mean((0, 1))
+    return structure_scores(contacts, random_map, query, structure)
+
+
+def structure_scores(contacts: np.ndarray, random_map: np.ndarray, query: str, structure: str | Path) -> dict:
+    """``contacts`` and ``random_map`` (the untrained model's), both (L, L) over the query, scored
+    against ``structure``'s first chain aligned onto the query (:func:`.scoring.score_map`)."""
+    from protein_performer.analysis.contacts import contact_map
+    from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
     from protein_performer.recipes.family_contacts.scoring import score_map
 
     chains, failures = load_structures(structure)
     if not chains:
         raise UserError(f"structure={structure}: no chain read ({failures[0].reason if failures else 'empty'})")
     true = contact_map(coords_on_sequence(chains[0], align_to_sequence(chains[0], query)))
-    random_init = load_model("random", model_config=str(checkpoint))
-    random_map = contact_features(random_init, Tokenizer().encode(query)).astype(np.float64).mean((0, 1))
     return {
         "structure": str(structure),
         "chain": chains[0].key,
-        "trained": score_map(contacts.astype(np.float64), true),
-        "random_init": score_map(random_map, true),
+        "trained": score_map(np.asarray(contacts, dtype=np.float64), true),
+        "random_init": score_map(np.asarray(random_map, dtype=np.float64), true),
+    }
+
+
+def _headline(summary: dict, scores: dict) -> None:
+    summary["scores"] = scores
+    summary["headline"] = {
+        "long_P@L": scores["trained"]["long"]["P@L"],
+        "long_P@L/5": scores["trained"]["long"]["P@L/5"],
+        "random_long_P@L": scores["random_init"]["long"]["P@L"],
+        "long_density": scores["trained"]["long_density"],
     }
 
 
@@ -344,14 +387,85 @@ def contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, s
     top = write_contacts(paths.out, pred, head_path)
     summary["contacts"] = {"head": head_path.name, "L": len(prepared.query), "top_pair": list(top[0]) if top else []}
     if structure:
-        scores = score_structure(paths.checkpoint, pred.contacts, prepared.query, structure)
-        summary["scores"] = scores
-        summary["headline"] = {
-            "long_P@L": scores["trained"]["long"]["P@L"],
-            "long_P@L/5": scores["trained"]["long"]["P@L/5"],
-            "random_long_P@L": scores["random_init"]["long"]["P@L"],
-            "long_density": scores["trained"]["long_density"],
-        }
+        _headline(summary, score_structure(paths.checkpoint, pred.contacts, prepared.query, structure))
+
+
+# ------------------------------------------------------------------------------ method=attention_potts
+def potts_settings(overrides: Sequence[str]) -> tuple[dict, dict, int | None]:
+    """The attention-Potts model's config fields, the fit's keywords and the thread count given by
+    ``overrides`` (:data:`POTTS_KEYS`, ``num_threads``); anything else is a :class:`UserError`."""
+    config, fit, threads = {}, {}, None
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key not in POTTS_KEYS and key != "num_threads":
+            raise UserError(
+                f"family_contacts method=attention_potts: {o!r} is not one of its settings "
+                f"({', '.join([*POTTS_KEYS, 'num_threads'])}); the other Hydra overrides train method=lm"
+            )
+        where, field, kind = POTTS_KEYS.get(key, ("threads", "", int))
+        try:
+            typed = kind(value) if value.lower() not in ("null", "none", "") else None
+        except ValueError:
+            raise UserError(f"family_contacts: {key} must be {kind.__name__}, got {value!r}") from None
+        if where == "threads":
+            threads = typed
+        elif typed is not None:
+            (config if where == "config" else fit)[field] = typed
+    try:
+        attention_potts.AttentionPottsConfig(length=2, **config)
+    except ValueError as e:
+        raise UserError(f"family_contacts method=attention_potts: {e}") from None
+    return config, fit, threads
+
+
+def potts_train_stage(paths: RunPaths, prepared: Prepared, minutes: float, overrides: Sequence[str], summary: dict):
+    """Fit the attention-Potts model on the prepared rows for ``minutes``; ``<OUT>/checkpoints/last.ckpt``."""
+    import torch
+
+    config, fit, threads = potts_settings(overrides)
+    if threads:
+        torch.set_num_threads(threads)
+    model = attention_potts.AttentionPotts(
+        attention_potts.AttentionPottsConfig(length=prepared.states.shape[1], **config)
+    )
+    info = attention_potts.fit(model, prepared.states, prepared.weights, minutes * 60, seed=model.config.seed, **fit)
+    extra = {"query_id": prepared.query_id, "query": prepared.query, "positions": prepared.positions.tolist()}
+    attention_potts.save(model, paths.checkpoint, **extra)
+    summary["train"] = {**info, "model": dict(model.config.__dict__), "threads": torch.get_num_threads()}
+
+
+def query_probabilities(scores: np.ndarray, positions: np.ndarray, length: int) -> np.ndarray:
+    """(length, length) float64 over the query: ``sigmoid(z - 3)`` of the z-score of ``scores``
+    (kept columns x kept columns) over the pairs ``|i - j| >= 6`` (the head of :func:`query_head`:
+    a ranking, not a calibrated probability); 0 at the columns the filter dropped."""
+    positions = np.asarray(positions, dtype=np.int64)
+    i, j = np.triu_indices(len(positions), k=1)
+    pi, pj, v = positions[i], positions[j], np.asarray(scores, dtype=np.float64)[i, j]
+    apart = np.abs(pj - pi) >= MIN_SEP
+    mu = float(v[apart].mean()) if apart.any() else 0.0
+    sigma = float(v[apart].std()) if apart.any() else 0.0
+    p = 1.0 / (1.0 + np.exp(-((v - mu) / (sigma if sigma > 0 else 1.0) + Z_INTERCEPT)))
+    out = np.zeros((length, length))
+    out[pi, pj] = p
+    out[pj, pi] = p
+    return out
+
+
+def potts_contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, summary: dict) -> None:
+    """The query's map from the fitted model, its files, and the scores against ``structure`` (the
+    random-init twin: the same model with its initial weights)."""
+    from protein_performer.analysis.contacts.predict import ContactPrediction
+
+    model, extra = attention_potts.load(paths.checkpoint)
+    positions, L = np.asarray(extra["positions"]), len(prepared.query)
+    contacts = query_probabilities(model.contact_scores(), positions, L)
+    pred = ContactPrediction(prepared.query_id, prepared.query, contacts)
+    top = write_contacts(paths.out, pred, paths.checkpoint)
+    summary["contacts"] = {"model": "attention_potts", "L": L, "top_pair": list(top[0]) if top else []}
+    if structure:
+        untrained = attention_potts.AttentionPotts(model.config)
+        random_map = query_probabilities(untrained.contact_scores(), positions, L)
+        _headline(summary, structure_scores(contacts, random_map, prepared.query, structure))
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -363,12 +477,17 @@ def run_tool(
     structure: str | Path | None = None,
     minutes: float = 10.0,
     experiment: str = EXPERIMENT,
-    stages: Sequence[str] = STAGES,
+    stages: Sequence[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    method: str = "attention_potts",
 ) -> RecipeSummary:
     """The tool for one input (see the module docstring); writes ``<output_dir>/summary.json`` and
     returns it. The input is read and checked first: a bad one leaves ``output_dir`` untouched."""
+    all_stages = stages_of(method)
+    stages = all_stages if stages is None else tuple(stages)
+    if method == "attention_potts":
+        potts_settings(overrides)  # bad settings fail before anything is written
     prepared = prepare(input, query)
     if structure is not None and not Path(structure).is_file():
         raise UserError(f"structure={structure}: file not found")
@@ -382,11 +501,12 @@ def run_tool(
         query=query or "",
         structure=str(Path(structure).resolve()) if structure else "",
         minutes=minutes,
+        **({"method": method} if method != "lm" else {}),
     )
-    todo = rerun.plan(out, stages, STAGES, settings, resume, overwrite)
+    todo = rerun.plan(out, stages, all_stages, settings, resume, overwrite)
     if todo is None:
         return RecipeSummary.from_record(rerun.read_summary(out))
-    with rerun.output_folder(out, overwrite, rerun.needs_copy(stages, STAGES)) as folder:
+    with rerun.output_folder(out, overwrite, rerun.needs_copy(stages, all_stages)) as folder:
         paths = RunPaths(folder, None)
         summary = rerun.read_summary(folder)
         summary.update(
@@ -406,12 +526,15 @@ def run_tool(
             "train": train,
             "contacts": lambda: contacts_stage(paths, prepared, settings["structure"], summary),
         }
-        for name in STAGES:
+        if method == "attention_potts":
+            steps["train"] = lambda: potts_train_stage(paths, prepared, minutes, overrides, summary)
+            steps["contacts"] = lambda: potts_contacts_stage(paths, prepared, settings["structure"], summary)
+        for name in all_stages:
             if name in todo:
                 start = time.time()
                 log.info("family_contacts %s: %s", paths.out, name)
                 steps[name]()
                 times[name] = round(time.time() - start, 1)
-                rerun.ran(summary, name, STAGES)
+                rerun.ran(summary, name, all_stages)
                 rerun.write_summary(paths.out, summary)
         return RecipeSummary.from_record(summary)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from _record import RESULTS, Floor, day, fmt, load, machine, now, record, source, table, when, write
 
-from protein_performer.recipes.family_contacts.attention_potts import (  # the states and L2 terms they share
+from protein_performer.model.attention_potts import (  # the states and L2 terms they share
     AMINO,
     LAMBDA_H,
     Q,
@@ -331,7 +331,7 @@ def section(rec: dict) -> str:
         "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, 100 L-BFGS iterations, APC on Frobenius norms) and "
         "the family-contacts tool's default model (attention-Potts: a Potts model whose couplings are 128 heads of "
         "Performer-ReLU attention over the columns, pseudo-likelihood, same L2; "
-        "`protein_performer/recipes/family_contacts/attention_potts.py`) on the same aligned, gap-filtered, "
+        "`protein_performer/model/attention_potts.py`) on the same aligned, gap-filtered, "
         "reweighted rows of each family (the domains aligned to its kortemme40 chain, >= 90% identical ones held "
         "out), scored against the chain by the same code, in the same run: `python benchmarks/potts.py --family "
         f"<PF,...> --tool-minutes 3 --threads 2` ({rec['machine']}; {', '.join(days)}). Beside them the LM "

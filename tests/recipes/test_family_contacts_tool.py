@@ -33,6 +33,7 @@ TINY = [
     "data.batch_size=8",
     "module.warmup_steps=0",
 ]
+POTTS_TINY = ["trainer.max_steps=60", "model.heads=8", "model.dim_head=8", "num_threads=1"]  # the default model
 
 
 def family(L: int = 40, n: int = 50, seed: int = 0) -> tuple[str, list[str]]:
@@ -187,6 +188,21 @@ def test_a_bad_alignment_is_one_line_exit_1_and_nothing_written(tmp_path, capsys
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [("trainer.max_epochs=3", "not one of its settings"), ("model.attention=linear", "attention must be one of")],
+)
+def test_attention_potts_refuses_settings_it_does_not_have(tmp_path, capsys, override, message):
+    query, rows = family()
+    write_a3m(tmp_path / "f.a3m", query, rows)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main([f"input={tmp_path / 'f.a3m'}", f"output_dir={out}", override])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------ end to end
 def _check_outputs(out, query: str) -> np.ndarray:
     """The files exist; the CSV is the top-L of the HDF5 map (|i-j| >= 6, 1-based); returns the map."""
@@ -229,12 +245,20 @@ def _predict_again(tmp_path, out, query: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["a3m", "sto"])
-def test_tool_end_to_end_and_predict_contacts_gives_the_same_map(tmp_path, capsys, kind):
+@pytest.mark.parametrize(
+    "kind, settings",
+    [
+        pytest.param(kind, settings, id=f"{kind}-{name}")
+        for name, settings in (("attention_potts", POTTS_TINY), ("lm", TINY))
+        for kind in ("a3m", "sto")
+    ],
+)
+def test_tool_end_to_end_and_predict_contacts_gives_the_same_map(tmp_path, capsys, kind, settings):
     query, rows = family()
     path = tmp_path / f"family.{kind}"
     (write_a3m if kind == "a3m" else write_stockholm)(path, query, rows)
     out = tmp_path / "out"
+    TINY = settings  # noqa: N806 - the run's settings, the name the reruns below use
     main([f"input={path}", f"output_dir={out}", "minutes=1", *TINY])
     assert f"contact map: {out / 'contacts.h5'}" in capsys.readouterr().out
     contacts = _check_outputs(out, query)
@@ -253,7 +277,8 @@ def test_tool_end_to_end_and_predict_contacts_gives_the_same_map(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_tool_on_homologs_of_a_structure_scores_it(tmp_path):
+@pytest.mark.parametrize("settings", [POTTS_TINY, TINY], ids=["attention_potts", "lm"])
+def test_tool_on_homologs_of_a_structure_scores_it(tmp_path, settings):
     from protein_performer.recipes.family_contacts.rerun import read_summary
 
     _, query = read_query(str(STRUCTURE))
@@ -261,10 +286,19 @@ def test_tool_on_homologs_of_a_structure_scores_it(tmp_path):
     homologs = ["".join(rng.choice(list(AA)) if rng.random() < 0.2 else a for a in query) for _ in range(40)]
     (tmp_path / "h.fasta").write_text("".join(f">h{n}\n{s}\n" for n, s in enumerate(homologs)))
     out = tmp_path / "out"
-    main([f"input={tmp_path / 'h.fasta'}", f"query={STRUCTURE}", f"structure={STRUCTURE}", f"output_dir={out}", *TINY])
+    main(
+        [
+            f"input={tmp_path / 'h.fasta'}",
+            f"query={STRUCTURE}",
+            f"structure={STRUCTURE}",
+            f"output_dir={out}",
+            *settings,
+        ]
+    )
     contacts = _check_outputs(out, query)
     summary = read_summary(out)
-    assert summary["prepare"]["format"] == "unaligned homologs" and summary["train"]["global_step"] == 6
+    assert summary["prepare"]["format"] == "unaligned homologs"
+    assert summary["train"].get("global_step", summary["train"].get("steps")) == (6 if settings == TINY else 60)
     # the headline is the precision of the stored map's top pairs against the structure's contacts
     from protein_performer.analysis.contacts.metrics import contact_map, precision_at_k
     from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures

@@ -21,7 +21,8 @@ The package's public names are imported from here; the code lives in:
 - :mod:`~protein_performer.analysis.contacts.head`: the saved contact head;
   :mod:`~protein_performer.analysis.contacts.predict`: ``predict_contacts`` with it (imported from there);
   :mod:`~protein_performer.analysis.contacts.tiles`: the head on row tiles of every layer's features
-  (any length); :mod:`~protein_performer.analysis.contacts.plot`: :func:`plot_prediction`, a prediction's PNG.
+  (any length); :mod:`~protein_performer.analysis.contacts.plot`: :func:`plot_prediction`, a prediction's PNG;
+  :mod:`~protein_performer.analysis.contacts.potts`: the head and map of an attention-Potts model.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ import torch
 
 from protein_performer.analysis import rerun
 from protein_performer.analysis.alignment import aligned_positions
+from protein_performer.analysis.contacts import potts
 from protein_performer.analysis.contacts.head import ContactHead
 from protein_performer.analysis.contacts.plot import plot_prediction
 from protein_performer.analysis.contacts.tiles import (
@@ -60,13 +61,7 @@ from protein_performer.analysis.contacts.tiles import (
     layer_tiles,
     top_probabilities,
 )
-from protein_performer.analysis.export import (
-    InputReport,
-    SequenceRecord,
-    crop_window,
-    read_sequences,
-    run_sequence,
-)
+from protein_performer.analysis.export import InputReport, SequenceRecord, crop_window, read_sequences, run_sequence
 from protein_performer.analysis.maps import apc_maps, sanitize_name
 from protein_performer.analysis.runs import as_records, check_run_paths, resolve_device
 from protein_performer.data.tokenizer import Tokenizer, UnknownResidueError
@@ -167,6 +162,9 @@ def predict_contacts(
     ``align_to``: the reference whose residues the model's positions are (see the module
     docstring; default: the head's, if it names one); with it ``crop`` does not apply. Sequences
     longer than ``dense_max`` (None: no limit) get ``top`` x L pairs instead of the map."""
+    if isinstance(model, potts.LoadedPotts):
+        yield from _predict_potts(model, head, sequences, check_checkpoint, align_to)
+        return
     lm = _model_of(model)
     cfg = lm.config
     if check_checkpoint and isinstance(model, LoadedModel):
@@ -219,6 +217,46 @@ def _predict_aligned(lm, head: ContactHead, rec: SequenceRecord, reference: str,
     p = np.zeros((len(seq), len(seq)), dtype=np.float32)
     p[np.ix_(src, src)] = p_ref[np.ix_(dst, dst)]
     return ContactPrediction(rec.id, rec.sequence, p, 0, src.astype(np.int32))
+
+
+def _predict_potts(
+    loaded: potts.LoadedPotts, head: ContactHead, sequences, check: bool, align_to: str | bool | None
+) -> Iterator[ContactPrediction]:
+    """An attention-Potts model's map (the same for every input, over its query) through ``head``,
+    each input aligned onto the query and its pairs read off the query's map."""
+    if check:
+        head.check_model(loaded.sha256, 1, 1, where=loaded.checkpoint)
+    reference = reference_sequence(head, align_to)
+    if reference != loaded.query:
+        raise UserError(
+            f"{loaded.checkpoint}: an attention-Potts model's map is over its query ({loaded.query_id}); "
+            "inputs are aligned onto it (leave align_to out)"
+        )
+    p_ref, tok = potts.probabilities(head, loaded), Tokenizer()
+    for rec in as_records(sequences):
+        seq = rec.sequence.upper()
+        try:
+            if len(tok.encode(seq)) == 0:
+                raise UserError(f"record {rec.id}: empty sequence")
+        except UnknownResidueError as e:
+            raise UserError(f"record {rec.id}: {e}; give amino-acid letters only") from e
+        src, dst = aligned_positions(seq, reference)
+        p = np.zeros((len(seq), len(seq)), dtype=np.float32)
+        p[np.ix_(src, src)] = p_ref[np.ix_(dst, dst)]
+        yield ContactPrediction(rec.id, rec.sequence, p, 0, src.astype(np.int32))
+
+
+def _load(checkpoint: str, model_config: str | None, device: str, head: ContactHead):
+    """The model ``head`` reads (a :class:`LoadedModel`, or a :class:`.potts.LoadedPotts` for an
+    attention-Potts head), checked against the head."""
+    if potts.is_potts_head(head):
+        loaded = potts.load_potts(checkpoint)
+        head.check_model(loaded.sha256, 1, 1, where=str(checkpoint))
+        return loaded
+    loaded = load_model(checkpoint, model_config, 0, device)
+    cfg = loaded.model.config
+    head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
+    return loaded
 
 
 # ------------------------------------------------------------------------------ files
@@ -370,9 +408,7 @@ def run_predict_contacts(
         out, run.partial, run_settings, resume, overwrite, lambda h5: bool(h5.attrs.get(COMPLETE_ATTR))
     ):
         return _finished_summary(out, csv_path, png_dir, top, contact_head.min_sep)
-    loaded = load_model(checkpoint, model_config, 0, device)
-    cfg = loaded.model.config
-    contact_head.check_model(loaded.sha256, cfg.depth, cfg.heads, where=str(checkpoint))
+    loaded = _load(checkpoint, model_config, device, contact_head)
     settings = {"checkpoint_sha256": loaded.sha256, "head_sha256": head_sha, "input": str(input), "align_to": reference}
     resumed = run.resumes(settings, lambda h5: {k: h5.attrs.get(k) for k in settings})
     report = InputReport()

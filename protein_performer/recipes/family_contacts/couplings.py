@@ -26,6 +26,7 @@ import torch
 
 from protein_performer.analysis.maps.ops import apc
 from protein_performer.data.tokenizer import STANDARD_AA, Tokenizer
+from protein_performer.model.attention_potts import coupling_norms
 from protein_performer.model.performer import PerformerLM
 
 
@@ -52,14 +53,7 @@ def head_matrices(model: PerformerLM) -> np.ndarray:
 def coupling_map(attentions: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     """(L, L) float64: APC of the symmetrized Frobenius norms of J_ij = sum_h A_h(i, j) M_h, from
     ``attentions`` (heads, L, L) and ``matrices`` (heads, q, q)."""
-    a = np.asarray(attentions, dtype=np.float64)
-    heads, length, _ = a.shape
-    m = np.asarray(matrices, dtype=np.float64).reshape(heads, -1)
-    flat = a.reshape(heads, -1)
-    norms = np.sqrt(np.maximum(np.einsum("hn,hk,kn->n", flat, m @ m.T, flat), 0.0)).reshape(length, length)
-    sym = norms + norms.T
-    np.fill_diagonal(sym, 0.0)
-    return apc(sym)
+    return apc(coupling_norms(attentions, matrices))
 
 
 def score_couplings(model: PerformerLM, maps: str | Path, structure: str | Path) -> dict:

@@ -51,7 +51,8 @@ from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row
 from protein_performer.data.tokenizer import RESIDUES, Tokenizer, UnknownResidueError
 from protein_performer.errors import UserError
 from protein_performer.outputs import atomic_output
-from protein_performer.recipes.family_contacts import attention_potts, msa, rerun
+from protein_performer.model import attention_potts
+from protein_performer.recipes.family_contacts import msa, rerun
 from protein_performer.recipes.family_contacts.run import RecipeSummary, RunPaths, ingest_stage, train_stage
 
 log = logging.getLogger(__name__)
@@ -434,38 +435,26 @@ def potts_train_stage(paths: RunPaths, prepared: Prepared, minutes: float, overr
     summary["train"] = {**info, "model": dict(model.config.__dict__), "threads": torch.get_num_threads()}
 
 
-def query_probabilities(scores: np.ndarray, positions: np.ndarray, length: int) -> np.ndarray:
-    """(length, length) float64 over the query: ``sigmoid(z - 3)`` of the z-score of ``scores``
-    (kept columns x kept columns) over the pairs ``|i - j| >= 6`` (the head of :func:`query_head`:
-    a ranking, not a calibrated probability); 0 at the columns the filter dropped."""
-    positions = np.asarray(positions, dtype=np.int64)
-    i, j = np.triu_indices(len(positions), k=1)
-    pi, pj, v = positions[i], positions[j], np.asarray(scores, dtype=np.float64)[i, j]
-    apart = np.abs(pj - pi) >= MIN_SEP
-    mu = float(v[apart].mean()) if apart.any() else 0.0
-    sigma = float(v[apart].std()) if apart.any() else 0.0
-    p = 1.0 / (1.0 + np.exp(-((v - mu) / (sigma if sigma > 0 else 1.0) + Z_INTERCEPT)))
-    out = np.zeros((length, length))
-    out[pi, pj] = p
-    out[pj, pi] = p
-    return out
-
-
 def potts_contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, summary: dict) -> None:
-    """The query's map from the fitted model, its files, and the scores against ``structure`` (the
-    random-init twin: the same model with its initial weights)."""
-    from protein_performer.analysis.contacts.predict import ContactPrediction
+    """The head of the fitted model (:func:`.potts.query_head`), the query's map through
+    ``predict_contacts`` and its files, and the scores against ``structure`` (the random-init twin:
+    the same model with its initial weights)."""
+    from dataclasses import replace
 
-    model, extra = attention_potts.load(paths.checkpoint)
-    positions, L = np.asarray(extra["positions"]), len(prepared.query)
-    contacts = query_probabilities(model.contact_scores(), positions, L)
-    pred = ContactPrediction(prepared.query_id, prepared.query, contacts)
-    top = write_contacts(paths.out, pred, paths.checkpoint)
-    summary["contacts"] = {"model": "attention_potts", "L": L, "top_pair": list(top[0]) if top else []}
+    from protein_performer.analysis.contacts import potts
+    from protein_performer.analysis.contacts.predict import predict_contacts
+
+    loaded = potts.load_potts(paths.checkpoint)
+    head = potts.query_head(loaded, MIN_SEP, Z_INTERCEPT)
+    head_path = head.save(paths.out / "contact_head.json")
+    (pred,) = predict_contacts(loaded, head, [(prepared.query_id, prepared.query)])
+    top = write_contacts(paths.out, pred, head_path)
+    summary["contacts"] = {"model": "attention_potts", "head": head_path.name, "L": len(prepared.query)}
+    summary["contacts"]["top_pair"] = list(top[0]) if top else []
     if structure:
-        untrained = attention_potts.AttentionPotts(model.config)
-        random_map = query_probabilities(untrained.contact_scores(), positions, L)
-        _headline(summary, structure_scores(contacts, random_map, prepared.query, structure))
+        untrained = replace(loaded, model=attention_potts.AttentionPotts(loaded.model.config))
+        random_map = potts.probabilities(potts.query_head(untrained, MIN_SEP, Z_INTERCEPT), untrained)
+        _headline(summary, structure_scores(pred.contacts, random_map, prepared.query, structure))
 
 
 # ------------------------------------------------------------------------------ pipeline

@@ -1,8 +1,8 @@
-"""The attention-Potts model (recipes/family_contacts/attention_potts.py), the family-contacts tool's
+"""The attention-Potts model (model/attention_potts.py), the family-contacts tool's
 default: its maps are Performer (or exact) attention over the columns without the diagonal, its
 logits equal the Potts conditionals written out one sequence, position and state at a time, no
 logit at i depends on the residue at i, its L2 term is the sum of the squared couplings, its
-contact score is the Frobenius norm + APC of those couplings, and a fit on a Gibbs sample of a Potts
+coupling norms are the Frobenius norms of those couplings, and a fit on a Gibbs sample of a Potts
 model with two strong couplings ranks those two pairs first."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from protein_performer.analysis.maps.ops import apc
-from protein_performer.recipes.family_contacts import attention_potts as ap
+from protein_performer.model import attention_potts as ap
 from protein_performer.recipes.family_contacts.msa import sequence_weights
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -92,14 +92,14 @@ def test_loss_is_weighted_pseudo_likelihood_plus_the_potts_l2():
         assert not j[np.arange(7), :, np.arange(7), :].any()  # J_ii = 0
 
 
-def test_contact_scores_are_apc_of_symmetrized_frobenius_norms():
+def test_coupling_norms_are_symmetrized_frobenius_norms_of_the_couplings():
     model = tiny("favor_softmax")
     with torch.no_grad():
         j = model.couplings().numpy()[:, :20, :, :20]
     norms = np.sqrt((j**2).sum((1, 3)))
     sym = norms + norms.T
     np.fill_diagonal(sym, 0.0)
-    np.testing.assert_allclose(model.contact_scores(), apc(sym), atol=1e-10)
+    np.testing.assert_allclose(model.coupling_norms(), sym, atol=1e-10)
 
 
 def test_fit_ranks_the_two_strong_couplings_first():
@@ -116,7 +116,7 @@ def test_fit_ranks_the_two_strong_couplings_first():
     model = ap.AttentionPotts(ap.AttentionPottsConfig(length, heads=16, dim_head=8, nb_features=16))
     info = ap.fit(model, states, weights, seconds=120, max_steps=300, batch_size=256, progress=False)
     assert info["steps"] == 300 and math.isfinite(info["loss"])
-    scores = model.contact_scores()
+    scores = apc(model.coupling_norms())
     i, k = np.triu_indices(length, 1)
     top = {(int(i[t]), int(k[t])) for t in np.argsort(-scores[i, k])[:2]}
     assert top == set(strong), (top, info)
@@ -137,7 +137,7 @@ def test_save_and_load_give_the_same_model(tmp_path):
     path = ap.save(model, tmp_path / "m.ckpt", query="ACDEFGH", positions=[0, 1, 2, 3, 4, 5, 6])
     loaded, extra = ap.load(path)
     assert loaded.config == model.config and extra == {"query": "ACDEFGH", "positions": [0, 1, 2, 3, 4, 5, 6]}
-    np.testing.assert_allclose(loaded.contact_scores(), model.contact_scores(), rtol=0, atol=0)
+    np.testing.assert_allclose(loaded.coupling_norms(), model.coupling_norms(), rtol=0, atol=0)
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not an attention-Potts model"):
         ap.load(tmp_path / "other.ckpt")

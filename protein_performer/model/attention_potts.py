@@ -26,8 +26,8 @@ Loss (divided by N_eff = sum_n w_n, the DCA weights of :func:`.msa.sequence_weig
 with plmDCA's L2 terms as ``benchmarks/potts.py`` has them (lambda_h = 0.01, lambda_J = 0.01 (L - 1)
 (q - 1), GREMLIN's scaling), the pair term computed from the heads' Gram matrices (no L x L x q x q
 array). Fitted by Adam on batches drawn uniformly (the weights are in the loss) for a time budget.
-Contact score: as the Potts model's, the Frobenius norm of J_ij over the 20 amino acids, symmetrized,
-then APC (:func:`.couplings.coupling_map`).
+Contact score: as the Potts model's, the Frobenius norm of J_ij over the 20 amino acids, symmetrized
+(:meth:`AttentionPotts.coupling_norms`), then APC (``analysis.contacts.potts``, the family-contacts tool).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from torch import nn
 from protein_performer.data.tokenizer import STANDARD_AA, Tokenizer
 from protein_performer.model.favor.features import FeatureMap
 from protein_performer.outputs import atomic_output
-from protein_performer.recipes.family_contacts.couplings import coupling_map
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +154,23 @@ class AttentionPotts(nn.Module):
         return self.neg_log_pl(states, weights, a) / weights.sum() + self.penalty(a) / n_eff
 
     @torch.no_grad()
-    def contact_scores(self) -> np.ndarray:
-        """(L, L) float64: APC of the symmetrized Frobenius norms of J_ij over the 20 amino acids."""
-        return coupling_map(self.attention().double().numpy(), self.values[:, :AMINO, :AMINO].double().numpy())
+    def coupling_norms(self) -> np.ndarray:
+        """(L, L) float64: the symmetrized Frobenius norms of J_ij over the 20 amino acids (before APC)."""
+        return coupling_norms(self.attention().double().numpy(), self.values[:, :AMINO, :AMINO].double().numpy())
+
+
+def coupling_norms(attentions: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+    """(L, L) float64: ``|J_ij|_F + |J_ji|_F`` (zero diagonal) of J_ij = sum_h A_h(i, j) M_h, from
+    ``attentions`` (heads, L, L) and ``matrices`` (heads, q, q). With the heads' Gram matrix
+    G_hk = <M_h, M_k>, |J_ij|_F = sqrt(a_ij^T G a_ij) for a_ij = (A_h(i, j))_h: no (L, L, q, q) array."""
+    a = np.asarray(attentions, dtype=np.float64)
+    heads, length, _ = a.shape
+    m = np.asarray(matrices, dtype=np.float64).reshape(heads, -1)
+    flat = a.reshape(heads, -1)
+    norms = np.sqrt(np.maximum(np.einsum("hn,hk,kn->n", flat, m @ m.T, flat), 0.0)).reshape(length, length)
+    sym = norms + norms.T
+    np.fill_diagonal(sym, 0.0)
+    return sym
 
 
 def fit(

@@ -4,10 +4,11 @@
 for one Pfam family; prints the headline scores and where the summary and the contact head are.
 
 ``python -m protein_performer.family_contacts input=<a3m | sto | aligned FASTA | FASTA of homologs>
-[query=<record id | sequence | FASTA | pdb/cif>] output_dir=<OUT> [structure=<pdb/cif>] [minutes=10]``:
-the same on the user's own family (:mod:`protein_performer.recipes.family_contacts.tool`: prepare,
-ingest, train, contacts): the query's contact map in ``<OUT>/contacts.h5`` / ``.csv`` / ``.png`` and
-the head for ``predict_contacts``. This mode is chosen when ``query=`` is given, the input is an
+[query=<record id | sequence | FASTA | pdb/cif>] output_dir=<OUT> [structure=<pdb/cif>] [minutes=3]
+[method=attention_potts | lm]``: the user's own family (:mod:`protein_performer.recipes.family_contacts.tool`):
+an attention-Potts model (:mod:`protein_performer.model.attention_potts`, the default) or the
+recipe's factored LM (``method=lm``, ``minutes`` default 10) fitted on it; the query's contact map in
+``<OUT>/contacts.h5`` / ``.csv`` / ``.png`` and the head for ``predict_contacts``. This mode is chosen when ``query=`` is given, the input is an
 A3M / Stockholm file, or no ``family=`` is given.
 
 The recipe's own options are ``key=value``; every other ``key=value`` whose key is dotted (``model.dim=64``),

@@ -2,7 +2,8 @@
 query in, the query's contact map out.
 
     python -m protein_performer.family_contacts input=<a3m | sto | aligned fasta | fasta of homologs>
-        [query=<sequence | fasta | pdb/cif>] output_dir=<OUT> [structure=<pdb/cif>] [minutes=10]
+        [query=<sequence | fasta | pdb/cif>] output_dir=<OUT> [structure=<pdb/cif>] [minutes=3]
+        [method=attention_potts | lm]
 
 The input's kind: ``.a3m`` and ``.sto`` / ``.stk`` / ``.stockholm`` (``.gz`` allowed) are alignments
 (:mod:`.msa`); a FASTA file whose records all have one length and hold gaps is an aligned FASTA;
@@ -19,7 +20,14 @@ see :mod:`.rerun`):
    ``<OUT>/family.fasta`` holds each kept row over the query's positions (``X`` at its gaps and at
    the dropped columns: the model's position i is the query's residue i), ``<OUT>/weights.tsv`` its
    weight. The input is read and checked before anything is written: a bad alignment (ragged rows,
-   no query, nothing left after filtering) is one :class:`.msa.AlignmentError` naming the file;
+   no query, nothing left after filtering) is one :class:`.msa.AlignmentError` naming the file.
+
+With ``method=attention_potts`` (the default) the stages are prepare, train, contacts: train fits
+:class:`~protein_performer.model.attention_potts.AttentionPotts` on the kept rows for ``minutes`` (the
+weights in its pseudo-likelihood, :data:`.tool_potts.KEYS` its settings) and saves it as the checkpoint;
+contacts writes its head (:func:`protein_performer.analysis.contacts.potts.query_head`) and the
+query's map through ``predict_contacts``, the files and scores as below. With ``method=lm``:
+
 2. ingest into ``<OUT>/shards``;
 3. train ``experiment=family_contacts_aligned`` for ``minutes`` (``trainer.max_time``) with a
    progress bar of the time left (:class:`TimeLeftBar`). The weights drive the training *sampler*
@@ -37,22 +45,27 @@ see :mod:`.rerun`):
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from protein_performer.analysis.alignment import GAP_RESIDUE, aligned_row
 from protein_performer.data.tokenizer import RESIDUES, Tokenizer, UnknownResidueError
 from protein_performer.errors import UserError
-from protein_performer.outputs import atomic_output
 from protein_performer.model import attention_potts
-from protein_performer.recipes.family_contacts import msa, rerun
+from protein_performer.outputs import atomic_output
+from protein_performer.recipes.family_contacts import msa, rerun, tool_potts
+from protein_performer.recipes.family_contacts.query_map import (
+    MIN_SEP,
+    Z_INTERCEPT,
+    headline,
+    structure_scores,
+    write_contacts,
+)
 from protein_performer.recipes.family_contacts.run import RecipeSummary, RunPaths, ingest_stage, train_stage
 
 log = logging.getLogger(__name__)
@@ -62,17 +75,6 @@ POTTS_STAGES = ("prepare", "train", "contacts")  # method=attention_potts: no sh
 METHODS = ("attention_potts", "lm")
 DEFAULT_MINUTES = {"attention_potts": 3.0, "lm": 10.0}  # the budgets measured in benchmarks/RESULTS.md
 EXPERIMENT = "family_contacts_aligned"
-# method=attention_potts: the overrides it takes (``model.<field>`` of AttentionPottsConfig, and the fit's)
-POTTS_KEYS = {
-    "model.attention": ("config", "attention", str),
-    "model.heads": ("config", "heads", int),
-    "model.dim_head": ("config", "dim_head", int),
-    "model.nb_features": ("config", "nb_features", int),
-    "seed": ("config", "seed", int),
-    "module.lr": ("fit", "lr", float),
-    "data.batch_size": ("fit", "batch_size", int),
-    "trainer.max_steps": ("fit", "max_steps", int),
-}
 
 
 def stages_of(method: str) -> tuple[str, ...]:
@@ -82,8 +84,6 @@ def stages_of(method: str) -> tuple[str, ...]:
     return POTTS_STAGES if method == "attention_potts" else STAGES
 
 
-MIN_SEP = 6  # contacts.csv and the head: pairs with |i - j| >= 6
-Z_INTERCEPT = -3.0  # the head's logit is z - 3: a pair 3 standard deviations above the mean gets 0.5
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 
 
@@ -317,25 +317,6 @@ def query_head(loaded, query_id: str, query: str):
     )
 
 
-def write_contacts(out: Path, pred, head_path: Path) -> list[tuple[int, int, float]]:
-    """``contacts.h5``, ``contacts.csv`` (top-L pairs) and ``contacts.png`` of one prediction."""
-    from protein_performer.analysis.contacts.plot import plot_prediction
-
-    L = len(pred.sequence)
-    top = pred.top_pairs(L, MIN_SEP)
-    with atomic_output(out / "contacts.h5") as tmp, h5py.File(tmp, "w") as h5:
-        h5.attrs.update({"id": pred.id, "sequence": pred.sequence, "head": str(head_path), "min_sep": MIN_SEP})
-        h5.create_dataset("contacts", data=pred.contacts.astype(np.float32))
-        h5.create_dataset("top_pairs", data=np.array([(i, j) for i, j, _ in top], dtype=np.int32).reshape(-1, 2))
-        h5.create_dataset("top_probability", data=np.array([p for _, _, p in top], dtype=np.float32))
-    with atomic_output(out / "contacts.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["i", "j", "probability"])
-        w.writerows([i, j, f"{p:.6f}"] for i, j, p in top)
-    plot_prediction(pred, out / "contacts.png", MIN_SEP)
-    return top
-
-
 def score_structure(checkpoint: Path, contacts: np.ndarray, query: str, structure: str | Path) -> dict:
     """The query's map (and the random-init twin's mean APC map) against ``structure``'s first
     chain, aligned onto the query: precision by range and P@L (:func:`.scoring.score_map`)."""
@@ -345,35 +326,6 @@ def score_structure(checkpoint: Path, contacts: np.ndarray, query: str, structur
     random_init = load_model("random", model_config=str(checkpoint))
     random_map = contact_features(random_init, Tokenizer().encode(query)).astype(np.float64).mean((0, 1))
     return structure_scores(contacts, random_map, query, structure)
-
-
-def structure_scores(contacts: np.ndarray, random_map: np.ndarray, query: str, structure: str | Path) -> dict:
-    """``contacts`` and ``random_map`` (the untrained model's), both (L, L) over the query, scored
-    against ``structure``'s first chain aligned onto the query (:func:`.scoring.score_map`)."""
-    from protein_performer.analysis.contacts import contact_map
-    from protein_performer.analysis.structures import align_to_sequence, coords_on_sequence, load_structures
-    from protein_performer.recipes.family_contacts.scoring import score_map
-
-    chains, failures = load_structures(structure)
-    if not chains:
-        raise UserError(f"structure={structure}: no chain read ({failures[0].reason if failures else 'empty'})")
-    true = contact_map(coords_on_sequence(chains[0], align_to_sequence(chains[0], query)))
-    return {
-        "structure": str(structure),
-        "chain": chains[0].key,
-        "trained": score_map(np.asarray(contacts, dtype=np.float64), true),
-        "random_init": score_map(np.asarray(random_map, dtype=np.float64), true),
-    }
-
-
-def _headline(summary: dict, scores: dict) -> None:
-    summary["scores"] = scores
-    summary["headline"] = {
-        "long_P@L": scores["trained"]["long"]["P@L"],
-        "long_P@L/5": scores["trained"]["long"]["P@L/5"],
-        "random_long_P@L": scores["random_init"]["long"]["P@L"],
-        "long_density": scores["trained"]["long_density"],
-    }
 
 
 def contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, summary: dict) -> None:
@@ -388,73 +340,7 @@ def contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, s
     top = write_contacts(paths.out, pred, head_path)
     summary["contacts"] = {"head": head_path.name, "L": len(prepared.query), "top_pair": list(top[0]) if top else []}
     if structure:
-        _headline(summary, score_structure(paths.checkpoint, pred.contacts, prepared.query, structure))
-
-
-# ------------------------------------------------------------------------------ method=attention_potts
-def potts_settings(overrides: Sequence[str]) -> tuple[dict, dict, int | None]:
-    """The attention-Potts model's config fields, the fit's keywords and the thread count given by
-    ``overrides`` (:data:`POTTS_KEYS`, ``num_threads``); anything else is a :class:`UserError`."""
-    config, fit, threads = {}, {}, None
-    for o in overrides:
-        key, _, value = o.lstrip("+").partition("=")
-        if key not in POTTS_KEYS and key != "num_threads":
-            raise UserError(
-                f"family_contacts method=attention_potts: {o!r} is not one of its settings "
-                f"({', '.join([*POTTS_KEYS, 'num_threads'])}); the other Hydra overrides train method=lm"
-            )
-        where, field, kind = POTTS_KEYS.get(key, ("threads", "", int))
-        try:
-            typed = kind(value) if value.lower() not in ("null", "none", "") else None
-        except ValueError:
-            raise UserError(f"family_contacts: {key} must be {kind.__name__}, got {value!r}") from None
-        if where == "threads":
-            threads = typed
-        elif typed is not None:
-            (config if where == "config" else fit)[field] = typed
-    try:
-        attention_potts.AttentionPottsConfig(length=2, **config)
-    except ValueError as e:
-        raise UserError(f"family_contacts method=attention_potts: {e}") from None
-    return config, fit, threads
-
-
-def potts_train_stage(paths: RunPaths, prepared: Prepared, minutes: float, overrides: Sequence[str], summary: dict):
-    """Fit the attention-Potts model on the prepared rows for ``minutes``; ``<OUT>/checkpoints/last.ckpt``."""
-    import torch
-
-    config, fit, threads = potts_settings(overrides)
-    if threads:
-        torch.set_num_threads(threads)
-    model = attention_potts.AttentionPotts(
-        attention_potts.AttentionPottsConfig(length=prepared.states.shape[1], **config)
-    )
-    info = attention_potts.fit(model, prepared.states, prepared.weights, minutes * 60, seed=model.config.seed, **fit)
-    extra = {"query_id": prepared.query_id, "query": prepared.query, "positions": prepared.positions.tolist()}
-    attention_potts.save(model, paths.checkpoint, **extra)
-    summary["train"] = {**info, "model": dict(model.config.__dict__), "threads": torch.get_num_threads()}
-
-
-def potts_contacts_stage(paths: RunPaths, prepared: Prepared, structure: str | None, summary: dict) -> None:
-    """The head of the fitted model (:func:`.potts.query_head`), the query's map through
-    ``predict_contacts`` and its files, and the scores against ``structure`` (the random-init twin:
-    the same model with its initial weights)."""
-    from dataclasses import replace
-
-    from protein_performer.analysis.contacts import potts
-    from protein_performer.analysis.contacts.predict import predict_contacts
-
-    loaded = potts.load_potts(paths.checkpoint)
-    head = potts.query_head(loaded, MIN_SEP, Z_INTERCEPT)
-    head_path = head.save(paths.out / "contact_head.json")
-    (pred,) = predict_contacts(loaded, head, [(prepared.query_id, prepared.query)])
-    top = write_contacts(paths.out, pred, head_path)
-    summary["contacts"] = {"model": "attention_potts", "head": head_path.name, "L": len(prepared.query)}
-    summary["contacts"]["top_pair"] = list(top[0]) if top else []
-    if structure:
-        untrained = replace(loaded, model=attention_potts.AttentionPotts(loaded.model.config))
-        random_map = potts.probabilities(potts.query_head(untrained, MIN_SEP, Z_INTERCEPT), untrained)
-        _headline(summary, structure_scores(pred.contacts, random_map, prepared.query, structure))
+        headline(summary, score_structure(paths.checkpoint, pred.contacts, prepared.query, structure))
 
 
 # ------------------------------------------------------------------------------ pipeline
@@ -476,7 +362,7 @@ def run_tool(
     all_stages = stages_of(method)
     stages = all_stages if stages is None else tuple(stages)
     if method == "attention_potts":
-        potts_settings(overrides)  # bad settings fail before anything is written
+        tool_potts.settings(overrides)  # bad settings fail before anything is written
     prepared = prepare(input, query)
     if structure is not None and not Path(structure).is_file():
         raise UserError(f"structure={structure}: file not found")
@@ -516,8 +402,8 @@ def run_tool(
             "contacts": lambda: contacts_stage(paths, prepared, settings["structure"], summary),
         }
         if method == "attention_potts":
-            steps["train"] = lambda: potts_train_stage(paths, prepared, minutes, overrides, summary)
-            steps["contacts"] = lambda: potts_contacts_stage(paths, prepared, settings["structure"], summary)
+            steps["train"] = lambda: tool_potts.train_stage(paths, prepared, minutes, overrides, summary)
+            steps["contacts"] = lambda: tool_potts.contacts_stage(paths, prepared, settings["structure"], summary)
         for name in all_stages:
             if name in todo:
                 start = time.time()

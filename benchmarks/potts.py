@@ -327,6 +327,12 @@ def section(rec: dict) -> str:
               "family_contacts: attention-Potts, Performer-ReLU (budget, steps, wall)", "random init",
               "tool / Potts", "LM recipe, Performer", "LM recipe, exact"]  # fmt: skip
     days = sorted({day(r["date"])[:10] for r in rec["families"].values()})
+    means = []
+    for name, fams in (("floor families", FLOOR_FAMILIES), ("others, untuned", None)):
+        rs = [r for f, r in rec["families"].items() if r.get("tool") and (f in FLOOR_FAMILIES) == (fams is not None)]
+        if rs:
+            tool, potts = (sum(x) / len(rs) for x in zip(*[(r["tool"]["long_P@L"], r["long_P@L"]) for r in rs]))
+            means.append(f"the {len(rs)} {name}: tool {tool:.3f}, Potts {potts:.3f} ({tool / potts:.2f}x)")
     lines = [
         "plmDCA (pseudo-likelihood, L2 with GREMLIN's lambda_J, 100 L-BFGS iterations, APC on Frobenius norms) and "
         "the family-contacts tool's default model (attention-Potts: a Potts model whose couplings are 128 heads of "
@@ -337,7 +343,7 @@ def section(rec: dict) -> str:
         f"<PF,...> --tool-minutes 3 --threads 2` ({rec['machine']}; {', '.join(days)}). Beside them the LM "
         f"recipe's latest runs of at most {MAX_MINUTES:g} minutes ([`family_contacts.json`](results/family_contacts.json); "
         f"one layer of factored attention trained as a masked LM, mean APC map; Performer = `{PERFORMER}`, exact = "
-        f"`{EXACT}`). Long-range P@L throughout. Source: {source(rec)}.",
+        f"`{EXACT}`). Long-range P@L throughout. Source: {source(rec)}. Means over " + "; ".join(means or ["-"]) + ".",
         "",
         *table(header, rows),
     ]

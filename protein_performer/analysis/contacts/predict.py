@@ -184,12 +184,7 @@ def predict_contacts(
         if len(ref_residues) > max_residues:
             raise UserError(f"align_to: the reference has {len(ref_residues)} residues, the model holds {max_residues}")
     for rec in as_records(sequences):
-        try:
-            residues = tok.encode(rec.sequence)
-        except UnknownResidueError as e:
-            raise UserError(f"record {rec.id}: {e}; give amino-acid letters only") from e
-        if len(residues) == 0:
-            raise UserError(f"record {rec.id}: empty sequence")
+        residues = _residues(rec, tok)
         if reference is not None:
             yield _predict_aligned(lm, head, rec, reference, tok)
             continue
@@ -214,7 +209,23 @@ def _predict_aligned(lm, head: ContactHead, rec: SequenceRecord, reference: str,
     row = np.full(len(reference), tok.encode("X")[0], dtype=np.int64)
     row[dst] = tok.encode(seq)[src]
     p_ref = dense_probabilities(head, layer_tiles(lm, row))
-    p = np.zeros((len(seq), len(seq)), dtype=np.float32)
+    return _mapped_back(rec, p_ref, src, dst)
+
+
+def _residues(rec: SequenceRecord, tok: Tokenizer) -> np.ndarray:
+    """The record's token ids; an empty sequence or a letter that is not an amino acid is a :class:`UserError`."""
+    try:
+        residues = tok.encode(rec.sequence)
+    except UnknownResidueError as e:
+        raise UserError(f"record {rec.id}: {e}; give amino-acid letters only") from e
+    if len(residues) == 0:
+        raise UserError(f"record {rec.id}: empty sequence")
+    return residues
+
+
+def _mapped_back(rec: SequenceRecord, p_ref: np.ndarray, src: np.ndarray, dst: np.ndarray) -> ContactPrediction:
+    """The reference's map ``p_ref`` read at the input's aligned residues (``src`` on ``dst``); 0 elsewhere."""
+    p = np.zeros((len(rec.sequence), len(rec.sequence)), dtype=np.float32)
     p[np.ix_(src, src)] = p_ref[np.ix_(dst, dst)]
     return ContactPrediction(rec.id, rec.sequence, p, 0, src.astype(np.int32))
 
@@ -234,16 +245,8 @@ def _predict_potts(
         )
     p_ref, tok = potts.probabilities(head, loaded), Tokenizer()
     for rec in as_records(sequences):
-        seq = rec.sequence.upper()
-        try:
-            if len(tok.encode(seq)) == 0:
-                raise UserError(f"record {rec.id}: empty sequence")
-        except UnknownResidueError as e:
-            raise UserError(f"record {rec.id}: {e}; give amino-acid letters only") from e
-        src, dst = aligned_positions(seq, reference)
-        p = np.zeros((len(seq), len(seq)), dtype=np.float32)
-        p[np.ix_(src, src)] = p_ref[np.ix_(dst, dst)]
-        yield ContactPrediction(rec.id, rec.sequence, p, 0, src.astype(np.int32))
+        _residues(rec, tok)
+        yield _mapped_back(rec, p_ref, *aligned_positions(rec.sequence.upper(), reference))
 
 
 def _load(checkpoint: str, model_config: str | None, device: str, head: ContactHead):
